@@ -1,0 +1,78 @@
+"""The results store: `SWEEP_DIR/results.parquet`, a directory with one Parquet part file per trial.
+
+One file per trial lets a trial that reports again, or re-runs after a resume, replace its own
+rows without touching (or losing) anyone else's, and the directory is still a single dataset for
+`pandas.read_parquet` and `pyarrow.dataset`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from analysis.schema import RESULT_COLUMNS, RESULTS_SCHEMA
+
+STORE_NAME = "results.parquet"
+
+
+def store_path(sweep_dir: str | Path) -> Path:
+    return Path(sweep_dir) / STORE_NAME
+
+
+def _part_name(trial_id: str) -> str:
+    """A safe, stable file name for a trial; a hash keeps sanitised ids from colliding."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", trial_id)[:100]
+    if safe != trial_id:
+        safe += "-" + hashlib.sha1(trial_id.encode()).hexdigest()[:8]
+    return f"part-{safe}.parquet"
+
+
+def write_trial_rows(sweep_dir: str | Path, trial_id: str, rows: list[dict]) -> Path:
+    """Write all rows of one trial, replacing its earlier part file; returns the part file's path.
+
+    The file is written under a hidden temporary name (ignored by pyarrow's dataset discovery)
+    and then renamed, so a crash never leaves a half-written part file in the dataset.
+    """
+    for row in rows:
+        unknown = sorted(set(row) - set(RESULT_COLUMNS))
+        if unknown:
+            raise ValueError(f"unknown result column {unknown[0]!r}; allowed: {RESULT_COLUMNS}")
+        if row.get("trial_id", trial_id) != trial_id:
+            raise ValueError(f"row has trial_id {row['trial_id']!r}, expected {trial_id!r}")
+    table = pa.Table.from_pylist([{**row, "trial_id": trial_id} for row in rows], schema=RESULTS_SCHEMA)
+
+    store = store_path(sweep_dir)
+    store.mkdir(parents=True, exist_ok=True)
+    part = store / _part_name(trial_id)
+    fd, tmp = tempfile.mkstemp(dir=store, prefix=".part-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            pq.write_table(table, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, part)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return part
+
+
+def read_results(sweep_dir: str | Path) -> pd.DataFrame:
+    """All rows of a sweep, with the same columns and dtypes whether or not anything was written.
+
+    Integer columns come back as pandas' nullable Int64, so a null `k` stays an integer column.
+    """
+    store = store_path(sweep_dir)
+    if store.is_dir():
+        table = ds.dataset(store, schema=RESULTS_SCHEMA, format="parquet").to_table()
+    else:
+        table = RESULTS_SCHEMA.empty_table()
+    return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)

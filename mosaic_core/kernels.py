@@ -1,0 +1,325 @@
+"""Attention kernels: maps from scores to Nadaraya–Watson weights on the probability simplex.
+
+Softmax is the Gaussian kernel; sparsemax and α-entmax are the compact Epanechnikov / biweight /
+triweight kernels with an adaptive bandwidth (Proposition 1 of the paper); normalized ReLU and
+ReLUmax are Epanechnikov with a fixed or max-anchored bandwidth; top-k softmax and top-k uniform
+are Gaussian and uniform k-nearest-neighbour regression.
+
+Every kernel here is the pure-PyTorch reference: exact (sort-based where a closed form exists,
+bisection otherwise), differentiable, and the oracle any faster backend is tested against.
+Masked keys (mask False, or score −inf) get weight exactly 0; a row with no allowed key is all 0.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+# canonical name -> {parameter: default}
+KERNEL_DEFAULTS: dict[str, dict[str, float]] = {
+    "softmax": {},
+    "sparsemax": {},
+    "entmax": {"alpha": 1.5},
+    "normrelu": {"gamma": 1.0, "b": 0.0},
+    "relumax": {"b": 1.0},
+    "topk_softmax": {"k": 32},
+    "topk_uniform": {"k": 32},
+}
+
+# alias -> (canonical name, fixed parameters)
+KERNEL_ALIASES: dict[str, tuple[str, dict[str, float]]] = {
+    "gaussian": ("softmax", {}),
+    "epanechnikov": ("sparsemax", {}),
+    "biweight": ("entmax", {"alpha": 1.5}),
+    "triweight": ("entmax", {"alpha": 4 / 3}),
+    "gaussian_knn": ("topk_softmax", {}),
+    "uniform_knn": ("topk_uniform", {}),
+}
+
+KERNEL_NAMES: list[str] = [*KERNEL_DEFAULTS, *KERNEL_ALIASES]
+
+_BISECT_ITERS = 60  # halves the initial bracket (width ≤ 1) down to float64 resolution
+
+
+def resolve_kernel(name: str, **params: Any) -> tuple[str, dict[str, float]]:
+    """Canonical name and complete, validated parameters for a kernel named by name or alias.
+
+    Raises ValueError with a one-line message naming what is wrong and what is allowed.
+    """
+    if name in KERNEL_ALIASES:
+        canonical, fixed = KERNEL_ALIASES[name]
+        clash = {p for p in params if p in fixed and not math.isclose(params[p], fixed[p])}
+        if clash:
+            p = sorted(clash)[0]
+            raise ValueError(f"kernel {name!r} fixes {p}={fixed[p]:g}; got {p}={params[p]!r}")
+        params = {**params, **fixed}
+        name = canonical
+    if name not in KERNEL_DEFAULTS:
+        raise ValueError(f"unknown kernel {name!r}; allowed: {', '.join(KERNEL_NAMES)}")
+    defaults = KERNEL_DEFAULTS[name]
+    unknown = sorted(set(params) - set(defaults))
+    if unknown:
+        allowed = ", ".join(defaults) or "none"
+        raise ValueError(f"kernel {name!r} has no parameter {unknown[0]!r}; allowed: {allowed}")
+    resolved = {**defaults, **params}
+    if name == "entmax" and not resolved["alpha"] > 1:
+        raise ValueError(f"entmax alpha must be > 1 (α → 1 is softmax); got {resolved['alpha']!r}")
+    if name == "relumax" and not resolved["b"] > 0:
+        raise ValueError(f"relumax b must be > 0; got {resolved['b']!r}")
+    if name == "normrelu" and not resolved["gamma"] > 0:
+        raise ValueError(f"normrelu gamma must be > 0; got {resolved['gamma']!r}")
+    if name.startswith("topk_"):
+        k = resolved["k"]
+        if isinstance(k, bool) or int(k) != k or k < 1:
+            raise ValueError(f"{name} k must be an integer >= 1; got {k!r}")
+        resolved["k"] = int(k)
+    return name, resolved
+
+
+def kernel_label(name: str, **params: Any) -> str:
+    """The paper's row label for a kernel variant (Tables 1, 2 and 7)."""
+    name, p = resolve_kernel(name, **params)
+    if name == "softmax":
+        return "Gaussian"
+    if name == "sparsemax":
+        return "Epanechnikov (sparsemax)"
+    if name == "entmax":
+        for label, alpha in (("Biweight", 1.5), ("Triweight", 4 / 3), ("Epanechnikov (sparsemax)", 2.0)):
+            if math.isclose(p["alpha"], alpha):
+                return label
+        return f"{p['alpha']:g}-entmax"
+    if name == "normrelu":
+        return "Epanechnikov (normReLU)"
+    if name == "relumax":
+        return "Epanechnikov (ReLUmax)" + ("" if p["b"] == 1.0 else f", b = {p['b']:g}")
+    kind = "Gaussian" if name == "topk_softmax" else "Uniform"
+    return f"{kind} kNN, k = {p['k']}"
+
+
+def attention_weights(
+    scores: Tensor, kernel: str, *, mask: Tensor | None = None, dim: int = -1, **params: Any
+) -> Tensor:
+    """Kernel weights over `dim` for `scores`; `mask` is True where a key may be attended."""
+    name, p = resolve_kernel(kernel, **params)
+    scores = scores.movedim(dim, -1)
+    allowed = _allowed(scores, None if mask is None else mask.movedim(dim, -1))
+    weights = _KERNEL_FUNCTIONS[name](scores, allowed, **p)
+    return weights.movedim(-1, dim)
+
+
+def entmax_threshold(
+    scores: Tensor, alpha: float, *, mask: Tensor | None = None, dim: int = -1
+) -> Tensor:
+    """τ of α-entmax in the convention p = [(α−1)s − τ]_+^{1/(α−1)} (α = 2: sparsemax's τ).
+
+    τ fixes the adaptive bandwidth of Proposition 1, h = sqrt(2 − 2rγτ) with r = 1/(α−1).
+    Rows with no allowed key get NaN: they have no threshold.
+    """
+    resolve_kernel("entmax", alpha=alpha)
+    scores = scores.movedim(dim, -1)
+    allowed = _allowed(scores, None if mask is None else mask.movedim(dim, -1))
+    x, shift, any_allowed = _shifted_entmax_input(scores, allowed, alpha)
+    tau = _threshold(x, alpha) + shift.squeeze(-1)
+    return tau.masked_fill(~any_allowed.squeeze(-1), math.nan)
+
+
+def support_size(weights: Tensor, dim: int = -1) -> Tensor:
+    """Number of keys with non-zero weight per query: the kernel's effective neighbourhood."""
+    return (weights > 0).sum(dim)
+
+
+# --------------------------------------------------------------------------------------------
+# internals: every function below works on the last dimension
+
+
+def _allowed(scores: Tensor, mask: Tensor | None) -> Tensor:
+    allowed = scores != -math.inf
+    if mask is not None:
+        if mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a boolean tensor (True = may attend); got {mask.dtype}")
+        allowed = allowed & mask
+    return allowed
+
+
+def _softmax(scores: Tensor, allowed: Tensor) -> Tensor:
+    any_allowed = allowed.any(-1, keepdim=True)
+    masked = scores.masked_fill(~allowed, -math.inf).masked_fill(~any_allowed, 0.0)
+    return torch.softmax(masked, dim=-1) * allowed
+
+
+def _shifted_entmax_input(
+    scores: Tensor, allowed: Tensor, alpha: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(α−1)·scores shifted so the row max is 0, with masked keys pushed out of the support.
+
+    τ ≥ max − 1 always, so a key at max − 2 can never be in the support: masked keys sit there,
+    which keeps every later computation finite (no −inf arithmetic). Rows with no allowed key are
+    computed as all-zero scores (a harmless uniform row) and multiplied by 0 afterwards.
+    """
+    x = (alpha - 1) * scores
+    any_allowed = allowed.any(-1, keepdim=True)
+    shift = x.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)
+    shift = shift.masked_fill(~any_allowed, 0.0).detach()
+    x = (x - shift).masked_fill(~allowed, -2.0).masked_fill(~any_allowed, 0.0)  # empty rows: benign, zeroed later
+    return x, shift, any_allowed
+
+
+def _threshold(x: Tensor, alpha: float) -> Tensor:
+    """τ for inputs x = (α−1)·s along the last dim: exact by sorting for α ∈ {2, 1.5}, else bisection."""
+    if alpha == 2.0:
+        return _sparsemax_threshold(x)
+    if alpha == 1.5:
+        return _entmax15_threshold(x)
+    return _bisect_threshold(x, alpha)
+
+
+def _sparsemax_threshold(x: Tensor) -> Tensor:
+    z, _ = torch.sort(x, dim=-1, descending=True)
+    rho = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+    cumsum = z.cumsum(-1)
+    support = (1 + rho * z > cumsum).sum(-1, keepdim=True)
+    return ((cumsum.gather(-1, support - 1) - 1) / support.to(x.dtype)).squeeze(-1)
+
+
+def _entmax15_threshold(x: Tensor) -> Tensor:
+    """Exact 1.5-entmax threshold (Peters et al., 2019, Algorithm 2) for p = [x − τ]_+²."""
+    z, _ = torch.sort(x, dim=-1, descending=True)
+    rho = torch.arange(1, x.shape[-1] + 1, device=x.device, dtype=x.dtype)
+    mean = z.cumsum(-1) / rho
+    mean_sq = (z * z).cumsum(-1) / rho
+    delta = (1 - rho * (mean_sq - mean * mean)) / rho
+    tau = mean - torch.sqrt(delta.clamp(min=0))
+    support = (tau <= z).sum(-1, keepdim=True)
+    return tau.gather(-1, support - 1).squeeze(-1)
+
+
+def _bisect_threshold(x: Tensor, alpha: float) -> Tensor:
+    """τ with Σ [x − τ]_+^{1/(α−1)} = 1 by bisection; x has row max 0."""
+    power = 1 / (alpha - 1)
+    n = x.shape[-1]
+    lo = torch.full(x.shape[:-1], -1.0, dtype=x.dtype, device=x.device)  # sum ≥ 1 here
+    hi = torch.full_like(lo, -((1 / n) ** (alpha - 1)))  # sum ≤ 1 here
+    for _ in range(_BISECT_ITERS):
+        mid = (lo + hi) / 2
+        total = (x - mid.unsqueeze(-1)).clamp(min=0).pow(power).sum(-1)
+        too_low = total >= 1
+        lo = torch.where(too_low, mid, lo)
+        hi = torch.where(too_low, hi, mid)
+    return (lo + hi) / 2
+
+
+class _Entmax(torch.autograd.Function):
+    """p = [x − τ]_+^{1/(α−1)} on the last dim, x = (α−1)·s, with the closed-form backward.
+
+    With respect to the scores s the Jacobian is diag(g) − g gᵀ / Σg, g = p^{2−α} on the
+    support (Peters et al., 2019); with respect to x it carries an extra 1/(α−1).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, alpha: float) -> Tensor:
+        tau = _threshold(x, alpha).unsqueeze(-1)
+        p = (x - tau).clamp(min=0).pow(1 / (alpha - 1))
+        if alpha not in (2.0, 1.5):  # bisection leaves a residual of float resolution
+            p = p / p.sum(-1, keepdim=True)
+        ctx.save_for_backward(p)
+        ctx.alpha = alpha
+        return p
+
+    @staticmethod
+    def backward(ctx: Any, grad_p: Tensor) -> tuple[Tensor, None]:
+        (p,) = ctx.saved_tensors
+        g = (p > 0).to(p.dtype) if ctx.alpha == 2.0 else torch.where(p > 0, p.pow(2 - ctx.alpha), 0.0)
+        gy = g * grad_p
+        grad_s = gy - g * gy.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)
+        return grad_s / (ctx.alpha - 1), None
+
+
+def _entmax(scores: Tensor, allowed: Tensor, alpha: float) -> Tensor:
+    x, _, any_allowed = _shifted_entmax_input(scores, allowed, alpha)
+    # d x / d scores = α − 1: the chain rule is applied by autograd through `x` above
+    return _Entmax.apply(x, float(alpha)) * allowed * any_allowed
+
+
+def _sparsemax(scores: Tensor, allowed: Tensor) -> Tensor:
+    return _entmax(scores, allowed, alpha=2.0)
+
+
+def _normrelu(scores: Tensor, allowed: Tensor, gamma: float, b: float) -> Tensor:
+    """[s/γ + b]_+ normalised; uniform over the allowed keys when every term is 0."""
+    relu = torch.relu(scores.masked_fill(~allowed, 0.0) / gamma + b) * allowed
+    total = relu.sum(-1, keepdim=True)
+    uniform = allowed / allowed.sum(-1, keepdim=True).clamp(min=1)
+    return torch.where(total > 0, relu / total.clamp(min=torch.finfo(scores.dtype).tiny), uniform)
+
+
+def _relumax(scores: Tensor, allowed: Tensor, b: float) -> Tensor:
+    """[b + s − max s]_+ normalised: Epanechnikov anchored at the best key, never empty."""
+    s = scores.masked_fill(~allowed, -math.inf)
+    top = s.amax(-1, keepdim=True).masked_fill(~allowed.any(-1, keepdim=True), 0.0)
+    relu = torch.relu(b + scores.masked_fill(~allowed, 0.0) - top) * allowed
+    return relu / relu.sum(-1, keepdim=True).clamp(min=torch.finfo(scores.dtype).tiny)
+
+
+def _topk_selection(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
+    """Boolean mask of the k largest allowed scores; ties go to the earliest key."""
+    s = scores.detach().masked_fill(~allowed, -math.inf)
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
+    chosen = torch.zeros_like(allowed).scatter(-1, order, True)
+    return chosen & allowed
+
+
+def _topk_softmax(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
+    return _softmax(scores, _topk_selection(scores, allowed, k))
+
+
+def _topk_uniform(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
+    chosen = _topk_selection(scores, allowed, k).to(scores.dtype)
+    return chosen / chosen.sum(-1, keepdim=True).clamp(min=1)
+
+
+_KERNEL_FUNCTIONS = {
+    "softmax": _softmax,
+    "sparsemax": _sparsemax,
+    "entmax": _entmax,
+    "normrelu": _normrelu,
+    "relumax": _relumax,
+    "topk_softmax": _topk_softmax,
+    "topk_uniform": _topk_uniform,
+}
+
+
+def attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    kernel: str,
+    /,
+    *,
+    mask_mode: str | None = "strict_causal",
+    scale: float = 1.0,
+    **params: Any,
+) -> Tensor:
+    """Nadaraya–Watson attention: weights(scale · q kᵀ) @ v over (..., N, D) tensors.
+
+    mask_mode: "strict_causal" (query t sees keys ≤ t−1, Memory Mosaics), "causal" (keys ≤ t)
+    or None. Queries with no allowed key output 0.
+    """
+    if mask_mode not in MASK_MODES:
+        raise ValueError(f"unknown mask_mode {mask_mode!r}; allowed: {', '.join(map(str, MASK_MODES))}")
+    scores = scale * (q @ k.transpose(-2, -1))
+    mask = causal_mask(q.shape[-2], k.shape[-2], mask_mode, device=q.device)
+    return attention_weights(scores, kernel, mask=mask, **params) @ v
+
+
+MASK_MODES: tuple[str | None, ...] = ("strict_causal", "causal", None)
+
+
+def causal_mask(n_queries: int, n_keys: int, mask_mode: str | None, *, device: Any = None) -> Tensor | None:
+    """Boolean (n_queries, n_keys) mask, True where query t may see key j; None for no mask."""
+    if mask_mode is None:
+        return None
+    offset = -1 if mask_mode == "strict_causal" else 0
+    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(offset)

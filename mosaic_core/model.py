@@ -1,0 +1,150 @@
+"""Memory Mosaics (Zhang et al., 2025): a transformer-like network of associative memories.
+
+The contextual memory *is* a Nadaraya–Watson estimator: the query is the key itself (a leaky
+average of past inputs) and the stored values look one step ahead, so attending to keys j ≤ t−1
+predicts x_{t+1} from the situations that resembled the present one. The kernel that weighs the
+past is the object of study; everything else follows SPEC §3.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mosaic_core.config import ModelConfig
+from mosaic_core.kernels import attend, resolve_kernel
+
+_MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
+
+
+def _sharpness(param: Tensor) -> Tensor:
+    return torch.exp(torch.clamp(10 * param, max=_MAX_LOG_BETA))
+
+
+class LeakyAverageKey(nn.Module):
+    """k̃_t = Σ_{j≤t} e^{−λ_h (t−j)} W x_j per head, then L2-normalised (so its scale is irrelevant)."""
+
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.proj = nn.Linear(n_embd, n_embd, bias=False)
+        # λ_h = 10·|leaky_key_beta_h| spans 0.5 … 5: heads remember from a few steps to one
+        self.leaky_key_beta = nn.Parameter(torch.linspace(0.05, 0.5, n_head))
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, n_embd = x.shape
+        k = self.proj(x).view(batch, length, self.n_head, n_embd // self.n_head).transpose(1, 2)
+        lam = 10 * self.leaky_key_beta.abs()
+        t = torch.arange(length, device=x.device)
+        lag = (t[:, None] - t[None, :]).to(x.dtype)  # t − j
+        decay = torch.exp(-lam[:, None, None] * lag.clamp(min=0)) * (lag >= 0)
+        k = decay @ k  # (H, T, T) @ (B, H, T, d): the leaky sum for every t at once
+        return F.normalize(k, dim=-1)
+
+
+class ContextualMemory(nn.Module):
+    """Kernel regression over the sequence so far: keys j ≤ t−1 vote with values v_j ≈ x_{j+1}."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.kernel, self.kernel_params = resolve_kernel(config.kernel, **config.kernel_params)
+        self.key = LeakyAverageKey(config.n_embd, config.n_head)
+        self.value = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.kernel_beta = nn.Parameter(torch.full((config.n_head,), 0.1))
+        self.value_beta = nn.Parameter(torch.full((config.n_head,), -0.05))
+        self.lookahead_mix = nn.Parameter(torch.rand(config.n_head))  # c_h ~ U(0, 1)
+        self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, n_embd = x.shape
+        beta = _sharpness(self.kernel_beta)[:, None, None]
+        k = self.key(x) * beta  # scores k_t·k_j = β² cos(k̃_t, k̃_j): no 1/√d
+        v = self.value(x).view(batch, length, self.n_head, -1).transpose(1, 2)
+        v_next = F.pad(v[:, :, 1:], (0, 0, 0, 1))  # W_v x_{t+1}; zero past the last position
+        c = self.lookahead_mix[:, None, None]
+        v = F.normalize((1 - c) * v_next + c * v, dim=-1) * _sharpness(self.value_beta)[:, None, None]
+        y = attend(k, k, v, self.kernel, mask_mode="strict_causal", **self._kernel_params(beta))
+        return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
+
+    def _kernel_params(self, beta: Tensor) -> dict[str, object]:
+        if self.kernel == "normrelu":
+            # Epanechnikov of the head's own bandwidth h = 1/β: weight [1 − 2(β² − s)]_+
+            return {"gamma": 0.5, "b": 1 - 2 * beta**2}
+        return self.kernel_params
+
+
+class PersistentMemory(nn.Module):
+    """Softmax attention over learned key/value slots: the network's long-term knowledge."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        d = config.head_size
+        slots = config.pmem_size or round(3.5 * config.n_embd)
+        self.key = LeakyAverageKey(config.n_embd, config.n_head)
+        self.kernel_beta = nn.Parameter(torch.full((config.n_head,), 0.1))
+        self.slot_keys = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
+        self.slot_values = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
+        self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, n_embd = x.shape
+        q = self.key(x) * _sharpness(self.kernel_beta)[:, None, None] ** 2
+        y = F.scaled_dot_product_attention(q, self.slot_keys, self.slot_values, scale=1.0)
+        return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
+
+
+class Block(nn.Module):
+    """Pre-LN: x += contextual(ln1(x)); x += persistent(ln2(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(config.n_embd, bias=False)
+        self.contextual = ContextualMemory(config)
+        self.ln2 = nn.LayerNorm(config.n_embd, bias=False)
+        self.persistent = PersistentMemory(config)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.contextual(self.ln1(x))
+        return x + self.persistent(self.ln2(x))
+
+
+class MemoryMosaics(nn.Module):
+    """Token embedding (no positions), blocks, final LayerNorm, head tied to the embedding."""
+
+    def __init__(self, config: ModelConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                fan_in = module.in_features
+                depth = self.config.n_layer if name.endswith(".out") else 1
+                nn.init.normal_(module.weight, std=1 / math.sqrt(fan_in * depth))
+        nn.init.normal_(self.embed.weight, std=1.0)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """Logits (B, T, vocab) for token ids (B, T)."""
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x) @ self.embed.weight.T / math.sqrt(self.config.n_embd)
+
+    def optimizer_groups(self, weight_decay: float) -> list[dict[str, object]]:
+        """AdamW groups: decay on ≥2-D parameters (embedding, linears, memory slots) only."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]

@@ -1,0 +1,1 @@
+"""Ray Tune and MLflow around mosaic_core: sweeps, tracking, the command line."""

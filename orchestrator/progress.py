@@ -1,0 +1,40 @@
+"""A quiet progress display for sweeps: one line when a trial starts, ends or fails.
+
+Ray Tune's own reporter prints a table every few seconds; it is kept for `--verbose`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+from orchestrator.tracking import reported_metrics
+
+
+_console = Console(stderr=True, highlight=False)  # module level: Tune pickles its callbacks
+
+
+class TrialProgress(Callback):
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.finished = 0
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        _console.print(f"[dim]{self._count()} started[/]  {trial.config['variant']}")
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.finished += 1
+        metrics = reported_metrics(trial.last_result)
+        shown = "  ".join(f"{key}={value:.3g}" for key, value in metrics.items() if key not in ("step", "lr", "elapsed_s"))
+        seconds = trial.last_result.get("time_total_s", 0.0)
+        _console.print(f"{self._count()} [green]done[/]     {trial.config['variant']}  {shown}  [dim]({seconds:.0f} s)[/]")
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.finished += 1
+        _console.print(f"{self._count()} [red]failed[/]   {trial.config['variant']}  [dim]{trial.error_file or ''}[/]")
+
+    def _count(self) -> str:
+        return f"[{self.finished}/{self.total}]"

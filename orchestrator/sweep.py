@@ -1,0 +1,118 @@
+"""Run a validated sweep through Ray Tune: one trial per expanded config, tracked in MLflow."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from search_spaces.schema import Sweep
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    sweep_dir: Path
+    table_markdown: str
+    parent_run_id: str
+    tracking_uri: str
+    trials_by_status: dict[str, int]
+
+
+def prepare_sweep_dir(sweep_dir: Path, overwrite: bool) -> None:
+    """Refuse to mix two sweeps in one folder; with `overwrite`, keep the old one aside, never delete it."""
+    if sweep_dir.exists() and any(sweep_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{sweep_dir} already holds a sweep; pass --overwrite (the old folder is kept as a backup) "
+                f"or --out another folder"
+            )
+        backup = sweep_dir.with_name(f"{sweep_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.move(sweep_dir, backup)
+        log.warning("moved the existing %s to %s", sweep_dir, backup)
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+    """The Ray Tune function trainable: one `train_trial`, reporting through `ray.tune.report`.
+
+    Tune's search space holds only the short variant name (readable in its progress table);
+    the full trial config comes from `configs`, shipped once through the object store.
+    """
+    import ray
+    import torch
+    from ray import tune
+
+    from mosaic_core.train import train_trial
+
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))  # Ray's CPUs are logical: keep torch inside its share
+    train_trial(configs[config["variant"]], report=lambda metrics, checkpoint_dir: tune.report(metrics))
+
+
+def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bool = False, verbose: bool = False) -> SweepOutcome:
+    """Run every trial of `sweep` on the local Ray instance; return the Table-2 style summary."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-machine Ray needs no token
+    import ray
+    from mlflow import MlflowClient
+    from mlflow.entities import RunStatus
+    from ray import tune
+
+    from analysis.results_store import read_results
+    from analysis.tables import length_generalization_table, to_markdown
+    from orchestrator.progress import TrialProgress
+    from orchestrator.tracking import SweepTracker
+
+    prepare_sweep_dir(sweep_dir, overwrite)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.get_experiment_by_name(sweep.name)
+    if experiment is None:
+        artifacts = (sweep_dir.parent / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(sweep.name, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    parent = client.create_run(experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={"sweep_dir": str(sweep_dir.resolve()), "mlflow.note.content": sweep.description})
+    parent_id = parent.info.run_id
+    status = RunStatus.FAILED
+    try:
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
+        resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
+        configs = {trial.describe(): trial.config.model_dump() for trial in sweep.trials}
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(_run_trial, configs=configs), resources),
+            param_space={"variant": tune.grid_search(list(configs))},
+            tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
+            run_config=tune.RunConfig(
+                name="tune",
+                storage_path=str(sweep_dir.resolve()),
+                callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
+                           TrialProgress(len(configs))],
+                verbose=2 if verbose else 0,
+            ),
+        )
+        grid = tuner.fit()
+        trials_by_status: dict[str, int] = {}
+        for result in grid:
+            key = "ERROR" if result.error else "TERMINATED"
+            trials_by_status[key] = trials_by_status.get(key, 0) + 1
+
+        results = read_results(sweep_dir)
+        table = length_generalization_table(results, row_order=sweep.kernel_labels, planned_seeds=sweep.planned_seeds)
+        markdown = to_markdown(table, title=f"{sweep.name}: exact match, mean^(max) over seeds")
+        table_path = sweep_dir / "table.md"
+        table_path.write_text(markdown + "\n")
+        client.log_artifact(parent_id, str(table_path))
+        status = RunStatus.FINISHED if not grid.errors else RunStatus.FAILED
+        return SweepOutcome(sweep_dir, markdown, parent_id, tracking_uri, trials_by_status)
+    except KeyboardInterrupt:
+        status = RunStatus.KILLED
+        raise
+    finally:
+        client.set_terminated(parent_id, status=RunStatus.to_string(status))

@@ -1,0 +1,124 @@
+import pandas as pd
+import pytest
+
+from analysis.results_store import read_results, write_trial_rows
+from analysis.schema import RESULT_COLUMNS
+from analysis.tables import length_generalization_table, to_markdown
+
+# Last-step exact match per (kernel label, seed, length factor); hand-computed cells below.
+FINAL = {
+    "Softmax": {0: (0.90, 0.20), 1: (0.95, 0.30), 2: (0.99, 0.40)},  # means 0.9467, 0.30
+    "1.5-entmax": {0: (0.91, 0.50), 1: (0.93, 0.60), 2: (0.97, 0.61)},  # means 0.9367, 0.57
+}
+
+
+def trial_rows(label: str, seed: int, values: tuple[float, ...], factors=(1.0, 2.0)) -> list[dict]:
+    trial = f"{label}-{seed}"
+    base = dict(trial_id=trial, task="sort", kernel_label=label, seed=seed, status="TERMINATED")
+    rows = [dict(base, metric="exact_match", length_factor=f, step=100, value=1.0) for f in factors]
+    rows += [dict(base, metric="exact_match", length_factor=f, step=200, value=v) for f, v in zip(factors, values)]
+    rows += [dict(base, metric="loss", length_factor=1.0, step=200, value=9.0)]
+    rows += [dict(base, metric="exact_match", length_factor=None, step=300, value=1.0)]
+    return rows
+
+
+def results(final=FINAL, extra=()) -> pd.DataFrame:
+    rows = [r for label, seeds in final.items() for seed, v in seeds.items() for r in trial_rows(label, seed, v)]
+    return pd.DataFrame(rows + list(extra))
+
+
+def test_table_cells_use_last_step_mean_max_bold_underline():
+    table = length_generalization_table(results(), planned_seeds=3)
+    assert list(table.columns) == ["sort 1×", "sort 2×"]
+    assert table.to_dict("index") == {
+        "Softmax": {"sort 1×": "**0.95**^(<u>0.99</u>)", "sort 2×": "0.30^(0.40)"},
+        "1.5-entmax": {"sort 1×": "0.94^(0.97)", "sort 2×": "**0.57**^(<u>0.61</u>)"},
+    }
+
+
+def test_missing_seed_is_flagged():
+    final = {"Softmax": FINAL["Softmax"], "1.5-entmax": {0: (0.91, 0.50), 1: (0.93, 0.60)}}
+    table = length_generalization_table(results(final), planned_seeds=3)
+    assert table.loc["1.5-entmax"].tolist() == ["0.92^(0.93) [2/3]", "**0.55**^(<u>0.60</u>) [2/3]"]
+    assert table.loc["Softmax"].tolist() == ["**0.95**^(<u>0.99</u>)", "0.30^(0.40)"]
+
+
+def test_ties_on_shown_values_all_marked_and_missing_cell():
+    topk = trial_rows("Top-k", 0, (0.951,), factors=(1.0,))  # shows 0.95 like Softmax's 0.9467
+    table = length_generalization_table(results(extra=topk))
+    assert table.loc["Top-k"].tolist() == ["**0.95**^(0.95)", "—"]
+    assert table.loc["Softmax", "sort 1×"] == "**0.95**^(<u>0.99</u>)"
+
+
+def test_row_order():
+    topk = trial_rows("Top-k", 0, (0.5, 0.5))
+    table = length_generalization_table(results(extra=topk), row_order=["1.5-entmax", "Absent", "Softmax"])
+    assert list(table.index) == ["1.5-entmax", "Softmax", "Top-k"]
+
+
+def test_task_stays_in_column_key():
+    other = [dict(r, task="copy", trial_id="copy-" + r["trial_id"]) for r in trial_rows("Softmax", 0, (0.5, 0.25))]
+    table = length_generalization_table(results(extra=other))
+    assert list(table.columns) == ["copy 1×", "copy 2×", "sort 1×", "sort 2×"]
+    assert table.loc["1.5-entmax", "copy 1×"] == "—"
+
+
+def test_to_markdown():
+    table = length_generalization_table(results(), row_order=["1.5-entmax"])
+    assert to_markdown(table, title="Table 2") == (
+        "**Table 2**\n\n"
+        "| Kernel | sort 1× | sort 2× |\n"
+        "|---|---|---|\n"
+        "| 1.5-entmax | 0.94^(0.97) | **0.57**^(<u>0.61</u>) |\n"
+        "| Softmax | **0.95**^(<u>0.99</u>) | 0.30^(0.40) |\n"
+    )
+
+
+def test_write_twice_replaces_trial_rows(tmp_path):
+    write_trial_rows(tmp_path, "t1", [dict(r, trial_id="t1") for r in trial_rows("Softmax", 0, (0.1, 0.2))])
+    write_trial_rows(tmp_path, "t2", [dict(metric="loss", step=1, value=3.0)])
+    write_trial_rows(tmp_path, "t1", [dict(metric="loss", step=2, value=1.5)])
+    df = read_results(tmp_path).sort_values("trial_id")
+    assert df[["trial_id", "step", "value"]].values.tolist() == [["t1", 2, 1.5], ["t2", 1, 3.0]]
+    assert len(pd.read_parquet(tmp_path / "results.parquet")) == 2
+
+
+def test_leftover_temp_file_is_ignored(tmp_path):
+    part = write_trial_rows(tmp_path, "t1", [dict(metric="loss", step=1, value=3.0)])
+    (part.parent / ".part-crashed.tmp").write_bytes(b"half a parquet file")
+    assert read_results(tmp_path)["value"].tolist() == [3.0]
+    assert pd.read_parquet(tmp_path / "results.parquet")["value"].tolist() == [3.0]
+
+
+def test_unsafe_trial_id_stays_inside_store(tmp_path):
+    part = write_trial_rows(tmp_path, "../a/b:c", [dict(metric="loss", step=1, value=3.0)])
+    write_trial_rows(tmp_path, "../a/b_c", [dict(metric="loss", step=1, value=4.0)])
+    assert part.parent == tmp_path / "results.parquet"
+    assert sorted(read_results(tmp_path)["trial_id"]) == ["../a/b:c", "../a/b_c"]
+
+
+def test_empty_store_has_typed_columns(tmp_path):
+    empty = read_results(tmp_path)
+    assert empty.empty and list(empty.columns) == RESULT_COLUMNS
+    (tmp_path / "results.parquet").mkdir()
+    assert list(read_results(tmp_path).columns) == RESULT_COLUMNS
+    write_trial_rows(tmp_path, "t1", [dict(metric="loss", step=1, value=3.0)])
+    assert empty.dtypes.equals(read_results(tmp_path).dtypes)
+
+
+def test_unknown_column_or_other_trial_raises(tmp_path):
+    with pytest.raises(ValueError, match="'temperature'"):
+        write_trial_rows(tmp_path, "t1", [dict(metric="loss", step=1, value=3.0, temperature=1.0)])
+    with pytest.raises(ValueError, match="'other'"):
+        write_trial_rows(tmp_path, "t1", [dict(trial_id="other", metric="loss", step=1, value=3.0)])
+    assert read_results(tmp_path).empty
+
+
+def test_nulls_round_trip(tmp_path):
+    common = dict(task="sort", metric="exact_match", length_factor=1.0, step=1, value=0.5)
+    write_trial_rows(tmp_path, "soft", [dict(common, kernel="softmax", kernel_label="Softmax")])
+    write_trial_rows(tmp_path, "ent", [dict(common, kernel="entmax", kernel_label="1.5-entmax", alpha=1.5)])
+    df = read_results(tmp_path).set_index("trial_id")
+    assert pd.isna(df.at["soft", "alpha"]) and df.at["ent", "alpha"] == 1.5
+    assert df["k"].isna().all() and str(df["k"].dtype) == "Int64"
+    assert pd.isna(df.at["soft", "mlflow_run_id"])
