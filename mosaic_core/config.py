@@ -107,7 +107,9 @@ def describe_validation_error(
     error: ValidationError, model: type[BaseModel], source: str, prefix: str = ""
 ) -> str:
     """The first problem of a pydantic error as one line naming the key and what is allowed."""
-    first = error.errors()[0]
+    errors = error.errors()
+    # a misspelt key shows up twice: as unknown, and as its correct spelling missing; name the typo
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = [str(part) for part in first["loc"]]
     key = prefix + ".".join(loc) if loc else "(top level)"
     if first["type"] == "extra_forbidden":

@@ -25,7 +25,7 @@ def _fail(message: str) -> typer.Exit:
 def _load(spec: str) -> Sweep:
     """A sweep file path, or the name of a sweep that ships with the package (`smoke`)."""
     path = Path(spec)
-    if not path.exists() and spec in bundled_sweeps():
+    if not path.is_file() and spec in bundled_sweeps():
         path = bundled_sweeps()[spec]
     try:
         return load_sweep(path)
@@ -37,7 +37,6 @@ def _load(spec: str) -> Sweep:
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the trials' logs.")] = False) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mlflow").setLevel(level)  # its database set-up chatter is for -v only
 
 
 @app.command()

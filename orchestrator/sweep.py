@@ -32,7 +32,12 @@ def prepare_sweep_dir(sweep_dir: Path, overwrite: bool) -> None:
                 f"{sweep_dir} already holds a sweep; pass --overwrite (the old folder is kept as a backup) "
                 f"or --out another folder"
             )
-        backup = sweep_dir.with_name(f"{sweep_dir.name}.bak-{time.strftime('%Y%m%d-%H%M%S')}")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = sweep_dir.with_name(f"{sweep_dir.name}.bak-{stamp}")
+        n = 1
+        while backup.exists():
+            backup = sweep_dir.with_name(f"{sweep_dir.name}.bak-{stamp}-{n}")
+            n += 1
         shutil.move(sweep_dir, backup)
         log.warning("moved the existing %s to %s", sweep_dir, backup)
     sweep_dir.mkdir(parents=True, exist_ok=True)
@@ -68,6 +73,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
     from orchestrator.progress import TrialProgress
     from orchestrator.tracking import SweepTracker
 
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
     prepare_sweep_dir(sweep_dir, overwrite)
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(sweep.name)

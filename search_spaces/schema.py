@@ -57,7 +57,7 @@ class Trial:
 
     def describe(self) -> str:
         """A short unique name: `entmax(alpha=1.5) seed=0`."""
-        return " ".join(_show(key, value) for key, value in self.varying.items())
+        return _name(self.varying)
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def load_sweep(path: str | Path) -> Sweep:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
-        raise SweepError(f"{source}: not valid YAML: {str(error).splitlines()[0]}") from None
+        raise SweepError(f"{source}: not valid YAML: {' '.join(str(error).split())}") from None
     if not isinstance(raw, dict):
         raise SweepError(f"{source}: a sweep file is a mapping with keys {', '.join(SweepFile.model_fields)}")
     try:
@@ -104,22 +104,33 @@ def expand(spec: SweepFile, source: str) -> Sweep:
     trials = []
     for (kernel, params), point in itertools.product(kernels, grid_points):
         tree = _with_overrides(spec.base, {"model.kernel": kernel, "model.kernel_params": params, **point})
+        shown_kernel = f"{kernel}({', '.join(_show(p, v) for p, v in params.items())})" if params else kernel
+        varying = {"kernel": shown_kernel, **point}
         try:
             config = TrialConfig.model_validate(tree)
         except ValidationError as error:
-            raise SweepError(describe_validation_error(error, TrialConfig, source)) from None
-        shown_kernel = f"{kernel}({', '.join(_show(p, v) for p, v in params.items())})" if params else kernel
-        varying = {"kernel": shown_kernel, **point}
+            where = f"{source}: trial '{_name(varying)}'"
+            raise SweepError(describe_validation_error(error, TrialConfig, where)) from None
         trials.append(Trial(config, varying))
+    names = [trial.describe() for trial in trials]
+    twice = next((name for name in names if names.count(name) > 1), None)
+    if twice is not None:
+        raise SweepError(f"{source}: two grid points make the same trial '{twice}'; list each value once")
     labels = list(dict.fromkeys(trial.kernel_label for trial in trials))
     seeds = len(spec.grid.get("seed", [None]))
     return Sweep(spec.name, spec.description, spec.resources, trials, labels, seeds)
 
 
+def _name(varying: dict[str, Any]) -> str:
+    return " ".join(_show(key, value) for key, value in varying.items())
+
+
 def _show(key: str, value: Any) -> str:
     if key == "kernel":
         return str(value)
-    return f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}"
+    if isinstance(value, float):  # short when exact, full precision otherwise: names must stay unique
+        value = f"{value:g}" if float(f"{value:g}") == value else repr(value)
+    return f"{key}={value}"
 
 
 def _kernel_variants(entry: str | dict[str, Any], where: str) -> list[tuple[str, dict[str, float]]]:

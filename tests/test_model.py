@@ -1,0 +1,175 @@
+"""Memory Mosaics against a from-scratch per-position computation, and the facts SPEC §3 pins."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mosaic_core.config import ModelConfig
+from mosaic_core.kernels import attention_weights
+from mosaic_core.model import ContextualMemory, MemoryMosaics
+
+KERNELS = [("softmax", {}), ("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("relumax", {"b": 1.0}),
+           ("topk_softmax", {"k": 2}), ("normrelu", {})]
+
+
+def small_model(kernel: str = "softmax", params: dict | None = None, **overrides) -> MemoryMosaics:
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=2, n_embd=16, n_head=2, kernel=kernel, kernel_params=params or {}, **overrides)
+    return MemoryMosaics(config, vocab_size=11).double()
+
+
+def contextual_by_loop(memory: ContextualMemory, x: torch.Tensor) -> torch.Tensor:
+    """SPEC §3 written out one position and one head at a time (float64)."""
+    batch, length, n_embd = x.shape
+    n_head = memory.n_head
+    d = n_embd // n_head
+    wk = memory.key.proj.weight
+    wv = memory.value.weight
+    lam = 10 * memory.key.leaky_key_beta.abs()
+    beta = torch.exp(torch.clamp(10 * memory.kernel_beta, max=5))
+    value_scale = torch.exp(torch.clamp(10 * memory.value_beta, max=5))
+    c = memory.lookahead_mix
+    out = torch.zeros(batch, length, n_embd, dtype=x.dtype)
+    for h in range(n_head):
+        rows = slice(h * d, (h + 1) * d)
+        for b in range(batch):
+            keys, values = [], []
+            for t in range(length):
+                leaky = sum(math.exp(-lam[h].item() * (t - j)) * (wk[rows] @ x[b, j]) for j in range(t + 1))
+                keys.append(beta[h] * leaky / leaky.norm())
+                nxt = wv[rows] @ x[b, t + 1] if t + 1 < length else torch.zeros(d, dtype=x.dtype)
+                v = (1 - c[h]) * nxt + c[h] * (wv[rows] @ x[b, t])
+                values.append(value_scale[h] * v / v.norm())
+            for t in range(1, length):  # position 0 has no key before it: output 0
+                scores = torch.stack([keys[t] @ keys[j] for j in range(t)])
+                params = memory.kernel_params
+                if memory.kernel == "normrelu":
+                    params = {"gamma": 0.5, "b": 1 - 2 * beta[h] ** 2}
+                w = attention_weights(scores, memory.kernel, **params)
+                out[b, t, rows] = w @ torch.stack(values[:t])
+    return memory.out(out)
+
+
+@pytest.mark.parametrize(("kernel", "params"), KERNELS)
+def test_contextual_memory_matches_the_per_position_definition(kernel, params):
+    model = small_model(kernel, params)
+    memory = model.blocks[0].contextual
+    x = torch.randn(2, 7, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(memory(x), contextual_by_loop(memory, x), atol=1e-10)
+
+
+@pytest.mark.parametrize(("kernel", "params"), KERNELS)
+def test_position_t_uses_keys_up_to_t_minus_1_only(kernel, params):
+    """Perturbing input t changes outputs from t on; outputs before t never move (strict causality)."""
+    model = small_model(kernel, params).eval()
+    idx = torch.randint(0, 11, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        base = model(idx)
+        for t in (3, 8):
+            changed = idx.clone()
+            changed[0, t] = (changed[0, t] + 1) % 11
+            diff = (model(changed) - base).abs().amax(-1)[0]
+            assert torch.equal(diff[:t], torch.zeros(t, dtype=diff.dtype)), "a future token leaked into the past"
+            assert diff[t] > 0
+
+
+@pytest.mark.parametrize(("kernel", "params"), KERNELS)
+def test_position_zero_outputs_zero_and_position_one_returns_the_first_value(kernel, params):
+    memory = small_model(kernel, params).blocks[0].contextual
+    x = torch.randn(1, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y = memory(x)
+        assert torch.equal(y[0, 0], torch.zeros(16, dtype=y.dtype))
+        # position 1 sees key 0 alone, whatever the kernel: weight 1 on v_0 = mix of W_v x_1 and W_v x_0
+        c = memory.lookahead_mix.repeat_interleave(8)
+        v0 = (1 - c) * memory.value(x[0, 1]) + c * memory.value(x[0, 0])
+        scale = torch.exp(torch.clamp(10 * memory.value_beta, max=5)).repeat_interleave(8)
+        v0 = torch.cat([F.normalize(part, dim=0) for part in v0.split(8)]) * scale
+        assert torch.allclose(y[0, 1], memory.out(v0), atol=1e-12)
+
+
+def test_normrelu_uses_the_heads_own_bandwidth():
+    """normrelu weight = [1 − 2(β² − s)]_+, i.e. Epanechnikov of bandwidth h = 1/β on unit keys."""
+    memory = small_model("normrelu").blocks[0].contextual
+    beta = torch.exp(torch.clamp(10 * memory.kernel_beta.detach(), max=5))
+    params = memory._kernel_params(beta[:, None, None])
+    s = torch.tensor([beta[0] ** 2, beta[0] ** 2 - 0.25, beta[0] ** 2 - 0.5, 0.0], dtype=torch.float64)
+    w = attention_weights(s, "normrelu", gamma=params["gamma"], b=params["b"][0, 0, 0])
+    unnormalised = torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
+    assert torch.allclose(w, unnormalised / unnormalised.sum())
+
+
+def test_no_sequence_length_cap():
+    model = small_model("entmax", {"alpha": 1.5}).float().eval()
+    with torch.no_grad():
+        logits = model(torch.zeros(1, 4500, dtype=torch.long))
+    assert logits.shape == (1, 4500, 11) and torch.isfinite(logits).all()
+
+
+def test_block_has_about_twelve_n_embd_squared_parameters():
+    n = 64
+    model = MemoryMosaics(ModelConfig(n_layer=1, n_embd=n, n_head=4), vocab_size=10)
+    block = sum(p.numel() for p in model.blocks[0].parameters())
+    assert abs(block - 12 * n * n) / (12 * n * n) < 0.01
+
+
+def test_head_is_tied_and_logits_scaled():
+    model = small_model().eval()
+    idx = torch.randint(0, 11, (1, 4))
+    x = model.embed(idx)
+    for block in model.blocks:
+        x = block(x)
+    expected = model.ln_f(x) @ model.embed.weight.T / math.sqrt(16)
+    with torch.no_grad():
+        assert torch.allclose(model(idx), expected)
+    others = sum(p.numel() for m in (*model.blocks, model.ln_f) for p in m.parameters())
+    assert sum(p.numel() for p in model.parameters()) == model.embed.weight.numel() + others  # no output matrix
+
+
+def test_initialisation_and_decay_groups():
+    model = MemoryMosaics(ModelConfig(n_layer=4, n_embd=256, n_head=4), vocab_size=10)
+    block = model.blocks[0]
+    assert block.contextual.key.proj.weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
+    assert block.contextual.out.weight.std().item() == pytest.approx(1 / math.sqrt(256 * 4), rel=0.05)
+    lam = 10 * block.contextual.key.leaky_key_beta.abs()
+    assert torch.allclose(lam, torch.linspace(0.5, 5, 4))
+    assert torch.allclose(torch.exp(10 * block.contextual.kernel_beta), torch.full((4,), math.e))
+    decay, no_decay = model.optimizer_groups(0.1)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert any(p is block.persistent.slot_keys for p in decay["params"])
+    assert any(p is model.embed.weight for p in decay["params"])
+
+
+def test_persistent_memory_is_softmax_over_slots_whatever_the_kernel():
+    model = small_model("sparsemax")
+    memory = model.blocks[0].persistent
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    with torch.no_grad():
+        q = memory.key(x) * torch.exp(torch.clamp(10 * memory.kernel_beta, max=5))[:, None, None] ** 2
+        w = torch.softmax(q @ memory.slot_keys.transpose(-1, -2), dim=-1)
+        expected = memory.out((w @ memory.slot_values).transpose(1, 2).reshape(1, 3, 16))
+        assert torch.allclose(memory(x), expected, atol=1e-12)
+    assert memory.slot_keys.shape == (2, 56, 8)  # pmem_size = 3.5 · n_embd slots per head
+
+
+def test_model_config_errors():
+    with pytest.raises(ValueError, match="divisible by n_head"):
+        ModelConfig(n_embd=10, n_head=3)
+    with pytest.raises(ValueError, match="alpha must be > 1"):
+        ModelConfig(kernel="entmax", kernel_params={"alpha": 1.0})
+    with pytest.raises(ValueError, match="unknown kernel"):
+        ModelConfig(kernel="nope")
+
+
+def test_gradients_reach_every_parameter():
+    model = small_model("entmax", {"alpha": 1.5})
+    logits = model(torch.randint(0, 11, (2, 9)))
+    F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 11, (18,))).backward()
+    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []

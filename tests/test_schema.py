@@ -1,0 +1,320 @@
+"""Sweep files: validation (one-line errors naming the key and what is allowed) and expansion."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from mosaic_core.config import TrialConfig
+from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES
+from search_spaces import bundled_sweeps
+from search_spaces.schema import SweepError, load_sweep
+
+SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+
+
+def sweep_error(path: Path) -> str:
+    """The SweepError message for `path`, checked to be a single line."""
+    with pytest.raises(SweepError) as info:
+        load_sweep(path)
+    message = str(info.value)
+    assert "\n" not in message and "\r" not in message, message
+    assert message.strip() == message and message
+    return message
+
+
+# ---------------------------------------------------------------------------------------------
+# the smoke sweep
+
+
+def test_smoke_is_bundled():
+    assert bundled_sweeps()["smoke"] == SMOKE_YAML
+
+
+def test_smoke_expands_to_three_kernels_times_two_seeds():
+    sweep = load_sweep(SMOKE_YAML)
+    assert sweep.name == "smoke"
+    assert sweep.planned_seeds == 2
+    assert (sweep.resources.cpu, sweep.resources.gpu) == (1.0, 0.0)
+    got = [(t.config.model.kernel, dict(t.config.model.kernel_params), t.config.seed) for t in sweep.trials]
+    assert got == [
+        ("softmax", {}, 0),
+        ("softmax", {}, 1),
+        ("sparsemax", {}, 0),
+        ("sparsemax", {}, 1),
+        ("entmax", {"alpha": 1.5}, 0),
+        ("entmax", {"alpha": 1.5}, 1),
+    ]
+    assert sweep.kernel_labels == ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
+    assert [t.kernel_label for t in sweep.trials] == [l for l in sweep.kernel_labels for _ in range(2)]
+    assert [t.describe() for t in sweep.trials] == [
+        "softmax seed=0",
+        "softmax seed=1",
+        "sparsemax seed=0",
+        "sparsemax seed=1",
+        "entmax(alpha=1.5) seed=0",
+        "entmax(alpha=1.5) seed=1",
+    ]
+
+
+def test_smoke_trials_carry_the_base_config():
+    for trial in load_sweep(SMOKE_YAML).trials:
+        config = trial.config
+        assert isinstance(config, TrialConfig)
+        assert config.task.name == "sort"
+        assert config.task.eval_factors == [1.0, 2.0]
+        assert (config.task.num_symbols, config.task.train_min_length, config.task.train_max_length) == (8, 4, 8)
+        assert (config.model.n_layer, config.model.n_embd, config.model.n_head) == (2, 64, 4)
+        assert (config.train.max_steps, config.train.eval_interval, config.train.lr) == (1000, 1000, 3.0e-3)
+
+
+# ---------------------------------------------------------------------------------------------
+# expansion: kernel parameters are conditional, the grid is a product over everything else
+
+
+def test_kernel_params_are_conditional(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = ["softmax", {"name": "entmax", "alpha": [1.5, 1.333]}, {"name": "topk_softmax", "k": [16, 32]}]
+    smoke_spec["grid"] = {"seed": [0, 1, 2], "model.n_layer": [1, 2]}
+    sweep = load_sweep(write_sweep(smoke_spec))
+
+    assert len(sweep.trials) == (1 + 2 + 2) * 3 * 2 == 30
+    variants = [("softmax", ()), ("entmax", (("alpha", 1.5),)), ("entmax", (("alpha", 1.333),)),
+                ("topk_softmax", (("k", 16),)), ("topk_softmax", (("k", 32),))]
+    expected = [(kernel, params, seed, n_layer)
+                for (kernel, params), seed, n_layer in itertools.product(variants, [0, 1, 2], [1, 2])]
+    got = [(t.config.model.kernel, tuple(sorted(t.config.model.kernel_params.items())), t.config.seed,
+            t.config.model.n_layer) for t in sweep.trials]
+    assert got == expected  # kernel-major, then the grid in the order written
+
+    for trial in sweep.trials:
+        params = trial.config.model.kernel_params
+        if trial.config.model.kernel == "softmax":
+            assert params == {}  # no alpha, no k
+        elif trial.config.model.kernel == "entmax":
+            assert set(params) == {"alpha"}
+        else:
+            assert set(params) == {"k"}
+        assert trial.config.model.n_embd == 64  # the rest of base is untouched
+
+    assert sweep.kernel_labels == ["Gaussian", "Biweight", "1.333-entmax", "Gaussian kNN, k = 16", "Gaussian kNN, k = 32"]
+    assert sweep.planned_seeds == 3
+    names = [t.describe() for t in sweep.trials]
+    assert len(set(names)) == 30
+    assert names[0] == "softmax seed=0 model.n_layer=1"
+    assert names[-1] == "topk_softmax(k=32) seed=2 model.n_layer=2"
+    assert sweep.trials[-1].varying == {"kernel": "topk_softmax(k=32)", "seed": 2, "model.n_layer": 2}
+
+
+def test_grid_overrides_base_and_no_grid_means_one_trial_per_kernel(write_sweep, smoke_spec):
+    smoke_spec["grid"] = {"model.n_layer": [1, 3], "task.name": ["reverse"]}
+    sweep = load_sweep(write_sweep(smoke_spec))
+    assert [(t.config.model.n_layer, t.config.task.name) for t in sweep.trials] == [(1, "reverse"), (3, "reverse")] * 3
+    assert sweep.planned_seeds == 1
+
+    del smoke_spec["grid"]
+    sweep = load_sweep(write_sweep(smoke_spec))
+    assert [t.describe() for t in sweep.trials] == ["softmax", "sparsemax", "entmax(alpha=1.5)"]
+
+
+def test_alias_and_explicit_params_dedupe_to_one_variant(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = ["biweight", {"name": "entmax", "alpha": 1.5}, "softmax", "gaussian", "entmax"]
+    sweep = load_sweep(write_sweep(smoke_spec))
+    assert [(t.config.model.kernel, dict(t.config.model.kernel_params), t.config.seed) for t in sweep.trials] == [
+        ("entmax", {"alpha": 1.5}, 0),
+        ("entmax", {"alpha": 1.5}, 1),
+        ("softmax", {}, 0),
+        ("softmax", {}, 1),
+    ]
+    assert sweep.kernel_labels == ["Biweight", "Gaussian"]  # first-written order
+
+
+def test_kernel_defaults_are_filled_in(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = ["relumax", "topk_uniform", "triweight"]
+    del smoke_spec["grid"]
+    sweep = load_sweep(write_sweep(smoke_spec))
+    assert [(t.config.model.kernel, dict(t.config.model.kernel_params)) for t in sweep.trials] == [
+        ("relumax", {"b": 1.0}),
+        ("topk_uniform", {"k": 32}),
+        ("entmax", {"alpha": pytest.approx(4 / 3)}),
+    ]
+    assert sweep.kernel_labels == ["Epanechnikov (ReLUmax)", "Uniform kNN, k = 32", "Triweight"]
+
+
+def test_distinct_variants_have_distinct_names(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = ["triweight", {"name": "entmax", "alpha": 1.3333334}]
+    sweep = load_sweep(write_sweep(smoke_spec))
+    assert len(sweep.trials) == 4
+    assert len({t.describe() for t in sweep.trials}) == 4
+
+
+def test_two_grid_values_that_make_the_same_trial_are_refused(write_sweep, smoke_spec):
+    smoke_spec["grid"] = {"seed": [1, 1.0]}
+    message = sweep_error(write_sweep(smoke_spec, "dup"))
+    assert message == "dup.yaml: two grid points make the same trial 'softmax seed=1'; list each value once"
+
+
+# ---------------------------------------------------------------------------------------------
+# errors: SweepError, one line, naming the key and what is allowed
+
+
+def test_unknown_top_level_key(write_sweep, smoke_spec):
+    smoke_spec["seeds"] = [0, 1]
+    message = sweep_error(write_sweep(smoke_spec, "typo"))
+    assert message == "typo.yaml: unknown key 'seeds'; allowed: name, description, base, kernels, grid, resources"
+
+
+def test_misspelt_required_key_is_named(write_sweep, smoke_spec):
+    smoke_spec["kernals"] = smoke_spec.pop("kernels")
+    message = sweep_error(write_sweep(smoke_spec, "typo"))
+    assert message == "typo.yaml: unknown key 'kernals'; allowed: name, description, base, kernels, grid, resources"
+
+
+def test_unknown_key_inside_base(write_sweep, smoke_spec):
+    smoke_spec["base"]["model"]["n_lyer"] = 1
+    message = sweep_error(write_sweep(smoke_spec))
+    assert message.startswith("sweep.yaml: ")
+    assert "unknown key 'base.model.n_lyer'" in message
+    assert message.endswith("allowed: n_layer, n_embd, n_head, pmem_size, dropout, kernel, kernel_params")
+
+
+def test_unknown_section_in_base(write_sweep, smoke_spec):
+    smoke_spec["base"]["modle"] = smoke_spec["base"].pop("model")
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "unknown key 'base.modle'" in message
+    assert message.endswith("allowed: seed, task, model, train")
+
+
+def test_unknown_key_in_resources(write_sweep, smoke_spec):
+    smoke_spec["resources"]["gpus"] = 1
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "unknown key 'resources.gpus'" in message and message.endswith("allowed: cpu, gpu")
+
+
+def test_bad_value_in_base_names_the_key_and_the_choices(write_sweep, smoke_spec):
+    smoke_spec["base"]["task"]["name"] = "sorting"
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "base.task.name" in message
+    assert all(f"'{task}'" in message for task in ("sort", "reverse", "copy"))
+
+
+def test_unknown_kernel_lists_allowed_names(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = ["softmax", "softmaxx"]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "kernels[1]" in message and "unknown kernel 'softmaxx'" in message
+    assert message.endswith("allowed: " + ", ".join(KERNEL_NAMES))
+    for name in ("softmax", "sparsemax", "entmax", "relumax", "topk_softmax", "biweight"):
+        assert name in message
+
+
+def test_kernel_entry_without_name(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = [{"alpha": 1.5}]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "kernels[0]" in message and "'name'" in message and "allowed: softmax, sparsemax, entmax" in message
+
+
+def test_kernel_parameter_of_another_kernel(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = [{"name": "entmax", "k": 8}]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "kernels[0]" in message and "'entmax' has no parameter 'k'" in message and message.endswith("allowed: alpha")
+
+
+def test_empty_kernel_list(write_sweep, smoke_spec):
+    smoke_spec["kernels"] = []
+    message = sweep_error(write_sweep(smoke_spec))
+    assert message.startswith("sweep.yaml: kernels: ")
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.5, [1.5, 1]])
+def test_entmax_alpha_must_exceed_one(write_sweep, smoke_spec, alpha):
+    smoke_spec["kernels"] = ["softmax", {"name": "entmax", "alpha": alpha}]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "kernels[1]" in message and "alpha must be > 1" in message
+    bad = alpha[-1] if isinstance(alpha, list) else alpha
+    assert message.endswith(f"got {bad!r}")
+
+
+@pytest.mark.parametrize("k", [0, -3, 2.5])
+def test_topk_k_must_be_a_positive_integer(write_sweep, smoke_spec, k):
+    smoke_spec["kernels"] = [{"name": "topk_softmax", "k": [16, k]}]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "kernels[0]" in message and "topk_softmax k must be an integer >= 1" in message
+    assert message.endswith(f"got {k!r}")
+
+
+@pytest.mark.parametrize("b", [0, -1.0])
+def test_relumax_b_must_be_positive(write_sweep, smoke_spec, b):
+    smoke_spec["kernels"] = [{"name": "relumax", "b": b}]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "kernels[0]" in message and "relumax b must be > 0" in message
+
+
+def test_unknown_grid_key_lists_allowed_keys(write_sweep, smoke_spec):
+    smoke_spec["grid"]["model.n_lyer"] = [1, 2]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "unknown grid key 'model.n_lyer'" in message
+    allowed = message.split("allowed: ", 1)[1].split(", ")
+    assert {"seed", "model.n_layer", "model.n_embd", "task.name", "train.lr", "train.max_steps"} <= set(allowed)
+    assert "model.kernel" not in allowed and "model.kernel_params" not in allowed
+
+
+@pytest.mark.parametrize("key", ["model.kernel", "model.kernel_params"])
+def test_grid_cannot_set_the_kernel(write_sweep, smoke_spec, key):
+    smoke_spec["grid"][key] = ["softmax"] if key == "model.kernel" else [{"alpha": 1.5}]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert f"grid key '{key}' is set by 'kernels:'" in message
+    assert message.endswith("(kernels: " + ", ".join(KERNEL_DEFAULTS) + ")")
+
+
+def test_empty_grid_list(write_sweep, smoke_spec):
+    smoke_spec["grid"]["model.n_layer"] = []
+    message = sweep_error(write_sweep(smoke_spec))
+    assert message == "sweep.yaml: grid key 'model.n_layer' has an empty list of values"
+
+
+def test_repeated_grid_value(write_sweep, smoke_spec):
+    smoke_spec["grid"]["seed"] = [0, 1, 0]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "grid key 'seed' repeats a value" in message
+
+
+def test_n_embd_not_divisible_by_n_head_in_base(write_sweep, smoke_spec):
+    smoke_spec["base"]["model"]["n_embd"] = 30
+    message = sweep_error(write_sweep(smoke_spec))
+    assert message == "sweep.yaml: base.model: n_embd (30) must be divisible by n_head (4)"
+
+
+def test_n_embd_not_divisible_by_n_head_from_grid(write_sweep, smoke_spec):
+    smoke_spec["grid"]["model.n_head"] = [4, 7]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "model" in message and "n_embd (64) must be divisible by n_head (7)" in message
+
+
+def test_bad_sweep_name(write_sweep, smoke_spec):
+    smoke_spec["name"] = "my sweep"
+    message = sweep_error(write_sweep(smoke_spec))
+    assert message.startswith("sweep.yaml: name: ")
+
+
+def test_missing_name(write_sweep, smoke_spec):
+    del smoke_spec["name"]
+    message = sweep_error(write_sweep(smoke_spec))
+    assert message.startswith("sweep.yaml: name: ") and "required" in message
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    assert sweep_error(path) == f"{path}: no such sweep file"
+    assert sweep_error(tmp_path) == f"{tmp_path}: no such sweep file"  # a folder is not a sweep file
+
+
+def test_invalid_yaml(write_sweep):
+    message = sweep_error(write_sweep("name: x\nkernels: [softmax\ngrid: {seed: [0]}\n", "broken"))
+    assert message.startswith("broken.yaml: not valid YAML: ")
+
+
+@pytest.mark.parametrize("text", ["", "- softmax\n- sparsemax\n", "just a string\n"])
+def test_not_a_mapping(write_sweep, text):
+    message = sweep_error(write_sweep(text, "odd"))
+    assert message == "odd.yaml: a sweep file is a mapping with keys name, description, base, kernels, grid, resources"

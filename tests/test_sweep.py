@@ -1,0 +1,338 @@
+"""The `mosaic-sweep run` command: dry runs, validation before Ray, the sweep folder, MLflow and the results store."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from orchestrator import cli
+from orchestrator.sweep import SweepOutcome, prepare_sweep_dir
+from orchestrator.tracking import default_tracking_uri
+
+SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+SMOKE_LINES = [
+    "1  softmax seed=0",
+    "2  softmax seed=1",
+    "3  sparsemax seed=0",
+    "4  sparsemax seed=1",
+    "5  entmax(alpha=1.5) seed=0",
+    "6  entmax(alpha=1.5) seed=1",
+    "6 trials",
+]
+LABELS = ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
+CELL = re.compile(r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)")  # mean^(max), best ones marked
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    return {**env, **extra}
+
+
+def mosaic_sweep(*args: str | Path, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
+        cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def files_under(folder: Path) -> list[Path]:
+    return sorted(folder.rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run and validation, through the real command line
+
+
+@pytest.mark.parametrize("spec", [str(SMOKE_YAML), "smoke"], ids=["path", "bundled-name"])
+def test_dry_run_lists_trials_and_starts_nothing(tmp_path, spec):
+    done = mosaic_sweep("run", spec, "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == SMOKE_LINES
+    assert done.stderr == ""
+    assert files_under(tmp_path) == []  # no sweeps/ folder, no mlflow.db, no Ray session here
+
+
+def test_dry_run_of_a_bigger_sweep_pads_the_numbers(tmp_path, write_sweep, smoke_spec):
+    smoke_spec["grid"] = {"seed": [0, 1, 2, 3]}
+    done = mosaic_sweep("run", write_sweep(smoke_spec), "--dry-run", cwd=tmp_path)
+    lines = done.stdout.splitlines()
+    assert done.returncode == 0 and len(lines) == 13
+    assert lines[0] == " 1  softmax seed=0" and lines[11] == "12  entmax(alpha=1.5) seed=3"
+    assert lines[-1] == "12 trials"
+
+
+def bad_specs(smoke_spec: dict) -> dict[str, tuple[dict, str]]:
+    """name -> (sweep file contents, text the error must contain)."""
+
+    def variant(edit) -> dict:
+        spec = copy.deepcopy(smoke_spec)
+        edit(spec)
+        return spec
+
+    return {
+        "top-key": (variant(lambda s: s.update(seeds=[0, 1])), "unknown key 'seeds'; allowed: name, description, base, kernels"),
+        "base-key": (variant(lambda s: s["base"]["model"].update(n_lyer=1)), "unknown key 'base.model.n_lyer'; allowed: n_layer,"),
+        "kernel": (variant(lambda s: s.update(kernels=["softmax", "sparsmax"])), "unknown kernel 'sparsmax'; allowed: softmax, sparsemax, entmax"),
+        "alpha": (variant(lambda s: s.update(kernels=[{"name": "entmax", "alpha": 1}])), "kernels[0]: entmax alpha must be > 1"),
+        "grid-key": (variant(lambda s: s["grid"].update({"model.layers": [1]})), "unknown grid key 'model.layers'; allowed: seed,"),
+    }
+
+
+@pytest.mark.parametrize(("case", "dry_run"), [
+    ("top-key", True), ("base-key", True), ("kernel", True), ("alpha", True), ("grid-key", True),
+    ("base-key", False), ("kernel", False),  # without --dry-run: still refused before Ray starts
+])
+def test_bad_sweep_file_is_one_line_error_exit_2_before_anything_starts(tmp_path, write_sweep, smoke_spec, case, dry_run):
+    spec, expected = bad_specs(smoke_spec)[case]
+    path = write_sweep(spec, "bad")
+    before = files_under(tmp_path)
+    done = mosaic_sweep("run", path, *(["--dry-run"] if dry_run else []), cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    lines = done.stderr.splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: bad.yaml: ")
+    assert expected in lines[0]
+    assert files_under(tmp_path) == before  # validated before Ray or MLflow: no sweeps/, no mlflow.db
+
+
+def test_unknown_spec_is_exit_2(tmp_path):
+    done = mosaic_sweep("run", "no-such-sweep", cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.splitlines() == ["error: no-such-sweep: no such sweep file"]
+    assert files_under(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# what the command passes to run_sweep: the default folder and the tracking URI's precedence
+
+
+@pytest.fixture
+def fake_run_sweep(monkeypatch, tmp_path):
+    """Replace run_sweep with a recorder; the command runs in an empty tmp_path."""
+    import orchestrator.sweep
+
+    calls: list[dict] = []
+    statuses = {"TERMINATED": 6}
+
+    def fake(sweep, sweep_dir, tracking_uri, *, overwrite=False, verbose=False):
+        calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=sweep_dir,
+                          tracking_uri=tracking_uri, overwrite=overwrite))
+        return SweepOutcome(sweep_dir, "| Kernel |\n", "parent123", tracking_uri, dict(statuses))
+
+    monkeypatch.setattr(orchestrator.sweep, "run_sweep", fake)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    fake.calls, fake.statuses = calls, statuses
+    return fake
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli.app, list(args))
+
+
+def test_default_folder_and_tracking_uri(fake_run_sweep, tmp_path):
+    result = invoke("run", "smoke")
+    assert result.exit_code == 0, result.output
+    (call,) = fake_run_sweep.calls
+    assert call == dict(name="smoke", trials=6, sweep_dir=Path("sweeps") / "smoke",
+                        tracking_uri=f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}", overwrite=False)
+    assert "MLflow: sqlite:///" in result.stdout and "parent run parent123" in result.stdout
+    assert "trials: 6 TERMINATED" in result.stdout
+
+
+def test_tracking_uri_beside_a_chosen_folder(fake_run_sweep, tmp_path):
+    assert invoke("run", "smoke", "--out", "elsewhere/mine", "--overwrite").exit_code == 0
+    (call,) = fake_run_sweep.calls
+    assert call["sweep_dir"] == Path("elsewhere/mine") and call["overwrite"] is True
+    assert call["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'elsewhere' / 'mlflow.db'}"
+
+
+def test_tracking_uri_from_environment_then_flag(fake_run_sweep, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
+    assert invoke("run", "smoke").exit_code == 0
+    assert invoke("run", "smoke", "--mlflow-uri", "http://flag:5000").exit_code == 0
+    assert [c["tracking_uri"] for c in fake_run_sweep.calls] == ["http://env:5000", "http://flag:5000"]
+
+
+def test_failed_trials_make_exit_1(fake_run_sweep):
+    fake_run_sweep.statuses.update({"TERMINATED": 5, "ERROR": 1})
+    result = invoke("run", "smoke")
+    assert result.exit_code == 1
+    assert "trials: 1 ERROR, 5 TERMINATED" in result.stdout
+
+
+def test_default_tracking_uri(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert default_tracking_uri(tmp_path / "sweeps") == f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///somewhere")
+    assert default_tracking_uri(tmp_path / "sweeps") == "file:///somewhere"
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep folder: never mixed, never deleted
+
+
+def test_new_or_empty_folder_is_used(tmp_path):
+    prepare_sweep_dir(tmp_path / "a" / "b", overwrite=False)
+    assert (tmp_path / "a" / "b").is_dir()
+    prepare_sweep_dir(tmp_path / "a" / "b", overwrite=False)  # still empty: fine
+    assert files_under(tmp_path) == [tmp_path / "a", tmp_path / "a" / "b"]
+
+
+def test_non_empty_folder_is_refused_without_overwrite(tmp_path):
+    old = tmp_path / "sweeps" / "s"
+    old.mkdir(parents=True)
+    (old / "results.parquet").mkdir()
+    (old / "results.parquet" / "part-x.parquet").write_text("old")
+    with pytest.raises(FileExistsError) as info:
+        prepare_sweep_dir(old, overwrite=False)
+    assert "--overwrite" in str(info.value) and "\n" not in str(info.value)
+    assert (old / "results.parquet" / "part-x.parquet").read_text() == "old"
+
+
+def test_overwrite_moves_the_old_folder_to_a_backup(tmp_path):
+    old = tmp_path / "sweeps" / "s"
+    old.mkdir(parents=True)
+    (old / "table.md").write_text("old table")
+    prepare_sweep_dir(old, overwrite=True)
+    assert old.is_dir() and list(old.iterdir()) == []
+    (backup,) = [p for p in old.parent.iterdir() if p != old]
+    assert re.fullmatch(r"s\.bak-\d{8}-\d{6}", backup.name)
+    assert (backup / "table.md").read_text() == "old table"
+
+
+# ---------------------------------------------------------------------------------------------
+# one real sweep: Ray Tune, MLflow, the results store and the table
+
+
+def tiny_smoke(smoke_spec: dict) -> dict:
+    spec = dict(smoke_spec, name="tiny_smoke")
+    spec["base"]["task"]["eval_examples"] = 20
+    spec["base"]["model"].update(n_layer=1, n_embd=16, n_head=2)
+    spec["base"]["train"].update(max_steps=20, eval_interval=10, warmup_steps=5, batch_size=8)
+    assert spec["kernels"] == ["softmax", "sparsemax", {"name": "entmax", "alpha": 1.5}]
+    assert spec["grid"] == {"seed": [0, 1]}
+    return spec
+
+
+def mlflow_runs(client, experiment_id: str) -> tuple[list, list]:
+    runs = client.search_runs([experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    return parents, children
+
+
+@pytest.mark.slow
+def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, write_sweep, smoke_spec):
+    from mlflow import MlflowClient
+
+    from analysis.results_store import read_results
+
+    spec = write_sweep(tiny_smoke(smoke_spec), "tiny")
+    sweep_dir = tmp_path / "sweeps" / "tiny_smoke"
+
+    # first run, default folder sweeps/<name> and default tracking URI beside it
+    done = mosaic_sweep("run", spec, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    for label in LABELS:
+        assert re.search(rf"^\| {re.escape(label)} \| .+ \| .+ \|$", done.stdout, re.M), done.stdout
+    assert "| Kernel | sort 1× | sort 2× |" in done.stdout
+    assert "trials: 6 TERMINATED" in done.stdout
+
+    table = (sweep_dir / "table.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Kernel")]
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == LABELS  # the file's kernel order
+    for row in rows:
+        cells = row.strip("|").split(" | ")[1:]
+        assert len(cells) == 2 and all(CELL.fullmatch(cell.strip()) for cell in cells), row
+
+    db = tmp_path / "sweeps" / "mlflow.db"
+    assert db.is_file()
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert set(experiments) == {"Default", "tiny_smoke"}
+    experiment_id = experiments["tiny_smoke"].experiment_id
+
+    parents, children = mlflow_runs(client, experiment_id)
+    assert len(parents) == 1 and len(children) == 6
+    (parent,) = parents
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["sweep_dir"] == str(sweep_dir.resolve())
+    assert "table.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
+
+    variants = sorted((c.data.params["model.kernel"], c.data.params["seed"]) for c in children)
+    assert variants == [("entmax", "0"), ("entmax", "1"), ("softmax", "0"), ("softmax", "1"),
+                        ("sparsemax", "0"), ("sparsemax", "1")]
+    for child in children:
+        params = child.data.params
+        assert params["task.name"] == "sort" and params["model.n_layer"] == "1" and params["train.max_steps"] == "20"
+        if params["model.kernel"] == "entmax":
+            assert params["model.kernel_params.alpha"] == "1.5"
+        else:
+            assert not any(key.startswith("model.kernel_params.") for key in params)
+        for metric in ("exact_match_1x", "exact_match_2x"):
+            history = client.get_metric_history(child.info.run_id, metric)
+            assert sorted(m.step for m in history) == [10, 20]
+            assert all(0.0 <= m.value <= 1.0 for m in history)
+    child_ids = {c.info.run_id for c in children}
+    run_of_trial = {c.data.tags["ray.trial_id"]: c.info.run_id for c in children}
+
+    results = read_results(sweep_dir)
+    assert set(["trial_id", "kernel", "alpha", "k", "b", "n_layer", "seed", "task", "metric", "length_factor",
+                "value", "status", "mlflow_run_id"]) <= set(results.columns)
+    assert results["trial_id"].nunique() == 6
+    assert (results["status"] == "TERMINATED").all()
+    assert set(results["mlflow_run_id"]) == child_ids
+    assert all(run_of_trial[t] == r for t, r in zip(results["trial_id"], results["mlflow_run_id"]))
+    exact = results[results["metric"] == "exact_match"]
+    assert len(exact) == 6 * 2 * 2
+    assert sorted(exact.groupby(["trial_id", "length_factor", "step"]).size().tolist()) == [1] * 24
+    assert set(exact["length_factor"]) == {1.0, 2.0} and set(exact["step"]) == {10, 20}
+    assert exact.groupby("kernel")["trial_id"].nunique().to_dict() == {"entmax": 2, "softmax": 2, "sparsemax": 2}
+    assert (results["task"] == "sort").all() and (results["n_layer"] == 1).all()
+    assert set(results["seed"]) == {0, 1}
+    entmax_rows = results["kernel"] == "entmax"
+    assert (results.loc[entmax_rows, "alpha"] == 1.5).all()
+    assert results.loc[~entmax_rows, "alpha"].isna().all()
+    assert results["k"].isna().all() and results["b"].isna().all()
+    first_results = results
+
+    # the same command again: refused, nothing touched
+    before = {p: p.stat().st_mtime_ns for p in files_under(sweep_dir) if p.is_file()}
+    again = mosaic_sweep("run", spec, cwd=tmp_path, timeout=120)
+    assert again.returncode == 2
+    (line,) = again.stderr.splitlines()
+    assert line.startswith("error: ") and "--overwrite" in line
+    assert {p: p.stat().st_mtime_ns for p in files_under(sweep_dir) if p.is_file()} == before
+    assert len(mlflow_runs(client, experiment_id)[0]) == 1  # no parent run for a refused invocation
+
+    # --overwrite: a fresh sweep, the old folder kept as a backup
+    redo = mosaic_sweep("run", spec, "--out", sweep_dir, "--overwrite", cwd=tmp_path, timeout=300)
+    assert redo.returncode == 0, redo.stdout + redo.stderr
+    (backup,) = (tmp_path / "sweeps").glob("tiny_smoke.bak-*")
+    backed_up = read_results(backup)
+    assert backed_up.sort_values(["trial_id", "metric", "length_factor", "step"]).reset_index(drop=True).equals(
+        first_results.sort_values(["trial_id", "metric", "length_factor", "step"]).reset_index(drop=True))
+    assert (backup / "table.md").read_text() == table
+
+    experiments = {e.name: e for e in client.search_experiments()}
+    assert set(experiments) == {"Default", "tiny_smoke"}  # the same experiment, reused
+    parents, children = mlflow_runs(client, experiment_id)
+    assert len(parents) == 2 and len(children) == 12
+    assert all(p.info.status == "FINISHED" for p in parents)
+    new_parent = next(p.info.run_id for p in parents if p.info.run_id != parent.info.run_id)
+    new_children = {c.info.run_id for c in children if c.data.tags["mlflow.parentRunId"] == new_parent}
+    assert len(new_children) == 6
+    new_results = read_results(sweep_dir)
+    assert new_results["trial_id"].nunique() == 6 and set(new_results["mlflow_run_id"]) == new_children
