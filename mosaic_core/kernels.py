@@ -13,6 +13,7 @@ Masked keys (mask False, or score −inf) get weight exactly 0; a row with no al
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -102,12 +103,24 @@ def kernel_label(name: str, **params: Any) -> str:
 def attention_weights(
     scores: Tensor, kernel: str, *, mask: Tensor | None = None, dim: int = -1, **params: Any
 ) -> Tensor:
-    """Kernel weights over `dim` for `scores`; `mask` is True where a key may be attended."""
+    """Kernel weights over `dim` for `scores`; `mask` is True where a key may be attended.
+
+    Half-precision scores are computed in float32 (thresholds and sums need it) and returned in
+    their own dtype. A score of +inf takes all the weight, shared equally among such keys (the
+    limit of every kernel but top-k uniform, whose ranking handles +inf as it is).
+    """
     name, p = resolve_kernel(kernel, **params)
     scores = scores.movedim(dim, -1)
     allowed = _allowed(scores, None if mask is None else mask.movedim(dim, -1))
-    weights = _KERNEL_FUNCTIONS[name](scores, allowed, **p)
-    return weights.movedim(-1, dim)
+    work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
+    infinite = (work == math.inf) & allowed
+    if name == "topk_uniform" or not infinite.any():
+        weights = _KERNEL_FUNCTIONS[name](work, allowed, **p)
+    else:
+        weights = _KERNEL_FUNCTIONS[name](work.masked_fill(infinite, 0.0), allowed, **p)
+        has_inf = infinite.any(-1, keepdim=True)
+        weights = torch.where(has_inf, infinite / infinite.sum(-1, keepdim=True).clamp(min=1), weights)
+    return weights.to(scores.dtype).movedim(-1, dim)
 
 
 def entmax_threshold(
@@ -129,6 +142,54 @@ def entmax_threshold(
 def support_size(weights: Tensor, dim: int = -1) -> Tensor:
     """Number of keys with non-zero weight per query: the kernel's effective neighbourhood."""
     return (weights > 0).sum(dim)
+
+
+@dataclass(frozen=True)
+class KernelDiagnostics:
+    """What a kernel did per query: how many keys it used, and its bandwidth where it has one."""
+
+    support_size: Tensor
+    bandwidth: Tensor | None  # h in ‖k − q‖ units; None for the top-k kernels, NaN for empty rows
+
+
+def kernel_diagnostics(
+    scores: Tensor,
+    kernel: str,
+    *,
+    mask: Tensor | None = None,
+    dim: int = -1,
+    temperature: float | Tensor = 1.0,
+    **params: Any,
+) -> KernelDiagnostics:
+    """Support size and kernel bandwidth per query, for scores s = k·q / temperature on unit vectors.
+
+    Bandwidths (Proposition 1 and its corollaries): softmax is Gaussian with h = sqrt(T);
+    α-entmax is compact with the adaptive h = sqrt(2 − 2 r T τ), r = 1/(α−1); normrelu has the
+    fixed h = sqrt(2 + 2 T γ b); relumax is anchored at the best key, h = sqrt(2 (1 − T (max s − b))).
+    """
+    name, p = resolve_kernel(kernel, **params)
+    weights = attention_weights(scores, name, mask=mask, dim=dim, **p)
+    support = support_size(weights, dim)
+    s = scores.movedim(dim, -1).float() if scores.dtype in (torch.float16, torch.bfloat16) else scores.movedim(dim, -1)
+    allowed = _allowed(s, None if mask is None else mask.movedim(dim, -1))
+    empty = ~allowed.any(-1)
+    temperature = torch.as_tensor(temperature, dtype=s.dtype, device=s.device)
+    if name in ("sparsemax", "entmax"):
+        alpha = 2.0 if name == "sparsemax" else p["alpha"]
+        tau = entmax_threshold(s, alpha, mask=allowed)
+        h_squared = 2 - 2 * temperature.squeeze(-1) * tau / (alpha - 1)
+    elif name == "softmax":
+        h_squared = temperature.squeeze(-1).expand(s.shape[:-1]).clone()
+    elif name == "normrelu":
+        b = torch.as_tensor(p["b"], dtype=s.dtype, device=s.device)
+        h_squared = (2 + 2 * temperature * p["gamma"] * b).squeeze(-1).expand(s.shape[:-1]).clone()
+    elif name == "relumax":
+        top = s.masked_fill(~allowed, -math.inf).amax(-1)
+        h_squared = 2 * (1 - temperature.squeeze(-1) * (top - p["b"]))
+    else:
+        return KernelDiagnostics(support, None)
+    bandwidth = h_squared.clamp(min=0).sqrt().masked_fill(empty, math.nan)
+    return KernelDiagnostics(support, bandwidth)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,10 +325,18 @@ def _relumax(scores: Tensor, allowed: Tensor, b: float) -> Tensor:
 
 
 def _topk_selection(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
-    """Boolean mask of the k largest allowed scores; ties go to the earliest key."""
+    """Boolean mask of the k largest allowed scores; ties at the k-th score go to the earliest keys.
+
+    torch.topk finds the k-th value in O(N) but breaks ties arbitrarily; the tie-break is ours.
+    """
     s = scores.detach().masked_fill(~allowed, -math.inf)
-    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :k]
-    chosen = torch.zeros_like(allowed).scatter(-1, order, True)
+    if k >= s.shape[-1]:
+        return allowed
+    kth = torch.topk(s, k, dim=-1).values[..., -1:]
+    above = s > kth
+    tied = s == kth
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied keys still fit
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
     return chosen & allowed
 
 
@@ -289,37 +358,3 @@ _KERNEL_FUNCTIONS = {
     "topk_softmax": _topk_softmax,
     "topk_uniform": _topk_uniform,
 }
-
-
-def attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    kernel: str,
-    /,
-    *,
-    mask_mode: str | None = "strict_causal",
-    scale: float = 1.0,
-    **params: Any,
-) -> Tensor:
-    """Nadaraya–Watson attention: weights(scale · q kᵀ) @ v over (..., N, D) tensors.
-
-    mask_mode: "strict_causal" (query t sees keys ≤ t−1, Memory Mosaics), "causal" (keys ≤ t)
-    or None. Queries with no allowed key output 0.
-    """
-    if mask_mode not in MASK_MODES:
-        raise ValueError(f"unknown mask_mode {mask_mode!r}; allowed: {', '.join(map(str, MASK_MODES))}")
-    scores = scale * (q @ k.transpose(-2, -1))
-    mask = causal_mask(q.shape[-2], k.shape[-2], mask_mode, device=q.device)
-    return attention_weights(scores, kernel, mask=mask, **params) @ v
-
-
-MASK_MODES: tuple[str | None, ...] = ("strict_causal", "causal", None)
-
-
-def causal_mask(n_queries: int, n_keys: int, mask_mode: str | None, *, device: Any = None) -> Tensor | None:
-    """Boolean (n_queries, n_keys) mask, True where query t may see key j; None for no mask."""
-    if mask_mode is None:
-        return None
-    offset = -1 if mask_mode == "strict_causal" else 0
-    return torch.ones(n_queries, n_keys, dtype=torch.bool, device=device).tril(offset)

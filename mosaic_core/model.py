@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mosaic_core.config import ModelConfig
-from mosaic_core.kernels import attend, resolve_kernel
+from mosaic_core.attention import attend
+from mosaic_core.kernels import resolve_kernel
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
 

@@ -8,10 +8,11 @@ import entmax
 import pytest
 import torch
 
+from mosaic_core.attention import attend
 from mosaic_core.kernels import (
-    attend,
     attention_weights,
     entmax_threshold,
+    kernel_diagnostics,
     kernel_label,
     resolve_kernel,
     support_size,
@@ -257,3 +258,69 @@ def test_aliases_and_labels():
     assert kernel_label("uniform_knn", k=16) == "Uniform kNN, k = 16"
     assert kernel_label("relumax") == "Epanechnikov (ReLUmax)"
     assert kernel_label("entmax", alpha=1.2) == "1.2-entmax"
+
+
+@pytest.mark.parametrize(("kernel", "params"), [kp for kp in ALL_KERNELS if kp[0] != "topk_uniform"])
+def test_plus_inf_scores_take_all_the_weight(kernel, params):
+    x = torch.tensor([[0.5, math.inf, -1.0, math.inf], [0.5, 0.2, -1.0, 3.0]], dtype=torch.float64)
+    p = attention_weights(x, kernel, **params)
+    assert p[0].tolist() == [0.0, 0.5, 0.0, 0.5]
+    assert torch.equal(p[1], attention_weights(x[1], kernel, **params))  # rows without +inf unaffected
+
+
+def test_plus_inf_in_top_k_uniform_ranks_first():
+    p = attention_weights(torch.tensor([0.5, math.inf, -1.0, 2.0]), "topk_uniform", k=2)
+    assert p.tolist() == [0.0, 0.5, 0.0, 0.5]
+
+
+def test_topk_selection_matches_a_stable_sort_on_many_ties():
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randint(0, 4, (200, 17), generator=gen).double()  # heavy ties
+    mask = torch.rand(200, 17, generator=gen) > 0.2
+    for k in (1, 3, 8, 17, 30):
+        order = torch.sort(x.masked_fill(~mask, -math.inf), dim=-1, descending=True, stable=True).indices[:, :k]
+        expected = torch.zeros_like(mask).scatter(-1, order, True) & mask
+        assert torch.equal(attention_weights(x, "topk_uniform", k=k, mask=mask) > 0, expected)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "params"),
+    [("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("entmax", {"alpha": 4 / 3}),
+     ("normrelu", {"gamma": 1.0, "b": -0.6}), ("relumax", {"b": 0.05})],
+)
+def test_diagnosed_bandwidth_bounds_the_support(kernel, params):
+    """A compact kernel's support is exactly the keys within its bandwidth h of the query."""
+    gen = torch.Generator().manual_seed(13)
+    keys = torch.nn.functional.normalize(torch.randn(64, 6, generator=gen, dtype=torch.float64), dim=-1)
+    queries = torch.nn.functional.normalize(torch.randn(20, 6, generator=gen, dtype=torch.float64), dim=-1)
+    temperature = 0.25
+    scores = queries @ keys.T / temperature
+    diagnostics = kernel_diagnostics(scores, kernel, temperature=temperature, **params)
+    distance = torch.cdist(queries, keys)
+    inside = distance < diagnostics.bandwidth[:, None]
+    weights = attention_weights(scores, kernel, **params)
+    assert torch.equal(weights > 0, inside)
+    assert torch.equal(diagnostics.support_size, inside.sum(-1))
+    assert (diagnostics.support_size > 0).all()
+
+
+def test_diagnostics_of_softmax_top_k_and_empty_rows():
+    scores = scores64(3, 5)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[2] = False
+    softmax = kernel_diagnostics(scores, "softmax", mask=mask, temperature=0.49)
+    assert torch.allclose(softmax.bandwidth[:2], torch.full((2,), 0.7, dtype=torch.float64))
+    assert math.isnan(softmax.bandwidth[2].item())
+    assert softmax.support_size.tolist() == [5, 5, 0]
+    topk = kernel_diagnostics(scores, "topk_softmax", mask=mask, k=2)
+    assert topk.bandwidth is None and topk.support_size.tolist() == [2, 2, 0]
+
+
+def test_diagnostics_per_head_temperature_broadcasts():
+    scores = scores64(2, 3, 4, 6)  # (batch, heads, queries, keys)
+    temperature = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)[:, None, None]
+    d = kernel_diagnostics(scores, "sparsemax", temperature=temperature)
+    tau = entmax_threshold(scores, 2.0)
+    assert d.bandwidth.shape == (2, 3, 4)
+    expected = (2 - 2 * temperature.squeeze(-1) * tau).clamp(min=0).sqrt()
+    assert torch.allclose(d.bandwidth, expected)

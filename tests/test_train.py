@@ -97,6 +97,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
         TrainConfig(lr=1e-3, min_lr=1e-2)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_trial_runs_on_cuda_in_bf16():
     metrics = train_trial(tiny_config(device="cuda"))
