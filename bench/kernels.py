@@ -41,6 +41,8 @@ def path_taken(kernel: str, params: dict, q: torch.Tensor, backend: str) -> str:
     if kernel in ("sparsemax", "entmax") and attention._adasplash_applies(q, q, 1.0):
         alpha = params.get("alpha", 2.0)
         return "adasplash-v2" if alpha == 1.5 else "adasplash-v1"
+    if kernel in ("normrelu", "relumax") and attention._triton_relu_applies(q):
+        return "triton-relu"
     return "chunked"
 
 

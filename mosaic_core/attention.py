@@ -3,8 +3,9 @@
 Backends:
 - "reference": dense scores and `attention_weights`; exact, O(N²) memory. The oracle.
 - "fast": `scaled_dot_product_attention` for softmax; AdaSplash's Triton kernels for sparsemax and
-  α-entmax on CUDA where their conditions hold; every other case computed in query chunks with
-  recomputation in backward, so no N×N tensor is kept at long N.
+  α-entmax, and our fused Triton kernels for normrelu and relumax (`triton_relu`), on CUDA where
+  their conditions hold; every other case computed in query chunks with recomputation in
+  backward, so no N×N tensor is kept at long N.
 - "auto": "fast" for CUDA tensors, "reference" otherwise.
 
 Memory Mosaics needs the strictly causal mask (query t sees keys j ≤ t−1). Kernels with only a
@@ -29,6 +30,7 @@ MASK_MODES: tuple[str | None, ...] = ("strict_causal", "causal", None)
 BACKENDS = ("auto", "reference", "fast")
 
 _ADASPLASH_HEAD_DIMS = {16, 32, 64, 128, 256}
+_TRITON_HEAD_DIMS = {16, 32, 64, 128, 256}  # tl.dot needs ≥ 16, tiles need a power of two
 _ADASPLASH_MIN_LENGTH = 128  # its block-mask tiles and backward assume at least this many rows
 _ADASPLASH_MAX_SCORE = 5000.0  # it masks with −10000: larger scores could outrank masked keys
 _ADASPLASH_V1_ITERS = 10  # bisection steps of its block-mask kernel (α ≠ 1.5 or non-causal)
@@ -72,6 +74,10 @@ def attend(
         return _sdpa(q, k, v, mask_mode=mask_mode, scale=scale)
     if name in ("sparsemax", "entmax") and square and _adasplash_applies(q, k, scale):
         return _adasplash(q, k, v, alpha=p.get("alpha", 2.0), mask_mode=mask_mode, scale=scale)
+    if name in ("normrelu", "relumax") and square and mask_mode is not None and _triton_relu_applies(q):
+        from mosaic_core.triton_relu import relu_attention
+
+        return relu_attention(q, k, v, name, mask_mode=mask_mode, scale=scale, **p)
     return _chunked(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale)
 
 
@@ -130,6 +136,22 @@ def adasplash_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when Triton kernels can run here (the `gpu` extra, on CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_relu_applies(q: Tensor) -> bool:
+    return q.is_cuda and q.dim() == 4 and q.shape[-1] in _TRITON_HEAD_DIMS and triton_available()
 
 
 def _adasplash_applies(q: Tensor, k: Tensor, scale: float) -> bool:
