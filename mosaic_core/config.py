@@ -43,7 +43,11 @@ class ModelConfig(_Strict):
     n_embd: int = Field(128, ge=1)
     n_head: int = Field(4, ge=1)
     pmem_size: int | None = Field(None, ge=1, description="persistent memory slots; default 3.5·n_embd")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on each memory's output, before the residual sum")
+    embd_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the token embeddings")
+    prenorm: bool = Field(True, description="pre-LN blocks (x + f(ln(x))); False for post-LN (ln(x + f(x)))")
+    tie_weights: bool = Field(True, description="the output head is the token embedding")
+    vocab_size: int | None = Field(None, ge=1, description="default: the task's; larger pads (e.g. 50304)")
     kernel: str = "softmax"
     kernel_params: dict[str, float] = Field(default_factory=dict)
 
@@ -72,6 +76,7 @@ class TrainConfig(_Strict):
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     eval_interval: int = Field(500, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    compile: bool = Field(False, description="torch.compile the model for training")
 
     @field_validator("min_lr")
     @classmethod

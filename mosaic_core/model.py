@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mosaic_core.config import ModelConfig
-from mosaic_core.attention import attend
-from mosaic_core.kernels import resolve_kernel
+from mosaic_core.attention import attend, causal_mask
+from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
 
@@ -72,6 +72,42 @@ class ContextualMemory(nn.Module):
         y = attend(k, k, v, self.kernel, mask_mode="strict_causal", **self._kernel_params(beta))
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
 
+    @torch.no_grad()
+    def diagnose(self, x: Tensor, chunk: int = 256) -> dict[str, Tensor]:
+        """Per head: mean support size, fraction of zero weights among the allowed keys, mean
+        kernel bandwidth h (in ‖k̂ − q̂‖ units; NaN where the kernel has none) and β.
+
+        Computed from the reference weights, a block of queries at a time (no N×N tensor).
+        """
+        length = x.shape[1]
+        beta = _sharpness(self.kernel_beta)[:, None, None]
+        k = self.key(x) * beta
+        params = self._kernel_params(beta)
+        support = torch.zeros(self.n_head, device=x.device)
+        zeros = torch.zeros(self.n_head, device=x.device)
+        width = torch.zeros(self.n_head, device=x.device)
+        has_width = torch.zeros(self.n_head, device=x.device)
+        for start in range(0, length, chunk):
+            stop = min(length, start + chunk)
+            mask = causal_mask(stop - start, stop, "strict_causal", offset=start, device=x.device)
+            scores = k[:, :, start:stop] @ k[:, :, :stop].transpose(-2, -1)
+            d = kernel_diagnostics(scores.float(), self.kernel, mask=mask, temperature=1 / beta.float() ** 2, **params)
+            allowed = mask.sum(-1).to(support.dtype)  # keys each query may see
+            support += d.support_size.float().sum((0, 2))
+            zeros += (allowed - d.support_size.float()).sum((0, 2))
+            if d.bandwidth is not None:
+                seen = ~d.bandwidth.isnan()
+                width += d.bandwidth.nan_to_num().sum((0, 2))
+                has_width += seen.float().sum((0, 2))
+        queries = x.shape[0] * (length - 1)  # position 0 sees no key
+        pairs = x.shape[0] * length * (length - 1) / 2
+        return {
+            "support_size": support / max(queries, 1),
+            "zero_fraction": zeros / max(pairs, 1),
+            "bandwidth": width / has_width if has_width.any() else torch.full_like(width, math.nan),
+            "beta": beta.flatten().float(),
+        }
+
     def _kernel_params(self, beta: Tensor) -> dict[str, object]:
         if self.kernel == "normrelu":
             # Epanechnikov of the head's own bandwidth h = 1/β: weight [1 − 2(β² − s)]_+
@@ -102,18 +138,26 @@ class PersistentMemory(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN: x += contextual(ln1(x)); x += persistent(ln2(x))."""
+    """Pre-LN: x += contextual(ln1(x)); x += persistent(ln2(x)). Post-LN: x = ln(x + memory(x))."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        self.prenorm = config.prenorm
         self.ln1 = nn.LayerNorm(config.n_embd, bias=False)
         self.contextual = ContextualMemory(config)
         self.ln2 = nn.LayerNorm(config.n_embd, bias=False)
         self.persistent = PersistentMemory(config)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = x + self.contextual(self.ln1(x))
-        return x + self.persistent(self.ln2(x))
+        if self.prenorm:
+            x = x + self.contextual(self.ln1(x))
+            return x + self.persistent(self.ln2(x))
+        x = self.ln1(x + self.contextual(x))
+        return self.ln2(x + self.persistent(x))
+
+    def contextual_input(self, x: Tensor) -> Tensor:
+        """What the contextual memory reads: the normalised stream (pre-LN) or the stream itself."""
+        return self.ln1(x) if self.prenorm else x
 
 
 class MemoryMosaics(nn.Module):
@@ -121,10 +165,16 @@ class MemoryMosaics(nn.Module):
 
     def __init__(self, config: ModelConfig, vocab_size: int) -> None:
         super().__init__()
+        if config.vocab_size is not None:
+            if config.vocab_size < vocab_size:
+                raise ValueError(f"model.vocab_size ({config.vocab_size}) is smaller than the task's vocabulary ({vocab_size})")
+            vocab_size = config.vocab_size
         self.config = config
         self.embed = nn.Embedding(vocab_size, config.n_embd)
+        self.embd_dropout = nn.Dropout(config.embd_dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd, bias=False)
+        self.head = None if config.tie_weights else nn.Linear(config.n_embd, vocab_size, bias=False)
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -137,10 +187,21 @@ class MemoryMosaics(nn.Module):
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, vocab) for token ids (B, T)."""
-        x = self.embed(idx)
+        x = self.embd_dropout(self.embed(idx))
         for block in self.blocks:
             x = block(x)
-        return self.ln_f(x) @ self.embed.weight.T / math.sqrt(self.config.n_embd)
+        head = self.embed.weight if self.head is None else self.head.weight
+        return self.ln_f(x) @ head.T / math.sqrt(self.config.n_embd)
+
+    @torch.no_grad()
+    def diagnose(self, idx: Tensor) -> list[dict[str, Tensor]]:
+        """What every layer's contextual memory does on `idx`: per-head statistics, one dict per layer."""
+        x = self.embed(idx)
+        stats = []
+        for block in self.blocks:
+            stats.append(block.contextual.diagnose(block.contextual_input(x)))
+            x = block(x)
+        return stats
 
     def optimizer_groups(self, weight_decay: float) -> list[dict[str, object]]:
         """AdamW groups: decay on ≥2-D parameters (embedding, linears, memory slots) only."""

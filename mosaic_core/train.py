@@ -1,24 +1,28 @@
-"""One trial: build task and model, train with AdamW + warmup/cosine, evaluate, report.
+"""One trial: build task and model, train with AdamW + warmup/cosine, evaluate, report, checkpoint.
 
-`train_trial` knows nothing of Ray or MLflow: whoever runs it passes a `report` callable.
+`train_trial` knows nothing of Ray or MLflow: whoever runs it passes a `report` callable, and a
+checkpoint directory to resume from.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from mosaic_core.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from mosaic_core.config import TrainConfig, TrialConfig
-from mosaic_core.metrics import IGNORE_INDEX
+from mosaic_core.metrics import IGNORE_INDEX, length_metric_name
 from mosaic_core.model import MemoryMosaics
-from mosaic_core.tasks import build_task
+from mosaic_core.tasks import LengthGeneralizationTask, build_task
 
-Report = Callable[[dict[str, float], str | None], None]
+Report = Callable[[dict[str, float], str], None]  # (metrics, checkpoint directory)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -30,6 +34,26 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
+@torch.no_grad()
+def diagnostic_metrics(model: MemoryMosaics, task: LengthGeneralizationTask, device: torch.device,
+                       examples: int = 16) -> dict[str, float]:
+    """The kernel-regression view at work: per layer and head at the first evaluation length
+    (`support_size/l0h3`, `zero_fraction/…`, `bandwidth/…`, `beta/…`), and the mean support size
+    at every length (`support_size_2x`), on the first `examples` sequences of each test set."""
+    metrics = {}
+    for position, (factor, length) in enumerate(task.eval_lengths().items()):
+        inputs, _ = next(task.test_batches(length))
+        stats = model.diagnose(inputs[:examples].to(device))
+        metrics[length_metric_name("support_size", factor)] = torch.stack([s["support_size"] for s in stats]).mean().item()
+        if position == 0:
+            for layer, layer_stats in enumerate(stats):
+                for name, values in layer_stats.items():
+                    for head, value in enumerate(values.tolist()):
+                        if math.isfinite(value):
+                            metrics[f"{name}/l{layer}h{head}"] = value
+    return metrics
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -38,10 +62,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train_trial(config: TrialConfig | Mapping[str, Any], report: Report | None = None) -> dict[str, float]:
-    """Train one model; call `report(metrics, checkpoint_dir)` every `eval_interval` steps and at the end.
+def train_trial(
+    config: TrialConfig | Mapping[str, Any],
+    report: Report | None = None,
+    *,
+    resume_from: str | Path | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train one model; every `eval_interval` steps and at the end, evaluate and call
+    `report(metrics, checkpoint_dir)` with a checkpoint of this very moment (valid during the call).
 
-    Returns the last reported metrics. A non-finite loss raises FloatingPointError naming the step.
+    `resume_from`: a checkpoint directory; the run continues from its step exactly as if it had
+    never stopped. `on_step(step, loss)` is called after every optimiser step (progress bars).
+    Returns the last metrics. A non-finite loss raises FloatingPointError.
     """
     config = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
     train = config.train
@@ -52,37 +85,51 @@ def train_trial(config: TrialConfig | Mapping[str, Any], report: Report | None =
     optimizer = torch.optim.AdamW(
         model.optimizer_groups(train.weight_decay), lr=train.lr, betas=(0.9, 0.95), fused=device.type == "cuda"
     )
+    first_step, metrics = 0, {}
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, config)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state)
+        first_step, metrics = state["step"], state["metrics"]
+    forward = torch.compile(model) if train.compile else model
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    metrics: dict[str, float] = {}
     started = time.perf_counter()
-    for step in range(train.max_steps):
+    for step in range(first_step, train.max_steps):
         lr = learning_rate(step, train)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        total_loss = 0.0
+        total_loss = torch.zeros((), device=device)
         for micro in range(train.grad_accum_steps):
             # a fresh micro-batch per micro-step: batch index counts micro-batches, not steps
             inputs, labels = task.train_batch(step * train.grad_accum_steps + micro, train.batch_size)
             with autocast:
-                logits = model(inputs.to(device))
+                logits = forward(inputs.to(device, non_blocking=True))
             loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE_INDEX)
             (loss / train.grad_accum_steps).backward()
-            total_loss += loss.item() / train.grad_accum_steps
-        if not math.isfinite(total_loss):
-            raise FloatingPointError(f"training loss is {total_loss} at step {step + 1}; stopping the trial")
+            total_loss += loss.detach() / train.grad_accum_steps
+        loss_value = total_loss.item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss is {loss_value} at step {step + 1}; stopping the trial")
         if train.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
+        if on_step is not None:
+            on_step(done, loss_value)
         if done % train.eval_interval == 0 or done == train.max_steps:
             model.eval()
             with autocast:
-                metrics = {"step": done, "train_loss": total_loss, "lr": lr, **task.evaluate(model, device)}
+                metrics = {"step": done, "train_loss": loss_value, "lr": lr, **task.evaluate(model, device),
+                           **diagnostic_metrics(model, task, device)}
             metrics["elapsed_s"] = time.perf_counter() - started
             if report is not None:
-                report(metrics, None)
+                with tempfile.TemporaryDirectory(prefix="mosaic-checkpoint-") as directory:
+                    save_checkpoint(directory, config=config, step=done, model=model, optimizer=optimizer,
+                                    metrics=metrics)
+                    report(metrics, directory)
     return metrics

@@ -76,5 +76,28 @@ def run(
         raise typer.Exit(1)
 
 
+@app.command()
+def train(
+    config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="One trial's config (YAML): seed, task, model, train.")],
+    steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="Override train.device: auto, cpu or cuda.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: runs/<config name>.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty run folder; the old one is moved to a backup.")] = False,
+) -> None:
+    """Train one trial without Ray: progress bar, metrics at every evaluation, a resumable checkpoint."""
+    from orchestrator.single_run import load_trial_config, run_single_trial
+
+    try:
+        config = load_trial_config(config_file, steps=steps, device=device)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    run_dir = out or Path("runs") / config_file.stem
+    try:
+        run_single_trial(config, run_dir, resume=resume, overwrite=overwrite)
+    except (FileExistsError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
+
+
 if __name__ == "__main__":
     app()

@@ -24,12 +24,12 @@ class SweepOutcome:
     trials_by_status: dict[str, int]
 
 
-def prepare_sweep_dir(sweep_dir: Path, overwrite: bool) -> None:
-    """Refuse to mix two sweeps in one folder; with `overwrite`, keep the old one aside, never delete it."""
+def prepare_output_dir(sweep_dir: Path, overwrite: bool, what: str = "a sweep") -> None:
+    """Refuse to mix two runs in one folder; with `overwrite`, keep the old one aside, never delete it."""
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(
-                f"{sweep_dir} already holds a sweep; pass --overwrite (the old folder is kept as a backup) "
+                f"{sweep_dir} already holds {what}; pass --overwrite (the old folder is kept as a backup) "
                 f"or --out another folder"
             )
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -57,7 +57,17 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))  # Ray's CPUs are logical: keep torch inside its share
-    train_trial(configs[config["variant"]], report=lambda metrics, checkpoint_dir: tune.report(metrics))
+
+    def report(metrics: dict[str, float], checkpoint_dir: str) -> None:
+        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+
+    trial_config = configs[config["variant"]]
+    checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial after a failure or a resume
+    if checkpoint is None:
+        train_trial(trial_config, report=report)
+    else:
+        with checkpoint.as_directory() as directory:
+            train_trial(trial_config, report=report, resume_from=directory)
 
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bool = False, verbose: bool = False) -> SweepOutcome:
@@ -74,7 +84,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
     from orchestrator.tracking import SweepTracker
 
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
-    prepare_sweep_dir(sweep_dir, overwrite)
+    prepare_output_dir(sweep_dir, overwrite)
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(sweep.name)
     if experiment is None:
@@ -100,6 +110,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
                 storage_path=str(sweep_dir.resolve()),
                 callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
                            TrialProgress(len(configs))],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                 verbose=2 if verbose else 0,
             ),
         )

@@ -173,3 +173,58 @@ def test_gradients_reach_every_parameter():
     F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 11, (18,))).backward()
     missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
+
+
+@pytest.mark.parametrize(("kernel", "params"), KERNELS)
+def test_diagnostics_match_the_weights_the_model_uses(kernel, params):
+    model = small_model(kernel, params)
+    idx = torch.randint(0, 11, (3, 13), generator=torch.Generator().manual_seed(4))
+    stats = model.diagnose(idx)
+    assert len(stats) == 2
+    x = model.embed(idx)
+    memory = model.blocks[0].contextual
+    with torch.no_grad():
+        beta = torch.exp(torch.clamp(10 * memory.kernel_beta, max=5))[:, None, None]
+        k = memory.key(model.blocks[0].ln1(x)) * beta
+        scores = k @ k.transpose(-1, -2)
+        mask = torch.ones(13, 13, dtype=torch.bool).tril(-1)
+        weights = attention_weights(scores, memory.kernel, mask=mask, **memory._kernel_params(beta))
+    nonzero = (weights > 0).sum(-1)[:, :, 1:].double()  # queries 1..12 (query 0 sees no key)
+    assert torch.allclose(stats[0]["support_size"].double(), nonzero.mean((0, 2)), atol=1e-6)
+    zeros = ((weights == 0) & mask).sum((0, 2, 3)).double() / (3 * 13 * 12 / 2)
+    assert torch.allclose(stats[0]["zero_fraction"].double(), zeros, atol=1e-6)
+    assert torch.allclose(stats[0]["beta"].double(), beta.flatten())
+    if kernel in ("softmax", "normrelu"):  # fixed bandwidths: sqrt(T) = 1/β, and 1/β by construction
+        assert torch.allclose(stats[0]["bandwidth"].double(), 1 / beta.flatten(), atol=1e-6)
+    if kernel.startswith("topk"):
+        assert stats[0]["bandwidth"].isnan().all()
+
+
+def test_post_ln_block_follows_its_definition_and_stays_causal():
+    model = small_model(prenorm=False).eval()
+    block = model.blocks[0]
+    x = torch.randn(1, 6, 16, dtype=torch.float64)
+    with torch.no_grad():
+        y = block.ln1(x + block.contextual(x))
+        assert torch.allclose(block(x), block.ln2(y + block.persistent(y)))
+        idx = torch.randint(0, 11, (1, 10))
+        changed = idx.clone()
+        changed[0, 6] = (changed[0, 6] + 1) % 11
+        diff = (model(changed) - model(idx)).abs().amax(-1)[0]
+        assert torch.equal(diff[:6], torch.zeros(6, dtype=diff.dtype)) and diff[6] > 0
+
+
+def test_untied_head_padded_vocabulary_and_embedding_dropout():
+    tied = small_model()
+    untied = small_model(tie_weights=False)
+    extra = sum(p.numel() for p in untied.parameters()) - sum(p.numel() for p in tied.parameters())
+    assert extra == 11 * 16 and untied.head.weight.shape == (11, 16)
+    padded = small_model(vocab_size=16)
+    assert padded(torch.randint(0, 11, (1, 5))).shape == (1, 5, 16)
+    with pytest.raises(ValueError, match="smaller than the task's vocabulary"):
+        small_model(vocab_size=8)
+    dropped = small_model(embd_dropout=0.5)
+    idx = torch.randint(0, 11, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(dropped.eval()(idx), dropped.eval()(idx))
+        assert not torch.equal(dropped.train()(idx), dropped.eval()(idx))

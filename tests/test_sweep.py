@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator import cli
-from orchestrator.sweep import SweepOutcome, prepare_sweep_dir
+from orchestrator.sweep import SweepOutcome, prepare_output_dir
 from orchestrator.tracking import default_tracking_uri
 
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
@@ -182,9 +182,9 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
 
 
 def test_new_or_empty_folder_is_used(tmp_path):
-    prepare_sweep_dir(tmp_path / "a" / "b", overwrite=False)
+    prepare_output_dir(tmp_path / "a" / "b", overwrite=False)
     assert (tmp_path / "a" / "b").is_dir()
-    prepare_sweep_dir(tmp_path / "a" / "b", overwrite=False)  # still empty: fine
+    prepare_output_dir(tmp_path / "a" / "b", overwrite=False)  # still empty: fine
     assert files_under(tmp_path) == [tmp_path / "a", tmp_path / "a" / "b"]
 
 
@@ -194,7 +194,7 @@ def test_non_empty_folder_is_refused_without_overwrite(tmp_path):
     (old / "results.parquet").mkdir()
     (old / "results.parquet" / "part-x.parquet").write_text("old")
     with pytest.raises(FileExistsError) as info:
-        prepare_sweep_dir(old, overwrite=False)
+        prepare_output_dir(old, overwrite=False)
     assert "--overwrite" in str(info.value) and "\n" not in str(info.value)
     assert (old / "results.parquet" / "part-x.parquet").read_text() == "old"
 
@@ -203,7 +203,7 @@ def test_overwrite_moves_the_old_folder_to_a_backup(tmp_path):
     old = tmp_path / "sweeps" / "s"
     old.mkdir(parents=True)
     (old / "table.md").write_text("old table")
-    prepare_sweep_dir(old, overwrite=True)
+    prepare_output_dir(old, overwrite=True)
     assert old.is_dir() and list(old.iterdir()) == []
     (backup,) = [p for p in old.parent.iterdir() if p != old]
     assert re.fullmatch(r"s\.bak-\d{8}-\d{6}", backup.name)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 from mosaic_core import train as train_module
+from mosaic_core.checkpoint import CheckpointError
 from mosaic_core.config import TrainConfig, TrialConfig
 from mosaic_core.model import MemoryMosaics
 from mosaic_core.train import learning_rate, train_trial
@@ -33,15 +36,20 @@ def test_learning_rate_warmup_then_cosine_to_min_lr():
     assert learning_rate(110, config) == pytest.approx(0.1)
 
 
-def test_reports_every_eval_interval_with_metrics():
+def test_reports_every_eval_interval_with_metrics_and_a_checkpoint():
     reports = []
-    final = train_trial(tiny_config(), report=lambda metrics, checkpoint: reports.append((metrics, checkpoint)))
-    assert [m["step"] for m, _ in reports] == [10, 20]
+
+    def report(metrics, checkpoint_dir):
+        saved = torch.load(Path(checkpoint_dir) / "checkpoint.pt", weights_only=True)
+        reports.append((metrics, saved["step"], checkpoint_dir))
+
+    final = train_trial(tiny_config(), report=report)
+    assert [(m["step"], step) for m, step, _ in reports] == [(10, 10), (20, 20)]
     assert final == reports[-1][0]
-    for metrics, checkpoint in reports:
-        assert checkpoint is None
+    for metrics, _, checkpoint_dir in reports:
         assert {"train_loss", "lr", "exact_match_1x", "exact_match_2x"} <= set(metrics)
         assert 0 <= metrics["exact_match_2x"] <= 1
+        assert not Path(checkpoint_dir).exists()  # a temporary directory, valid during the call only
 
 
 def test_same_seed_same_trial_and_other_seed_differs():
@@ -88,6 +96,50 @@ def test_a_trial_learns_the_task():
     train_trial(config, report=lambda metrics, _: reports.append(metrics))
     assert reports[-1]["exact_match_1x"] > 0.5
     assert reports[-1]["train_loss"] < 0.5
+
+
+def run_keeping_checkpoints(config: dict, keep: Path, **kwargs) -> list[dict]:
+    """Train, copying each reported checkpoint to keep/step-N; returns the reported metrics."""
+    reports = []
+
+    def report(metrics, checkpoint_dir):
+        reports.append(metrics)
+        shutil.copytree(checkpoint_dir, keep / f"step-{int(metrics['step'])}")
+
+    train_trial(config, report=report, **kwargs)
+    return reports
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    config = tiny_config(max_steps=30, eval_interval=10)
+    config["model"]["dropout"] = 0.1  # the RNG state must be restored too
+    uninterrupted = run_keeping_checkpoints(config, tmp_path / "a")
+    resumed = run_keeping_checkpoints(config, tmp_path / "b", resume_from=tmp_path / "a" / "step-10")
+    assert [m["step"] for m in resumed] == [20, 30]
+    for got, want in zip(resumed, uninterrupted[1:]):
+        assert {k: v for k, v in got.items() if k != "elapsed_s"} == {k: v for k, v in want.items() if k != "elapsed_s"}
+
+
+def test_resuming_a_finished_trial_returns_its_last_metrics_without_training(tmp_path):
+    config = tiny_config()
+    runs = run_keeping_checkpoints(config, tmp_path)
+    assert train_trial(config, resume_from=tmp_path / "step-20") == runs[-1]
+
+
+def test_corrupt_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
+    config = tiny_config()
+    run_keeping_checkpoints(config, tmp_path)
+    with pytest.raises(CheckpointError, match="no checkpoint.pt in"):
+        train_trial(config, resume_from=tmp_path / "nowhere")
+    other = {**config, "model": {**config["model"], "n_embd": 64}}
+    with pytest.raises(CheckpointError, match="belongs to another trial: model.n_embd is 32 there, 64 here"):
+        train_trial(other, resume_from=tmp_path / "step-10")
+    with pytest.raises(CheckpointError, match="belongs to another trial: seed is 0 there, 1 here"):
+        train_trial({**config, "seed": 1}, resume_from=tmp_path / "step-10")
+    broken = tmp_path / "step-10" / "checkpoint.pt"
+    broken.write_bytes(broken.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="is unreadable"):
+        train_trial(config, resume_from=tmp_path / "step-10")
 
 
 def test_config_rejects_unknown_keys_and_bad_values():

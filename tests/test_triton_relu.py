@@ -41,7 +41,8 @@ def gradients(out: torch.Tensor, tensors: list[torch.Tensor], probe: torch.Tenso
 @pytest.mark.parametrize(("kernel", "params"), CASES)
 def test_fused_kernel_matches_reference_values_and_gradients(kernel, params, mask_mode):
     keys, values = inputs()
-    queries = (keys + 0.3 * torch.randn_like(keys)).requires_grad_()
+    noise = torch.randn(keys.shape, generator=torch.Generator(device=DEVICE).manual_seed(1), device=DEVICE)
+    queries = (keys + 0.3 * noise).requires_grad_()
     keys, values = keys.requires_grad_(), values.requires_grad_()
     tensors = [queries, keys, values]
     fused = triton_relu.relu_attention(queries, keys, values, kernel, mask_mode=mask_mode, scale=0.8, **params)

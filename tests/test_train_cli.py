@@ -1,0 +1,68 @@
+"""`mosaic-sweep train`: one trial without Ray, its run folder, resume, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import yaml
+
+CONFIG = {
+    "seed": 3,
+    "task": {"name": "reverse", "num_symbols": 4, "train_min_length": 2, "train_max_length": 3,
+             "eval_length": 3, "eval_factors": [1, 2], "eval_examples": 20},
+    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "kernel": "relumax", "kernel_params": {"b": 0.5}},
+    "train": {"max_steps": 40, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 10},
+}
+
+
+def mosaic_sweep(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=120)
+
+
+def steps_logged(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_train_writes_a_run_folder_and_resumes_it(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    done = mosaic_sweep("train", config, "--steps", "20", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    run = tmp_path / "runs" / "tiny"
+    assert steps_logged(run) == [10, 20]
+    assert "step 20: train_loss=" in done.stdout
+    assert torch.load(run / "checkpoint" / "checkpoint.pt", weights_only=True)["step"] == 20
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 20
+
+    again = mosaic_sweep("train", config, cwd=tmp_path)
+    assert again.returncode == 2
+    assert again.stderr.strip().splitlines() == [
+        f"error: runs/tiny already holds a run; pass --overwrite (the old folder is kept as a backup) "
+        f"or --out another folder"]
+
+    resumed = mosaic_sweep("train", config, "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert steps_logged(run) == [10, 20, 30, 40]
+
+
+def test_train_errors_are_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**CONFIG, "model": {**CONFIG["model"], "n_heads": 2}}))
+    done = mosaic_sweep("train", bad, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr.strip() == ("error: bad.yaml: unknown key 'model.n_heads'; allowed: n_layer, n_embd, n_head, "
+                                   "pmem_size, dropout, embd_dropout, prenorm, tie_weights, vocab_size, kernel, "
+                                   "kernel_params")
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(CONFIG))
+    fresh = mosaic_sweep("train", good, "--resume", cwd=tmp_path)
+    assert fresh.returncode == 2
+    assert "has no checkpoint to resume from" in fresh.stderr and len(fresh.stderr.strip().splitlines()) == 1
+    missing = mosaic_sweep("train", tmp_path / "nope.yaml", cwd=tmp_path)
+    assert missing.returncode == 2 and "no such config file" in missing.stderr
+    assert not (tmp_path / "runs").exists()
