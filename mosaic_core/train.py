@@ -9,12 +9,13 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from mosaic_core.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from mosaic_core.config import TrainConfig, TrialConfig
@@ -62,6 +63,31 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW (β = 0.9, 0.95), decay on ≥2-D parameters only, fused kernels on CUDA."""
+    return torch.optim.AdamW(model.optimizer_groups(train.weight_decay), lr=train.lr, betas=(0.9, 0.95),
+                             fused=device.type == "cuda")
+
+
+def optimizer_step(model: torch.nn.Module, forward: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer,
+                   micro_batches: Iterable[tuple[Tensor, Tensor]], train: TrainConfig, device: torch.device) -> Tensor:
+    """One optimiser step over `train.grad_accum_steps` micro-batches: bf16 autocast on CUDA,
+    clipping, no host sync (the mean loss comes back as a device tensor)."""
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    total = torch.zeros((), device=device)
+    for inputs, labels in micro_batches:
+        with autocast:
+            logits = forward(inputs.to(device, non_blocking=True))
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE_INDEX)
+        (loss / train.grad_accum_steps).backward()
+        total += loss.detach() / train.grad_accum_steps
+    if train.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total
+
+
 def train_trial(
     config: TrialConfig | Mapping[str, Any],
     report: Report | None = None,
@@ -82,9 +108,7 @@ def train_trial(
     torch.manual_seed(config.seed)
     task = build_task(config.task, config.seed)
     model = MemoryMosaics(config.model, task.vocab_size).to(device)
-    optimizer = torch.optim.AdamW(
-        model.optimizer_groups(train.weight_decay), lr=train.lr, betas=(0.9, 0.95), fused=device.type == "cuda"
-    )
+    optimizer = build_optimizer(model, train, device)
     first_step, metrics = 0, {}
     if resume_from is not None:
         state = load_checkpoint(resume_from, config)
@@ -101,22 +125,13 @@ def train_trial(
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
-        total_loss = torch.zeros((), device=device)
-        for micro in range(train.grad_accum_steps):
-            # a fresh micro-batch per micro-step: batch index counts micro-batches, not steps
-            inputs, labels = task.train_batch(step * train.grad_accum_steps + micro, train.batch_size)
-            with autocast:
-                logits = forward(inputs.to(device, non_blocking=True))
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE_INDEX)
-            (loss / train.grad_accum_steps).backward()
-            total_loss += loss.detach() / train.grad_accum_steps
-        loss_value = total_loss.item()
+        # a fresh micro-batch per micro-step: batch index counts micro-batches, not steps
+        micro_batches = (task.train_batch(step * train.grad_accum_steps + micro, train.batch_size)
+                         for micro in range(train.grad_accum_steps))
+        loss = optimizer_step(model, forward, optimizer, micro_batches, train, device)
+        loss_value = loss.item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss is {loss_value} at step {step + 1}; stopping the trial")
-        if train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
         done = step + 1
         if on_step is not None:
