@@ -75,9 +75,7 @@ def attend(
     if name in ("sparsemax", "entmax") and square and _adasplash_applies(q, k, scale):
         return _adasplash(q, k, v, alpha=p.get("alpha", 2.0), mask_mode=mask_mode, scale=scale)
     if name in ("normrelu", "relumax") and square and mask_mode is not None and _triton_relu_applies(q):
-        from mosaic_core.triton_relu import relu_attention
-
-        return relu_attention(q, k, v, name, mask_mode=mask_mode, scale=scale, **p)
+        return _triton_relu(q, k, v, name, mask_mode=mask_mode, scale=scale, **p)
     return _chunked(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale)
 
 
@@ -109,6 +107,13 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, An
         else:
             outputs.append(block(*args))
     return torch.cat(outputs, dim=-2)
+
+
+@torch.compiler.disable  # see _adasplash
+def _triton_relu(q: Tensor, k: Tensor, v: Tensor, name: str, **kwargs: Any) -> Tensor:
+    from mosaic_core.triton_relu import relu_attention
+
+    return relu_attention(q, k, v, name, **kwargs)
 
 
 def _shift_queries(q: Tensor) -> Tensor:
@@ -165,6 +170,7 @@ def _adasplash_applies(q: Tensor, k: Tensor, scale: float) -> bool:
     return bound.item() <= _ADASPLASH_MAX_SCORE
 
 
+@torch.compiler.disable  # run as is under torch.compile: Dynamo's tracing of Triton kernels breaks them
 def _adasplash(q: Tensor, k: Tensor, v: Tensor, *, alpha: float, mask_mode: str | None, scale: float) -> Tensor:
     """AdaSplash with our conventions: any scale, the strict mask, any N (always through `varlen`)."""
     from adasplash import adasplash_v1, adasplash_v2

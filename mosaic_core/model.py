@@ -69,6 +69,9 @@ class ContextualMemory(nn.Module):
         v_next = F.pad(v[:, :, 1:], (0, 0, 0, 1))  # W_v x_{t+1}; zero past the last position
         c = self.lookahead_mix[:, None, None]
         v = F.normalize((1 - c) * v_next + c * v, dim=-1) * _sharpness(self.value_beta)[:, None, None]
+        if torch.is_autocast_enabled(x.device.type):  # normalize() left them in float32: the fast
+            dtype = torch.get_autocast_dtype(x.device.type)  # kernels must see the autocast dtype
+            k, v = k.to(dtype), v.to(dtype)
         y = attend(k, k, v, self.kernel, mask_mode="strict_causal", **self._kernel_params(beta))
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
 
@@ -133,8 +136,12 @@ class PersistentMemory(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, length, n_embd = x.shape
         q = self.key(x) * _sharpness(self.kernel_beta)[:, None, None] ** 2
-        y = F.scaled_dot_product_attention(q, self.slot_keys, self.slot_values, scale=1.0)
-        return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
+        # every (sequence, position) reads the same slots, unmasked: fold the batch into the query
+        # axis so SDPA sees one (1, H, B·T, d) × (1, H, slots, d) problem and takes its fused kernels
+        q = q.transpose(0, 1).reshape(1, self.n_head, batch * length, -1)
+        y = F.scaled_dot_product_attention(q, self.slot_keys[None], self.slot_values[None], scale=1.0)
+        y = y.reshape(self.n_head, batch, length, -1).permute(1, 2, 0, 3)  # (B, T, H, d)
+        return self.dropout(self.out(y.reshape(batch, length, n_embd)))
 
 
 class Block(nn.Module):

@@ -34,7 +34,7 @@ def _row_max_kernel(Q, K, M, IDX, scale, N, D: tl.constexpr, OFFSET: tl.constexp
     for start in range(0, (pid + 1) * BLOCK, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         k = tl.load(K + bh * N * D + cols[:, None] * D + dims[None, :], mask=cols[:, None] < N, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)
         allowed = (cols[None, :] <= rows[:, None] - OFFSET) & (cols[None, :] < N)
         s = tl.where(allowed, s, float("-inf"))
         block_best = tl.max(s, 1)
@@ -59,9 +59,9 @@ def _forward_kernel(Q, K, V, C, O, L, scale, a, N, D: tl.constexpr, OFFSET: tl.c
         cols = start + tl.arange(0, BLOCK)
         k = tl.load(K + bh * N * D + cols[:, None] * D + dims[None, :], mask=cols[:, None] < N, other=0.0)
         v = tl.load(V + bh * N * D + cols[:, None] * D + dims[None, :], mask=cols[:, None] < N, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)
         allowed = (cols[None, :] <= rows[:, None] - OFFSET) & (cols[None, :] < N)
-        w = tl.where(allowed, tl.maximum(a * s + c[:, None], 0.0), 0.0)
+        w = tl.where(allowed, tl.maximum(a * s + c[:, None], 0.0), 0.0).to(tl.float32)
         total += tl.sum(w, 1)
         acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
     out = tl.where(total[:, None] > 0, acc / tl.where(total > 0, total, 1.0)[:, None], 0.0)
@@ -88,13 +88,13 @@ def _backward_kv_kernel(Q, K, V, C, DO, L, DELTA, DK, DV, scale, a, N, D: tl.con
         total = tl.load(L + bh * N + rows, mask=in_range, other=0.0)
         delta = tl.load(DELTA + bh * N + rows, mask=in_range, other=0.0)
         inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        pre = a * s + c[:, None]
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)
+        pre = (a * s + c[:, None]).to(tl.float32)
         active = (cols[None, :] <= rows[:, None] - OFFSET) & in_range[:, None] & (cols[None, :] < N) & (pre > 0)
         w = tl.where(active, pre, 0.0) * inv[:, None]
         dv += tl.dot(tl.trans(w.to(do.dtype)), do, input_precision=PRECISION)
         dw = (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]) * inv[:, None]
-        ds = tl.where(active, a * dw, 0.0)
+        ds = tl.where(active, a * dw, 0.0).to(tl.float32)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     tl.store(DK + bh * N * D + cols[:, None] * D + dims[None, :], (dk * scale).to(DK.dtype.element_ty),
              mask=cols[:, None] < N)
@@ -120,8 +120,8 @@ def _backward_q_kernel(Q, K, V, C, DO, L, DELTA, DQ, DC, scale, a, N, D: tl.cons
         cols = start + tl.arange(0, BLOCK)
         k = tl.load(K + bh * N * D + cols[:, None] * D + dims[None, :], mask=cols[:, None] < N, other=0.0)
         v = tl.load(V + bh * N * D + cols[:, None] * D + dims[None, :], mask=cols[:, None] < N, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        pre = a * s + c[:, None]
+        s = (tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale).to(tl.float32)
+        pre = (a * s + c[:, None]).to(tl.float32)
         active = (cols[None, :] <= rows[:, None] - OFFSET) & (cols[None, :] < N) & (pre > 0)
         dw = tl.where(active, (tl.dot(do, tl.trans(v), input_precision=PRECISION) - delta[:, None]) * inv[:, None], 0.0)
         dc += tl.sum(dw, 1)
