@@ -28,7 +28,8 @@ class TrialProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.finished += 1
         metrics = reported_metrics(trial.last_result)
-        shown = "  ".join(f"{key}={value:.3g}" for key, value in metrics.items() if key not in ("step", "lr", "elapsed_s"))
+        shown = "  ".join(f"{key}={value:.3g}" for key, value in metrics.items()
+                          if key not in ("step", "lr", "elapsed_s") and "/" not in key)  # per-head ones: MLflow
         seconds = trial.last_result.get("time_total_s", 0.0)
         _console.print(f"{self._count()} [green]done[/]     {trial.config['variant']}  {shown}  [dim]({seconds:.0f} s)[/]")
 

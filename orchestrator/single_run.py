@@ -75,5 +75,6 @@ def run_single_trial(config: TrialConfig, run_dir: Path, *, resume: bool = False
 
 
 def _format(metrics: dict[str, Any]) -> str:
-    shown = "  ".join(f"{key}={value:.4g}" for key, value in metrics.items() if key not in ("step", "elapsed_s"))
+    shown = "  ".join(f"{key}={value:.4g}" for key, value in metrics.items()
+                      if key not in ("step", "elapsed_s") and "/" not in key)  # per-head diagnostics: metrics.jsonl
     return f"step {int(metrics['step'])}: {shown}"
