@@ -1,14 +1,21 @@
-"""Shared fixtures: sweep files written from Python dicts into a test's tmp_path."""
+"""Shared set-up: Triton's interpreter on CPU-only machines, and sweep files written from dicts."""
 
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
+
+if not torch.cuda.is_available():
+    # must precede the first import of triton (torch.compile's machinery imports it too): kernels,
+    # and triton.language's own jitted helpers, are then interpreted on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 

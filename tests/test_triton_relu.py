@@ -1,18 +1,14 @@
 """The fused Triton normrelu/relumax kernels against the dense reference.
 
-Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set before Triton is imported),
-so the kernels' logic is tested on any machine that has the `triton` package.
+Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before
+Triton is first imported), so the kernels' logic is tested on any machine with `triton`.
 """
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 triton_relu = pytest.importorskip("mosaic_core.triton_relu", reason="needs the triton package (the gpu extra)")
 
 from mosaic_core.attention import attend  # noqa: E402
