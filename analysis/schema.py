@@ -14,6 +14,7 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("k", pa.int64()),  # null where the kernel has no k
         pa.field("b", pa.float64()),  # null where the kernel has no b
         pa.field("n_layer", pa.int64()),
+        pa.field("num_examples", pa.int64()),  # RegBench training DFAs; null for other tasks
         pa.field("seed", pa.int64()),
         pa.field("metric", pa.string()),  # e.g. "exact_match", "loss"
         pa.field("length_factor", pa.float64()),  # null for metrics not tied to an evaluation length

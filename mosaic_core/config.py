@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -13,10 +13,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TaskConfig(_Strict):
+class LengthTaskConfig(_Strict):
     """A length-generalisation task (SPEC §4): trained on short sequences, evaluated on longer ones."""
 
-    name: Literal["sort", "reverse", "copy"] = "sort"
+    name: Literal["sort", "reverse", "copy", "mqmtar"] = "sort"
     num_symbols: int = Field(32, ge=2, description="source symbols 0..num_symbols-1")
     train_min_length: int = Field(32, ge=1)
     train_max_length: int = Field(64, ge=1)
@@ -26,7 +26,7 @@ class TaskConfig(_Strict):
     eval_batch_size: int = Field(100, ge=1)
 
     @model_validator(mode="after")
-    def _lengths(self) -> TaskConfig:
+    def _lengths(self) -> LengthTaskConfig:
         if self.train_min_length > self.train_max_length:
             raise ValueError(
                 f"train_min_length ({self.train_min_length}) exceeds train_max_length ({self.train_max_length})"
@@ -34,6 +34,33 @@ class TaskConfig(_Strict):
         if not self.eval_factors or any(f <= 0 for f in self.eval_factors):
             raise ValueError(f"eval_factors must be a non-empty list of positive numbers; got {self.eval_factors}")
         return self
+
+
+class RegBenchConfig(_Strict):
+    """In-context learning of random regular languages (RegBench, Akyürek et al. 2024; SPEC §4)."""
+
+    name: Literal["regbench"]
+    num_examples: int = Field(1000, ge=1, description="training DFAs (the paper: 1k … 40k)")
+    num_val: int = Field(500, ge=1)
+    num_test: int = Field(500, ge=1)
+    data_seed: int = Field(0, description="fixes the DFAs of every split, the same for all trial seeds")
+    eval_batch_size: int = Field(32, ge=1)
+
+
+class LanguageModelConfig(_Strict):
+    """Language modelling on a corpus prepared by `mosaic-sweep prepare` (BabiStories; SPEC §4)."""
+
+    name: Literal["lm"]
+    data_dir: str = Field(description="folder with train.bin and val.bin (uint16 GPT-2 tokens)")
+    context: int = Field(512, ge=2, description="tokens per training window")
+    eval_batches: int = Field(20, ge=1, description="validation windows = eval_batches × eval_batch_size")
+    eval_batch_size: int = Field(16, ge=1)
+    ood_data_dir: str | None = Field(None, description="another prepared corpus for the per-position OOD loss")
+
+
+TaskConfig = Annotated[
+    LengthTaskConfig | RegBenchConfig | LanguageModelConfig, Field(discriminator="name")
+]
 
 
 class ModelConfig(_Strict):
@@ -91,7 +118,7 @@ class TrialConfig(_Strict):
     """Everything one trial needs: with the same config and seed a trial is reproducible."""
 
     seed: int = 0
-    task: TaskConfig = Field(default_factory=TaskConfig)
+    task: TaskConfig = Field(default_factory=LengthTaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
 
@@ -115,19 +142,36 @@ def describe_validation_error(
     errors = error.errors()
     # a misspelt key shows up twice: as unknown, and as its correct spelling missing; name the typo
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
-    loc = [str(part) for part in first["loc"]]
-    key = prefix + ".".join(loc) if loc else "(top level)"
+    keys, inner = _walk(model, [str(part) for part in first["loc"]])
+    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the key at fault is the tag itself
+        keys.append(first["ctx"]["discriminator"].strip("'"))
+    key = prefix + ".".join(keys) if keys else "(top level)"
     if first["type"] == "extra_forbidden":
-        allowed = ", ".join(_fields_at(model, loc[:-1]))
-        return f"{source}: unknown key '{key}'; allowed: {allowed}"
+        return f"{source}: unknown key '{key}'; allowed: {', '.join(inner.model_fields)}"
     message = first["msg"].removeprefix("Value error, ")
     return f"{source}: {key}: {message}"
 
 
-def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
-    for part in path:
-        annotation = model.model_fields[part].annotation
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
-            return []
-        model = annotation
-    return list(model.model_fields)
+def _walk(model: type[BaseModel], loc: list[str]) -> tuple[list[str], type[BaseModel]]:
+    """The user's dotted key for an error location, and the model the last key belongs to.
+
+    Pydantic puts a discriminated union's tag into the location (`task.sort.n_symbols`); the
+    user wrote `task.n_symbols`, so the tag is skipped and selects the member.
+    """
+    keys, position, current = [], 0, model
+    while position < len(loc):
+        name = loc[position]
+        keys.append(name)
+        position += 1
+        field = current.model_fields.get(name) if position < len(loc) else None
+        if field is None:
+            continue
+        members = [m for m in get_args(field.annotation) or (field.annotation,)
+                   if isinstance(m, type) and issubclass(m, BaseModel)]
+        if len(members) == 1:
+            current = members[0]
+        elif members:
+            tag = loc[position]
+            position += 1
+            current = next(m for m in members if tag in get_args(m.model_fields["name"].annotation))
+    return keys, current

@@ -21,7 +21,7 @@ from mosaic_core.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from mosaic_core.config import TrainConfig, TrialConfig
 from mosaic_core.metrics import IGNORE_INDEX, length_metric_name
 from mosaic_core.model import MemoryMosaics
-from mosaic_core.tasks import LengthGeneralizationTask, build_task
+from mosaic_core.tasks import Task, build_task
 
 Report = Callable[[dict[str, float], str], None]  # (metrics, checkpoint directory)
 
@@ -36,15 +36,13 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def diagnostic_metrics(model: MemoryMosaics, task: LengthGeneralizationTask, device: torch.device,
-                       examples: int = 16) -> dict[str, float]:
+def diagnostic_metrics(model: MemoryMosaics, task: Task, device: torch.device, examples: int = 16) -> dict[str, float]:
     """The kernel-regression view at work: per layer and head at the first evaluation length
     (`support_size/l0h3`, `zero_fraction/…`, `bandwidth/…`, `beta/…`), and the mean support size
     at every length (`support_size_2x`), on the first `examples` sequences of each test set."""
     metrics = {}
-    for position, (factor, length) in enumerate(task.eval_lengths().items()):
-        inputs, _ = next(task.test_batches(length))
-        stats = model.diagnose(inputs[:examples].to(device))
+    for position, (factor, inputs) in enumerate(task.diagnostic_inputs(examples).items()):
+        stats = model.diagnose(inputs.to(device))
         metrics[length_metric_name("support_size", factor)] = torch.stack([s["support_size"] for s in stats]).mean().item()
         if position == 0:
             for layer, layer_stats in enumerate(stats):

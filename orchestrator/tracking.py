@@ -54,6 +54,7 @@ def trial_columns(config: TrialConfig) -> dict[str, Any]:
         "k": None if params.get("k") is None else int(params["k"]),
         "b": params.get("b"),
         "n_layer": config.model.n_layer,
+        "num_examples": getattr(config.task, "num_examples", None),
         "seed": config.seed,
     }
 

@@ -92,13 +92,13 @@ def load_sweep(path: str | Path) -> Sweep:
 def expand(spec: SweepFile, source: str) -> Sweep:
     """Every (kernel variant × grid point) as a validated trial."""
     try:
-        TrialConfig.model_validate(spec.base)
+        base = TrialConfig.model_validate(spec.base)
     except ValidationError as error:
         raise SweepError(describe_validation_error(error, TrialConfig, source, prefix="base.")) from None
     variants = [v for i, entry in enumerate(spec.kernels) for v in _kernel_variants(entry, f"{source}: kernels[{i}]")]
     # 'biweight' and {name: entmax, alpha: 1.5} are one variant: keep each once, in the order written
     kernels = list({(name, tuple(sorted(params.items()))): (name, params) for name, params in variants}.values())
-    _check_grid(spec.grid, source)
+    _check_grid(spec.grid, base, source)
 
     grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
     trials = []
@@ -151,8 +151,8 @@ def _kernel_variants(entry: str | dict[str, Any], where: str) -> list[tuple[str,
     return variants
 
 
-def _check_grid(grid: dict[str, list[Any]], source: str) -> None:
-    allowed = [key for key in flatten(TrialConfig().model_dump()) if key not in KERNEL_KEYS]
+def _check_grid(grid: dict[str, list[Any]], base: TrialConfig, source: str) -> None:
+    allowed = [key for key in flatten(base.model_dump()) if key not in KERNEL_KEYS]  # keys of the base's task
     for key, values in grid.items():
         if key in KERNEL_KEYS:
             raise SweepError(f"{source}: grid key '{key}' is set by 'kernels:'; list kernel variants there "

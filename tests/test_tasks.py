@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mosaic_core.config import TaskConfig
+from mosaic_core.config import LengthTaskConfig as TaskConfig
 from mosaic_core.metrics import IGNORE_INDEX, exact_match, length_metric_name, parse_metric_name
 from mosaic_core.tasks import build_task
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mosaic_core.config import TaskConfig
+from mosaic_core.config import LengthTaskConfig
 from mosaic_core.metrics import IGNORE_INDEX, exact_match, length_metric_name
 
 _TRAIN_STREAM, _TEST_STREAM = 0, 1  # disjoint numpy seed streams: test sets never meet training data
@@ -22,7 +22,7 @@ _TRAIN_STREAM, _TEST_STREAM = 0, 1  # disjoint numpy seed streams: test sets nev
 class LengthGeneralizationTask:
     """sort / reverse / copy over symbols 0..n−1, with BOS n, SEP n+1, EOS n+2, PAD n+3."""
 
-    def __init__(self, config: TaskConfig, seed: int) -> None:
+    def __init__(self, config: LengthTaskConfig, seed: int) -> None:
         self.config = config
         self.seed = seed
         n = config.num_symbols
@@ -64,6 +64,9 @@ class LengthGeneralizationTask:
         sources = rng.integers(0, self.config.num_symbols, size=(self.config.eval_examples, length))
         for start in range(0, len(sources), self.config.eval_batch_size):
             yield self.make_batch(list(sources[start : start + self.config.eval_batch_size]))
+
+    def diagnostic_inputs(self, examples: int) -> dict[float, Tensor]:
+        return {factor: next(self.test_batches(length))[0][:examples] for factor, length in self.eval_lengths().items()}
 
     def eval_lengths(self) -> dict[float, int]:
         return {f: max(1, round(self.config.eval_length * f)) for f in self.config.eval_factors}
