@@ -17,13 +17,21 @@ class LengthTaskConfig(_Strict):
     """A length-generalisation task (SPEC §4): trained on short sequences, evaluated on longer ones."""
 
     name: Literal["sort", "reverse", "copy", "mqmtar"] = "sort"
-    num_symbols: int = Field(32, ge=2, description="source symbols 0..num_symbols-1")
+    num_symbols: int = Field(32, ge=2, description="symbols (MQMTAR: letters); default 32, and 256 for mqmtar")
     train_min_length: int = Field(32, ge=1)
     train_max_length: int = Field(64, ge=1)
     eval_length: int = Field(64, ge=1, description="the 1× length that eval_factors multiply")
     eval_factors: list[float] = Field(default_factory=lambda: [1.0])
     eval_examples: int = Field(1000, ge=1)
     eval_batch_size: int = Field(100, ge=1)
+    eval_max_tokens: int = Field(2**16, ge=1, description="tokens per evaluation batch: long lengths go in chunks")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_symbols(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("num_symbols") is None and data.get("name") == "mqmtar":
+            return {**data, "num_symbols": 256}
+        return data
 
     @model_validator(mode="after")
     def _lengths(self) -> LengthTaskConfig:

@@ -43,6 +43,15 @@ def prepare_output_dir(sweep_dir: Path, overwrite: bool, what: str = "a sweep") 
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
 
+def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """Data folders relative to where the sweep was launched: Tune runs trials in other folders."""
+    task = dict(config["task"])
+    for key in ("data_dir", "ood_data_dir"):
+        if task.get(key):
+            task[key] = str(Path(task[key]).resolve())
+    return {**config, "task": task}
+
+
 def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
     """The Ray Tune function trainable: one `train_trial`, reporting through `ray.tune.report`.
 
@@ -100,7 +109,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
         resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
-        configs = {trial.describe(): trial.config.model_dump() for trial in sweep.trials}
+        configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
         tuner = tune.Tuner(
             tune.with_resources(tune.with_parameters(_run_trial, configs=configs), resources),
             param_space={"variant": tune.grid_search(list(configs))},

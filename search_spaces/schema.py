@@ -3,6 +3,8 @@
 Kernel parameters are conditional: α belongs to entmax, k to the top-k kernels, b to relumax, so
 each entry of `kernels:` expands over its own parameters only. `grid:` is a Cartesian product over
 any other config key, written as a dotted path (`model.n_layer: [1, 2]`, `seed: [0, 1, 2]`).
+`cases:` are settings that go together (task MQMTAR at depth 4 with its lengths, sort at depth
+2 with its own): trials = cases × kernel variants × grid points.
 Everything is checked before anything starts; errors are one line naming the key and what is allowed.
 """
 
@@ -40,6 +42,7 @@ class SweepFile(BaseModel):
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
     kernels: list[str | dict[str, Any]] = Field(min_length=1)
+    cases: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
 
@@ -100,12 +103,16 @@ def expand(spec: SweepFile, source: str) -> Sweep:
     kernels = list({(name, tuple(sorted(params.items()))): (name, params) for name, params in variants}.values())
     _check_grid(spec.grid, base, source)
 
+    for case in spec.cases:
+        if set(case) & set(KERNEL_KEYS):
+            raise SweepError(f"{source}: cases cannot set {', '.join(KERNEL_KEYS)}; list kernel variants in 'kernels:'")
     grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
     trials = []
-    for (kernel, params), point in itertools.product(kernels, grid_points):
-        tree = _with_overrides(spec.base, {"model.kernel": kernel, "model.kernel_params": params, **point})
+    for case, (kernel, params), point in itertools.product(spec.cases, kernels, grid_points):
+        tree = _with_overrides(spec.base, {**case, "model.kernel": kernel, "model.kernel_params": params, **point})
         shown_kernel = f"{kernel}({', '.join(_show(p, v) for p, v in params.items())})" if params else kernel
-        varying = {"kernel": shown_kernel, **point}
+        shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
+        varying = {**shown_case, "kernel": shown_kernel, **point}
         try:
             config = TrialConfig.model_validate(tree)
         except ValidationError as error:

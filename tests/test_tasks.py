@@ -17,6 +17,10 @@ def task(name: str = "sort", seed: int = 0, **overrides):
     return build_task(TaskConfig(name=name, **overrides), seed)
 
 
+def pair(t, src: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    return np.array(src), t.target(np.array(src))
+
+
 @pytest.mark.parametrize(
     ("name", "target"),
     [("sort", [0, 0, 3, 7, 30]), ("reverse", [0, 3, 0, 30, 7]), ("copy", [7, 30, 0, 3, 0])],
@@ -25,7 +29,7 @@ def test_sequence_layout_and_loss_positions(name, target):
     src = np.array([7, 30, 0, 3, 0])
     t = task(name)
     assert t.vocab_size == 36 and (t.bos, t.sep, t.eos, t.pad) == (BOS, SEP, EOS, PAD)
-    inputs, labels = t.make_batch([src])
+    inputs, labels = t.make_batch([(src, t.target(src))])
     seq = [BOS, 7, 30, 0, 3, 0, SEP, *target, EOS]
     assert inputs[0].tolist() == seq[:-1]
     # scored exactly where the target and EOS are predicted: from the SEP position on
@@ -34,7 +38,7 @@ def test_sequence_layout_and_loss_positions(name, target):
 
 def test_padding_is_never_scored():
     t = task()
-    inputs, labels = t.make_batch([np.array([1, 2]), np.array([5, 4, 3, 2])])
+    inputs, labels = t.make_batch([pair(t, [1, 2]), pair(t, [5, 4, 3, 2])])
     assert inputs.shape == labels.shape == (2, 10)
     assert inputs[0].tolist()[6:] == [PAD] * 4
     assert labels[0].tolist() == [IGNORE_INDEX] * 3 + [1, 2, EOS] + [IGNORE_INDEX] * 4
@@ -80,7 +84,7 @@ def test_eval_lengths_follow_the_factors():
 
 def test_exact_match_counts_only_scored_tokens():
     t = task()
-    _, labels = t.make_batch([np.array([3, 1, 2]), np.array([2, 2, 0])])
+    _, labels = t.make_batch([pair(t, [3, 1, 2]), pair(t, [2, 2, 0])])
     perfect = torch.nn.functional.one_hot(labels.clamp(min=0), 36).float()
     perfect[labels == IGNORE_INDEX] = 0  # garbage (all ties → argmax 0) where nothing is scored
     assert exact_match(perfect, labels).tolist() == [True, True]
@@ -122,3 +126,64 @@ def test_task_config_errors():
         TaskConfig(eval_factors=[1, -2])
     with pytest.raises(ValueError):
         TaskConfig(name="sorting")
+
+
+# ---------------------------------------------------------------------------------------------
+# MQMTAR
+
+
+def test_mqmtar_ids_and_paper_figure_4_layout():
+    t = task("mqmtar")
+    assert (t.vocab_size, t.bos, t.sep, t.eos, t.pad) == (263, 259, 260, 261, 262)
+    src, trg = t.example(np.random.default_rng(0), 64)
+    context, queries = src[:64], src[64:]
+    slots = [context[i : i + 6].tolist() for i in range(0, 60, 6)]
+    filled = [s for s in slots if s != [0] * 6]
+    assert all(s[0] == 0 and s[3] == 1 and all(3 <= x <= 258 for x in (s[1], s[2], s[4], s[5])) for s in filled)
+    assert context[60:].tolist() == [0] * 4  # 64 = 10 slots of 6, and 4 spaces
+    assert queries[::3].tolist() == [2] * 4 and trg[::3].tolist() == [2] * 4
+    inputs, labels = t.make_batch([(src, trg)])
+    assert inputs[0, 0] == 259 and inputs[0, 1 + 64 + 12] == 260
+    assert labels[0].tolist()[-13:] == [*trg.tolist(), 261]
+
+
+@pytest.mark.parametrize("length", [32, 50, 64, 96, 128, 1024])
+def test_mqmtar_invariants(length):
+    rng = np.random.default_rng(length)
+    for _ in range(20):
+        src, trg = task("mqmtar").example(rng, length)
+        context, queries = src[:length], src[length:]
+        pairs = {}
+        for i in range(0, length - 5, 6):
+            if context[i + 3] == 1 and context[i] == 0 and context[i + 1] != 0:
+                pairs[(context[i + 1], context[i + 2])] = (context[i + 4], context[i + 5])
+        assert len(pairs) == int(length * 0.8 // 6)  # num_kv unique keys
+        assert len(queries) == 12 and len(trg) == 12
+        for q in range(4):
+            key = (queries[3 * q + 1], queries[3 * q + 2])
+            assert key in pairs  # every query asks for a key present in the context
+            assert tuple(trg[3 * q + 1 : 3 * q + 3]) == pairs[key]  # and the target is its value
+        assert len({(queries[3 * q + 1], queries[3 * q + 2]) for q in range(4)}) == 4
+
+
+def test_mqmtar_needs_room_for_a_pair():
+    with pytest.raises(ValueError, match="at least 8 tokens"):
+        task("mqmtar").example(np.random.default_rng(0), 7)
+
+
+def test_mqmtar_query_accuracy_counts_each_query():
+    t = task("mqmtar", eval_length=40, eval_examples=3, eval_factors=[1])
+    x, y = next(t.test_batches(40))
+    logits = torch.nn.functional.one_hot(y.clamp(min=0), 263).float()
+    first_scored = (y[1] != IGNORE_INDEX).nonzero()[0].item()
+    logits[1, first_scored + 4, :] = 0
+    logits[1, first_scored + 4, 5] = 1.0  # one wrong token in the second query of example 1
+    from mosaic_core.tasks.length_generalization import query_accuracy
+    assert query_accuracy(logits, y).view(3, 4).tolist() == [[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1]]
+    assert exact_match(logits, y).tolist() == [True, False, True]
+
+
+def test_long_lengths_are_evaluated_in_smaller_batches():
+    t = task("mqmtar", eval_examples=10, eval_batch_size=10, eval_max_tokens=1000)
+    sizes = [len(x) for x, _ in t.test_batches(128)]
+    assert sizes == [3, 3, 3, 1]  # 1000 // (2·128 + 2) = 3 examples per batch

@@ -1,0 +1,246 @@
+"""In-context language learning (RegBench, Akyürek et al. 2024; paper Table 1).
+
+Every sequence is 10–19 strings of one random regular language joined by `|`; the model has to
+infer the language from the strings so far and continue the current string legally. Scored by
+whether the argmax is a legal next letter and by the total variation distance to the DFA's
+next-letter distribution (uniform over the legal letters). The automata code is our own: random
+DFAs, Moore minimisation, trimming and a canonical form for deduplication.
+
+Choices where SPEC §4 is silent:
+- Every state keeps 1–3 outgoing edges through minimisation and trimming, so a walk never gets
+  stuck: every string has exactly its sampled length (1–49).
+- Minimising can shrink a DFA below 4 states, or merge a state with its successor (a self-loop) or
+  two of its successors (a repeated target). Such DFAs are redrawn: every DFA used satisfies §4.
+- `|` is never a target. Where a string ends depends on its sampled length, not on the language,
+  so training labels are IGNORE_INDEX there (as in the RegBench reference code) and the truth is
+  uniform over legal *letters*: a model that knows the DFA scores accuracy 100 and TVD 0.
+- The position right after `|` (the first letter of the next string) is trained on but, per the
+  SPEC ("not after `|`"), not scored: metrics cover every position whose input is a letter.
+- Training sequences are sampled afresh for every batch from the `num_examples` training DFAs,
+  which are visited in epochs (each DFA once per epoch, in an order fixed by (seed, epoch)).
+  Validation and test hold one fixed sequence per DFA. Accuracy and TVD average over positions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mosaic_core.config import RegBenchConfig
+from mosaic_core.metrics import IGNORE_INDEX
+
+LETTERS = "abcdefghijklmnopqr"  # ids 0..17
+NUM_LETTERS = len(LETTERS)
+PAD, SEP = NUM_LETTERS, NUM_LETTERS + 1  # `.` and `|`
+VOCAB_SIZE = NUM_LETTERS + 2
+
+MIN_STATES, MAX_STATES = 4, 12
+MIN_ALPHABET = 4
+MAX_EDGES = 3
+MIN_STRINGS, MAX_STRINGS = 10, 19
+MAX_LENGTH = 49
+
+_EVAL_STREAM, _TRAIN_STREAM, _ORDER_STREAM = 0, 1, 2  # disjoint numpy seed streams
+_SPLITS = ("val", "test", "train")  # generation order: training skips what val and test hold
+
+Transitions = list[dict[int, int]]  # state -> {letter: next state}; 0 starts, every state accepts
+Dfa = tuple[tuple[tuple[int, int], ...], ...]  # canonical: states in BFS order, (letter, target) sorted
+
+
+def random_transitions(rng: random.Random) -> Transitions:
+    """A raw DFA of SPEC §4: 4–12 states over an alphabet of 4–18 letters; every state has 1–3
+    edges with distinct letters and distinct targets other than itself."""
+    n = rng.randint(MIN_STATES, MAX_STATES)
+    alphabet = rng.sample(range(NUM_LETTERS), rng.randint(MIN_ALPHABET, NUM_LETTERS))
+    transitions = []
+    for state in range(n):
+        edges = rng.randint(1, MAX_EDGES)
+        others = [t for t in range(n) if t != state]
+        transitions.append(dict(zip(rng.sample(alphabet, edges), rng.sample(others, edges))))
+    return transitions
+
+
+def minimise(transitions: Transitions) -> Transitions:
+    """Moore's partition refinement. All states accept, so states differ only where their letter
+    sets differ after some word: split blocks by (block, {letter: block of target}) until stable.
+    Missing letters lead to an implicit rejecting sink, which the letter sets already tell apart."""
+    blocks, count = [0] * len(transitions), 1
+    while True:
+        signatures = [(blocks[s], tuple(sorted((a, blocks[t]) for a, t in edges.items())))
+                      for s, edges in enumerate(transitions)]
+        ids = {signature: i for i, signature in enumerate(dict.fromkeys(signatures))}  # state 0's block is 0
+        blocks = [ids[signature] for signature in signatures]
+        if len(ids) == count:
+            break
+        count = len(ids)
+    merged: Transitions = [{} for _ in range(count)]
+    for state, edges in enumerate(transitions):
+        merged[blocks[state]] = {a: blocks[t] for a, t in edges.items()}
+    return merged
+
+
+def canonical(transitions: Transitions) -> Dfa:
+    """Trim to the states reachable from the start and number them in BFS order, letters in order:
+    relabelled copies of one DFA become the same tuple, so a set finds duplicates."""
+    number, queue = {0: 0}, [0]
+    for state in queue:
+        for _, target in sorted(transitions[state].items()):
+            if target not in number:
+                number[target] = len(number)
+                queue.append(target)
+    return tuple(tuple((a, number[t]) for a, t in sorted(transitions[s].items())) for s in queue)
+
+
+def satisfies_spec(dfa: Dfa) -> bool:
+    """4–12 states, no self-loops, distinct targets per state (distinct letters hold by construction)."""
+    return MIN_STATES <= len(dfa) <= MAX_STATES and all(
+        state not in targets and len(set(targets)) == len(targets)
+        for state, targets in enumerate([t for _, t in edges] for edges in dfa)
+    )
+
+
+def generate_dfas(count: int, rng: random.Random, seen: set[Dfa]) -> list[Dfa]:
+    """`count` minimised, trimmed DFAs that satisfy the SPEC and are not in `seen` (which they join)."""
+    dfas: list[Dfa] = []
+    while len(dfas) < count:
+        dfa = canonical(minimise(random_transitions(rng)))
+        if satisfies_spec(dfa) and dfa not in seen:
+            seen.add(dfa)
+            dfas.append(dfa)
+    return dfas
+
+
+def accepts(dfa: Dfa, string: Sequence[int]) -> bool:
+    """Every state accepts, so a string is in the language iff the DFA can walk it."""
+    state = 0
+    for letter in string:
+        edges = dict(dfa[state])
+        if letter not in edges:
+            return False
+        state = edges[letter]
+    return True
+
+
+class DfaTable:
+    """A split's DFAs as padded arrays, so walks of a whole batch are a few vectorised steps."""
+
+    def __init__(self, dfas: Sequence[Dfa]) -> None:
+        shape = (len(dfas), MAX_STATES, MAX_EDGES)
+        self.letters, self.targets = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        self.degree = np.ones(shape[:2], np.int64)
+        self.legal = np.zeros((len(dfas), MAX_STATES, NUM_LETTERS), bool)  # legal next letters per state
+        for i, dfa in enumerate(dfas):
+            for state, edges in enumerate(dfa):
+                self.degree[i, state] = len(edges)
+                for k, (letter, target) in enumerate(edges):
+                    self.letters[i, state, k], self.targets[i, state, k] = letter, target
+                    self.legal[i, state, letter] = True
+
+
+def sample_sequences(table: DfaTable, dfa_ids: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One sequence per DFA id: (tokens, state after each token, −1 after `|`).
+
+    All strings are walked to the maximum length at once, choosing uniformly among the current
+    state's letters, then cut to their sampled lengths and joined with `|`.
+    """
+    batch = len(dfa_ids)
+    strings = rng.integers(MIN_STRINGS, MAX_STRINGS + 1, size=batch)
+    lengths = rng.integers(1, MAX_LENGTH + 1, size=(batch, MAX_STRINGS))
+    choices = rng.random((batch, MAX_STRINGS, MAX_LENGTH))
+    dfa = dfa_ids[:, None]
+    state = np.zeros((batch, MAX_STRINGS), np.int64)
+    tokens = np.full((batch, MAX_STRINGS, MAX_LENGTH + 1), SEP, np.int64)
+    states = np.full((batch, MAX_STRINGS, MAX_LENGTH + 1), -1, np.int64)
+    for step in range(MAX_LENGTH):
+        edge = (choices[..., step] * table.degree[dfa, state]).astype(np.int64)
+        tokens[..., step] = table.letters[dfa, state, edge]
+        state = table.targets[dfa, state, edge]
+        states[..., step] = state
+    np.put_along_axis(tokens, lengths[..., None], SEP, axis=-1)
+    np.put_along_axis(states, lengths[..., None], -1, axis=-1)
+    keep = (np.arange(MAX_LENGTH + 1) <= lengths[..., None]) & (np.arange(MAX_STRINGS) < strings[:, None])[..., None]
+    return [(tokens[b][keep[b]][:-1], states[b][keep[b]][:-1]) for b in range(batch)]  # no `|` after the last
+
+
+def make_batch(sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(inputs, labels, states) of shape (B, T): inputs = seq[:-1] padded with PAD; labels = seq[1:]
+    with IGNORE_INDEX on padding and on `|`; states = DFA state after each input (−1: not scored)."""
+    width = max(len(tokens) for tokens, _ in sequences) - 1
+    inputs = np.full((len(sequences), width), PAD, np.int64)
+    labels = np.full((len(sequences), width), IGNORE_INDEX, np.int64)
+    states = np.full((len(sequences), width), -1, np.int64)
+    for row, (tokens, after) in enumerate(sequences):
+        n = len(tokens) - 1
+        inputs[row, :n] = tokens[:-1]
+        labels[row, :n] = np.where(tokens[1:] == SEP, IGNORE_INDEX, tokens[1:])
+        states[row, :n] = after[:-1]
+    return inputs, labels, states
+
+
+class RegBenchTask:
+    """Random regular languages: DFAs fixed by data_seed for every split, sequences by the trial seed."""
+
+    vocab_size = VOCAB_SIZE
+
+    def __init__(self, config: RegBenchConfig, seed: int) -> None:
+        self.config = config
+        self.seed = seed
+        counts = {"val": config.num_val, "test": config.num_test, "train": config.num_examples}
+        seen: set[Dfa] = set()
+        self.dfas = {split: generate_dfas(counts[split], random.Random(f"regbench/{config.data_seed}/{split}"), seen)
+                     for split in _SPLITS}
+        self.tables = {split: DfaTable(dfas) for split, dfas in self.dfas.items()}
+        self.eval_sequences = {
+            split: sample_sequences(self.tables[split], np.arange(counts[split]),
+                                    np.random.default_rng([_EVAL_STREAM, config.data_seed, _SPLITS.index(split)]))
+            for split in ("val", "test")
+        }
+
+    def train_dfas(self, index: int, batch_size: int) -> np.ndarray:
+        """The training DFAs of batch `index`: epochs over all of them, each in an order fixed by (seed, epoch)."""
+        n = len(self.dfas["train"])
+        epochs, slots = np.divmod(np.arange(index * batch_size, (index + 1) * batch_size), n)
+        orders = {e: np.random.default_rng([_ORDER_STREAM, self.seed, e]).permutation(n) for e in set(epochs.tolist())}
+        return np.array([orders[e][s] for e, s in zip(epochs.tolist(), slots)])
+
+    def train_batch(self, index: int, batch_size: int) -> tuple[Tensor, Tensor]:
+        """Batch number `index` of this trial's training stream: the same (seed, index), the same batch."""
+        rng = np.random.default_rng([_TRAIN_STREAM, self.seed, index])
+        inputs, labels, _ = make_batch(sample_sequences(self.tables["train"], self.train_dfas(index, batch_size), rng))
+        return torch.from_numpy(inputs), torch.from_numpy(labels)
+
+    def diagnostic_inputs(self, examples: int) -> dict[float, Tensor]:
+        return {1.0: torch.from_numpy(make_batch(self.eval_sequences["test"][:examples])[0])}
+
+    def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
+        """Accuracy and TVD (percent) on the test split, the same and the loss on validation."""
+        val, test = self.score(model, device, "val"), self.score(model, device, "test")
+        return {"accuracy": test["accuracy"], "tvd": test["tvd"],
+                "val_accuracy": val["accuracy"], "val_tvd": val["tvd"], "val_loss": val["loss"]}
+
+    @torch.no_grad()
+    def score(self, model: nn.Module, device: torch.device, split: str) -> dict[str, float]:
+        """Accuracy, TVD (both over all positions whose input is a letter) and mean cross-entropy."""
+        sequences, table, size = self.eval_sequences[split], self.tables[split], self.config.eval_batch_size
+        hits = tvd = positions = loss = targets = 0.0
+        for start in range(0, len(sequences), size):
+            inputs, labels, states = make_batch(sequences[start : start + size])
+            legal = table.legal[np.arange(start, start + len(inputs))[:, None], states.clip(min=0)]
+            legal = torch.from_numpy(legal & (states >= 0)[..., None]).to(device)
+            logits = model(torch.from_numpy(inputs).to(device)).float()
+            truth = torch.zeros_like(logits)  # the model's vocabulary may be padded beyond ours
+            truth[..., :NUM_LETTERS] = legal / legal.sum(-1, keepdim=True).clamp(min=1)
+            scored = legal.any(-1)
+            tvd += 0.5 * (logits.softmax(-1) - truth).abs().sum(-1)[scored].sum().item()
+            hits += (truth.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0)[scored].sum().item()
+            positions += scored.sum().item()
+            labels_t = torch.from_numpy(labels).to(device)
+            loss += F.cross_entropy(logits.flatten(0, 1), labels_t.flatten(), ignore_index=IGNORE_INDEX,
+                                    reduction="sum").item()
+            targets += (labels_t != IGNORE_INDEX).sum().item()
+        return {"accuracy": 100 * hits / positions, "tvd": 100 * tvd / positions, "loss": loss / targets}

@@ -1,0 +1,63 @@
+"""The paper's sweeps as shipped: trial counts, conditional kernel parameters, the paper's settings."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from search_spaces import bundled_sweeps
+from search_spaces.schema import load_sweep
+
+TABLE_2_LABELS = ["Gaussian", "Gaussian kNN, k = 16", "Gaussian kNN, k = 32", "Uniform kNN, k = 16",
+                  "Uniform kNN, k = 32", "Epanechnikov (normReLU)", "Epanechnikov (ReLUmax)",
+                  "Epanechnikov (sparsemax)", "Biweight", "Triweight"]
+
+
+@pytest.mark.parametrize(
+    ("name", "trials"),
+    [("smoke", 6), ("length_generalization", 90), ("length_generalization_smoke", 12), ("regbench", 48),
+     ("regbench_smoke", 6), ("babistories", 21)],
+)
+def test_every_bundled_sweep_expands_to_its_trial_count(name, trials):
+    assert len(load_sweep(bundled_sweeps()[name]).trials) == trials
+
+
+@pytest.mark.parametrize("name", sorted(bundled_sweeps()))
+def test_kernel_parameters_never_multiply_across_kernels(name):
+    for trial in load_sweep(bundled_sweeps()[name]).trials:
+        params = set(trial.config.model.kernel_params)
+        expected = {"softmax": set(), "sparsemax": set(), "entmax": {"alpha"}, "normrelu": {"gamma", "b"},
+                    "relumax": {"b"}, "topk_softmax": {"k"}, "topk_uniform": {"k"}}[trial.config.model.kernel]
+        assert params == expected, (name, trial.describe())
+
+
+def test_length_generalization_is_table_2():
+    sweep = load_sweep(bundled_sweeps()["length_generalization"])
+    assert sweep.kernel_labels == TABLE_2_LABELS
+    assert sweep.planned_seeds == 3
+    by_task = {t.config.task.name: t.config for t in sweep.trials}
+    assert {task: (c.model.n_layer, c.task.eval_factors) for task, c in by_task.items()} == {
+        "mqmtar": (4, [1, 2, 4, 8, 16, 32, 64]), "reverse": (4, [1, 1.5]), "sort": (2, [1, 2, 4])}
+    assert all((c.model.n_embd, c.model.n_head, c.train.lr, c.train.weight_decay, c.train.batch_size)
+               == (512, 8, 1e-3, 0.1, 256) for c in by_task.values())
+    assert Counter(t.config.task.name for t in sweep.trials) == {"mqmtar": 30, "reverse": 30, "sort": 30}
+
+
+def test_regbench_is_table_1():
+    sweep = load_sweep(bundled_sweeps()["regbench"])
+    sizes = sorted({t.config.task.num_examples for t in sweep.trials})
+    assert sizes == [1000, 2500, 5000, 10000, 20000, 40000]
+    assert {t.config.model.kernel_params.get("k") for t in sweep.trials} == {None, 16}
+    c = sweep.trials[0].config
+    assert (c.model.n_embd, c.model.n_head, c.model.n_layer, c.train.lr, c.train.weight_decay) == (128, 8, 2, 1e-4, 0.01)
+
+
+def test_babistories_is_figure_2():
+    sweep = load_sweep(bundled_sweeps()["babistories"])
+    by_depth = {t.config.model.n_layer: t.config.train for t in sweep.trials}
+    assert {depth: (train.lr, train.min_lr) for depth, train in by_depth.items()} == {
+        1: (5e-3, 1e-4), 8: (5e-3, 1e-4), 12: (1e-3, 5e-5)}
+    train = by_depth[1]
+    assert (train.max_steps, train.batch_size * train.grad_accum_steps, train.warmup_steps) == (80000, 512, 2000)
+    assert sweep.trials[0].config.task.context == 512

@@ -1,0 +1,300 @@
+"""RegBench: random DFAs (invariants, minimisation, dedupe, splits), sequences, batches and metrics."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor, nn
+
+from mosaic_core.config import ModelConfig, RegBenchConfig
+from mosaic_core.metrics import IGNORE_INDEX
+from mosaic_core.model import MemoryMosaics
+from mosaic_core.tasks.regbench import (
+    MAX_EDGES,
+    MAX_LENGTH,
+    MAX_STATES,
+    MAX_STRINGS,
+    MIN_STATES,
+    MIN_STRINGS,
+    NUM_LETTERS,
+    PAD,
+    SEP,
+    VOCAB_SIZE,
+    Dfa,
+    DfaTable,
+    RegBenchTask,
+    Transitions,
+    accepts,
+    canonical,
+    generate_dfas,
+    make_batch,
+    minimise,
+    random_transitions,
+    sample_sequences,
+)
+
+SMALL = dict(num_examples=60, num_val=20, num_test=20, eval_batch_size=8)
+
+
+def task(seed: int = 0, **overrides) -> RegBenchTask:
+    return RegBenchTask(RegBenchConfig(name="regbench", **{**SMALL, **overrides}), seed)
+
+
+@pytest.fixture(scope="module")
+def small() -> RegBenchTask:
+    return task()
+
+
+def language(transitions: Transitions, max_length: int) -> set[tuple[int, ...]]:
+    """Every accepted string up to `max_length`: all states accept, so all walks from the start."""
+    words, frontier = {()}, [((), 0)]
+    for _ in range(max_length):
+        frontier = [(word + (a,), t) for word, state in frontier for a, t in transitions[state].items()]
+        words.update(word for word, _ in frontier)
+    return words
+
+
+def as_transitions(dfa: Dfa) -> Transitions:
+    return [dict(edges) for edges in dfa]
+
+
+def split_strings(tokens: np.ndarray) -> list[list[int]]:
+    strings, current = [], []
+    for token in tokens.tolist():
+        if token == SEP:
+            strings.append(current)
+            current = []
+        else:
+            current.append(token)
+    return strings + [current]
+
+
+# ---- automata ------------------------------------------------------------------------------------
+
+
+def test_every_dfa_of_every_split_satisfies_the_spec(small):
+    for dfas in small.dfas.values():
+        for dfa in dfas:
+            assert MIN_STATES <= len(dfa) <= MAX_STATES
+            assert canonical(as_transitions(dfa)) == dfa  # trimmed: BFS from the start reaches every state
+            assert len(minimise(as_transitions(dfa))) == len(dfa)  # already minimal
+            for state, edges in enumerate(dfa):
+                letters, targets = [a for a, _ in edges], [t for _, t in edges]
+                assert 1 <= len(edges) <= MAX_EDGES
+                assert len(set(letters)) == len(letters) and len(set(targets)) == len(targets)
+                assert state not in targets and all(0 <= a < NUM_LETTERS for a in letters)
+
+
+def test_minimisation_merges_equivalent_states_and_keeps_the_language():
+    # 1 and 2 both read "c" then behave like 3; 4 and 5 differ only two letters later (b vs d after a)
+    redundant = [{0: 1, 1: 2, 4: 4}, {2: 3}, {2: 3}, {0: 0}, {0: 5}, {0: 6}, {1: 0}, {3: 0}]
+    minimal = minimise(redundant)
+    assert len(minimal) == len(redundant) - 1  # 1 ≡ 2 merged; 4, 5 kept apart (needs two rounds)
+    assert language(minimal, 6) == language(redundant, 6)
+    assert minimise([{0: 1}, {0: 2}, {0: 3}, {0: 0}]) == [{0: 0}]  # a 4-cycle of one letter is a^*
+
+
+def test_minimisation_keeps_the_language_of_random_dfas():
+    rng = random.Random(1)
+    for _ in range(50):
+        raw = random_transitions(rng)
+        minimal = minimise(raw)
+        assert len(minimal) <= len(raw)
+        assert language(minimal, 6) == language(raw, 6)
+        assert language(as_transitions(canonical(minimal)), 6) == language(raw, 6)
+
+
+def test_relabelled_copies_have_one_canonical_form():
+    rng = random.Random(2)
+    for _ in range(50):
+        raw = random_transitions(rng)
+        perm = [0, *rng.sample(range(1, len(raw)), len(raw) - 1)]  # the start stays state 0
+        relabelled = [{} for _ in raw]
+        for state, edges in enumerate(raw):
+            relabelled[perm[state]] = {a: perm[t] for a, t in edges.items()}
+        assert canonical(relabelled) == canonical(raw)
+        assert canonical(minimise(relabelled)) == canonical(minimise(raw))
+
+
+def test_generation_skips_what_is_already_seen():
+    first = generate_dfas(30, random.Random("x"), set())
+    assert len(set(first)) == 30
+    again = generate_dfas(30, random.Random("x"), set(first[:10]))
+    assert again[:20] == first[10:30] and not set(again) & set(first[:10])
+
+
+# ---- splits and training batches -----------------------------------------------------------------
+
+
+def test_validation_and_test_dfas_never_occur_in_training(small):
+    train, val, test = (set(small.dfas[split]) for split in ("train", "val", "test"))
+    assert (len(train), len(val), len(test)) == (60, 20, 20)
+    assert not train & val and not train & test and not val & test
+
+
+def test_splits_depend_on_data_seed_only(small):
+    other = task(seed=5)
+    assert other.dfas == small.dfas
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(other.eval_sequences["test"], small.eval_sequences["test"]))
+    assert task(data_seed=1).dfas["test"] != small.dfas["test"]
+    assert task(num_examples=30).dfas["train"] == small.dfas["train"][:30]  # larger splits extend smaller ones
+
+
+def test_train_batches_are_a_pure_function_of_seed_and_index(small):
+    again, other = task(), task(seed=1)
+    assert all(torch.equal(a, b) for a, b in zip(small.train_batch(7, 16), again.train_batch(7, 16)))
+    assert not torch.equal(small.train_batch(7, 16)[0], small.train_batch(8, 16)[0])
+    assert not torch.equal(small.train_batch(7, 16)[0], other.train_batch(7, 16)[0])
+
+
+def test_training_visits_every_dfa_once_per_epoch(small):
+    epoch = np.concatenate([small.train_dfas(index, 20) for index in range(3)])  # 60 DFAs, batch 20
+    assert sorted(epoch.tolist()) == list(range(60))
+    straddling = small.train_dfas(2, 25)  # samples 50..74: the end of epoch 0, the start of epoch 1
+    assert len(straddling) == 25 and len(set(straddling[:10].tolist())) == 10
+
+
+def test_labels_are_shifted_inputs_without_padding_or_separators(small):
+    inputs, labels = small.train_batch(0, 16)
+    assert inputs.shape == labels.shape and inputs.dtype == labels.dtype == torch.int64
+    lengths = (inputs != PAD).sum(-1)
+    assert (lengths < inputs.shape[1]).any()  # some rows are padded
+    for row, n in zip(range(len(inputs)), lengths.tolist()):
+        assert (inputs[row, n:] == PAD).all() and (labels[row, n:] == IGNORE_INDEX).all()
+        shifted = torch.cat([inputs[row, 1:n], labels[row, n - 1 : n]])  # labels[t] is the token at t+1
+        scored = labels[row, :n] != IGNORE_INDEX
+        assert torch.equal(labels[row, :n][scored], shifted[scored])
+        assert (shifted[~scored] == SEP).all() and (labels[row, :n][scored] < NUM_LETTERS).all()
+        assert (inputs[row, :n] != PAD).all()
+
+
+# ---- sequences -----------------------------------------------------------------------------------
+
+
+def test_sequences_are_10_to_19_accepted_strings_of_length_1_to_49(small):
+    table = small.tables["train"]
+    ids = np.arange(60).repeat(4)
+    counts, lengths = set(), set()
+    for dfa_id, (tokens, states) in zip(ids, sample_sequences(table, ids, np.random.default_rng(0))):
+        dfa = small.dfas["train"][dfa_id]
+        strings = split_strings(tokens)
+        counts.add(len(strings))
+        lengths.update(len(s) for s in strings)
+        assert all(accepts(dfa, s) for s in strings)
+        assert (states[tokens == SEP] == -1).all()
+        # the recorded state is the one reached by walking the current string so far
+        for position in np.flatnonzero(tokens != SEP)[:50]:
+            start = position
+            while start > 0 and tokens[start - 1] != SEP:
+                start -= 1
+            walked = 0
+            for letter in tokens[start : position + 1]:
+                walked = dict(dfa[walked])[letter]
+            assert states[position] == walked
+    assert min(counts) == MIN_STRINGS and max(counts) == MAX_STRINGS
+    assert min(lengths) == 1 and max(lengths) == MAX_LENGTH
+
+
+def test_a_walk_chooses_uniformly_among_legal_letters():
+    dfa = ((0, 1), (2, 2), (3, 3)), ((4, 0),), ((5, 0),), ((6, 0),)
+    table = DfaTable([dfa])
+    tokens = np.concatenate([t for t, _ in sample_sequences(table, np.zeros(40, np.int64), np.random.default_rng(0))])
+    after_start = tokens[np.flatnonzero(np.isin(tokens, [4, 5, 6])) + 1]
+    after_start = after_start[after_start != SEP]
+    shares = np.bincount(after_start, minlength=4)[[0, 2, 3]] / len(after_start)
+    assert np.allclose(shares, 1 / 3, atol=0.03)
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+class LookupModel(nn.Module):
+    """Logits looked up by the exact input batch: stands in for a model with a known distribution."""
+
+    def __init__(self, logits: dict[bytes, Tensor]) -> None:
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, idx: Tensor) -> Tensor:
+        return self.logits[idx.cpu().numpy().tobytes()]
+
+
+def legal_letters(dfa: Dfa, inputs: np.ndarray) -> Tensor:
+    """(T, 18) bool: the letters the DFA allows after each input, found by walking the current
+    string from the start; none after `|` and on padding (positions that are not scored)."""
+    legal, state = torch.zeros(len(inputs), NUM_LETTERS, dtype=torch.bool), 0
+    for position, token in enumerate(inputs.tolist()):
+        if token in (SEP, PAD):
+            state = 0
+            continue
+        state = dict(dfa[state])[token]
+        legal[position, [a for a, _ in dfa[state]]] = True
+    return legal
+
+
+def lookup_model(t: RegBenchTask, vocab: int, fill) -> LookupModel:
+    """Logits for every evaluation batch of `t`, made by fill(legal letters (B, T, 18)) -> (B, T, vocab)."""
+    logits = {}
+    for split in ("val", "test"):
+        sequences, size = t.eval_sequences[split], t.config.eval_batch_size
+        for start in range(0, len(sequences), size):
+            inputs, _, _ = make_batch(sequences[start : start + size])
+            legal = torch.stack([legal_letters(t.dfas[split][start + row], x) for row, x in enumerate(inputs)])
+            logits[inputs.tobytes()] = fill(legal, vocab)
+    return LookupModel(logits)
+
+
+def true_logits(legal: Tensor, vocab: int) -> Tensor:
+    logits = torch.full((*legal.shape[:2], vocab), -1e9)
+    logits[..., :NUM_LETTERS] = torch.where(legal, -torch.log(legal.sum(-1, keepdim=True).clamp(min=1.0)), -1e9)
+    logits[~legal.any(-1)] = 0.0  # unscored positions (after `|`, padding): uniform
+    return logits
+
+
+def illegal_logits(legal: Tensor, vocab: int) -> Tensor:
+    logits = torch.zeros((*legal.shape[:2], vocab))
+    logits[..., vocab - 1] = 1e9  # all mass on the last id: `|` or beyond the task's vocabulary
+    return logits
+
+
+@pytest.mark.parametrize("vocab", [20, 24])
+def test_the_true_distribution_scores_perfectly(small, vocab):
+    metrics = small.evaluate(lookup_model(small, vocab, true_logits), torch.device("cpu"))
+    assert metrics["accuracy"] == pytest.approx(100) and metrics["val_accuracy"] == pytest.approx(100)
+    assert metrics["tvd"] == pytest.approx(0, abs=1e-4) and metrics["val_tvd"] == pytest.approx(0, abs=1e-4)
+    assert 0 < metrics["val_loss"] < np.log(NUM_LETTERS)
+
+
+@pytest.mark.parametrize("vocab", [20, 24])
+def test_all_mass_on_an_illegal_token_scores_zero(small, vocab):
+    metrics = small.evaluate(lookup_model(small, vocab, illegal_logits), torch.device("cpu"))
+    assert metrics["accuracy"] == 0 and metrics["val_accuracy"] == 0
+    assert metrics["tvd"] == pytest.approx(100) and metrics["val_tvd"] == pytest.approx(100)
+    assert metrics["val_loss"] > 1e8
+
+
+def test_evaluation_overhead_is_small(small):
+    model = nn.Embedding(small.vocab_size, small.vocab_size)  # next-token logits from the current token
+    started = time.perf_counter()
+    metrics = small.evaluate(model, torch.device("cpu"))
+    assert time.perf_counter() - started < 2  # 20 + 20 sequences of up to ~950 tokens
+    assert 0 <= metrics["accuracy"] <= 100 and 0 <= metrics["tvd"] <= 100
+
+
+def test_a_memory_mosaics_model_evaluates():
+    torch.manual_seed(0)
+    model = MemoryMosaics(ModelConfig(n_layer=1, n_embd=32, n_head=2), VOCAB_SIZE).eval()
+    metrics = task(num_val=3, num_test=3).evaluate(model, torch.device("cpu"))
+    assert set(metrics) == {"accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss"}
+    assert 0 <= metrics["accuracy"] <= 100 and 0 < metrics["tvd"] < 100 and metrics["val_loss"] > 0
+
+
+def test_diagnostic_inputs_are_the_first_test_inputs(small):
+    inputs = small.diagnostic_inputs(3)[1.0]
+    assert inputs.shape[0] == 3
+    for row, (tokens, _) in enumerate(small.eval_sequences["test"][:3]):
+        assert inputs[row, : len(tokens) - 1].tolist() == tokens[:-1].tolist()
