@@ -7,11 +7,15 @@ import pandas as pd
 MISSING = "—"
 
 
-def _column_cells(col: pd.DataFrame, planned_seeds: int | None) -> dict[str, str]:
-    """`mean^(max)` per kernel label; marks are decided on the shown (2-decimal) numbers."""
+def _column_cells(col: pd.DataFrame, planned_seeds: int | None, lower_is_better: bool = False) -> dict[str, str]:
+    """`mean^(best seed)` per kernel label; marks are decided on the shown (2-decimal) numbers.
+
+    The best seed is the max (the min for a lower-is-better metric such as a loss or a TVD).
+    """
+    pick = min if lower_is_better else max
     mean = col["mean"].map("{:.2f}".format)
-    top = col["max"].map("{:.2f}".format)
-    best_mean, best_max = mean.astype(float).max(), top.astype(float).max()
+    top = col["min" if lower_is_better else "max"].map("{:.2f}".format)
+    best_mean, best_max = pick(mean.astype(float)), pick(top.astype(float))
     cells = {}
     for label in col.index:
         m, x, n = mean[label], top[label], col.at[label, "seeds"]
@@ -38,7 +42,7 @@ def length_generalization_table(
     rows = results[(results["metric"] == metric) & results["length_factor"].notna()]
     last = rows[rows["step"] == rows.groupby("trial_id")["step"].transform("max")]
     stats = last.groupby(["task", "length_factor", "kernel_label"]).agg(
-        mean=("value", "mean"), max=("value", "max"), seeds=("seed", "nunique")
+        mean=("value", "mean"), max=("value", "max"), min=("value", "min"), seeds=("seed", "nunique")
     )
     seen = list(dict.fromkeys(last["kernel_label"].dropna()))
     order = row_order or []
@@ -48,6 +52,37 @@ def length_generalization_table(
     for (task, factor), col in stats.groupby(level=["task", "length_factor"]):
         cells = _column_cells(col.droplevel(["task", "length_factor"]), planned_seeds)
         table[f"{task} {factor:g}×"] = [cells.get(label, MISSING) for label in labels]
+    return table
+
+
+def summary_table(
+    results: pd.DataFrame,
+    *,
+    metrics: list[str],
+    by: str,
+    lower_is_better: frozenset[str] = frozenset(),
+    row_order: list[str] | None = None,
+    planned_seeds: int | None = None,
+) -> pd.DataFrame:
+    """Kernel labels × (metric, value of `by`), e.g. RegBench's accuracy and TVD per training-set
+    size (`by="num_examples"`), or the language model's losses per depth (`by="n_layer"`); cells as
+    in `length_generalization_table`, from each trial's last evaluation."""
+    rows = results[results["metric"].isin(metrics)]
+    last = rows[rows["step"] == rows.groupby("trial_id")["step"].transform("max")]
+    stats = last.groupby(["metric", by, "kernel_label"]).agg(
+        mean=("value", "mean"), max=("value", "max"), min=("value", "min"), seeds=("seed", "nunique")
+    )
+    seen = list(dict.fromkeys(last["kernel_label"].dropna()))
+    order = row_order or []
+    labels = [label for label in order if label in seen] + [label for label in seen if label not in order]
+    table = pd.DataFrame(index=pd.Index(labels, name="Kernel"))
+    for metric in metrics:
+        if metric not in stats.index.get_level_values("metric"):
+            continue
+        for value, col in stats.loc[metric].groupby(level=by):
+            cells = _column_cells(col.droplevel(by), planned_seeds, metric in lower_is_better)
+            arrow = "↓" if metric in lower_is_better else "↑"
+            table[f"{metric} {arrow} {by}={value}"] = [cells.get(label, MISSING) for label in labels]
     return table
 
 

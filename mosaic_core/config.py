@@ -63,7 +63,8 @@ class LanguageModelConfig(_Strict):
     context: int = Field(512, ge=2, description="tokens per training window")
     eval_batches: int = Field(20, ge=1, description="validation windows = eval_batches × eval_batch_size")
     eval_batch_size: int = Field(16, ge=1)
-    ood_data_dir: str | None = Field(None, description="another prepared corpus for the per-position OOD loss")
+    ood_data_dir: str | None = Field(None, description="another corpus for the per-position OOD loss, "
+                                     "prepared with --val-fraction 1 (its val.bin is read)")
 
 
 TaskConfig = Annotated[

@@ -2,8 +2,9 @@
 
 `tiktoken.get_encoding("gpt2")` downloads its merge files on first use, which fails on machines
 without internet. The same ranks ship as a `.tiktoken` file (tiktoken's `r50k_base`, also
-`whisper/assets/gpt2.tiktoken` in the openai-whisper package), so a local copy is looked for first:
-the file is checked against tiktoken's own hash, so every route gives the same token ids.
+`whisper/assets/gpt2.tiktoken` in the openai-whisper package, MIT): this package carries a copy
+(`mosaic_core/assets/gpt2.tiktoken`), checked against tiktoken's own hash, so every route gives
+the same token ids.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tiktoken.load import load_tiktoken_bpe
 EOT = 50256  # <|endoftext|>, appended after every document
 PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 64: faster matmuls, the extra ids never occur
 ENV_VAR = "MOSAIC_GPT2_TIKTOKEN"
+PACKAGED_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 
 # GPT-2's pre-tokeniser regex and the sha256 tiktoken expects of the r50k_base (= GPT-2) ranks file
 _PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -32,7 +34,8 @@ _HOW_TO = (
 
 @functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
-    """GPT-2 BPE from, in order: $MOSAIC_GPT2_TIKTOKEN, an installed openai-whisper, tiktoken's download.
+    """GPT-2 BPE from, in order: $MOSAIC_GPT2_TIKTOKEN, the copy shipped with this package, an
+    installed openai-whisper, tiktoken's download.
 
     Local files come first so that an offline machine never waits on the network; an explicitly
     named file that is missing or wrong is an error rather than something to skip past.
@@ -40,6 +43,8 @@ def gpt2_encoding() -> tiktoken.Encoding:
     named = os.environ.get(ENV_VAR)
     if named:
         return _from_ranks_file(Path(named), f"${ENV_VAR}")
+    if PACKAGED_RANKS.is_file():
+        return _from_ranks_file(PACKAGED_RANKS, "mosaic_core/assets")
     whisper_file = _whisper_ranks_file()
     if whisper_file is not None:
         return _from_ranks_file(whisper_file, "openai-whisper")

@@ -99,5 +99,29 @@ def train(
         raise _fail(str(error)) from None
 
 
+@app.command()
+def prepare(
+    sources: Annotated[list[Path], typer.Argument(help="Text (.txt), JSONL (.jsonl: one story per line) or Parquet (.parquet: a 'text' column) files.")],
+    out: Annotated[Path, typer.Option(help="Folder for train.bin, val.bin and meta.json.")],
+    val_fraction: Annotated[float, typer.Option(help="Share of documents for val.bin; 1 for an out-of-distribution corpus.")] = 0.005,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing token files.")] = False,
+) -> None:
+    """Tokenise a corpus once with GPT-2 BPE into uint16 token files for the `lm` task."""
+    from rich.progress import Progress
+
+    from mosaic_core.tasks.language_modeling import prepare_corpus
+
+    with Progress(transient=True) as progress:
+        bar = progress.add_task("tokenising", total=None)
+        try:
+            meta = prepare_corpus(sources, out, val_fraction=val_fraction, overwrite=overwrite,
+                                  progress=lambda done, total: progress.update(bar, completed=done, total=total))
+        except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as error:
+            raise _fail(str(error)) from None
+    docs, tokens = meta["documents"], meta["tokens"]
+    typer.echo(f"{out}: train {docs['train']} documents / {tokens['train']} tokens, "
+               f"val {docs['val']} documents / {tokens['val']} tokens")
+
+
 if __name__ == "__main__":
     app()

@@ -52,6 +52,29 @@ def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "task": task}
 
 
+def sweep_tables(sweep: Sweep, results: Any) -> str:
+    """The paper's table for each task family in the sweep: Table 2 (exact match per length) for
+    the length tasks, Table 1 (accuracy, TVD per training-set size) for RegBench, losses per depth
+    for language modelling."""
+    from analysis.tables import length_generalization_table, summary_table, to_markdown
+
+    families = {trial.config.task.name for trial in sweep.trials}
+    common = {"row_order": sweep.kernel_labels, "planned_seeds": sweep.planned_seeds}
+    parts = []
+    if families & {"sort", "reverse", "copy", "mqmtar"}:
+        table = length_generalization_table(results, **common)
+        parts.append(to_markdown(table, title=f"{sweep.name}: exact match, mean^(max) over seeds"))
+    if "regbench" in families:
+        table = summary_table(results, metrics=["accuracy", "tvd"], by="num_examples",
+                              lower_is_better=frozenset({"tvd"}), **common)
+        parts.append(to_markdown(table, title=f"{sweep.name}: accuracy and TVD (%), mean^(best) over seeds"))
+    if "lm" in families:
+        table = summary_table(results, metrics=["val_loss", "ood_loss"], by="n_layer",
+                              lower_is_better=frozenset({"val_loss", "ood_loss"}), **common)
+        parts.append(to_markdown(table, title=f"{sweep.name}: losses, mean^(best) over seeds"))
+    return "\n".join(parts)
+
+
 def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
     """The Ray Tune function trainable: one `train_trial`, reporting through `ray.tune.report`.
 
@@ -88,7 +111,6 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
     from ray import tune
 
     from analysis.results_store import read_results
-    from analysis.tables import length_generalization_table, to_markdown
     from orchestrator.progress import TrialProgress
     from orchestrator.tracking import SweepTracker
 
@@ -129,9 +151,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
             key = "ERROR" if result.error else "TERMINATED"
             trials_by_status[key] = trials_by_status.get(key, 0) + 1
 
-        results = read_results(sweep_dir)
-        table = length_generalization_table(results, row_order=sweep.kernel_labels, planned_seeds=sweep.planned_seeds)
-        markdown = to_markdown(table, title=f"{sweep.name}: exact match, mean^(max) over seeds")
+        markdown = sweep_tables(sweep, read_results(sweep_dir))
         table_path = sweep_dir / "table.md"
         table_path.write_text(markdown + "\n")
         client.log_artifact(parent_id, str(table_path))

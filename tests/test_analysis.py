@@ -122,3 +122,25 @@ def test_nulls_round_trip(tmp_path):
     assert pd.isna(df.at["soft", "alpha"]) and df.at["ent", "alpha"] == 1.5
     assert df["k"].isna().all() and str(df["k"].dtype) == "Int64"
     assert pd.isna(df.at["soft", "mlflow_run_id"])
+
+
+def regbench_rows(label: str, seed: int, size: int, accuracy: float, tvd: float) -> list[dict]:
+    common = {"trial_id": f"{label}-{seed}-{size}", "kernel_label": label, "seed": seed, "num_examples": size,
+              "task": "regbench", "step": 100}
+    return [{**common, "metric": "accuracy", "value": accuracy}, {**common, "metric": "tvd", "value": tvd},
+            {**common, "metric": "accuracy", "value": 0.0, "step": 50}]  # an earlier evaluation: ignored
+
+
+def test_summary_table_marks_the_lowest_tvd_and_the_highest_accuracy():
+    from analysis.tables import summary_table
+
+    rows = [*regbench_rows("Gaussian", 0, 1000, 80.0, 20.0), *regbench_rows("Gaussian", 1, 1000, 90.0, 10.0),
+            *regbench_rows("Biweight", 0, 1000, 84.0, 12.0), *regbench_rows("Biweight", 1, 1000, 86.0, 14.0),
+            *regbench_rows("Biweight", 0, 5000, 95.0, 5.0)]
+    table = summary_table(pd.DataFrame(rows), metrics=["accuracy", "tvd"], by="num_examples",
+                          lower_is_better=frozenset({"tvd"}), row_order=["Gaussian", "Biweight"], planned_seeds=2)
+    assert list(table.columns) == ["accuracy ↑ num_examples=1000", "accuracy ↑ num_examples=5000",
+                                   "tvd ↓ num_examples=1000", "tvd ↓ num_examples=5000"]
+    assert table.loc["Gaussian"].tolist() == ["**85.00**^(<u>90.00</u>)", "—", "15.00^(<u>10.00</u>)", "—"]  # tie: both bold
+    assert table.loc["Biweight"].tolist() == ["**85.00**^(86.00)", "**95.00**^(<u>95.00</u>) [1/2]",
+                                              "**13.00**^(12.00)", "**5.00**^(<u>5.00</u>) [1/2]"]

@@ -1,6 +1,6 @@
 """Language modelling (SPEC §4): offline GPT-2 BPE, corpus preparation, windows and losses.
 
-No network: the GPT-2 ranks come from tests/data/gpt2.tiktoken (a copy of openai-whisper's asset).
+No network: the GPT-2 ranks come from mosaic_core/assets/gpt2.tiktoken (a copy of openai-whisper's asset).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from mosaic_core.tasks.language_modeling import (
 from mosaic_core.tokenizer import EOT, PADDED_VOCAB, gpt2_encoding
 
 DATA = Path(__file__).parent / "data"
-RANKS = DATA / "gpt2.tiktoken"
+RANKS = tokenizer.PACKAGED_RANKS
 JSONL_STORIES = [
     "Mia had a red kite. One windy day she ran up the hill, and the kite flew higher than the birds.",
     "Tom found a small frog in the garden. He gave it a name, Hop, and built it a house of leaves.",
@@ -84,6 +84,7 @@ def test_gpt2_from_installed_whisper_without_importing_it(monkeypatch: pytest.Mo
     shutil.copy(RANKS, package / "assets" / "gpt2.tiktoken")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv(tokenizer.ENV_VAR)
+    monkeypatch.setattr(tokenizer, "PACKAGED_RANKS", Path("/nonexistent/gpt2.tiktoken"))
     monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("went to the network"))
     assert gpt2_encoding().encode_ordinary("Hello world") == [15496, 995]
     assert "whisper" not in sys.modules
@@ -100,11 +101,18 @@ def test_gpt2_named_file_missing_or_wrong(monkeypatch: pytest.MonkeyPatch, tmp_p
         gpt2_encoding()
 
 
+def test_gpt2_from_the_packaged_copy_without_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(tokenizer.ENV_VAR)
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: pytest.fail("went to the network"))
+    assert gpt2_encoding().encode_ordinary("Hello world") == [15496, 995]
+
+
 def test_gpt2_offline_without_any_file_says_how_to_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_network(name: str) -> tiktoken.Encoding:
         raise ConnectionError("Name or service not known")
 
     monkeypatch.delenv(tokenizer.ENV_VAR)
+    monkeypatch.setattr(tokenizer, "PACKAGED_RANKS", Path("/nonexistent/gpt2.tiktoken"))
     monkeypatch.setattr(tokenizer, "_whisper_ranks_file", lambda: None)
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
     with pytest.raises(RuntimeError, match="could not download.*set MOSAIC_GPT2_TIKTOKEN") as caught:

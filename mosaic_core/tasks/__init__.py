@@ -11,8 +11,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from mosaic_core.config import LengthTaskConfig, TaskConfig
+from mosaic_core.config import LanguageModelConfig, LengthTaskConfig, RegBenchConfig, TaskConfig
+from mosaic_core.tasks.language_modeling import LanguageModelTask
 from mosaic_core.tasks.length_generalization import LengthGeneralizationTask
+from mosaic_core.tasks.regbench import RegBenchTask
 
 
 class Task(Protocol):
@@ -31,7 +33,11 @@ class Task(Protocol):
 def build_task(config: TaskConfig, seed: int) -> Task:
     if isinstance(config, LengthTaskConfig):
         return LengthGeneralizationTask(config, seed)
-    raise ValueError(f"task {config.name!r} is not available yet")
+    if isinstance(config, LanguageModelConfig):
+        return LanguageModelTask(config, seed)
+    if isinstance(config, RegBenchConfig):
+        return RegBenchTask(config, seed)
+    raise TypeError(f"no task for config {type(config).__name__}")
 
 
-__all__ = ["LengthGeneralizationTask", "Task", "build_task"]
+__all__ = ["LanguageModelTask", "LengthGeneralizationTask", "RegBenchTask", "Task", "build_task"]

@@ -142,7 +142,9 @@ class DfaTable:
                     self.legal[i, state, letter] = True
 
 
-def sample_sequences(table: DfaTable, dfa_ids: np.ndarray, rng: np.random.Generator) -> list[tuple[np.ndarray, np.ndarray]]:
+def sample_sequences(
+    table: DfaTable, dfa_ids: np.ndarray, rng: np.random.Generator
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """One sequence per DFA id: (tokens, state after each token, −1 after `|`).
 
     All strings are walked to the maximum length at once, choosing uniformly among the current
@@ -218,7 +220,7 @@ class RegBenchTask:
         return {1.0: torch.from_numpy(make_batch(self.eval_sequences["test"][:examples])[0])}
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Accuracy and TVD (percent) on the test split, the same and the loss on validation."""
+        """The reported accuracy and TVD (percent) come from test; model selection uses the val_* metrics."""
         val, test = self.score(model, device, "val"), self.score(model, device, "test")
         return {"accuracy": test["accuracy"], "tvd": test["tvd"],
                 "val_accuracy": val["accuracy"], "val_tvd": val["tvd"], "val_loss": val["loss"]}

@@ -1,0 +1,61 @@
+"""The RegBench and language-model families through the real commands: prepare, train, run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STORIES = [ROOT / "tests" / "data" / "stories.jsonl", ROOT / "tests" / "data" / "stories.txt"]
+
+
+def mosaic_sweep(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_prepare_then_language_model_sweep_gives_loss_tables(tmp_path):
+    prepared = mosaic_sweep("prepare", *STORIES, "--out", "data/tiny_stories", "--val-fraction", "0.3", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert "train 7 documents" in prepared.stdout
+    again = mosaic_sweep("prepare", *STORIES, "--out", "data/tiny_stories", cwd=tmp_path)
+    assert again.returncode == 2 and again.stderr.startswith("error: ") and "overwrite" in again.stderr
+
+    spec = yaml.safe_load((ROOT / "search_spaces" / "babistories_smoke.yaml").read_text())
+    spec["kernels"] = ["gaussian", "relumax"]
+    spec["base"]["train"].update(max_steps=6, eval_interval=3)
+    (tmp_path / "lm.yaml").write_text(yaml.safe_dump(spec))
+    done = mosaic_sweep("run", "lm.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "val_loss ↓ n_layer=1" in done.stdout and "ood_loss ↓ n_layer=2" in done.stdout
+    results = pd.read_parquet(tmp_path / "sweeps" / "babistories_smoke" / "results.parquet")
+    assert results["trial_id"].nunique() == 4
+    val = results[results["metric"] == "val_loss"]
+    assert sorted(val["step"].unique()) == [3, 6] and val["value"].between(5, 12).all()
+    assert {"ood_loss/pos1", "ood_loss_ema/pos16"} <= set(results["metric"])
+
+
+def test_regbench_trial_through_the_train_command(tmp_path):
+    config = {
+        "seed": 0,
+        "task": {"name": "regbench", "num_examples": 30, "num_val": 3, "num_test": 3, "eval_batch_size": 3},
+        "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "kernel": "sparsemax"},
+        "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "eval_interval": 2},
+    }
+    (tmp_path / "regbench.yaml").write_text(yaml.safe_dump(config))
+    done = mosaic_sweep("train", "regbench.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "regbench" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [2, 4]
+    for m in metrics:
+        assert 0 <= m["accuracy"] <= 100 and 0 <= m["tvd"] <= 100 and m["val_loss"] > 0
+        assert "support_size/l0h1" in m
