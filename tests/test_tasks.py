@@ -51,6 +51,14 @@ def test_paper_figure_4_sort_example():
     assert task().target(src).tolist() == expected
 
 
+def test_paper_figure_4_reverse_example():
+    src = np.array([22, 16, 12, 2, 5, 26, 31, 6, 20, 3, 9, 14, 24, 4, 8, 1, 28, 0, 17, 4, 7, 28, 2, 20, 24, 24, 11, 16,
+                    24, 14, 26, 2, 3, 31, 20, 22, 4, 16, 10, 20, 4, 8])
+    expected = [8, 4, 20, 10, 16, 4, 22, 20, 31, 3, 2, 26, 14, 24, 16, 11, 24, 24, 20, 2, 28, 7, 4, 17, 0, 28, 1, 8, 4,
+                24, 14, 9, 3, 20, 6, 31, 26, 5, 2, 12, 16, 22]
+    assert task("reverse").target(src).tolist() == expected
+
+
 def test_training_batches_are_deterministic_per_seed_and_index():
     a, b = task(seed=3), task(seed=3)
     assert torch.equal(a.train_batch(5, 8)[0], b.train_batch(5, 8)[0])
