@@ -16,6 +16,7 @@ causal mask gives output t+1 at row i; the result is shifted back with a zero ro
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 from typing import Any
 
@@ -132,27 +133,25 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, mask_mode: str | None, scale: floa
 
 
 @functools.cache
+def _usable_on_cuda(module: str) -> bool:
+    """True when CUDA is here and `module` (from the `gpu` extra) imports."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
 def adasplash_available() -> bool:
-    """True when the `adasplash` Triton kernels can be imported (the `gpu` extra, on CUDA)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import adasplash  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when AdaSplash's Triton kernels can run here."""
+    return _usable_on_cuda("adasplash")
 
 
-@functools.cache
 def triton_available() -> bool:
-    """True when Triton kernels can run here (the `gpu` extra, on CUDA)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """True when our own Triton kernels can run here."""
+    return _usable_on_cuda("triton")
 
 
 def _triton_relu_applies(q: Tensor) -> bool:
