@@ -76,3 +76,11 @@ def read_results(sweep_dir: str | Path) -> pd.DataFrame:
     else:
         table = RESULTS_SCHEMA.empty_table()
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
+
+
+def read_trial_rows(sweep_dir: str | Path, trial_id: str) -> list[dict]:
+    """The rows one trial has written so far (none yet: an empty list), e.g. to extend after a restart."""
+    part = store_path(sweep_dir) / _part_name(trial_id)
+    if not part.is_file():
+        return []
+    return pq.read_table(part, schema=RESULTS_SCHEMA).to_pylist()

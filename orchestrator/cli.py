@@ -46,6 +46,7 @@ def run(
     mlflow_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<sweeps>/mlflow.db.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the expanded trials and start nothing.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep in the folder: finished trials are kept, interrupted ones continue from their checkpoints.")] = False,
 ) -> None:
     """Validate a sweep, run one Ray Tune trial per grid point, print the results table."""
     sweep = _load(spec)
@@ -63,8 +64,8 @@ def run(
     tracking_uri = mlflow_uri or default_tracking_uri(sweep_dir.parent)
     verbose = logging.getLogger().level <= logging.INFO
     try:
-        outcome = run_sweep(sweep, sweep_dir, tracking_uri, overwrite=overwrite, verbose=verbose)
-    except FileExistsError as error:
+        outcome = run_sweep(sweep, sweep_dir, tracking_uri, overwrite=overwrite, resume=resume, verbose=verbose)
+    except (FileExistsError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
     typer.echo("")
     typer.echo(outcome.table_markdown)
@@ -121,6 +122,84 @@ def prepare(
     docs, tokens = meta["documents"], meta["tokens"]
     typer.echo(f"{out}: train {docs['train']} documents / {tokens['train']} tokens, "
                f"val {docs['val']} documents / {tokens['val']} tokens")
+
+
+TABLE_FORMATS = ("md", "latex", "csv")
+
+
+def _results(sweep_dir: Path | None, from_mlflow: str | None, experiment: str | None) -> "pandas.DataFrame":
+    """The results frame of a sweep folder, or rebuilt from an MLflow experiment."""
+    from analysis.results_store import read_results, store_path
+
+    if (sweep_dir is None) == (from_mlflow is None):
+        raise _fail("give either DIR or --from-mlflow URI --experiment NAME")
+    if from_mlflow is None:
+        if experiment is not None:
+            raise _fail("--experiment goes with --from-mlflow")
+        results = read_results(sweep_dir)
+        if results.empty:
+            raise _fail(f"no results in {store_path(sweep_dir)}")
+        return results
+    if experiment is None:
+        raise _fail("--from-mlflow needs --experiment NAME (the sweep's name)")
+    from analysis.mlflow_source import results_from_mlflow
+
+    try:
+        results = results_from_mlflow(from_mlflow, experiment)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    if results.empty:
+        raise _fail(f"MLflow experiment {experiment!r} at {from_mlflow} holds no results")
+    return results
+
+
+@app.command()
+def table(
+    sweep_dir: Annotated[Optional[Path], typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet; or use --from-mlflow.")] = None,
+    metric: Annotated[Optional[str], typer.Option(help="Metric to show. Default: exact_match by length_factor, accuracy and tvd by num_examples, val_loss and ood_loss by n_layer.")] = None,
+    fmt: Annotated[str, typer.Option("--format", help="md, latex (booktabs) or csv (numbers only).")] = "md",
+    by: Annotated[str, typer.Option(help="Columns: length_factor (Table 2), num_examples (RegBench, Table 1) or n_layer (losses per depth).")] = "length_factor",
+    out: Annotated[Optional[Path], typer.Option(help="Write the table to this file instead of printing it.")] = None,
+    from_mlflow: Annotated[Optional[str], typer.Option("--from-mlflow", metavar="URI", help="Rebuild the results from this MLflow tracking URI instead of DIR (the latest sweep run).")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment, the sweep's name; with --from-mlflow.")] = None,
+) -> None:
+    """Print a sweep's results table: mean^(max) over seeds, best mean bold, best seed underlined."""
+    from analysis.tables import TABLE_METRICS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
+
+    if by not in TABLE_METRICS:
+        raise _fail(f"unknown --by {by!r}; choose from {', '.join(TABLE_METRICS)}")
+    if fmt not in TABLE_FORMATS:
+        raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(TABLE_FORMATS)}")
+    results = _results(sweep_dir, from_mlflow, experiment)
+    try:
+        stats = table_stats(results, by=by, metric=metric, planned_seeds=results["seed"].nunique())
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    text = {"md": lambda: to_markdown(markdown_cells(stats)), "latex": lambda: to_latex(stats),
+            "csv": lambda: to_csv(stats)}[fmt]()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+def plot(
+    sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")],
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNG files. Default: DIR/plots.")] = None,
+) -> None:
+    """Draw a sweep's figures (PNG) for the metrics it has: exact match and support size vs. length,
+    validation loss vs. step, per-position OOD loss."""
+    from analysis.plots import make_plots
+
+    results = _results(sweep_dir, None, None)
+    paths = make_plots(results, out or sweep_dir / "plots")
+    if not paths:
+        present = ", ".join(sorted(results["metric"].dropna().unique()))
+        raise _fail(f"nothing to plot in {sweep_dir}: no exact_match, val_loss, ood_loss_ema/pos* or support_size; metrics present: {present}")
+    for path in paths:
+        typer.echo(str(path))
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -29,8 +30,8 @@ def prepare_output_dir(sweep_dir: Path, overwrite: bool, what: str = "a sweep") 
     if sweep_dir.exists() and any(sweep_dir.iterdir()):
         if not overwrite:
             raise FileExistsError(
-                f"{sweep_dir} already holds {what}; pass --overwrite (the old folder is kept as a backup) "
-                f"or --out another folder"
+                f"{sweep_dir} already holds {what}; pass --resume to continue it, --overwrite to start again "
+                f"(the old folder is kept as a backup), or --out another folder"
             )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         backup = sweep_dir.with_name(f"{sweep_dir.name}.bak-{stamp}")
@@ -102,8 +103,14 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
             train_trial(trial_config, report=report, resume_from=directory)
 
 
-def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bool = False, verbose: bool = False) -> SweepOutcome:
-    """Run every trial of `sweep` on the local Ray instance; return the Table-2 style summary."""
+def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bool = False, resume: bool = False,
+              verbose: bool = False) -> SweepOutcome:
+    """Run every trial of `sweep` on the local Ray instance; return the summary table.
+
+    With `resume`, continue the sweep in `sweep_dir` through `Tuner.restore`: finished trials are
+    not run again, interrupted ones continue from their last checkpoint, errored ones retry; the
+    MLflow parent and child runs of the first invocation are reused.
+    """
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-machine Ray needs no token
     import ray
     from mlflow import MlflowClient
@@ -112,39 +119,60 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
 
     from analysis.results_store import read_results
     from orchestrator.progress import TrialProgress
-    from orchestrator.tracking import SweepTracker
+    from orchestrator.tracking import SweepTracker, fail_unfinished_runs, load_run_map
 
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
-    prepare_output_dir(sweep_dir, overwrite)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    experiment = client.get_experiment_by_name(sweep.name)
-    if experiment is None:
-        artifacts = (sweep_dir.parent / "mlartifacts").resolve().as_uri()
-        experiment_id = client.create_experiment(sweep.name, artifact_location=artifacts)
+    tune_dir = (sweep_dir / "tune").resolve()
+    configs_file = sweep_dir / "trials.json"
+    if resume:
+        if not (configs_file.is_file() and tune.Tuner.can_restore(str(tune_dir))):
+            raise FileNotFoundError(f"{sweep_dir} holds no sweep to resume; run it without --resume first")
+        configs = json.loads(configs_file.read_text())  # as first expanded: an edited sweep file cannot derail it
     else:
-        experiment_id = experiment.experiment_id
-    parent = client.create_run(experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"sweep_dir": str(sweep_dir.resolve()), "mlflow.note.content": sweep.description})
-    parent_id = parent.info.run_id
+        prepare_output_dir(sweep_dir, overwrite)
+        configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
+        configs_file.write_text(json.dumps(configs, indent=1))
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    run_map = load_run_map(sweep_dir) if resume else None
+    if run_map is not None:
+        experiment_id = client.get_run(run_map["parent"]).info.experiment_id
+        parent_id = run_map["parent"]
+        client.update_run(parent_id, status="RUNNING")
+    else:
+        experiment = client.get_experiment_by_name(sweep.name)
+        if experiment is None:
+            artifacts = (sweep_dir.parent / "mlartifacts").resolve().as_uri()
+            experiment_id = client.create_experiment(sweep.name, artifact_location=artifacts)
+        else:
+            experiment_id = experiment.experiment_id
+        parent = client.create_run(experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                                   tags={"sweep_dir": str(sweep_dir.resolve()), "mlflow.note.content": sweep.description})
+        parent_id = parent.info.run_id
+    tracker = SweepTracker(client, experiment_id, parent_id, sweep_dir, configs)
     status = RunStatus.FAILED
     try:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
         resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
-        configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
-        tuner = tune.Tuner(
-            tune.with_resources(tune.with_parameters(_run_trial, configs=configs), resources),
-            param_space={"variant": tune.grid_search(list(configs))},
-            tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
-            run_config=tune.RunConfig(
-                name="tune",
-                storage_path=str(sweep_dir.resolve()),
-                callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
-                           TrialProgress(len(configs))],
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                verbose=2 if verbose else 0,
-            ),
+        trainable = tune.with_resources(tune.with_parameters(_run_trial, configs=configs), resources)
+        run_config = tune.RunConfig(
+            name="tune",
+            storage_path=str(tune_dir.parent),
+            callbacks=[tracker, TrialProgress(len(configs))],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            verbose=2 if verbose else 0,
         )
+        if resume:
+            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"variant": tune.grid_search(list(configs))},
+                tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
+                run_config=run_config,
+            )
         grid = tuner.fit()
         trials_by_status: dict[str, int] = {}
         for result in grid:
@@ -161,4 +189,5 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
         status = RunStatus.KILLED
         raise
     finally:
+        fail_unfinished_runs(client, sweep_dir)
         client.set_terminated(parent_id, status=RunStatus.to_string(status))

@@ -21,12 +21,13 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
-from analysis.results_store import write_trial_rows
+from analysis.results_store import read_trial_rows, write_trial_rows
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
 from mosaic_core.metrics import parse_metric_name
 
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}
+_ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id")  # set when rows are written
 
 
 def default_tracking_uri(sweeps_dir: Path) -> str:
@@ -59,8 +60,32 @@ def trial_columns(config: TrialConfig) -> dict[str, Any]:
     }
 
 
+RUN_MAP = "mlflow_runs.json"
+
+
+def load_run_map(sweep_dir: Path) -> dict[str, Any] | None:
+    """{"parent": run id, "trials": {trial id: run id}} of the sweep in `sweep_dir`, if any."""
+    path = sweep_dir / RUN_MAP
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def fail_unfinished_runs(client: MlflowClient, sweep_dir: Path) -> list[str]:
+    """End FAILED every child run still RUNNING once Tune is done: its trial's process is gone."""
+    run_map = load_run_map(sweep_dir) or {"trials": {}}
+    stuck = [run_id for run_id in run_map["trials"].values()
+             if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING)]
+    for run_id in stuck:
+        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+    return stuck
+
+
 class SweepTracker(Callback):
-    """Ray Tune callback: child MLflow runs and results-store rows for every trial of a sweep."""
+    """Ray Tune callback: child MLflow runs and results-store rows for every trial of a sweep.
+
+    Its memory lives in the sweep folder (the trial → run map, the results store), not in this
+    object: Tune restores callbacks as they were pickled when the sweep began, so a resumed sweep
+    reads back which runs and rows exist and reuses them instead of duplicating them.
+    """
 
     def __init__(
         self, client: MlflowClient, experiment_id: str, parent_run_id: str, sweep_dir: Path,
@@ -74,19 +99,27 @@ class SweepTracker(Callback):
         self.run_ids: dict[str, str] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
 
+    def setup(self, **info: Any) -> None:
+        self.run_ids = (load_run_map(self.sweep_dir) or {"trials": {}})["trials"]
+
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         config = self.configs[trial.config["variant"]]
-        run = self.client.create_run(
-            self.experiment_id,
-            run_name=trial.config["variant"],
-            tags={"mlflow.parentRunId": self.parent_run_id, "ray.trial_id": trial.trial_id,
-                  "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params)},
-        )
-        self.run_ids[trial.trial_id] = run.info.run_id
-        params = [Param(key, str(value)) for key, value in flatten(config.model_dump()).items()]
-        self.client.log_batch(run.info.run_id, params=params)
-        self.rows[trial.trial_id] = []
-        self._save_run_map()
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None:
+            run = self.client.create_run(
+                self.experiment_id,
+                run_name=trial.config["variant"],
+                tags={"mlflow.parentRunId": self.parent_run_id, "ray.trial_id": trial.trial_id,
+                      "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params)},
+            )
+            run_id = self.run_ids[trial.trial_id] = run.info.run_id
+            params = [Param(key, str(value)) for key, value in flatten(config.model_dump()).items()]
+            self.client.log_batch(run_id, params=params)  # params are immutable in MLflow: once per run
+            self._save_run_map()
+        else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
+            self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        earlier = read_trial_rows(self.sweep_dir, trial.trial_id)
+        self.rows[trial.trial_id] = [{key: row[key] for key in row if key not in _ROW_IDENTITY} for row in earlier]
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any) -> None:
         metrics = reported_metrics(result)
@@ -95,13 +128,14 @@ class SweepTracker(Callback):
         logged = [Metric(key, value, now, step) for key, value in metrics.items() if key != "step" and math.isfinite(value)]
         self.client.log_batch(self.run_ids[trial.trial_id], metrics=logged)
         columns = trial_columns(self.configs[trial.config["variant"]])
+        rows = self.rows[trial.trial_id]
         for key, value in metrics.items():
             if key == "step":
                 continue
             metric, factor = parse_metric_name(key)
-            self.rows[trial.trial_id].append(
-                {**columns, "metric": metric, "length_factor": factor, "step": step, "value": value}
-            )
+            # a trial restarted from a checkpoint reports some steps again: the new value replaces the old
+            rows[:] = [r for r in rows if (r["metric"], r["length_factor"], r["step"]) != (metric, factor, step)]
+            rows.append({**columns, "metric": metric, "length_factor": factor, "step": step, "value": value})
         self._write_rows(trial, "RUNNING")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -128,7 +162,7 @@ class SweepTracker(Callback):
 
     def _save_run_map(self) -> None:
         """Trial id -> MLflow run id, kept beside the results so a later resume can find its runs."""
-        path = self.sweep_dir / "mlflow_runs.json"
+        path = self.sweep_dir / RUN_MAP
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps({"parent": self.parent_run_id, "trials": self.run_ids}, indent=1))
         os.replace(tmp, path)

@@ -45,6 +45,7 @@ class SweepFile(BaseModel):
     cases: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(1, ge=0, description="retries of a failing trial, each from its last checkpoint")
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,7 @@ class Sweep:
     trials: list[Trial]
     kernel_labels: list[str] = field(default_factory=list)  # table row order: as written in the file
     planned_seeds: int = 1
+    max_failures: int = 1
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -125,7 +127,7 @@ def expand(spec: SweepFile, source: str) -> Sweep:
         raise SweepError(f"{source}: two grid points make the same trial '{twice}'; list each value once")
     labels = list(dict.fromkeys(trial.kernel_label for trial in trials))
     seeds = len(spec.grid.get("seed", [None]))
-    return Sweep(spec.name, spec.description, spec.resources, trials, labels, seeds)
+    return Sweep(spec.name, spec.description, spec.resources, trials, labels, seeds, spec.max_failures)
 
 
 def _name(varying: dict[str, Any]) -> str:

@@ -162,13 +162,13 @@ def test_two_grid_values_that_make_the_same_trial_are_refused(write_sweep, smoke
 def test_unknown_top_level_key(write_sweep, smoke_spec):
     smoke_spec["seeds"] = [0, 1]
     message = sweep_error(write_sweep(smoke_spec, "typo"))
-    assert message == "typo.yaml: unknown key 'seeds'; allowed: name, description, base, kernels, cases, grid, resources"
+    assert message == "typo.yaml: unknown key 'seeds'; allowed: name, description, base, kernels, cases, grid, resources, max_failures"
 
 
 def test_misspelt_required_key_is_named(write_sweep, smoke_spec):
     smoke_spec["kernals"] = smoke_spec.pop("kernels")
     message = sweep_error(write_sweep(smoke_spec, "typo"))
-    assert message == "typo.yaml: unknown key 'kernals'; allowed: name, description, base, kernels, cases, grid, resources"
+    assert message == "typo.yaml: unknown key 'kernals'; allowed: name, description, base, kernels, cases, grid, resources, max_failures"
 
 
 def test_unknown_key_inside_base(write_sweep, smoke_spec):
@@ -318,4 +318,4 @@ def test_invalid_yaml(write_sweep):
 @pytest.mark.parametrize("text", ["", "- softmax\n- sparsemax\n", "just a string\n"])
 def test_not_a_mapping(write_sweep, text):
     message = sweep_error(write_sweep(text, "odd"))
-    assert message == "odd.yaml: a sweep file is a mapping with keys name, description, base, kernels, cases, grid, resources"
+    assert message == "odd.yaml: a sweep file is a mapping with keys name, description, base, kernels, cases, grid, resources, max_failures"

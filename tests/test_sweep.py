@@ -123,7 +123,7 @@ def fake_run_sweep(monkeypatch, tmp_path):
     calls: list[dict] = []
     statuses = {"TERMINATED": 6}
 
-    def fake(sweep, sweep_dir, tracking_uri, *, overwrite=False, verbose=False):
+    def fake(sweep, sweep_dir, tracking_uri, *, overwrite=False, resume=False, verbose=False):
         calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=sweep_dir,
                           tracking_uri=tracking_uri, overwrite=overwrite))
         return SweepOutcome(sweep_dir, "| Kernel |\n", "parent123", tracking_uri, dict(statuses))

@@ -42,8 +42,8 @@ def test_train_writes_a_run_folder_and_resumes_it(tmp_path):
     again = mosaic_sweep("train", config, cwd=tmp_path)
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
-        f"error: runs/tiny already holds a run; pass --overwrite (the old folder is kept as a backup) "
-        f"or --out another folder"]
+        "error: runs/tiny already holds a run; pass --resume to continue it, --overwrite to start again "
+        "(the old folder is kept as a backup), or --out another folder"]
 
     resumed = mosaic_sweep("train", config, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
