@@ -76,6 +76,26 @@ def sweep_tables(sweep: Sweep, results: Any) -> str:
     return "\n".join(parts)
 
 
+def write_table_files(sweep: Sweep, results: Any, sweep_dir: Path) -> list[Path]:
+    """table-<layout>.tex and .csv beside table.md, for each layout the sweep's tasks have."""
+    from analysis.tables import table_stats, to_csv, to_latex
+
+    families = {trial.config.task.name for trial in sweep.trials}
+    layouts = [by for by, tasks in (("length_factor", {"sort", "reverse", "copy", "mqmtar"}),
+                                    ("num_examples", {"regbench"}), ("n_layer", {"lm"})) if families & tasks]
+    written = []
+    for by in layouts:
+        try:
+            stats = table_stats(results, by=by, planned_seeds=sweep.planned_seeds)
+        except ValueError:  # nothing reported yet for this layout (every trial failed early)
+            continue
+        for suffix, render in ((".tex", to_latex), (".csv", to_csv)):
+            path = sweep_dir / f"table-{by}{suffix}"
+            path.write_text(render(stats))
+            written.append(path)
+    return written
+
+
 def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
     """The Ray Tune function trainable: one `train_trial`, reporting through `ray.tune.report`.
 
@@ -117,6 +137,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
     from mlflow.entities import RunStatus
     from ray import tune
 
+    from analysis.plots import make_plots
     from analysis.results_store import read_results
     from orchestrator.progress import TrialProgress
     from orchestrator.tracking import SweepTracker, fail_unfinished_runs, load_run_map
@@ -179,10 +200,14 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
             key = "ERROR" if result.error else "TERMINATED"
             trials_by_status[key] = trials_by_status.get(key, 0) + 1
 
-        markdown = sweep_tables(sweep, read_results(sweep_dir))
-        table_path = sweep_dir / "table.md"
-        table_path.write_text(markdown + "\n")
-        client.log_artifact(parent_id, str(table_path))
+        results = read_results(sweep_dir)
+        markdown = sweep_tables(sweep, results)
+        (sweep_dir / "table.md").write_text(markdown + "\n")
+        for path in [sweep_dir / "table.md", *write_table_files(sweep, results, sweep_dir)]:
+            client.log_artifact(parent_id, str(path))
+        plots = make_plots(results, sweep_dir / "plots")
+        if plots:
+            client.log_artifacts(parent_id, str(sweep_dir / "plots"), artifact_path="plots")
         status = RunStatus.FINISHED if not grid.errors else RunStatus.FAILED
         return SweepOutcome(sweep_dir, markdown, parent_id, tracking_uri, trials_by_status)
     except KeyboardInterrupt:

@@ -124,11 +124,13 @@ class SweepTracker(Callback):
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any) -> None:
         metrics = reported_metrics(result)
         step = int(metrics.get("step", result.get("training_iteration", 0)))
-        now = int(time.time() * 1000)
-        logged = [Metric(key, value, now, step) for key, value in metrics.items() if key != "step" and math.isfinite(value)]
-        self.client.log_batch(self.run_ids[trial.trial_id], metrics=logged)
-        columns = trial_columns(self.configs[trial.config["variant"]])
         rows = self.rows[trial.trial_id]
+        if step not in {row["step"] for row in rows}:  # a restarted trial repeats steps: MLflow has them
+            now = int(time.time() * 1000)
+            logged = [Metric(key, value, now, step) for key, value in metrics.items()
+                      if key != "step" and math.isfinite(value)]
+            self.client.log_batch(self.run_ids[trial.trial_id], metrics=logged)
+        columns = trial_columns(self.configs[trial.config["variant"]])
         for key, value in metrics.items():
             if key == "step":
                 continue

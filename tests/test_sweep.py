@@ -267,7 +267,11 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     (parent,) = parents
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep_dir"] == str(sweep_dir.resolve())
-    assert "table.md" in [a.path for a in client.list_artifacts(parent.info.run_id)]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"table.md", "table-length_factor.tex", "table-length_factor.csv", "plots"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/exact_match_vs_length.png", "plots/support_size_vs_length.png"} <= figures, figures
+    assert "\\toprule" in (sweep_dir / "table-length_factor.tex").read_text()
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
 
