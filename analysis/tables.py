@@ -122,7 +122,12 @@ def summary_stats(
 
 
 def table_stats(
-    results: pd.DataFrame, *, by: str = "length_factor", metric: str | None = None, planned_seeds: int | None = None
+    results: pd.DataFrame,
+    *,
+    by: str = "length_factor",
+    metric: str | None = None,
+    planned_seeds: int | None = None,
+    row_order: list[str] | None = None,
 ) -> TableStats:
     """The paper's table laid out by `by` (a key of TABLE_METRICS), for `metric` or the layout's
     default metrics; ValueError, naming the metrics present, when there is nothing to show."""
@@ -133,9 +138,10 @@ def table_stats(
         raise ValueError(f"no results for metric {wanted} by {by}; metrics present: {', '.join(present) or 'none'}")
     if by == "length_factor":
         return length_generalization_stats(results, metric=metrics[0], planned_seeds=planned_seeds,
-                                           lower_is_better=lower_is_better(metrics[0]))
+                                           lower_is_better=lower_is_better(metrics[0]), row_order=row_order)
     lower = frozenset(m for m in metrics if lower_is_better(m))
-    return summary_stats(results, metrics=metrics, by=by, lower_is_better=lower, planned_seeds=planned_seeds)
+    return summary_stats(results, metrics=metrics, by=by, lower_is_better=lower, planned_seeds=planned_seeds,
+                         row_order=row_order)
 
 
 def _column_cells(column: Column, planned_seeds: int | None, markup: _Markup) -> dict[str, str]:

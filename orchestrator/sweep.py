@@ -53,47 +53,44 @@ def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "task": task}
 
 
-def sweep_tables(sweep: Sweep, results: Any) -> str:
-    """The paper's table for each task family in the sweep: Table 2 (exact match per length) for
-    the length tasks, Table 1 (accuracy, TVD per training-set size) for RegBench, losses per depth
-    for language modelling."""
-    from analysis.tables import length_generalization_table, summary_table, to_markdown
+# the paper's table for each task family: Table 2, Table 1, losses per depth
+_LAYOUTS = (
+    ("length_factor", {"sort", "reverse", "copy", "mqmtar"}, "exact match, mean^(max) over seeds"),
+    ("num_examples", {"regbench"}, "accuracy and TVD (%), mean^(best) over seeds"),
+    ("n_layer", {"lm"}, "losses, mean^(best) over seeds"),
+)
+
+
+def _sweep_tables(sweep: Sweep, results: Any) -> list[tuple[str, str, Any]]:
+    """(layout, title, table numbers) for each task family in the sweep that has results."""
+    from analysis.tables import table_stats
 
     families = {trial.config.task.name for trial in sweep.trials}
-    common = {"row_order": sweep.kernel_labels, "planned_seeds": sweep.planned_seeds}
-    parts = []
-    if families & {"sort", "reverse", "copy", "mqmtar"}:
-        table = length_generalization_table(results, **common)
-        parts.append(to_markdown(table, title=f"{sweep.name}: exact match, mean^(max) over seeds"))
-    if "regbench" in families:
-        table = summary_table(results, metrics=["accuracy", "tvd"], by="num_examples",
-                              lower_is_better=frozenset({"tvd"}), **common)
-        parts.append(to_markdown(table, title=f"{sweep.name}: accuracy and TVD (%), mean^(best) over seeds"))
-    if "lm" in families:
-        table = summary_table(results, metrics=["val_loss", "ood_loss"], by="n_layer",
-                              lower_is_better=frozenset({"val_loss", "ood_loss"}), **common)
-        parts.append(to_markdown(table, title=f"{sweep.name}: losses, mean^(best) over seeds"))
-    return "\n".join(parts)
+    tables = []
+    for by, tasks, title in _LAYOUTS:
+        if families & tasks:
+            try:
+                stats = table_stats(results, by=by, planned_seeds=sweep.planned_seeds, row_order=sweep.kernel_labels)
+            except ValueError:  # nothing reported for this layout (every trial failed early)
+                continue
+            tables.append((by, f"{sweep.name}: {title}", stats))
+    return tables
 
 
-def write_table_files(sweep: Sweep, results: Any, sweep_dir: Path) -> list[Path]:
-    """table-<layout>.tex and .csv beside table.md, for each layout the sweep's tasks have."""
-    from analysis.tables import table_stats, to_csv, to_latex
+def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list[Path]]:
+    """table.md (printed at the end of a run), and table-<layout>.tex / .csv beside it."""
+    from analysis.tables import markdown_cells, to_csv, to_latex, to_markdown
 
-    families = {trial.config.task.name for trial in sweep.trials}
-    layouts = [by for by, tasks in (("length_factor", {"sort", "reverse", "copy", "mqmtar"}),
-                                    ("num_examples", {"regbench"}), ("n_layer", {"lm"})) if families & tasks]
-    written = []
-    for by in layouts:
-        try:
-            stats = table_stats(results, by=by, planned_seeds=sweep.planned_seeds)
-        except ValueError:  # nothing reported yet for this layout (every trial failed early)
-            continue
+    tables = _sweep_tables(sweep, results)
+    markdown = "\n".join(to_markdown(markdown_cells(stats), title=title) for _, title, stats in tables)
+    written = [sweep_dir / "table.md"]
+    written[0].write_text(markdown + "\n")
+    for by, _, stats in tables:
         for suffix, render in ((".tex", to_latex), (".csv", to_csv)):
             path = sweep_dir / f"table-{by}{suffix}"
             path.write_text(render(stats))
             written.append(path)
-    return written
+    return markdown, written
 
 
 def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
@@ -201,9 +198,8 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
             trials_by_status[key] = trials_by_status.get(key, 0) + 1
 
         results = read_results(sweep_dir)
-        markdown = sweep_tables(sweep, results)
-        (sweep_dir / "table.md").write_text(markdown + "\n")
-        for path in [sweep_dir / "table.md", *write_table_files(sweep, results, sweep_dir)]:
+        markdown, table_files = write_tables(sweep, results, sweep_dir)
+        for path in table_files:
             client.log_artifact(parent_id, str(path))
         plots = make_plots(results, sweep_dir / "plots")
         if plots:
