@@ -202,5 +202,35 @@ def plot(
         typer.echo(str(path))
 
 
+@app.command()
+def status(sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder.")]) -> None:
+    """Trials by state and the best so far, from the sweep folder alone (while it runs, or after)."""
+    import json
+
+    import pandas as pd
+
+    from analysis.results_store import read_results
+    from analysis.tables import last_evaluation
+
+    trials_file = sweep_dir / "trials.json"
+    if not trials_file.is_file():
+        raise _fail(f"{sweep_dir} is not a sweep folder (no trials.json); run `mosaic-sweep run` first")
+    planned = len(json.loads(trials_file.read_text()))
+    results = read_results(sweep_dir)
+    states = results.groupby("trial_id")["status"].last().value_counts().to_dict() if len(results) else {}
+    states["PENDING"] = planned - sum(states.values())
+    typer.echo(f"{sweep_dir}: {planned} trials — " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))
+    for metric, best in (("exact_match", "max"), ("accuracy", "max"), ("val_loss", "min")):
+        rows = last_evaluation(results[results["metric"] == metric])
+        if rows.empty:
+            continue
+        if rows["length_factor"].notna().any():  # the shortest evaluation length: in distribution
+            rows = rows[rows["length_factor"] == rows["length_factor"].min()]
+        top = rows.loc[rows["value"].idxmax() if best == "max" else rows["value"].idxmin()]
+        where = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
+        typer.echo(f"best {metric}{where}: {top['value']:.4g}  {top['kernel_label']}, seed {top['seed']}, "
+                   f"{top['task']} (trial {top['trial_id']}, step {top['step']})")
+
+
 if __name__ == "__main__":
     app()

@@ -340,3 +340,28 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert len(new_children) == 6
     new_results = read_results(sweep_dir)
     assert new_results["trial_id"].nunique() == 6 and set(new_results["mlflow_run_id"]) == new_children
+
+
+def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
+    from analysis.results_store import write_trial_rows
+
+    sweep_dir = tmp_path / "sweeps" / "s"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / "trials.json").write_text('{"a": {}, "b": {}, "c": {}}')
+    common = {"task": "sort", "kernel": "softmax", "n_layer": 1, "metric": "exact_match"}
+    write_trial_rows(sweep_dir, "t1", [
+        {**common, "kernel_label": "Gaussian", "seed": 0, "length_factor": 1.0, "step": 10, "value": 0.9, "status": "TERMINATED"},
+        {**common, "kernel_label": "Gaussian", "seed": 0, "length_factor": 2.0, "step": 10, "value": 0.95, "status": "TERMINATED"},
+    ])
+    write_trial_rows(sweep_dir, "t2", [
+        {**common, "kernel_label": "Biweight", "seed": 1, "length_factor": 1.0, "step": 5, "value": 0.97, "status": "RUNNING"},
+        {**common, "kernel_label": "Biweight", "seed": 1, "length_factor": 1.0, "step": 10, "value": 0.93, "status": "RUNNING"},
+    ])
+    done = CliRunner().invoke(cli.app, ["status", str(sweep_dir)])
+    assert done.exit_code == 0, done.output
+    assert done.output.splitlines() == [
+        f"{sweep_dir}: 3 trials — 1 PENDING, 1 RUNNING, 1 TERMINATED",
+        "best exact_match at 1×: 0.93  Biweight, seed 1, sort (trial t2, step 10)",  # last evaluations only
+    ]
+    missing = CliRunner().invoke(cli.app, ["status", str(tmp_path)])
+    assert missing.exit_code == 2 and "is not a sweep folder" in missing.output
