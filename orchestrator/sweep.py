@@ -137,27 +137,24 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
     from analysis.plots import make_plots
     from analysis.results_store import read_results
     from orchestrator.progress import TrialProgress
-    from orchestrator.tracking import SweepTracker, fail_unfinished_runs, load_run_map
+    from orchestrator.tracking import SweepTracker, fail_unfinished_runs, load_run_map, save_run_map
 
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
     tune_dir = (sweep_dir / "tune").resolve()
     configs_file = sweep_dir / "trials.json"
     if resume:
-        if not (configs_file.is_file() and tune.Tuner.can_restore(str(tune_dir))):
+        run_map = load_run_map(sweep_dir)
+        if not (configs_file.is_file() and run_map and tune.Tuner.can_restore(str(tune_dir))):
             raise FileNotFoundError(f"{sweep_dir} holds no sweep to resume; run it without --resume first")
+        client = MlflowClient(tracking_uri=tracking_uri)
         configs = json.loads(configs_file.read_text())  # as first expanded: an edited sweep file cannot derail it
+        parent_id = run_map["parent"]
+        client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
         prepare_output_dir(sweep_dir, overwrite)
         configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
         configs_file.write_text(json.dumps(configs, indent=1))
-
-    client = MlflowClient(tracking_uri=tracking_uri)
-    run_map = load_run_map(sweep_dir) if resume else None
-    if run_map is not None:
-        experiment_id = client.get_run(run_map["parent"]).info.experiment_id
-        parent_id = run_map["parent"]
-        client.update_run(parent_id, status="RUNNING")
-    else:
+        client = MlflowClient(tracking_uri=tracking_uri)
         experiment = client.get_experiment_by_name(sweep.name)
         if experiment is None:
             artifacts = (sweep_dir.parent / "mlartifacts").resolve().as_uri()
@@ -167,29 +164,29 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
         parent = client.create_run(experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                                    tags={"sweep_dir": str(sweep_dir.resolve()), "mlflow.note.content": sweep.description})
         parent_id = parent.info.run_id
-    tracker = SweepTracker(client, experiment_id, parent_id, sweep_dir, configs)
+        save_run_map(sweep_dir, parent_id, {})  # before any trial: a resume always finds its parent
     status = RunStatus.FAILED
     try:
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
         resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
         trainable = tune.with_resources(tune.with_parameters(_run_trial, configs=configs), resources)
-        run_config = tune.RunConfig(
-            name="tune",
-            storage_path=str(tune_dir.parent),
-            callbacks=[tracker, TrialProgress(len(configs))],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-            verbose=2 if verbose else 0,
-        )
-        if resume:
+        if resume:  # Tune restores its run config, callbacks included, as pickled when the sweep began
             tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable,
                 param_space={"variant": tune.grid_search(list(configs))},
                 tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
-                run_config=run_config,
+                run_config=tune.RunConfig(
+                    name="tune",
+                    storage_path=str(tune_dir.parent),
+                    callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
+                               TrialProgress(len(configs))],
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                    verbose=2 if verbose else 0,
+                ),
             )
         grid = tuner.fit()
         trials_by_status: dict[str, int] = {}

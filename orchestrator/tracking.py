@@ -69,6 +69,14 @@ def load_run_map(sweep_dir: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def save_run_map(sweep_dir: Path, parent_run_id: str, trial_runs: dict[str, str]) -> None:
+    """The parent run and trial id -> MLflow run id, kept beside the results so a resume finds them."""
+    path = sweep_dir / RUN_MAP
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"parent": parent_run_id, "trials": trial_runs}, indent=1))
+    os.replace(tmp, path)
+
+
 def fail_unfinished_runs(client: MlflowClient, sweep_dir: Path) -> list[str]:
     """End FAILED every child run still RUNNING once Tune is done: its trial's process is gone."""
     run_map = load_run_map(sweep_dir) or {"trials": {}}
@@ -115,7 +123,7 @@ class SweepTracker(Callback):
             run_id = self.run_ids[trial.trial_id] = run.info.run_id
             params = [Param(key, str(value)) for key, value in flatten(config.model_dump()).items()]
             self.client.log_batch(run_id, params=params)  # params are immutable in MLflow: once per run
-            self._save_run_map()
+            save_run_map(self.sweep_dir, self.parent_run_id, self.run_ids)
         else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         earlier = read_trial_rows(self.sweep_dir, trial.trial_id)
@@ -161,10 +169,3 @@ class SweepTracker(Callback):
         rows = [{**row, "trial_id": trial.trial_id, "status": status, "mlflow_run_id": run_id}
                 for row in self.rows[trial.trial_id]]
         write_trial_rows(self.sweep_dir, trial.trial_id, rows)
-
-    def _save_run_map(self) -> None:
-        """Trial id -> MLflow run id, kept beside the results so a later resume can find its runs."""
-        path = self.sweep_dir / RUN_MAP
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"parent": self.parent_run_id, "trials": self.run_ids}, indent=1))
-        os.replace(tmp, path)
