@@ -22,6 +22,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("value", pa.float64()),
         pa.field("status", pa.string()),  # Ray Tune trial status: RUNNING, TERMINATED, ERROR
         pa.field("mlflow_run_id", pa.string()),
+        pa.field("searched", pa.string()),  # JSON of the values a search suggested; null in a grid sweep
+        pa.field("error", pa.string()),  # a failed trial's error (its last line); it gets a row even if it never reported
     ]
 )
 

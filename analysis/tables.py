@@ -252,3 +252,19 @@ def to_csv(table: TableStats) -> str:
     buffer = io.StringIO()
     frame.to_csv(buffer, float_format="%.10g", lineterminator="\n")
     return buffer.getvalue()
+
+
+def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10) -> pd.DataFrame:
+    """An Optuna search's suggestions, best first: each suggestion's metric at its trials' last
+    evaluation, as mean and best over its seeds. `metric` is a reported name (`exact_match_2x`)."""
+    from mosaic_core.metrics import parse_metric_name
+
+    name, factor = parse_metric_name(metric)
+    rows = results[(results["metric"] == name)
+                   & (results["length_factor"].isna() if factor is None else results["length_factor"] == factor)]
+    last = last_evaluation(rows).assign(suggestion=lambda r: r["kernel_label"] + " " + r["searched"].fillna("{}"))
+    stats = last.groupby("suggestion")["value"].agg(["mean", "min", "max", "count"])
+    stats = stats.sort_values("mean", ascending=mode == "min").head(top)
+    best = stats["min"] if mode == "min" else stats["max"]
+    return pd.DataFrame({f"{metric} mean": stats["mean"].map("{:.4g}".format),
+                         "best seed": best.map("{:.4g}".format), "seeds": stats["count"]})

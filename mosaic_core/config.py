@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mosaic_core.kernels import resolve_kernel
+from mosaic_core.metrics import length_metric_name
 
 
 class _Strict(BaseModel):
@@ -43,6 +44,11 @@ class LengthTaskConfig(_Strict):
             raise ValueError(f"eval_factors must be a non-empty list of positive numbers; got {self.eval_factors}")
         return self
 
+    def metric_names(self) -> list[str]:
+        """The scalar metrics every evaluation reports (schedulers and searches pick one)."""
+        kinds = ["exact_match", "support_size"] + (["query_accuracy"] if self.name == "mqmtar" else [])
+        return [length_metric_name(kind, factor) for kind in kinds for factor in self.eval_factors]
+
 
 class RegBenchConfig(_Strict):
     """In-context learning of random regular languages (RegBench, Akyürek et al. 2024; SPEC §4)."""
@@ -53,6 +59,9 @@ class RegBenchConfig(_Strict):
     num_test: int = Field(500, ge=1)
     data_seed: int = Field(0, description="fixes the DFAs of every split, the same for all trial seeds")
     eval_batch_size: int = Field(32, ge=1)
+
+    def metric_names(self) -> list[str]:
+        return ["accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss", length_metric_name("support_size", 1)]
 
 
 class LanguageModelConfig(_Strict):
@@ -65,6 +74,9 @@ class LanguageModelConfig(_Strict):
     eval_batch_size: int = Field(16, ge=1)
     ood_data_dir: str | None = Field(None, description="another corpus for the per-position OOD loss, "
                                      "prepared with --val-fraction 1 (its val.bin is read)")
+
+    def metric_names(self) -> list[str]:
+        return ["val_loss", *(["ood_loss"] if self.ood_data_dir else []), length_metric_name("support_size", 1)]
 
 
 TaskConfig = Annotated[
@@ -130,6 +142,10 @@ class TrialConfig(_Strict):
     task: TaskConfig = Field(default_factory=LengthTaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def metric_names(self) -> list[str]:
+        """What `train_trial` reports at every evaluation, besides per-head diagnostics."""
+        return ["train_loss", *self.task.metric_names()]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Annotated, Optional
@@ -43,29 +44,49 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray
 def run(
     spec: Annotated[str, typer.Argument(help="Sweep file (YAML), or the name of a bundled sweep such as 'smoke'.")],
     out: Annotated[Optional[Path], typer.Option(help="Sweep folder. Default: sweeps/<sweep name>.")] = None,
-    mlflow_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<sweeps>/mlflow.db.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the expanded trials and start nothing.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup.")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep in the folder: finished trials are kept, interrupted ones continue from their checkpoints.")] = False,
+    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", show_envvar=True, help="Ray cluster to join ('auto', or host:port). Default: Ray on this machine.")] = None,
+    storage: Annotated[Optional[str], typer.Option(help="Shared path or s3:// URI for Tune's trial checkpoints; required on a cluster of more than one node. Default: the sweep folder.")] = None,
+    mlflow_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<sweeps>/mlflow.db.")] = None,
+    max_concurrent: Annotated[Optional[int], typer.Option(min=1, help="Run at most this many trials at once.")] = None,
+    gpus_per_trial: Annotated[Optional[float], typer.Option(min=0, help="Override the sweep file's resources.gpu (0.25 packs four trials on a GPU).")] = None,
+    cpus_per_trial: Annotated[Optional[float], typer.Option(min=0.01, help="Override the sweep file's resources.cpu.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the expanded trials and the resource plan; start nothing.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup.")] = False,
 ) -> None:
-    """Validate a sweep, run one Ray Tune trial per grid point, print the results table."""
+    """Validate a sweep, run it as Ray Tune trials (a grid, or an Optuna search), print the results table."""
+    from orchestrator.resources import PlacementError, check_fits, connect, local_machine, resource_plan
+
     sweep = _load(spec)
-    if dry_run:
-        width = len(str(len(sweep.trials)))
-        for number, trial in enumerate(sweep.trials, 1):
-            typer.echo(f"{number:>{width}}  {trial.describe()}")
-        typer.echo(f"{len(sweep.trials)} trials")
-        return
+    if gpus_per_trial is not None or cpus_per_trial is not None:
+        resources = sweep.resources.model_copy(update={key: value for key, value in
+                                                       (("gpu", gpus_per_trial), ("cpu", cpus_per_trial)) if value is not None})
+        sweep = dataclasses.replace(sweep, resources=resources)
+    verbose = logging.getLogger().level <= logging.INFO
+    try:
+        if address is None:
+            check_fits(sweep.resources, local_machine())  # before Ray starts
+        if dry_run:
+            cluster = local_machine() if address is None else connect(address, verbose)
+            check_fits(sweep.resources, cluster)
+            width = len(str(len(sweep.trials)))
+            for number, trial in enumerate(sweep.trials, 1):
+                typer.echo(f"{number:>{width}}  {trial.describe()}")
+            for line in resource_plan(sweep, cluster, max_concurrent):
+                typer.echo(line)
+            return
+    except PlacementError as error:
+        raise _fail(str(error)) from None
 
     from orchestrator.sweep import run_sweep
     from orchestrator.tracking import default_tracking_uri
 
     sweep_dir = out or Path("sweeps") / sweep.name
     tracking_uri = mlflow_uri or default_tracking_uri(sweep_dir.parent)
-    verbose = logging.getLogger().level <= logging.INFO
     try:
-        outcome = run_sweep(sweep, sweep_dir, tracking_uri, overwrite=overwrite, resume=resume, verbose=verbose)
-    except (FileExistsError, FileNotFoundError) as error:
+        outcome = run_sweep(sweep, sweep_dir, tracking_uri, overwrite=overwrite, resume=resume, verbose=verbose,
+                            address=address, storage=storage, max_concurrent=max_concurrent)
+    except (FileExistsError, FileNotFoundError, PlacementError) as error:
         raise _fail(str(error)) from None
     typer.echo("")
     typer.echo(outcome.table_markdown)
@@ -75,6 +96,35 @@ def run(
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.trials_by_status.get("ERROR"):
         raise typer.Exit(1)
+
+
+@app.command()
+def ui(
+    sweeps_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder, or the folder of sweeps holding mlflow.db.")] = Path("sweeps"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
+) -> None:
+    """Open the MLflow UI for the sweeps' tracking store, on 127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from orchestrator.sweep import LAUNCH
+    from orchestrator.tracking import default_tracking_uri
+
+    launch = sweeps_dir / LAUNCH
+    if launch.is_file():  # a sweep folder: the store it logged to
+        tracking_uri = json.loads(launch.read_text())["tracking_uri"]
+    elif (sweeps_dir / "mlflow.db").is_file():
+        tracking_uri = default_tracking_uri(sweeps_dir)
+    else:
+        raise _fail(f"{sweeps_dir} holds no mlflow.db and is not a sweep folder; give the folder that `mosaic-sweep run` wrote")
+    if not tracking_uri.startswith("sqlite:"):
+        raise _fail(f"{sweeps_dir} logs to the MLflow server {tracking_uri}; open that instead")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
+               "--host", "127.0.0.1", "--port", str(port)]
+    typer.echo(f"MLflow UI for {tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    os.execv(sys.executable, command)  # the server owns the terminal from here: Ctrl-C goes to it
 
 
 @app.command()
@@ -211,14 +261,16 @@ def status(sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A swee
 
     from analysis.results_store import read_results
     from analysis.tables import last_evaluation
+    from orchestrator.sweep import LAUNCH
 
-    trials_file = sweep_dir / "trials.json"
-    if not trials_file.is_file():
-        raise _fail(f"{sweep_dir} is not a sweep folder (no trials.json); run `mosaic-sweep run` first")
-    planned = len(json.loads(trials_file.read_text()))
+    launch = sweep_dir / LAUNCH
+    if not launch.is_file():
+        raise _fail(f"{sweep_dir} is not a sweep folder (no {LAUNCH}); run `mosaic-sweep run` first")
+    planned = json.loads(launch.read_text())["trials"]
     results = read_results(sweep_dir)
     states = results.groupby("trial_id")["status"].last().value_counts().to_dict() if len(results) else {}
-    states["PENDING"] = planned - sum(states.values())
+    if planned > sum(states.values()):
+        states["PENDING"] = planned - sum(states.values())
     typer.echo(f"{sweep_dir}: {planned} trials — " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))
     for metric, best in (("exact_match", "max"), ("accuracy", "max"), ("val_loss", "min")):
         rows = last_evaluation(results[results["metric"] == metric])

@@ -11,6 +11,7 @@ from rich.console import Console
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from orchestrator.search import trial_name
 from orchestrator.tracking import reported_metrics
 
 
@@ -23,7 +24,7 @@ class TrialProgress(Callback):
         self.finished = 0
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        _console.print(f"[dim]{self._count()} started[/]  {trial.config['variant']}")
+        _console.print(f"[dim]{self._count()} started[/]  {trial_name(trial.config)}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.finished += 1
@@ -31,11 +32,11 @@ class TrialProgress(Callback):
         shown = "  ".join(f"{key}={value:.3g}" for key, value in metrics.items()
                           if key not in ("step", "lr", "elapsed_s") and "/" not in key)  # per-head ones: MLflow
         seconds = trial.last_result.get("time_total_s", 0.0)
-        _console.print(f"{self._count()} [green]done[/]     {trial.config['variant']}  {shown}  [dim]({seconds:.0f} s)[/]")
+        _console.print(f"{self._count()} [green]done[/]     {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.finished += 1
-        _console.print(f"{self._count()} [red]failed[/]   {trial.config['variant']}  [dim]{trial.error_file or ''}[/]")
+        _console.print(f"{self._count()} [red]failed[/]   {trial_name(trial.config)}  [dim]{trial.error_file or ''}[/]")
 
     def _count(self) -> str:
         return f"[{self.finished}/{self.total}]"

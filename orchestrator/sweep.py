@@ -78,9 +78,18 @@ def _sweep_tables(sweep: Sweep, results: Any) -> list[tuple[str, str, Any]]:
 
 
 def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list[Path]]:
-    """table.md (printed at the end of a run), and table-<layout>.tex / .csv beside it."""
-    from analysis.tables import markdown_cells, to_csv, to_latex, to_markdown
+    """table.md (printed at the end of a run), and table-<layout>.tex / .csv beside it; for a
+    search, the suggestions ranked by the search's metric."""
+    from analysis.tables import markdown_cells, search_ranking, to_csv, to_latex, to_markdown
 
+    if sweep.search is not None:
+        metric, mode = sweep.metric
+        ranking = search_ranking(results, metric, mode)
+        markdown = to_markdown(ranking, title=f"{sweep.name}: suggestions by {metric} ({mode}), mean over seeds")
+        written = [sweep_dir / "table.md", sweep_dir / "table-search.csv"]
+        written[0].write_text(markdown + "\n")
+        ranking.to_csv(written[1])
+        return markdown, written
     tables = _sweep_tables(sweep, results)
     markdown = "\n".join(to_markdown(markdown_cells(stats), title=title) for _, title, stats in tables)
     written = [sweep_dir / "table.md"]
@@ -96,40 +105,78 @@ def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list
 def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
     """The Ray Tune function trainable: one `train_trial`, reporting through `ray.tune.report`.
 
-    Tune's search space holds only the short variant name (readable in its progress table);
-    the full trial config comes from `configs`, shipped once through the object store.
+    Tune's config holds only the variant's short name and any searched values (readable in its
+    progress table); the variants' full configs are shipped once through the object store.
     """
     import ray
     import torch
     from ray import tune
 
     from mosaic_core.train import train_trial
+    from orchestrator.search import trial_config
 
     cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
     torch.set_num_threads(max(1, int(cpus)))  # Ray's CPUs are logical: keep torch inside its share
+    placement = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # Ray's GPU share for this trial
 
     def report(metrics: dict[str, float], checkpoint_dir: str) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+        tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-    trial_config = configs[config["variant"]]
+    full_config = trial_config(config, configs)
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial after a failure or a resume
     if checkpoint is None:
-        train_trial(trial_config, report=report)
+        train_trial(full_config, report=report)
     else:
         with checkpoint.as_directory() as directory:
-            train_trial(trial_config, report=report, resume_from=directory)
+            train_trial(full_config, report=report, resume_from=directory)
+
+
+LAUNCH = "launch.json"  # where the sweep's Tune state and MLflow store are, so --resume finds them
+
+
+def _storage_path(storage: str | None, sweep_dir: Path) -> str:
+    """Tune's storage_path: the sweep folder locally; `<storage>/<sweep folder name>` on shared storage."""
+    if storage is None:
+        return str(sweep_dir.resolve())
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{sweep_dir.name}"
+    return str(Path(storage).resolve() / sweep_dir.name)
 
 
 def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bool = False, resume: bool = False,
-              verbose: bool = False) -> SweepOutcome:
-    """Run every trial of `sweep` on the local Ray instance; return the summary table.
+              verbose: bool = False, address: str | None = None, storage: str | None = None,
+              max_concurrent: int | None = None) -> SweepOutcome:
+    """Run every trial of `sweep` on Ray (this machine, or the cluster at `address`); return the summary table.
 
     With `resume`, continue the sweep in `sweep_dir` through `Tuner.restore`: finished trials are
     not run again, interrupted ones continue from their last checkpoint, errored ones retry; the
-    MLflow parent and child runs of the first invocation are reused.
+    MLflow parent and child runs, the Tune storage and the Optuna study of the first invocation are reused.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-machine Ray needs no token
-    import ray
+    from orchestrator.resources import PlacementError, check_fits, connect
+
+    launch_file = sweep_dir / LAUNCH
+    if resume:
+        if not launch_file.is_file():
+            raise FileNotFoundError(f"{sweep_dir} holds no sweep to resume; run it without --resume first")
+        launch = json.loads(launch_file.read_text())
+        if tracking_uri != launch["tracking_uri"]:
+            log.warning("resuming with the sweep's own MLflow store %s", launch["tracking_uri"])
+        tracking_uri, storage_path = launch["tracking_uri"], launch["storage_path"]
+    else:
+        storage_path = _storage_path(storage, sweep_dir)
+        prepare_output_dir(sweep_dir, overwrite)  # before Ray starts: a folder in use is refused at once
+    cluster = connect(address, verbose)
+    if cluster.nodes > 1 and storage is None and not resume:
+        raise PlacementError(f"{cluster.where} has {cluster.nodes} nodes: trials need shared storage for their "
+                             f"checkpoints; pass --storage with a path every node sees, or s3://bucket/prefix")
+    check_fits(sweep.resources, cluster)
+    return _tune(sweep, sweep_dir, tracking_uri, storage_path, resume=resume, verbose=verbose,
+                 max_concurrent=max_concurrent)
+
+
+def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *, resume: bool, verbose: bool,
+          max_concurrent: int | None) -> SweepOutcome:
+    """Ray is up and the trials fit: the MLflow parent run, the Tuner (new or restored), the tables."""
     from mlflow import MlflowClient
     from mlflow.entities import RunStatus
     from ray import tune
@@ -137,21 +184,22 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
     from analysis.plots import make_plots
     from analysis.results_store import read_results
     from orchestrator.progress import TrialProgress
+    from orchestrator.search import param_space, scheduler, search_algorithm
     from orchestrator.tracking import SweepTracker, fail_unfinished_runs, load_run_map, save_run_map
 
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
-    tune_dir = (sweep_dir / "tune").resolve()
+    tune_path = f"{storage_path}/tune"
     configs_file = sweep_dir / "trials.json"
     if resume:
         run_map = load_run_map(sweep_dir)
-        if not (configs_file.is_file() and run_map and tune.Tuner.can_restore(str(tune_dir))):
+        if not (configs_file.is_file() and run_map and tune.Tuner.can_restore(tune_path)):
             raise FileNotFoundError(f"{sweep_dir} holds no sweep to resume; run it without --resume first")
         client = MlflowClient(tracking_uri=tracking_uri)
         configs = json.loads(configs_file.read_text())  # as first expanded: an edited sweep file cannot derail it
         parent_id = run_map["parent"]
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
-        prepare_output_dir(sweep_dir, overwrite)
+        (sweep_dir / LAUNCH).write_text(json.dumps({"tracking_uri": tracking_uri, "storage_path": storage_path, "trials": sweep.num_trials}, indent=1))
         configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
         configs_file.write_text(json.dumps(configs, indent=1))
         client = MlflowClient(tracking_uri=tracking_uri)
@@ -167,22 +215,25 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
         save_run_map(sweep_dir, parent_id, {})  # before any trial: a resume always finds its parent
     status = RunStatus.FAILED
     try:
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.WARNING)
         resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
         trainable = tune.with_resources(tune.with_parameters(_run_trial, configs=configs), resources)
-        if resume:  # Tune restores its run config, callbacks included, as pickled when the sweep began
-            tuner = tune.Tuner.restore(str(tune_dir), trainable=trainable, resume_errored=True)
+        if resume:  # Tune restores its run config, callbacks, searcher and scheduler as the sweep left them
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
         else:
             tuner = tune.Tuner(
                 trainable,
-                param_space={"variant": tune.grid_search(list(configs))},
-                tune_config=tune.TuneConfig(trial_dirname_creator=lambda trial: trial.trial_id),
+                param_space=param_space(sweep, list(configs)),
+                tune_config=tune.TuneConfig(
+                    search_alg=search_algorithm(sweep, sweep_dir), scheduler=scheduler(sweep),
+                    num_samples=sweep.num_trials if sweep.search else 1, max_concurrent_trials=max_concurrent,
+                    reuse_actors=False,  # every trial in a fresh process: its GPU memory goes back when it ends
+                    trial_dirname_creator=lambda trial: trial.trial_id,
+                ),
                 run_config=tune.RunConfig(
                     name="tune",
-                    storage_path=str(tune_dir.parent),
+                    storage_path=storage_path,
                     callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
-                               TrialProgress(len(configs))],
+                               TrialProgress(sweep.num_trials)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                     verbose=2 if verbose else 0,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunStatus
+from mlflow.entities import Metric, Param, RunStatus, RunTag
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -25,9 +25,11 @@ from analysis.results_store import read_trial_rows, write_trial_rows
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
 from mosaic_core.metrics import parse_metric_name
+from orchestrator.search import searched_values, trial_config, trial_name
 
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}
-_ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id")  # set when rows are written
+_ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id", "error")  # set when rows are written
+_PLACEMENT_KEYS = ("hostname", "node_ip", "pid", "cuda_visible_devices")  # Tune's own, and our trainable's
 
 
 def default_tracking_uri(sweeps_dir: Path) -> str:
@@ -100,23 +102,24 @@ class SweepTracker(Callback):
         configs: dict[str, dict[str, Any]],
     ) -> None:
         self.client = client
-        self.configs = {variant: TrialConfig.model_validate(config) for variant, config in configs.items()}
+        self.configs = configs
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
         self.sweep_dir = sweep_dir
         self.run_ids: dict[str, str] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.placed: set[str] = set()  # trials whose current process has told where it runs
 
     def setup(self, **info: Any) -> None:
         self.run_ids = (load_run_map(self.sweep_dir) or {"trials": {}})["trials"]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        config = self.configs[trial.config["variant"]]
+        config = TrialConfig.model_validate(trial_config(trial.config, self.configs))
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             run = self.client.create_run(
                 self.experiment_id,
-                run_name=trial.config["variant"],
+                run_name=trial_name(trial.config),
                 tags={"mlflow.parentRunId": self.parent_run_id, "ray.trial_id": trial.trial_id,
                       "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params)},
             )
@@ -126,46 +129,80 @@ class SweepTracker(Callback):
             save_run_map(self.sweep_dir, self.parent_run_id, self.run_ids)
         else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self.placed.discard(trial.trial_id)
         earlier = read_trial_rows(self.sweep_dir, trial.trial_id)
-        self.rows[trial.trial_id] = [{key: row[key] for key in row if key not in _ROW_IDENTITY} for row in earlier]
+        self.rows[trial.trial_id] = [{key: row[key] for key in row if key not in _ROW_IDENTITY}
+                                     for row in earlier if row["metric"] is not None]
 
     def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any) -> None:
         metrics = reported_metrics(result)
         step = int(metrics.get("step", result.get("training_iteration", 0)))
         rows = self.rows[trial.trial_id]
+        run_id = self.run_ids[trial.trial_id]
+        if trial.trial_id not in self.placed:  # where the trial runs now: which machine, which GPU
+            self.placed.add(trial.trial_id)
+            self.client.log_batch(run_id, tags=[RunTag(f"ray.{key}", str(result[key]))
+                                                for key in _PLACEMENT_KEYS if result.get(key) is not None])
         if step not in {row["step"] for row in rows}:  # a restarted trial repeats steps: MLflow has them
             now = int(time.time() * 1000)
             logged = [Metric(key, value, now, step) for key, value in metrics.items()
                       if key != "step" and math.isfinite(value)]
-            self.client.log_batch(self.run_ids[trial.trial_id], metrics=logged)
-        columns = trial_columns(self.configs[trial.config["variant"]])
+            self.client.log_batch(run_id, metrics=logged)
+        columns = self._columns(trial)
         for key, value in metrics.items():
             if key == "step":
                 continue
             metric, factor = parse_metric_name(key)
             # a trial restarted from a checkpoint reports some steps again: the new value replaces the old
             rows[:] = [r for r in rows if (r["metric"], r["length_factor"], r["step"]) != (metric, factor, step)]
-            rows.append({**columns, "metric": metric, "length_factor": factor, "step": step, "value": value})
+            rows.append({**columns, "metric": metric, "length_factor": factor, "step": step,
+                         "value": value})
         self._write_rows(trial, "RUNNING")
+
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        """Tune retries the trial from its last checkpoint: the run keeps count and the attempt's error."""
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is not None:
+            self.client.log_batch(run_id, tags=[RunTag("ray.retries", str(trial.num_failures)),
+                                                RunTag("ray.last_retried_error", _last_error_line(trial))])
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._end(trial, "TERMINATED", RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         run_id = self.run_ids.get(trial.trial_id)
-        if run_id is not None and trial.error_file and Path(trial.error_file).is_file():
-            error = Path(trial.error_file).read_text().strip().splitlines()
-            self.client.set_tag(run_id, "error", (error[-1] if error else "unknown error")[:5000])
-        self._end(trial, "ERROR", RunStatus.to_string(RunStatus.FAILED))
+        if run_id is None:
+            return
+        error = _last_error_line(trial)
+        self.client.set_tag(run_id, "error", error)
+        if trial.error_file and Path(trial.error_file).is_file():
+            self.client.log_artifact(run_id, trial.error_file)  # the whole traceback
+        self._end(trial, "ERROR", RunStatus.to_string(RunStatus.FAILED), error=error)
 
-    def _end(self, trial: Trial, status: str, mlflow_status: str) -> None:
+    def _end(self, trial: Trial, status: str, mlflow_status: str, error: str | None = None) -> None:
         if trial.trial_id not in self.run_ids:
             return
         self.client.set_terminated(self.run_ids[trial.trial_id], status=mlflow_status)
-        self._write_rows(trial, status)
+        self._write_rows(trial, status, error)
 
-    def _write_rows(self, trial: Trial, status: str) -> None:
-        run_id = self.run_ids[trial.trial_id]
-        rows = [{**row, "trial_id": trial.trial_id, "status": status, "mlflow_run_id": run_id}
-                for row in self.rows[trial.trial_id]]
-        write_trial_rows(self.sweep_dir, trial.trial_id, rows)
+    def _write_rows(self, trial: Trial, status: str, error: str | None = None) -> None:
+        """All the trial's rows; a failed trial that never reported still gets one row, with its error."""
+        identity = {"trial_id": trial.trial_id, "status": status, "mlflow_run_id": self.run_ids[trial.trial_id],
+                    "error": error}
+        rows = self.rows.get(trial.trial_id) or ([self._columns(trial)] if error else [])
+        write_trial_rows(self.sweep_dir, trial.trial_id, [{**row, **identity} for row in rows])
+
+    def _columns(self, trial: Trial) -> dict[str, Any]:
+        """The results-store columns of the trial's grid point (and suggestion, in a search)."""
+        searched = searched_values(trial.config)
+        config = TrialConfig.model_validate(trial_config(trial.config, self.configs))
+        return {**trial_columns(config), "searched": json.dumps(searched) if searched else None}
+
+
+def _last_error_line(trial: Trial) -> str:
+    """The exception line of the trial's error file (Tune keeps the whole traceback there)."""
+    if trial.error_file and Path(trial.error_file).is_file():
+        lines = [line for line in Path(trial.error_file).read_text().strip().splitlines() if line.strip()]
+        if lines:
+            return lines[-1][:5000]
+    return "unknown error (the trial's process died)"

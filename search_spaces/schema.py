@@ -5,6 +5,8 @@ each entry of `kernels:` expands over its own parameters only. `grid:` is a Cart
 any other config key, written as a dotted path (`model.n_layer: [1, 2]`, `seed: [0, 1, 2]`).
 `cases:` are settings that go together (task MQMTAR at depth 4 with its lengths, sort at depth
 2 with its own): trials = cases × kernel variants × grid points.
+`scheduler:` stops weak trials early (ASHA); `search:` replaces the grid's seeds by an Optuna
+search over distributions of dotted keys, each suggestion trained with `seeds` seeds.
 Everything is checked before anything starts; errors are one line naming the key and what is allowed.
 """
 
@@ -13,10 +15,10 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from mosaic_core.config import TrialConfig, describe_validation_error, flatten
 from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES, kernel_label, resolve_kernel
@@ -36,6 +38,34 @@ class Resources(BaseModel):
     gpu: float = Field(0.0, ge=0)
 
 
+class Scheduler(BaseModel):
+    """ASHA: at every rung (grace_period × reduction_factor^i steps) only the best 1/reduction_factor go on."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: Literal["asha"]
+    metric: str | None = Field(None, description="default: the search's metric")
+    mode: Literal["min", "max"] | None = None
+    grace_period: int = Field(1, ge=1, description="training steps before a trial can be stopped")
+    reduction_factor: float = Field(3.0, gt=1)
+
+
+DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "int": 2, "logint": 2, "choice": None}  # name: number of arguments
+
+
+class Search(BaseModel):
+    """An Optuna search: `n_trials` suggestions, each trained once per seed; the mean over seeds is the score."""
+
+    model_config = ConfigDict(extra="forbid")
+    metric: str
+    mode: Literal["min", "max"]
+    n_trials: int = Field(ge=1, description="suggestions")
+    seeds: int = Field(1, ge=1, description="seeds per suggestion: seed, seed + 1, …")
+    sampler: Literal["tpe", "random"] = "tpe"
+    sampler_seed: int = 0
+    storage: str | None = Field(None, description="Optuna storage URL; default sqlite in the sweep folder")
+    space: dict[str, dict[str, list[Any]]] = Field(min_length=1)
+
+
 class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -46,6 +76,13 @@ class SweepFile(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     max_failures: int = Field(1, ge=0, description="retries of a failing trial, each from its last checkpoint")
+    scheduler: Scheduler | None = None
+    search: Search | None = None
+
+    @field_validator("scheduler", mode="before")
+    @classmethod
+    def _scheduler_by_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
 
 
 @dataclass(frozen=True)
@@ -66,6 +103,9 @@ class Trial:
 
 @dataclass(frozen=True)
 class Sweep:
+    """A validated sweep. With `search`, `trials` are the variants a suggestion starts from (one
+    when the file fixes the kernel; several become a categorical choice for the search)."""
+
     name: str
     description: str
     resources: Resources
@@ -73,6 +113,22 @@ class Sweep:
     kernel_labels: list[str] = field(default_factory=list)  # table row order: as written in the file
     planned_seeds: int = 1
     max_failures: int = 1
+    scheduler: Scheduler | None = None
+    search: Search | None = None
+
+    @property
+    def num_trials(self) -> int:
+        """Ray Tune trials the sweep runs: grid points, or suggestions × seeds."""
+        return self.search.n_trials * self.search.seeds if self.search else len(self.trials)
+
+    @property
+    def metric(self) -> tuple[str, str] | None:
+        """(metric, mode) that ranks trials, for the scheduler and the search."""
+        if self.search:
+            return self.search.metric, self.search.mode
+        if self.scheduler:
+            return self.scheduler.metric, self.scheduler.mode
+        return None
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -111,7 +167,7 @@ def expand(spec: SweepFile, source: str) -> Sweep:
     grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
     trials = []
     for case, (kernel, params), point in itertools.product(spec.cases, kernels, grid_points):
-        tree = _with_overrides(spec.base, {**case, "model.kernel": kernel, "model.kernel_params": params, **point})
+        tree = with_overrides(spec.base, {**case, "model.kernel": kernel, "model.kernel_params": params, **point})
         shown_kernel = f"{kernel}({', '.join(_show(p, v) for p, v in params.items())})" if params else kernel
         shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
         varying = {**shown_case, "kernel": shown_kernel, **point}
@@ -126,8 +182,13 @@ def expand(spec: SweepFile, source: str) -> Sweep:
     if twice is not None:
         raise SweepError(f"{source}: two grid points make the same trial '{twice}'; list each value once")
     labels = list(dict.fromkeys(trial.kernel_label for trial in trials))
-    seeds = len(spec.grid.get("seed", [None]))
-    return Sweep(spec.name, spec.description, spec.resources, trials, labels, seeds, spec.max_failures)
+    seeds = spec.search.seeds if spec.search else len(spec.grid.get("seed", [None]))
+    if spec.search:
+        _check_search(spec.search, spec.grid, trials, source)
+    if spec.scheduler:
+        _check_scheduler(spec.scheduler, spec.search, trials, source)
+    return Sweep(spec.name, spec.description, spec.resources, trials, labels, seeds, spec.max_failures,
+                 spec.scheduler, spec.search)
 
 
 def _name(varying: dict[str, Any]) -> str:
@@ -174,7 +235,69 @@ def _check_grid(grid: dict[str, list[Any]], base: TrialConfig, source: str) -> N
             raise SweepError(f"{source}: grid key '{key}' repeats a value: {values}")
 
 
-def _with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+def _check_metric(metric: str, trials: list[Trial], where: str) -> None:
+    reported = set.intersection(*(set(trial.config.metric_names()) for trial in trials))
+    if metric not in reported:
+        raise SweepError(f"{where}: metric '{metric}' is not reported by every trial; choose from {', '.join(sorted(reported))}")
+
+
+def _check_scheduler(scheduler: Scheduler, search: Search | None, trials: list[Trial], source: str) -> None:
+    if search is None and (scheduler.metric is None or scheduler.mode is None):
+        raise SweepError(f"{source}: scheduler needs 'metric' and 'mode' (min or max) when there is no 'search:'")
+    if search is not None and scheduler.metric not in (None, search.metric):
+        raise SweepError(f"{source}: scheduler.metric '{scheduler.metric}' differs from search.metric "
+                         f"'{search.metric}'; leave it out to use the search's")
+    if scheduler.metric is not None:
+        _check_metric(scheduler.metric, trials, f"{source}: scheduler")
+    shortest = min(trial.config.train.max_steps for trial in trials)
+    if scheduler.grace_period >= shortest:
+        raise SweepError(f"{source}: scheduler.grace_period ({scheduler.grace_period}) must be below "
+                         f"train.max_steps ({shortest}), or no trial is ever stopped early")
+
+
+def _check_search(search: Search, grid: dict[str, list[Any]], trials: list[Trial], source: str) -> None:
+    """Seeds come from `search.seeds`; every distribution is well formed, and every config it can
+    produce at the ends of its ranges is valid for every variant."""
+    where = f"{source}: search"
+    if "seed" in grid:
+        raise SweepError(f"{where}: seeds come from search.seeds in a search sweep; remove 'seed' from grid:")
+    _check_metric(search.metric, trials, where)
+    for key, distribution in search.space.items():
+        at = f"{where}.space.{key}"
+        if key in KERNEL_KEYS or key == "seed":
+            raise SweepError(f"{at}: cannot be searched; list kernel variants in 'kernels:' and use search.seeds")
+        if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
+            raise SweepError(f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}")
+        (kind, values), = distribution.items()
+        if kind == "choice":
+            if not values:
+                raise SweepError(f"{at}: choice needs at least one value")
+            corners = values
+        else:
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                raise SweepError(f"{at}: {kind} takes [low, high] numbers; got {values}")
+            low, high = values
+            if kind in ("int", "logint") and not all(float(v).is_integer() for v in values):
+                raise SweepError(f"{at}: {kind} takes integer bounds; got {values}")
+            if not low < high:
+                raise SweepError(f"{at}: empty range [{low}, {high}]; low must be below high")
+            if kind.startswith("log") and low <= 0:
+                raise SweepError(f"{at}: {kind} needs a positive low bound; got {low}")
+            corners = [low, high]
+        for trial in trials:
+            if key not in flatten(trial.config.model_dump()):
+                allowed = [k for k in flatten(trial.config.model_dump()) if k not in KERNEL_KEYS and k != "seed"]
+                raise SweepError(f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
+                                 f"allowed: {', '.join(allowed)}")
+            for value in corners:
+                tree = with_overrides(trial.config.model_dump(), {key: value})
+                try:
+                    TrialConfig.model_validate(tree)
+                except ValidationError as error:
+                    raise SweepError(describe_validation_error(error, TrialConfig, f"{at} = {value}")) from None
+
+
+def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of `base` with dotted-path overrides applied."""
     tree = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain YAML data
     for dotted, value in overrides.items():

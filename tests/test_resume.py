@@ -28,12 +28,29 @@ SWEEP = {
 }
 
 
-def command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "run", "crash.yaml", "--out", "sweeps/crash", *args]
+def command(*args: str, name: str = "crash") -> list[str]:
+    return [sys.executable, "-m", "orchestrator.cli", "run", f"{name}.yaml", "--out", f"sweeps/{name}", *args]
 
 
 def environment() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+
+
+def kill_when(condition, driver: subprocess.Popen, timeout: float = 240) -> None:
+    """SIGKILL the driver and the Ray processes it started, once `condition()` holds."""
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline and not condition():
+            assert driver.poll() is None, "the sweep ended before it could be interrupted"
+            time.sleep(0.2)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait()
+
+
+def one_finished(sweep_dir: Path) -> bool:
+    results = read_results(sweep_dir) if (sweep_dir / "results.parquet").is_dir() else None
+    return results is not None and bool((results["status"] == "TERMINATED").any())
 
 
 @pytest.mark.slow
@@ -42,17 +59,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     driver = subprocess.Popen(command(), cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, start_new_session=True)
     sweep_dir = tmp_path / "sweeps" / "crash"
-    deadline = time.time() + 240
-    try:
-        while time.time() < deadline:  # crash once one trial has finished and others are under way
-            results = read_results(sweep_dir) if (sweep_dir / "results.parquet").is_dir() else None
-            if results is not None and (results["status"] == "TERMINATED").any():
-                break
-            assert driver.poll() is None, "the sweep ended before it could be interrupted"
-            time.sleep(0.2)
-    finally:
-        os.killpg(driver.pid, signal.SIGKILL)  # the driver and the Ray processes it started
-        driver.wait()
+    kill_when(lambda: one_finished(sweep_dir), driver)  # crash once one trial has finished and others are under way
     before = read_results(sweep_dir)
     finished_before = set(before.loc[before["status"] == "TERMINATED", "trial_id"])
     assert 1 <= len(finished_before) < 6
@@ -83,3 +90,50 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     for run in children:  # a finished trial was not run again: one value per evaluation step
         history = client.get_metric_history(run.info.run_id, "exact_match_1x")
         assert sorted(m.step for m in history) == [40, 80, 120, 160, 200, 240], run.data.tags["ray.trial_id"]
+
+
+SEARCH = {
+    "name": "search",
+    "base": {**SWEEP["base"], "train": {**SWEEP["base"]["train"], "max_steps": 160}},
+    "kernels": [{"name": "entmax", "alpha": 1.5}],
+    "search": {"metric": "exact_match_1x", "mode": "max", "n_trials": 3, "seeds": 2, "sampler_seed": 7,
+               "space": {"train.lr": {"loguniform": [1e-3, 3e-2]}, "model.n_embd": {"choice": [8, 16]}}},
+    "scheduler": {"name": "asha", "grace_period": 40, "reduction_factor": 2},
+}
+
+
+@pytest.mark.slow
+def test_optuna_search_stopped_and_resumed_continues_the_same_study(tmp_path):
+    import optuna
+
+    (tmp_path / "search.yaml").write_text(yaml.safe_dump(SEARCH))
+    driver = subprocess.Popen(command(name="search"), cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    sweep_dir = tmp_path / "sweeps" / "search"
+    kill_when(lambda: one_finished(sweep_dir), driver)
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert 1 <= len(study.trials) <= 3
+
+    resumed = subprocess.run(command("--resume", name="search"), cwd=tmp_path, env=environment(),
+                             capture_output=True, text=True, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trials: 6 TERMINATED" in resumed.stdout  # 3 suggestions × 2 seeds, ASHA-stopped ones included
+    assert "search: suggestions by exact_match_1x (max), mean over seeds" in resumed.stdout
+
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    assert len(study.trials) == 3  # the same study went on: suggestions before and after add up to n_trials
+    assert {trial.state for trial in study.trials} == {optuna.trial.TrialState.COMPLETE}
+    results = read_results(sweep_dir)
+    assert results["trial_id"].nunique() == 6 and (results["status"] == "TERMINATED").all()
+    assert not results.duplicated(["trial_id", "metric", "length_factor", "step"]).any()
+    # each suggestion ran with seeds 0 and 1, and Optuna holds the mean of their last exact_match_1x
+    last = results[(results["metric"] == "exact_match") & (results["length_factor"] == 1)]
+    last = last[last["step"] == last.groupby("trial_id")["step"].transform("max")]
+    assert [list(seeds) for seeds in last.groupby("searched")["seed"].apply(sorted)] == [[0, 1]] * 3
+    means = sorted(last.groupby("searched")["value"].mean())
+    assert means == pytest.approx(sorted(trial.value for trial in study.trials))
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 6 and {r.info.status for r in children} == {"FINISHED"}

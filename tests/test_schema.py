@@ -162,13 +162,13 @@ def test_two_grid_values_that_make_the_same_trial_are_refused(write_sweep, smoke
 def test_unknown_top_level_key(write_sweep, smoke_spec):
     smoke_spec["seeds"] = [0, 1]
     message = sweep_error(write_sweep(smoke_spec, "typo"))
-    assert message == "typo.yaml: unknown key 'seeds'; allowed: name, description, base, kernels, cases, grid, resources, max_failures"
+    assert message == "typo.yaml: unknown key 'seeds'; allowed: name, description, base, kernels, cases, grid, resources, max_failures, scheduler, search"
 
 
 def test_misspelt_required_key_is_named(write_sweep, smoke_spec):
     smoke_spec["kernals"] = smoke_spec.pop("kernels")
     message = sweep_error(write_sweep(smoke_spec, "typo"))
-    assert message == "typo.yaml: unknown key 'kernals'; allowed: name, description, base, kernels, cases, grid, resources, max_failures"
+    assert message == "typo.yaml: unknown key 'kernals'; allowed: name, description, base, kernels, cases, grid, resources, max_failures, scheduler, search"
 
 
 def test_unknown_key_inside_base(write_sweep, smoke_spec):
@@ -318,4 +318,98 @@ def test_invalid_yaml(write_sweep):
 @pytest.mark.parametrize("text", ["", "- softmax\n- sparsemax\n", "just a string\n"])
 def test_not_a_mapping(write_sweep, text):
     message = sweep_error(write_sweep(text, "odd"))
-    assert message == "odd.yaml: a sweep file is a mapping with keys name, description, base, kernels, cases, grid, resources, max_failures"
+    assert message == "odd.yaml: a sweep file is a mapping with keys name, description, base, kernels, cases, grid, resources, max_failures, scheduler, search"
+
+
+# ---------------------------------------------------------------------------------------------
+# search: and scheduler: blocks
+
+
+def search_spec(smoke_spec: dict, **search) -> dict:
+    spec = {**smoke_spec, "kernels": [{"name": "entmax", "alpha": 1.5}], "grid": {}}
+    spec["search"] = {"metric": "exact_match_2x", "mode": "max", "n_trials": 4, "seeds": 2,
+                      "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}, "model.n_layer": {"int": [1, 3]}}, **search}
+    return spec
+
+
+def test_search_sweep_counts_suggestions_times_seeds(write_sweep, smoke_spec):
+    sweep = load_sweep(write_sweep(search_spec(smoke_spec)))
+    assert sweep.num_trials == 8 and sweep.planned_seeds == 2 and len(sweep.trials) == 1
+    assert sweep.metric == ("exact_match_2x", "max")
+
+
+def test_search_may_tune_a_kernel_parameter_it_has(write_sweep, smoke_spec):
+    spec = search_spec(smoke_spec, space={"model.kernel_params.alpha": {"uniform": [1.1, 2.0]}})
+    assert load_sweep(write_sweep(spec)).search.space == {"model.kernel_params.alpha": {"uniform": [1.1, 2.0]}}
+    spec["kernels"] = ["softmax"]  # no alpha to tune
+    assert "unknown key 'model.kernel_params.alpha' for trial 'softmax'" in sweep_error(write_sweep(spec))
+
+
+@pytest.mark.parametrize(("space", "expected"), [
+    ({"train.lr": {"loguniform": [1e-2, 1e-2]}}, "search.space.train.lr: empty range [0.01, 0.01]; low must be below high"),
+    ({"train.lr": {"uniform": [0.1, 0.01]}}, "search.space.train.lr: empty range [0.1, 0.01]"),
+    ({"model.n_layer": {"int": [2, 1]}}, "search.space.model.n_layer: empty range [2, 1]"),
+    ({"train.lr": {"loguniform": [0, 1e-2]}}, "loguniform needs a positive low bound; got 0"),
+    ({"model.n_embd": {"choice": []}}, "search.space.model.n_embd: choice needs at least one value"),
+    ({"train.lr": {"normal": [0, 1]}}, "search.space.train.lr: write one of {uniform: [...]}"),
+    ({"train.lr": {"uniform": [0.1]}}, "uniform takes [low, high] numbers; got [0.1]"),
+    ({"model.n_layer": {"int": [1, 2.5]}}, "int takes integer bounds; got [1, 2.5]"),
+    ({"train.lrr": {"uniform": [0.1, 0.2]}}, "search.space: unknown key 'train.lrr' for trial 'entmax(alpha=1.5)'; allowed: "),
+    ({"model.kernel": {"choice": ["softmax"]}}, "search.space.model.kernel: cannot be searched"),
+    ({"seed": {"int": [0, 9]}}, "search.space.seed: cannot be searched"),
+    ({"model.dropout": {"uniform": [0.0, 1.0]}}, "search.space.model.dropout = 1.0: model.dropout: Input should be less than 1"),
+    ({"model.n_head": {"choice": [4, 3]}}, "search.space.model.n_head = 3: model: n_embd (64) must be divisible by n_head (3)"),
+])
+def test_bad_search_space_is_one_line(write_sweep, smoke_spec, space, expected):
+    assert expected in sweep_error(write_sweep(search_spec(smoke_spec, space=space), "s"))
+
+
+def test_search_metric_must_be_reported(write_sweep, smoke_spec):
+    message = sweep_error(write_sweep(search_spec(smoke_spec, metric="exact_match_3x")))
+    assert "search: metric 'exact_match_3x' is not reported by every trial; choose from exact_match_1x, exact_match_2x," in message
+
+
+def test_search_takes_seeds_from_search_seeds(write_sweep, smoke_spec):
+    spec = search_spec(smoke_spec)
+    spec["grid"] = {"seed": [0, 1]}
+    assert "seeds come from search.seeds" in sweep_error(write_sweep(spec))
+
+
+def test_search_needs_positive_trials_and_seeds(write_sweep, smoke_spec):
+    assert "search.n_trials: Input should be greater than or equal to 1" in sweep_error(write_sweep(search_spec(smoke_spec, n_trials=0)))
+    assert "search.seeds: Input should be greater than or equal to 1" in sweep_error(write_sweep(search_spec(smoke_spec, seeds=0)))
+
+
+def test_asha_scheduler_by_name_or_mapping(write_sweep, smoke_spec):
+    spec = search_spec(smoke_spec)
+    spec["scheduler"] = "asha"
+    sweep = load_sweep(write_sweep(spec))
+    assert sweep.scheduler.name == "asha" and sweep.metric == ("exact_match_2x", "max")
+    grid = {**smoke_spec, "scheduler": {"name": "asha", "metric": "train_loss", "mode": "min", "grace_period": 100,
+                                        "reduction_factor": 2}}
+    assert load_sweep(write_sweep(grid, "grid")).metric == ("train_loss", "min")
+
+
+@pytest.mark.parametrize(("scheduler", "expected"), [
+    ("asha", "scheduler needs 'metric' and 'mode' (min or max) when there is no 'search:'"),
+    ({"name": "hyperband", "metric": "train_loss", "mode": "min"}, "scheduler.name: Input should be 'asha'"),
+    ({"name": "asha", "metric": "accuracy", "mode": "max"}, "scheduler: metric 'accuracy' is not reported by every trial"),
+    ({"name": "asha", "metric": "train_loss", "mode": "min", "grace_period": 1000}, "grace_period (1000) must be below train.max_steps (1000)"),
+    ({"name": "asha", "metric": "train_loss", "mode": "min", "reduction_factor": 1}, "scheduler.reduction_factor: Input should be greater than 1"),
+])
+def test_bad_scheduler_is_one_line(write_sweep, smoke_spec, scheduler, expected):
+    assert expected in sweep_error(write_sweep({**smoke_spec, "scheduler": scheduler}, "sched"))
+
+
+def test_metric_names_are_what_trials_report():
+    """The names the schema accepts are the ones train_trial reports (checked on a 2-step trial)."""
+    from mosaic_core.config import TrialConfig
+    from mosaic_core.train import train_trial
+
+    config = TrialConfig.model_validate({
+        "task": {"name": "mqmtar", "num_symbols": 8, "train_min_length": 16, "train_max_length": 16, "eval_length": 16,
+                 "eval_factors": [1, 1.5], "eval_examples": 4},
+        "model": {"n_layer": 1, "n_embd": 16, "n_head": 2}, "train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0}})
+    reported = train_trial(config)
+    assert set(config.metric_names()) <= set(reported)
+    assert {name for name in reported if "/" not in name} - set(config.metric_names()) == {"step", "lr", "elapsed_s"}

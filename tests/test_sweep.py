@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -24,8 +25,18 @@ SMOKE_LINES = [
     "4  sparsemax seed=1",
     "5  entmax(alpha=1.5) seed=0",
     "6  entmax(alpha=1.5) seed=1",
-    "6 trials",
 ]
+
+
+def smoke_plan() -> list[str]:
+    """The resource plan of the smoke sweep (1 CPU per trial) on whatever machine runs the tests."""
+    import math
+
+    import torch
+
+    cpus, at_once = os.cpu_count(), min(6, os.cpu_count())
+    return [f"per trial: 1 CPU, 0 GPU; this machine (local Ray): 1 node(s), {cpus} CPUs, {torch.cuda.device_count()} GPUs",
+            f"6 trials: {at_once} at a time (limited by {'trials' if at_once == 6 else 'CPUs'}), {math.ceil(6 / at_once)} wave(s)"]
 LABELS = ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
 CELL = re.compile(r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)")  # mean^(max), best ones marked
 
@@ -55,7 +66,7 @@ def files_under(folder: Path) -> list[Path]:
 def test_dry_run_lists_trials_and_starts_nothing(tmp_path, spec):
     done = mosaic_sweep("run", spec, "--dry-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == SMOKE_LINES
+    assert done.stdout.splitlines() == SMOKE_LINES + smoke_plan()
     assert done.stderr == ""
     assert files_under(tmp_path) == []  # no sweeps/ folder, no mlflow.db, no Ray session here
 
@@ -64,9 +75,9 @@ def test_dry_run_of_a_bigger_sweep_pads_the_numbers(tmp_path, write_sweep, smoke
     smoke_spec["grid"] = {"seed": [0, 1, 2, 3]}
     done = mosaic_sweep("run", write_sweep(smoke_spec), "--dry-run", cwd=tmp_path)
     lines = done.stdout.splitlines()
-    assert done.returncode == 0 and len(lines) == 13
+    assert done.returncode == 0 and len(lines) == 14
     assert lines[0] == " 1  softmax seed=0" and lines[11] == "12  entmax(alpha=1.5) seed=3"
-    assert lines[-1] == "12 trials"
+    assert lines[-1].startswith("12 trials: ")
 
 
 def bad_specs(smoke_spec: dict) -> dict[str, tuple[dict, str]]:
@@ -123,7 +134,7 @@ def fake_run_sweep(monkeypatch, tmp_path):
     calls: list[dict] = []
     statuses = {"TERMINATED": 6}
 
-    def fake(sweep, sweep_dir, tracking_uri, *, overwrite=False, resume=False, verbose=False):
+    def fake(sweep, sweep_dir, tracking_uri, *, overwrite=False, resume=False, verbose=False, **placement):
         calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=sweep_dir,
                           tracking_uri=tracking_uri, overwrite=overwrite))
         return SweepOutcome(sweep_dir, "| Kernel |\n", "parent123", tracking_uri, dict(statuses))
@@ -347,7 +358,7 @@ def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
 
     sweep_dir = tmp_path / "sweeps" / "s"
     sweep_dir.mkdir(parents=True)
-    (sweep_dir / "trials.json").write_text('{"a": {}, "b": {}, "c": {}}')
+    (sweep_dir / "launch.json").write_text('{"trials": 3}')
     common = {"task": "sort", "kernel": "softmax", "n_layer": 1, "metric": "exact_match"}
     write_trial_rows(sweep_dir, "t1", [
         {**common, "kernel_label": "Gaussian", "seed": 0, "length_factor": 1.0, "step": 10, "value": 0.9, "status": "TERMINATED"},
@@ -365,3 +376,78 @@ def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
     ]
     missing = CliRunner().invoke(cli.app, ["status", str(tmp_path)])
     assert missing.exit_code == 2 and "is not a sweep folder" in missing.output
+
+
+@pytest.mark.slow
+def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_path, write_sweep):
+    """A trial that fails on every attempt (its model cannot hold the task's vocabulary): retried
+    `max_failures` times, then FAILED in MLflow with the error, and in results.parquet even though it
+    never reported; the other trial finishes and the table is written."""
+    from mlflow import MlflowClient
+
+    from analysis.results_store import read_results
+
+    spec = {"name": "failing", "max_failures": 1,
+            "base": {"task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4,
+                              "eval_length": 4, "eval_examples": 10},
+                     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+                     "train": {"max_steps": 20, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10}},
+            "kernels": ["softmax"], "grid": {"model.vocab_size": [None, 2]}}
+    done = mosaic_sweep("run", write_sweep(spec, "failing"), cwd=tmp_path, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert "trials: 1 ERROR, 1 TERMINATED" in done.stdout
+    assert "failed" in done.stderr and "model.vocab_size=2" in done.stderr  # the progress line names it
+
+    error = "ValueError: model.vocab_size (2) is smaller than the task's vocabulary (8)"
+    results = read_results(tmp_path / "sweeps" / "failing")
+    failed = results[results["status"] == "ERROR"]
+    assert len(failed) == 1 and failed["error"].iloc[0] == error and pd.isna(failed["metric"].iloc[0])
+    assert (results.loc[results["status"] == "TERMINATED", "error"].isna()).all()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    run = next(r for r in runs if r.info.run_id == failed["mlflow_run_id"].iloc[0])
+    assert run.info.status == "FAILED" and run.data.tags["error"] == error
+    assert run.data.tags["ray.retries"] == "1"  # one retry (max_failures: 1), then given up
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["error.txt"]  # the whole traceback
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.status == "FAILED"
+    status = CliRunner().invoke(cli.app, ["status", str(tmp_path / "sweeps" / "failing")])
+    assert status.output.splitlines()[0].endswith("2 trials — 1 ERROR, 1 TERMINATED")
+
+
+def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    from mlflow import MlflowClient
+
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    MlflowClient(tracking_uri=default_tracking_uri(sweeps)).create_experiment("mine")
+    with socket.socket() as probe:  # a free port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", str(sweeps), "--port", str(port)],
+                              env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mine"
+        deadline = time.time() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    assert json.load(response)["experiment"]["name"] == "mine"
+                    break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() else "timeout"
+                time.sleep(0.5)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+    missing = mosaic_sweep("ui", tmp_path / "nothing-here", cwd=tmp_path)
+    assert missing.returncode == 2
+    assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nothing-here'} holds no mlflow.db and is not a sweep "
+                                           "folder; give the folder that `mosaic-sweep run` wrote"]

@@ -1,0 +1,75 @@
+"""Whether a sweep's trials fit where it is sent, and the resource plan `--dry-run` prints."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from orchestrator.resources import Cluster, PlacementError, autoscaled_node_types, check_fits, resource_plan
+from search_spaces.schema import Resources, load_sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cluster(cpus: float, gpus: float, nodes: int = 1, node_cpus: float | None = None, node_gpus: float | None = None) -> Cluster:
+    return Cluster("the cluster", nodes, cpus, gpus, node_cpus if node_cpus is not None else cpus,
+                   node_gpus if node_gpus is not None else gpus)
+
+
+@pytest.fixture
+def smoke(write_sweep, smoke_spec):
+    return load_sweep(write_sweep(smoke_spec))
+
+
+@pytest.mark.parametrize(("cpu", "gpu", "max_concurrent", "expected"), [
+    (1, 0, None, "6 trials: 4 at a time (limited by CPUs), 2 wave(s)"),
+    (0.25, 0.25, None, "6 trials: 4 at a time (limited by GPUs), 2 wave(s); 2 GPUs would run them all at once"),
+    (0.5, 0.125, None, "6 trials: 6 at a time (limited by trials), 1 wave(s); 1 GPUs would run them all at once"),
+    (1, 0.5, None, "6 trials: 2 at a time (limited by GPUs), 3 wave(s); 3 GPUs would run them all at once"),
+    (0.5, 0.25, 3, "6 trials: 3 at a time (limited by --max-concurrent), 2 wave(s); 2 GPUs would run them all at once"),
+])
+def test_plan_counts_what_limits_concurrency(smoke, cpu, gpu, max_concurrent, expected):
+    sweep = dataclasses.replace(smoke, resources=Resources(cpu=cpu, gpu=gpu))
+    lines = resource_plan(sweep, cluster(cpus=4, gpus=1), max_concurrent)
+    assert lines == [f"per trial: {cpu:g} CPU, {gpu:g} GPU; the cluster: 1 node(s), 4 CPUs, 1 GPUs", expected]
+
+
+def test_trial_larger_than_any_node_is_refused():
+    with pytest.raises(PlacementError, match=r"^a trial needs 2 GPUs but the cluster has at most 1 per node; lower "
+                                             r"resources.gpu \(or --gpus-per-trial\), or pass --address"):
+        check_fits(Resources(cpu=1, gpu=2), cluster(cpus=8, gpus=2, nodes=2, node_gpus=1))
+    with pytest.raises(PlacementError, match="a trial needs 3 CPUs"):
+        check_fits(Resources(cpu=3, gpu=0), cluster(cpus=4, gpus=0, nodes=2, node_cpus=2))
+    check_fits(Resources(cpu=2, gpu=1), cluster(cpus=4, gpus=2, nodes=2, node_cpus=2, node_gpus=1))
+
+
+def test_autoscaled_worker_types_count_as_nodes_to_come(tmp_path):
+    """On an idle `ray up` cluster only the head runs; cluster.yaml's GPU workers will hold the trials."""
+    types = autoscaled_node_types(ROOT / "cluster.yaml")
+    assert types and max(t.get("GPU", 0) for t in types) >= 1
+    assert autoscaled_node_types(tmp_path / "missing.yaml") == []
+
+
+@pytest.mark.parametrize("how", [["--gpus-per-trial", "1"], ["--gpus-per-trial", "1", "--dry-run"], "file"])
+def test_more_gpus_than_this_machine_is_one_line_before_ray_starts(tmp_path, write_sweep, smoke_spec, how):
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    if how == "file":
+        smoke_spec["resources"] = {"cpu": 1, "gpu": 2}
+        how = []
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    done = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(write_sweep(smoke_spec)), *how],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == ""
+    need = 2 if how == [] else 1
+    assert done.stderr.splitlines() == [
+        f"error: a trial needs {need} GPUs but this machine (local Ray) has at most 0 per node; "
+        "lower resources.gpu (or --gpus-per-trial), or pass --address of a larger cluster"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["specs"]  # no sweep folder, no MLflow store
