@@ -69,3 +69,17 @@ def test_seed_repeater_checkpoint_keeps_seed_groups(search_sweep, tmp_path):
     values = [trial.value for trial in study.trials]
     assert len(values) == 2 and math.isclose(values[0], 0.3) and math.isclose(values[1], 0.8)
     assert isinstance(restored, SeedRepeater)
+
+
+def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_spec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from orchestrator.search import scheduler
+
+    assert isinstance(scheduler(load_sweep(write_sweep(smoke_spec, "plain"))), FIFOScheduler)
+    smoke_spec["scheduler"] = {"name": "asha", "metric": "exact_match_2x", "mode": "max", "grace_period": 100,
+                               "reduction_factor": 2}
+    asha = scheduler(load_sweep(write_sweep(smoke_spec, "asha")))
+    assert isinstance(asha, ASHAScheduler)
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("step", "exact_match_2x", "max", 1000)
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [800, 400, 200, 100]  # grace × 2^i < max_t
