@@ -7,6 +7,7 @@ then rendered as Markdown, LaTeX or CSV, so the three formats can never disagree
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -209,13 +210,13 @@ def summary_table(
                                         row_order=row_order, planned_seeds=planned_seeds))
 
 
-def to_markdown(table: pd.DataFrame, *, title: str | None = None) -> str:
+def to_markdown(table: pd.DataFrame, *, title: str | None = None, index_header: str = "Kernel") -> str:
     """A GitHub Markdown table with the index as the first column, headed `Kernel`."""
 
     def line(cells: list) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    lines = [line(["Kernel", *table.columns]), "|" + "---|" * (len(table.columns) + 1)]
+    lines = [line([index_header, *table.columns]), "|" + "---|" * (len(table.columns) + 1)]
     lines += [line([label, *values]) for label, values in zip(table.index, table.itertuples(index=False))]
     text = "\n".join(lines) + "\n"
     return f"**{title}**\n\n{text}" if title else text
@@ -262,9 +263,17 @@ def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10)
     name, factor = parse_metric_name(metric)
     rows = results[(results["metric"] == name)
                    & (results["length_factor"].isna() if factor is None else results["length_factor"] == factor)]
-    last = last_evaluation(rows).assign(suggestion=lambda r: r["kernel_label"] + " " + r["searched"].fillna("{}"))
+    last = last_evaluation(rows)
+    last = last.assign(suggestion=[f"{label} {_suggested(values)}" for label, values
+                                   in zip(last["kernel_label"], last["searched"])])
     stats = last.groupby("suggestion")["value"].agg(["mean", "min", "max", "count"])
     stats = stats.sort_values("mean", ascending=mode == "min").head(top)
     best = stats["min"] if mode == "min" else stats["max"]
     return pd.DataFrame({f"{metric} mean": stats["mean"].map("{:.4g}".format),
                          "best seed": best.map("{:.4g}".format), "seeds": stats["count"]})
+
+
+def _suggested(searched: str | None) -> str:
+    """`{"train.lr": 0.0027389…}` -> `train.lr=0.002739`."""
+    values = json.loads(searched) if isinstance(searched, str) else {}
+    return " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items())

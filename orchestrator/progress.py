@@ -11,7 +11,7 @@ from rich.console import Console
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from orchestrator.search import trial_name
+from orchestrator.search import trial_config, trial_name
 from orchestrator.tracking import reported_metrics
 
 
@@ -19,8 +19,9 @@ _console = Console(stderr=True, highlight=False)  # module level: Tune pickles i
 
 
 class TrialProgress(Callback):
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, configs: dict[str, dict[str, Any]]) -> None:
         self.total = total
+        self.configs = configs
         self.finished = 0
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
@@ -32,7 +33,10 @@ class TrialProgress(Callback):
         shown = "  ".join(f"{key}={value:.3g}" for key, value in metrics.items()
                           if key not in ("step", "lr", "elapsed_s") and "/" not in key)  # per-head ones: MLflow
         seconds = trial.last_result.get("time_total_s", 0.0)
-        _console.print(f"{self._count()} [green]done[/]     {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]")
+        step, max_steps = metrics.get("step"), trial_config(trial.config, self.configs)["train"]["max_steps"]
+        ended = ("[green]done[/]   " if step is None or step >= max_steps
+                 else f"[yellow]stopped[/] at step {step:.0f} by the scheduler:")
+        _console.print(f"{self._count()} {ended}  {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.finished += 1

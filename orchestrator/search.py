@@ -9,6 +9,7 @@ in the trainable and in the driver's callbacks.
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import tempfile
@@ -86,6 +87,7 @@ def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
         return None
     import optuna
 
+    optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())  # quiet unless -v
     search = sweep.search
     sampler = (optuna.samplers.TPESampler(seed=search.sampler_seed) if search.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=search.sampler_seed))

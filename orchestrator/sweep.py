@@ -85,7 +85,8 @@ def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list
     if sweep.search is not None:
         metric, mode = sweep.metric
         ranking = search_ranking(results, metric, mode)
-        markdown = to_markdown(ranking, title=f"{sweep.name}: suggestions by {metric} ({mode}), mean over seeds")
+        markdown = to_markdown(ranking, title=f"{sweep.name}: suggestions by {metric} ({mode}), mean over seeds",
+                               index_header="Suggestion")
         written = [sweep_dir / "table.md", sweep_dir / "table-search.csv"]
         written[0].write_text(markdown + "\n")
         ranking.to_csv(written[1])
@@ -188,6 +189,10 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
     from orchestrator.tracking import SweepTracker, fail_unfinished_runs, load_run_map, save_run_map
 
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
+    if not verbose:  # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # short trials checkpoint often: Tune's advice to checkpoint less is noise here
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     tune_path = f"{storage_path}/tune"
     configs_file = sweep_dir / "trials.json"
     if resume:
@@ -233,7 +238,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
                     name="tune",
                     storage_path=storage_path,
                     callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
-                               TrialProgress(sweep.num_trials)],
+                               TrialProgress(sweep.num_trials, configs)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                     verbose=2 if verbose else 0,

@@ -144,3 +144,24 @@ def test_summary_table_marks_the_lowest_tvd_and_the_highest_accuracy():
     assert table.loc["Gaussian"].tolist() == ["**85.00**^(<u>90.00</u>)", "—", "15.00^(<u>10.00</u>)", "—"]  # tie: both bold
     assert table.loc["Biweight"].tolist() == ["**85.00**^(86.00)", "**95.00**^(<u>95.00</u>) [1/2]",
                                               "**13.00**^(12.00)", "**5.00**^(<u>5.00</u>) [1/2]"]
+
+
+def test_search_ranking_orders_suggestions_by_their_mean_over_seeds():
+    from analysis.tables import search_ranking, to_markdown
+
+    def rows(trial, searched, seed, values):
+        return [{"trial_id": trial, "kernel_label": "Biweight", "searched": searched, "seed": seed, "metric": "exact_match",
+                 "length_factor": factor, "step": step, "value": value}
+                for step, (factor, value) in values]
+
+    a, b = '{"train.lr": 0.0027389695952, "model.n_layer": 3}', '{"train.lr": 0.001, "model.n_layer": 1}'
+    frame = pd.DataFrame(
+        rows("t1", a, 0, [(10, (2.0, 0.9)), (20, (2.0, 0.2)), (20, (1.0, 1.0))])  # last step counts: 0.2
+        + rows("t2", a, 1, [(20, (2.0, 0.4))])
+        + rows("t3", b, 0, [(20, (2.0, 0.5))]) + rows("t4", b, 1, [(10, (2.0, 0.6))]))  # stopped early at 10
+    ranking = search_ranking(frame, "exact_match_2x", "max")
+    assert list(ranking.index) == ["Biweight train.lr=0.001 model.n_layer=1", "Biweight train.lr=0.002739 model.n_layer=3"]
+    assert ranking.to_dict("list") == {"exact_match_2x mean": ["0.55", "0.3"], "best seed": ["0.6", "0.4"], "seeds": [2, 2]}
+    assert list(search_ranking(frame, "exact_match_2x", "min").index)[0].endswith("model.n_layer=3")
+    assert to_markdown(ranking, index_header="Suggestion").splitlines()[0] == \
+        "| Suggestion | exact_match_2x mean | best seed | seeds |"
