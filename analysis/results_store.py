@@ -84,3 +84,10 @@ def read_trial_rows(sweep_dir: str | Path, trial_id: str) -> list[dict]:
     if not part.is_file():
         return []
     return pq.read_table(part, schema=RESULTS_SCHEMA).to_pylist()
+
+
+def trial_states(results: pd.DataFrame) -> dict[str, int]:
+    """How many trials are in each state (RUNNING, TERMINATED, ERROR), from their rows' last status."""
+    if results.empty:
+        return {}
+    return results.groupby("trial_id")["status"].last().value_counts().to_dict()

@@ -94,6 +94,9 @@ def run(
     typer.echo(f"\ntrials: {counts}")
     typer.echo(f"table: {outcome.sweep_dir / 'table.md'}   results: {outcome.sweep_dir / 'results.parquet'}")
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    if outcome.trials_by_status.get("UNFINISHED"):
+        typer.echo("interrupted: continue with the same command and --resume (finished trials are kept)")
+        raise typer.Exit(130)
     if outcome.trials_by_status.get("ERROR"):
         raise typer.Exit(1)
 
@@ -259,7 +262,7 @@ def status(sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A swee
 
     import pandas as pd
 
-    from analysis.results_store import read_results
+    from analysis.results_store import read_results, trial_states
     from analysis.tables import last_evaluation
     from orchestrator.sweep import LAUNCH
 
@@ -268,7 +271,7 @@ def status(sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A swee
         raise _fail(f"{sweep_dir} is not a sweep folder (no {LAUNCH}); run `mosaic-sweep run` first")
     planned = json.loads(launch.read_text())["trials"]
     results = read_results(sweep_dir)
-    states = results.groupby("trial_id")["status"].last().value_counts().to_dict() if len(results) else {}
+    states = trial_states(results)
     if planned > sum(states.values()):
         states["PENDING"] = planned - sum(states.values())
     typer.echo(f"{sweep_dir}: {planned} trials — " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))

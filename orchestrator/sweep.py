@@ -183,10 +183,10 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
     from ray import tune
 
     from analysis.plots import make_plots
-    from analysis.results_store import read_results
+    from analysis.results_store import read_results, trial_states
     from orchestrator.progress import TrialProgress
     from orchestrator.search import param_space, scheduler, search_algorithm
-    from orchestrator.tracking import SweepTracker, fail_unfinished_runs, load_run_map, save_run_map
+    from orchestrator.tracking import SweepTracker, end_unfinished_runs, load_run_map, save_run_map
 
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
     if not verbose:  # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0
@@ -244,24 +244,25 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
                     verbose=2 if verbose else 0,
                 ),
             )
-        grid = tuner.fit()
-        trials_by_status: dict[str, int] = {}
-        for result in grid:
-            key = "ERROR" if result.error else "TERMINATED"
-            trials_by_status[key] = trials_by_status.get(key, 0) + 1
-
+        tuner.fit()  # returns early, its state saved, after Ctrl-C
+        # what the tracker recorded, not Tune's statuses: Tune marks the trials it stopped on Ctrl-C TERMINATED
         results = read_results(sweep_dir)
+        states = trial_states(results)
+        done = {state: states[state] for state in ("TERMINATED", "ERROR") if states.get(state)}
+        unfinished = sweep.num_trials - sum(done.values())
+        trials_by_status = {**done, **({"UNFINISHED": unfinished} if unfinished else {})}
         markdown, table_files = write_tables(sweep, results, sweep_dir)
         for path in table_files:
             client.log_artifact(parent_id, str(path))
         plots = make_plots(results, sweep_dir / "plots")
         if plots:
             client.log_artifacts(parent_id, str(sweep_dir / "plots"), artifact_path="plots")
-        status = RunStatus.FINISHED if not grid.errors else RunStatus.FAILED
+        status = RunStatus.KILLED if unfinished else RunStatus.FAILED if "ERROR" in done else RunStatus.FINISHED
         return SweepOutcome(sweep_dir, markdown, parent_id, tracking_uri, trials_by_status)
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
-    finally:
-        fail_unfinished_runs(client, sweep_dir)
+    finally:  # the runs of trials still RUNNING: their processes are gone (or were stopped, when KILLED)
+        end_unfinished_runs(client, sweep_dir, RunStatus.to_string(RunStatus.KILLED if status == RunStatus.KILLED
+                                                                    else RunStatus.FAILED))
         client.set_terminated(parent_id, status=RunStatus.to_string(status))

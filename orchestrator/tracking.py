@@ -79,13 +79,13 @@ def save_run_map(sweep_dir: Path, parent_run_id: str, trial_runs: dict[str, str]
     os.replace(tmp, path)
 
 
-def fail_unfinished_runs(client: MlflowClient, sweep_dir: Path) -> list[str]:
-    """End FAILED every child run still RUNNING once Tune is done: its trial's process is gone."""
+def end_unfinished_runs(client: MlflowClient, sweep_dir: Path, status: str = "FAILED") -> list[str]:
+    """End every child run still RUNNING once Tune is done (FAILED, or KILLED after Ctrl-C): its trial's process is gone."""
     run_map = load_run_map(sweep_dir) or {"trials": {}}
     stuck = [run_id for run_id in run_map["trials"].values()
              if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING)]
     for run_id in stuck:
-        client.set_terminated(run_id, status=RunStatus.to_string(RunStatus.FAILED))
+        client.set_terminated(run_id, status=status)
     return stuck
 
 

@@ -103,14 +103,24 @@ SEARCH = {
 
 
 @pytest.mark.slow
-def test_optuna_search_stopped_and_resumed_continues_the_same_study(tmp_path):
+def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(tmp_path):
     import optuna
 
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(SEARCH))
-    driver = subprocess.Popen(command(name="search"), cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(command(name="search"), cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
     sweep_dir = tmp_path / "sweeps" / "search"
-    kill_when(lambda: one_finished(sweep_dir), driver)
+    deadline = time.time() + 240
+    while not one_finished(sweep_dir):
+        assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops the trials and saves its state
+    stdout, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 130 and "interrupted: continue with the same command and --resume" in stdout
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
+    assert {r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags} == {"KILLED"}
+    assert "RUNNING" not in {r.info.status for r in runs}
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert 1 <= len(study.trials) <= 3
 
@@ -133,7 +143,7 @@ def test_optuna_search_stopped_and_resumed_continues_the_same_study(tmp_path):
     means = sorted(last.groupby("searched")["value"].mean())
     assert means == pytest.approx(sorted(trial.value for trial in study.trials))
 
-    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     assert len(children) == 6 and {r.info.status for r in children} == {"FINISHED"}
+    assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FINISHED"]
