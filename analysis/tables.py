@@ -264,7 +264,7 @@ def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10)
     rows = results[(results["metric"] == name)
                    & (results["length_factor"].isna() if factor is None else results["length_factor"] == factor)]
     last = last_evaluation(rows)
-    last = last.assign(suggestion=[f"{label} {_suggested(values)}" for label, values
+    last = last.assign(suggestion=[_suggestion(label, values) for label, values
                                    in zip(last["kernel_label"], last["searched"])])
     stats = last.groupby("suggestion")["value"].agg(["mean", "min", "max", "count"])
     stats = stats.sort_values("mean", ascending=mode == "min").head(top)
@@ -273,7 +273,10 @@ def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10)
                          "best seed": best.map("{:.4g}".format), "seeds": stats["count"]})
 
 
-def _suggested(searched: str | None) -> str:
-    """`{"train.lr": 0.0027389…}` -> `train.lr=0.002739`."""
+def _suggestion(kernel_label: str, searched: str | None) -> str:
+    """`Biweight train.lr=0.002739`; where the search also chose among variants, the variant's name
+    (`entmax(alpha=1.5) model.n_layer=2 train.lr=0.002739`) instead of the kernel's label."""
     values = json.loads(searched) if isinstance(searched, str) else {}
-    return " ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items())
+    shown = [values.pop("variant", kernel_label)]
+    shown += [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()]
+    return " ".join(shown)

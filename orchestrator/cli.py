@@ -113,13 +113,12 @@ def ui(
     import sys
 
     from orchestrator.sweep import LAUNCH
-    from orchestrator.tracking import default_tracking_uri
 
     launch = sweeps_dir / LAUNCH
     if launch.is_file():  # a sweep folder: the store it logged to
         tracking_uri = json.loads(launch.read_text())["tracking_uri"]
     elif (sweeps_dir / "mlflow.db").is_file():
-        tracking_uri = default_tracking_uri(sweeps_dir)
+        tracking_uri = f"sqlite:///{(sweeps_dir / 'mlflow.db').resolve()}"
     else:
         raise _fail(f"{sweeps_dir} holds no mlflow.db and is not a sweep folder; give the folder that `mosaic-sweep run` wrote")
     if not tracking_uri.startswith("sqlite:"):

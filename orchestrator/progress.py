@@ -5,12 +5,14 @@ Ray Tune's own reporter prints a table every few seconds; it is kept for `--verb
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
+from analysis.results_store import read_results, trial_states
 from orchestrator.search import trial_config, trial_name
 from orchestrator.tracking import reported_metrics
 
@@ -19,10 +21,16 @@ _console = Console(stderr=True, highlight=False)  # module level: Tune pickles i
 
 
 class TrialProgress(Callback):
-    def __init__(self, total: int, configs: dict[str, dict[str, Any]]) -> None:
+    def __init__(self, total: int, configs: dict[str, dict[str, Any]], sweep_dir: Path) -> None:
         self.total = total
         self.configs = configs
+        self.sweep_dir = sweep_dir
         self.finished = 0
+
+    def setup(self, **info: Any) -> None:
+        """A resumed sweep counts on from the trials that already ended."""
+        states = trial_states(read_results(self.sweep_dir))
+        self.finished = states.get("TERMINATED", 0) + states.get("ERROR", 0)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         _console.print(f"[dim]{self._count()} started[/]  {trial_name(trial.config)}")

@@ -10,9 +10,6 @@ in the trainable and in the driver's callbacks.
 from __future__ import annotations
 
 import logging
-import os
-import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +79,8 @@ def optuna_storage_url(search: Search, sweep_dir: Path) -> str:
 
 
 def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
-    """OptunaSearch with a persistent study (named after the sweep), each suggestion repeated per seed."""
+    """OptunaSearch with a persistent study (named after the sweep), each suggestion repeated per
+    seed; the study sees the mean over the seeds of each suggestion's last value."""
     if sweep.search is None:
         return None
     import optuna
@@ -94,29 +92,5 @@ def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
     storage = optuna.storages.RDBStorage(optuna_storage_url(search, sweep_dir))
     optuna_search = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler, storage=storage,
                                  study_name=sweep.name)
-    return SeedRepeater(optuna_search, repeat=search.seeds)
+    return Repeater(optuna_search, repeat=search.seeds)  # Tune's searcher checkpoint keeps its seed groups
 
-
-class SeedRepeater(Repeater):
-    """Ray's Repeater (one suggestion, `repeat` seeds, the searcher sees their mean), whose
-    checkpoint also holds its own groups of trials: Ray's saves only the inner searcher, so a
-    restored sweep would not know which seeds belong to which suggestion."""
-
-    def save(self, checkpoint_path: str) -> None:
-        with tempfile.TemporaryDirectory() as directory:
-            inner = os.path.join(directory, "searcher.pkl")
-            self.searcher.save(inner)
-            with open(inner, "rb") as file:
-                searcher_state = file.read()
-        with open(checkpoint_path, "wb") as file:
-            pickle.dump({"repeater": self.get_state(), "searcher": searcher_state}, file)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "rb") as file:
-            state = pickle.load(file)
-        self.set_state(state["repeater"])
-        with tempfile.TemporaryDirectory() as directory:
-            inner = os.path.join(directory, "searcher.pkl")
-            with open(inner, "wb") as file:
-                file.write(state["searcher"])
-            self.searcher.restore(inner)

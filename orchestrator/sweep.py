@@ -113,6 +113,9 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
     import torch
     from ray import tune
 
+    from pydantic import ValidationError
+
+    from mosaic_core.config import TrialConfig, describe_validation_error
     from mosaic_core.train import train_trial
     from orchestrator.search import trial_config
 
@@ -123,7 +126,10 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
     def report(metrics: dict[str, float], checkpoint_dir: str) -> None:
         tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-    full_config = trial_config(config, configs)
+    try:  # a search can suggest an invalid config inside its ranges (n_embd not divisible by n_head)
+        full_config = TrialConfig.model_validate(trial_config(config, configs))
+    except ValidationError as error:
+        raise ValueError(describe_validation_error(error, TrialConfig, "the suggested config")) from None
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial after a failure or a resume
     if checkpoint is None:
         train_trial(full_config, report=report)
@@ -162,21 +168,33 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
         launch = json.loads(launch_file.read_text())
         if tracking_uri != launch["tracking_uri"]:
             log.warning("resuming with the sweep's own MLflow store %s", launch["tracking_uri"])
-        tracking_uri, storage_path = launch["tracking_uri"], launch["storage_path"]
+        if max_concurrent is not None:
+            log.warning("--max-concurrent applies to new sweeps; Tune restores a sweep with its first settings")
+        tracking_uri, storage_path, num_trials = launch["tracking_uri"], launch["storage_path"], launch["trials"]
     else:
-        storage_path = _storage_path(storage, sweep_dir)
+        storage_path, num_trials = _storage_path(storage, sweep_dir), sweep.num_trials
+        if storage is not None and _holds_tune_state(storage_path):
+            raise FileExistsError(f"{storage_path} already holds the Tune state of a sweep named like {sweep_dir.name}; "
+                                  "give --out another folder name, or pass --resume to continue that sweep")
         prepare_output_dir(sweep_dir, overwrite)  # before Ray starts: a folder in use is refused at once
     cluster = connect(address, verbose)
-    if cluster.nodes > 1 and storage is None and not resume:
-        raise PlacementError(f"{cluster.where} has {cluster.nodes} nodes: trials need shared storage for their "
-                             f"checkpoints; pass --storage with a path every node sees, or s3://bucket/prefix")
+    if cluster.needs_shared_storage and storage is None and not resume:
+        nodes = f"has {len(cluster.nodes)} nodes" if len(cluster.nodes) > 1 else "adds nodes as it scales"
+        raise PlacementError(f"{cluster.where} {nodes}: trials need shared storage for their checkpoints; "
+                             f"pass --storage with a path every node sees, or s3://bucket/prefix")
     check_fits(sweep.resources, cluster)
-    return _tune(sweep, sweep_dir, tracking_uri, storage_path, resume=resume, verbose=verbose,
+    return _tune(sweep, sweep_dir, tracking_uri, storage_path, num_trials, resume=resume, verbose=verbose,
                  max_concurrent=max_concurrent)
 
 
-def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *, resume: bool, verbose: bool,
-          max_concurrent: int | None) -> SweepOutcome:
+def _holds_tune_state(storage_path: str) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(f"{storage_path}/tune")
+
+
+def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, num_trials: int, *, resume: bool,
+          verbose: bool, max_concurrent: int | None) -> SweepOutcome:
     """Ray is up and the trials fit: the MLflow parent run, the Tuner (new or restored), the tables."""
     from mlflow import MlflowClient
     from mlflow.entities import RunStatus
@@ -204,7 +222,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
         parent_id = run_map["parent"]
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
     else:
-        (sweep_dir / LAUNCH).write_text(json.dumps({"tracking_uri": tracking_uri, "storage_path": storage_path, "trials": sweep.num_trials}, indent=1))
+        (sweep_dir / LAUNCH).write_text(json.dumps({"tracking_uri": tracking_uri, "storage_path": storage_path, "trials": num_trials}, indent=1))
         configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
         configs_file.write_text(json.dumps(configs, indent=1))
         client = MlflowClient(tracking_uri=tracking_uri)
@@ -230,7 +248,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
                 param_space=param_space(sweep, list(configs)),
                 tune_config=tune.TuneConfig(
                     search_alg=search_algorithm(sweep, sweep_dir), scheduler=scheduler(sweep),
-                    num_samples=sweep.num_trials if sweep.search else 1, max_concurrent_trials=max_concurrent,
+                    num_samples=num_trials if sweep.search else 1, max_concurrent_trials=max_concurrent,
                     reuse_actors=False,  # every trial in a fresh process: its GPU memory goes back when it ends
                     trial_dirname_creator=lambda trial: trial.trial_id,
                 ),
@@ -238,7 +256,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
                     name="tune",
                     storage_path=storage_path,
                     callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
-                               TrialProgress(sweep.num_trials, configs)],
+                               TrialProgress(num_trials, configs, sweep_dir)],
                     checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
                     failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
                     verbose=2 if verbose else 0,
@@ -249,7 +267,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, *
         results = read_results(sweep_dir)
         states = trial_states(results)
         done = {state: states[state] for state in ("TERMINATED", "ERROR") if states.get(state)}
-        unfinished = sweep.num_trials - sum(done.values())
+        unfinished = num_trials - sum(done.values())
         trials_by_status = {**done, **({"UNFINISHED": unfinished} if unfinished else {})}
         markdown, table_files = write_tables(sweep, results, sweep_dir)
         for path in table_files:

@@ -17,6 +17,7 @@ from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from pydantic import ValidationError
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
@@ -25,7 +26,7 @@ from analysis.results_store import read_trial_rows, write_trial_rows
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
 from mosaic_core.metrics import parse_metric_name
-from orchestrator.search import searched_values, trial_config, trial_name
+from orchestrator.search import VARIANT, searched_values, trial_config, trial_name
 
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id", "error")  # set when rows are written
@@ -114,7 +115,7 @@ class SweepTracker(Callback):
         self.run_ids = (load_run_map(self.sweep_dir) or {"trials": {}})["trials"]
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        config = TrialConfig.model_validate(trial_config(trial.config, self.configs))
+        config = self._config(trial)
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             run = self.client.create_run(
@@ -124,7 +125,8 @@ class SweepTracker(Callback):
                       "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params)},
             )
             run_id = self.run_ids[trial.trial_id] = run.info.run_id
-            params = [Param(key, str(value)) for key, value in flatten(config.model_dump()).items()]
+            values = {**flatten(config.model_dump()), **searched_values(trial.config)}
+            params = [Param(key, str(value)) for key, value in values.items()]
             self.client.log_batch(run_id, params=params)  # params are immutable in MLflow: once per run
             save_run_map(self.sweep_dir, self.parent_run_id, self.run_ids)
         else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
@@ -192,11 +194,21 @@ class SweepTracker(Callback):
         rows = self.rows.get(trial.trial_id) or ([self._columns(trial)] if error else [])
         write_trial_rows(self.sweep_dir, trial.trial_id, [{**row, **identity} for row in rows])
 
+    def _config(self, trial: Trial) -> TrialConfig:
+        """The trial's config; the variant's where a suggestion makes an invalid one (that trial fails
+        with the reason, and the sweep goes on)."""
+        try:
+            return TrialConfig.model_validate(trial_config(trial.config, self.configs))
+        except ValidationError:
+            return TrialConfig.model_validate(self.configs[trial.config[VARIANT]])
+
     def _columns(self, trial: Trial) -> dict[str, Any]:
-        """The results-store columns of the trial's grid point (and suggestion, in a search)."""
+        """The results-store columns of the trial's grid point (and suggestion, in a search; with
+        several variants, the variant is one of the searched values)."""
         searched = searched_values(trial.config)
-        config = TrialConfig.model_validate(trial_config(trial.config, self.configs))
-        return {**trial_columns(config), "searched": json.dumps(searched) if searched else None}
+        if searched and len(self.configs) > 1:
+            searched = {VARIANT: trial.config[VARIANT], **searched}
+        return {**trial_columns(self._config(trial)), "searched": json.dumps(searched) if searched else None}
 
 
 def _last_error_line(trial: Trial) -> str:

@@ -37,6 +37,13 @@ class Resources(BaseModel):
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
 
+    @field_validator("gpu")
+    @classmethod
+    def _shareable(cls, gpu: float) -> float:
+        if gpu > 1 and not gpu.is_integer():
+            raise ValueError(f"gpu {gpu:g}: a fraction of one GPU (≤ 1) or whole GPUs; Ray cannot split several")
+        return gpu
+
 
 class Scheduler(BaseModel):
     """ASHA: at every rung (grace_period × reduction_factor^i steps) only the best 1/reduction_factor go on."""
@@ -244,9 +251,14 @@ def _check_metric(metric: str, trials: list[Trial], where: str) -> None:
 def _check_scheduler(scheduler: Scheduler, search: Search | None, trials: list[Trial], source: str) -> None:
     if search is None and (scheduler.metric is None or scheduler.mode is None):
         raise SweepError(f"{source}: scheduler needs 'metric' and 'mode' (min or max) when there is no 'search:'")
-    if search is not None and scheduler.metric not in (None, search.metric):
-        raise SweepError(f"{source}: scheduler.metric '{scheduler.metric}' differs from search.metric "
-                         f"'{search.metric}'; leave it out to use the search's")
+    if search is not None:
+        for key in ("metric", "mode"):
+            if getattr(scheduler, key) not in (None, getattr(search, key)):
+                raise SweepError(f"{source}: scheduler.{key} '{getattr(scheduler, key)}' differs from search.{key} "
+                                 f"'{getattr(search, key)}'; leave it out to use the search's")
+        if "train.max_steps" in search.space:
+            raise SweepError(f"{source}: scheduler: ASHA needs one train.max_steps for all trials (its max_t); "
+                             "do not search train.max_steps with a scheduler")
     if scheduler.metric is not None:
         _check_metric(scheduler.metric, trials, f"{source}: scheduler")
     shortest = min(trial.config.train.max_steps for trial in trials)
@@ -262,8 +274,19 @@ def _check_search(search: Search, grid: dict[str, list[Any]], trials: list[Trial
     if "seed" in grid:
         raise SweepError(f"{where}: seeds come from search.seeds in a search sweep; remove 'seed' from grid:")
     _check_metric(search.metric, trials, where)
+    if search.storage is not None:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(search.storage)
+        except ArgumentError:
+            raise SweepError(f"{where}.storage: '{search.storage}' is not a database URL "
+                             "(sqlite:///path/optuna.db, postgresql://user@host/db, …)") from None
     for key, distribution in search.space.items():
         at = f"{where}.space.{key}"
+        if key in grid:
+            raise SweepError(f"{at}: also in grid:; a key is either searched or gridded")
         if key in KERNEL_KEYS or key == "seed":
             raise SweepError(f"{at}: cannot be searched; list kernel variants in 'kernels:' and use search.seeds")
         if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:

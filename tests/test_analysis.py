@@ -165,3 +165,14 @@ def test_search_ranking_orders_suggestions_by_their_mean_over_seeds():
     assert list(search_ranking(frame, "exact_match_2x", "min").index)[0].endswith("model.n_layer=3")
     assert to_markdown(ranking, index_header="Suggestion").splitlines()[0] == \
         "| Suggestion | exact_match_2x mean | best seed | seeds |"
+
+
+def test_search_ranking_names_the_variant_when_the_search_chose_it():
+    from analysis.tables import search_ranking
+
+    frame = pd.DataFrame([
+        {"trial_id": t, "kernel_label": "Gaussian", "searched": f'{{"variant": "softmax model.n_layer={n}", "train.lr": 0.001}}',
+         "seed": 0, "metric": "val_loss", "length_factor": None, "step": 5, "value": v}
+        for t, n, v in (("a", 1, 2.0), ("b", 2, 1.5))])
+    assert list(search_ranking(frame, "val_loss", "min").index) == ["softmax model.n_layer=2 train.lr=0.001",
+                                                                     "softmax model.n_layer=1 train.lr=0.001"]

@@ -16,14 +16,17 @@ from search_spaces.schema import Resources, load_sweep
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def cluster(cpus: float, gpus: float, nodes: int = 1, node_cpus: float | None = None, node_gpus: float | None = None) -> Cluster:
-    return Cluster("the cluster", nodes, cpus, gpus, node_cpus if node_cpus is not None else cpus,
-                   node_gpus if node_gpus is not None else gpus)
+def node(cpus: float, gpus: float = 0) -> dict[str, float]:
+    return {"CPU": cpus, "GPU": gpus}
 
 
 @pytest.fixture
 def smoke(write_sweep, smoke_spec):
     return load_sweep(write_sweep(smoke_spec))
+
+
+def plan(sweep, resources: Resources, cluster: Cluster, max_concurrent: int | None = None) -> list[str]:
+    return resource_plan(dataclasses.replace(sweep, resources=resources), cluster, max_concurrent)
 
 
 @pytest.mark.parametrize(("cpu", "gpu", "max_concurrent", "expected"), [
@@ -32,26 +35,43 @@ def smoke(write_sweep, smoke_spec):
     (0.5, 0.125, None, "6 trials: 6 at a time (limited by trials), 1 wave(s); 1 GPUs would run them all at once"),
     (1, 0.5, None, "6 trials: 2 at a time (limited by GPUs), 3 wave(s); 3 GPUs would run them all at once"),
     (0.5, 0.25, 3, "6 trials: 3 at a time (limited by --max-concurrent), 2 wave(s); 2 GPUs would run them all at once"),
+    (1, 2, None, "6 trials: 0 at a time (limited by running nodes), none until nodes join; 12 GPUs would run them all at once"),
 ])
 def test_plan_counts_what_limits_concurrency(smoke, cpu, gpu, max_concurrent, expected):
-    sweep = dataclasses.replace(smoke, resources=Resources(cpu=cpu, gpu=gpu))
-    lines = resource_plan(sweep, cluster(cpus=4, gpus=1), max_concurrent)
+    lines = plan(smoke, Resources(cpu=cpu, gpu=gpu), Cluster("the cluster", [node(4, 1)]), max_concurrent)
     assert lines == [f"per trial: {cpu:g} CPU, {gpu:g} GPU; the cluster: 1 node(s), 4 CPUs, 1 GPUs", expected]
 
 
+def test_plan_packs_each_node_on_its_own(smoke):
+    """Two nodes of 3 CPUs and 1 GPU hold one 2-CPU, 0.6-GPU trial each, not three between them;
+    a 0.6-GPU trial has a GPU to itself, so six of them need six GPUs."""
+    lines = plan(smoke, Resources(cpu=2, gpu=0.6), Cluster("the cluster", [node(3, 1), node(3, 1)]))
+    assert lines[1] == "6 trials: 2 at a time (limited by GPUs), 3 wave(s); 6 GPUs would run them all at once"
+
+
+def test_plan_of_an_autoscaling_cluster_counts_the_workers_to_come(smoke):
+    idle = Cluster("the cluster", [node(0)], scalable=[(node(8, 1), 8)])  # cluster.yaml's shape: a CPU-0 head
+    lines = plan(smoke, Resources(cpu=1, gpu=0.5), idle)
+    assert lines[1:] == ["6 trials: 0 at a time (limited by running nodes), none until nodes join; 3 GPUs would run them all at once",
+                         "with every worker the autoscaler can add: 6 at a time"]
+    assert idle.needs_shared_storage and not Cluster("one", [node(4)]).needs_shared_storage
+
+
 def test_trial_larger_than_any_node_is_refused():
+    two_small = Cluster("the cluster", [node(4, 1), node(2, 1)])
     with pytest.raises(PlacementError, match=r"^a trial needs 2 GPUs but the cluster has at most 1 per node; lower "
                                              r"resources.gpu \(or --gpus-per-trial\), or pass --address"):
-        check_fits(Resources(cpu=1, gpu=2), cluster(cpus=8, gpus=2, nodes=2, node_gpus=1))
-    with pytest.raises(PlacementError, match="a trial needs 3 CPUs"):
-        check_fits(Resources(cpu=3, gpu=0), cluster(cpus=4, gpus=0, nodes=2, node_cpus=2))
-    check_fits(Resources(cpu=2, gpu=1), cluster(cpus=4, gpus=2, nodes=2, node_cpus=2, node_gpus=1))
+        check_fits(Resources(cpu=1, gpu=2), two_small)
+    with pytest.raises(PlacementError, match="a trial needs 5 CPUs but the cluster has at most 4 per node"):
+        check_fits(Resources(cpu=5, gpu=0), two_small)
+    check_fits(Resources(cpu=4, gpu=1), two_small)
+    check_fits(Resources(cpu=8, gpu=1), Cluster("idle", [node(0)], scalable=[(node(8, 1), 8)]))  # a worker will come
 
 
-def test_autoscaled_worker_types_count_as_nodes_to_come(tmp_path):
+def test_autoscaled_worker_types_come_from_the_cluster_config(tmp_path):
     """On an idle `ray up` cluster only the head runs; cluster.yaml's GPU workers will hold the trials."""
     types = autoscaled_node_types(ROOT / "cluster.yaml")
-    assert types and max(t.get("GPU", 0) for t in types) >= 1
+    assert types and max(shape.get("GPU", 0) for shape, _ in types) >= 1 and all(count > 0 for _, count in types)
     assert autoscaled_node_types(tmp_path / "missing.yaml") == []
 
 

@@ -413,3 +413,23 @@ def test_metric_names_are_what_trials_report():
     reported = train_trial(config)
     assert set(config.metric_names()) <= set(reported)
     assert {name for name in reported if "/" not in name} - set(config.metric_names()) == {"step", "lr", "elapsed_s"}
+
+
+@pytest.mark.parametrize(("edit", "expected"), [
+    (lambda s: s["search"].update(storage="not a url"), "search.storage: 'not a url' is not a database URL"),
+    (lambda s: s.update(grid={"model.n_layer": [1, 2]}), "search.space.model.n_layer: also in grid:; a key is either searched or gridded"),
+    (lambda s: s.update(scheduler={"name": "asha", "mode": "min"}), "scheduler.mode 'min' differs from search.mode 'max'"),
+    (lambda s: (s.update(scheduler="asha"), s["search"]["space"].update({"train.max_steps": {"int": [500, 2000]}})),
+     "scheduler: ASHA needs one train.max_steps for all trials (its max_t)"),
+    (lambda s: s.update(resources={"cpu": 1, "gpu": 1.5}), "resources.gpu: gpu 1.5: a fraction of one GPU (≤ 1) or whole GPUs"),
+])
+def test_search_and_resource_combinations_that_cannot_run(write_sweep, smoke_spec, edit, expected):
+    spec = search_spec(smoke_spec)
+    edit(spec)
+    assert expected in sweep_error(write_sweep(spec, "combo"))
+
+
+def test_whole_gpus_and_fractions_are_fine(write_sweep, smoke_spec):
+    for gpu in (0.25, 1, 2):
+        smoke_spec["resources"] = {"cpu": 1, "gpu": gpu}
+        assert load_sweep(write_sweep(smoke_spec)).resources.gpu == gpu

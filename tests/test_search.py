@@ -1,5 +1,5 @@
-"""How a Tune trial's config maps to a full trial config, the Tune/Optuna search space, and the
-seed repeater's checkpoint (Ray's own forgets which seeds belong to which suggestion)."""
+"""How a Tune trial's config maps to a full trial config, the Tune/Optuna search space, the
+persistent study, the seed groups across a resume, and ASHA's wiring."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import optuna
 import pytest
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.search import SeedRepeater, param_space, search_algorithm, trial_config, trial_name
+from orchestrator.search import param_space, search_algorithm, trial_config, trial_name
 from search_spaces.schema import load_sweep
 
 
@@ -50,25 +50,28 @@ def test_study_persists_in_the_sweep_folder_under_the_sweep_name(search_sweep, t
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE and len(study.trials) == 1
 
 
-def test_seed_repeater_checkpoint_keeps_seed_groups(search_sweep, tmp_path):
-    """Suggest two suggestions × 2 seeds, checkpoint, restore into a fresh searcher (as Tuner.restore
-    does), finish the trials: Optuna gets each suggestion once, with the mean over its seeds."""
+def test_seed_groups_survive_tunes_searcher_checkpoint(search_sweep, tmp_path):
+    """Suggest two suggestions × 2 seeds, checkpoint through Tune's SearchGenerator, restore into a
+    fresh one (as Tuner.restore does), finish the trials: Optuna gets each suggestion once, with
+    the mean over its seeds."""
+    from ray.tune.search import SearchGenerator
+
     space = param_space(search_sweep, ["softmax"])
-    first = search_algorithm(search_sweep, tmp_path)
+    first = SearchGenerator(search_algorithm(search_sweep, tmp_path))
     first.set_search_properties(None, None, space)
-    configs = {trial_id: first.suggest(trial_id) for trial_id in ("a", "b", "c", "d")}
+    configs = {trial_id: first.searcher.suggest(trial_id) for trial_id in ("a", "b", "c", "d")}
     assert [configs[t]["__trial_index__"] for t in "abcd"] == [0, 1, 0, 1]
     assert configs["a"]["train.lr"] == configs["b"]["train.lr"] != configs["c"]["train.lr"]
-    first.save(str(tmp_path / "searcher.pkl"))
+    (tmp_path / "state").mkdir()
+    first.save_to_dir(str(tmp_path / "state"), session_str="s")
 
-    restored = search_algorithm(search_sweep, tmp_path)
-    restored.restore(str(tmp_path / "searcher.pkl"))
+    restored = SearchGenerator(search_algorithm(search_sweep, tmp_path))
+    restored.restore_from_dir(str(tmp_path / "state"))
     for trial_id, score in zip("abcd", (0.2, 0.4, 0.6, 1.0)):
-        restored.on_trial_complete(trial_id, {"exact_match_1x": score})
+        restored.searcher.on_trial_complete(trial_id, {"exact_match_1x": score})
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     values = [trial.value for trial in study.trials]
     assert len(values) == 2 and math.isclose(values[0], 0.3) and math.isclose(values[1], 0.8)
-    assert isinstance(restored, SeedRepeater)
 
 
 def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_spec):

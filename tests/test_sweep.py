@@ -451,3 +451,27 @@ def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
     assert missing.returncode == 2
     assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nothing-here'} holds no mlflow.db and is not a sweep "
                                            "folder; give the folder that `mosaic-sweep run` wrote"]
+
+
+@pytest.mark.slow
+def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_sweep):
+    """n_embd in [16, 18] with 2 heads: both ends are valid, 17 is not. Its trial fails with the
+    reason (one line), its MLflow run and results row say so, the other suggestions run."""
+    from analysis.results_store import read_results
+
+    spec = {"name": "odd",
+            "base": {"task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4,
+                              "eval_length": 4, "eval_examples": 10},
+                     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+                     "train": {"max_steps": 10, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10}},
+            "kernels": ["softmax"], "max_failures": 0,
+            "search": {"metric": "train_loss", "mode": "min", "n_trials": 3, "sampler": "random", "sampler_seed": 1,
+                       "space": {"model.n_embd": {"int": [16, 18]}}}}
+    done = mosaic_sweep("run", write_sweep(spec, "odd"), cwd=tmp_path, timeout=300)
+    assert done.returncode == 1, done.stderr[-3000:]
+    results = read_results(tmp_path / "sweeps" / "odd")
+    by_status = results.groupby("status")["searched"].agg(set).to_dict()
+    assert by_status["ERROR"] == {'{"model.n_embd": 17}'}
+    assert by_status["TERMINATED"] and '{"model.n_embd": 17}' not in by_status["TERMINATED"]
+    errors = set(results.loc[results["status"] == "ERROR", "error"])
+    assert errors == {"ValueError: the suggested config: model: n_embd (17) must be divisible by n_head (2)"}
