@@ -111,9 +111,8 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
     """
     import ray
     import torch
-    from ray import tune
-
     from pydantic import ValidationError
+    from ray import tune
 
     from mosaic_core.config import TrialConfig, describe_validation_error
     from mosaic_core.train import train_trial
