@@ -248,7 +248,9 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
                 tune_config=tune.TuneConfig(
                     search_alg=search_algorithm(sweep, sweep_dir), scheduler=scheduler(sweep),
                     num_samples=num_trials if sweep.search else 1, max_concurrent_trials=max_concurrent,
-                    reuse_actors=False,  # every trial in a fresh process: its GPU memory goes back when it ends
+                    # GPU trials each in a fresh process, so their GPU memory goes back when they end; CPU
+                    # trials reuse their processes (a fresh one costs ~4 s of imports: bench/RESULTS.md)
+                    reuse_actors=sweep.resources.gpu == 0,
                     trial_dirname_creator=lambda trial: trial.trial_id,
                 ),
                 run_config=tune.RunConfig(
