@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import ValidationError
 
+from mosaic_core.config import describe_validation_error
 from search_spaces import bundled_sweeps
-from search_spaces.schema import Sweep, SweepError, load_sweep
+from search_spaces.schema import Resources, Sweep, SweepError, load_sweep
 
 app = typer.Typer(help="Run sparse-attention kernel sweeps of Memory Mosaics with Ray Tune and MLflow.",
                   no_args_is_help=True, add_completion=False)
@@ -59,16 +61,21 @@ def run(
 
     sweep = _load(spec)
     if gpus_per_trial is not None or cpus_per_trial is not None:
-        resources = sweep.resources.model_copy(update={key: value for key, value in
-                                                       (("gpu", gpus_per_trial), ("cpu", cpus_per_trial)) if value is not None})
+        overrides = {key: value for key, value in (("gpu", gpus_per_trial), ("cpu", cpus_per_trial)) if value is not None}
+        try:  # validated like the sweep file's own resources
+            resources = Resources.model_validate({**sweep.resources.model_dump(), **overrides})
+        except ValidationError as error:
+            raise _fail(describe_validation_error(error, Resources, "--gpus-per-trial/--cpus-per-trial")) from None
         sweep = dataclasses.replace(sweep, resources=resources)
     verbose = logging.getLogger().level <= logging.INFO
     try:
-        if address is None:
-            check_fits(sweep.resources, local_machine())  # before Ray starts
-        if dry_run:
-            cluster = local_machine() if address is None else connect(address, verbose)
+        if address is None:  # this machine: checked before Ray starts
+            cluster = local_machine()
             check_fits(sweep.resources, cluster)
+        if dry_run:
+            if address is not None:
+                cluster = connect(address, verbose)
+                check_fits(sweep.resources, cluster)
             width = len(str(len(sweep.trials)))
             for number, trial in enumerate(sweep.trials, 1):
                 typer.echo(f"{number:>{width}}  {trial.describe()}")

@@ -186,10 +186,15 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
                  max_concurrent=max_concurrent)
 
 
+def _tune_path(storage_path: str) -> str:
+    """Tune's experiment folder (RunConfig name "tune") under the storage path."""
+    return f"{storage_path}/tune"
+
+
 def _holds_tune_state(storage_path: str) -> bool:
     from ray import tune
 
-    return tune.Tuner.can_restore(f"{storage_path}/tune")
+    return tune.Tuner.can_restore(_tune_path(storage_path))
 
 
 def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, num_trials: int, *, resume: bool,
@@ -210,7 +215,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # short trials checkpoint often: Tune's advice to checkpoint less is noise here
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    tune_path = f"{storage_path}/tune"
+    tune_path = _tune_path(storage_path)
     configs_file = sweep_dir / "trials.json"
     if resume:
         run_map = load_run_map(sweep_dir)

@@ -56,7 +56,7 @@ class Scheduler(BaseModel):
     reduction_factor: float = Field(3.0, gt=1)
 
 
-DISTRIBUTIONS = {"uniform": 2, "loguniform": 2, "int": 2, "logint": 2, "choice": None}  # name: number of arguments
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")  # choice: [values…]; the others: [low, high]
 
 
 class Search(BaseModel):

@@ -93,3 +93,14 @@ def test_more_gpus_than_this_machine_is_one_line_before_ray_starts(tmp_path, wri
         f"error: a trial needs {need} GPUs but this machine (local Ray) has at most 0 per node; "
         "lower resources.gpu (or --gpus-per-trial), or pass --address of a larger cluster"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["specs"]  # no sweep folder, no MLflow store
+
+
+def test_resource_flags_are_validated_like_the_sweep_file(tmp_path, write_sweep, smoke_spec):
+    from typer.testing import CliRunner
+
+    from orchestrator import cli
+
+    done = CliRunner().invoke(cli.app, ["run", str(write_sweep(smoke_spec)), "--gpus-per-trial", "1.5", "--dry-run"])
+    assert done.exit_code == 2
+    assert done.output.splitlines() == ["error: --gpus-per-trial/--cpus-per-trial: gpu: gpu 1.5: a fraction of one GPU "
+                                        "(≤ 1) or whole GPUs; Ray cannot split several"]
