@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import pyarrow as pa
+
+
+class TrialStatus(StrEnum):
+    """A trial's state in the results rows, by Ray Tune's names: the one vocabulary of statuses."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    TERMINATED = "TERMINATED"  # finished every step
+    ERROR = "ERROR"  # failed after its retries
 
 RESULTS_SCHEMA = pa.schema(
     [
