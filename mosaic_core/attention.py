@@ -58,42 +58,65 @@ def attend(
     mask_mode: str | None = "strict_causal",
     scale: float = 1.0,
     backend: str = "auto",
+    dropout_p: float = 0.0,
     **params: Any,
 ) -> Tensor:
-    """weights(scale · q kᵀ) @ v for (..., N, D) tensors; queries with no allowed key output 0."""
+    """dropout(weights(scale · q kᵀ)) @ v for (..., N, D) tensors; queries with no allowed key output 0.
+
+    `dropout_p` drops attention weights (and rescales the rest by 1/(1 − p)) as in the reference
+    Memory Mosaics; pass 0 at evaluation. A fast path that cannot drop weights refuses rather
+    than skip it (`AttentionDropoutUnsupported`).
+    """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; allowed: {', '.join(map(str, MASK_MODES))}")
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
     name, p = resolve_kernel(kernel, **params)
     if backend == "auto":
         backend = "fast" if q.is_cuda else "reference"
     if backend == "reference":
-        return _dense(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, offset=0)
+        return _dense(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, offset=0, dropout_p=dropout_p)
     square = q.shape[-2] == k.shape[-2]
     if name == "softmax" and square:
-        return _sdpa(q, k, v, mask_mode=mask_mode, scale=scale)
+        return _sdpa(q, k, v, mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
     if name in ("sparsemax", "entmax") and square and _adasplash_applies(q, k, scale):
+        _refuse_dropout(dropout_p, "AdaSplash")
         return _adasplash(q, k, v, alpha=p.get("alpha", 2.0), mask_mode=mask_mode, scale=scale)
     if name in ("normrelu", "relumax") and square and mask_mode is not None and _triton_relu_applies(q):
+        _refuse_dropout(dropout_p, "the fused ReLU kernels")
         return _triton_relu(q, k, v, name, mask_mode=mask_mode, scale=scale, **p)
-    return _chunked(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale)
+    return _chunked(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
+
+
+class AttentionDropoutUnsupported(ValueError):
+    """Attention-weight dropout was asked of a fast path that cannot apply it."""
+
+
+def _refuse_dropout(dropout_p: float, path: str) -> None:
+    if dropout_p > 0:
+        raise AttentionDropoutUnsupported(
+            f"attention-weight dropout (model.attn_dropout={dropout_p:g}) is not implemented in {path}; "
+            "use model.attention_backend: reference, which applies it")
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, Any], mask_mode: str | None,
-           scale: float, offset: int) -> Tensor:
+           scale: float, offset: int, dropout_p: float = 0.0) -> Tensor:
     if q.dtype in (torch.float16, torch.bfloat16):
         # scores rounded to bf16 would move keys across a compact kernel's support boundary,
         # where its gradient jumps: form them in float32 from the half-precision inputs
         q, k = q.float(), k.float()
     scores = scale * (q @ k.transpose(-2, -1))
     mask = causal_mask(q.shape[-2], k.shape[-2], mask_mode, offset=offset, device=q.device)
-    return attention_weights(scores, name, mask=mask, **params).to(v.dtype) @ v
+    weights = attention_weights(scores, name, mask=mask, **params)
+    return F.dropout(weights, dropout_p).to(v.dtype) @ v
 
 
 def _chunked(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, Any], mask_mode: str | None,
-             scale: float) -> Tensor:
-    """Dense attention one block of queries at a time; backward recomputes each block's weights."""
+             scale: float, dropout_p: float = 0.0) -> Tensor:
+    """Dense attention one block of queries at a time; backward recomputes each block's weights
+    (with the RNG state of the forward, so a dropped weight stays dropped)."""
     n_queries, n_keys = q.shape[-2], k.shape[-2]
     rows = math.prod(q.shape[:-2])
     chunk = max(16, min(n_queries, _CHUNK_BUDGET_BYTES // max(1, rows * n_keys * 4)))
@@ -101,7 +124,8 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, An
     for start in range(0, n_queries, chunk):
         stop = min(n_queries, start + chunk)
         seen = n_keys if mask_mode is None else min(n_keys, stop)  # later keys are masked for every row
-        block = functools.partial(_dense, name=name, params=params, mask_mode=mask_mode, scale=scale, offset=start)
+        block = functools.partial(_dense, name=name, params=params, mask_mode=mask_mode, scale=scale, offset=start,
+                                  dropout_p=dropout_p)
         args = (q[..., start:stop, :], k[..., :seen, :], v[..., :seen, :])
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             outputs.append(checkpoint(block, *args, use_reentrant=False))
@@ -125,11 +149,11 @@ def _unshift_output(out: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(out[..., :1, :]), out[..., :-1, :]], dim=-2)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, mask_mode: str | None, scale: float) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, mask_mode: str | None, scale: float, dropout_p: float = 0.0) -> Tensor:
     if mask_mode == "strict_causal":
-        out = F.scaled_dot_product_attention(_shift_queries(q), k, v, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(_shift_queries(q), k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
         return _unshift_output(out)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=mask_mode == "causal", scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=mask_mode == "causal", scale=scale, dropout_p=dropout_p)
 
 
 @functools.cache

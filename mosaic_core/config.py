@@ -92,6 +92,10 @@ class ModelConfig(_Strict):
     n_head: int = Field(4, ge=1)
     pmem_size: int | None = Field(None, ge=1, description="persistent memory slots; default 3.5·n_embd")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on each memory's output, before the residual sum")
+    attn_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the attention weights of the contextual and "
+                                "the persistent memory (the reference runs: 0.05)")
+    attention_backend: Literal["auto", "reference", "fast"] = Field(
+        "auto", description="the contextual memory's attention: fast kernels on CUDA (auto), or the reference")
     embd_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the token embeddings")
     prenorm: bool = Field(True, description="pre-LN blocks (x + f(ln(x))); False for post-LN (ln(x + f(x)))")
     tie_weights: bool = Field(True, description="the output head is the token embedding")

@@ -60,6 +60,8 @@ class ContextualMemory(nn.Module):
         self.lookahead_mix = nn.Parameter(torch.rand(config.n_head))  # c_h ~ U(0, 1)
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.attn_dropout
+        self.backend = config.attention_backend
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, n_embd = x.shape
@@ -72,7 +74,8 @@ class ContextualMemory(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # normalize() left them in float32: the fast
             dtype = torch.get_autocast_dtype(x.device.type)  # kernels must see the autocast dtype
             k, v = k.to(dtype), v.to(dtype)
-        y = attend(k, k, v, self.kernel, mask_mode="strict_causal", **self._kernel_params(beta))
+        y = attend(k, k, v, self.kernel, mask_mode="strict_causal", backend=self.backend,
+                   dropout_p=self.attn_dropout if self.training else 0.0, **self._kernel_params(beta))
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
 
     @torch.no_grad()
@@ -132,6 +135,7 @@ class PersistentMemory(nn.Module):
         self.slot_values = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = config.attn_dropout
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, n_embd = x.shape
@@ -139,7 +143,8 @@ class PersistentMemory(nn.Module):
         # every (sequence, position) reads the same slots, unmasked: fold the batch into the query
         # axis so SDPA sees one (1, H, B·T, d) × (1, H, slots, d) problem and takes its fused kernels
         q = q.transpose(0, 1).reshape(1, self.n_head, batch * length, -1)
-        y = F.scaled_dot_product_attention(q, self.slot_keys[None], self.slot_values[None], scale=1.0)
+        y = F.scaled_dot_product_attention(q, self.slot_keys[None], self.slot_values[None], scale=1.0,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
         y = y.reshape(self.n_head, batch, length, -1).permute(1, 2, 0, 3)  # (B, T, H, d)
         return self.dropout(self.out(y.reshape(batch, length, n_embd)))
 
