@@ -92,8 +92,14 @@ class ModelConfig(_Strict):
     n_head: int = Field(4, ge=1)
     pmem_size: int | None = Field(None, ge=1, description="persistent memory slots; default 3.5·n_embd")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on each memory's output, before the residual sum")
-    attn_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the attention weights of the contextual and "
-                                "the persistent memory (the reference runs: 0.05)")
+    attn_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the attention weights of the persistent "
+                                "and (see contextual_attn_dropout) the contextual memory; the reference runs: 0.05")
+    contextual_attn_dropout: bool = Field(True, description="attn_dropout also drops the contextual memory's kernel "
+                                          "weights (MemoryMosaics' model, the paper's RegBench code); the paper's "
+                                          "LM and length code (memory_mosaics_eft.py) never applies it: false")
+    normrelu_bandwidth: Literal["fixed", "head"] = Field(
+        "fixed", description="normrelu weights: 'fixed' = [cos/γ + b]_+ with kernel_params γ, b on unit keys (the "
+        "paper's code; γ = 1, b = 0); 'head' = eq. (11) of the text, Epanechnikov of each head's h = 1/β")
     attention_backend: Literal["auto", "reference", "fast"] = Field(
         "auto", description="the contextual memory's attention: fast kernels on CUDA (auto), or the reference")
     embd_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the token embeddings")
@@ -107,7 +113,10 @@ class ModelConfig(_Strict):
     def _check(self) -> ModelConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        resolve_kernel(self.kernel, **self.kernel_params)
+        kernel, _ = resolve_kernel(self.kernel, **self.kernel_params)
+        if self.normrelu_bandwidth == "head" and (kernel != "normrelu" or self.kernel_params):
+            raise ValueError("normrelu_bandwidth 'head' sets normrelu's gamma and b from each head's β: it needs "
+                             f"kernel normrelu without kernel_params; got kernel {self.kernel!r} {self.kernel_params}")
         return self
 
     @property

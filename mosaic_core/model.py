@@ -9,6 +9,7 @@ past is the object of study; everything else follows SPEC §3.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from mosaic_core.attention import attend, causal_mask
 from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
+_MAX_PMEM_GAIN = 5.0  # the persistent memory's output gain min(e^{10·v}, 5), as the reference
 
 
 def _sharpness(param: Tensor) -> Tensor:
@@ -60,13 +62,29 @@ class ContextualMemory(nn.Module):
         self.lookahead_mix = nn.Parameter(torch.rand(config.n_head))  # c_h ~ U(0, 1)
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
-        self.attn_dropout = config.attn_dropout
+        self.attn_dropout = config.attn_dropout if config.contextual_attn_dropout else 0.0
+        self.head_bandwidth = config.normrelu_bandwidth == "head"
         self.backend = config.attention_backend
+
+    def kernel_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Any], Tensor]:
+        """The keys the kernel compares (the query is the key itself), the kernel's parameters, and
+        the temperature T of the scores s = k̂_t·k̂_j / T.
+
+        Scores are β² cos(k̃_t, k̃_j) (no 1/√d), except for normrelu in its 'fixed' form, which the
+        paper's code computes on the cosines themselves: [cos/γ + b]_+, normalised.
+        """
+        unit = self.key(x)
+        beta = _sharpness(self.kernel_beta)[:, None, None]
+        if self.kernel == "normrelu" and not self.head_bandwidth:
+            return unit, self.kernel_params, torch.ones_like(beta)
+        params = self.kernel_params
+        if self.kernel == "normrelu":  # eq. (11): Epanechnikov of h = 1/β, weight [1 − 2(β² − s)]_+
+            params = {"gamma": 0.5, "b": 1 - 2 * beta**2}
+        return unit * beta, params, 1 / beta**2
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, n_embd = x.shape
-        beta = _sharpness(self.kernel_beta)[:, None, None]
-        k = self.key(x) * beta  # scores k_t·k_j = β² cos(k̃_t, k̃_j): no 1/√d
+        k, params, _ = self.kernel_inputs(x)
         v = self.value(x).view(batch, length, self.n_head, -1).transpose(1, 2)
         v_next = F.pad(v[:, :, 1:], (0, 0, 0, 1))  # W_v x_{t+1}; zero past the last position
         c = self.lookahead_mix[:, None, None]
@@ -75,7 +93,7 @@ class ContextualMemory(nn.Module):
             dtype = torch.get_autocast_dtype(x.device.type)  # kernels must see the autocast dtype
             k, v = k.to(dtype), v.to(dtype)
         y = attend(k, k, v, self.kernel, mask_mode="strict_causal", backend=self.backend,
-                   dropout_p=self.attn_dropout if self.training else 0.0, **self._kernel_params(beta))
+                   dropout_p=self.attn_dropout if self.training else 0.0, **params)
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
 
     @torch.no_grad()
@@ -87,8 +105,7 @@ class ContextualMemory(nn.Module):
         """
         length = x.shape[1]
         beta = _sharpness(self.kernel_beta)[:, None, None]
-        k = self.key(x) * beta
-        params = self._kernel_params(beta)
+        k, params, temperature = self.kernel_inputs(x)
         support = torch.zeros(self.n_head, device=x.device)
         zeros = torch.zeros(self.n_head, device=x.device)
         width = torch.zeros(self.n_head, device=x.device)
@@ -97,7 +114,7 @@ class ContextualMemory(nn.Module):
             stop = min(length, start + chunk)
             mask = causal_mask(stop - start, stop, "strict_causal", offset=start, device=x.device)
             scores = k[:, :, start:stop] @ k[:, :, :stop].transpose(-2, -1)
-            d = kernel_diagnostics(scores.float(), self.kernel, mask=mask, temperature=1 / beta.float() ** 2, **params)
+            d = kernel_diagnostics(scores.float(), self.kernel, mask=mask, temperature=temperature.float(), **params)
             allowed = mask.sum(-1).to(support.dtype)  # keys each query may see
             support += d.support_size.float().sum((0, 2))
             zeros += (allowed - d.support_size.float()).sum((0, 2))
@@ -114,12 +131,6 @@ class ContextualMemory(nn.Module):
             "beta": beta.flatten().float(),
         }
 
-    def _kernel_params(self, beta: Tensor) -> dict[str, object]:
-        if self.kernel == "normrelu":
-            # Epanechnikov of the head's own bandwidth h = 1/β: weight [1 − 2(β² − s)]_+
-            return {"gamma": 0.5, "b": 1 - 2 * beta**2}
-        return self.kernel_params
-
 
 class PersistentMemory(nn.Module):
     """Softmax attention over learned key/value slots: the network's long-term knowledge."""
@@ -133,6 +144,7 @@ class PersistentMemory(nn.Module):
         self.kernel_beta = nn.Parameter(torch.full((config.n_head,), 0.1))
         self.slot_keys = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
         self.slot_values = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
+        self.value_beta = nn.Parameter(torch.full((config.n_head,), -0.05))  # output gain e^{10·v}: e^−0.5 at init
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout
@@ -145,6 +157,8 @@ class PersistentMemory(nn.Module):
         q = q.transpose(0, 1).reshape(1, self.n_head, batch * length, -1)
         y = F.scaled_dot_product_attention(q, self.slot_keys[None], self.slot_values[None], scale=1.0,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
+        # the reference caps the gain itself at 5 (not its exponent, as the contextual memory does)
+        y = y * torch.exp(10 * self.value_beta).clamp(max=_MAX_PMEM_GAIN)[:, None, None]  # (H, B·T, d)
         y = y.reshape(self.n_head, batch, length, -1).permute(1, 2, 0, 3)  # (B, T, H, d)
         return self.dropout(self.out(y.reshape(batch, length, n_embd)))
 
@@ -195,7 +209,10 @@ class MemoryMosaics(nn.Module):
                 fan_in = module.in_features
                 depth = self.config.n_layer if name.endswith(".out") else 1
                 nn.init.normal_(module.weight, std=1 / math.sqrt(fan_in * depth))
-        nn.init.normal_(self.embed.weight, std=1.0)
+        # the reference ties the embedding to the head and initialises the head's Linear last, so the
+        # shared matrix ends N(0, 1/n_embd); an untied embedding keeps its own N(0, 1)
+        std = 1 / math.sqrt(self.config.n_embd) if self.head is None else 1.0
+        nn.init.normal_(self.embed.weight, std=std)
 
     def forward(self, idx: Tensor) -> Tensor:
         """Logits (B, T, vocab) for token ids (B, T)."""

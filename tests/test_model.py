@@ -13,7 +13,7 @@ from mosaic_core.kernels import attention_weights
 from mosaic_core.model import ContextualMemory, MemoryMosaics
 
 KERNELS = [("softmax", {}), ("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("relumax", {"b": 1.0}),
-           ("topk_softmax", {"k": 2}), ("normrelu", {})]
+           ("topk_softmax", {"k": 2}), ("normrelu", {}), ("normrelu", {"gamma": 0.5, "b": -0.2})]
 
 
 def small_model(kernel: str = "softmax", params: dict | None = None, **overrides) -> MemoryMosaics:
@@ -40,16 +40,13 @@ def contextual_by_loop(memory: ContextualMemory, x: torch.Tensor) -> torch.Tenso
             keys, values = [], []
             for t in range(length):
                 leaky = sum(math.exp(-lam[h].item() * (t - j)) * (wk[rows] @ x[b, j]) for j in range(t + 1))
-                keys.append(beta[h] * leaky / leaky.norm())
+                keys.append(leaky / leaky.norm() * (1 if memory.kernel == "normrelu" else beta[h]))
                 nxt = wv[rows] @ x[b, t + 1] if t + 1 < length else torch.zeros(d, dtype=x.dtype)
                 v = (1 - c[h]) * nxt + c[h] * (wv[rows] @ x[b, t])
                 values.append(value_scale[h] * v / v.norm())
             for t in range(1, length):  # position 0 has no key before it: output 0
                 scores = torch.stack([keys[t] @ keys[j] for j in range(t)])
-                params = memory.kernel_params
-                if memory.kernel == "normrelu":
-                    params = {"gamma": 0.5, "b": 1 - 2 * beta[h] ** 2}
-                w = attention_weights(scores, memory.kernel, **params)
+                w = attention_weights(scores, memory.kernel, **memory.kernel_params)  # normrelu: on cosines
                 out[b, t, rows] = w @ torch.stack(values[:t])
     return memory.out(out)
 
@@ -93,15 +90,90 @@ def test_position_zero_outputs_zero_and_position_one_returns_the_first_value(ker
         assert torch.allclose(y[0, 1], memory.out(v0), atol=1e-12)
 
 
-def test_normrelu_uses_the_heads_own_bandwidth():
-    """normrelu weight = [1 − 2(β² − s)]_+, i.e. Epanechnikov of bandwidth h = 1/β on unit keys."""
-    memory = small_model("normrelu").blocks[0].contextual
+def test_normrelu_head_bandwidth_option_uses_the_heads_own_bandwidth():
+    """normrelu_bandwidth 'head' (eq. 11): weight [1 − 2(β² − s)]_+ on s = β² cos, i.e. Epanechnikov of h = 1/β."""
+    memory = small_model("normrelu", normrelu_bandwidth="head").blocks[0].contextual
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    keys, params, temperature = memory.kernel_inputs(x)
     beta = torch.exp(torch.clamp(10 * memory.kernel_beta.detach(), max=5))
-    params = memory._kernel_params(beta[:, None, None])
+    assert torch.allclose(keys.norm(dim=-1), beta[:, None].expand(2, 3)[None])
+    assert torch.allclose(temperature.flatten(), beta**-2)
     s = torch.tensor([beta[0] ** 2, beta[0] ** 2 - 0.25, beta[0] ** 2 - 0.5, 0.0], dtype=torch.float64)
     w = attention_weights(s, "normrelu", gamma=params["gamma"], b=params["b"][0, 0, 0])
     unnormalised = torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
     assert torch.allclose(w, unnormalised / unnormalised.sum())
+
+
+def test_normrelu_by_default_is_the_papers_normalised_positive_cosine():
+    """The paper's code: weights [cos]_+ / Σ [cos]_+ (γ = 1, b = 0 on unit keys), whatever β is."""
+    memory = small_model("normrelu").blocks[0].contextual
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    keys, params, _ = memory.kernel_inputs(x)
+    assert params == {"gamma": 1.0, "b": 0.0}
+    assert torch.allclose(keys.norm(dim=-1), torch.ones(2, 2, 9, dtype=torch.float64))
+    cos = keys @ keys.transpose(-1, -2)
+    mask = torch.ones(9, 9, dtype=torch.bool).tril(-1)
+    relu = cos.clamp(min=0) * mask
+    expected = relu / relu.sum(-1, keepdim=True)
+    uniform = mask / mask.sum(-1, keepdim=True).clamp(min=1)
+    expected = torch.where(relu.sum(-1, keepdim=True) > 0, expected, uniform)
+    assert torch.allclose(attention_weights(cos, "normrelu", mask=mask), expected)
+
+
+def test_normrelu_output_changes_with_gamma_and_b():
+    x = torch.randn(1, 12, 16, dtype=torch.float64)
+    outputs = [small_model("normrelu", params).blocks[0].contextual(x)
+               for params in ({}, {"gamma": 1.0, "b": 0.5}, {"gamma": 0.25, "b": -0.5})]
+    assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
+
+
+def test_normrelu_head_bandwidth_refuses_explicit_parameters_and_other_kernels():
+    with pytest.raises(ValueError, match="normrelu_bandwidth 'head'"):
+        ModelConfig(kernel="normrelu", kernel_params={"b": 0.5}, normrelu_bandwidth="head")
+    with pytest.raises(ValueError, match="normrelu_bandwidth 'head'"):
+        ModelConfig(kernel="softmax", normrelu_bandwidth="head")
+
+
+@pytest.mark.parametrize("n_embd", [16, 256])
+def test_tied_embedding_starts_with_std_one_over_sqrt_n_embd(n_embd):
+    """As the reference, whose head (tied to the embedding) is initialised last: std 1/√n_embd."""
+    torch.manual_seed(0)
+    model = MemoryMosaics(ModelConfig(n_layer=1, n_embd=n_embd, n_head=4), vocab_size=4096)
+    assert model.embed.weight.std().item() == pytest.approx(n_embd**-0.5, rel=0.05)
+    untied = MemoryMosaics(ModelConfig(n_layer=1, n_embd=n_embd, n_head=4, tie_weights=False), vocab_size=4096)
+    assert untied.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_persistent_memory_output_gain_starts_at_exp_minus_half_and_is_capped_at_five():
+    model = small_model().eval()
+    memory = model.blocks[0].persistent
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    with torch.no_grad():
+        first = memory(x)
+        memory.value_beta.fill_(0.0)  # gain e^0 = 1
+        unit = memory(x)
+        memory.value_beta.fill_(1.0)  # gain e^10, capped at 5
+        capped = memory(x)
+    assert torch.allclose(first, math.exp(-0.5) * unit)
+    assert torch.allclose(capped, 5 * unit)
+
+
+def test_attention_dropout_drops_weights_of_both_memories_only_in_training():
+    model = small_model(attn_dropout=0.5)
+    idx = torch.randint(0, 11, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(idx), model.eval()(idx))
+        torch.manual_seed(1)
+        first = model.train()(idx)
+        torch.manual_seed(1)
+        assert torch.equal(first, model(idx))  # seeded: the same weights dropped
+        assert not torch.allclose(first, model.eval()(idx))
+        for contextual in (True, False):
+            one = small_model(attn_dropout=0.5, contextual_attn_dropout=contextual).blocks[0]
+            x = torch.randn(1, 9, 16, dtype=torch.float64)
+            changed = not torch.allclose(one.contextual.train()(x), one.contextual.eval()(x))
+            assert changed == contextual
+            assert not torch.allclose(one.persistent.train()(x), one.persistent.eval()(x))
 
 
 def test_no_sequence_length_cap():
@@ -153,7 +225,8 @@ def test_persistent_memory_is_softmax_over_slots_whatever_the_kernel():
     with torch.no_grad():
         q = memory.key(x) * torch.exp(torch.clamp(10 * memory.kernel_beta, max=5))[:, None, None] ** 2
         w = torch.softmax(q @ memory.slot_keys.transpose(-1, -2), dim=-1)
-        expected = memory.out((w @ memory.slot_values).transpose(1, 2).reshape(1, 3, 16))
+        gain = math.exp(-0.5)  # the output gain e^{10·v} at its initial value
+        expected = memory.out(gain * (w @ memory.slot_values).transpose(1, 2).reshape(1, 3, 16))
         assert torch.allclose(memory(x), expected, atol=1e-12)
     assert memory.slot_keys.shape == (2, 56, 8)  # pmem_size = 3.5 · n_embd slots per head
 
@@ -185,17 +258,21 @@ def test_diagnostics_match_the_weights_the_model_uses(kernel, params):
     memory = model.blocks[0].contextual
     with torch.no_grad():
         beta = torch.exp(torch.clamp(10 * memory.kernel_beta, max=5))[:, None, None]
-        k = memory.key(model.blocks[0].ln1(x)) * beta
+        unit = memory.key(model.blocks[0].ln1(x))
+        k = unit if kernel == "normrelu" else unit * beta
         scores = k @ k.transpose(-1, -2)
         mask = torch.ones(13, 13, dtype=torch.bool).tril(-1)
-        weights = attention_weights(scores, memory.kernel, mask=mask, **memory._kernel_params(beta))
+        weights = attention_weights(scores, memory.kernel, mask=mask, **memory.kernel_params)
     nonzero = (weights > 0).sum(-1)[:, :, 1:].double()  # queries 1..12 (query 0 sees no key)
     assert torch.allclose(stats[0]["support_size"].double(), nonzero.mean((0, 2)), atol=1e-6)
     zeros = ((weights == 0) & mask).sum((0, 2, 3)).double() / (3 * 13 * 12 / 2)
     assert torch.allclose(stats[0]["zero_fraction"].double(), zeros, atol=1e-6)
     assert torch.allclose(stats[0]["beta"].double(), beta.flatten())
-    if kernel in ("softmax", "normrelu"):  # fixed bandwidths: sqrt(T) = 1/β, and 1/β by construction
+    if kernel == "softmax":  # Gaussian of fixed bandwidth sqrt(T) = 1/β
         assert torch.allclose(stats[0]["bandwidth"].double(), 1 / beta.flatten(), atol=1e-6)
+    if kernel == "normrelu":  # on cosines, [cos/γ + b]_+ is Epanechnikov of h² = 2 + 2γb (√2 by default)
+        h = math.sqrt(2 + 2 * memory.kernel_params["gamma"] * memory.kernel_params["b"])
+        assert torch.allclose(stats[0]["bandwidth"].double(), torch.full((2,), h, dtype=torch.float64), atol=1e-6)
     if kernel.startswith("topk"):
         assert stats[0]["bandwidth"].isnan().all()
 
