@@ -19,6 +19,8 @@ class LengthTaskConfig(_Strict):
 
     name: Literal["sort", "reverse", "copy", "mqmtar"] = "sort"
     num_symbols: int = Field(32, ge=2, description="symbols (MQMTAR: letters); default 32, and 256 for mqmtar")
+    kv_vocab_size: int = Field(10_000, ge=1, description="MQMTAR: key words and value words each split draws "
+                               "(Vasylenko et al.'s vocab_size)")
     train_min_length: int = Field(32, ge=1)
     train_max_length: int = Field(64, ge=1)
     eval_length: int = Field(64, ge=1, description="the 1× length that eval_factors multiply")
@@ -42,11 +44,13 @@ class LengthTaskConfig(_Strict):
             )
         if not self.eval_factors or any(f <= 0 for f in self.eval_factors):
             raise ValueError(f"eval_factors must be a non-empty list of positive numbers; got {self.eval_factors}")
+        if self.name == "mqmtar" and self.kv_vocab_size > self.num_symbols**2:
+            raise ValueError(f"kv_vocab_size ({self.kv_vocab_size}) exceeds the {self.num_symbols}² two-letter words")
         return self
 
     def metric_names(self) -> list[str]:
         """The scalar metrics every evaluation reports (schedulers and searches pick one)."""
-        kinds = ["exact_match", "support_size"] + (["query_accuracy"] if self.name == "mqmtar" else [])
+        kinds = ["exact_match", "exact_match_with_eos", "support_size"] + (["query_accuracy"] if self.name == "mqmtar" else [])
         return [length_metric_name(kind, factor) for kind in kinds for factor in self.eval_factors]
 
 

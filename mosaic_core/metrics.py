@@ -28,8 +28,9 @@ def parse_metric_name(name: str) -> tuple[str, float | None]:
     return match["metric"], float(match["factor"])
 
 
-def exact_match(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per example: True when the argmax is right at every labelled position (teacher forcing)."""
-    scored = labels != IGNORE_INDEX
+def exact_match(logits: Tensor, labels: Tensor, scored: Tensor | None = None) -> Tensor:
+    """Per example: True when the argmax is right at every `scored` position (default: every
+    labelled one), under teacher forcing."""
+    scored = labels != IGNORE_INDEX if scored is None else scored
     correct = (logits.argmax(-1) == labels) | ~scored
     return correct.all(-1)

@@ -102,22 +102,41 @@ def test_exact_match_counts_only_scored_tokens():
     assert exact_match(one_off, labels).tolist() == [True, False]
 
 
-def test_evaluate_reports_exact_match_per_factor_with_a_perfect_model():
-    t = task(eval_length=6, eval_factors=[1, 2], eval_examples=30, eval_batch_size=16)
+class Oracle(torch.nn.Module):
+    """Predicts every label it is shown, except EOS where `wrong_eos` says so."""
 
-    class Oracle(torch.nn.Module):
-        """Predicts the labels it reconstructs from the input: the target is a function of the source."""
+    def __init__(self, t, labels_of, wrong_eos: bool = False) -> None:
+        super().__init__()
+        self.t, self.labels_of, self.wrong_eos = t, labels_of, wrong_eos
 
-        def forward(self, idx: torch.Tensor) -> torch.Tensor:
-            logits = torch.zeros(*idx.shape, 36)
-            for row, seq in enumerate(idx.tolist()):
-                length = seq.index(SEP) - 1
-                target = t.target(np.array(seq[1 : length + 1])).tolist() + [EOS]
-                for offset, token in enumerate(target):
-                    logits[row, length + 1 + offset, token] = 1.0
-            return logits
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        labels = self.labels_of(idx)
+        logits = torch.nn.functional.one_hot(labels.clamp(min=0), self.t.vocab_size).float()
+        if self.wrong_eos:
+            logits[labels == self.t.eos] = torch.nn.functional.one_hot(torch.tensor(self.t.bos), self.t.vocab_size).float()
+        return logits
 
-    assert t.evaluate(Oracle(), torch.device("cpu")) == {"exact_match_1x": 1.0, "exact_match_2x": 1.0}
+
+def labels_from_inputs(t):
+    """The labels of a test batch, found from its inputs (the test sets are fixed)."""
+    def labels_of(idx: torch.Tensor) -> torch.Tensor:
+        for length in t.eval_lengths().values():
+            for x, y in t.test_batches(length):
+                if x.shape == idx.shape and torch.equal(x, idx):
+                    return y
+        raise AssertionError("not a test batch")
+    return labels_of
+
+
+@pytest.mark.parametrize("name", ["sort", "reverse", "mqmtar"])
+def test_exact_match_scores_the_answer_not_eos(name):
+    """A model right on every answer token but wrong on EOS: exact match 1.0, the EOS-inclusive variant 0."""
+    t = task(name, eval_length=16, eval_factors=[1, 2], eval_examples=5, eval_batch_size=5)
+    metrics = t.evaluate(Oracle(t, labels_from_inputs(t), wrong_eos=True), torch.device("cpu"))
+    assert metrics["exact_match_1x"] == metrics["exact_match_2x"] == 1.0
+    assert metrics["exact_match_with_eos_1x"] == metrics["exact_match_with_eos_2x"] == 0.0
+    perfect = t.evaluate(Oracle(t, labels_from_inputs(t)), torch.device("cpu"))
+    assert perfect["exact_match_with_eos_2x"] == 1.0
 
 
 def test_metric_names_round_trip():
@@ -140,38 +159,78 @@ def test_task_config_errors():
 # MQMTAR
 
 
-def test_mqmtar_ids_and_paper_figure_4_layout():
+def parse_mqmtar(tokens: list[int]) -> tuple[dict[tuple[int, int], tuple[int, int]], list[tuple[int, int]]]:
+    """An independent reading of an MQMTAR source: every `k1 k2 1 v1 v2` pair, and every `2 k1 k2` query."""
+    pairs = {(tokens[i - 2], tokens[i - 1]): (tokens[i + 1], tokens[i + 2]) for i, x in enumerate(tokens) if x == 1}
+    queries = [(tokens[i + 1], tokens[i + 2]) for i, x in enumerate(tokens) if x == 2]
+    return pairs, queries
+
+
+def test_paper_figure_4_mqmtar_example_parses_into_four_queries_with_their_answers():
+    shown = ("0 k_1 v_1 0 209 116 1 131 31 0 k_2 v_2 0 256 174 1 60 14 0 k_3 v_3 0 216 104 1 147 101 260 k_4 v_4 "
+             "2 256 174 2 73 58 2 195 61 2 216 104")
+    targets = [2, 60, 14, 2, 106, 177, 2, 248, 216, 2, 147, 101]
+    tokens = [int(word) for word in shown.split() if word.isdigit()]  # the figure's k_i/v_i are colour labels
+    pairs, queries = parse_mqmtar(tokens)
+    assert queries == [(256, 174), (73, 58), (195, 61), (216, 104)]
+    answers = [tuple(targets[3 * q + 1 : 3 * q + 3]) for q in range(4)]
+    assert targets[::3] == [2] * 4
+    shown_keys = [q for q in queries if q in pairs]  # the figure elides the context of queries 2 and 3
+    assert shown_keys == [(256, 174), (216, 104)]
+    assert [pairs[q] for q in shown_keys] == [answers[0], answers[3]]
+
+
+def test_mqmtar_ids_and_layout():
     t = task("mqmtar")
     assert (t.vocab_size, t.bos, t.sep, t.eos, t.pad) == (263, 259, 260, 261, 262)
     src, trg = t.example(np.random.default_rng(0), 64)
-    context, queries = src[:64], src[64:]
-    slots = [context[i : i + 6].tolist() for i in range(0, 60, 6)]
-    filled = [s for s in slots if s != [0] * 6]
-    assert all(s[0] == 0 and s[3] == 1 and all(3 <= x <= 258 for x in (s[1], s[2], s[4], s[5])) for s in filled)
-    assert context[60:].tolist() == [0] * 4  # 64 = 10 slots of 6, and 4 spaces
-    assert queries[::3].tolist() == [2] * 4 and trg[::3].tolist() == [2] * 4
     inputs, labels = t.make_batch([(src, trg)])
-    assert inputs[0, 0] == 259 and inputs[0, 1 + 64 + 12] == 260
+    assert len(src) == 64 + 12 and inputs[0, 0] == 259 and inputs[0, 1 + 64 + 12] == 260
     assert labels[0].tolist()[-13:] == [*trg.tolist(), 261]
+    answer = t.answer_mask(labels)[0]
+    assert labels[0][answer].tolist() == [x for i, x in enumerate(trg.tolist()) if i % 3]  # the 8 value tokens
 
 
-@pytest.mark.parametrize("length", [32, 50, 64, 96, 128, 1024])
-def test_mqmtar_invariants(length):
+@pytest.mark.parametrize(("length", "context"), [(32, 32), (48, 48), (50, 48), (64, 64), (96, 96), (128, 119),
+                                                 (256, 238), (1024, 952)])
+def test_mqmtar_as_vasylenko_et_al_generate_it(length, context):
+    """num_kv = int(0.8·n // 6) pairs, each `k1 k2 1 v1 v2 0` in a segment of n // num_kv tokens;
+    keys and values distinct within an example; queries drawn with replacement from the pairs."""
+    t = task("mqmtar")
     rng = np.random.default_rng(length)
-    for _ in range(20):
-        src, trg = task("mqmtar").example(rng, length)
-        context, queries = src[:length], src[length:]
-        pairs = {}
-        for i in range(0, length - 5, 6):
-            if context[i + 3] == 1 and context[i] == 0 and context[i + 1] != 0:
-                pairs[(context[i + 1], context[i + 2])] = (context[i + 4], context[i + 5])
-        assert len(pairs) == int(length * 0.8 // 6)  # num_kv unique keys
-        assert len(queries) == 12 and len(trg) == 12
-        for q in range(4):
-            key = (queries[3 * q + 1], queries[3 * q + 2])
-            assert key in pairs  # every query asks for a key present in the context
-            assert tuple(trg[3 * q + 1 : 3 * q + 3]) == pairs[key]  # and the target is its value
-        assert len({(queries[3 * q + 1], queries[3 * q + 2]) for q in range(4)}) == 4
+    num_kv, segment = int(length * 0.8 // 6), length // int(length * 0.8 // 6)
+    repeated_queries = 0
+    for _ in range(30):
+        src, trg = t.example(rng, length)
+        tokens = src.tolist()
+        assert len(tokens) == context + 12 == num_kv * segment + 12
+        pairs, queries = parse_mqmtar(tokens)
+        assert len(pairs) == num_kv and len(set(pairs.values())) == num_kv  # unique keys, unique values
+        ones = [i for i, x in enumerate(tokens[:context]) if x == 1]
+        assert all(tokens[i + 3] == 0 for i in ones)  # the space that closes each pair
+        assert [i // segment for i in ones] == list(range(num_kv))  # one pair per segment
+        assert set(tokens[:context]) - {0, 1} <= set(range(3, 259))
+        assert len(queries) == 4 and trg[::3].tolist() == [2] * 4
+        assert [pairs[q] for q in queries] == [tuple(trg[3 * i + 1 : 3 * i + 3]) for i in range(4)]
+        repeated_queries += len(set(queries)) < 4
+    assert length > 64 or repeated_queries > 0  # with replacement: a short context repeats a query
+
+
+def test_mqmtar_splits_draw_their_own_vocabularies():
+    t = task("mqmtar", eval_factors=[1, 2], eval_examples=50)
+    words = {}
+    for split, batches in (("train", [t.train_batch(i, 50) for i in range(2)]),
+                           ("1x", list(t.test_batches(64))), ("2x", list(t.test_batches(128)))):
+        keys = set()
+        for x, _ in batches:
+            for row in x.tolist():
+                keys |= set(parse_mqmtar(row)[0])
+        words[split] = keys
+    assert all(len(keys) > 200 for keys in words.values())
+    for a, b in (("train", "1x"), ("1x", "2x")):  # 10k of 65536 words each: overlaps of ~15 %, never all
+        assert len(words[a] & words[b]) < 0.4 * len(words[b])
+    train = task("mqmtar").train_vocabulary
+    assert len({tuple(k) for k in train.keys.tolist()}) == 10_000 == len({tuple(v) for v in train.values.tolist()})
 
 
 def test_mqmtar_needs_room_for_a_pair():
@@ -179,16 +238,20 @@ def test_mqmtar_needs_room_for_a_pair():
         task("mqmtar").example(np.random.default_rng(0), 7)
 
 
-def test_mqmtar_query_accuracy_counts_each_query():
+def test_mqmtar_query_accuracy_counts_the_value_tokens_of_each_query():
     t = task("mqmtar", eval_length=40, eval_examples=3, eval_factors=[1])
     x, y = next(t.test_batches(40))
     logits = torch.nn.functional.one_hot(y.clamp(min=0), 263).float()
     first_scored = (y[1] != IGNORE_INDEX).nonzero()[0].item()
     logits[1, first_scored + 4, :] = 0
-    logits[1, first_scored + 4, 5] = 1.0  # one wrong token in the second query of example 1
+    logits[1, first_scored + 4, 5] = 1.0  # one wrong value token in the second query of example 1
+    logits[2, first_scored + 6, :] = 0  # a wrong query marker in example 2: not an answer token
+    logits[2, first_scored + 6, 5] = 1.0
     from mosaic_core.tasks.length_generalization import query_accuracy
-    assert query_accuracy(logits, y).view(3, 4).tolist() == [[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1]]
-    assert exact_match(logits, y).tolist() == [True, False, True]
+    answer = t.answer_mask(y)
+    assert query_accuracy(logits, y, answer).view(3, 4).tolist() == [[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1]]
+    assert exact_match(logits, y, answer).tolist() == [True, False, True]
+    assert exact_match(logits, y).tolist() == [True, False, False]
 
 
 def test_long_lengths_are_evaluated_in_smaller_batches():

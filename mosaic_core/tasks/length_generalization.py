@@ -1,13 +1,21 @@
 """Length generalisation (paper Table 2): train on short sequences, test exact match on longer ones.
 
-A sequence is `BOS src SEP trg EOS`; the model reads it shifted by one and is scored only on
-what follows the first SEP (the target and EOS). Everything is generated on the fly from
-(seed, index): no data files, no length cap.
+A sequence is `BOS src SEP trg EOS`; the model reads it shifted by one and is trained only on
+what follows the first SEP (the target and EOS). Exact match scores the answer only, as the
+paper's evaluation does: the target without EOS, and for MQMTAR its value tokens, not the `2`
+query markers. Everything is generated on the fly from (seed, index): no data files, no length cap.
+
+MQMTAR follows the generator of Vasylenko et al. 2025 (deep-spin/asentmax, which produced the
+paper's data): at a nominal length n the context holds num_kv = int(0.8·n // 6) pairs, each in a
+segment of n // num_kv tokens holding `k1 k2 1 v1 v2 0` with spaces around it; keys and values are
+distinct within an example and come from the split's own vocabulary of `kv_vocab_size` words; the
+four queries are drawn with replacement from the context's pairs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +24,7 @@ from torch import Tensor, nn
 from mosaic_core.config import LengthTaskConfig
 from mosaic_core.metrics import IGNORE_INDEX, exact_match, length_metric_name
 
-_TRAIN_STREAM, _TEST_STREAM = 0, 1  # disjoint numpy seed streams: test sets never meet training data
+_TRAIN_STREAM, _TEST_STREAM, _VOCABULARY_STREAM = 0, 1, 2  # disjoint numpy seed streams
 
 
 class LengthGeneralizationTask:
@@ -33,6 +41,7 @@ class LengthGeneralizationTask:
         top = first + config.num_symbols
         self.bos, self.sep, self.eos, self.pad = top, top + 1, top + 2, top + 3
         self.vocab_size = top + 4
+        self.train_vocabulary = self._vocabulary([_TRAIN_STREAM, seed])
 
     def target(self, src: np.ndarray) -> np.ndarray:
         if self.config.name == "sort":
@@ -41,12 +50,27 @@ class LengthGeneralizationTask:
             return src[::-1]
         return src
 
-    def example(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """(src, trg) for a source of `length` tokens (MQMTAR: `length` context tokens, then the queries)."""
+    def _vocabulary(self, stream: list[int]) -> KeyValueVocabulary | None:
+        """A split's MQMTAR words (each split draws its own, as Vasylenko et al.); None for other tasks."""
+        if self.config.name != "mqmtar":
+            return None
+        rng = np.random.default_rng([_VOCABULARY_STREAM, *stream])
+        return KeyValueVocabulary.draw(rng, self.config.num_symbols, self.config.kv_vocab_size)
+
+    def example(self, rng: np.random.Generator, length: int,
+                vocabulary: KeyValueVocabulary | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(src, trg) at nominal length `length`: a source of `length` symbols, or for MQMTAR a
+        context of at most `length` tokens followed by the queries (from `vocabulary`, default
+        the training split's)."""
         if self.config.name == "mqmtar":
-            return mqmtar_example(rng, length, self.config.num_symbols)
+            return mqmtar_example(rng, length, vocabulary or self.train_vocabulary)
         src = rng.integers(0, self.config.num_symbols, size=length)
         return src, self.target(src)
+
+    def answer_mask(self, labels: Tensor) -> Tensor:
+        """Where exact match looks: the target without EOS; for MQMTAR only the value tokens."""
+        answer = (labels != IGNORE_INDEX) & (labels != self.eos)
+        return answer & (labels != _QUERY_MARKER) if self.config.name == "mqmtar" else answer
 
     def sequence(self, src: np.ndarray, trg: np.ndarray) -> np.ndarray:
         return np.concatenate([[self.bos], src, [self.sep], trg, [self.eos]])
@@ -74,8 +98,9 @@ class LengthGeneralizationTask:
 
         Batches hold at most `eval_max_tokens` tokens, so long lengths are evaluated in smaller chunks.
         """
-        rng = np.random.default_rng([_TEST_STREAM, _TASK_STREAMS[self.config.name], length])
-        examples = [self.example(rng, length) for _ in range(self.config.eval_examples)]
+        stream = [_TEST_STREAM, _TASK_STREAMS[self.config.name], length]
+        rng, vocabulary = np.random.default_rng(stream), self._vocabulary(stream)
+        examples = [self.example(rng, length, vocabulary) for _ in range(self.config.eval_examples)]
         size = max(1, min(self.config.eval_batch_size, self.config.eval_max_tokens // (2 * length + 2)))
         for start in range(0, len(examples), size):
             yield self.make_batch(examples[start : start + size])
@@ -88,55 +113,86 @@ class LengthGeneralizationTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
-        """Teacher-forced exact match at every evaluation length factor (and, for MQMTAR, the
-        fraction of the four queries answered right)."""
+        """Teacher-forced exact match of the answer at every evaluation length factor; the same
+        with EOS (`exact_match_with_eos`); for MQMTAR the fraction of queries whose two value
+        tokens are right."""
         metrics = {}
         for factor, length in self.eval_lengths().items():
-            hits, queries = [], []
+            scores: dict[str, list[Tensor]] = {}
             for x, y in self.test_batches(length):
-                logits, y = model(x.to(device)), y.to(device)
-                hits.append(exact_match(logits, y).float().cpu())
-                if self.config.name == "mqmtar":
-                    queries.append(query_accuracy(logits, y).cpu())
-            metrics[length_metric_name("exact_match", factor)] = torch.cat(hits).mean().item()
-            if queries:
-                metrics[length_metric_name("query_accuracy", factor)] = torch.cat(queries).mean().item()
+                for name, values in self._scores(model(x.to(device)), y.to(device)).items():
+                    scores.setdefault(name, []).append(values.float().cpu())
+            for name, values in scores.items():
+                metrics[length_metric_name(name, factor)] = torch.cat(values).mean().item()
         return metrics
+
+    def _scores(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+        answer = self.answer_mask(labels)
+        scores = {"exact_match": exact_match(logits, labels, answer),
+                  "exact_match_with_eos": exact_match(logits, labels)}
+        if self.config.name == "mqmtar":
+            scores["query_accuracy"] = query_accuracy(logits, labels, answer)
+        return scores
 
 
 _MQMTAR_FIRST_LETTER = 3  # 0 space, 1 key-value separator, 2 query marker
+_QUERY_MARKER = 2
 _MQMTAR_QUERIES = 4
+_MQMTAR_PAIR = 6  # `k1 k2 1 v1 v2 0`: key, separator, value and the space that closes the pair
 _TASK_STREAMS = {"sort": 0, "reverse": 1, "copy": 2, "mqmtar": 3}
 
 
-def mqmtar_example(rng: np.random.Generator, length: int, letters: int) -> tuple[np.ndarray, np.ndarray]:
-    """A context of `length` tokens holding int(0.8·length // 6) key→value pairs, then 4 queries.
+@dataclass(frozen=True)
+class KeyValueVocabulary:
+    """The 2-letter key words and value words of one MQMTAR split, as (size, 2) letter ids."""
 
-    The context is 6-token slots `0 k1 k2 1 v1 v2` (0 = space) at random slot positions, spaces
-    elsewhere; keys are unique 2-letter words. The queries `2 k1 k2` ask for keys present in the
-    context; the target answers each with `2 v1 v2` (12 tokens).
-    """
-    num_kv = int(length * 0.8 // 6)
+    keys: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, letters: int, size: int) -> KeyValueVocabulary:
+        """`size` distinct keys and, independently, `size` distinct values among the letters² words."""
+        def words() -> np.ndarray:
+            codes = rng.choice(letters * letters, size=size, replace=False)
+            return np.stack([codes // letters, codes % letters], axis=1) + _MQMTAR_FIRST_LETTER
+        return cls(keys=words(), values=words())
+
+
+def mqmtar_example(rng: np.random.Generator, length: int, vocabulary: KeyValueVocabulary) -> tuple[np.ndarray, np.ndarray]:
+    """A context for nominal length `length` (num_kv segments of length // num_kv tokens), then
+    4 queries `2 k1 k2`; the target answers each with `2 v1 v2` (12 tokens)."""
+    num_kv = min(int(length * 0.8 // _MQMTAR_PAIR), len(vocabulary.keys))
     if num_kv < 1:
         raise ValueError(f"an MQMTAR context needs at least 8 tokens for one key-value pair; got {length}")
-    first = _MQMTAR_FIRST_LETTER
-    codes = rng.choice(letters * letters, size=num_kv, replace=False)  # unique keys
-    keys = np.stack([codes // letters, codes % letters], axis=1) + first
-    values = rng.integers(0, letters, size=(num_kv, 2)) + first
-    context = np.zeros(length, dtype=np.int64)
-    for slot, key, value in zip(sorted(rng.choice(length // 6, size=num_kv, replace=False)), keys, values):
-        context[6 * slot : 6 * slot + 6] = [0, key[0], key[1], 1, value[0], value[1]]
-    asked = rng.choice(num_kv, size=_MQMTAR_QUERIES, replace=num_kv < _MQMTAR_QUERIES)
-    queries = np.concatenate([[2, *keys[i]] for i in asked])
-    answers = np.concatenate([[2, *values[i]] for i in asked])
+    keys = vocabulary.keys[rng.choice(len(vocabulary.keys), size=num_kv, replace=False)]
+    values = vocabulary.values[rng.choice(len(vocabulary.values), size=num_kv, replace=False)]
+    context = _mqmtar_context(rng, keys, values, segment=length // num_kv)
+    asked = rng.integers(0, num_kv, size=_MQMTAR_QUERIES)  # with replacement, as theirs
+    marker = np.full((_MQMTAR_QUERIES, 1), _QUERY_MARKER)
+    queries = np.concatenate([marker, keys[asked]], axis=1).ravel()
+    answers = np.concatenate([marker, values[asked]], axis=1).ravel()
     return np.concatenate([context, queries]), answers
 
 
-def query_accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Per MQMTAR query: all three answer tokens (`2 v1 v2`) right under teacher forcing."""
-    scored = labels != IGNORE_INDEX
-    first = scored.float().argmax(-1, keepdim=True)  # the first scored position of each row
-    offsets = torch.arange(3 * _MQMTAR_QUERIES, device=labels.device)
-    positions = first + offsets
-    right = logits.argmax(-1).gather(-1, positions) == labels.gather(-1, positions)
-    return right.view(len(labels), _MQMTAR_QUERIES, 3).all(-1).float().flatten()
+def _mqmtar_context(rng: np.random.Generator, keys: np.ndarray, values: np.ndarray, segment: int) -> np.ndarray:
+    """One segment per pair: the 6-token pair amid spaces, placed as Vasylenko et al. place it.
+
+    Their generator centres the pair in 2·(segment + 1) spaces and deletes random spaces until
+    `segment` tokens remain; which spaces survive is a uniform subset, so the spaces left before
+    the pair follow a hypergeometric law.
+    """
+    padded = 2 * (segment + 1)
+    before = padded // 2 - 2  # spaces before the centred pair
+    after = padded - before - _MQMTAR_PAIR
+    kept_before = rng.hypergeometric(before, after, segment - _MQMTAR_PAIR, size=len(keys))
+    pairs = np.concatenate([keys, np.ones((len(keys), 1), np.int64), values, np.zeros((len(keys), 1), np.int64)], axis=1)
+    context = np.zeros(len(keys) * segment, dtype=np.int64)
+    starts = np.arange(len(keys)) * segment + kept_before
+    context[starts[:, None] + np.arange(_MQMTAR_PAIR)] = pairs
+    return context
+
+
+def query_accuracy(logits: Tensor, labels: Tensor, answer: Tensor) -> Tensor:
+    """Per MQMTAR query: both value tokens right under teacher forcing (`answer` marks the 8 per example)."""
+    right = (logits.argmax(-1) == labels)[answer]  # row by row, in order: v1 v2 of query 1, 2, …
+    return right.view(len(labels), _MQMTAR_QUERIES, 2).all(-1).float().flatten()
