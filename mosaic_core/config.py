@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mosaic_core.kernels import resolve_kernel
-from mosaic_core.metrics import length_metric_name
+from mosaic_core.metrics import SELECTED_PREFIX, length_metric_name
 
 
 class _Strict(BaseModel):
@@ -53,6 +53,10 @@ class LengthTaskConfig(_Strict):
         kinds = ["exact_match", "exact_match_with_eos", "support_size"] + (["query_accuracy"] if self.name == "mqmtar" else [])
         return [length_metric_name(kind, factor) for kind in kinds for factor in self.eval_factors]
 
+    def selection(self) -> None:
+        """No model selection: the paper reports the trained model (the last evaluation)."""
+        return None
+
 
 class RegBenchConfig(_Strict):
     """In-context learning of random regular languages (RegBench, Akyürek et al. 2024; SPEC §4)."""
@@ -65,7 +69,12 @@ class RegBenchConfig(_Strict):
     eval_batch_size: int = Field(32, ge=1)
 
     def metric_names(self) -> list[str]:
-        return ["accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss", length_metric_name("support_size", 1)]
+        evaluated = ["accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss"]
+        return [*evaluated, *(f"{SELECTED_PREFIX}{name}" for name in evaluated), length_metric_name("support_size", 1)]
+
+    def selection(self) -> tuple[str, str]:
+        """Model selection as Table 5's caption: report the evaluation with the lowest val_loss."""
+        return "val_loss", "min"
 
 
 class LanguageModelConfig(_Strict):
@@ -81,6 +90,10 @@ class LanguageModelConfig(_Strict):
 
     def metric_names(self) -> list[str]:
         return ["val_loss", *(["ood_loss"] if self.ood_data_dir else []), length_metric_name("support_size", 1)]
+
+    def selection(self) -> None:
+        """No model selection: Figure 2 plots the whole validation curve."""
+        return None
 
 
 TaskConfig = Annotated[
@@ -132,11 +145,15 @@ class TrainConfig(_Strict):
     """AdamW with linear warmup and cosine decay (SPEC §5)."""
 
     max_steps: int = Field(1000, ge=1)
+    max_epochs: int | None = Field(None, ge=1, description="tasks with a fixed training set (regbench): train "
+                                   "this many epochs over it; sets max_steps")
     batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
+    lr_decay_steps: int | None = Field(None, ge=1, description="step where the cosine reaches min_lr, which then "
+                                       "holds (the reference's lr_decay_iters); default max_steps")
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     eval_interval: int = Field(500, ge=1)
@@ -159,6 +176,28 @@ class TrialConfig(_Strict):
     task: TaskConfig = Field(default_factory=LengthTaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _steps_from_epochs(cls, data: Any) -> Any:
+        """train.max_epochs over a fixed training set sets train.max_steps (a disagreeing one is an error)."""
+        train, task = (data.get("train"), data.get("task")) if isinstance(data, dict) else (None, None)
+        if not (isinstance(train, dict) and train.get("max_epochs") and isinstance(task, dict)
+                and task.get("name") == "regbench"):
+            return data
+        batches = -(-task.get("num_examples", 1000) // train.get("batch_size", 32))  # per epoch, the last smaller
+        steps = -(-train["max_epochs"] * batches // train.get("grad_accum_steps", 1))
+        if train.get("max_steps", steps) != steps:
+            raise ValueError(f"train.max_steps ({train['max_steps']}) disagrees with train.max_epochs "
+                             f"({train['max_epochs']} epochs = {steps} steps); set one of them")
+        return {**data, "train": {**train, "max_steps": steps}}
+
+    @model_validator(mode="after")
+    def _epochs_need_a_fixed_training_set(self) -> TrialConfig:
+        if self.train.max_epochs is not None and not isinstance(self.task, RegBenchConfig):
+            raise ValueError(f"train.max_epochs needs a task with a fixed training set (regbench); "
+                             f"task {self.task.name!r} generates fresh data: set train.max_steps")
+        return self
 
     def metric_names(self) -> list[str]:
         """What `train_trial` reports at every evaluation, besides per-head diagnostics."""

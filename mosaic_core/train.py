@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mosaic_core.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from mosaic_core.config import TrainConfig, TrialConfig
-from mosaic_core.metrics import IGNORE_INDEX, length_metric_name
+from mosaic_core.metrics import IGNORE_INDEX, SELECTED_PREFIX, length_metric_name
 from mosaic_core.model import MemoryMosaics
 from mosaic_core.tasks import Task, build_task
 
@@ -27,10 +27,11 @@ Report = Callable[[dict[str, float], str], None]  # (metrics, checkpoint directo
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
-    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `max_steps`."""
+    """Linear warmup to `lr` over `warmup_steps`, then cosine decay to `min_lr` at `lr_decay_steps`
+    (default `max_steps`), where it stays."""
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.max_steps - config.warmup_steps)
+    span = max(1, (config.lr_decay_steps or config.max_steps) - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
@@ -51,6 +52,23 @@ def diagnostic_metrics(model: MemoryMosaics, task: Task, device: torch.device, e
                         if math.isfinite(value):
                             metrics[f"{name}/l{layer}h{head}"] = value
     return metrics
+
+
+def with_selection(evaluated: dict[str, float], step: int, previous: Mapping[str, float],
+                   selection: tuple[str, str] | None) -> dict[str, float]:
+    """The task's `evaluated` metrics plus `best_<name>` for each: its value at the evaluation that
+    model selection prefers so far (RegBench: the lowest val_loss), and `best_step`, its step.
+
+    `previous` is the last evaluation's metrics (with their `best_…`), so a resumed trial goes on
+    selecting among all its evaluations. Tasks without a selection rule get no `best_…`.
+    """
+    if selection is None:
+        return evaluated
+    key, mode = selection
+    best = previous.get(SELECTED_PREFIX + key)
+    if best is not None and not (evaluated[key] < best if mode == "min" else evaluated[key] > best):
+        return {**evaluated, **{k: v for k, v in previous.items() if k.startswith(SELECTED_PREFIX)}}
+    return {**evaluated, **{SELECTED_PREFIX + k: v for k, v in evaluated.items()}, SELECTED_PREFIX + "step": step}
 
 
 def pick_device(name: str) -> torch.device:
@@ -137,7 +155,8 @@ def train_trial(
         if done % train.eval_interval == 0 or done == train.max_steps:
             model.eval()
             with autocast:
-                metrics = {"step": done, "train_loss": loss_value, "lr": lr, **task.evaluate(model, device),
+                evaluated = with_selection(task.evaluate(model, device), done, metrics, config.task.selection())
+                metrics = {"step": done, "train_loss": loss_value, "lr": lr, **evaluated,
                            **diagnostic_metrics(model, task, device)}
             metrics["elapsed_s"] = time.perf_counter() - started
             if report is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import random
 import time
 
@@ -10,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from mosaic_core.config import ModelConfig, RegBenchConfig
+from mosaic_core.config import ModelConfig, RegBenchConfig, TrialConfig
 from mosaic_core.metrics import IGNORE_INDEX
 from mosaic_core.model import MemoryMosaics
 from mosaic_core.tasks.regbench import (
@@ -151,11 +153,35 @@ def test_train_batches_are_a_pure_function_of_seed_and_index(small):
     assert not torch.equal(small.train_batch(7, 16)[0], other.train_batch(7, 16)[0])
 
 
-def test_training_visits_every_dfa_once_per_epoch(small):
-    epoch = np.concatenate([small.train_dfas(index, 20) for index in range(3)])  # 60 DFAs, batch 20
-    assert sorted(epoch.tolist()) == list(range(60))
-    straddling = small.train_dfas(2, 25)  # samples 50..74: the end of epoch 0, the start of epoch 1
-    assert len(straddling) == 25 and len(set(straddling[:10].tolist())) == 10
+def test_a_trial_sees_exactly_num_examples_distinct_sequences_over_two_epochs(small):
+    """As seq_icl: one fixed sequence per training DFA, each seen once per epoch; 60 sequences in
+    batches of 16 make epochs of 4 batches (16, 16, 16, 12)."""
+    seen = []
+    for index in range(8):  # two epochs
+        inputs, _ = small.train_batch(index, 16)
+        assert len(inputs) == (12 if index % 4 == 3 else 16)
+        seen += [tuple(row[row != PAD].tolist()) for row in inputs]
+    counts = Counter(seen)
+    assert len(counts) == 60 and set(counts.values()) == {2}
+    assert set(counts) == {tuple(tokens[:-1].tolist()) for tokens, _ in small.train_sequences}
+    assert set(seen[:60]) == set(seen[60:])  # the second epoch reorders the same sequences
+    assert seen[:60] != seen[60:]
+
+
+def test_the_training_set_depends_on_data_seed_not_on_the_trial_seed(small):
+    other = task(seed=3)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(small.train_sequences, other.train_sequences))
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(small.train_sequences, task(data_seed=2).train_sequences))
+
+
+def test_max_epochs_sets_the_steps_of_a_fixed_training_set():
+    config = TrialConfig.model_validate({"task": {"name": "regbench", "num_examples": 1000},
+                                         "train": {"max_epochs": 200, "batch_size": 32}})
+    assert config.train.max_steps == 200 * 32  # ⌈1000 / 32⌉ = 32 batches per epoch
+    with pytest.raises(ValueError, match="disagrees with train.max_epochs"):
+        TrialConfig.model_validate({"task": {"name": "regbench"}, "train": {"max_epochs": 2, "max_steps": 5}})
+    with pytest.raises(ValueError, match="needs a task with a fixed training set"):
+        TrialConfig.model_validate({"task": {"name": "sort"}, "train": {"max_epochs": 2}})
 
 
 def test_labels_are_shifted_inputs_without_padding_or_separators(small):
@@ -185,7 +211,7 @@ def test_sequences_are_10_to_19_accepted_strings_of_length_1_to_49(small):
         counts.add(len(strings))
         lengths.update(len(s) for s in strings)
         assert all(accepts(dfa, s) for s in strings)
-        assert (states[tokens == SEP] == -1).all()
+        assert (states[tokens == SEP] == 0).all()  # `|` restarts the DFA
         # the recorded state is the one reached by walking the current string so far
         for position in np.flatnonzero(tokens != SEP)[:50]:
             start = position
@@ -225,13 +251,12 @@ class LookupModel(nn.Module):
 
 def legal_letters(dfa: Dfa, inputs: np.ndarray) -> Tensor:
     """(T, 18) bool: the letters the DFA allows after each input, found by walking the current
-    string from the start; none after `|` and on padding (positions that are not scored)."""
+    string from the start (after `|`: the start state's letters); none on padding."""
     legal, state = torch.zeros(len(inputs), NUM_LETTERS, dtype=torch.bool), 0
     for position, token in enumerate(inputs.tolist()):
-        if token in (SEP, PAD):
-            state = 0
+        if token == PAD:
             continue
-        state = dict(dfa[state])[token]
+        state = 0 if token == SEP else dict(dfa[state])[token]
         legal[position, [a for a, _ in dfa[state]]] = True
     return legal
 
@@ -251,7 +276,7 @@ def lookup_model(t: RegBenchTask, vocab: int, fill) -> LookupModel:
 def true_logits(legal: Tensor, vocab: int) -> Tensor:
     logits = torch.full((*legal.shape[:2], vocab), -1e9)
     logits[..., :NUM_LETTERS] = torch.where(legal, -torch.log(legal.sum(-1, keepdim=True).clamp(min=1.0)), -1e9)
-    logits[~legal.any(-1)] = 0.0  # unscored positions (after `|`, padding): uniform
+    logits[~legal.any(-1)] = 0.0  # padding: uniform
     return logits
 
 
@@ -273,7 +298,8 @@ def test_the_true_distribution_scores_perfectly(small, vocab):
 def test_all_mass_on_an_illegal_token_scores_zero(small, vocab):
     metrics = small.evaluate(lookup_model(small, vocab, illegal_logits), torch.device("cpu"))
     assert metrics["accuracy"] == 0 and metrics["val_accuracy"] == 0
-    assert metrics["tvd"] == pytest.approx(100) and metrics["val_tvd"] == pytest.approx(100)
+    # seq_icl's scale, Σ|p − q|: all mass off the legal letters is 1 + 1 = 200 %
+    assert metrics["tvd"] == pytest.approx(200) and metrics["val_tvd"] == pytest.approx(200)
     assert metrics["val_loss"] > 1e8
 
 
@@ -282,7 +308,25 @@ def test_evaluation_overhead_is_small(small):
     started = time.perf_counter()
     metrics = small.evaluate(model, torch.device("cpu"))
     assert time.perf_counter() - started < 2  # 20 + 20 sequences of up to ~950 tokens
-    assert 0 <= metrics["accuracy"] <= 100 and 0 <= metrics["tvd"] <= 100
+    assert 0 <= metrics["accuracy"] <= 100 and 0 <= metrics["tvd"] <= 200
+
+
+def test_metric_positions_are_seq_icls_by_hand():
+    """One sequence `a b | b` of the DFA 0 -a-> 1 -b-> 0, 0 -b-> 2 -a-> 0: inputs `a b |`.
+
+    Accuracy counts the positions labelled with a letter (after `a`: `b`; after `|`: `b`), not the
+    one labelled `|`; TVD counts all three: after `a` (state 1) legal {b}, after `b` (state 0)
+    legal {a, b}, after `|` (start) legal {a, b}."""
+    dfa = ((0, 1), (1, 2)), ((1, 0),), ((0, 0),)
+    t = task(num_val=1, num_test=1)
+    t.dfas["test"], t.tables["test"] = [dfa], DfaTable([dfa])
+    t.eval_sequences["test"] = [(np.array([0, 1, SEP, 1]), np.array([1, 0, 0, 2]))]
+    always_b = torch.zeros(1, 3, VOCAB_SIZE)
+    always_b[..., 1] = 1e4  # the argmax is `b` everywhere, with probability ~1
+    scores = t.score(LookupModel({np.array([[0, 1, SEP]]).tobytes(): always_b}), torch.device("cpu"), "test")
+    assert scores["accuracy"] == pytest.approx(100)  # `b` is legal at both lettered positions
+    # L1 per position: state 1: |1 − 1| = 0; states 0: |1 − ½| + |0 − ½| = 1 (twice): mean 2/3
+    assert scores["tvd"] == pytest.approx(100 * 2 / 3, abs=1e-3)
 
 
 def test_a_memory_mosaics_model_evaluates():
@@ -290,7 +334,7 @@ def test_a_memory_mosaics_model_evaluates():
     model = MemoryMosaics(ModelConfig(n_layer=1, n_embd=32, n_head=2), VOCAB_SIZE).eval()
     metrics = task(num_val=3, num_test=3).evaluate(model, torch.device("cpu"))
     assert set(metrics) == {"accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss"}
-    assert 0 <= metrics["accuracy"] <= 100 and 0 < metrics["tvd"] < 100 and metrics["val_loss"] > 0
+    assert 0 <= metrics["accuracy"] <= 100 and 0 < metrics["tvd"] < 200 and metrics["val_loss"] > 0
 
 
 def test_diagnostic_inputs_are_the_first_test_inputs(small):

@@ -13,7 +13,7 @@ from mosaic_core import train as train_module
 from mosaic_core.checkpoint import CheckpointError
 from mosaic_core.config import TrainConfig, TrialConfig
 from mosaic_core.model import MemoryMosaics
-from mosaic_core.train import learning_rate, train_trial
+from mosaic_core.train import learning_rate, train_trial, with_selection
 
 
 def tiny_config(**train) -> dict:
@@ -34,6 +34,39 @@ def test_learning_rate_warmup_then_cosine_to_min_lr():
     assert learning_rate(10, config) == pytest.approx(1.0)
     assert learning_rate(60, config) == pytest.approx(0.1 + 0.9 * 0.5)  # halfway through the cosine
     assert learning_rate(110, config) == pytest.approx(0.1)
+
+
+def test_cosine_reaches_min_lr_at_lr_decay_steps_and_stays_there():
+    """The reference's schedule for the synthetic tasks: decay over 156 250 steps whatever the run's length."""
+    config = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=300, lr_decay_steps=110)
+    assert learning_rate(60, config) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert learning_rate(110, config) == learning_rate(250, config) == pytest.approx(0.1)
+    short = TrainConfig(lr=1.0, min_lr=0.1, warmup_steps=10, max_steps=60, lr_decay_steps=110)
+    assert learning_rate(59, short) > 0.5  # a run shorter than the horizon never reaches min_lr
+
+
+def test_model_selection_reports_the_evaluation_with_the_lowest_validation_loss():
+    """Hand-made evaluations: val_loss 2.0, 1.5, 1.7, 1.2 → the selected accuracy is 93 (step 20), then 95 (step 40)."""
+    evaluations = [(10, {"accuracy": 90.0, "val_loss": 2.0}), (20, {"accuracy": 93.0, "val_loss": 1.5}),
+                   (30, {"accuracy": 96.0, "val_loss": 1.7}), (40, {"accuracy": 95.0, "val_loss": 1.2})]
+    previous, selected = {}, []
+    for step, evaluated in evaluations:
+        previous = with_selection(evaluated, step, previous, ("val_loss", "min"))
+        selected.append((previous["best_accuracy"], previous["best_val_loss"], previous["best_step"]))
+        assert previous["accuracy"] == evaluated["accuracy"]  # the current values stay reported
+    assert selected == [(90.0, 2.0, 10), (93.0, 1.5, 20), (93.0, 1.5, 20), (95.0, 1.2, 40)]
+    assert with_selection({"accuracy": 1.0}, 5, {}, None) == {"accuracy": 1.0}  # no rule, no best_
+
+
+def test_a_regbench_trial_reports_its_selected_evaluation():
+    config = {"seed": 0, "task": {"name": "regbench", "num_examples": 16, "num_val": 4, "num_test": 4},
+              "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+              "train": {"max_epochs": 3, "batch_size": 8, "eval_interval": 2, "warmup_steps": 0, "device": "cpu"}}
+    reports = []
+    train_trial(config, lambda metrics, _: reports.append(metrics))
+    assert [m["step"] for m in reports] == [2, 4, 6]
+    chosen = min(reports, key=lambda m: m["val_loss"])
+    assert reports[-1]["best_accuracy"] == chosen["accuracy"] and reports[-1]["best_step"] == chosen["step"]
 
 
 def test_reports_every_eval_interval_with_metrics_and_a_checkpoint():

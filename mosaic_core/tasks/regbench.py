@@ -14,11 +14,16 @@ Choices where SPEC §4 is silent:
 - `|` is never a target. Where a string ends depends on its sampled length, not on the language,
   so training labels are IGNORE_INDEX there (as in the RegBench reference code) and the truth is
   uniform over legal *letters*: a model that knows the DFA scores accuracy 100 and TVD 0.
-- The position right after `|` (the first letter of the next string) is trained on but, per the
-  SPEC ("not after `|`"), not scored: metrics cover every position whose input is a letter.
-- Training sequences are sampled afresh for every batch from the `num_examples` training DFAs,
-  which are visited in epochs (each DFA once per epoch, in an order fixed by (seed, epoch)).
-  Validation and test hold one fixed sequence per DFA. Accuracy and TVD average over positions.
+
+As seq_icl (berlino/seq_icl), which produced the paper's Table 1:
+- The training set is fixed: one sequence per training DFA, drawn once from `data_seed` (the same
+  for every trial seed), trained on for epochs, shuffled each epoch by (seed, epoch); the last
+  batch of an epoch is smaller, as a DataLoader's. Validation and test hold one sequence per DFA.
+- Accuracy counts every position whose label is a letter (those after `|` included, those
+  predicting `|` not): is the argmax a legal next letter? TVD counts every non-padding position,
+  against the uniform distribution over the legal next letters (after `|`: the start state's),
+  and is seq_icl's L1 Σ_v |p_model(v) − p_DFA(v)|, i.e. twice the textbook ½Σ|p − q|: the scale of
+  the paper's Table 1. Both are averages over positions, in percent.
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ class DfaTable:
 def sample_sequences(
     table: DfaTable, dfa_ids: np.ndarray, rng: np.random.Generator
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One sequence per DFA id: (tokens, state after each token, −1 after `|`).
+    """One sequence per DFA id: (tokens, state after each token; after `|` the start state 0).
 
     All strings are walked to the maximum length at once, choosing uniformly among the current
     state's letters, then cut to their sampled lengths and joined with `|`.
@@ -164,14 +169,14 @@ def sample_sequences(
         state = table.targets[dfa, state, edge]
         states[..., step] = state
     np.put_along_axis(tokens, lengths[..., None], SEP, axis=-1)
-    np.put_along_axis(states, lengths[..., None], -1, axis=-1)
+    np.put_along_axis(states, lengths[..., None], 0, axis=-1)  # `|` starts the next string
     keep = (np.arange(MAX_LENGTH + 1) <= lengths[..., None]) & (np.arange(MAX_STRINGS) < strings[:, None])[..., None]
     return [(tokens[b][keep[b]][:-1], states[b][keep[b]][:-1]) for b in range(batch)]  # no `|` after the last
 
 
 def make_batch(sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inputs, labels, states) of shape (B, T): inputs = seq[:-1] padded with PAD; labels = seq[1:]
-    with IGNORE_INDEX on padding and on `|`; states = DFA state after each input (−1: not scored)."""
+    with IGNORE_INDEX on padding and on `|`; states = DFA state after each input (−1 on padding)."""
     width = max(len(tokens) for tokens, _ in sequences) - 1
     inputs = np.full((len(sequences), width), PAD, np.int64)
     labels = np.full((len(sequences), width), IGNORE_INDEX, np.int64)
@@ -185,7 +190,7 @@ def make_batch(sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.n
 
 
 class RegBenchTask:
-    """Random regular languages: DFAs fixed by data_seed for every split, sequences by the trial seed."""
+    """Random regular languages: DFAs and sequences fixed by data_seed; the trial seed orders the epochs."""
 
     vocab_size = VOCAB_SIZE
 
@@ -202,18 +207,20 @@ class RegBenchTask:
                                     np.random.default_rng([_EVAL_STREAM, config.data_seed, _SPLITS.index(split)]))
             for split in ("val", "test")
         }
+        self.train_sequences = sample_sequences(self.tables["train"], np.arange(config.num_examples),
+                                                np.random.default_rng([_TRAIN_STREAM, config.data_seed]))
 
-    def train_dfas(self, index: int, batch_size: int) -> np.ndarray:
-        """The training DFAs of batch `index`: epochs over all of them, each in an order fixed by (seed, epoch)."""
-        n = len(self.dfas["train"])
-        epochs, slots = np.divmod(np.arange(index * batch_size, (index + 1) * batch_size), n)
-        orders = {e: np.random.default_rng([_ORDER_STREAM, self.seed, e]).permutation(n) for e in set(epochs.tolist())}
-        return np.array([orders[e][s] for e, s in zip(epochs.tolist(), slots)])
+    def train_ids(self, index: int, batch_size: int) -> np.ndarray:
+        """The training sequences of batch `index`: epochs of ⌈n / batch_size⌉ batches over all of
+        them, each epoch in an order fixed by (seed, epoch), its last batch the remainder."""
+        n = len(self.train_sequences)
+        epoch, position = divmod(index, -(-n // batch_size))
+        order = np.random.default_rng([_ORDER_STREAM, self.seed, epoch]).permutation(n)
+        return order[position * batch_size : (position + 1) * batch_size]
 
     def train_batch(self, index: int, batch_size: int) -> tuple[Tensor, Tensor]:
-        """Batch number `index` of this trial's training stream: the same (seed, index), the same batch."""
-        rng = np.random.default_rng([_TRAIN_STREAM, self.seed, index])
-        inputs, labels, _ = make_batch(sample_sequences(self.tables["train"], self.train_dfas(index, batch_size), rng))
+        """Batch number `index` of this trial's epochs over the fixed training set."""
+        inputs, labels, _ = make_batch([self.train_sequences[i] for i in self.train_ids(index, batch_size)])
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def diagnostic_inputs(self, examples: int) -> dict[float, Tensor]:
@@ -227,9 +234,10 @@ class RegBenchTask:
 
     @torch.no_grad()
     def score(self, model: nn.Module, device: torch.device, split: str) -> dict[str, float]:
-        """Accuracy, TVD (both over all positions whose input is a letter) and mean cross-entropy."""
+        """Accuracy (positions labelled with a letter), TVD (every non-padding position; seq_icl's
+        L1 scale) and mean cross-entropy over the letter labels."""
         sequences, table, size = self.eval_sequences[split], self.tables[split], self.config.eval_batch_size
-        hits = tvd = positions = loss = targets = 0.0
+        totals = dict.fromkeys(("hits", "letters", "l1", "positions", "loss"), 0.0)
         for start in range(0, len(sequences), size):
             inputs, labels, states = make_batch(sequences[start : start + size])
             legal = table.legal[np.arange(start, start + len(inputs))[:, None], states.clip(min=0)]
@@ -237,12 +245,13 @@ class RegBenchTask:
             logits = model(torch.from_numpy(inputs).to(device)).float()
             truth = torch.zeros_like(logits)  # the model's vocabulary may be padded beyond ours
             truth[..., :NUM_LETTERS] = legal / legal.sum(-1, keepdim=True).clamp(min=1)
-            scored = legal.any(-1)
-            tvd += 0.5 * (logits.softmax(-1) - truth).abs().sum(-1)[scored].sum().item()
-            hits += (truth.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0)[scored].sum().item()
-            positions += scored.sum().item()
             labels_t = torch.from_numpy(labels).to(device)
-            loss += F.cross_entropy(logits.flatten(0, 1), labels_t.flatten(), ignore_index=IGNORE_INDEX,
-                                    reduction="sum").item()
-            targets += (labels_t != IGNORE_INDEX).sum().item()
-        return {"accuracy": 100 * hits / positions, "tvd": 100 * tvd / positions, "loss": loss / targets}
+            lettered, real = labels_t != IGNORE_INDEX, legal.any(-1)
+            totals["hits"] += (truth.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0)[lettered].sum().item()
+            totals["letters"] += lettered.sum().item()
+            totals["l1"] += (logits.softmax(-1) - truth).abs().sum(-1)[real].sum().item()
+            totals["positions"] += real.sum().item()
+            totals["loss"] += F.cross_entropy(logits.flatten(0, 1), labels_t.flatten(), ignore_index=IGNORE_INDEX,
+                                              reduction="sum").item()
+        return {"accuracy": 100 * totals["hits"] / totals["letters"], "tvd": 100 * totals["l1"] / totals["positions"],
+                "loss": totals["loss"] / totals["letters"]}
