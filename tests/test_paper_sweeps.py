@@ -42,6 +42,11 @@ def test_length_generalization_is_table_2():
     assert all((c.model.n_embd, c.model.n_head, c.train.lr, c.train.weight_decay, c.train.batch_size)
                == (512, 8, 1e-3, 0.1, 256) for c in by_task.values())
     assert Counter(t.config.task.name for t in sweep.trials) == {"mqmtar": 30, "reverse": 30, "sort": 30}
+    # what Table 6 omits, from the code's defaults (train_memory_mosaics_synthetic_epoch.py)
+    assert all((c.train.warmup_steps, c.train.lr_decay_steps, c.train.min_lr, c.model.pmem_size)
+               == (40000, 156250, 5e-5, 2688) for c in by_task.values())
+    assert all((c.model.dropout, c.model.attn_dropout, c.model.contextual_attn_dropout) == (0.05, 0.05, False)
+               for c in by_task.values())
 
 
 def test_regbench_is_table_1():
@@ -51,6 +56,10 @@ def test_regbench_is_table_1():
     assert {t.config.model.kernel_params.get("k") for t in sweep.trials} == {None, 16}
     c = sweep.trials[0].config
     assert (c.model.n_embd, c.model.n_head, c.model.n_layer, c.train.lr, c.train.weight_decay) == (128, 8, 2, 1e-4, 0.01)
+    assert (c.model.dropout, c.model.attn_dropout, c.model.contextual_attn_dropout) == (0.05, 0.05, True)
+    for trial in sweep.trials:  # 200 epochs of ⌈n / 32⌉ steps, 20 of them warmup, an evaluation per epoch
+        train, per_epoch = trial.config.train, -(-trial.config.task.num_examples // 32)
+        assert (train.max_steps, train.warmup_steps, train.eval_interval) == (200 * per_epoch, 20 * per_epoch, per_epoch)
 
 
 def test_babistories_is_figure_2():
@@ -60,4 +69,6 @@ def test_babistories_is_figure_2():
         1: (5e-3, 1e-4), 8: (5e-3, 1e-4), 12: (1e-3, 5e-5)}
     train = by_depth[1]
     assert (train.max_steps, train.batch_size * train.grad_accum_steps, train.warmup_steps) == (80000, 512, 2000)
+    model = sweep.trials[0].config.model
+    assert (model.pmem_size, model.dropout, model.attn_dropout, model.contextual_attn_dropout) == (2688, 0.05, 0.05, False)
     assert sweep.trials[0].config.task.context == 512
