@@ -17,7 +17,7 @@ TABLE_2_LABELS = ["Gaussian", "Gaussian kNN, k = 16", "Gaussian kNN, k = 32", "U
 @pytest.mark.parametrize(
     ("name", "trials"),
     [("smoke", 6), ("length_generalization", 90), ("length_generalization_smoke", 12), ("regbench", 48),
-     ("regbench_smoke", 6), ("babistories", 21), ("babistories_smoke", 6), ("search_smoke", 8)],
+     ("regbench_smoke", 6), ("babistories", 21), ("babistories_smoke", 6), ("search_smoke", 8), ("paper_check", 8)],
 )
 def test_every_bundled_sweep_expands_to_its_trial_count(name, trials):
     assert load_sweep(bundled_sweeps()[name]).num_trials == trials
