@@ -19,8 +19,8 @@ class LengthTaskConfig(_Strict):
 
     name: Literal["sort", "reverse", "copy", "mqmtar"] = "sort"
     num_symbols: int = Field(32, ge=2, description="symbols (MQMTAR: letters); default 32, and 256 for mqmtar")
-    kv_vocab_size: int = Field(10_000, ge=1, description="MQMTAR: key words and value words each split draws "
-                               "(Vasylenko et al.'s vocab_size)")
+    kv_vocab_size: int | None = Field(None, ge=1, description="MQMTAR: key words and value words each split draws "
+                                      "(Vasylenko et al.'s vocab_size); default 10 000, or all words of fewer letters")
     train_min_length: int = Field(32, ge=1)
     train_max_length: int = Field(64, ge=1)
     eval_length: int = Field(64, ge=1, description="the 1× length that eval_factors multiply")
@@ -44,9 +44,14 @@ class LengthTaskConfig(_Strict):
             )
         if not self.eval_factors or any(f <= 0 for f in self.eval_factors):
             raise ValueError(f"eval_factors must be a non-empty list of positive numbers; got {self.eval_factors}")
-        if self.name == "mqmtar" and self.kv_vocab_size > self.num_symbols**2:
+        if self.name == "mqmtar" and self.kv_vocab_size is not None and self.kv_vocab_size > self.num_symbols**2:
             raise ValueError(f"kv_vocab_size ({self.kv_vocab_size}) exceeds the {self.num_symbols}² two-letter words")
         return self
+
+    @property
+    def key_value_words(self) -> int:
+        """The size of each MQMTAR split's key (and value) vocabulary."""
+        return self.kv_vocab_size or min(10_000, self.num_symbols**2)
 
     def metric_names(self) -> list[str]:
         """The scalar metrics every evaluation reports (schedulers and searches pick one)."""

@@ -56,7 +56,8 @@ def test_train_errors_are_one_line_exit_2(tmp_path):
     done = mosaic_sweep("train", bad, cwd=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == ("error: bad.yaml: unknown key 'model.n_heads'; allowed: n_layer, n_embd, n_head, "
-                                   "pmem_size, dropout, embd_dropout, prenorm, tie_weights, vocab_size, kernel, "
+                                   "pmem_size, dropout, attn_dropout, contextual_attn_dropout, normrelu_bandwidth, "
+                                   "attention_backend, embd_dropout, prenorm, tie_weights, vocab_size, kernel, "
                                    "kernel_params")
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(CONFIG))

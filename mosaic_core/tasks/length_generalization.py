@@ -8,7 +8,7 @@ query markers. Everything is generated on the fly from (seed, index): no data fi
 MQMTAR follows the generator of Vasylenko et al. 2025 (deep-spin/asentmax, which produced the
 paper's data): at a nominal length n the context holds num_kv = int(0.8·n // 6) pairs, each in a
 segment of n // num_kv tokens holding `k1 k2 1 v1 v2 0` with spaces around it; keys and values are
-distinct within an example and come from the split's own vocabulary of `kv_vocab_size` words; the
+distinct within an example and come from the split's own vocabulary of `kv_vocab_size` (10 000) words; the
 four queries are drawn with replacement from the context's pairs.
 """
 
@@ -55,7 +55,7 @@ class LengthGeneralizationTask:
         if self.config.name != "mqmtar":
             return None
         rng = np.random.default_rng([_VOCABULARY_STREAM, *stream])
-        return KeyValueVocabulary.draw(rng, self.config.num_symbols, self.config.kv_vocab_size)
+        return KeyValueVocabulary.draw(rng, self.config.num_symbols, self.config.key_value_words)
 
     def example(self, rng: np.random.Generator, length: int,
                 vocabulary: KeyValueVocabulary | None = None) -> tuple[np.ndarray, np.ndarray]:
