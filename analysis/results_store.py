@@ -1,4 +1,5 @@
-"""The results store: `SWEEP_DIR/results.parquet`, a directory with one Parquet part file per trial.
+"""The results store: `SWEEP_DIR/results.parquet`, a directory with one Parquet part file per trial
+(or, written by other tools, a single Parquet file).
 
 One file per trial lets a trial that reports again, or re-runs after a resume, replace its own
 rows without touching (or losing) anyone else's, and the directory is still a single dataset for
@@ -8,6 +9,7 @@ rows without touching (or losing) anyone else's, and the directory is still a si
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 import tempfile
@@ -15,12 +17,12 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from analysis.schema import RESULT_COLUMNS, RESULTS_SCHEMA
 
 STORE_NAME = "results.parquet"
+log = logging.getLogger(__name__)
 
 
 def store_path(sweep_dir: str | Path) -> Path:
@@ -65,16 +67,52 @@ def write_trial_rows(sweep_dir: str | Path, trial_id: str, rows: list[dict]) -> 
     return part
 
 
-def read_results(sweep_dir: str | Path) -> pd.DataFrame:
+class ResultsStoreError(ValueError):
+    """A results store that cannot be read; the message is one line naming the file."""
+
+
+def _conformed(table: pa.Table) -> pa.Table:
+    """The table with exactly RESULTS_SCHEMA's columns: ones an older writer did not know are null."""
+    columns = [table[field.name].cast(field.type) if field.name in table.column_names
+               else pa.nulls(table.num_rows, field.type) for field in RESULTS_SCHEMA]
+    return pa.Table.from_arrays(columns, schema=RESULTS_SCHEMA)
+
+
+def _read_part(path: Path) -> pa.Table:
+    try:
+        return _conformed(pq.read_table(path))
+    except (pa.ArrowException, OSError) as error:
+        reason = " ".join(str(error).split())[:200]
+        raise ResultsStoreError(f"{path}: not a readable results file ({reason})") from None
+
+
+def _parts(store: Path) -> list[Path]:
+    """The store's files: itself when it is one Parquet file, else its part files, without the
+    hidden temporary ones a writer may have left (as pyarrow's dataset discovery skips them)."""
+    if store.is_file():
+        return [store]
+    if not store.is_dir():
+        return []
+    return sorted(path for path in store.iterdir() if path.is_file() and not path.name.startswith((".", "_")))
+
+
+def read_results(sweep_dir: str | Path, *, skip_bad: bool = False) -> pd.DataFrame:
     """All rows of a sweep, with the same columns and dtypes whether or not anything was written.
 
-    Integer columns come back as pandas' nullable Int64, so a null `k` stays an integer column.
+    The store is `results.parquet`, a folder of part files or a single Parquet file. A part that
+    cannot be read raises ResultsStoreError naming it; with `skip_bad`, it is left out with a
+    warning and the other parts are read. Integer columns come back as pandas' nullable Int64, so
+    a null `k` stays an integer column.
     """
-    store = store_path(sweep_dir)
-    if store.is_dir():
-        table = ds.dataset(store, schema=RESULTS_SCHEMA, format="parquet").to_table()
-    else:
-        table = RESULTS_SCHEMA.empty_table()
+    tables = []
+    for part in _parts(store_path(sweep_dir)):
+        try:
+            tables.append(_read_part(part))
+        except ResultsStoreError as error:
+            if not skip_bad:
+                raise ResultsStoreError(f"{error}; pass --skip-bad to read the other parts") from None
+            log.warning("skipped %s", error)
+    table = pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
 
@@ -83,7 +121,7 @@ def read_trial_rows(sweep_dir: str | Path, trial_id: str) -> list[dict]:
     part = store_path(sweep_dir) / _part_name(trial_id)
     if not part.is_file():
         return []
-    return pq.read_table(part, schema=RESULTS_SCHEMA).to_pylist()
+    return _read_part(part).to_pylist()
 
 
 def trial_states(results: pd.DataFrame) -> dict[str, int]:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable, Mapping
 from enum import StrEnum
+from typing import Any
 
 import pyarrow as pa
 
@@ -26,6 +29,10 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("b", pa.float64()),  # null where the kernel has no b
         pa.field("n_layer", pa.int64()),
         pa.field("num_examples", pa.int64()),  # RegBench training DFAs; null for other tasks
+        pa.field("n_embd", pa.int64()),
+        pa.field("n_head", pa.int64()),
+        pa.field("lr", pa.float64()),
+        pa.field("weight_decay", pa.float64()),
         pa.field("seed", pa.int64()),
         pa.field("metric", pa.string()),  # e.g. "exact_match", "loss"
         pa.field("length_factor", pa.float64()),  # null for metrics not tied to an evaluation length
@@ -34,8 +41,41 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("status", pa.string()),  # Ray Tune trial status: RUNNING, TERMINATED, ERROR
         pa.field("mlflow_run_id", pa.string()),
         pa.field("searched", pa.string()),  # JSON of the values a search suggested; null in a grid sweep
+        pa.field("config", pa.string()),  # JSON of every key the sweep varies but the seed (config_json)
         pa.field("error", pa.string()),  # a failed trial's error (its last line); it gets a row even if it never reported
     ]
 )
 
 RESULT_COLUMNS: list[str] = RESULTS_SCHEMA.names
+
+TYPED_CONFIG: dict[str, str] = {
+    "task": "task.name",
+    "kernel": "model.kernel",
+    "alpha": "model.kernel_params.alpha",
+    "k": "model.kernel_params.k",
+    "b": "model.kernel_params.b",
+    "n_layer": "model.n_layer",
+    "num_examples": "task.num_examples",
+    "n_embd": "model.n_embd",
+    "n_head": "model.n_head",
+    "lr": "train.lr",
+    "weight_decay": "train.weight_decay",
+}
+"""The typed config columns and the dotted trial-config key each one holds."""
+
+SEED_KEY = "seed"  # the one varied key a table aggregates over: it has its own column, never in `config`
+
+
+def varied_keys(flat_configs: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The dotted keys whose value is not the same in every one of these flattened trial configs
+    (a key missing from some counts as None there), seed included; sorted."""
+    configs = list(flat_configs)
+    keys = {key for config in configs for key in config}
+    return sorted(key for key in keys
+                  if len({json.dumps(config.get(key), sort_keys=True) for config in configs}) > 1)
+
+
+def config_json(flat_config: Mapping[str, Any], keys: Iterable[str]) -> str:
+    """The `config` column of a trial: its values of the varied `keys` but the seed, as canonical
+    JSON, so two trials have the same configuration exactly when the strings are equal."""
+    return json.dumps({key: flat_config.get(key) for key in sorted(set(keys) - {SEED_KEY})}, sort_keys=True)

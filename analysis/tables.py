@@ -1,5 +1,8 @@
 """Tables in the paper's formats, built from the results store's DataFrame.
 
+A cell is one configuration (`analysis.configurations`) in one column, aggregated over seeds
+only: each trial contributes the evaluation the model selection picks (its last, or its best by a
+metric), and a seed whose trial failed or whose value is not finite is missing from the cell.
 Each table is computed once as numbers (`TableStats`: mean, max, min and seed count per cell) and
 then rendered as Markdown, LaTeX or CSV, so the three formats can never disagree.
 """
@@ -8,25 +11,85 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
-MISSING = "—"
+from analysis.configurations import (
+    KERNEL_LABEL,
+    LENGTH,
+    ROW,
+    SEPARATOR,
+    sort_key,
+    config_frame,
+    display_names,
+    labelled,
+    ordered_rows,
+    planned_seed_count,
+    resolve_key,
+    row_keys,
+    show,
+    where,
+)
+from analysis.schema import TrialStatus
 
-TABLE_METRICS: dict[str, tuple[str, ...]] = {
-    "length_factor": ("exact_match",),  # Table 2
-    "num_examples": ("accuracy", "tvd"),  # RegBench, Table 1
-    "n_layer": ("val_loss", "ood_loss"),  # language modelling per depth
-}
-"""The columns a table can be laid out by, and the metrics it shows by default."""
+MISSING = "—"
+LAST = "last"
+BEST = "best:"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A paper table's shape: what its columns are, its default metrics, the task family it is
+    the paper's table for, and the paper's model selection for that family."""
+
+    by: str
+    metrics: tuple[str, ...]
+    tasks: frozenset[str]
+    select: str
+    title: str
+
+
+LAYOUTS: dict[str, Layout] = {layout.by: layout for layout in (
+    Layout("length_factor", ("exact_match",), frozenset({"sort", "reverse", "copy", "mqmtar"}), LAST,
+           "exact match"),  # Table 2
+    Layout("num_examples", ("accuracy", "tvd"), frozenset({"regbench"}), BEST + "val_loss",
+           "accuracy and TVD (%)"),  # Table 1; Table 5's caption: the epoch with the lowest validation loss
+    Layout("n_layer", ("val_loss", "ood_loss"), frozenset({"lm"}), LAST, "losses"),  # per depth, Figure 2
+)}
+"""The columns a table can be laid out by (`by`), and what each layout shows by default."""
 
 
 def lower_is_better(metric: str) -> bool:
     """Losses and total variation distances improve downwards; accuracies and support sizes are
     reported as they are (the best is the largest)."""
     return "loss" in metric or "tvd" in metric
+
+
+def family_layout(results: pd.DataFrame) -> Layout:
+    """The layout of the paper's table for the results' task family; ValueError when none fits."""
+    tasks = set(results["task"].dropna())
+    for layout in LAYOUTS.values():
+        if tasks & layout.tasks:
+            return layout
+    raise ValueError(f"no paper table for tasks {', '.join(sorted(tasks)) or 'none'}; pass --by {' or '.join(LAYOUTS)}")
+
+
+def check_select(select: str) -> str:
+    """`last` or `best:METRIC`; ValueError otherwise."""
+    if select != LAST and not (select.startswith(BEST) and select.removeprefix(BEST)):
+        raise ValueError(f"unknown --select {select!r}; choose last or best:METRIC (e.g. best:val_loss)")
+    return select
+
+
+def describe_select(select: str) -> str:
+    """For captions: `each trial's last evaluation`, `the evaluation with the lowest val_loss`."""
+    if select == LAST:
+        return "each trial's last evaluation"
+    metric = select.removeprefix(BEST)
+    return f"the evaluation with the {'lowest' if lower_is_better(metric) else 'highest'} {metric}"
 
 
 @dataclass(frozen=True)
@@ -36,16 +99,18 @@ class Column:
     key: str  # machine-readable, for CSV headers: `sort_2x`, `tvd_num_examples=1000`
     header: str  # as shown: `sort 2×`, `tvd ↓ num_examples=1000`
     lower_is_better: bool
-    stats: pd.DataFrame  # indexed by kernel label: mean, max, min, seeds
+    stats: pd.DataFrame  # indexed by row label: mean, max, min, seeds
 
 
 @dataclass(frozen=True)
 class TableStats:
-    """A table's numbers: rows are kernel labels in display order."""
+    """A table's numbers: one row per configuration, in display order."""
 
     labels: list[str]
     columns: list[Column]
     planned_seeds: int | None
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)  # by label: kernel_label and the keys naming rows
+    select: str = LAST
 
 
 @dataclass(frozen=True)
@@ -61,92 +126,128 @@ _LATEX = _Markup(lambda s: rf"\textbf{{{s}}}", lambda s: rf"\underline{{{s}}}", 
 
 
 def last_evaluation(rows: pd.DataFrame) -> pd.DataFrame:
-    """The rows of each trial's last evaluation step, so a running sweep shows current values and
-    a failed trial counts with what it last reported."""
+    """The rows of each trial's last evaluation step, so a running sweep shows current values."""
     return rows[rows["step"] == rows.groupby("trial_id")["step"].transform("max")]
 
 
-def _cell_stats(last: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
-    return last.groupby([*keys, "kernel_label"]).agg(
-        mean=("value", "mean"), max=("value", "max"), min=("value", "min"), seeds=("seed", "nunique")
-    )
+def _metric_rows(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of a reported metric name: `val_loss`, or `exact_match_2x` (exact_match at 2×)."""
+    from mosaic_core.metrics import parse_metric_name
+
+    name, factor = parse_metric_name(metric)
+    length = results["length_factor"]
+    return results[(results["metric"] == name) & (length.isna() if factor is None else length == factor)]
 
 
-def _row_labels(last: pd.DataFrame, row_order: list[str] | None) -> list[str]:
-    """`row_order` first (where present), then the others in order of first appearance."""
-    seen = list(dict.fromkeys(last["kernel_label"].dropna()))
-    order = row_order or []
-    return [label for label in order if label in seen] + [label for label in seen if label not in order]
+def best_steps(results: pd.DataFrame, metric: str) -> pd.Series:
+    """Each trial's step whose `metric` is best (lowest for losses and TVD; the earliest on a tie),
+    among its finite values; ValueError when no trial reports it."""
+    rows = _metric_rows(results, metric)
+    rows = rows[np.isfinite(rows["value"].astype(float))].sort_values("step", kind="stable")
+    if rows.empty:
+        present = sorted(results["metric"].dropna().unique())
+        raise ValueError(f"--select best:{metric}: no trial reports {metric}; metrics present: {', '.join(present) or 'none'}")
+    values = rows.groupby("trial_id")["value"]
+    best = values.idxmin() if lower_is_better(metric) else values.idxmax()
+    return rows.loc[best].set_index("trial_id")["step"]
 
 
-def length_generalization_stats(
-    results: pd.DataFrame,
-    *,
-    metric: str = "exact_match",
-    row_order: list[str] | None = None,
-    planned_seeds: int | None = None,
-    lower_is_better: bool = False,
-) -> TableStats:
-    """Numbers of Table 2: kernel labels × (task, length factor), from each trial's last evaluation."""
-    last = last_evaluation(results[(results["metric"] == metric) & results["length_factor"].notna()])
-    stats = _cell_stats(last, ["task", "length_factor"])
-    columns = [
-        Column(f"{task}_{factor:g}x", f"{task} {factor:g}×", lower_is_better, col.droplevel(["task", "length_factor"]))
-        for (task, factor), col in stats.groupby(level=["task", "length_factor"])
-    ]
-    return TableStats(_row_labels(last, row_order), columns, planned_seeds)
+def _succeeded(rows: pd.DataFrame) -> pd.Series:
+    return rows["status"].astype(object) != TrialStatus.ERROR.value
 
 
-def summary_stats(
-    results: pd.DataFrame,
-    *,
-    metrics: list[str],
-    by: str,
-    lower_is_better: frozenset[str] = frozenset(),
-    row_order: list[str] | None = None,
-    planned_seeds: int | None = None,
-) -> TableStats:
-    """Numbers of a kernel labels × (metric, value of `by`) table, from each trial's last evaluation."""
-    last = last_evaluation(results[results["metric"].isin(metrics)])
-    stats = _cell_stats(last, ["metric", by])
-    columns = []
-    for metric in metrics:
-        if metric not in stats.index.get_level_values("metric"):
-            continue
-        lower = metric in lower_is_better
-        arrow = "↓" if lower else "↑"
-        columns += [
-            Column(f"{metric}_{by}={value}", f"{metric} {arrow} {by}={value}", lower, col.droplevel(by))
-            for value, col in stats.loc[metric].groupby(level=by)
-        ]
-    return TableStats(_row_labels(last, row_order), columns, planned_seeds)
+def selected(rows: pd.DataFrame, select: str = LAST, results: pd.DataFrame | None = None) -> pd.DataFrame:
+    """`rows` at the evaluation `select` picks in each trial: its last, or with `best:METRIC` its
+    best METRIC, looked up in `results` (default: `rows`).
+
+    A seed whose trial failed, or whose value there is not finite, is left out: it is missing
+    from its cell, never a value in it.
+    """
+    usable = rows[_succeeded(rows)]
+    if select == LAST:
+        usable = last_evaluation(usable)
+    else:
+        source = rows if results is None else results
+        steps = best_steps(source[_succeeded(source)], check_select(select).removeprefix(BEST))
+        usable = usable[usable["step"] == usable["trial_id"].map(steps)]
+    return usable[np.isfinite(usable["value"].astype(float))]
+
+
+def _cell_stats(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    return rows.groupby([*columns, ROW], dropna=False, sort=False).agg(
+        mean=("value", "mean"), max=("value", "max"), min=("value", "min"), seeds=("seed", "nunique"))
+
+
+def column_header(layout: Layout, values: dict, names: dict[str, str]) -> tuple[str, str]:
+    """(CSV key, shown header) of a column: the layout's part (`sort 2×`, `tvd ↓ num_examples=1000`),
+    then any other keys it is split by (` · lr 1e-4`)."""
+    if layout.by == LENGTH:
+        key, header = f"{values['task']}_{values[LENGTH]:g}x", f"{values['task']} {values[LENGTH]:g}×"
+    else:
+        metric, value = values["metric"], show(values[layout.by])
+        arrow = "↓" if lower_is_better(metric) else "↑"
+        key, header = f"{metric}_{layout.by}={value}", f"{metric} {arrow} {layout.by}={value}"
+    for name in names:
+        key += f"_{names[name]}={show(values[name])}"
+        header += f"{SEPARATOR}{names[name]} {show(values[name])}"
+    return key, header
+
+
+def _table_columns(stats: pd.DataFrame, layout: Layout, metrics: list[str], columns: list[str],
+                   extra: list[str]) -> list[Column]:
+    """The cells grouped into columns: metrics in the order asked, then by value."""
+    def order(group: tuple) -> tuple:
+        named = dict(zip(columns, group[0]))
+        return (metrics.index(named.get("metric", metrics[0])), *(sort_key(named[c]) for c in columns if c != "metric"))
+
+    names = display_names(extra)
+    table_columns = []
+    for values, cells in sorted(stats.groupby(level=columns, dropna=False, sort=False), key=order):
+        named = dict(zip(columns, values))
+        key, header = column_header(layout, named, names)
+        table_columns.append(Column(key, header, lower_is_better(named.get("metric", metrics[0])), cells.droplevel(columns)))
+    return table_columns
 
 
 def table_stats(
     results: pd.DataFrame,
     *,
-    by: str = "length_factor",
+    by: str | None = None,
     metric: str | None = None,
+    select: str | None = None,
+    columns_by: Sequence[str] = (),
+    where_: Sequence[str] = (),
     planned_seeds: int | None = None,
     row_order: list[str] | None = None,
 ) -> TableStats:
-    """The paper's table laid out by `by` (a key of TABLE_METRICS), for `metric` or the layout's
-    default metrics; ValueError, naming the metrics present, when there is nothing to show."""
-    metrics = [metric] if metric else list(TABLE_METRICS[by])
-    present = sorted(results.loc[results[by].notna(), "metric"].dropna().unique())
+    """The paper's table laid out by `by` (a key of LAYOUTS; default: the results' task family),
+    for `metric` or the layout's metrics, each trial at the evaluation `select` picks (default:
+    the layout's, the paper's). One row per configuration: a cell aggregates over seeds only, and
+    every key that varies within a column names its row (`Gaussian · lr 1e-4`), unless
+    `columns_by` makes it a column. `where_` (`KEY=VALUE`) filters first; `planned_seeds` is what
+    the sweep planned (else the most any configuration has). ValueError, naming what is allowed,
+    when there is nothing to show."""
+    layout = LAYOUTS[by] if by else family_layout(results)
+    select = check_select(select or layout.select)
+    metrics = [metric] if metric else list(layout.metrics)
+    frame, keys = config_frame(results)
+    frame = where(frame, keys, where_)
+    present = sorted(frame.loc[frame[layout.by].notna(), "metric"].dropna().unique())
     if not set(metrics) & set(present):
         wanted = " or ".join(map(repr, metrics))
-        raise ValueError(f"no results for metric {wanted} by {by}; metrics present: {', '.join(present) or 'none'}")
-    if by == "length_factor":
-        return length_generalization_stats(results, metric=metrics[0], planned_seeds=planned_seeds,
-                                           lower_is_better=lower_is_better(metrics[0]), row_order=row_order)
-    lower = frozenset(m for m in metrics if lower_is_better(m))
-    return summary_stats(results, metrics=metrics, by=by, lower_is_better=lower, planned_seeds=planned_seeds,
-                         row_order=row_order)
+        raise ValueError(f"no results for metric {wanted} by {layout.by}; metrics present: {', '.join(present) or 'none'}")
+    extra = [resolve_key(name, frame, keys) for name in columns_by]
+    columns = [*(["task", LENGTH] if layout.by == LENGTH else ["metric", layout.by]), *extra]
+    rows = selected(frame[frame["metric"].isin(metrics) & frame[layout.by].notna()], select, frame)
+    splits = row_keys(rows, keys, columns)
+    rows = labelled(rows, splits)
+    table_columns = _table_columns(_cell_stats(rows, columns), layout, metrics, columns, extra)
+    order = ordered_rows(rows, splits, row_order)
+    return TableStats(list(order.index), table_columns, planned_seed_count(frame, keys, planned_seeds), order, select)
 
 
 def _column_cells(column: Column, planned_seeds: int | None, markup: _Markup) -> dict[str, str]:
-    """`mean^(best seed)` per kernel label; marks are decided on the shown (2-decimal) numbers.
+    """`mean^(best seed)` per row; marks are decided on the shown (2-decimal) numbers.
 
     The best seed is the max (the min for a lower-is-better metric such as a loss or a TVD).
     """
@@ -177,39 +278,6 @@ def markdown_cells(table: TableStats) -> pd.DataFrame:
     return _render(table, _MARKDOWN)
 
 
-def length_generalization_table(
-    results: pd.DataFrame,
-    *,
-    metric: str = "exact_match",
-    row_order: list[str] | None = None,
-    planned_seeds: int | None = None,
-) -> pd.DataFrame:
-    """Table 2: kernel labels × (task, length factor), each cell `mean^(max)` over seeds.
-
-    Only each trial's last evaluation counts, so a table of a running sweep shows current values.
-    Best mean per column is bold, the column's overall max underlined; a cell with fewer seeds
-    than planned says `[n/N]`.
-    """
-    return markdown_cells(length_generalization_stats(results, metric=metric, row_order=row_order,
-                                                      planned_seeds=planned_seeds))
-
-
-def summary_table(
-    results: pd.DataFrame,
-    *,
-    metrics: list[str],
-    by: str,
-    lower_is_better: frozenset[str] = frozenset(),
-    row_order: list[str] | None = None,
-    planned_seeds: int | None = None,
-) -> pd.DataFrame:
-    """Kernel labels × (metric, value of `by`), e.g. RegBench's accuracy and TVD per training-set
-    size (`by="num_examples"`), or the language model's losses per depth (`by="n_layer"`); cells as
-    in `length_generalization_table`, from each trial's last evaluation."""
-    return markdown_cells(summary_stats(results, metrics=metrics, by=by, lower_is_better=lower_is_better,
-                                        row_order=row_order, planned_seeds=planned_seeds))
-
-
 def to_markdown(table: pd.DataFrame, *, title: str | None = None, index_header: str = "Kernel") -> str:
     """A GitHub Markdown table with the index as the first column, headed `Kernel`."""
 
@@ -223,7 +291,7 @@ def to_markdown(table: pd.DataFrame, *, title: str | None = None, index_header: 
 
 
 _LATEX_TEXT = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
-                             "×": r"$\times$", "↑": r"$\uparrow$", "↓": r"$\downarrow$"})
+                             "×": r"$\times$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "·": r"$\cdot$"})
 
 
 def to_latex(table: TableStats) -> str:
@@ -241,9 +309,11 @@ def to_latex(table: TableStats) -> str:
 
 
 def to_csv(table: TableStats) -> str:
-    """One row per kernel label, `<column>_mean`, `_max` (`_min` where lower is better) and
-    `_seeds` per column: plain numbers for other tools; 10 significant digits, free of float noise."""
-    frame = pd.DataFrame(index=pd.Index(table.labels, name="kernel_label"))
+    """One line per row: its label, kernel label and the values of the keys that name rows, then
+    `<column>_mean`, `_max` (`_min` where lower is better) and `_seeds` per column: plain numbers
+    for other tools; 10 significant digits, free of float noise."""
+    frame = table.rows.reindex(table.labels).rename(columns=display_names(table.rows.columns[1:]))
+    frame.index.name = ROW
     for column in table.columns:
         top = "min" if column.lower_is_better else "max"
         stats = column.stats.reindex(table.labels)
@@ -257,26 +327,23 @@ def to_csv(table: TableStats) -> str:
 
 def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10) -> pd.DataFrame:
     """An Optuna search's suggestions, best first: each suggestion's metric at its trials' last
-    evaluation, as mean and best over its seeds. `metric` is a reported name (`exact_match_2x`)."""
-    from mosaic_core.metrics import parse_metric_name
-
-    name, factor = parse_metric_name(metric)
-    rows = results[(results["metric"] == name)
-                   & (results["length_factor"].isna() if factor is None else results["length_factor"] == factor)]
-    last = last_evaluation(rows)
-    last = last.assign(suggestion=[_suggestion(label, values) for label, values
-                                   in zip(last["kernel_label"], last["searched"])])
-    stats = last.groupby("suggestion")["value"].agg(["mean", "min", "max", "count"])
+    evaluation, as mean and best over its seeds (failed seeds left out). `metric` is a reported
+    name (`exact_match_2x`). Suggestions are told apart by their exact values, whatever is shown."""
+    last = selected(_metric_rows(results, metric))
+    suggestion = last[KERNEL_LABEL].astype(str) + "\0" + last["searched"].fillna("")
+    stats = last.groupby(suggestion)["value"].agg(["mean", "min", "max", "count"])
     stats = stats.sort_values("mean", ascending=mode == "min").head(top)
     best = stats["min"] if mode == "min" else stats["max"]
-    return pd.DataFrame({f"{metric} mean": stats["mean"].map("{:.4g}".format),
-                         "best seed": best.map("{:.4g}".format), "seeds": stats["count"]})
+    names = [_suggestion(*key.split("\0")) for key in stats.index]
+    return pd.DataFrame({f"{metric} mean": stats["mean"].map("{:.4g}".format).values,
+                         "best seed": best.map("{:.4g}".format).values, "seeds": stats["count"].values},
+                        index=pd.Index(names, name="suggestion"))
 
 
-def _suggestion(kernel_label: str, searched: str | None) -> str:
+def _suggestion(kernel_label: str, searched: str) -> str:
     """`Biweight train.lr=0.002739`; where the search also chose among variants, the variant's name
     (`entmax(alpha=1.5) model.n_layer=2 train.lr=0.002739`) instead of the kernel's label."""
-    values = json.loads(searched) if isinstance(searched, str) else {}
+    values = json.loads(searched) if searched else {}
     shown = [values.pop("variant", kernel_label)]
     shown += [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()]
     return " ".join(shown)

@@ -23,6 +23,7 @@ from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from analysis.results_store import read_trial_rows, write_trial_rows
+from analysis.schema import TYPED_CONFIG, config_json, varied_keys
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
 from mosaic_core.metrics import parse_metric_name
@@ -48,19 +49,12 @@ def reported_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 
 def trial_columns(config: TrialConfig) -> dict[str, Any]:
-    """The results-store columns that identify a trial's place in the grid."""
-    params = config.model.kernel_params
-    return {
-        "task": config.task.name,
-        "kernel": config.model.kernel,
-        "kernel_label": kernel_label(config.model.kernel, **params),
-        "alpha": params.get("alpha"),
-        "k": None if params.get("k") is None else int(params["k"]),
-        "b": params.get("b"),
-        "n_layer": config.model.n_layer,
-        "num_examples": getattr(config.task, "num_examples", None),
-        "seed": config.seed,
-    }
+    """The results-store columns that identify a trial's place in the grid: the typed ones."""
+    flat = flatten(config.model_dump())
+    columns = {column: flat.get(key) for column, key in TYPED_CONFIG.items()}
+    if columns["k"] is not None:  # kernel parameters are floats in the config
+        columns["k"] = int(columns["k"])
+    return {**columns, "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params), "seed": config.seed}
 
 
 RUN_MAP = "mlflow_runs.json"
@@ -204,11 +198,16 @@ class SweepTracker(Callback):
 
     def _columns(self, trial: Trial) -> dict[str, Any]:
         """The results-store columns of the trial's grid point (and suggestion, in a search; with
-        several variants, the variant is one of the searched values)."""
+        several variants, the variant is one of the searched values): the typed ones, and in
+        `config` every key the sweep varies (grid, cases, kernels, searched), so the store alone
+        tells configurations apart."""
         searched = searched_values(trial.config)
+        varied = {*varied_keys(flatten(variant) for variant in self.configs.values()), *searched}
+        ran = flatten(trial_config(trial.config, self.configs))  # as suggested, even where that is invalid
         if searched and len(self.configs) > 1:
             searched = {VARIANT: trial.config[VARIANT], **searched}
-        return {**trial_columns(self._config(trial)), "searched": json.dumps(searched) if searched else None}
+        return {**trial_columns(self._config(trial)), "searched": json.dumps(searched) if searched else None,
+                "config": config_json(ran, varied)}
 
 
 def _last_error_line(trial: Trial) -> str:
