@@ -129,9 +129,11 @@ def ordered_rows(frame: pd.DataFrame, keys: Sequence[str], kernel_order: Sequenc
     return rows.iloc[positions].set_index(ROW)
 
 
-def resolve_key(name: str, frame: pd.DataFrame, keys: Sequence[str]) -> str:
+def resolve_key(name: str, frame: pd.DataFrame, keys: Sequence[str], what: str = "key",
+                also: Sequence[str] = ()) -> str:
     """The column a user's key names: itself, the typed column of a dotted key (`train.lr` is
-    `lr`), or the one varied key that ends in it (`dropout`); ValueError naming the keys that vary."""
+    `lr`), or the one varied key that ends in it (`dropout`); ValueError naming the choices: `also`
+    and the keys that vary in `frame`."""
     typed = {dotted: column for column, dotted in TYPED_CONFIG.items()}
     candidates = [*keys, KERNEL_LABEL]
     if name in candidates:
@@ -142,7 +144,7 @@ def resolve_key(name: str, frame: pd.DataFrame, keys: Sequence[str]) -> str:
     if len(ending) == 1:
         return ending[0]
     varying = [key for key in candidates if key in frame and frame[key].nunique(dropna=False) > 1]
-    raise ValueError(f"unknown key {name!r}; keys that vary in these results: {', '.join(varying) or 'none'}")
+    raise ValueError(f"unknown {what} {name!r}; choose from {', '.join([*also, *varying]) or 'none'}")
 
 
 def _matches(column: pd.Series, text: str) -> pd.Series:
@@ -163,7 +165,7 @@ def where(frame: pd.DataFrame, keys: Sequence[str], conditions: Sequence[str]) -
         name, equals, text = condition.partition("=")
         if not equals or not name.strip():
             raise ValueError(f"--where {condition!r}: write KEY=VALUE, e.g. lr=1e-4 or kernel=softmax")
-        kept = frame[_matches(frame[resolve_key(name.strip(), frame, keys)], text.strip())]
+        kept = frame[_matches(frame[resolve_key(name.strip(), frame, keys, "--where key")], text.strip())]
         if kept.empty:
             raise ValueError(f"no results where {', '.join(conditions)}")
         frame = kept
@@ -177,3 +179,12 @@ def planned_seed_count(frame: pd.DataFrame, keys: Sequence[str], from_sweep: int
     in_results = frame.groupby(identity, dropna=False)["seed"].nunique().max() if len(frame) else None
     counts = [int(n) for n in (from_sweep, in_results) if n is not None and not _is_missing(n)]
     return max(counts) if counts else None
+
+
+def describe_config(row: pd.Series) -> str:
+    """A trial's kernel label and the other values its sweep varies (`Gaussian · lr 1e-4`), to
+    name a single trial (the best so far) in a line."""
+    values = json.loads(row["config"]) if isinstance(row.get("config"), str) else {}
+    shown = {key: value for key, value in values.items() if not key.startswith("model.kernel") and key != "task.name"}
+    names = display_names(shown)
+    return SEPARATOR.join([str(row[KERNEL_LABEL]), *(f"{names[key]} {show(_hashable(value))}" for key, value in shown.items())])

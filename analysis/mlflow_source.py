@@ -2,13 +2,14 @@
 
 Reads what `orchestrator.tracking.SweepTracker` logs: one child run per trial under the parent run
 of a sweep invocation, with the flattened trial config as params, the `kernel_label` tag, and
-each reported metric's history (steps included). Non-finite values are not logged to MLflow, so
+each reported metric's history (steps included). The `config` column holds the params the
+invocation's trials differ in, as the tracker's holds the keys the sweep varies. Non-finite values are not logged to MLflow, so
 they are absent here while `results.parquet` keeps them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import ast
 from typing import Any
 
 import pandas as pd
@@ -16,7 +17,7 @@ import pyarrow as pa
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from analysis.schema import RESULTS_SCHEMA
+from analysis.schema import RESULTS_SCHEMA, SEED_KEY, TYPED_CONFIG, config_json, varied_keys
 from mosaic_core.metrics import parse_metric_name
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -36,31 +37,32 @@ def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
             return runs
 
 
-def _param(params: dict[str, str], key: str, cast: Callable[[str], Any]) -> Any:
-    value = params.get(key)
-    return None if value is None else cast(value)
+def _value(text: str) -> Any:
+    """A param as the trial config held it (MLflow keeps `str(value)`): a number, None, a list, or the text."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
 
 
-def _int(text: str) -> int:
-    """MLflow params are strings; kernel params are floats in the config (`k` logs as "4.0")."""
-    return int(float(text))
+def _typed(column: str, value: Any) -> Any:
+    """A typed config column's value as the schema types it (`k` logs as "4.0")."""
+    kind = RESULTS_SCHEMA.field(column).type
+    if value is None:
+        return None
+    return int(value) if kind == pa.int64() else float(value) if kind == pa.float64() else str(value)
 
 
-def _trial_rows(client: MlflowClient, run: Run) -> list[dict[str, Any]]:
-    params, tags, run_id = run.data.params, run.data.tags, run.info.run_id
+def _trial_rows(client: MlflowClient, run: Run, params: dict[str, Any], varied: list[str]) -> list[dict[str, Any]]:
+    tags, run_id = run.data.tags, run.info.run_id
     columns = {
+        **{column: _typed(column, params.get(key)) for column, key in TYPED_CONFIG.items()},
         "trial_id": tags.get("ray.trial_id", run_id),
-        "task": params.get("task.name"),
-        "kernel": params.get("model.kernel"),
         "kernel_label": tags.get("kernel_label"),
-        "alpha": _param(params, "model.kernel_params.alpha", float),
-        "k": _param(params, "model.kernel_params.k", _int),
-        "b": _param(params, "model.kernel_params.b", float),
-        "n_layer": _param(params, "model.n_layer", _int),
-        "num_examples": _param(params, "task.num_examples", _int),
-        "seed": _param(params, "seed", _int),
+        "seed": _typed("seed", params.get(SEED_KEY)),
         "status": STATUS.get(run.info.status, run.info.status),
         "mlflow_run_id": run_id,
+        "config": config_json(params, varied),
     }
     rows = []
     for key in run.data.metrics:
@@ -88,7 +90,9 @@ def results_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
         raise ValueError(f"MLflow experiment {experiment!r} holds no sweep (no parent run with child runs)")
     latest = max(parents, key=lambda run: run.info.start_time).info.run_id
     trials = [run for run in runs if run.data.tags.get(PARENT_TAG) == latest]
-    rows = [row for run in trials for row in _trial_rows(client, run)]
+    params = {run.info.run_id: {key: _value(text) for key, text in run.data.params.items()} for run in trials}
+    varied = varied_keys(params.values())  # as the tracker's `config`: the keys the sweep's trials differ in
+    rows = [row for run in trials for row in _trial_rows(client, run, params[run.info.run_id], varied)]
     rows.sort(key=lambda row: (row["trial_id"], row["step"]))
     table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)

@@ -1,7 +1,8 @@
 """A sweep's figures as PNG files: exact match and support size vs. length, validation loss vs.
 step (the paper's Figure 2) and the per-position OOD loss (Figure 5).
 
-Each curve is the mean over seeds with a min–max band, one colour per kernel label across panels.
+Each curve is one configuration (as a table's row: `Gaussian · lr 1e-4`), the mean over seeds with
+a min–max band, one colour per configuration across panels; failed trials are left out.
 Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so plotting needs no
 display and leaves the process's backend alone.
 """
@@ -16,7 +17,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.tables import last_evaluation
+from analysis.configurations import ROW, config_frame, labelled, row_keys
+from analysis.tables import selected, succeeded
 
 OOD_PREFIX = "ood_loss_ema/pos"
 
@@ -25,13 +27,15 @@ def _figure(
     rows: pd.DataFrame, *, panel: str, x: str, title: str, xlabel: str, ylabel: str,
     panel_title: Callable[[object], str] = str, logx: bool = False,
 ) -> Figure | None:
-    """One panel per value of `panel`, a mean line and min–max band per kernel label; None without data."""
-    rows = rows[np.isfinite(rows["value"])].dropna(subset=[panel, x, "kernel_label"])
+    """One panel per value of `panel`, a mean line and min–max band per configuration; None without data."""
+    rows = rows[succeeded(rows) & np.isfinite(rows["value"].astype(float))].dropna(subset=[panel, x, "kernel_label"])
     if rows.empty:
         return None
-    stats = rows.groupby([panel, "kernel_label", x])["value"].agg(["mean", "min", "max"])
-    curves = {key: curve.droplevel([panel, "kernel_label"]) for key, curve in stats.groupby(level=[panel, "kernel_label"])}
-    labels = list(dict.fromkeys(rows["kernel_label"]))
+    frame, keys = config_frame(rows)
+    rows = labelled(frame, row_keys(frame, keys, [panel, x]))
+    stats = rows.groupby([panel, ROW, x])["value"].agg(["mean", "min", "max"])
+    curves = {key: curve.droplevel([panel, ROW]) for key, curve in stats.groupby(level=[panel, ROW])}
+    labels = list(dict.fromkeys(rows[ROW]))
     panels = sorted(rows[panel].unique())
 
     figure = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
@@ -54,7 +58,7 @@ def _figure(
 
 
 def _by_length(results: pd.DataFrame, metric: str, title: str) -> Figure | None:
-    rows = last_evaluation(results[(results["metric"] == metric) & results["length_factor"].notna()])
+    rows = selected(results[(results["metric"] == metric) & results["length_factor"].notna()])
     return _figure(rows, panel="task", x="length_factor", title=title, xlabel="length factor (× training length)",
                    ylabel=title)
 
@@ -70,7 +74,7 @@ def _val_loss(results: pd.DataFrame) -> Figure | None:
 
 
 def _ood_per_position(results: pd.DataFrame) -> Figure | None:
-    rows = last_evaluation(results[results["metric"].str.startswith(OOD_PREFIX, na=False)])
+    rows = selected(results[results["metric"].str.startswith(OOD_PREFIX, na=False)])
     rows = rows.assign(position=rows["metric"].str.removeprefix(OOD_PREFIX).astype(int))
     return _figure(rows, panel="n_layer", x="position", title="OOD loss per position (EMA)", xlabel="position",
                    ylabel="OOD loss", panel_title=_depth, logx=True)

@@ -92,6 +92,12 @@ def describe_select(select: str) -> str:
     return f"the evaluation with the {'lowest' if lower_is_better(metric) else 'highest'} {metric}"
 
 
+def caption(layout: Layout, select: str) -> str:
+    """`exact match at each trial's last evaluation, mean^(max) over seeds`."""
+    top = "best" if any(map(lower_is_better, layout.metrics)) else "max"
+    return f"{layout.title} at {describe_select(select)}, mean^({top}) over seeds"
+
+
 @dataclass(frozen=True)
 class Column:
     """One table column before markup."""
@@ -152,8 +158,10 @@ def best_steps(results: pd.DataFrame, metric: str) -> pd.Series:
     return rows.loc[best].set_index("trial_id")["step"]
 
 
-def _succeeded(rows: pd.DataFrame) -> pd.Series:
-    return rows["status"].astype(object) != TrialStatus.ERROR.value
+def succeeded(rows: pd.DataFrame) -> pd.Series:
+    """Rows of trials that did not fail: a failed trial's seed is missing, whatever it reported."""
+    status = rows["status"] if "status" in rows else pd.Series(None, index=rows.index, dtype=object)
+    return status.astype(object) != TrialStatus.ERROR.value
 
 
 def selected(rows: pd.DataFrame, select: str = LAST, results: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -163,12 +171,12 @@ def selected(rows: pd.DataFrame, select: str = LAST, results: pd.DataFrame | Non
     A seed whose trial failed, or whose value there is not finite, is left out: it is missing
     from its cell, never a value in it.
     """
-    usable = rows[_succeeded(rows)]
+    usable = rows[succeeded(rows)]
     if select == LAST:
         usable = last_evaluation(usable)
     else:
         source = rows if results is None else results
-        steps = best_steps(source[_succeeded(source)], check_select(select).removeprefix(BEST))
+        steps = best_steps(source[succeeded(source)], check_select(select).removeprefix(BEST))
         usable = usable[usable["step"] == usable["trial_id"].map(steps)]
     return usable[np.isfinite(usable["value"].astype(float))]
 
@@ -236,7 +244,7 @@ def table_stats(
     if not set(metrics) & set(present):
         wanted = " or ".join(map(repr, metrics))
         raise ValueError(f"no results for metric {wanted} by {layout.by}; metrics present: {', '.join(present) or 'none'}")
-    extra = [resolve_key(name, frame, keys) for name in columns_by]
+    extra = [resolve_key(name, frame, keys, "--by", also=list(LAYOUTS)) for name in columns_by]
     columns = [*(["task", LENGTH] if layout.by == LENGTH else ["metric", layout.by]), *extra]
     rows = selected(frame[frame["metric"].isin(metrics) & frame[layout.by].notna()], select, frame)
     splits = row_keys(rows, keys, columns)

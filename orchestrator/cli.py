@@ -184,18 +184,26 @@ def prepare(
 
 
 TABLE_FORMATS = ("md", "latex", "csv")
+SKIP_BAD_HELP = "Read the results' other parts when one is unreadable (it is named on stderr)."
+WHERE_HELP = "Only trials whose KEY is VALUE (lr=1e-4, kernel=softmax, model.dropout=0.1); repeatable."
+SELECT_HELP = ("Each trial's evaluation that counts: last, or best:METRIC (best:val_loss: the one with the lowest "
+               "val_loss). Default: the paper's (RegBench: best:val_loss; otherwise last).")
 
 
-def _results(sweep_dir: Path | None, from_mlflow: str | None, experiment: str | None) -> "pandas.DataFrame":
+def _results(sweep_dir: Path | None, from_mlflow: str | None = None, experiment: str | None = None,
+             skip_bad: bool = False) -> "pandas.DataFrame":
     """The results frame of a sweep folder, or rebuilt from an MLflow experiment."""
-    from analysis.results_store import read_results, store_path
+    from analysis.results_store import ResultsStoreError, read_results, store_path
 
     if (sweep_dir is None) == (from_mlflow is None):
         raise _fail("give either DIR or --from-mlflow URI --experiment NAME")
     if from_mlflow is None:
         if experiment is not None:
             raise _fail("--experiment goes with --from-mlflow")
-        results = read_results(sweep_dir)
+        try:
+            results = read_results(sweep_dir, skip_bad=skip_bad)
+        except ResultsStoreError as error:
+            raise _fail(str(error)) from None
         if results.empty:
             raise _fail(f"no results in {store_path(sweep_dir)}")
         return results
@@ -212,26 +220,50 @@ def _results(sweep_dir: Path | None, from_mlflow: str | None, experiment: str | 
     return results
 
 
+def _planned_seeds(sweep_dir: Path | None) -> int | None:
+    """Seeds per configuration as the sweep planned them, from its trials.json (None without one)."""
+    import json
+
+    path = None if sweep_dir is None else sweep_dir / "trials.json"
+    if path is None or not path.is_file():
+        return None
+    return len({config.get("seed") for config in json.loads(path.read_text()).values()})
+
+
+def _checked_select(select: str | None) -> str | None:
+    from analysis.tables import check_select
+
+    try:
+        return None if select is None else check_select(select)
+    except ValueError as error:
+        raise _fail(str(error)) from None
+
+
 @app.command()
 def table(
     sweep_dir: Annotated[Optional[Path], typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet; or use --from-mlflow.")] = None,
     metric: Annotated[Optional[str], typer.Option(help="Metric to show. Default: exact_match by length_factor, accuracy and tvd by num_examples, val_loss and ood_loss by n_layer.")] = None,
     fmt: Annotated[str, typer.Option("--format", help="md, latex (booktabs) or csv (numbers only).")] = "md",
-    by: Annotated[str, typer.Option(help="Columns: length_factor (Table 2), num_examples (RegBench, Table 1) or n_layer (losses per depth).")] = "length_factor",
+    by: Annotated[Optional[list[str]], typer.Option(help="Columns: first the layout, length_factor (Table 2), num_examples (RegBench, Table 1) or n_layer (losses per depth), default the results' task family; then any key the sweep varies (lr, model.dropout) as more columns. Repeatable.")] = None,
+    where: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help=WHERE_HELP)] = None,
+    select: Annotated[Optional[str], typer.Option(metavar="last|best:METRIC", help=SELECT_HELP)] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
     out: Annotated[Optional[Path], typer.Option(help="Write the table to this file instead of printing it.")] = None,
     from_mlflow: Annotated[Optional[str], typer.Option("--from-mlflow", metavar="URI", help="Rebuild the results from this MLflow tracking URI instead of DIR (the latest sweep run).")] = None,
     experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment, the sweep's name; with --from-mlflow.")] = None,
 ) -> None:
-    """Print a sweep's results table: mean^(max) over seeds, best mean bold, best seed underlined."""
-    from analysis.tables import TABLE_METRICS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
+    """Print a sweep's results table: one row per configuration, mean^(max) over seeds, best mean bold, best seed underlined."""
+    from analysis.tables import LAYOUTS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
 
-    if by not in TABLE_METRICS:
-        raise _fail(f"unknown --by {by!r}; choose from {', '.join(TABLE_METRICS)}")
     if fmt not in TABLE_FORMATS:
         raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(TABLE_FORMATS)}")
-    results = _results(sweep_dir, from_mlflow, experiment)
+    select = _checked_select(select)
+    by = list(by or [])
+    layout, columns_by = (by[0], by[1:]) if by and by[0] in LAYOUTS else (None, by)
+    results = _results(sweep_dir, from_mlflow, experiment, skip_bad)
     try:
-        stats = table_stats(results, by=by, metric=metric, planned_seeds=results["seed"].nunique())
+        stats = table_stats(results, by=layout, metric=metric, select=select, columns_by=columns_by,
+                            where_=where or [], planned_seeds=_planned_seeds(sweep_dir))
     except ValueError as error:
         raise _fail(str(error)) from None
     text = {"md": lambda: to_markdown(markdown_cells(stats)), "latex": lambda: to_latex(stats),
@@ -244,15 +276,52 @@ def table(
 
 
 @app.command()
+def compare(
+    sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")],
+    paper: Annotated[Optional[str], typer.Option(help="The paper's table: table1 (RegBench), table2 or table7 (length generalisation). Default: the results' task family.")] = None,
+    select: Annotated[Optional[str], typer.Option(metavar="last|best:METRIC", help=SELECT_HELP)] = None,
+    where: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help=WHERE_HELP)] = None,
+    tolerance: Annotated[float, typer.Option(min=0, help="Flag cells whose mean or max differs from the paper's by more than this.")] = 0.0,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for compare-<table>.md and .csv. Default: DIR.")] = None,
+) -> None:
+    """Our results beside the paper's table: per cell ours, the paper's and the difference, and
+    where the ranking of kernels in a column is not the paper's."""
+    from analysis.comparison import PAPER_TABLES, compare as compare_cells, comparison_table, paper_for, summary, to_csv
+    from analysis.tables import describe_select, to_markdown
+
+    if paper is not None and paper not in PAPER_TABLES:
+        raise _fail(f"unknown --paper {paper!r}; choose from {', '.join(PAPER_TABLES)}")
+    select = _checked_select(select)
+    results = _results(sweep_dir, skip_bad=skip_bad)
+    paper = paper or paper_for(results)
+    try:
+        cells = compare_cells(results, paper, select=select, where_=where or [], tolerance=tolerance,
+                              planned_seeds=_planned_seeds(sweep_dir))
+    except ValueError as error:
+        raise _fail(str(error)) from None
+    title = (f"{sweep_dir.name} vs. the paper's {PAPER_TABLES[paper].what}; ours at "
+             f"{describe_select(cells.attrs['select'])}, mean^(max) over seeds")
+    markdown = to_markdown(comparison_table(cells), title=title) + "\n" + "\n".join(summary(cells, tolerance)) + "\n"
+    folder = out or sweep_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"compare-{paper}.md").write_text(markdown)
+    (folder / f"compare-{paper}.csv").write_text(to_csv(cells))
+    typer.echo(markdown, nl=False)
+    typer.echo(f"wrote {folder / f'compare-{paper}.md'} and .csv")
+
+
+@app.command()
 def plot(
     sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")],
     out: Annotated[Optional[Path], typer.Option(help="Folder for the PNG files. Default: DIR/plots.")] = None,
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
 ) -> None:
     """Draw a sweep's figures (PNG) for the metrics it has: exact match and support size vs. length,
-    validation loss vs. step, per-position OOD loss."""
+    validation loss vs. step, per-position OOD loss; a curve per configuration."""
     from analysis.plots import make_plots
 
-    results = _results(sweep_dir, None, None)
+    results = _results(sweep_dir, skip_bad=skip_bad)
     paths = make_plots(results, out or sweep_dir / "plots")
     if not paths:
         present = ", ".join(sorted(results["metric"].dropna().unique()))
@@ -262,34 +331,41 @@ def plot(
 
 
 @app.command()
-def status(sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder.")]) -> None:
+def status(
+    sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder.")],
+    skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
+) -> None:
     """Trials by state and the best so far, from the sweep folder alone (while it runs, or after)."""
     import json
 
     import pandas as pd
 
-    from analysis.results_store import read_results, trial_states
-    from analysis.tables import last_evaluation
+    from analysis.configurations import describe_config
+    from analysis.results_store import ResultsStoreError, read_results, trial_states
+    from analysis.tables import selected
     from orchestrator.sweep import LAUNCH
 
     launch = sweep_dir / LAUNCH
     if not launch.is_file():
         raise _fail(f"{sweep_dir} is not a sweep folder (no {LAUNCH}); run `mosaic-sweep run` first")
     planned = json.loads(launch.read_text())["trials"]
-    results = read_results(sweep_dir)
+    try:
+        results = read_results(sweep_dir, skip_bad=skip_bad)
+    except ResultsStoreError as error:
+        raise _fail(str(error)) from None
     states = trial_states(results)
     if planned > sum(states.values()):
         states["PENDING"] = planned - sum(states.values())
     typer.echo(f"{sweep_dir}: {planned} trials — " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))
     for metric, best in (("exact_match", "max"), ("accuracy", "max"), ("val_loss", "min")):
-        rows = last_evaluation(results[results["metric"] == metric])
+        rows = selected(results[results["metric"] == metric])
         if rows.empty:
             continue
         if rows["length_factor"].notna().any():  # the shortest evaluation length: in distribution
             rows = rows[rows["length_factor"] == rows["length_factor"].min()]
         top = rows.loc[rows["value"].idxmax() if best == "max" else rows["value"].idxmin()]
-        where = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
-        typer.echo(f"best {metric}{where}: {top['value']:.4g}  {top['kernel_label']}, seed {top['seed']}, "
+        where_ = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
+        typer.echo(f"best {metric}{where_}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
                    f"{top['task']} (trial {top['trial_id']}, step {top['step']})")
 
 

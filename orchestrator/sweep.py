@@ -53,27 +53,21 @@ def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "task": task}
 
 
-# the paper's table for each task family: Table 2, Table 1, losses per depth
-_LAYOUTS = (
-    ("length_factor", {"sort", "reverse", "copy", "mqmtar"}, "exact match, mean^(max) over seeds"),
-    ("num_examples", {"regbench"}, "accuracy and TVD (%), mean^(best) over seeds"),
-    ("n_layer", {"lm"}, "losses, mean^(best) over seeds"),
-)
-
-
 def _sweep_tables(sweep: Sweep, results: Any) -> list[tuple[str, str, Any]]:
-    """(layout, title, table numbers) for each task family in the sweep that has results."""
-    from analysis.tables import table_stats
+    """(layout, title, table numbers) for each task family in the sweep that has results: the
+    paper's table for it (Table 2, Table 1, losses per depth), each trial at the paper's model
+    selection, which the title names."""
+    from analysis.tables import LAYOUTS, caption, table_stats
 
     families = {trial.config.task.name for trial in sweep.trials}
     tables = []
-    for by, tasks, title in _LAYOUTS:
-        if families & tasks:
+    for layout in LAYOUTS.values():
+        if families & layout.tasks:
             try:
-                stats = table_stats(results, by=by, planned_seeds=sweep.planned_seeds, row_order=sweep.kernel_labels)
+                stats = table_stats(results, by=layout.by, planned_seeds=sweep.planned_seeds, row_order=sweep.kernel_labels)
             except ValueError:  # nothing reported for this layout (every trial failed early)
                 continue
-            tables.append((by, f"{sweep.name}: {title}", stats))
+            tables.append((layout.by, f"{sweep.name}: {caption(layout, stats.select)}", stats))
     return tables
 
 

@@ -3,7 +3,11 @@ import pytest
 
 from analysis.results_store import read_results, write_trial_rows
 from analysis.schema import RESULT_COLUMNS
-from analysis.tables import length_generalization_table, to_markdown
+from analysis.tables import markdown_cells, table_stats, to_markdown
+
+
+def length_generalization_table(frame: pd.DataFrame, **options) -> pd.DataFrame:
+    return markdown_cells(table_stats(frame, by="length_factor", **options))
 
 # Last-step exact match per (kernel label, seed, length factor); hand-computed cells below.
 FINAL = {
@@ -45,8 +49,8 @@ def test_missing_seed_is_flagged():
 
 def test_ties_on_shown_values_all_marked_and_missing_cell():
     topk = trial_rows("Top-k", 0, (0.951,), factors=(1.0,))  # shows 0.95 like Softmax's 0.9467
-    table = length_generalization_table(results(extra=topk))
-    assert table.loc["Top-k"].tolist() == ["**0.95**^(0.95)", "—"]
+    table = length_generalization_table(results(extra=topk))  # seeds planned: the most another row has
+    assert table.loc["Top-k"].tolist() == ["**0.95**^(0.95) [1/3]", "—"]
     assert table.loc["Softmax", "sort 1×"] == "**0.95**^(<u>0.99</u>)"
 
 
@@ -132,13 +136,11 @@ def regbench_rows(label: str, seed: int, size: int, accuracy: float, tvd: float)
 
 
 def test_summary_table_marks_the_lowest_tvd_and_the_highest_accuracy():
-    from analysis.tables import summary_table
-
     rows = [*regbench_rows("Gaussian", 0, 1000, 80.0, 20.0), *regbench_rows("Gaussian", 1, 1000, 90.0, 10.0),
             *regbench_rows("Biweight", 0, 1000, 84.0, 12.0), *regbench_rows("Biweight", 1, 1000, 86.0, 14.0),
             *regbench_rows("Biweight", 0, 5000, 95.0, 5.0)]
-    table = summary_table(pd.DataFrame(rows), metrics=["accuracy", "tvd"], by="num_examples",
-                          lower_is_better=frozenset({"tvd"}), row_order=["Gaussian", "Biweight"], planned_seeds=2)
+    table = markdown_cells(table_stats(pd.DataFrame(rows), by="num_examples", select="last",
+                                       row_order=["Gaussian", "Biweight"], planned_seeds=2))
     assert list(table.columns) == ["accuracy ↑ num_examples=1000", "accuracy ↑ num_examples=5000",
                                    "tvd ↓ num_examples=1000", "tvd ↓ num_examples=5000"]
     assert table.loc["Gaussian"].tolist() == ["**85.00**^(<u>90.00</u>)", "—", "15.00^(<u>10.00</u>)", "—"]  # tie: both bold

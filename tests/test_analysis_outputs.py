@@ -3,7 +3,7 @@ commands, and the results frame rebuilt from MLflow."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from analysis.results_store import read_results, write_trial_rows
-from analysis.tables import (
-    length_generalization_stats,
-    markdown_cells,
-    summary_stats,
-    table_stats,
-    to_csv,
-    to_latex,
-    to_markdown,
-)
+from analysis.tables import markdown_cells, table_stats, to_csv, to_latex, to_markdown
 from orchestrator.cli import app
 
 GOLDEN = Path(__file__).parent / "golden"
@@ -63,21 +55,23 @@ def sort_trial(number: int, label: str, kernel: str, params: dict, seed: int, em
 
 
 # Cells in tests/golden/length_table.*: 1×: Gaussian (0.90+0.95+0.99)/3 = 0.9467, Biweight
-# (0.91+0.93+0.97)/3 = 0.9367, kNN (0.80+0.86)/2 = 0.83; 2×: 0.30, 0.57, 0.64.
+# (0.91+0.93)/2 = 0.92 (its seed 2 failed: missing, though it reported), kNN (0.80+0.86)/2 = 0.83;
+# 2×: 0.30, 0.55, 0.64.
 LENGTH_TRIALS = [
     sort_trial(0, "Gaussian", "softmax", {}, 0, 0.90, 0.20),
     sort_trial(1, "Gaussian", "softmax", {}, 1, 0.95, 0.30),
     sort_trial(2, "Gaussian", "softmax", {}, 2, 0.99, 0.40),
     sort_trial(3, "Biweight", "entmax", {"alpha": 1.5}, 0, 0.91, 0.50),
     sort_trial(4, "Biweight", "entmax", {"alpha": 1.5}, 1, 0.93, 0.60),
-    sort_trial(5, "Biweight", "entmax", {"alpha": 1.5}, 2, 0.97, 0.61, status="ERROR"),  # failed, but it reported
+    sort_trial(5, "Biweight", "entmax", {"alpha": 1.5}, 2, 0.97, 0.61, status="ERROR"),  # failed: missing, though it reported
     sort_trial(6, "Uniform kNN, k = 2", "topk_uniform", {"k": 2.0}, 0, 0.80, 0.62),
     sort_trial(7, "Uniform kNN, k = 2", "topk_uniform", {"k": 2.0}, 1, 0.86, 0.66),  # no seed 2: [2/3]
 ]
 
 
 def regbench_trial(number: int, label: str, seed: int, size: int, accuracy: float, tvd: float) -> Trial:
-    reports = {50: {("accuracy", None): 0.0, ("tvd", None): 99.0}, 100: {("accuracy", None): accuracy, ("tvd", None): tvd}}
+    reports = {50: {("accuracy", None): 0.0, ("tvd", None): 99.0, ("val_loss", None): 2.0},
+               100: {("accuracy", None): accuracy, ("tvd", None): tvd, ("val_loss", None): 1.0}}
     return Trial(f"trial{number:02d}", label, "softmax" if label == "Gaussian" else "entmax",
                  {} if label == "Gaussian" else {"alpha": 1.5}, seed, reports, task="regbench", num_examples=size)
 
@@ -112,15 +106,14 @@ def run_cli(*args: object):
 
 
 def test_length_table_in_three_formats():
-    stats = length_generalization_stats(frame(LENGTH_TRIALS), planned_seeds=3)
+    stats = table_stats(frame(LENGTH_TRIALS), planned_seeds=3)
     assert to_markdown(markdown_cells(stats)) == golden("length_table.md")
     assert to_latex(stats) == golden("length_table.tex")
     assert to_csv(stats) == golden("length_table.csv")
 
 
 def test_regbench_table_in_three_formats():
-    stats = summary_stats(frame(REGBENCH_TRIALS), metrics=["accuracy", "tvd"], by="num_examples",
-                          lower_is_better=frozenset({"tvd"}), planned_seeds=2)
+    stats = table_stats(frame(REGBENCH_TRIALS), by="num_examples", planned_seeds=2)
     assert to_markdown(markdown_cells(stats)) == golden("regbench_table.md")
     assert to_latex(stats) == golden("regbench_table.tex")
     assert to_csv(stats) == golden("regbench_table.csv")
@@ -128,7 +121,7 @@ def test_regbench_table_in_three_formats():
 
 def test_latex_escapes_labels_and_keeps_seed_note_as_text():
     trial = sort_trial(0, "top_k & 50% #1", "softmax", {}, 0, 0.5, 0.25)
-    latex = to_latex(length_generalization_stats(frame([trial]), planned_seeds=2))
+    latex = to_latex(table_stats(frame([trial]), planned_seeds=2))
     assert r"top\_k \& 50\% \#1 & $\textbf{0.50}^{(\underline{0.50})}$ [1/2] &" in latex
 
 
@@ -177,13 +170,32 @@ def test_cli_table_errors(tmp_path, args, message):
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
 
+def flat_config(trial: Trial) -> dict:
+    """The trial's config as the tracker logs it to MLflow: flattened, defaults filled in."""
+    from mosaic_core.config import TrialConfig, flatten
+
+    return flatten(TrialConfig.model_validate({"seed": trial.seed, "task": {"name": trial.task}, "model": {
+        "kernel": trial.kernel, "kernel_params": trial.params, "n_layer": trial.n_layer}}).model_dump())
+
+
+def config_columns(trials: list[Trial]) -> dict[str, dict]:
+    """Per trial, the columns the tracker derives from its config: n_embd, n_head, lr, weight_decay
+    as the config's defaults, and `config`, the keys these trials differ in but the seed."""
+    from analysis.schema import config_json, varied_keys
+
+    flats = {trial.trial_id: flat_config(trial) for trial in trials}
+    varied = varied_keys(flats.values())
+    assert varied == ["model.kernel", "model.kernel_params", "model.kernel_params.alpha", "model.kernel_params.k", "seed"]
+    return {trial_id: {"n_embd": flat["model.n_embd"], "n_head": flat["model.n_head"], "lr": flat["train.lr"],
+                       "weight_decay": flat["train.weight_decay"], "config": config_json(flat, varied)}
+            for trial_id, flat in flats.items()}
+
+
 def mlflow_sweep(tmp_path: Path, trials: list[Trial]) -> tuple[str, dict[str, str]]:
     """A SQLite MLflow store as `SweepTracker` fills it, plus an older invocation that must be
     ignored; returns the URI and the child run id of each trial."""
     from mlflow import MlflowClient
     from mlflow.entities import Metric, Param
-
-    from mosaic_core.config import TrialConfig, flatten
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
@@ -194,12 +206,10 @@ def mlflow_sweep(tmp_path: Path, trials: list[Trial]) -> tuple[str, dict[str, st
     parent = client.create_run(experiment, run_name="new", start_time=2_000).info.run_id
     run_ids = {}
     for trial in trials:
-        config = TrialConfig.model_validate({"seed": trial.seed, "task": {"name": trial.task},
-                                             "model": {"kernel": trial.kernel, "kernel_params": trial.params}})
         run = client.create_run(experiment, run_name=trial.trial_id, start_time=3_000, tags={
             "mlflow.parentRunId": parent, "ray.trial_id": trial.trial_id, "kernel_label": trial.label})
         run_id = run_ids[trial.trial_id] = run.info.run_id
-        params = [Param(key, str(value)) for key, value in flatten(config.model_dump()).items()]
+        params = [Param(key, str(value)) for key, value in flat_config(trial).items()]
         metrics = [Metric(metric if factor is None else f"{metric}_{factor:g}x", value, 0, step)
                    for step, values in trial.reports.items() for (metric, factor), value in values.items()]
         client.log_batch(run_id, params=params, metrics=metrics)
@@ -212,13 +222,16 @@ def test_results_from_mlflow_equal_the_results_store(tmp_path):
     from analysis.mlflow_source import results_from_mlflow
 
     uri, run_ids = mlflow_sweep(tmp_path, LENGTH_TRIALS)
+    columns = config_columns(LENGTH_TRIALS)
     for trial in LENGTH_TRIALS:
-        write_trial_rows(tmp_path / "sweep", trial.trial_id, trial.rows(run_ids[trial.trial_id]))
+        rows = [{**row, **columns[trial.trial_id]} for row in trial.rows(run_ids[trial.trial_id])]
+        write_trial_rows(tmp_path / "sweep", trial.trial_id, rows)
     keys = ["trial_id", "metric", "length_factor", "step"]
     expected = read_results(tmp_path / "sweep").sort_values(keys).reset_index(drop=True)
     rebuilt = results_from_mlflow(uri, "sort-sweep")
     pd.testing.assert_frame_equal(rebuilt.sort_values(keys).reset_index(drop=True), expected)
     assert set(rebuilt["status"]) == {"TERMINATED", "ERROR"}
+    assert rebuilt["config"].str.contains('"model.kernel_params.alpha": 1.5').sum() > 0
 
     result = run_cli("table", "--from-mlflow", uri, "--experiment", "sort-sweep")
     assert result.exit_code == 0, result.output
@@ -258,7 +271,7 @@ def test_plots_written_only_where_data_exists(tmp_path):
     for path in length + lm:
         assert path.parent.parent == tmp_path
         check_png(path)
-    assert make_plots(frame(REGBENCH_TRIALS), tmp_path / "none") == []
+    assert make_plots(frame(REGBENCH_TRIALS).query("metric != 'val_loss'"), tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
 
 
@@ -270,5 +283,7 @@ def test_cli_plot(tmp_path):
     assert [p.name for p in paths] == ["exact_match_vs_length.png", "val_loss_vs_step.png",
                                        "ood_loss_per_position.png", "support_size_vs_length.png"]
     assert all(p.parent == sweep / "plots" and p.is_file() for p in paths)
-    nothing = run_cli("plot", store(tmp_path / "regbench", REGBENCH_TRIALS))
+    only_test_metrics = [replace(t, reports={step: {key: value for key, value in values.items() if key[0] != "val_loss"}
+                                             for step, values in t.reports.items()}) for t in REGBENCH_TRIALS]
+    nothing = run_cli("plot", store(tmp_path / "regbench", only_test_metrics))
     assert nothing.exit_code == 2 and "metrics present: accuracy, tvd" in nothing.stderr
