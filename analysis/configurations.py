@@ -23,7 +23,6 @@ KERNEL_LABEL = "kernel_label"
 LENGTH = "length_factor"  # not a config key, but rows of one trial differ by it: it must never pool either
 ROW = "row"  # the column holding a row's label
 SEPARATOR = " · "
-_TYPED_KEYS = set(TYPED_CONFIG.values())
 _VARIANT = "variant"  # in `searched`: which kernel variant a search chose; the config keys say the same
 
 
@@ -39,7 +38,7 @@ def _hashable(value: Any) -> Any:
 def _varied_values(config: str, searched: str) -> dict[str, Any]:
     values = {key: value for key, value in (json.loads(searched) if searched else {}).items() if key != _VARIANT}
     values.update(json.loads(config) if config else {})
-    return {key: _hashable(value) for key, value in values.items() if key not in _TYPED_KEYS and key != SEED_KEY}
+    return {key: _hashable(value) for key, value in values.items() if key != SEED_KEY}
 
 
 def config_frame(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
@@ -50,11 +49,12 @@ def config_frame(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     texts = results["config"].fillna("").astype(str) + "\0" + results["searched"].fillna("").astype(str)
     codes, uniques = pd.factorize(texts)
     records = [_varied_values(*text.split("\0")) for text in uniques]
-    dotted = sorted({key for record in records for key in record})
-    if not dotted:
-        return results, [*TYPED_CONFIG, LENGTH]
-    extra = pd.DataFrame(records, columns=dotted).iloc[codes].set_index(results.index)
-    return pd.concat([results, extra], axis=1), [*TYPED_CONFIG, *dotted, LENGTH]
+    extra = pd.DataFrame(records, columns=sorted({key for record in records for key in record}))
+    extra = extra.iloc[codes].set_index(results.index)
+    for column, key in TYPED_CONFIG.items():  # a typed column another writer left empty: the JSON's value
+        if key in extra:
+            results = results.assign(**{column: results[column].astype(object).where(results[column].notna(), extra.pop(key))})
+    return pd.concat([results, extra], axis=1), [*TYPED_CONFIG, *extra.columns, LENGTH]
 
 
 def row_keys(frame: pd.DataFrame, keys: Sequence[str], columns: Sequence[str]) -> list[str]:

@@ -68,11 +68,16 @@ SEED_KEY = "seed"  # the one varied key a table aggregates over: it has its own 
 
 def varied_keys(flat_configs: Iterable[Mapping[str, Any]]) -> list[str]:
     """The dotted keys whose value is not the same in every one of these flattened trial configs
-    (a key missing from some counts as None there), seed included; sorted."""
+    (a key missing from some, or an empty mapping, counts as None there), seed included; sorted."""
     configs = list(flat_configs)
     keys = {key for config in configs for key in config}
-    return sorted(key for key in keys
-                  if len({json.dumps(config.get(key), sort_keys=True) for config in configs}) > 1)
+    return sorted(key for key in keys if len({json.dumps(_nothing(config.get(key)), sort_keys=True)
+                                              for config in configs}) > 1)
+
+
+def _nothing(value: Any) -> Any:
+    """An empty mapping (`model.kernel_params` of softmax, as flattened) is no value at all."""
+    return None if value == {} else value
 
 
 def config_json(flat_config: Mapping[str, Any], keys: Iterable[str]) -> str:

@@ -185,7 +185,7 @@ def config_columns(trials: list[Trial]) -> dict[str, dict]:
 
     flats = {trial.trial_id: flat_config(trial) for trial in trials}
     varied = varied_keys(flats.values())
-    assert varied == ["model.kernel", "model.kernel_params", "model.kernel_params.alpha", "model.kernel_params.k", "seed"]
+    assert varied == ["model.kernel", "model.kernel_params.alpha", "model.kernel_params.k", "seed"]
     return {trial_id: {"n_embd": flat["model.n_embd"], "n_head": flat["model.n_head"], "lr": flat["train.lr"],
                        "weight_decay": flat["train.weight_decay"], "config": config_json(flat, varied)}
             for trial_id, flat in flats.items()}
