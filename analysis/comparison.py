@@ -9,14 +9,14 @@ before they are compared, so a cell that would print the same as the paper's dif
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-from analysis.configurations import KERNEL_LABEL, show
+from analysis.configurations import KERNEL_LABEL
 from analysis.tables import LAYOUTS, TableStats, column_header, lower_is_better, table_stats
 
 PAPER_DIR = Path(__file__).parent / "paper_tables"
@@ -87,13 +87,13 @@ def _ranks(cells: pd.DataFrame, value: str) -> pd.Series:
     return signed[both].groupby(cells.loc[both, "key"]).rank(method="min")
 
 
-def compare(results: pd.DataFrame, paper: str, *, select: str | None = None, where_: Sequence[str] = (),
+def compare(results: pd.DataFrame, paper: str, *, select: str | None = None, conditions: Sequence[str] = (),
             tolerance: float = 0.0, planned_seeds: int | None = None) -> pd.DataFrame:
     """One line per cell of the paper's table: ours (mean, top, seeds), the paper's, the
     differences at the paper's decimals, both ranks, and whether the cell differs by more than
     `tolerance` or ranks otherwise. ValueError when our results cannot be laid out as that table."""
     table = PAPER_TABLES[paper]
-    stats = table_stats(results, by=table.by, select=select, where_=where_, planned_seeds=planned_seeds)
+    stats = table_stats(results, by=table.by, select=select, conditions=conditions, planned_seeds=planned_seeds)
     cells = paper_cells(paper).merge(_ours(stats), on=[KERNEL_LABEL, "key"], how="left")
     for value in ("ours_mean", "ours_top"):
         cells[value] = cells[value].astype(float).round(table.decimals)

@@ -224,7 +224,7 @@ def table_stats(
     metric: str | None = None,
     select: str | None = None,
     columns_by: Sequence[str] = (),
-    where_: Sequence[str] = (),
+    conditions: Sequence[str] = (),
     planned_seeds: int | None = None,
     row_order: list[str] | None = None,
 ) -> TableStats:
@@ -232,14 +232,14 @@ def table_stats(
     for `metric` or the layout's metrics, each trial at the evaluation `select` picks (default:
     the layout's, the paper's). One row per configuration: a cell aggregates over seeds only, and
     every key that varies within a column names its row (`Gaussian · lr 1e-4`), unless
-    `columns_by` makes it a column. `where_` (`KEY=VALUE`) filters first; `planned_seeds` is what
+    `columns_by` makes it a column. `conditions` (`KEY=VALUE`) filters first; `planned_seeds` is what
     the sweep planned (else the most any configuration has). ValueError, naming what is allowed,
     when there is nothing to show."""
     layout = LAYOUTS[by] if by else family_layout(results)
     select = check_select(select or layout.select)
     metrics = [metric] if metric else list(layout.metrics)
     frame, keys = config_frame(results)
-    frame = where(frame, keys, where_)
+    frame = where(frame, keys, conditions)
     present = sorted(frame.loc[frame[layout.by].notna(), "metric"].dropna().unique())
     if not set(metrics) & set(present):
         wanted = " or ".join(map(repr, metrics))

@@ -263,7 +263,7 @@ def table(
     results = _results(sweep_dir, from_mlflow, experiment, skip_bad)
     try:
         stats = table_stats(results, by=layout, metric=metric, select=select, columns_by=columns_by,
-                            where_=where or [], planned_seeds=_planned_seeds(sweep_dir))
+                            conditions=where or [], planned_seeds=_planned_seeds(sweep_dir))
     except ValueError as error:
         raise _fail(str(error)) from None
     text = {"md": lambda: to_markdown(markdown_cells(stats)), "latex": lambda: to_latex(stats),
@@ -296,7 +296,7 @@ def compare(
     results = _results(sweep_dir, skip_bad=skip_bad)
     paper = paper or paper_for(results)
     try:
-        cells = compare_cells(results, paper, select=select, where_=where or [], tolerance=tolerance,
+        cells = compare_cells(results, paper, select=select, conditions=where or [], tolerance=tolerance,
                               planned_seeds=_planned_seeds(sweep_dir))
     except ValueError as error:
         raise _fail(str(error)) from None
@@ -364,8 +364,8 @@ def status(
         if rows["length_factor"].notna().any():  # the shortest evaluation length: in distribution
             rows = rows[rows["length_factor"] == rows["length_factor"].min()]
         top = rows.loc[rows["value"].idxmax() if best == "max" else rows["value"].idxmin()]
-        where_ = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
-        typer.echo(f"best {metric}{where_}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
+        at = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
+        typer.echo(f"best {metric}{at}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
                    f"{top['task']} (trial {top['trial_id']}, step {top['step']})")
 
 

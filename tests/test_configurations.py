@@ -63,12 +63,12 @@ def test_a_varied_key_as_columns_and_a_filter():
     by_lr = markdown_cells(table_stats(two_learning_rates(), columns_by=["train.lr"]))
     assert by_lr.to_dict("index") == {"Gaussian": {"sort 1× · lr 1e-4": "**0.30**^(<u>0.60</u>)",
                                                    "sort 1× · lr 0.01": "**0.70**^(<u>0.90</u>)"}}
-    only = markdown_cells(table_stats(two_learning_rates(), where_=["lr=1e-2"]))
+    only = markdown_cells(table_stats(two_learning_rates(), conditions=["lr=1e-2"]))
     assert only.to_dict("index") == {"Gaussian": {"sort 1×": "**0.70**^(<u>0.90</u>)"}}
     with pytest.raises(ValueError, match="unknown --where key .dropout.; choose from lr$"):
-        table_stats(two_learning_rates(), where_=["dropout=0.1"])
+        table_stats(two_learning_rates(), conditions=["dropout=0.1"])
     with pytest.raises(ValueError, match="no results where lr=0.5"):
-        table_stats(two_learning_rates(), where_=["lr=0.5"])
+        table_stats(two_learning_rates(), conditions=["lr=0.5"])
 
 
 def test_a_key_tied_to_the_column_does_not_split_rows():
@@ -220,7 +220,7 @@ def test_compare_needs_one_configuration_per_kernel():
     twice = pd.concat([frame.assign(lr=1e-3), frame.assign(lr=1e-4, trial_id=frame["trial_id"] + "b")])
     with pytest.raises(ValueError, match="has 2 configurations .*lr.*--where"):
         compare(twice, "table2")
-    assert not compare(twice, "table2", where_=["lr=1e-3"])["differs"].any()
+    assert not compare(twice, "table2", conditions=["lr=1e-3"])["differs"].any()
 
 
 # ---------------------------------------------------------------------------------------------
