@@ -78,7 +78,9 @@ def run(
                 check_fits(sweep.widest, cluster)
             width = len(str(len(sweep.trials)))
             for number, trial in enumerate(sweep.trials, 1):
-                typer.echo(f"{number:>{width}}  {trial.describe()}")
+                count = sweep.trial_resources(trial).workers
+                workers = f"  ({count} workers)" if count > 1 else ""
+                typer.echo(f"{number:>{width}}  {trial.describe()}{workers}")
             for line in resource_plan(sweep, cluster, max_concurrent):
                 typer.echo(line)
             return

@@ -105,11 +105,14 @@ def check_fits(resources: Resources, cluster: Cluster) -> None:
                                  f"lower resources.{name.lower()} (or {flag}), or pass --address of a larger cluster")
     every_node = cluster.at_full_scale
     if resources.workers > 1 and not _place(trial_bundles(resources), [dict(node) for node in every_node]):
-        cpus, gpus = (sum(node.get(name, 0) for node in every_node) for name in ("CPU", "GPU"))
-        raise PlacementError(f"a trial of {resources.workers} workers needs {resources.workers * resources.cpu + DRIVER_CPU:g} "
-                             f"CPUs (with its driver's {DRIVER_CPU:g}) and {resources.workers * resources.gpu:g} GPUs, but "
-                             f"{cluster.where} holds {cpus:g} CPUs and {gpus:g} GPUs at most; lower resources.workers, "
-                             "or pass --address of a larger cluster")
+        names = ("CPU", "GPU") if resources.gpu else ("CPU",)
+        need = {"CPU": resources.workers * resources.cpu + DRIVER_CPU, "GPU": resources.workers * resources.gpu}
+        have = {name: sum(node.get(name, 0) for node in every_node) for name in names}
+        raise PlacementError(
+            f"a trial of {resources.workers} workers needs {' and '.join(f'{need[n]:g} {n}s' for n in names)} "
+            f"({DRIVER_CPU:g} CPU of it for its driver) but {cluster.where} has "
+            f"{' and '.join(f'{have[n]:g} {n}s' for n in names)} in all; lower resources.workers or the resources "
+            "per worker, or pass --address of a larger cluster")
 
 
 def _place(bundles: list[dict[str, float]], free: list[dict[str, float]], only: str | None = None) -> bool:
@@ -179,8 +182,8 @@ def _per_trial(sweep: Sweep) -> str:
     if sweep.search is not None:
         shapes = f"trials on up to {widest.workers} workers"
     else:
-        counts = collections.Counter(trial.workers for trial in sweep.trials)
-        shapes = ", ".join(f"{n} trial(s) × {w} worker(s)" for w, n in sorted(counts.items()))
+        counts = collections.Counter(sweep.trial_resources(trial).workers for trial in sweep.trials)
+        shapes = ", ".join(f"{n} trial{'s' * (n > 1)} × {w} worker{'s' * (w > 1)}" for w, n in sorted(counts.items()))
     return (f"per worker: {cpu:g} CPU, {gpu:g} GPU; {shapes} (Ray Train, placed {widest.placement}, "
             f"each with a {DRIVER_CPU:g}-CPU driver)")
 

@@ -220,7 +220,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
         workers = json.loads((sweep_dir / LAUNCH).read_text()).get("workers", {})  # as first launched
     else:
-        workers = {trial.describe(): trial.workers for trial in sweep.trials}
+        workers = {trial.describe(): sweep.trial_resources(trial).workers for trial in sweep.trials}
         (sweep_dir / LAUNCH).write_text(json.dumps({"tracking_uri": tracking_uri, "storage_path": storage_path, "trials": num_trials,
                                                     "workers": workers}, indent=1))
         configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}

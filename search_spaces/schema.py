@@ -103,7 +103,7 @@ class Trial:
 
     config: TrialConfig
     varying: dict[str, Any]
-    workers: int = 1
+    workers: int | None = None  # its case's resources.workers; None: the sweep's
 
     @property
     def kernel_label(self) -> str:
@@ -130,13 +130,13 @@ class Sweep:
     search: Search | None = None
 
     def trial_resources(self, trial: Trial) -> Resources:
-        """`resources:` with the trial's own worker count (its case's `resources.workers`)."""
-        return self.resources.model_copy(update={"workers": trial.workers})
+        """`resources:` with the trial's own worker count (its case's `resources.workers`), if it has one."""
+        return self.resources if trial.workers is None else self.resources.model_copy(update={"workers": trial.workers})
 
     @property
     def widest(self) -> Resources:
         """The resources of the trial with the most workers: the hardest one to place."""
-        return self.resources.model_copy(update={"workers": max(trial.workers for trial in self.trials)})
+        return max((self.trial_resources(trial) for trial in self.trials), key=lambda resources: resources.workers)
 
     @property
     def num_trials(self) -> int:
@@ -200,7 +200,7 @@ def expand(spec: SweepFile, source: str) -> Sweep:
         except ValidationError as error:
             where = f"{source}: trial '{_name(varying)}'"
             raise SweepError(describe_validation_error(error, TrialConfig, where)) from None
-        trials.append(Trial(config, varying, full_case.get(WORKERS_KEY, spec.resources.workers)))
+        trials.append(Trial(config, varying, full_case.get(WORKERS_KEY)))
     names = [trial.describe() for trial in trials]
     twice = next((name for name in names if names.count(name) > 1), None)
     if twice is not None:
