@@ -198,8 +198,8 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
 
     from analysis.plots import make_plots
     from analysis.results_store import read_results, trial_states
-    from orchestrator.progress import TrialProgress
     from orchestrator.data_parallel import sweep_trainable
+    from orchestrator.progress import TrialProgress
     from orchestrator.search import param_space, scheduler, search_algorithm
     from orchestrator.tracking import SweepTracker, end_unfinished_runs, load_run_map, save_run_map
 

@@ -4,7 +4,8 @@ Kernel parameters are conditional: α belongs to entmax, k to the top-k kernels,
 each entry of `kernels:` expands over its own parameters only. `grid:` is a Cartesian product over
 any other config key, written as a dotted path (`model.n_layer: [1, 2]`, `seed: [0, 1, 2]`).
 `cases:` are settings that go together (task MQMTAR at depth 4 with its lengths, sort at depth
-2 with its own): trials = cases × kernel variants × grid points.
+2 with its own): trials = cases × kernel variants × grid points. A case may also set
+`resources.workers`, its trials' number of data-parallel workers.
 `scheduler:` stops weak trials early (ASHA); `search:` replaces the grid's seeds by an Optuna
 search over distributions of dotted keys, each suggestion trained with `seeds` seeds.
 Everything is checked before anything starts; errors are one line naming the key and what is allowed.
