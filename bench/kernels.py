@@ -20,33 +20,31 @@ import torch
 
 from mosaic_core import attention
 from mosaic_core.attention import adasplash_available, attend
+from mosaic_core.kernels import resolve_kernel
 
-KERNELS: list[tuple[str, str, dict]] = [
-    ("softmax (SDPA)", "softmax", {}),
-    ("sparsemax", "sparsemax", {}),
-    ("1.5-entmax (biweight)", "entmax", {"alpha": 1.5}),
-    ("4/3-entmax (triweight)", "entmax", {"alpha": 4 / 3}),
-    ("normrelu", "normrelu", {"gamma": 0.5, "b": -7.0}),  # the model's [1 − 2(β² − s)]_+ at β = 2
-    ("relumax b=1", "relumax", {"b": 1.0}),
-    ("top-32 softmax", "topk_softmax", {"k": 32}),
-    ("top-32 uniform", "topk_uniform", {"k": 32}),
+KERNELS: list[tuple[str, str, dict, str | None]] = [  # label, kernel, parameters, backend (None: --backend)
+    ("softmax (SDPA)", "softmax", {}, None),
+    ("sparsemax", "sparsemax", {}, None),
+    ("1.5-entmax (biweight)", "entmax", {"alpha": 1.5}, None),
+    ("4/3-entmax (triweight)", "entmax", {"alpha": 4 / 3}, None),
+    ("normrelu", "normrelu", {"gamma": 0.5, "b": -7.0}, None),  # the model's [1 − 2(β² − s)]_+ at β = 2
+    ("relumax b=1", "relumax", {"b": 1.0}, None),
+    ("top-32 softmax", "topk_softmax", {"k": 32}, None),
+    ("top-32 uniform", "topk_uniform", {"k": 32}, None),
+    ("sparsemax (AdaSplash)", "sparsemax", {}, "adasplash"),  # the anchor to beat
+    ("1.5-entmax (AdaSplash)", "entmax", {"alpha": 1.5}, "adasplash"),
 ]
 
 
 def path_taken(kernel: str, params: dict, q: torch.Tensor, backend: str) -> str:
-    if backend == "reference":
-        return "reference"
-    if kernel == "softmax":
-        return "sdpa"
-    if kernel in ("sparsemax", "entmax") and attention._adasplash_applies(q, q, 1.0):
-        alpha = params.get("alpha", 2.0)
-        return "adasplash-v2" if alpha == 1.5 else "adasplash-v1"
-    if kernel in ("normrelu", "relumax") and attention._triton_relu_applies(q):
-        return "triton-relu"
-    return "chunked"
+    name, p = resolve_kernel(kernel, **params)
+    path = attention._path(name, p, q, q, backend)
+    if path == "adasplash":
+        return "adasplash-v2" if p.get("alpha", 2.0) == 1.5 else "adasplash-v1"
+    return path
 
 
-def measure(kernel: str, params: dict, length: int, args: argparse.Namespace) -> dict:
+def measure(kernel: str, params: dict, length: int, backend: str, args: argparse.Namespace) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (args.batch, args.heads, length, args.dim)
     keys = torch.nn.functional.normalize(torch.randn(shape, device="cuda", generator=gen), dim=-1) * args.beta
@@ -55,7 +53,7 @@ def measure(kernel: str, params: dict, length: int, args: argparse.Namespace) ->
     grad = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
 
     def step() -> None:
-        out = attend(keys, keys, values, kernel, backend=args.backend, **params)
+        out = attend(keys, keys, values, kernel, backend=backend, **params)
         out.backward(grad)
         keys.grad = values.grad = None
 
@@ -78,7 +76,7 @@ def measure(kernel: str, params: dict, length: int, args: argparse.Namespace) ->
     return {
         "ms": statistics.median(times),
         "peak_mib": (torch.cuda.max_memory_allocated() - baseline) / 2**20,
-        "path": path_taken(kernel, params, keys.detach(), args.backend),
+        "path": path_taken(kernel, params, keys.detach(), backend),
     }
 
 
@@ -106,7 +104,7 @@ def report(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8192, 16384])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 512, 4096, 16384, 65536])
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
@@ -114,6 +112,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="per (kernel, length)")
     parser.add_argument("--backend", default="fast", choices=["fast", "reference"])
+    parser.add_argument("--anchor-max-length", type=int, default=16384,
+                        help="longest N for the AdaSplash rows (its autotuning takes minutes per length)")
     parser.add_argument("--kernels", nargs="*", help="subset of kernel labels")
     parser.add_argument("--out", help="append one JSON row per measurement to this file")
     parser.add_argument("--report", nargs="+", metavar="JSONL", help="print the Markdown table of earlier runs")
@@ -130,14 +130,20 @@ def main() -> None:
             "batch": args.batch, "heads": args.heads, "dim": args.dim, "beta": args.beta}
     print(json.dumps(meta), flush=True)
     rows = []
-    for label, kernel, params in KERNELS:
+    for label, kernel, params, backend in KERNELS:
         if args.kernels and label not in args.kernels:
             continue
+        if backend == "adasplash" and not adasplash_available():
+            continue
         for length in args.lengths:
+            if backend == "adasplash" and length > args.anchor_max_length:
+                continue
             try:
-                result = measure(kernel, params, length, args)
+                result = measure(kernel, params, length, backend or args.backend, args)
             except torch.OutOfMemoryError:
                 result = {"ms": None, "peak_mib": None, "path": "out of memory"}
+            except Exception as error:  # a failing kernel is a row of the report, not the end of the run
+                result = {"ms": None, "peak_mib": None, "path": f"error: {type(error).__name__}: {error}"[:200]}
             torch.cuda.empty_cache()
             rows.append({"kernel": label, "length": length, **result, **meta})
             print(json.dumps(rows[-1]), flush=True)

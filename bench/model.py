@@ -33,8 +33,11 @@ CONFIGS = {  # name: (n_layer, n_embd, n_head, context, vocab, batch)
     "LM L=12": (12, 768, 12, 512, 50304, 16),
     "synthetic L=2": (2, 512, 8, 128, 263, 64),
     "synthetic L=4": (4, 512, 8, 128, 263, 64),
+    "synthetic L=4 N=80": (4, 512, 8, 80, 263, 256),  # MQMTAR's length, the paper's batch
+    "synthetic L=4 N=131": (4, 512, 8, 131, 263, 256),
 }
-KERNELS = {"softmax": {}, "sparsemax": {}, "entmax": {"alpha": 1.5}, "relumax": {"b": 1.0}, "topk_softmax": {"k": 32}}
+KERNELS = {"softmax": {}, "sparsemax": {}, "entmax": {"alpha": 1.5}, "triweight": {}, "normrelu": {},
+           "relumax": {"b": 1.0}, "topk_softmax": {"k": 32}, "topk_uniform": {"k": 32}}
 
 
 class GPT2Block(nn.Module):

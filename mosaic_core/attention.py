@@ -2,11 +2,15 @@
 
 Backends:
 - "reference": dense scores and `attention_weights`; exact, O(N²) memory. The oracle.
-- "fast": `scaled_dot_product_attention` for softmax; AdaSplash's Triton kernels for sparsemax and
-  α-entmax, and our fused Triton kernels for normrelu and relumax (`triton_relu`), on CUDA where
-  their conditions hold; every other case computed in query chunks with recomputation in
-  backward, so no N×N tensor is kept at long N.
+- "fast": `scaled_dot_product_attention` for softmax and our fused Triton kernels
+  (`mosaic_core.fused`) for every other kernel, on CUDA where their conditions hold (square
+  attention, D ∈ {16, …, 256}, a float type); every other case computed in query chunks with
+  recomputation in backward, so no N×N tensor is kept at long N.
+- "adasplash": AdaSplash's Triton kernels for sparsemax and α-entmax where they apply (the
+  benchmark's anchor; no dropout), "fast" otherwise.
 - "auto": "fast" for CUDA tensors, "reference" otherwise.
+
+`attention_path` says which of these paths a kernel takes.
 
 Memory Mosaics needs the strictly causal mask (query t sees keys j ≤ t−1). Kernels with only a
 causal mask get it by shifting the queries one step: q'_i = q_{i+1} (a zero row appended) under the
@@ -25,13 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mosaic_core.kernels import attention_weights, resolve_kernel
+from mosaic_core.kernels import attention_weights, fused_call, resolve_kernel
 
 MASK_MODES: tuple[str | None, ...] = ("strict_causal", "causal", None)
-BACKENDS = ("auto", "reference", "fast")
+BACKENDS = ("auto", "reference", "fast", "adasplash")
 
 _ADASPLASH_HEAD_DIMS = {16, 32, 64, 128, 256}
-_TRITON_HEAD_DIMS = {16, 32, 64, 128, 256}  # tl.dot needs ≥ 16, tiles need a power of two
 _ADASPLASH_MIN_LENGTH = 128  # its block-mask tiles and backward assume at least this many rows
 _ADASPLASH_MAX_SCORE = 5000.0  # it masks with −10000: larger scores could outrank masked keys
 _ADASPLASH_V1_ITERS = 10  # bisection steps of its block-mask kernel (α ≠ 1.5 or non-causal)
@@ -64,8 +67,8 @@ def attend(
     """dropout(weights(scale · q kᵀ)) @ v for (..., N, D) tensors; queries with no allowed key output 0.
 
     `dropout_p` drops attention weights (and rescales the rest by 1/(1 − p)) as in the reference
-    Memory Mosaics; pass 0 at evaluation. A fast path that cannot drop weights refuses rather
-    than skip it (`AttentionDropoutUnsupported`).
+    Memory Mosaics; pass 0 at evaluation. AdaSplash cannot drop weights and refuses
+    (`AttentionDropoutUnsupported`); every other path applies it.
     """
     if mask_mode not in MASK_MODES:
         raise ValueError(f"unknown mask_mode {mask_mode!r}; allowed: {', '.join(map(str, MASK_MODES))}")
@@ -74,20 +77,48 @@ def attend(
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
     name, p = resolve_kernel(kernel, **params)
-    if backend == "auto":
-        backend = "fast" if q.is_cuda else "reference"
-    if backend == "reference":
+    path = _path(name, p, q, k, backend)
+    if path == "reference":
         return _dense(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, offset=0, dropout_p=dropout_p)
-    square = q.shape[-2] == k.shape[-2]
-    if name == "softmax" and square:
+    if path == "sdpa":
         return _sdpa(q, k, v, mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
-    if name in ("sparsemax", "entmax") and square and _adasplash_applies(q, k, scale):
+    if path == "fused":
+        from mosaic_core.fused import fused_attention
+
+        return fused_attention(q, k, v, fused_call(name, **p), mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
+    if path == "adasplash" and _adasplash_bounded(q, k, scale):
         _refuse_dropout(dropout_p, "AdaSplash")
         return _adasplash(q, k, v, alpha=p.get("alpha", 2.0), mask_mode=mask_mode, scale=scale)
-    if name in ("normrelu", "relumax") and square and mask_mode is not None and _triton_relu_applies(q):
-        _refuse_dropout(dropout_p, "the fused ReLU kernels")
-        return _triton_relu(q, k, v, name, mask_mode=mask_mode, scale=scale, **p)
     return _chunked(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
+
+
+def attention_path(kernel: str, params: dict[str, Any], device: Any, *, backend: str = "auto", head_dim: int = 64,
+                   dtype: torch.dtype = torch.float32, length: int = 128) -> str:
+    """The path `attend` takes for square (B, H, N, D) attention with this kernel on `device`:
+    "reference", "sdpa", "fused", "adasplash" or "chunked" (for logs and --dry-run)."""
+    name, p = resolve_kernel(kernel, **params)
+    q = torch.empty(1, 1, length, head_dim, dtype=dtype, device="meta")
+    return _path(name, p, q, q, backend, is_cuda=torch.device(device).type == "cuda")
+
+
+def _path(name: str, params: dict[str, Any], q: Tensor, k: Tensor, backend: str, *, is_cuda: bool | None = None) -> str:
+    is_cuda = q.is_cuda if is_cuda is None else is_cuda
+    if backend == "auto":
+        backend = "fast" if is_cuda else "reference"
+    if backend == "reference":
+        return "reference"
+    square = q.shape[-2] == k.shape[-2]
+    if name == "softmax":
+        return "sdpa" if square else "chunked"
+    if not (is_cuda and square):
+        return "chunked"
+    if backend == "adasplash" and name in ("sparsemax", "entmax") and _adasplash_applies(q):
+        return "adasplash"
+    if fused_call(name, **params) is not None and triton_available():
+        from mosaic_core.fused import fused_applies
+
+        return "fused" if fused_applies(q, k) else "chunked"
+    return "chunked"
 
 
 class AttentionDropoutUnsupported(ValueError):
@@ -98,7 +129,7 @@ def _refuse_dropout(dropout_p: float, path: str) -> None:
     if dropout_p > 0:
         raise AttentionDropoutUnsupported(
             f"attention-weight dropout (model.attn_dropout={dropout_p:g}) is not implemented in {path}; "
-            "use model.attention_backend: reference, which applies it")
+            "use model.attention_backend: fast, whose fused kernels apply it")
 
 
 def _dense(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, Any], mask_mode: str | None,
@@ -132,13 +163,6 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, An
         else:
             outputs.append(block(*args))
     return torch.cat(outputs, dim=-2)
-
-
-@torch.compiler.disable  # see _adasplash
-def _triton_relu(q: Tensor, k: Tensor, v: Tensor, name: str, **kwargs: Any) -> Tensor:
-    from mosaic_core.triton_relu import relu_attention
-
-    return relu_attention(q, k, v, name, **kwargs)
 
 
 def _shift_queries(q: Tensor) -> Tensor:
@@ -178,23 +202,24 @@ def triton_available() -> bool:
     return _usable_on_cuda("triton")
 
 
-def _triton_relu_applies(q: Tensor) -> bool:
-    return q.is_cuda and q.dim() == 4 and q.shape[-1] in _TRITON_HEAD_DIMS and triton_available()
+def _adasplash_applies(q: Tensor) -> bool:
+    return (q.dim() == 4 and adasplash_available() and q.shape[-1] in _ADASPLASH_HEAD_DIMS
+            and q.shape[-2] >= _ADASPLASH_MIN_LENGTH and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
 
 
-def _adasplash_applies(q: Tensor, k: Tensor, scale: float) -> bool:
-    if not (q.is_cuda and q.dim() == 4 and adasplash_available()):
-        return False
-    if q.shape[-1] not in _ADASPLASH_HEAD_DIMS or q.shape[-2] < _ADASPLASH_MIN_LENGTH:
-        return False
-    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return False
+def _adasplash_bounded(q: Tensor, k: Tensor, scale: float) -> bool:
+    """AdaSplash masks with −10000: larger scores could outrank masked keys (checked on the data)."""
     bound = abs(scale) * q.detach().norm(dim=-1).amax() * k.detach().norm(dim=-1).amax()
     return bound.item() <= _ADASPLASH_MAX_SCORE
 
 
-@torch.compiler.disable  # run as is under torch.compile: Dynamo's tracing of Triton kernels breaks them
-def _adasplash(q: Tensor, k: Tensor, v: Tensor, *, alpha: float, mask_mode: str | None, scale: float) -> Tensor:
+def _adasplash(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
+    if torch.compiler.is_compiling():  # run as is: Dynamo's tracing of its Triton kernels breaks them
+        return torch.compiler.disable(_adasplash_eager)(q, k, v, **kwargs)
+    return _adasplash_eager(q, k, v, **kwargs)
+
+
+def _adasplash_eager(q: Tensor, k: Tensor, v: Tensor, *, alpha: float, mask_mode: str | None, scale: float) -> Tensor:
     """AdaSplash with our conventions: any scale, the strict mask, any N (always through `varlen`)."""
     from adasplash import adasplash_v1, adasplash_v2
 

@@ -122,8 +122,9 @@ class ModelConfig(_Strict):
     normrelu_bandwidth: Literal["fixed", "head"] = Field(
         "fixed", description="normrelu weights: 'fixed' = [cos/γ + b]_+ with kernel_params γ, b on unit keys (the "
         "paper's code; γ = 1, b = 0); 'head' = eq. (11) of the text, Epanechnikov of each head's h = 1/β")
-    attention_backend: Literal["auto", "reference", "fast"] = Field(
-        "auto", description="the contextual memory's attention: fast kernels on CUDA (auto), or the reference")
+    attention_backend: Literal["auto", "reference", "fast", "adasplash"] = Field(
+        "auto", description="the contextual memory's attention: our fused kernels on CUDA (auto, fast), the "
+        "dense reference, or AdaSplash's kernels for sparsemax and α-entmax (the paper's; no attention dropout)")
     embd_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the token embeddings")
     prenorm: bool = Field(True, description="pre-LN blocks (x + f(ln(x))); False for post-LN (ln(x + f(x)))")
     tie_weights: bool = Field(True, description="the output head is the token embedding")
@@ -136,6 +137,9 @@ class ModelConfig(_Strict):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         kernel, _ = resolve_kernel(self.kernel, **self.kernel_params)
+        if self.attention_backend == "adasplash" and self.attn_dropout > 0 and self.contextual_attn_dropout:
+            raise ValueError(f"attention_backend 'adasplash' cannot drop attention weights (attn_dropout "
+                             f"{self.attn_dropout:g}); use 'fast' or 'reference', or contextual_attn_dropout: false")
         if self.normrelu_bandwidth == "head" and (kernel != "normrelu" or self.kernel_params):
             raise ValueError("normrelu_bandwidth 'head' sets normrelu's gamma and b from each head's β: it needs "
                              f"kernel normrelu without kernel_params; got kernel {self.kernel!r} {self.kernel_params}")

@@ -13,34 +13,48 @@ Masked keys (mask False, or score −inf) get weight exactly 0; a row with no al
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
-# canonical name -> {parameter: default}
-KERNEL_DEFAULTS: dict[str, dict[str, float]] = {
-    "softmax": {},
-    "sparsemax": {},
-    "entmax": {"alpha": 1.5},
-    "normrelu": {"gamma": 1.0, "b": 0.0},
-    "relumax": {"b": 1.0},
-    "topk_softmax": {"k": 32},
-    "topk_uniform": {"k": 32},
-}
+@dataclass(frozen=True)
+class FusedCall:
+    """How a kernel runs in the fused Triton kernels (`mosaic_core.fused`): which family, with what.
 
-# alias -> (canonical name, fixed parameters)
-KERNEL_ALIASES: dict[str, tuple[str, dict[str, float]]] = {
-    "gaussian": ("softmax", {}),
-    "epanechnikov": ("sparsemax", {}),
-    "biweight": ("entmax", {"alpha": 1.5}),
-    "triweight": ("entmax", {"alpha": 4 / 3}),
-    "gaussian_knn": ("topk_softmax", {}),
-    "uniform_knn": ("topk_uniform", {}),
-}
+    entmax: w = [(α−1)s − τ]_+^{1/(α−1)}; relu: w = [a·s + c]_+ with c = b, or b − max s when
+    `anchored`, uniform over the allowed keys when all are 0 and `fallback`; topk_*: the top_k keys.
+    """
 
-KERNEL_NAMES: list[str] = [*KERNEL_DEFAULTS, *KERNEL_ALIASES]
+    kind: str
+    alpha: float = 2.0
+    a: float = 1.0
+    b: float | Tensor = 0.0
+    anchored: bool = False
+    fallback: bool = False
+    top_k: int = 0
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel, all in one place: parameters, checks, label, reference, bandwidth, fast path.
+
+    `checks` are (parameter, predicate, what is allowed); `bandwidth_squared(s, allowed, T, params)`
+    gives h² per query (None: the kernel has no bandwidth); `fused(params)` gives the fused
+    kernels' call, or None where the fast path is SDPA (softmax) or query chunks.
+    """
+
+    name: str
+    reference: Callable[..., Tensor]
+    label: Callable[[dict[str, Any]], str]
+    defaults: dict[str, float] = field(default_factory=dict)
+    aliases: dict[str, dict[str, float]] = field(default_factory=dict)
+    checks: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
+    bandwidth_squared: Callable[..., Tensor] | None = None
+    fused: Callable[[dict[str, Any]], FusedCall | None] | None = None
+
 
 _BISECT_ITERS = 60  # halves the initial bracket (width ≤ 1) down to float64 resolution
 
@@ -58,46 +72,33 @@ def resolve_kernel(name: str, **params: Any) -> tuple[str, dict[str, float]]:
             raise ValueError(f"kernel {name!r} fixes {p}={fixed[p]:g}; got {p}={params[p]!r}")
         params = {**params, **fixed}
         name = canonical
-    if name not in KERNEL_DEFAULTS:
+    if name not in KERNELS:
         raise ValueError(f"unknown kernel {name!r}; allowed: {', '.join(KERNEL_NAMES)}")
-    defaults = KERNEL_DEFAULTS[name]
-    unknown = sorted(set(params) - set(defaults))
+    spec = KERNELS[name]
+    unknown = sorted(set(params) - set(spec.defaults))
     if unknown:
-        allowed = ", ".join(defaults) or "none"
+        allowed = ", ".join(spec.defaults) or "none"
         raise ValueError(f"kernel {name!r} has no parameter {unknown[0]!r}; allowed: {allowed}")
-    resolved = {**defaults, **params}
-    if name == "entmax" and not resolved["alpha"] > 1:
-        raise ValueError(f"entmax alpha must be > 1 (α → 1 is softmax); got {resolved['alpha']!r}")
-    if name == "relumax" and not resolved["b"] > 0:
-        raise ValueError(f"relumax b must be > 0; got {resolved['b']!r}")
-    if name == "normrelu" and not resolved["gamma"] > 0:
-        raise ValueError(f"normrelu gamma must be > 0; got {resolved['gamma']!r}")
-    if name.startswith("topk_"):
-        k = resolved["k"]
-        if isinstance(k, bool) or int(k) != k or k < 1:
-            raise ValueError(f"{name} k must be an integer >= 1; got {k!r}")
-        resolved["k"] = int(k)
+    resolved = {**spec.defaults, **params}
+    for param, ok, allowed in spec.checks:
+        if not ok(resolved[param]):
+            raise ValueError(f"{name} {param} must be {allowed}; got {resolved[param]!r}")
+    if "k" in resolved:
+        resolved["k"] = int(resolved["k"])
     return name, resolved
 
 
 def kernel_label(name: str, **params: Any) -> str:
     """The paper's row label for a kernel variant (Tables 1, 2 and 7)."""
     name, p = resolve_kernel(name, **params)
-    if name == "softmax":
-        return "Gaussian"
-    if name == "sparsemax":
-        return "Epanechnikov (sparsemax)"
-    if name == "entmax":
-        for label, alpha in (("Biweight", 1.5), ("Triweight", 4 / 3), ("Epanechnikov (sparsemax)", 2.0)):
-            if math.isclose(p["alpha"], alpha):
-                return label
-        return f"{p['alpha']:g}-entmax"
-    if name == "normrelu":
-        return "Epanechnikov (normReLU)"
-    if name == "relumax":
-        return "Epanechnikov (ReLUmax)" + ("" if p["b"] == 1.0 else f", b = {p['b']:g}")
-    kind = "Gaussian" if name == "topk_softmax" else "Uniform"
-    return f"{kind} kNN, k = {p['k']}"
+    return KERNELS[name].label(p)
+
+
+def fused_call(name: str, **params: Any) -> FusedCall | None:
+    """The fused kernels' call for a kernel variant; None where its fast path is not fused."""
+    name, p = resolve_kernel(name, **params)
+    fused = KERNELS[name].fused
+    return None if fused is None else fused(p)
 
 
 def attention_weights(
@@ -114,10 +115,11 @@ def attention_weights(
     allowed = _allowed(scores, None if mask is None else mask.movedim(dim, -1))
     work = scores.float() if scores.dtype in (torch.float16, torch.bfloat16) else scores
     infinite = (work == math.inf) & allowed
+    reference = KERNELS[name].reference
     if name == "topk_uniform" or not infinite.any():
-        weights = _KERNEL_FUNCTIONS[name](work, allowed, **p)
+        weights = reference(work, allowed, **p)
     else:
-        weights = _KERNEL_FUNCTIONS[name](work.masked_fill(infinite, 0.0), allowed, **p)
+        weights = reference(work.masked_fill(infinite, 0.0), allowed, **p)
         has_inf = infinite.any(-1, keepdim=True)
         weights = torch.where(has_inf, infinite / infinite.sum(-1, keepdim=True).clamp(min=1), weights)
     return weights.to(scores.dtype).movedim(-1, dim)
@@ -173,21 +175,11 @@ def kernel_diagnostics(
     s = scores.movedim(dim, -1).float() if scores.dtype in (torch.float16, torch.bfloat16) else scores.movedim(dim, -1)
     allowed = _allowed(s, None if mask is None else mask.movedim(dim, -1))
     empty = ~allowed.any(-1)
-    temperature = torch.as_tensor(temperature, dtype=s.dtype, device=s.device)
-    if name in ("sparsemax", "entmax"):
-        alpha = 2.0 if name == "sparsemax" else p["alpha"]
-        tau = entmax_threshold(s, alpha, mask=allowed)
-        h_squared = 2 - 2 * temperature.squeeze(-1) * tau / (alpha - 1)
-    elif name == "softmax":
-        h_squared = temperature.squeeze(-1).expand(s.shape[:-1]).clone()
-    elif name == "normrelu":
-        b = torch.as_tensor(p["b"], dtype=s.dtype, device=s.device)
-        h_squared = (2 + 2 * temperature * p["gamma"] * b).squeeze(-1).expand(s.shape[:-1]).clone()
-    elif name == "relumax":
-        top = s.masked_fill(~allowed, -math.inf).amax(-1)
-        h_squared = 2 * (1 - temperature.squeeze(-1) * (top - p["b"]))
-    else:
+    temperature = torch.as_tensor(temperature, dtype=s.dtype, device=s.device).squeeze(-1)
+    bandwidth_squared = KERNELS[name].bandwidth_squared
+    if bandwidth_squared is None:
         return KernelDiagnostics(support, None)
+    h_squared = bandwidth_squared(s, allowed, temperature, p).expand(s.shape[:-1])
     bandwidth = h_squared.clamp(min=0).sqrt().masked_fill(empty, math.nan)
     return KernelDiagnostics(support, bandwidth)
 
@@ -349,12 +341,60 @@ def _topk_uniform(scores: Tensor, allowed: Tensor, k: int) -> Tensor:
     return chosen / chosen.sum(-1, keepdim=True).clamp(min=1)
 
 
-_KERNEL_FUNCTIONS = {
-    "softmax": _softmax,
-    "sparsemax": _sparsemax,
-    "entmax": _entmax,
-    "normrelu": _normrelu,
-    "relumax": _relumax,
-    "topk_softmax": _topk_softmax,
-    "topk_uniform": _topk_uniform,
-}
+def _entmax_bandwidth(s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[str, Any]) -> Tensor:
+    alpha = p.get("alpha", 2.0)
+    return 2 - 2 * temperature * entmax_threshold(s, alpha, mask=allowed) / (alpha - 1)
+
+
+def _relumax_bandwidth(s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[str, Any]) -> Tensor:
+    return 2 * (1 - temperature * (s.masked_fill(~allowed, -math.inf).amax(-1) - p["b"]))
+
+
+def _normrelu_bandwidth(s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[str, Any]) -> Tensor:
+    b = torch.as_tensor(p["b"], dtype=s.dtype, device=s.device).squeeze(-1)
+    return 2 + 2 * temperature * p["gamma"] * b
+
+
+def _entmax_label(p: dict[str, Any]) -> str:
+    for label, alpha in (("Biweight", 1.5), ("Triweight", 4 / 3), ("Epanechnikov (sparsemax)", 2.0)):
+        if math.isclose(p["alpha"], alpha):
+            return label
+    return f"{p['alpha']:g}-entmax"
+
+
+def _positive(x: Any) -> bool:
+    return not isinstance(x, Tensor) and x > 0
+
+
+def _count(x: Any) -> bool:
+    return not isinstance(x, bool) and int(x) == x and x >= 1
+
+
+_K_CHECK = (("k", _count, "an integer >= 1"),)
+
+KERNELS: dict[str, Kernel] = {spec.name: spec for spec in (
+    Kernel("softmax", _softmax, lambda p: "Gaussian", aliases={"gaussian": {}},
+           bandwidth_squared=lambda s, allowed, temperature, p: temperature),
+    Kernel("sparsemax", _sparsemax, lambda p: "Epanechnikov (sparsemax)", aliases={"epanechnikov": {}},
+           bandwidth_squared=_entmax_bandwidth, fused=lambda p: FusedCall("entmax", alpha=2.0)),
+    Kernel("entmax", _entmax, _entmax_label, defaults={"alpha": 1.5},
+           aliases={"biweight": {"alpha": 1.5}, "triweight": {"alpha": 4 / 3}},
+           checks=(("alpha", lambda a: a > 1, "> 1 (α → 1 is softmax)"),), bandwidth_squared=_entmax_bandwidth,
+           fused=lambda p: FusedCall("entmax", alpha=p["alpha"]) if p["alpha"] <= 2 else None),
+    Kernel("normrelu", _normrelu, lambda p: "Epanechnikov (normReLU)", defaults={"gamma": 1.0, "b": 0.0},
+           checks=(("gamma", _positive, "> 0"),), bandwidth_squared=_normrelu_bandwidth,
+           fused=lambda p: FusedCall("relu", a=1 / p["gamma"], b=p["b"], fallback=True)),
+    Kernel("relumax", _relumax, lambda p: "Epanechnikov (ReLUmax)" + ("" if p["b"] == 1.0 else f", b = {p['b']:g}"),
+           defaults={"b": 1.0}, checks=(("b", _positive, "> 0"),), bandwidth_squared=_relumax_bandwidth,
+           fused=lambda p: FusedCall("relu", b=p["b"], anchored=True)),
+    Kernel("topk_softmax", _topk_softmax, lambda p: f"Gaussian kNN, k = {p['k']}", defaults={"k": 32},
+           aliases={"gaussian_knn": {}}, checks=_K_CHECK, fused=lambda p: FusedCall("topk_softmax", top_k=p["k"])),
+    Kernel("topk_uniform", _topk_uniform, lambda p: f"Uniform kNN, k = {p['k']}", defaults={"k": 32},
+           aliases={"uniform_knn": {}}, checks=_K_CHECK, fused=lambda p: FusedCall("topk_uniform", top_k=p["k"])),
+)}
+"""Every kernel, each one entry: adding a kernel is adding a `Kernel` here."""
+
+KERNEL_DEFAULTS: dict[str, dict[str, float]] = {name: spec.defaults for name, spec in KERNELS.items()}
+KERNEL_ALIASES: dict[str, tuple[str, dict[str, float]]] = {
+    alias: (name, fixed) for name, spec in KERNELS.items() for alias, fixed in spec.aliases.items()}
+KERNEL_NAMES: list[str] = [*KERNELS, *KERNEL_ALIASES]

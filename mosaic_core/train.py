@@ -1,7 +1,8 @@
 """One trial: build task and model, train with AdamW + warmup/cosine, evaluate, report, checkpoint.
 
 `train_trial` knows nothing of Ray or MLflow: whoever runs it passes a `report` callable, and a
-checkpoint directory to resume from.
+checkpoint directory to resume from. Run by several processes of a torch.distributed process group
+(Ray Train's workers), it trains data-parallel on the same global batches (mosaic_core.sharding).
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from mosaic_core.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from mosaic_core.config import TrainConfig, TrialConfig
 from mosaic_core.metrics import IGNORE_INDEX, SELECTED_PREFIX, length_metric_name
 from mosaic_core.model import MemoryMosaics
+from mosaic_core.sharding import Shard, scored_tokens
 from mosaic_core.tasks import Task, build_task
 
-Report = Callable[[dict[str, float], str], None]  # (metrics, checkpoint directory)
+# (metrics, checkpoint directory); on the workers other than rank 0 of a data-parallel run: ({}, None)
+Report = Callable[[dict[str, float], str | None], None]
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
@@ -86,16 +89,22 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.de
 
 
 def optimizer_step(model: torch.nn.Module, forward: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer,
-                   micro_batches: Iterable[tuple[Tensor, Tensor]], train: TrainConfig, device: torch.device) -> Tensor:
-    """One optimiser step over `train.grad_accum_steps` micro-batches: bf16 autocast on CUDA,
-    clipping, no host sync (the mean loss comes back as a device tensor)."""
+                   micro_batches: Iterable[tuple[Tensor, Tensor]], train: TrainConfig, device: torch.device,
+                   shard: Shard = Shard()) -> Tensor:
+    """One optimiser step over `train.grad_accum_steps` global micro-batches, each the token mean of
+    its cross-entropy, this worker training on its `shard` of their rows: bf16 autocast on CUDA,
+    clipping, no host sync. Returns this worker's part of the step's loss as a device tensor (the
+    workers' parts sum to it)."""
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     total = torch.zeros((), device=device)
     for inputs, labels in micro_batches:
+        scored = scored_tokens(labels).to(device)
+        inputs, labels = shard.rows(inputs, labels)
         with autocast:
             logits = forward(inputs.to(device, non_blocking=True))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE_INDEX)
-        (loss / train.grad_accum_steps).backward()
+        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE_INDEX,
+                               reduction="sum") / scored
+        (loss * (shard.world_size / train.grad_accum_steps)).backward()  # DDP averages over workers: undo it
         total += loss.detach() / train.grad_accum_steps
     if train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
@@ -104,26 +113,45 @@ def optimizer_step(model: torch.nn.Module, forward: Callable[[Tensor], Tensor], 
     return total
 
 
+def report_evaluation(report: Report, shard: Shard, metrics: dict[str, float], *, config: TrialConfig,
+                      model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Rank 0: `report(metrics, checkpoint_dir)` with a checkpoint of this moment. The other
+    workers call `report({}, None)`: a reporter that synchronises workers (Ray Train's) is reached
+    by all of them, and only rank 0 writes."""
+    if not shard.leads:
+        report({}, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="mosaic-checkpoint-") as directory:
+        save_checkpoint(directory, config=config, step=int(metrics["step"]), model=model, optimizer=optimizer,
+                        metrics=metrics)
+        report(metrics, directory)
+
+
 def train_trial(
     config: TrialConfig | Mapping[str, Any],
     report: Report | None = None,
     *,
     resume_from: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
+    prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> dict[str, float]:
     """Train one model; every `eval_interval` steps and at the end, evaluate and call
     `report(metrics, checkpoint_dir)` with a checkpoint of this very moment (valid during the call).
 
     `resume_from`: a checkpoint directory; the run continues from its step exactly as if it had
     never stopped. `on_step(step, loss)` is called after every optimiser step (progress bars).
-    Returns the last metrics. A non-finite loss raises FloatingPointError.
+    `prepare_model` moves the model to its device and wraps it for data parallelism (Ray Train's
+    `prepare_model`: DDP); the trial then runs on that device, and `train.device` is not used.
+    Returns the last metrics (on rank 0). A non-finite loss raises FloatingPointError.
     """
     config = config if isinstance(config, TrialConfig) else TrialConfig.model_validate(config)
     train = config.train
-    device = pick_device(train.device)
+    shard = Shard.of_this_process()
     torch.manual_seed(config.seed)
     task = build_task(config.task, config.seed)
-    model = MemoryMosaics(config.model, task.vocab_size).to(device)
+    model = MemoryMosaics(config.model, task.vocab_size)
+    trained = prepare_model(model) if prepare_model else model.to(pick_device(train.device))  # DDP on several workers
+    device = next(model.parameters()).device
     optimizer = build_optimizer(model, train, device)
     first_step, metrics = 0, {}
     if resume_from is not None:
@@ -132,7 +160,7 @@ def train_trial(
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         first_step, metrics = state["step"], state["metrics"]
-    forward = torch.compile(model) if train.compile else model
+    forward = torch.compile(trained) if train.compile else trained
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     started = time.perf_counter()
@@ -141,11 +169,11 @@ def train_trial(
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
+        shard.reseed_dropout(config.seed, step)
         # a fresh micro-batch per micro-step: batch index counts micro-batches, not steps
         micro_batches = (task.train_batch(step * train.grad_accum_steps + micro, train.batch_size)
                          for micro in range(train.grad_accum_steps))
-        loss = optimizer_step(model, forward, optimizer, micro_batches, train, device)
-        loss_value = loss.item()
+        loss_value = shard.summed(optimizer_step(model, forward, optimizer, micro_batches, train, device, shard)).item()
         if not math.isfinite(loss_value):
             raise FloatingPointError(f"training loss is {loss_value} at step {step + 1}; stopping the trial")
 
@@ -153,15 +181,13 @@ def train_trial(
         if on_step is not None:
             on_step(done, loss_value)
         if done % train.eval_interval == 0 or done == train.max_steps:
-            model.eval()
-            with autocast:
-                evaluated = with_selection(task.evaluate(model, device), done, metrics, config.task.selection())
-                metrics = {"step": done, "train_loss": loss_value, "lr": lr, **evaluated,
-                           **diagnostic_metrics(model, task, device)}
-            metrics["elapsed_s"] = time.perf_counter() - started
+            if shard.leads:  # evaluation once, on rank 0 alone
+                model.eval()
+                with autocast:
+                    evaluated = with_selection(task.evaluate(model, device), done, metrics, config.task.selection())
+                    metrics = {"step": done, "train_loss": loss_value, "lr": lr, **evaluated,
+                               **diagnostic_metrics(model, task, device)}
+                metrics["elapsed_s"] = time.perf_counter() - started
             if report is not None:
-                with tempfile.TemporaryDirectory(prefix="mosaic-checkpoint-") as directory:
-                    save_checkpoint(directory, config=config, step=done, model=model, optimizer=optimizer,
-                                    metrics=metrics)
-                    report(metrics, directory)
+                report_evaluation(report, shard, metrics, config=config, model=model, optimizer=optimizer)
     return metrics

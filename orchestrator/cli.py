@@ -71,14 +71,16 @@ def run(
     try:
         if address is None:  # this machine: checked before Ray starts
             cluster = local_machine()
-            check_fits(sweep.resources, cluster)
+            check_fits(sweep.widest, cluster)
         if dry_run:
             if address is not None:
                 cluster = connect(address, verbose)
-                check_fits(sweep.resources, cluster)
+                check_fits(sweep.widest, cluster)
             width = len(str(len(sweep.trials)))
             for number, trial in enumerate(sweep.trials, 1):
-                typer.echo(f"{number:>{width}}  {trial.describe()}")
+                count = sweep.trial_resources(trial).workers
+                workers = f"  ({count} workers)" if count > 1 else ""
+                typer.echo(f"{number:>{width}}  {trial.describe()}{workers}")
             for line in resource_plan(sweep, cluster, max_concurrent):
                 typer.echo(line)
             return
@@ -144,17 +146,23 @@ def train(
     out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: runs/<config name>.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty run folder; the old one is moved to a backup.")] = False,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Train data-parallel on N Ray Train workers of this machine (a GPU each when the trial uses CUDA), with the same global batch.")] = None,
 ) -> None:
-    """Train one trial without Ray: progress bar, metrics at every evaluation, a resumable checkpoint."""
-    from orchestrator.single_run import load_trial_config, run_single_trial
+    """Train one trial without Ray (or on --workers N): progress, metrics at every evaluation, a resumable checkpoint."""
+    from orchestrator.single_run import load_trial_config, local_workers, run_data_parallel_trial, run_single_trial
 
     try:
         config = load_trial_config(config_file, steps=steps, device=device)
+        resources = None if workers is None else local_workers(config, workers)
     except ValueError as error:
         raise _fail(str(error)) from None
     run_dir = out or Path("runs") / config_file.stem
     try:
-        run_single_trial(config, run_dir, resume=resume, overwrite=overwrite)
+        if resources is None:
+            run_single_trial(config, run_dir, resume=resume, overwrite=overwrite)
+        else:
+            verbose = logging.getLogger().level <= logging.INFO
+            run_data_parallel_trial(config, run_dir, resources, resume=resume, overwrite=overwrite, verbose=verbose)
     except (FileExistsError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
 

@@ -1,8 +1,14 @@
 """Where a sweep runs and whether its trials fit: the local machine or a Ray cluster, the
-per-trial resources, and the plan `--dry-run` prints (how many trials run at once)."""
+per-trial resources, and the plan `--dry-run` prints (how many trials run at once).
+
+A trial asks Ray for one bundle of resources; a trial on several workers for one bundle per worker
+and a sliver of CPU for its Ray Train driver. The plan places these bundles first-fit on the
+nodes, trial after trial, as Ray's placement groups would on an idle cluster.
+"""
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -11,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from orchestrator.data_parallel import DRIVER_CPU
 from search_spaces.schema import Resources, Sweep
 
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"  # where `ray up` leaves the config on the head
@@ -35,6 +42,11 @@ class Cluster:
     def largest(self, resource: str) -> float:
         """The most of `resource` one node has, or will have once the autoscaler adds it."""
         return max(node.get(resource, 0) for node in self.nodes + [shape for shape, _ in self.scalable])
+
+    @property
+    def at_full_scale(self) -> list[dict[str, float]]:
+        """The running nodes and every node the autoscaler can add."""
+        return self.nodes + [shape for shape, count in self.scalable for _ in range(count)]
 
     @property
     def needs_shared_storage(self) -> bool:
@@ -75,30 +87,85 @@ def autoscaled_node_types(config_file: Path = AUTOSCALER_CONFIG) -> list[tuple[d
             for node_type in config.get("available_node_types", {}).values() if node_type.get("max_workers", 0) > 0]
 
 
+def trial_bundles(resources: Resources) -> list[dict[str, float]]:
+    """What one trial asks Ray for: one bundle; on several workers, its driver's and one per worker."""
+    worker = {"CPU": resources.cpu, "GPU": resources.gpu}
+    return [worker] if resources.workers == 1 else [{"CPU": DRIVER_CPU}] + [worker] * resources.workers
+
+
 def check_fits(resources: Resources, cluster: Cluster) -> None:
-    """Refuse a trial that no node can ever hold (Tune would wait for it forever)."""
+    """Refuse a trial that no node can ever hold, or whose workers together the cluster never can
+    (Tune would wait for it forever)."""
+    who = "a trial" if resources.workers == 1 else "a worker"
     for name, need in (("GPU", resources.gpu), ("CPU", resources.cpu)):
         have = cluster.largest(name)
         if need > have:
             flag = f"--{name.lower()}s-per-trial"
-            raise PlacementError(f"a trial needs {need:g} {name}s but {cluster.where} has at most {have:g} per node; "
+            raise PlacementError(f"{who} needs {need:g} {name}s but {cluster.where} has at most {have:g} per node; "
                                  f"lower resources.{name.lower()} (or {flag}), or pass --address of a larger cluster")
+    every_node = cluster.at_full_scale
+    if resources.workers > 1 and not _place(trial_bundles(resources), [dict(node) for node in every_node]):
+        names = ("CPU", "GPU") if resources.gpu else ("CPU",)
+        need = {"CPU": resources.workers * resources.cpu + DRIVER_CPU, "GPU": resources.workers * resources.gpu}
+        have = {name: sum(node.get(name, 0) for node in every_node) for name in names}
+        raise PlacementError(
+            f"a trial of {resources.workers} workers needs {' and '.join(f'{need[n]:g} {n}s' for n in names)} "
+            f"({DRIVER_CPU:g} CPU of it for its driver) but {cluster.where} has "
+            f"{' and '.join(f'{have[n]:g} {n}s' for n in names)} in all; lower resources.workers or the resources "
+            "per worker, or pass --address of a larger cluster")
 
 
-def _trials_per_node(resources: Resources, node: dict[str, float], only: str | None = None) -> int:
-    """How many trials fit on one node (counting only CPUs or GPUs with `only`)."""
-    fits = []
-    if only in (None, "CPU"):
-        fits.append(math.floor(node.get("CPU", 0) / resources.cpu + 1e-9))
-    if resources.gpu > 0 and only in (None, "GPU"):
-        fits.append(math.floor(node.get("GPU", 0) / resources.gpu + 1e-9))
-    return min(fits) if fits else 0
+def _place(bundles: list[dict[str, float]], free: list[dict[str, float]], only: str | None = None) -> bool:
+    """Put each bundle on the first node with room (counting only CPUs or GPUs with `only`); the
+    nodes' `free` resources shrink only when every bundle of the trial fits."""
+    taken = [dict(node) for node in free]
+    for bundle in bundles:
+        counted = {name: need for name, need in bundle.items() if need and only in (None, name)}
+        node = next((node for node in taken if all(need <= node.get(name, 0) + 1e-9 for name, need in counted.items())), None)
+        if node is None:
+            return False
+        for name, need in counted.items():
+            node[name] = node.get(name, 0) - need
+    free[:] = taken
+    return True
+
+
+def _first_wave(demands: list[list[dict[str, float]]], nodes: list[dict[str, float]], only: str | None = None,
+                cap: int | None = None) -> list[int]:
+    """Which trials (by index) start together on idle `nodes`: each in turn, if it fits, up to `cap`."""
+    free, started = [dict(node) for node in nodes], []
+    for index, bundles in enumerate(demands):
+        if cap is not None and len(started) == cap:
+            break
+        if _place(bundles, free, only):
+            started.append(index)
+    return started
+
+
+def _wave_count(demands: list[list[dict[str, float]]], nodes: list[dict[str, float]], cap: int | None) -> int | None:
+    """How many waves run every trial, a wave starting when the last one has ended; None if some never fit."""
+    waves = 0
+    while demands:
+        started = set(_first_wave(demands, nodes, cap=cap))
+        if not started:
+            return None
+        demands = [bundles for index, bundles in enumerate(demands) if index not in started]
+        waves += 1
+    return waves
+
+
+def _demands(sweep: Sweep) -> list[list[dict[str, float]]]:
+    """Every Tune trial's bundles, in launch order; a search picks its variants as it goes: plan for the widest."""
+    if sweep.search is not None:
+        return [trial_bundles(sweep.widest)] * sweep.num_trials
+    return [trial_bundles(sweep.trial_resources(trial)) for trial in sweep.trials]
 
 
 def concurrency(sweep: Sweep, nodes: list[dict[str, float]], max_concurrent: int | None) -> tuple[int, str]:
     """How many trials run at once on these nodes, and what limits it."""
-    packed = sum(_trials_per_node(sweep.resources, node) for node in nodes)
-    by_gpus = sum(_trials_per_node(sweep.resources, node, "GPU") for node in nodes) if sweep.resources.gpu else None
+    demands = _demands(sweep)
+    packed = len(_first_wave(demands, nodes))
+    by_gpus = len(_first_wave(demands, nodes, "GPU")) if sweep.resources.gpu else None
     limited_by = "running nodes" if packed == 0 else "GPUs" if by_gpus == packed else "CPUs"
     limits = {"trials": sweep.num_trials, limited_by: packed}
     if max_concurrent is not None:
@@ -107,23 +174,39 @@ def concurrency(sweep: Sweep, nodes: list[dict[str, float]], max_concurrent: int
     return limits[limit], limit
 
 
+def _per_trial(sweep: Sweep) -> str:
+    """`1 CPU, 0 GPU`; with workers, per worker and how many workers the trials have."""
+    cpu, gpu, widest = sweep.resources.cpu, sweep.resources.gpu, sweep.widest
+    if widest.workers == 1:
+        return f"per trial: {cpu:g} CPU, {gpu:g} GPU"
+    if sweep.search is not None:
+        shapes = f"trials on up to {widest.workers} workers"
+    else:
+        counts = collections.Counter(sweep.trial_resources(trial).workers for trial in sweep.trials)
+        shapes = ", ".join(f"{n} trial{'s' * (n > 1)} × {w} worker{'s' * (w > 1)}" for w, n in sorted(counts.items()))
+    return (f"per worker: {cpu:g} CPU, {gpu:g} GPU; {shapes} (Ray Train, placed {widest.placement}, "
+            f"each with a {DRIVER_CPU:g}-CPU driver)")
+
+
 def resource_plan(sweep: Sweep, cluster: Cluster, max_concurrent: int | None) -> list[str]:
     """The lines `--dry-run` ends with: per-trial resources, what is there, and how the trials will run."""
-    cpu, gpu = sweep.resources.cpu, sweep.resources.gpu
+    gpu = sweep.resources.gpu
+    demands = _demands(sweep)
     at_once, limit = concurrency(sweep, cluster.nodes, max_concurrent)
-    waves = f"{math.ceil(sweep.num_trials / at_once)} wave(s)" if at_once else "none until nodes join"
+    waves = _wave_count(demands, cluster.nodes, max_concurrent) if at_once else None
+    waves = f"{waves} wave(s)" if waves else "none until nodes join"
     if gpu:
-        gpus = sweep.num_trials * gpu if gpu > 1 else math.ceil(sweep.num_trials / math.floor(1 / gpu + 1e-9))
+        workers = sum(len(bundles) - (len(bundles) > 1) for bundles in demands)  # a driver takes no GPU
+        gpus = workers * gpu if gpu > 1 else math.ceil(workers / math.floor(1 / gpu + 1e-9))
         waves += f"; {gpus:g} GPUs would run them all at once"
     trials = f"{sweep.num_trials} trials"
     if sweep.search is not None:
         search = sweep.search
         trials += (f" ({search.n_trials} Optuna {search.sampler.upper()} suggestions × {search.seeds} seeds, "
                    f"{search.mode} {search.metric})")
-    lines = [f"per trial: {cpu:g} CPU, {gpu:g} GPU; {cluster.where}: {len(cluster.nodes)} node(s), "
+    lines = [f"{_per_trial(sweep)}; {cluster.where}: {len(cluster.nodes)} node(s), "
              f"{cluster.total('CPU'):g} CPUs, {cluster.total('GPU'):g} GPUs",
              f"{trials}: {at_once} at a time (limited by {limit}), {waves}"]
     if cluster.scalable:
-        full = cluster.nodes + [shape for shape, count in cluster.scalable for _ in range(count)]
-        lines.append(f"with every worker the autoscaler can add: {concurrency(sweep, full, max_concurrent)[0]} at a time")
+        lines.append(f"with every worker the autoscaler can add: {concurrency(sweep, cluster.at_full_scale, max_concurrent)[0]} at a time")
     return lines

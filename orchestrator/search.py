@@ -13,12 +13,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
+from mosaic_core.config import TrialConfig, describe_validation_error
 from search_spaces.schema import Search, Sweep, with_overrides
 
 VARIANT = "variant"
@@ -51,6 +53,15 @@ def trial_config(tune_config: dict[str, Any], configs: dict[str, dict[str, Any]]
     config = with_overrides(configs[tune_config[VARIANT]], searched_values(tune_config))
     config["seed"] += tune_config.get(TRIAL_INDEX, 0)
     return config
+
+
+def validated_trial_config(tune_config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> TrialConfig:
+    """`trial_config`, validated: a search can suggest an invalid config inside its ranges (n_embd
+    not divisible by n_head), which fails its trial alone with a one-line ValueError."""
+    try:
+        return TrialConfig.model_validate(trial_config(tune_config, configs))
+    except ValidationError as error:
+        raise ValueError(describe_validation_error(error, TrialConfig, "the suggested config")) from None
 
 
 def trial_name(tune_config: dict[str, Any]) -> str:

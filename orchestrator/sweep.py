@@ -103,26 +103,18 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
     Tune's config holds only the variant's short name and any searched values (readable in its
     progress table); the variants' full configs are shipped once through the object store.
     """
-    import ray
-    import torch
-    from pydantic import ValidationError
     from ray import tune
 
-    from mosaic_core.config import TrialConfig, describe_validation_error
     from mosaic_core.train import train_trial
-    from orchestrator.search import trial_config
+    from orchestrator.data_parallel import use_ray_share
+    from orchestrator.search import validated_trial_config
 
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-    torch.set_num_threads(max(1, int(cpus)))  # Ray's CPUs are logical: keep torch inside its share
-    placement = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}  # Ray's GPU share for this trial
+    placement = use_ray_share()  # Ray's CPUs are logical: torch keeps inside its share
 
     def report(metrics: dict[str, float], checkpoint_dir: str) -> None:
         tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
 
-    try:  # a search can suggest an invalid config inside its ranges (n_embd not divisible by n_head)
-        full_config = TrialConfig.model_validate(trial_config(config, configs))
-    except ValidationError as error:
-        raise ValueError(describe_validation_error(error, TrialConfig, "the suggested config")) from None
+    full_config = validated_trial_config(config, configs)
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial after a failure or a resume
     if checkpoint is None:
         train_trial(full_config, report=report)
@@ -175,7 +167,7 @@ def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bo
         nodes = f"has {len(cluster.nodes)} nodes" if len(cluster.nodes) > 1 else "adds nodes as it scales"
         raise PlacementError(f"{cluster.where} {nodes}: trials need shared storage for their checkpoints; "
                              f"pass --storage with a path every node sees, or s3://bucket/prefix")
-    check_fits(sweep.resources, cluster)
+    check_fits(sweep.widest, cluster)
     return _tune(sweep, sweep_dir, tracking_uri, storage_path, num_trials, resume=resume, verbose=verbose,
                  max_concurrent=max_concurrent)
 
@@ -200,6 +192,7 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
 
     from analysis.plots import make_plots
     from analysis.results_store import read_results, trial_states
+    from orchestrator.data_parallel import sweep_trainable
     from orchestrator.progress import TrialProgress
     from orchestrator.search import param_space, scheduler, search_algorithm
     from orchestrator.tracking import SweepTracker, end_unfinished_runs, load_run_map, save_run_map
@@ -219,8 +212,11 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
         configs = json.loads(configs_file.read_text())  # as first expanded: an edited sweep file cannot derail it
         parent_id = run_map["parent"]
         client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        workers = json.loads((sweep_dir / LAUNCH).read_text()).get("workers", {})  # as first launched
     else:
-        (sweep_dir / LAUNCH).write_text(json.dumps({"tracking_uri": tracking_uri, "storage_path": storage_path, "trials": num_trials}, indent=1))
+        workers = {trial.describe(): sweep.trial_resources(trial).workers for trial in sweep.trials}
+        (sweep_dir / LAUNCH).write_text(json.dumps({"tracking_uri": tracking_uri, "storage_path": storage_path, "trials": num_trials,
+                                                    "workers": workers}, indent=1))
         configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
         configs_file.write_text(json.dumps(configs, indent=1))
         client = MlflowClient(tracking_uri=tracking_uri)
@@ -236,8 +232,8 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
         save_run_map(sweep_dir, parent_id, {})  # before any trial: a resume always finds its parent
     status = RunStatus.FAILED
     try:
-        resources = {"cpu": sweep.resources.cpu, "gpu": sweep.resources.gpu}
-        trainable = tune.with_resources(tune.with_parameters(_run_trial, configs=configs), resources)
+        resources = {name: sweep.resources.model_copy(update={"workers": workers.get(name, 1)}) for name in configs}
+        trainable = sweep_trainable(_run_trial, configs, resources, tune_path, sweep.max_failures)
         if resume:  # Tune restores its run config, callbacks, searcher and scheduler as the sweep left them
             tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
         else:
@@ -248,8 +244,9 @@ def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, n
                     search_alg=search_algorithm(sweep, sweep_dir), scheduler=scheduler(sweep),
                     num_samples=num_trials if sweep.search else 1, max_concurrent_trials=max_concurrent,
                     # GPU trials each in a fresh process, so their GPU memory goes back when they end; CPU
-                    # trials reuse their processes (a fresh one costs ~4 s of imports: bench/RESULTS.md)
-                    reuse_actors=sweep.resources.gpu == 0,
+                    # trials reuse their processes (a fresh one costs ~4 s of imports: bench/RESULTS.md),
+                    # unless some drive Ray Train runs, whose workers must end with their trial
+                    reuse_actors=sweep.resources.gpu == 0 and max(workers.values(), default=1) == 1,
                     trial_dirname_creator=lambda trial: trial.trial_id,
                 ),
                 run_config=tune.RunConfig(

@@ -4,7 +4,8 @@ Kernel parameters are conditional: α belongs to entmax, k to the top-k kernels,
 each entry of `kernels:` expands over its own parameters only. `grid:` is a Cartesian product over
 any other config key, written as a dotted path (`model.n_layer: [1, 2]`, `seed: [0, 1, 2]`).
 `cases:` are settings that go together (task MQMTAR at depth 4 with its lengths, sort at depth
-2 with its own): trials = cases × kernel variants × grid points.
+2 with its own): trials = cases × kernel variants × grid points. A case may also set
+`resources.workers`, its trials' number of data-parallel workers.
 `scheduler:` stops weak trials early (ASHA); `search:` replaces the grid's seeds by an Optuna
 search over distributions of dotted keys, each suggestion trained with `seeds` seeds.
 Everything is checked before anything starts; errors are one line naming the key and what is allowed.
@@ -24,6 +25,7 @@ from mosaic_core.config import TrialConfig, describe_validation_error, flatten
 from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES, kernel_label, resolve_kernel
 
 KERNEL_KEYS = ("model.kernel", "model.kernel_params")  # set by `kernels:`, never by `grid:`
+WORKERS_KEY = "resources.workers"  # the one resource a case may set: a trial's result does not depend on it
 
 
 class SweepError(ValueError):
@@ -31,11 +33,15 @@ class SweepError(ValueError):
 
 
 class Resources(BaseModel):
-    """Logical Ray resources per trial: `gpu: 0.25` packs four trials on one GPU."""
+    """Logical Ray resources per trial, or per worker of a data-parallel trial: `gpu: 0.25` packs
+    four trials on one GPU; `workers: 4` trains each trial on four workers through Ray Train."""
 
     model_config = ConfigDict(extra="forbid")
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
+    workers: int = Field(1, ge=1, description="data-parallel workers per trial; cpu and gpu are per worker")
+    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="a trial's workers on as few nodes as "
+                                                  "possible (PACK) or on as many (SPREAD)")
 
     @field_validator("gpu")
     @classmethod
@@ -98,6 +104,7 @@ class Trial:
 
     config: TrialConfig
     varying: dict[str, Any]
+    workers: int | None = None  # its case's resources.workers; None: the sweep's
 
     @property
     def kernel_label(self) -> str:
@@ -122,6 +129,15 @@ class Sweep:
     max_failures: int = 1
     scheduler: Scheduler | None = None
     search: Search | None = None
+
+    def trial_resources(self, trial: Trial) -> Resources:
+        """`resources:` with the trial's own worker count (its case's `resources.workers`), if it has one."""
+        return self.resources if trial.workers is None else self.resources.model_copy(update={"workers": trial.workers})
+
+    @property
+    def widest(self) -> Resources:
+        """The resources of the trial with the most workers: the hardest one to place."""
+        return max((self.trial_resources(trial) for trial in self.trials), key=lambda resources: resources.workers)
 
     @property
     def num_trials(self) -> int:
@@ -171,9 +187,11 @@ def expand(spec: SweepFile, source: str) -> Sweep:
     for case in spec.cases:
         if set(case) & set(KERNEL_KEYS):
             raise SweepError(f"{source}: cases cannot set {', '.join(KERNEL_KEYS)}; list kernel variants in 'kernels:'")
+        _check_case_workers(case, source)
     grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
     trials = []
-    for case, (kernel, params), point in itertools.product(spec.cases, kernels, grid_points):
+    for full_case, (kernel, params), point in itertools.product(spec.cases, kernels, grid_points):
+        case = {key: value for key, value in full_case.items() if key != WORKERS_KEY}
         tree = with_overrides(spec.base, {**case, "model.kernel": kernel, "model.kernel_params": params, **point})
         shown_kernel = f"{kernel}({', '.join(_show(p, v) for p, v in params.items())})" if params else kernel
         shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
@@ -183,7 +201,7 @@ def expand(spec: SweepFile, source: str) -> Sweep:
         except ValidationError as error:
             where = f"{source}: trial '{_name(varying)}'"
             raise SweepError(describe_validation_error(error, TrialConfig, where)) from None
-        trials.append(Trial(config, varying))
+        trials.append(Trial(config, varying, full_case.get(WORKERS_KEY)))
     names = [trial.describe() for trial in trials]
     twice = next((name for name in names if names.count(name) > 1), None)
     if twice is not None:
@@ -196,6 +214,17 @@ def expand(spec: SweepFile, source: str) -> Sweep:
         _check_scheduler(spec.scheduler, spec.search, trials, source)
     return Sweep(spec.name, spec.description, spec.resources, trials, labels, seeds, spec.max_failures,
                  spec.scheduler, spec.search)
+
+
+def _check_case_workers(case: dict[str, Any], source: str) -> None:
+    """A case may give its trials their own worker count; every other resource is the sweep's."""
+    others = [key for key in case if key.startswith("resources.") and key != WORKERS_KEY]
+    if others:
+        raise SweepError(f"{source}: cases can set {WORKERS_KEY} only; {', '.join(others)} is per worker, "
+                         "for the whole sweep, in 'resources:'")
+    workers = case.get(WORKERS_KEY, 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SweepError(f"{source}: case {WORKERS_KEY} must be a whole number ≥ 1; got {workers!r}")
 
 
 def _name(varying: dict[str, Any]) -> str:

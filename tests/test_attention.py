@@ -94,7 +94,8 @@ def test_half_precision_inputs_keep_their_dtype_and_match_float32(kernel, params
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 GPU_KERNELS = [("softmax", {}), ("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("entmax", {"alpha": 4 / 3}),
-               ("relumax", {"b": 1.0}), ("normrelu", {"gamma": 0.5, "b": -5.0}), ("topk_softmax", {"k": 32})]
+               ("entmax", {"alpha": 1.7}), ("relumax", {"b": 1.0}), ("normrelu", {"gamma": 0.5, "b": -5.0}),
+               ("topk_softmax", {"k": 32}), ("topk_uniform", {"k": 32})]
 # normwise relative error ‖got − want‖ / ‖want‖ for (outputs, gradients): normwise so that the rare
 # top-k selection that flips on a bf16-rounded tie does not fail an otherwise exact kernel
 TOLERANCES = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2)}
@@ -104,7 +105,7 @@ TOLERANCES = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2)}
 @cuda
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("length", [128, 1000, 4096])
+@pytest.mark.parametrize("length", [16, 80, 128, 1000, 4096])
 @pytest.mark.parametrize(("kernel", "params"), GPU_KERNELS)
 def test_gpu_fast_path_matches_reference(kernel, params, length, dtype):
     if dtype == torch.bfloat16 and kernel.startswith("topk"):
@@ -130,7 +131,7 @@ def test_gpu_fast_path_matches_reference(kernel, params, length, dtype):
 
 @cuda
 @pytest.mark.gpu
-def test_adasplash_is_used_for_compact_kernels_when_installed(monkeypatch):
+def test_adasplash_backend_is_used_for_compact_kernels_when_installed(monkeypatch):
     if not adasplash_available():
         pytest.skip("adasplash is not installed")
     calls = []
@@ -139,7 +140,7 @@ def test_adasplash_is_used_for_compact_kernels_when_installed(monkeypatch):
     q, k, v = qkv(1, 2, 256, 64, dtype=torch.float32, device="cuda")
     q = torch.nn.functional.normalize(q, dim=-1)
     for kernel, params in (("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("triweight", {})):
-        attend(q, q, v, kernel, backend="fast", **params)
+        attend(q, q, v, kernel, backend="adasplash", **params)
     assert calls == [2.0, 1.5, 4 / 3]
-    attend(q * 1e3, q * 1e3, v, "sparsemax", backend="fast")  # scores up to 1e6: AdaSplash's −1e4 mask fails
+    attend(q * 1e3, q * 1e3, v, "sparsemax", backend="adasplash")  # scores up to 1e6: AdaSplash's −1e4 mask fails
     assert len(calls) == 3

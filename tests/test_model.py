@@ -305,3 +305,9 @@ def test_untied_head_padded_vocabulary_and_embedding_dropout():
     with torch.no_grad():
         assert torch.equal(dropped.eval()(idx), dropped.eval()(idx))
         assert not torch.equal(dropped.train()(idx), dropped.eval()(idx))
+
+
+def test_adasplash_backend_refuses_attention_dropout_before_training():
+    with pytest.raises(ValueError, match="attention_backend 'adasplash' cannot drop attention weights"):
+        ModelConfig(kernel="sparsemax", attention_backend="adasplash", attn_dropout=0.05)
+    ModelConfig(kernel="sparsemax", attention_backend="adasplash", attn_dropout=0.05, contextual_attn_dropout=False)

@@ -104,3 +104,50 @@ def test_resource_flags_are_validated_like_the_sweep_file(tmp_path, write_sweep,
     assert done.exit_code == 2
     assert done.output.splitlines() == ["error: --gpus-per-trial/--cpus-per-trial: gpu: gpu 1.5: a fraction of one GPU "
                                         "(≤ 1) or whole GPUs; Ray cannot split several"]
+
+
+# ---------------------------------------------------------------------------------------------
+# data-parallel trials: one bundle per worker, and the Ray Train driver's 0.01 CPU
+
+
+def test_plan_of_four_one_gpu_workers_per_trial_counts_four_gpus_a_trial(smoke):
+    """Two 8-CPU 4-GPU nodes: the first trial's driver and workers fill node 1's GPUs, the second's
+    workers node 2's; the third waits. Six trials × 4 workers need 24 GPUs at once."""
+    lines = plan(smoke, Resources(cpu=1, gpu=1, workers=4), Cluster("the cluster", [node(8, 4), node(8, 4)]))
+    assert lines == ["per worker: 1 CPU, 1 GPU; 6 trials × 4 workers (Ray Train, placed PACK, each with a 0.01-CPU "
+                     "driver); the cluster: 2 node(s), 16 CPUs, 8 GPUs",
+                     "6 trials: 2 at a time (limited by GPUs), 3 wave(s); 24 GPUs would run them all at once"]
+
+
+def test_a_trials_workers_may_span_nodes_and_its_driver_needs_a_cpu_left(smoke):
+    spread = Resources(cpu=2, gpu=1, workers=4, placement="SPREAD")
+    assert plan(smoke, spread, Cluster("c", [node(4, 2)] * 4))[1].startswith("6 trials: 1 at a time (limited by CPUs)")
+    assert plan(smoke, spread, Cluster("c", [node(5, 2)] * 4))[1].startswith("6 trials: 2 at a time (limited by GPUs)")
+    assert "placed SPREAD" in plan(smoke, spread, Cluster("c", [node(5, 2)]))[0]
+
+
+def test_plan_of_a_sweep_mixing_one_and_two_worker_trials(write_sweep, smoke_spec):
+    smoke_spec["cases"] = [{"model.n_layer": 1}, {"model.n_layer": 2, "resources.workers": 2}]
+    smoke_spec["resources"] = {"cpu": 1}
+    sweep = load_sweep(write_sweep(smoke_spec))
+    # in order: four of the six 1-CPU trials, then the other two (a 2-worker trial needs 2.01 CPUs, 2 are
+    # left), then each 2-worker trial alone (two need 4.02 CPUs): 2 + 6 waves
+    assert resource_plan(sweep, Cluster("this machine", [node(4)]), None) == [
+        "per worker: 1 CPU, 0 GPU; 6 trials × 1 worker, 6 trials × 2 workers (Ray Train, placed PACK, each with a "
+        "0.01-CPU driver); this machine: 1 node(s), 4 CPUs, 0 GPUs",
+        "12 trials: 4 at a time (limited by CPUs), 8 wave(s)"]
+
+
+def test_a_trial_whose_workers_the_cluster_can_never_hold_together_is_refused():
+    two_gpus = Cluster("the cluster", [node(8, 1), node(8, 1)])
+    with pytest.raises(PlacementError, match=r"^a trial of 4 workers needs 4.01 CPUs and 4 GPUs \(0.01 CPU of it for "
+                                             r"its driver\) but the cluster has 16 CPUs and 2 GPUs in all; lower "
+                                             r"resources.workers or the resources per worker, or pass --address"):
+        check_fits(Resources(cpu=1, gpu=1, workers=4), two_gpus)
+    with pytest.raises(PlacementError, match=r"^a trial of 2 workers needs 2.01 CPUs \(0.01 CPU of it for its driver\) "
+                                             r"but the cluster has 2 CPUs in all"):
+        check_fits(Resources(cpu=1, workers=2), Cluster("the cluster", [node(2)]))
+    with pytest.raises(PlacementError, match="^a worker needs 2 GPUs but"):
+        check_fits(Resources(cpu=1, gpu=2, workers=2), two_gpus)
+    check_fits(Resources(cpu=1, gpu=1, workers=2), two_gpus)  # one worker on each node
+    check_fits(Resources(cpu=1, gpu=1, workers=8), Cluster("idle", [node(0)], scalable=[(node(8, 1), 8)]))

@@ -155,6 +155,44 @@ def test_two_grid_values_that_make_the_same_trial_are_refused(write_sweep, smoke
     assert message == "dup.yaml: two grid points make the same trial 'softmax seed=1'; list each value once"
 
 
+def test_a_case_gives_its_trials_their_own_worker_count(write_sweep, smoke_spec):
+    smoke_spec["resources"] = {"cpu": 2, "gpu": 1, "workers": 2, "placement": "SPREAD"}
+    smoke_spec["cases"] = [{"model.n_layer": 1}, {"model.n_layer": 4, "resources.workers": 8}]
+    sweep = load_sweep(write_sweep(smoke_spec))
+    workers = {(t.config.model.n_layer, t.describe()): sweep.trial_resources(t).workers for t in sweep.trials}
+    assert set(workers.values()) == {2, 8} and len(workers) == 12
+    assert all(w == (8 if n_layer == 4 else 2) for (n_layer, _), w in workers.items())
+    assert not any("workers" in name for _, name in workers)  # the worker count does not change the result
+    deep = next(t for t in sweep.trials if t.workers == 8)
+    assert {t.workers for t in sweep.trials} == {None, 8}  # None: the sweep's resources.workers
+    assert sweep.trial_resources(deep).model_dump() == {"cpu": 2, "gpu": 1, "workers": 8, "placement": "SPREAD"}
+    assert sweep.widest.workers == 8 and sweep.resources.workers == 2
+
+
+def test_cases_that_differ_only_in_workers_make_the_same_trial(write_sweep, smoke_spec):
+    smoke_spec["cases"] = [{}, {"resources.workers": 2}]
+    message = sweep_error(write_sweep(smoke_spec, "dup"))
+    assert message == "dup.yaml: two grid points make the same trial 'softmax seed=0'; list each value once"
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ({"resources.gpu": 1}, "cases can set resources.workers only; resources.gpu is per worker, for the whole sweep, in 'resources:'"),
+    ({"resources.workers": 0}, "case resources.workers must be a whole number ≥ 1; got 0"),
+    ({"resources.workers": 1.5}, "case resources.workers must be a whole number ≥ 1; got 1.5"),
+])
+def test_bad_case_resources_are_one_line(write_sweep, smoke_spec, case, expected):
+    smoke_spec["cases"] = [case]
+    assert sweep_error(write_sweep(smoke_spec)) == f"sweep.yaml: {expected}"
+
+
+def test_workers_and_placement_in_resources_are_checked(write_sweep, smoke_spec):
+    smoke_spec["resources"]["workers"] = 0
+    assert "resources.workers" in sweep_error(write_sweep(smoke_spec))
+    smoke_spec["resources"].update(workers=2, placement="STRICT_PACK")
+    message = sweep_error(write_sweep(smoke_spec))
+    assert "resources.placement" in message and "'PACK'" in message and "'SPREAD'" in message
+
+
 # ---------------------------------------------------------------------------------------------
 # errors: SweepError, one line, naming the key and what is allowed
 
@@ -191,7 +229,7 @@ def test_unknown_section_in_base(write_sweep, smoke_spec):
 def test_unknown_key_in_resources(write_sweep, smoke_spec):
     smoke_spec["resources"]["gpus"] = 1
     message = sweep_error(write_sweep(smoke_spec))
-    assert "unknown key 'resources.gpus'" in message and message.endswith("allowed: cpu, gpu")
+    assert "unknown key 'resources.gpus'" in message and message.endswith("allowed: cpu, gpu, workers, placement")
 
 
 def test_bad_value_in_base_names_the_key_and_the_choices(write_sweep, smoke_spec):

@@ -1,0 +1,157 @@
+"""The fused Triton kernels (`mosaic_core.fused`) against the float64 reference of `kernels`.
+
+Without CUDA they run in Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py before
+Triton is first imported): tiny shapes only (N ≤ 64, D = 16), the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="needs the triton package (the gpu extra)")
+
+from mosaic_core import attention  # noqa: E402
+from mosaic_core.attention import attend, attention_path  # noqa: E402
+from mosaic_core.fused import fused_attention, keep_mask  # noqa: E402
+from mosaic_core.kernels import attention_weights, fused_call  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+FUSED = [
+    ("sparsemax", {}),
+    ("entmax", {"alpha": 1.5}),
+    ("entmax", {"alpha": 4 / 3}),
+    ("entmax", {"alpha": 1.7}),  # a non-integer power 1/(α−1)
+    ("normrelu", {"gamma": 0.5, "b": -1.0}),
+    ("relumax", {"b": 0.7}),
+    ("topk_softmax", {"k": 5}),
+    ("topk_uniform", {"k": 5}),
+]
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.double() - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+def inputs(length: int, *, heads: int = 2, dim: int = 16, seed: int = 0, scale: float = 1.5):
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    return [torch.randn(1, heads, length, dim, generator=gen, device=DEVICE) * scale for _ in range(3)]
+
+
+def run(path, q, k, v, kernel, params, probe, *, mask_mode, dropout_p=0.0, keep=None):
+    """(out, [dq, dk, dv]) of the fused kernel (path "fused") or the float64 reference."""
+    if path == "fused":
+        tensors = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = fused_attention(*tensors, fused_call(kernel, **params), mask_mode=mask_mode, scale=0.8,
+                              dropout_p=dropout_p)
+    else:
+        tensors = [t.double().clone().requires_grad_() for t in (q, k, v)]
+        if keep is None:
+            out = attend(*tensors, kernel, mask_mode=mask_mode, scale=0.8, backend="reference", **params)
+        else:
+            mask = attention.causal_mask(q.shape[-2], q.shape[-2], mask_mode, device=q.device)
+            weights = attention_weights(0.8 * tensors[0] @ tensors[1].transpose(-2, -1), kernel, mask=mask, **params)
+            out = (weights * keep.view(weights.shape) / (1 - dropout_p)) @ tensors[2]
+    grads = torch.autograd.grad((out * probe.to(out.dtype)).sum(), tensors, allow_unused=True)
+    return out, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
+
+
+def assert_matches(fused, reference, out_tol=1e-5, grad_tol=1e-4):
+    assert relative_error(fused[0], reference[0]) <= out_tol
+    for got, want in zip(fused[1], reference[1]):
+        assert (got.double() - want).norm() <= grad_tol * max(want.norm(), 1.0)
+
+
+@pytest.mark.parametrize("mask_mode", ["strict_causal", "causal"])
+@pytest.mark.parametrize(("kernel", "params"), FUSED)
+def test_fused_kernel_matches_reference_values_and_gradients(kernel, params, mask_mode):
+    q, k, v = inputs(40)
+    probe = torch.randn_like(q)
+    fused = run("fused", q, k, v, kernel, params, probe, mask_mode=mask_mode)
+    reference = run("reference", q, k, v, kernel, params, probe, mask_mode=mask_mode)
+    assert_matches(fused, reference)
+    if mask_mode == "strict_causal":  # position 0 sees no key: output 0
+        assert torch.equal(fused[0][..., 0, :], torch.zeros_like(fused[0][..., 0, :]))
+
+
+@pytest.mark.parametrize("length", [16, 64])
+def test_shortest_and_one_tile_lengths_without_a_mask(length):
+    q, k, v = inputs(length, seed=3)
+    probe = torch.randn_like(q)
+    for kernel, params in (("entmax", {"alpha": 1.5}), ("topk_softmax", {"k": 3})):
+        fused = run("fused", q, k, v, kernel, params, probe, mask_mode=None)
+        assert_matches(fused, run("reference", q, k, v, kernel, params, probe, mask_mode=None))
+
+
+def test_top_k_ties_go_to_the_earliest_keys_as_in_the_reference():
+    q, k, v = inputs(48, heads=1, seed=4)
+    k[..., 20:30, :] = k[..., 10:11, :]  # eleven equal keys: every row that sees them has a tie
+    q[..., 40:, :] = k[..., 10:11, :]  # … and rows whose k-th score is one of them
+    probe = torch.randn_like(q)
+    for kernel in ("topk_softmax", "topk_uniform"):
+        fused = run("fused", q, k, v, kernel, {"k": 4}, probe, mask_mode="strict_causal")
+        assert_matches(fused, run("reference", q, k, v, kernel, {"k": 4}, probe, mask_mode="strict_causal"))
+
+
+def test_normrelu_per_head_b_gets_its_gradient_and_empty_rows_fall_back_to_uniform():
+    """The model's normrelu: b = 1 − 2β² per head, most rows with no positive weight."""
+    k, _, v = inputs(48, heads=3, seed=5, scale=0.5)
+    b = torch.tensor([-3.0, -0.2, 0.5], device=DEVICE)[:, None, None].requires_grad_()
+    keys, values = k.clone().requires_grad_(), v.clone().requires_grad_()
+    call = fused_call("normrelu", gamma=0.5, b=b)
+    fused = fused_attention(keys, keys, values, call, mask_mode="strict_causal", scale=1.0)
+    reference = attend(keys, keys, values, "normrelu", backend="reference", gamma=0.5, b=b)
+    assert relative_error(fused, reference) < 1e-5
+    probe = torch.randn_like(reference)
+    got = torch.autograd.grad((fused * probe).sum(), [keys, values, b])
+    want = torch.autograd.grad((reference * probe).sum(), [keys, values, b])
+    for g, w in zip(got, want):
+        assert relative_error(g, w) < 1e-4
+
+
+def test_relumax_ties_take_the_earliest_maximum():
+    k, _, v = inputs(40, heads=1, seed=6)
+    k[..., 25, :] = k[..., 13, :]
+    out = fused_attention(k, k, v, fused_call("relumax"), mask_mode="strict_causal", scale=1.0)
+    assert relative_error(out, attend(k.double(), k.double(), v.double(), "relumax", backend="reference")) < 1e-5
+
+
+@pytest.mark.parametrize(("kernel", "params"), [FUSED[1], FUSED[4], FUSED[6]])
+def test_dropout_drops_the_same_weights_forward_and_backward(kernel, params):
+    """Same seed, same mask: the fused kernel equals the reference with the kernels' own keep-mask,
+    in outputs and in gradients (which a backward with another mask would not match)."""
+    q, k, v = inputs(32, seed=7)
+    probe = torch.randn_like(q)
+    torch.manual_seed(11)
+    fused = run("fused", q, k, v, kernel, params, probe, mask_mode="causal", dropout_p=0.3)
+    torch.manual_seed(11)
+    seed = int(torch.randint(2**31 - 1, (), dtype=torch.int64))
+    keep = keep_mask(seed, 0.3, 2, 32, DEVICE)
+    assert 0.55 < keep.float().mean() < 0.85
+    reference = run("reference", q, k, v, kernel, params, probe, mask_mode="causal", dropout_p=0.3, keep=keep)
+    assert_matches(fused, reference)
+
+
+def test_compiles_to_one_graph():
+    """Custom ops with fake implementations and registered autograd: no graph break."""
+    q, k, v = (t.requires_grad_() for t in inputs(16))
+
+    def step(q, k, v):
+        return fused_attention(q, k, v, fused_call("entmax", alpha=1.5), mask_mode="strict_causal", scale=1.0)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    out = compiled(q, k, v)
+    grads = torch.autograd.grad(out.sum(), [q, k, v])
+    want = torch.autograd.grad(step(q, k, v).sum(), [q, k, v])
+    for g, w in zip(grads, want):
+        assert torch.allclose(g, w, atol=1e-6)
+
+
+def test_paths(monkeypatch):
+    assert attention_path("sparsemax", {}, "cpu") == "reference"
+    assert attention_path("sparsemax", {}, "cpu", backend="fast") == "chunked"
+    monkeypatch.setattr(attention, "triton_available", lambda: True)
+    assert attention_path("softmax", {}, "cuda") == "sdpa"
+    assert attention_path("triweight", {}, "cuda", dtype=torch.bfloat16) == "fused"
+    assert attention_path("entmax", {"alpha": 2.5}, "cuda") == "chunked"  # fused kernels take α ≤ 2
+    assert attention_path("topk_uniform", {"k": 8}, "cuda", head_dim=48) == "chunked"  # D not a power of two
