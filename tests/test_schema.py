@@ -118,16 +118,14 @@ def test_grid_overrides_base_and_no_grid_means_one_trial_per_kernel(write_sweep,
     assert [t.describe() for t in sweep.trials] == ["softmax", "sparsemax", "entmax(alpha=1.5)"]
 
 
-def test_alias_and_explicit_params_dedupe_to_one_variant(write_sweep, smoke_spec):
-    smoke_spec["kernels"] = ["biweight", {"name": "entmax", "alpha": 1.5}, "softmax", "gaussian", "entmax"]
-    sweep = load_sweep(write_sweep(smoke_spec))
-    assert [(t.config.model.kernel, dict(t.config.model.kernel_params), t.config.seed) for t in sweep.trials] == [
-        ("entmax", {"alpha": 1.5}, 0),
-        ("entmax", {"alpha": 1.5}, 1),
-        ("softmax", {}, 0),
-        ("softmax", {}, 1),
-    ]
-    assert sweep.kernel_labels == ["Biweight", "Gaussian"]  # first-written order
+@pytest.mark.parametrize(("kernels", "expected"), [
+    (["biweight", {"name": "entmax", "alpha": 1.5}], "kernels[1] repeats kernels[0]: both are entmax(alpha=1.5)"),
+    (["softmax", "sparsemax", "gaussian"], "kernels[2] repeats kernels[0]: both are softmax;"),
+    ([{"name": "topk_softmax", "k": [16, 16.0]}], "kernels[0] repeats kernels[0]: both are topk_softmax(k=16)"),
+])
+def test_a_kernel_variant_written_twice_is_refused_like_a_repeated_grid_value(write_sweep, smoke_spec, kernels, expected):
+    smoke_spec["kernels"] = kernels
+    assert expected in sweep_error(write_sweep(smoke_spec))
 
 
 def test_kernel_defaults_are_filled_in(write_sweep, smoke_spec):
