@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -117,8 +118,8 @@ def prepare_output_dir(path: Path, overwrite: bool, *, marker: str, what: str) -
     aside, never delete it, and never move a folder that is not one of ours."""
     if path.exists() and any(path.iterdir()):
         if not (path / marker).is_file():
-            raise SweepFolderError(f"{path} is a non-empty folder that holds no {what} (no {marker}); "
-                                   "give --out a new or empty folder")
+            raise SweepFolderError(f"{path} is not empty and has no {marker}, so it is not the folder of {what} "
+                                   "and is left alone; give --out a new or empty folder")
         if not overwrite:
             raise SweepFolderError(
                 f"{path} already holds {what}; pass --resume to continue it, --overwrite to start again "
@@ -163,3 +164,58 @@ def _read_model(path: Path, model: type[M], missing: str) -> M:
         where = ".".join(map(str, first["loc"])) or "(top level)"
         raise SweepFolderError(f"{path} is corrupt ({where}: {first['msg']}); "
                                "start the sweep again with --overwrite") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# where a sweep may be written: checked from the flags alone, before anything is made
+
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")  # MLflow's stores
+
+
+def check_new_folder(path: Path, flag: str) -> None:
+    """`path` can be made (or is a folder) and written: no name too long, no file on the way, not read-only."""
+    path = Path(os.path.abspath(path))
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+    limit = os.pathconf("/", "PC_NAME_MAX")
+    if len(os.fsencode(longest)) > limit:
+        raise SweepFolderError(f"{flag}: the name '{longest[:40]}…' is {len(os.fsencode(longest))} bytes long; "
+                               f"at most {limit}")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under the file {existing}"
+        raise SweepFolderError(f"{flag}: {path} {where}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SweepFolderError(f"{flag}: cannot write in {existing} (read-only, or not yours)")
+
+
+def check_overwrite(path: Path) -> None:
+    """--overwrite moves the old folder aside: never the working folder or one that holds it."""
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise SweepFolderError(f"--out {path} --overwrite would move aside the folder you are working in; "
+                               "give --out a subfolder")
+
+
+def check_storage(storage: str) -> None:
+    """A --storage that Tune can open: a local folder, or a URI of a filesystem pyarrow knows (s3://, gs://, …)."""
+    if "://" not in storage:
+        return check_new_folder(Path(storage), "--storage")
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(storage)
+    except Exception as error:  # pyarrow raises ArrowInvalid for unknown schemes, OSError for unreachable ones
+        raise SweepFolderError(f"--storage {storage}: {' '.join(str(error).split())[:160]}") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A --mlflow-uri MLflow can log to; a SQLite file or a file store in a folder that can be made."""
+    scheme = urlparse(uri).scheme
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise SweepFolderError(f"--mlflow-uri {uri}: unknown scheme '{scheme}'; allowed: a folder, "
+                               f"{', '.join(f'{s}:' for s in TRACKING_SCHEMES)}")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise SweepFolderError(f"--mlflow-uri {uri}: write a SQLite store as sqlite:///relative.db or sqlite:////absolute.db")
+        check_new_folder(Path(uri.removeprefix("sqlite:///")).parent, "--mlflow-uri")
+    elif scheme in ("", "file"):
+        check_new_folder(Path(uri.removeprefix("file://")), "--mlflow-uri")
