@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from analysis.schema import TrialStatus
-from orchestrator.sweep_folder import LaunchRecord, RunMap, SweepFolder, SweepFolderError, storage_path
+from orchestrator.sweep_folder import LAUNCH, LaunchRecord, RunMap, SweepFolder, SweepFolderError, storage_path
 from search_spaces.schema import Sweep
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ def new_sweep_folder(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage: 
 
 def resumable_sweep_folder(sweep_dir: Path) -> SweepFolder:
     """The folder of a sweep to resume: its launch record, its trials and its Tune state are all there."""
+    if not (sweep_dir / LAUNCH).is_file():
+        raise SweepFolderError(f"{sweep_dir} holds no sweep to resume (no {LAUNCH}); run it without --resume first")
     folder = SweepFolder.open(sweep_dir)
     folder.configs()
     if not _holds_tune_state(folder.launch):

@@ -168,6 +168,7 @@ def read_yaml(path: Path) -> Any:
         raise SweepError(f"{path.name}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
                          f"{error.start}); save it as UTF-8") from None
     loader = _UniqueKeyLoader(text)
+    loader.name = path.name  # what its errors say instead of "<unicode string>"
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
