@@ -13,6 +13,7 @@ Everything is checked before anything starts; errors are one line naming the key
 from __future__ import annotations
 
 import collections
+import copy
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -431,7 +432,7 @@ def _check_search(search: Search, grid: dict[str, list[Any]], trials: list[Trial
 
 def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of `base` with dotted-path overrides applied."""
-    tree = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain YAML data
+    tree = copy.deepcopy(base)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = tree
