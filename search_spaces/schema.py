@@ -385,49 +385,62 @@ def _check_search(search: Search, grid: dict[str, list[Any]], trials: list[Trial
         raise SweepError(f"{where}.seeds: the last seed would be {last_seed}; seeds go up to {MAX_SEED}")
     _check_metric(search.metric, trials, where)
     if search.storage is not None:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            make_url(search.storage)
-        except ArgumentError:
-            raise SweepError(f"{where}.storage: '{search.storage}' is not a database URL "
-                             "(sqlite:///path/optuna.db, postgresql://user@host/db, …)") from None
+        _check_database_url(search.storage, f"{where}.storage")
     for key, distribution in search.space.items():
         at = f"{where}.space.{key}"
         if key in grid:
             raise SweepError(f"{at}: also in grid:; a key is either searched or gridded")
         if key in KERNEL_KEYS or key == "seed":
             raise SweepError(f"{at}: cannot be searched; list kernel variants in 'kernels:' and use search.seeds")
-        if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
-            raise SweepError(f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}")
-        (kind, values), = distribution.items()
-        if kind == "choice":
-            if not values:
-                raise SweepError(f"{at}: choice needs at least one value")
-            corners = values
-        else:
-            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise SweepError(f"{at}: {kind} takes [low, high] numbers; got {values}")
-            low, high = values
-            if kind in ("int", "logint") and not all(float(v).is_integer() for v in values):
-                raise SweepError(f"{at}: {kind} takes integer bounds; got {values}")
-            if not low < high:
-                raise SweepError(f"{at}: empty range [{low}, {high}]; low must be below high")
-            if kind.startswith("log") and low <= 0:
-                raise SweepError(f"{at}: {kind} needs a positive low bound; got {low}")
-            corners = [low, high]
-        for trial in trials:
-            if key not in flatten(trial.config.model_dump()):
-                allowed = [k for k in flatten(trial.config.model_dump()) if k not in KERNEL_KEYS and k != "seed"]
-                raise SweepError(f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
-                                 f"allowed: {', '.join(allowed)}")
-            for value in corners:
-                tree = with_overrides(trial.config.model_dump(), {key: value})
-                try:
-                    TrialConfig.model_validate(tree)
-                except ValidationError as error:
-                    raise SweepError(describe_validation_error(error, TrialConfig, f"{at} = {value}")) from None
+        _check_corners(key, _corners(distribution, at), trials, where)
+
+
+def _check_database_url(url: str, where: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise SweepError(f"{where}: '{url}' is not a database URL "
+                         "(sqlite:///path/optuna.db, postgresql://user@host/db, …)") from None
+
+
+def _corners(distribution: dict[str, list[Any]], at: str) -> list[Any]:
+    """The values a well-formed distribution can take at its ends (all of a choice's)."""
+    if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
+        raise SweepError(f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}")
+    (kind, values), = distribution.items()
+    if kind == "choice":
+        if not values:
+            raise SweepError(f"{at}: choice needs at least one value")
+        return values
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise SweepError(f"{at}: {kind} takes [low, high] numbers; got {values}")
+    low, high = values
+    if kind in ("int", "logint") and not all(float(v).is_integer() for v in values):
+        raise SweepError(f"{at}: {kind} takes integer bounds; got {values}")
+    if not low < high:
+        raise SweepError(f"{at}: empty range [{low}, {high}]; low must be below high")
+    if kind.startswith("log") and low <= 0:
+        raise SweepError(f"{at}: {kind} needs a positive low bound; got {low}")
+    return [low, high]
+
+
+def _check_corners(key: str, corners: list[Any], trials: list[Trial], where: str) -> None:
+    """Every variant takes the searched key, and stays valid at each end of its range."""
+    at = f"{where}.space.{key}"
+    for trial in trials:
+        keys = flatten(trial.config.model_dump())
+        if key not in keys:
+            allowed = [k for k in keys if k not in KERNEL_KEYS and k != "seed"]
+            raise SweepError(f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
+                             f"allowed: {', '.join(allowed)}")
+        for value in corners:
+            try:
+                TrialConfig.model_validate(with_overrides(trial.config.model_dump(), {key: value}))
+            except ValidationError as error:
+                raise SweepError(describe_validation_error(error, TrialConfig, f"{at} = {value}")) from None
 
 
 def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
