@@ -43,7 +43,7 @@ def resumable_sweep_folder(sweep_dir: Path) -> SweepFolder:
     if not (sweep_dir / LAUNCH).is_file():
         raise SweepFolderError(f"{sweep_dir} holds no sweep to resume (no {LAUNCH}); run it without --resume first")
     folder = SweepFolder.open(sweep_dir)
-    folder.configs()
+    folder.configs()  # read now: a missing or corrupt trials.json is refused before Ray starts
     if not _holds_tune_state(folder.launch):
         raise SweepFolderError(f"{sweep_dir} holds no Tune state to resume ({folder.launch.tune_path}); "
                                "start it again with --overwrite")
@@ -185,10 +185,26 @@ def run_sweep(sweep: Sweep, folder: SweepFolder, *, address: str | None = None, 
         client.set_terminated(parent_id, status=RunStatus.to_string(status))
 
 
+class _ExpectedTrialFailure(logging.Filter):
+    """Tune logs the traceback of every failing trial: without -v, the progress line, the MLflow run
+    (tag `error`, artifact `error.txt`) and results.parquet tell it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trial task failed")
+
+
+_TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"
+
+
 def _quiet_logs(verbose: bool) -> None:
     """MLflow's and Tune's chatter only with -v."""
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
-    if not verbose:  # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0
+    controller = logging.getLogger(_TUNE_CONTROLLER_LOG)
+    for old in [f for f in controller.filters if isinstance(f, _ExpectedTrialFailure)]:
+        controller.removeFilter(old)
+    if not verbose:
+        controller.addFilter(_ExpectedTrialFailure())
+        # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         # short trials checkpoint often: Tune's advice to checkpoint less is noise here
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")

@@ -413,6 +413,7 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     assert done.returncode == 1, done.stderr[-3000:]
     assert "trials: 1 ERROR, 1 TERMINATED" in done.stdout
     assert "failed" in done.stderr and "model.vocab_size=2" in done.stderr  # the progress line names it
+    assert "Traceback" not in done.stderr  # an expected failure: its traceback is in MLflow, not on the terminal
 
     error = "ValueError: model.vocab_size (2) is smaller than the task's vocabulary (8)"
     results = read_results(tmp_path / "sweeps" / "failing")
