@@ -55,7 +55,8 @@ def load_checkpoint(directory: str | Path, config: TrialConfig) -> dict[str, Any
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        raise CheckpointError(f"checkpoint {path} is unreadable: {str(error).splitlines()[0]}") from None
+        reason = (str(error).splitlines() or [type(error).__name__])[0]  # a 0-byte file's error has no message
+        raise CheckpointError(f"checkpoint {path} is unreadable: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} is not a mosaic-sweep checkpoint (format {FORMAT_VERSION})")
     saved = flatten({key: state["config"].get(key) for key in _MUST_MATCH})

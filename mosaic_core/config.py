@@ -10,6 +10,9 @@ from mosaic_core.kernels import resolve_kernel
 from mosaic_core.metrics import SELECTED_PREFIX, length_metric_name
 
 
+MAX_SEED = 2**63 - 1  # seeds are stored as int64 (results schema); NumPy takes none below 0
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -70,7 +73,7 @@ class RegBenchConfig(_Strict):
     num_examples: int = Field(1000, ge=1, description="training DFAs (the paper: 1k … 40k)")
     num_val: int = Field(500, ge=1)
     num_test: int = Field(500, ge=1)
-    data_seed: int = Field(0, description="fixes the DFAs of every split, the same for all trial seeds")
+    data_seed: int = Field(0, ge=0, le=MAX_SEED, description="fixes the DFAs of every split, the same for all trial seeds")
     eval_batch_size: int = Field(32, ge=1)
 
     def metric_names(self) -> list[str]:
@@ -181,7 +184,7 @@ class TrainConfig(_Strict):
 class TrialConfig(_Strict):
     """Everything one trial needs: with the same config and seed a trial is reproducible."""
 
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=MAX_SEED)
     task: TaskConfig = Field(default_factory=LengthTaskConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

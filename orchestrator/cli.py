@@ -20,8 +20,15 @@ app = typer.Typer(help="Run sparse-attention kernel sweeps of Memory Mosaics wit
 USAGE_ERROR = 2
 
 
+MAX_ERROR_CHARS = 290  # an error quotes what the user wrote: never more than a line of it
+
+
 def _fail(message: str) -> typer.Exit:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    """One line on stderr, at most MAX_ERROR_CHARS long, and exit 2."""
+    line = " ".join(f"error: {message}".split())
+    if len(line) > MAX_ERROR_CHARS:
+        line = line[:MAX_ERROR_CHARS - 1] + "…"
+    typer.secho(line, err=True, fg=typer.colors.RED)
     return typer.Exit(USAGE_ERROR)
 
 
@@ -57,56 +64,105 @@ def run(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup.")] = False,
 ) -> None:
     """Validate a sweep, run it as Ray Tune trials (a grid, or an Optuna search), print the results table."""
-    from orchestrator.resources import PlacementError, check_fits, connect, local_machine, resource_plan
+    from orchestrator.resources import PlacementError, check_shared_storage, placement, resource_plan
+    from orchestrator.sweep_folder import SweepFolderError
 
-    sweep = _load(spec)
-    if gpus_per_trial is not None or cpus_per_trial is not None:
-        overrides = {key: value for key, value in (("gpu", gpus_per_trial), ("cpu", cpus_per_trial)) if value is not None}
-        try:  # validated like the sweep file's own resources
-            resources = Resources.model_validate({**sweep.resources.model_dump(), **overrides})
-        except ValidationError as error:
-            raise _fail(describe_validation_error(error, Resources, "--gpus-per-trial/--cpus-per-trial")) from None
-        sweep = dataclasses.replace(sweep, resources=resources)
+    sweep = _with_resources(_load(spec), gpus_per_trial, cpus_per_trial)
     verbose = logging.getLogger().level <= logging.INFO
+    sweep_dir = out or Path("sweeps") / sweep.name
     try:
-        if address is None:  # this machine: checked before Ray starts
-            cluster = local_machine()
-            check_fits(sweep.widest, cluster)
+        if not dry_run:  # the flags first: they are checked without Ray
+            _check_run_flags(sweep_dir, resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
+        cluster = placement(sweep.widest, address, verbose)
         if dry_run:
-            if address is not None:
-                cluster = connect(address, verbose)
-                check_fits(sweep.widest, cluster)
-            width = len(str(len(sweep.trials)))
-            for number, trial in enumerate(sweep.trials, 1):
-                count = sweep.trial_resources(trial).workers
-                workers = f"  ({count} workers)" if count > 1 else ""
-                typer.echo(f"{number:>{width}}  {trial.describe()}{workers}")
-            for line in resource_plan(sweep, cluster, max_concurrent):
-                typer.echo(line)
+            _print_plan(sweep, resource_plan(sweep, cluster, max_concurrent))
             return
-    except PlacementError as error:
+        if not resume:
+            check_shared_storage(cluster, storage)
+        folder = _sweep_folder(sweep, sweep_dir, resume=resume, overwrite=overwrite, storage=storage,
+                               mlflow_uri=mlflow_uri)
+    except (PlacementError, SweepFolderError) as error:
         raise _fail(str(error)) from None
 
     from orchestrator.sweep import run_sweep
+
+    _print_outcome(run_sweep(sweep, folder, address=address, verbose=verbose, max_concurrent=max_concurrent))
+
+
+def _with_resources(sweep: Sweep, gpus_per_trial: float | None, cpus_per_trial: float | None) -> Sweep:
+    """The sweep with --gpus-per-trial / --cpus-per-trial, validated like the sweep file's own resources."""
+    overrides = {key: value for key, value in (("gpu", gpus_per_trial), ("cpu", cpus_per_trial)) if value is not None}
+    if not overrides:
+        return sweep
+    try:
+        resources = Resources.model_validate({**sweep.resources.model_dump(), **overrides})
+    except ValidationError as error:
+        raise _fail(describe_validation_error(error, Resources, "--gpus-per-trial/--cpus-per-trial")) from None
+    return dataclasses.replace(sweep, resources=resources)
+
+
+def _check_run_flags(sweep_dir: Path, *, resume: bool, overwrite: bool, storage: str | None,
+                     mlflow_uri: str | None) -> None:
+    """Flags that cannot work together, or folders and stores that cannot be written."""
+    from orchestrator.sweep_folder import check_new_folder, check_overwrite, check_storage, check_tracking_uri
+
+    if resume and overwrite:
+        raise _fail("--resume continues the sweep in the folder, --overwrite starts it again: give one of them")
+    check_new_folder(sweep_dir, "--out")
+    if overwrite:
+        check_overwrite(sweep_dir)
+    if storage is not None:
+        check_storage(storage)
+    if not resume:
+        check_tracking_uri(_tracking_uri(sweep_dir, mlflow_uri))
+
+
+def _tracking_uri(sweep_dir: Path, mlflow_uri: str | None) -> str:
     from orchestrator.tracking import default_tracking_uri
 
-    sweep_dir = out or Path("sweeps") / sweep.name
-    tracking_uri = mlflow_uri or default_tracking_uri(sweep_dir.parent)
-    try:
-        outcome = run_sweep(sweep, sweep_dir, tracking_uri, overwrite=overwrite, resume=resume, verbose=verbose,
-                            address=address, storage=storage, max_concurrent=max_concurrent)
-    except (FileExistsError, FileNotFoundError, PlacementError) as error:
-        raise _fail(str(error)) from None
+    return mlflow_uri or default_tracking_uri(sweep_dir.parent)
+
+
+def _sweep_folder(sweep: Sweep, sweep_dir: Path, *, resume: bool, overwrite: bool, storage: str | None,
+                  mlflow_uri: str | None) -> "SweepFolder":
+    """The folder to run in: the sweep's own to resume (its MLflow store and storage), or a new one."""
+    from orchestrator.sweep import new_sweep_folder, resumable_sweep_folder
+
+    if not resume:
+        return new_sweep_folder(sweep, sweep_dir, _tracking_uri(sweep_dir, mlflow_uri), storage, overwrite)
+    folder = resumable_sweep_folder(sweep_dir)
+    for flag, given, used in (("--mlflow-uri", mlflow_uri, folder.launch.tracking_uri),
+                              ("--storage", storage, folder.launch.storage_path)):
+        if given is not None and given != used:
+            logging.getLogger(__name__).warning("%s: resuming with the sweep's own %s", flag, used)
+    return folder
+
+
+def _print_plan(sweep: Sweep, plan: list[str]) -> None:
+    """--dry-run: the expanded trials, numbered, then the resource plan."""
+    width = len(str(len(sweep.trials)))
+    for number, trial in enumerate(sweep.trials, 1):
+        count = sweep.trial_resources(trial).workers
+        typer.echo(f"{number:>{width}}  {trial.describe()}" + (f"  ({count} workers)" if count > 1 else ""))
+    for line in plan:
+        typer.echo(line)
+
+
+def _print_outcome(outcome: "SweepOutcome") -> None:
+    """The table, the trials by state, where everything is; exit 130 when interrupted, 1 when a trial failed."""
+    from analysis.schema import TrialStatus
+
     typer.echo("")
     typer.echo(outcome.table_markdown)
-    counts = ", ".join(f"{n} {status}" for status, n in sorted(outcome.trials_by_status.items()))
-    typer.echo(f"\ntrials: {counts}")
+    counts = [f"{n} {status}" for status, n in sorted(outcome.trials_by_status.items())]
+    counts += [f"{outcome.unfinished} unfinished"] if outcome.unfinished else []
+    typer.echo(f"\ntrials: {', '.join(counts)}")
     typer.echo(f"table: {outcome.sweep_dir / 'table.md'}   results: {outcome.sweep_dir / 'results.parquet'}")
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
-    if outcome.trials_by_status.get("UNFINISHED"):
+    if outcome.unfinished:
         typer.echo("interrupted: continue with the same command and --resume (finished trials are kept)")
         raise typer.Exit(130)
-    if outcome.trials_by_status.get("ERROR"):
+    if outcome.trials_by_status.get(TrialStatus.ERROR):
         raise typer.Exit(1)
 
 
@@ -116,16 +172,16 @@ def ui(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
 ) -> None:
     """Open the MLflow UI for the sweeps' tracking store, on 127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
-    import json
     import os
-    import subprocess
     import sys
 
-    from orchestrator.sweep import LAUNCH
+    from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
 
-    launch = sweeps_dir / LAUNCH
-    if launch.is_file():  # a sweep folder: the store it logged to
-        tracking_uri = json.loads(launch.read_text())["tracking_uri"]
+    if (sweeps_dir / LAUNCH).is_file():  # a sweep folder: the store it logged to
+        try:
+            tracking_uri = SweepFolder.open(sweeps_dir).launch.tracking_uri
+        except SweepFolderError as error:
+            raise _fail(str(error)) from None
     elif (sweeps_dir / "mlflow.db").is_file():
         tracking_uri = f"sqlite:///{(sweeps_dir / 'mlflow.db').resolve()}"
     else:
@@ -149,7 +205,12 @@ def train(
     workers: Annotated[Optional[int], typer.Option(min=1, help="Train data-parallel on N Ray Train workers of this machine (a GPU each when the trial uses CUDA), with the same global batch.")] = None,
 ) -> None:
     """Train one trial without Ray (or on --workers N): progress, metrics at every evaluation, a resumable checkpoint."""
+    from mosaic_core.checkpoint import CheckpointError
     from orchestrator.single_run import load_trial_config, local_workers, run_data_parallel_trial, run_single_trial
+    from orchestrator.sweep_folder import SweepFolderError, check_new_folder
+
+    if resume and overwrite:
+        raise _fail("--resume continues the run in the folder, --overwrite starts it again: give one of them")
 
     try:
         config = load_trial_config(config_file, steps=steps, device=device)
@@ -158,12 +219,13 @@ def train(
         raise _fail(str(error)) from None
     run_dir = out or Path("runs") / config_file.stem
     try:
+        check_new_folder(run_dir, "--out")
         if resources is None:
             run_single_trial(config, run_dir, resume=resume, overwrite=overwrite)
         else:
             verbose = logging.getLogger().level <= logging.INFO
             run_data_parallel_trial(config, run_dir, resources, resume=resume, overwrite=overwrite, verbose=verbose)
-    except (FileExistsError, FileNotFoundError) as error:
+    except (FileExistsError, FileNotFoundError, SweepFolderError, CheckpointError) as error:
         raise _fail(str(error)) from None
 
 
@@ -229,13 +291,14 @@ def _results(sweep_dir: Path | None, from_mlflow: str | None = None, experiment:
 
 
 def _planned_seeds(sweep_dir: Path | None) -> int | None:
-    """Seeds per configuration as the sweep planned them, from its trials.json (None without one)."""
-    import json
+    """Seeds per configuration as the sweep planned them, from its folder (None without one)."""
+    from orchestrator.sweep_folder import SweepFolder, SweepFolderError
 
-    path = None if sweep_dir is None else sweep_dir / "trials.json"
-    if path is None or not path.is_file():
+    try:
+        configs = SweepFolder.open(sweep_dir).configs() if sweep_dir is not None else None
+    except SweepFolderError:
         return None
-    return len({config.get("seed") for config in json.loads(path.read_text()).values()})
+    return None if configs is None else len({config.get("seed") for config in configs.values()})
 
 
 def _checked_select(select: str | None) -> str | None:
@@ -344,26 +407,25 @@ def status(
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
 ) -> None:
     """Trials by state and the best so far, from the sweep folder alone (while it runs, or after)."""
-    import json
-
     import pandas as pd
 
     from analysis.configurations import describe_config
     from analysis.results_store import ResultsStoreError, read_results, trial_states
+    from analysis.schema import TrialStatus
     from analysis.tables import selected
-    from orchestrator.sweep import LAUNCH
+    from orchestrator.sweep_folder import SweepFolder, SweepFolderError
 
-    launch = sweep_dir / LAUNCH
-    if not launch.is_file():
-        raise _fail(f"{sweep_dir} is not a sweep folder (no {LAUNCH}); run `mosaic-sweep run` first")
-    planned = json.loads(launch.read_text())["trials"]
+    try:
+        planned = SweepFolder.open(sweep_dir).launch.trials
+    except SweepFolderError as error:
+        raise _fail(f"{error}; run `mosaic-sweep run` first") from None
     try:
         results = read_results(sweep_dir, skip_bad=skip_bad)
     except ResultsStoreError as error:
         raise _fail(str(error)) from None
     states = trial_states(results)
     if planned > sum(states.values()):
-        states["PENDING"] = planned - sum(states.values())
+        states[TrialStatus.PENDING] = planned - sum(states.values())
     typer.echo(f"{sweep_dir}: {planned} trials — " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))
     for metric, best in (("exact_match", "max"), ("accuracy", "max"), ("val_loss", "min")):
         rows = selected(results[results["metric"] == metric])

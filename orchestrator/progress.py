@@ -12,7 +12,8 @@ from rich.console import Console
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 
-from analysis.results_store import read_results, trial_states
+from analysis.results_store import read_results
+from analysis.schema import TrialStatus
 from orchestrator.search import trial_config, trial_name
 from orchestrator.tracking import reported_metrics
 
@@ -25,18 +26,20 @@ class TrialProgress(Callback):
         self.total = total
         self.configs = configs
         self.sweep_dir = sweep_dir
-        self.finished = 0
+        self.finished: set[str] = set()  # ids of the trials that ended
 
     def setup(self, **info: Any) -> None:
         """A resumed sweep counts on from the trials that already ended."""
-        states = trial_states(read_results(self.sweep_dir))
-        self.finished = states.get("TERMINATED", 0) + states.get("ERROR", 0)
+        results = read_results(self.sweep_dir)
+        last = results.groupby("trial_id")["status"].last()
+        self.finished = set(last[last.isin([TrialStatus.TERMINATED, TrialStatus.ERROR])].index)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.finished.discard(trial.trial_id)  # an errored trial that a resume retries runs again
         _console.print(f"[dim]{self._count()} started[/]  {trial_name(trial.config)}")
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self.finished += 1
+        self.finished.add(trial.trial_id)
         metrics = reported_metrics(trial.last_result)
         shown = "  ".join(f"{key}={value:.3g}" for key, value in metrics.items()
                           if key not in ("step", "lr", "elapsed_s") and "/" not in key)  # per-head ones: MLflow
@@ -47,8 +50,8 @@ class TrialProgress(Callback):
         _console.print(f"{self._count()} {ended}  {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self.finished += 1
+        self.finished.add(trial.trial_id)
         _console.print(f"{self._count()} [red]failed[/]   {trial_name(trial.config)}  [dim]{trial.error_file or ''}[/]")
 
     def _count(self) -> str:
-        return f"[{self.finished}/{self.total}]"
+        return f"[{len(self.finished)}/{self.total}]"

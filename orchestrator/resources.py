@@ -61,9 +61,9 @@ def local_machine() -> Cluster:
 
 
 def connect(address: str | None, verbose: bool) -> Cluster:
-    """Join the Ray cluster at `address`, or start Ray on this machine when there is none."""
+    """Join the Ray cluster at `address`, or start Ray on this machine, reachable from it alone."""
     if address is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # a single-machine Ray needs no token
+        _loopback_only()
     import ray
 
     if not ray.is_initialized():
@@ -71,11 +71,38 @@ def connect(address: str | None, verbose: bool) -> Cluster:
         try:
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=verbose, logging_level=level)
         except Exception as error:  # Ray raises many kinds here (connection, authentication, version mismatch)
-            raise PlacementError(f"cannot join the Ray cluster at {address}: {' '.join(str(error).split())[:300]}") from None
+            raise PlacementError(f"cannot join the Ray cluster at {address}: {' '.join(str(error).split())[:200]}") from None
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
     if address is None:
         return Cluster("this machine (local Ray)", nodes)
     return Cluster(f"the Ray cluster at {address}", nodes, autoscaled_node_types())
+
+
+def _loopback_only() -> None:
+    """A local Ray binds every server (GCS, raylet, object manager, workers, agents) to 127.0.0.1: no
+    other host can connect, so it needs no token. Ray's switch for this is the one it uses on
+    Windows and macOS, where Ray runs on one machine."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # for Ray's processes, and a first import of ray
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False  # Ray reads the variable once, when it is first imported
+
+
+def placement(resources: Resources, address: str | None, verbose: bool) -> Cluster:
+    """Where the sweep runs, and the one check that its trials fit there: this machine is counted
+    without starting Ray; a cluster is joined."""
+    cluster = local_machine() if address is None else connect(address, verbose)
+    check_fits(resources, cluster)
+    return cluster
+
+
+def check_shared_storage(cluster: Cluster, storage: str | None) -> None:
+    """Trials that move between nodes need their checkpoints where every node sees them."""
+    if cluster.needs_shared_storage and storage is None:
+        nodes = f"has {len(cluster.nodes)} nodes" if len(cluster.nodes) > 1 else "adds nodes as it scales"
+        raise PlacementError(f"{cluster.where} {nodes}: trials need shared storage for their checkpoints; "
+                             f"pass --storage with a path every node sees, or s3://bucket/prefix")
 
 
 def autoscaled_node_types(config_file: Path = AUTOSCALER_CONFIG) -> list[tuple[dict[str, float], int]]:

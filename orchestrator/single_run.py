@@ -21,10 +21,11 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from mosaic_core.checkpoint import load_checkpoint
 from mosaic_core.config import TrialConfig, describe_validation_error
 from mosaic_core.train import train_trial
-from orchestrator.sweep import prepare_output_dir
-from search_spaces.schema import Resources
+from orchestrator.sweep_folder import prepare_output_dir
+from search_spaces.schema import Resources, read_yaml
 
 METRICS = "metrics.jsonl"
 
@@ -33,10 +34,7 @@ def load_trial_config(path: Path, *, steps: int | None = None, device: str | Non
     """A trial config file with command-line overrides; ValueError with one line when it is wrong."""
     if not path.is_file():
         raise ValueError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path.name}: not valid YAML: {' '.join(str(error).split())}") from None
+    raw = read_yaml(path) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"{path.name}: a trial config is a mapping with keys {', '.join(TrialConfig.model_fields)}")
     train = dict(raw.get("train") or {})
@@ -56,8 +54,9 @@ def open_run_folder(config: TrialConfig, run_dir: Path, *, resume: bool, overwri
     if resume:
         if not (checkpoint_dir / "checkpoint.pt").is_file():
             raise FileNotFoundError(f"{run_dir} has no checkpoint to resume from (expected {checkpoint_dir})")
+        load_checkpoint(checkpoint_dir, config)  # a checkpoint that cannot be resumed stops the run before it starts
         return checkpoint_dir
-    prepare_output_dir(run_dir, overwrite, what="a run")
+    prepare_output_dir(run_dir, overwrite, marker="config.yaml", what="a run")
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     return None
 

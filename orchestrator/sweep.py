@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from analysis.schema import TrialStatus
+from orchestrator.sweep_folder import LAUNCH, LaunchRecord, RunMap, SweepFolder, SweepFolderError, storage_path
 from search_spaces.schema import Sweep
 
 log = logging.getLogger(__name__)
@@ -22,26 +22,39 @@ class SweepOutcome:
     table_markdown: str
     parent_run_id: str
     tracking_uri: str
-    trials_by_status: dict[str, int]
+    trials_by_status: dict[TrialStatus, int]  # the trials that ended: TERMINATED, ERROR
+    unfinished: int = 0  # planned trials that have not ended (interrupted, or never started)
 
 
-def prepare_output_dir(sweep_dir: Path, overwrite: bool, what: str = "a sweep") -> None:
-    """Refuse to mix two runs in one folder; with `overwrite`, keep the old one aside, never delete it."""
-    if sweep_dir.exists() and any(sweep_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{sweep_dir} already holds {what}; pass --resume to continue it, --overwrite to start again "
-                f"(the old folder is kept as a backup), or --out another folder"
-            )
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        backup = sweep_dir.with_name(f"{sweep_dir.name}.bak-{stamp}")
-        n = 1
-        while backup.exists():
-            backup = sweep_dir.with_name(f"{sweep_dir.name}.bak-{stamp}-{n}")
-            n += 1
-        shutil.move(sweep_dir, backup)
-        log.warning("moved the existing %s to %s", sweep_dir, backup)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+def new_sweep_folder(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage: str | None,
+                     overwrite: bool) -> SweepFolder:
+    """The folder of a new sweep, holding its launch record and its expanded trials."""
+    launch = LaunchRecord(tracking_uri=tracking_uri, storage_path=storage_path(storage, sweep_dir),
+                          trials=sweep.num_trials,
+                          workers={trial.describe(): sweep.trial_resources(trial).workers for trial in sweep.trials})
+    if storage is not None and _holds_tune_state(launch):
+        raise SweepFolderError(f"{launch.storage_path} already holds the Tune state of a sweep named like "
+                               f"{sweep_dir.name}; give --out another folder name, or pass --resume to continue that sweep")
+    configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
+    return SweepFolder.create(sweep_dir, launch, configs, overwrite=overwrite)
+
+
+def resumable_sweep_folder(sweep_dir: Path) -> SweepFolder:
+    """The folder of a sweep to resume: its launch record, its trials and its Tune state are all there."""
+    if not (sweep_dir / LAUNCH).is_file():
+        raise SweepFolderError(f"{sweep_dir} holds no sweep to resume (no {LAUNCH}); run it without --resume first")
+    folder = SweepFolder.open(sweep_dir)
+    folder.configs()  # read now: a missing or corrupt trials.json is refused before Ray starts
+    if not _holds_tune_state(folder.launch):
+        raise SweepFolderError(f"{sweep_dir} holds no Tune state to resume ({folder.launch.tune_path}); "
+                               "start it again with --overwrite")
+    return folder
+
+
+def _holds_tune_state(launch: LaunchRecord) -> bool:
+    from ray import tune
+
+    return tune.Tuner.can_restore(launch.tune_path)
 
 
 def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
@@ -123,161 +136,148 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
             train_trial(full_config, report=report, resume_from=directory)
 
 
-LAUNCH = "launch.json"  # where the sweep's Tune state and MLflow store are, so --resume finds them
-
-
-def _storage_path(storage: str | None, sweep_dir: Path) -> str:
-    """Tune's storage_path: the sweep folder locally; `<storage>/<sweep folder name>` on shared storage."""
-    if storage is None:
-        return str(sweep_dir.resolve())
-    if "://" in storage:
-        return f"{storage.rstrip('/')}/{sweep_dir.name}"
-    return str(Path(storage).resolve() / sweep_dir.name)
-
-
-def run_sweep(sweep: Sweep, sweep_dir: Path, tracking_uri: str, *, overwrite: bool = False, resume: bool = False,
-              verbose: bool = False, address: str | None = None, storage: str | None = None,
+def run_sweep(sweep: Sweep, folder: SweepFolder, *, address: str | None = None, verbose: bool = False,
               max_concurrent: int | None = None) -> SweepOutcome:
-    """Run every trial of `sweep` on Ray (this machine, or the cluster at `address`); return the summary table.
+    """Run the trials of the sweep in `folder` on Ray (this machine, or the cluster at `address`,
+    already joined); return the summary table.
 
-    With `resume`, continue the sweep in `sweep_dir` through `Tuner.restore`: finished trials are
-    not run again, interrupted ones continue from their last checkpoint, errored ones retry; the
-    MLflow parent and child runs, the Tune storage and the Optuna study of the first invocation are reused.
+    A folder that holds Tune state is resumed through `Tuner.restore`: finished trials are not run
+    again, interrupted ones continue from their last checkpoint, errored ones retry; the MLflow
+    parent and child runs, the Tune storage and the Optuna study of the first invocation are reused.
     """
-    from orchestrator.resources import PlacementError, check_fits, connect
-
-    launch_file = sweep_dir / LAUNCH
-    if resume:
-        if not launch_file.is_file():
-            raise FileNotFoundError(f"{sweep_dir} holds no sweep to resume; run it without --resume first")
-        launch = json.loads(launch_file.read_text())
-        if tracking_uri != launch["tracking_uri"]:
-            log.warning("resuming with the sweep's own MLflow store %s", launch["tracking_uri"])
-        if max_concurrent is not None:
-            log.warning("--max-concurrent applies to new sweeps; Tune restores a sweep with its first settings")
-        tracking_uri, storage_path, num_trials = launch["tracking_uri"], launch["storage_path"], launch["trials"]
-    else:
-        storage_path, num_trials = _storage_path(storage, sweep_dir), sweep.num_trials
-        if storage is not None and _holds_tune_state(storage_path):
-            raise FileExistsError(f"{storage_path} already holds the Tune state of a sweep named like {sweep_dir.name}; "
-                                  "give --out another folder name, or pass --resume to continue that sweep")
-        prepare_output_dir(sweep_dir, overwrite)  # before Ray starts: a folder in use is refused at once
-    cluster = connect(address, verbose)
-    if cluster.needs_shared_storage and storage is None and not resume:
-        nodes = f"has {len(cluster.nodes)} nodes" if len(cluster.nodes) > 1 else "adds nodes as it scales"
-        raise PlacementError(f"{cluster.where} {nodes}: trials need shared storage for their checkpoints; "
-                             f"pass --storage with a path every node sees, or s3://bucket/prefix")
-    check_fits(sweep.widest, cluster)
-    return _tune(sweep, sweep_dir, tracking_uri, storage_path, num_trials, resume=resume, verbose=verbose,
-                 max_concurrent=max_concurrent)
-
-
-def _tune_path(storage_path: str) -> str:
-    """Tune's experiment folder (RunConfig name "tune") under the storage path."""
-    return f"{storage_path}/tune"
-
-
-def _holds_tune_state(storage_path: str) -> bool:
-    from ray import tune
-
-    return tune.Tuner.can_restore(_tune_path(storage_path))
-
-
-def _tune(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage_path: str, num_trials: int, *, resume: bool,
-          verbose: bool, max_concurrent: int | None) -> SweepOutcome:
-    """Ray is up and the trials fit: the MLflow parent run, the Tuner (new or restored), the tables."""
     from mlflow import MlflowClient
     from mlflow.entities import RunStatus
-    from ray import tune
 
-    from analysis.plots import make_plots
-    from analysis.results_store import read_results, trial_states
-    from orchestrator.data_parallel import sweep_trainable
-    from orchestrator.progress import TrialProgress
-    from orchestrator.search import param_space, scheduler, search_algorithm
-    from orchestrator.tracking import SweepTracker, end_unfinished_runs, load_run_map, save_run_map
+    from orchestrator.resources import connect
+    from orchestrator.tracking import end_unfinished_runs
 
-    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
-    if not verbose:  # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0
-        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-        # short trials checkpoint often: Tune's advice to checkpoint less is noise here
-        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    tune_path = _tune_path(storage_path)
-    configs_file = sweep_dir / "trials.json"
-    if resume:
-        run_map = load_run_map(sweep_dir)
-        if not (configs_file.is_file() and run_map and tune.Tuner.can_restore(tune_path)):
-            raise FileNotFoundError(f"{sweep_dir} holds no sweep to resume; run it without --resume first")
-        client = MlflowClient(tracking_uri=tracking_uri)
-        configs = json.loads(configs_file.read_text())  # as first expanded: an edited sweep file cannot derail it
-        parent_id = run_map["parent"]
-        client.update_run(parent_id, status=RunStatus.to_string(RunStatus.RUNNING))
-        workers = json.loads((sweep_dir / LAUNCH).read_text()).get("workers", {})  # as first launched
-    else:
-        workers = {trial.describe(): sweep.trial_resources(trial).workers for trial in sweep.trials}
-        (sweep_dir / LAUNCH).write_text(json.dumps({"tracking_uri": tracking_uri, "storage_path": storage_path, "trials": num_trials,
-                                                    "workers": workers}, indent=1))
-        configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
-        configs_file.write_text(json.dumps(configs, indent=1))
-        client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = client.get_experiment_by_name(sweep.name)
-        if experiment is None:
-            artifacts = (sweep_dir.parent / "mlartifacts").resolve().as_uri()
-            experiment_id = client.create_experiment(sweep.name, artifact_location=artifacts)
-        else:
-            experiment_id = experiment.experiment_id
-        parent = client.create_run(experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                                   tags={"sweep_dir": str(sweep_dir.resolve()), "mlflow.note.content": sweep.description})
-        parent_id = parent.info.run_id
-        save_run_map(sweep_dir, parent_id, {})  # before any trial: a resume always finds its parent
+    if address is None:
+        connect(None, verbose)  # Ray starts on this machine only now: everything before was checked without it
+    _quiet_logs(verbose)
+    client = MlflowClient(tracking_uri=folder.launch.tracking_uri)
+    experiment_id, parent_id = _parent_run(client, folder, sweep)
     status = RunStatus.FAILED
     try:
-        resources = {name: sweep.resources.model_copy(update={"workers": workers.get(name, 1)}) for name in configs}
-        trainable = sweep_trainable(_run_trial, configs, resources, tune_path, sweep.max_failures)
-        if resume:  # Tune restores its run config, callbacks, searcher and scheduler as the sweep left them
-            tuner = tune.Tuner.restore(tune_path, trainable=trainable, resume_errored=True)
-        else:
-            tuner = tune.Tuner(
-                trainable,
-                param_space=param_space(sweep, list(configs)),
-                tune_config=tune.TuneConfig(
-                    search_alg=search_algorithm(sweep, sweep_dir), scheduler=scheduler(sweep),
-                    num_samples=num_trials if sweep.search else 1, max_concurrent_trials=max_concurrent,
-                    # GPU trials each in a fresh process, so their GPU memory goes back when they end; CPU
-                    # trials reuse their processes (a fresh one costs ~4 s of imports: bench/RESULTS.md),
-                    # unless some drive Ray Train runs, whose workers must end with their trial
-                    reuse_actors=sweep.resources.gpu == 0 and max(workers.values(), default=1) == 1,
-                    trial_dirname_creator=lambda trial: trial.trial_id,
-                ),
-                run_config=tune.RunConfig(
-                    name="tune",
-                    storage_path=storage_path,
-                    callbacks=[SweepTracker(client, experiment_id, parent_id, sweep_dir, configs),
-                               TrialProgress(num_trials, configs, sweep_dir)],
-                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-                    failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
-                    verbose=2 if verbose else 0,
-                ),
-            )
-        tuner.fit()  # returns early, its state saved, after Ctrl-C
-        # what the tracker recorded, not Tune's statuses: Tune marks the trials it stopped on Ctrl-C TERMINATED
-        results = read_results(sweep_dir)
-        states = trial_states(results)
-        done = {state: states[state] for state in ("TERMINATED", "ERROR") if states.get(state)}
-        unfinished = num_trials - sum(done.values())
-        trials_by_status = {**done, **({"UNFINISHED": unfinished} if unfinished else {})}
-        markdown, table_files = write_tables(sweep, results, sweep_dir)
-        for path in table_files:
-            client.log_artifact(parent_id, str(path))
-        plots = make_plots(results, sweep_dir / "plots")
-        if plots:
-            client.log_artifacts(parent_id, str(sweep_dir / "plots"), artifact_path="plots")
-        status = RunStatus.KILLED if unfinished else RunStatus.FAILED if "ERROR" in done else RunStatus.FINISHED
-        return SweepOutcome(sweep_dir, markdown, parent_id, tracking_uri, trials_by_status)
+        _tuner(sweep, folder, client, experiment_id, parent_id, max_concurrent, verbose).fit()  # returns early, state saved, after Ctrl-C
+        outcome = _summary(sweep, folder, client, parent_id)
+        status = (RunStatus.KILLED if outcome.unfinished else RunStatus.FAILED
+                  if TrialStatus.ERROR in outcome.trials_by_status else RunStatus.FINISHED)
+        return outcome
     except KeyboardInterrupt:
         status = RunStatus.KILLED
         raise
     finally:  # the runs of trials still RUNNING: their processes are gone (or were stopped, when KILLED)
-        end_unfinished_runs(client, sweep_dir, RunStatus.to_string(RunStatus.KILLED if status == RunStatus.KILLED
-                                                                    else RunStatus.FAILED))
+        end_unfinished_runs(client, folder, RunStatus.to_string(RunStatus.KILLED if status == RunStatus.KILLED
+                                                                else RunStatus.FAILED))
         client.set_terminated(parent_id, status=RunStatus.to_string(status))
+
+
+class _ExpectedTrialFailure(logging.Filter):
+    """Tune logs the traceback of every failing trial: without -v, the progress line, the MLflow run
+    (tag `error`, artifact `error.txt`) and results.parquet tell it instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Trial task failed")
+
+
+_TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"
+
+
+def _quiet_logs(verbose: bool) -> None:
+    """MLflow's and Tune's chatter only with -v."""
+    logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)  # importing mlflow reset it
+    controller = logging.getLogger(_TUNE_CONTROLLER_LOG)
+    for old in [f for f in controller.filters if isinstance(f, _ExpectedTrialFailure)]:
+        controller.removeFilter(old)
+    if not verbose:
+        controller.addFilter(_ExpectedTrialFailure())
+        # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        # short trials checkpoint often: Tune's advice to checkpoint less is noise here
+        os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+
+
+def _parent_run(client: Any, folder: SweepFolder, sweep: Sweep) -> tuple[str, str]:
+    """(experiment id, parent run id): the sweep's parent run, created on its first invocation and
+    RUNNING again on a resume."""
+    from mlflow.entities import RunStatus
+
+    run_map = folder.run_map()
+    if run_map is not None:
+        client.update_run(run_map.parent, status=RunStatus.to_string(RunStatus.RUNNING))
+        return client.get_run(run_map.parent).info.experiment_id, run_map.parent
+    experiment = client.get_experiment_by_name(sweep.name)
+    if experiment is None:
+        artifacts = (folder.path.parent / "mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(sweep.name, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    parent = client.create_run(experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={"sweep_dir": str(folder.path.resolve()), "mlflow.note.content": sweep.description})
+    folder.save_run_map(RunMap(parent=parent.info.run_id))  # before any trial: a resume always finds its parent
+    return experiment_id, parent.info.run_id
+
+
+def _tuner(sweep: Sweep, folder: SweepFolder, client: Any, experiment_id: str, parent_id: str,
+           max_concurrent: int | None, verbose: bool) -> Any:
+    """Tune's Tuner: restored, with the run config, callbacks, searcher and scheduler the sweep left,
+    when the folder holds Tune state; new otherwise."""
+    from ray import tune
+
+    from orchestrator.data_parallel import sweep_trainable
+
+    configs = folder.configs()
+    resources = {name: sweep.resources.model_copy(update={"workers": folder.launch.workers.get(name, sweep.resources.workers)})
+                 for name in configs}
+    trainable = sweep_trainable(_run_trial, configs, resources, folder.launch.tune_path, sweep.max_failures)
+    if _holds_tune_state(folder.launch):
+        if max_concurrent is not None:
+            log.warning("--max-concurrent applies to new sweeps; Tune restores a sweep with its first settings")
+        return tune.Tuner.restore(folder.launch.tune_path, trainable=trainable, resume_errored=True)
+    from orchestrator.progress import TrialProgress
+    from orchestrator.search import param_space
+    from orchestrator.tracking import SweepTracker
+
+    callbacks = [SweepTracker(client, experiment_id, parent_id, folder, configs),
+                 TrialProgress(folder.launch.trials, configs, folder.path)]
+    return tune.Tuner(trainable, param_space=param_space(sweep, list(configs)),
+                      tune_config=_tune_config(sweep, folder, max_concurrent),
+                      run_config=tune.RunConfig(
+                          name="tune", storage_path=folder.launch.storage_path, callbacks=callbacks,
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                          failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+                          verbose=2 if verbose else 0))
+
+
+def _tune_config(sweep: Sweep, folder: SweepFolder, max_concurrent: int | None) -> Any:
+    from ray import tune
+
+    from orchestrator.search import scheduler, search_algorithm
+
+    return tune.TuneConfig(
+        search_alg=search_algorithm(sweep, folder.path), scheduler=scheduler(sweep),
+        num_samples=folder.launch.trials if sweep.search else 1, max_concurrent_trials=max_concurrent,
+        # GPU trials each in a fresh process, so their GPU memory goes back when they end; CPU
+        # trials reuse their processes (a fresh one costs ~4 s of imports: bench/RESULTS.md),
+        # unless some drive Ray Train runs, whose workers must end with their trial
+        reuse_actors=sweep.resources.gpu == 0 and max(folder.launch.workers.values(), default=1) == 1,
+        trial_dirname_creator=lambda trial: trial.trial_id,
+    )
+
+
+def _summary(sweep: Sweep, folder: SweepFolder, client: Any, parent_id: str) -> SweepOutcome:
+    """Trials by state, from what the tracker recorded (Tune marks the trials it stopped on Ctrl-C
+    TERMINATED); the tables and plots, also as artifacts of the parent run."""
+    from analysis.plots import make_plots
+    from analysis.results_store import read_results, trial_states
+
+    results = read_results(folder.path)
+    states = trial_states(results)
+    ended = {state: states[state] for state in (TrialStatus.TERMINATED, TrialStatus.ERROR) if states.get(state)}
+    markdown, table_files = write_tables(sweep, results, folder.path)
+    for path in table_files:
+        client.log_artifact(parent_id, str(path))
+    if make_plots(results, folder.path / "plots"):
+        client.log_artifacts(parent_id, str(folder.path / "plots"), artifact_path="plots")
+    return SweepOutcome(folder.path, markdown, parent_id, folder.launch.tracking_uri, ended,
+                        unfinished=folder.launch.trials - sum(ended.values()))

@@ -23,11 +23,12 @@ from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
 from analysis.results_store import read_trial_rows, write_trial_rows
-from analysis.schema import TYPED_CONFIG, config_json, varied_keys
+from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, varied_keys
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
 from mosaic_core.metrics import parse_metric_name
 from orchestrator.search import VARIANT, searched_values, trial_config, trial_name
+from orchestrator.sweep_folder import RunMap, SweepFolder
 
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id", "error")  # set when rows are written
@@ -57,27 +58,10 @@ def trial_columns(config: TrialConfig) -> dict[str, Any]:
     return {**columns, "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params), "seed": config.seed}
 
 
-RUN_MAP = "mlflow_runs.json"
-
-
-def load_run_map(sweep_dir: Path) -> dict[str, Any] | None:
-    """{"parent": run id, "trials": {trial id: run id}} of the sweep in `sweep_dir`, if any."""
-    path = sweep_dir / RUN_MAP
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
-def save_run_map(sweep_dir: Path, parent_run_id: str, trial_runs: dict[str, str]) -> None:
-    """The parent run and trial id -> MLflow run id, kept beside the results so a resume finds them."""
-    path = sweep_dir / RUN_MAP
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"parent": parent_run_id, "trials": trial_runs}, indent=1))
-    os.replace(tmp, path)
-
-
-def end_unfinished_runs(client: MlflowClient, sweep_dir: Path, status: str = "FAILED") -> list[str]:
+def end_unfinished_runs(client: MlflowClient, folder: SweepFolder, status: str = "FAILED") -> list[str]:
     """End every child run still RUNNING once Tune is done (FAILED, or KILLED after Ctrl-C): its trial's process is gone."""
-    run_map = load_run_map(sweep_dir) or {"trials": {}}
-    stuck = [run_id for run_id in run_map["trials"].values()
+    run_map = folder.run_map() or RunMap(parent="")
+    stuck = [run_id for run_id in run_map.trials.values()
              if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING)]
     for run_id in stuck:
         client.set_terminated(run_id, status=status)
@@ -93,20 +77,21 @@ class SweepTracker(Callback):
     """
 
     def __init__(
-        self, client: MlflowClient, experiment_id: str, parent_run_id: str, sweep_dir: Path,
+        self, client: MlflowClient, experiment_id: str, parent_run_id: str, folder: SweepFolder,
         configs: dict[str, dict[str, Any]],
     ) -> None:
         self.client = client
         self.configs = configs
         self.experiment_id = experiment_id
         self.parent_run_id = parent_run_id
-        self.sweep_dir = sweep_dir
+        self.folder = folder
+        self.sweep_dir = folder.path
         self.run_ids: dict[str, str] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.placed: set[str] = set()  # trials whose current process has told where it runs
 
     def setup(self, **info: Any) -> None:
-        self.run_ids = (load_run_map(self.sweep_dir) or {"trials": {}})["trials"]
+        self.run_ids = (self.folder.run_map() or RunMap(parent=self.parent_run_id)).trials
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         config = self._config(trial)
@@ -122,7 +107,7 @@ class SweepTracker(Callback):
             values = {**flatten(config.model_dump()), **searched_values(trial.config)}
             params = [Param(key, str(value)) for key, value in values.items()]
             self.client.log_batch(run_id, params=params)  # params are immutable in MLflow: once per run
-            save_run_map(self.sweep_dir, self.parent_run_id, self.run_ids)
+            self.folder.save_run_map(RunMap(parent=self.parent_run_id, trials=self.run_ids))
         else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self.placed.discard(trial.trial_id)
@@ -153,7 +138,7 @@ class SweepTracker(Callback):
             rows[:] = [r for r in rows if (r["metric"], r["length_factor"], r["step"]) != (metric, factor, step)]
             rows.append({**columns, "metric": metric, "length_factor": factor, "step": step,
                          "value": value})
-        self._write_rows(trial, "RUNNING")
+        self._write_rows(trial, TrialStatus.RUNNING)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         """Tune retries the trial from its last checkpoint: the run keeps count and the attempt's error."""
@@ -163,7 +148,7 @@ class SweepTracker(Callback):
                                                 RunTag("ray.last_retried_error", _last_error_line(trial))])
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
-        self._end(trial, "TERMINATED", RunStatus.to_string(RunStatus.FINISHED))
+        self._end(trial, TrialStatus.TERMINATED, RunStatus.to_string(RunStatus.FINISHED))
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         run_id = self.run_ids.get(trial.trial_id)
@@ -173,15 +158,15 @@ class SweepTracker(Callback):
         self.client.set_tag(run_id, "error", error)
         if trial.error_file and Path(trial.error_file).is_file():
             self.client.log_artifact(run_id, trial.error_file)  # the whole traceback
-        self._end(trial, "ERROR", RunStatus.to_string(RunStatus.FAILED), error=error)
+        self._end(trial, TrialStatus.ERROR, RunStatus.to_string(RunStatus.FAILED), error=error)
 
-    def _end(self, trial: Trial, status: str, mlflow_status: str, error: str | None = None) -> None:
+    def _end(self, trial: Trial, status: TrialStatus, mlflow_status: str, error: str | None = None) -> None:
         if trial.trial_id not in self.run_ids:
             return
         self.client.set_terminated(self.run_ids[trial.trial_id], status=mlflow_status)
         self._write_rows(trial, status, error)
 
-    def _write_rows(self, trial: Trial, status: str, error: str | None = None) -> None:
+    def _write_rows(self, trial: Trial, status: TrialStatus, error: str | None = None) -> None:
         """All the trial's rows; a failed trial that never reported still gets one row, with its error."""
         identity = {"trial_id": trial.trial_id, "status": status, "mlflow_run_id": self.run_ids[trial.trial_id],
                     "error": error}

@@ -13,7 +13,10 @@ Everything is checked before anything starts; errors are one line naming the key
 
 from __future__ import annotations
 
+import collections
+import copy
 import itertools
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -21,11 +24,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from mosaic_core.config import TrialConfig, describe_validation_error, flatten
+from mosaic_core.config import MAX_SEED, TrialConfig, describe_validation_error, flatten
 from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES, kernel_label, resolve_kernel
 
-KERNEL_KEYS = ("model.kernel", "model.kernel_params")  # set by `kernels:`, never by `grid:`
+KERNEL_KEYS = ("model.kernel", "model.kernel_params")  # set by `kernels:`, never by `grid:`, `cases:` or `base:`
 WORKERS_KEY = "resources.workers"  # the one resource a case may set: a trial's result does not depend on it
+MAX_TRIALS = 10_000  # trials per sweep: a larger grid is a typo (the paper's largest sweep has 90)
+MAX_YAML_VALUES = 100_000  # values a YAML file may hold once its aliases are followed (an alias bomb stops here)
 
 
 class SweepError(ValueError):
@@ -74,7 +79,7 @@ class Search(BaseModel):
     n_trials: int = Field(ge=1, description="suggestions")
     seeds: int = Field(1, ge=1, description="seeds per suggestion: seed, seed + 1, …")
     sampler: Literal["tpe", "random"] = "tpe"
-    sampler_seed: int = 0
+    sampler_seed: int = Field(0, ge=0, lt=2**32, description="Optuna's sampler seed (NumPy's range)")
     storage: str | None = Field(None, description="Optuna storage URL; default sqlite in the sweep folder")
     space: dict[str, dict[str, list[Any]]] = Field(min_length=1)
 
@@ -154,16 +159,75 @@ class Sweep:
         return None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key written twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: PyYAML's own check names it
+                continue
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path) -> Any:
+    """A YAML file's data; SweepError (one line) for text that is not UTF-8, not YAML, has a key twice,
+    expands (its aliases followed) to more than MAX_YAML_VALUES values, or holds a non-finite number."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise SweepError(f"{path.name}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+                         f"{error.start}); save it as UTF-8") from None
+    loader = _UniqueKeyLoader(text)
+    loader.name = path.name  # what its errors say instead of "<unicode string>"
+    try:
+        node = loader.get_single_node()
+        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise SweepError(f"{path.name}: holds more than {MAX_YAML_VALUES} values once its aliases are followed")
+        data = None if node is None else loader.construct_document(node)
+        _check_finite(data, path.name)
+    except yaml.YAMLError as error:
+        raise SweepError(f"{path.name}: not valid YAML: {' '.join(str(error).split())[:200]}") from None
+    except RecursionError:
+        raise SweepError(f"{path.name}: nested too deeply to be a sweep or trial config") from None
+    finally:
+        loader.dispose()
+    return data
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
+    """How many values `node` stands for with every alias followed (a recursive alias counts as too many)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    sizes[id(node)] = MAX_YAML_VALUES + 1  # until known: a node that contains itself is refused
+    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
+                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
+    return sizes[id(node)]
+
+
+def _check_finite(data: Any, source: str, key: str = "") -> None:
+    """No .inf or .nan anywhere: every number of a sweep is a setting, and none of them means infinity."""
+    if isinstance(data, float) and not math.isfinite(data):
+        raise SweepError(f"{source}: {key or '(top level)'}: {data} is not a finite number")
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    for name, value in items:
+        _check_finite(value, source, f"{key}[{name}]" if isinstance(data, list) else f"{key}.{name}".lstrip("."))
+
+
 def load_sweep(path: str | Path) -> Sweep:
     """Read, validate and expand a sweep file; any problem raises SweepError with one line."""
     path = Path(path)
     source = path.name
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SweepError(f"{source}: not valid YAML: {' '.join(str(error).split())}") from None
+    raw = read_yaml(path)
     if not isinstance(raw, dict):
         raise SweepError(f"{source}: a sweep file is a mapping with keys {', '.join(SweepFile.model_fields)}")
     try:
@@ -174,36 +238,25 @@ def load_sweep(path: str | Path) -> Sweep:
 
 
 def expand(spec: SweepFile, source: str) -> Sweep:
-    """Every (kernel variant × grid point) as a validated trial."""
+    """Every (case × kernel variant × grid point) as a validated trial."""
+    _check_kernel_keys(spec.base, f"{source}: base")
     try:
         base = TrialConfig.model_validate(spec.base)
     except ValidationError as error:
         raise SweepError(describe_validation_error(error, TrialConfig, source, prefix="base.")) from None
-    variants = [v for i, entry in enumerate(spec.kernels) for v in _kernel_variants(entry, f"{source}: kernels[{i}]")]
-    # 'biweight' and {name: entmax, alpha: 1.5} are one variant: keep each once, in the order written
-    kernels = list({(name, tuple(sorted(params.items()))): (name, params) for name, params in variants}.values())
+    entries = [_kernel_choices(entry, f"{source}: kernels[{i}]") for i, entry in enumerate(spec.kernels)]
     _check_grid(spec.grid, base, source)
-
-    for case in spec.cases:
-        if set(case) & set(KERNEL_KEYS):
-            raise SweepError(f"{source}: cases cannot set {', '.join(KERNEL_KEYS)}; list kernel variants in 'kernels:'")
+    cases = [flatten(case) for case in spec.cases]
+    for i, case in enumerate(cases):
+        _check_kernel_keys(case, f"{source}: cases[{i}]")
         _check_case_workers(case, source)
+    _check_count(spec, [math.prod(map(len, choices.values())) for _, choices in entries], source)
+    kernels = _kernel_variants(entries, source)
     grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
-    trials = []
-    for full_case, (kernel, params), point in itertools.product(spec.cases, kernels, grid_points):
-        case = {key: value for key, value in full_case.items() if key != WORKERS_KEY}
-        tree = with_overrides(spec.base, {**case, "model.kernel": kernel, "model.kernel_params": params, **point})
-        shown_kernel = f"{kernel}({', '.join(_show(p, v) for p, v in params.items())})" if params else kernel
-        shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
-        varying = {**shown_case, "kernel": shown_kernel, **point}
-        try:
-            config = TrialConfig.model_validate(tree)
-        except ValidationError as error:
-            where = f"{source}: trial '{_name(varying)}'"
-            raise SweepError(describe_validation_error(error, TrialConfig, where)) from None
-        trials.append(Trial(config, varying, full_case.get(WORKERS_KEY)))
-    names = [trial.describe() for trial in trials]
-    twice = next((name for name in names if names.count(name) > 1), None)
+    trials = [_trial(spec.base, case, kernel, point, source)
+              for case, kernel, point in itertools.product(cases, kernels, grid_points)]
+    names = collections.Counter(trial.describe() for trial in trials)
+    twice = next((name for name, count in names.items() if count > 1), None)
     if twice is not None:
         raise SweepError(f"{source}: two grid points make the same trial '{twice}'; list each value once")
     labels = list(dict.fromkeys(trial.kernel_label for trial in trials))
@@ -227,6 +280,39 @@ def _check_case_workers(case: dict[str, Any], source: str) -> None:
         raise SweepError(f"{source}: case {WORKERS_KEY} must be a whole number ≥ 1; got {workers!r}")
 
 
+def _trial(base: dict[str, Any], full_case: dict[str, Any], kernel: tuple[str, dict[str, float]],
+           point: dict[str, Any], source: str) -> Trial:
+    """One grid point: the case merged into the base key by key, then the kernel variant and the grid values."""
+    name, params = kernel
+    case = {key: value for key, value in full_case.items() if key != WORKERS_KEY}
+    tree = with_overrides(base, {**case, "model.kernel": name, "model.kernel_params": params, **point})
+    shown_kernel = f"{name}({', '.join(_show(p, v) for p, v in params.items())})" if params else name
+    shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
+    varying = {**shown_case, "kernel": shown_kernel, **point}
+    try:
+        return Trial(TrialConfig.model_validate(tree), varying, full_case.get(WORKERS_KEY))
+    except ValidationError as error:
+        raise SweepError(describe_validation_error(error, TrialConfig, f"{source}: trial '{_name(varying)}'")) from None
+
+
+def _check_kernel_keys(section: dict[str, Any], where: str) -> None:
+    """Kernel variants come from `kernels:` alone: a kernel set elsewhere would be overridden silently."""
+    for key in flatten(section):
+        if key in KERNEL_KEYS or key.startswith("model.kernel_params."):
+            raise SweepError(f"{where}: cannot set '{key}'; list kernel variants in 'kernels:' "
+                             f"(kernels: {', '.join(KERNEL_DEFAULTS)})")
+
+
+def _check_count(spec: SweepFile, variants: list[int], source: str) -> None:
+    """Refuse, before expanding it, a sweep too large to be meant."""
+    counts = {"cases": len(spec.cases), "kernel variants": sum(variants),
+              "grid points": math.prod(len(values) for values in spec.grid.values())}
+    total = math.prod(counts.values())
+    if total > MAX_TRIALS:
+        shown = " × ".join(f"{n} {what}" for what, n in counts.items())
+        raise SweepError(f"{source}: the sweep expands to {total} trials ({shown}); at most {MAX_TRIALS} per sweep")
+
+
 def _name(varying: dict[str, Any]) -> str:
     return " ".join(_show(key, value) for key, value in varying.items())
 
@@ -239,8 +325,8 @@ def _show(key: str, value: Any) -> str:
     return f"{key}={value}"
 
 
-def _kernel_variants(entry: str | dict[str, Any], where: str) -> list[tuple[str, dict[str, float]]]:
-    """`entmax` or {name: entmax, alpha: [1.5, 1.33]} -> [(canonical name, full params), …]."""
+def _kernel_choices(entry: str | dict[str, Any], where: str) -> tuple[str, dict[str, list[float]]]:
+    """`entmax` or {name: entmax, alpha: [1.5, 1.33]} -> (name, {parameter: values}), the values checked to be numbers."""
     if isinstance(entry, str):
         entry = {"name": entry}
     entry = dict(entry)
@@ -248,13 +334,32 @@ def _kernel_variants(entry: str | dict[str, Any], where: str) -> list[tuple[str,
     if not isinstance(name, str):
         raise SweepError(f"{where}: a kernel entry needs a 'name'; allowed: {', '.join(KERNEL_NAMES)}")
     choices = {param: value if isinstance(value, list) else [value] for param, value in entry.items()}
-    variants = []
-    for values in itertools.product(*choices.values()):
-        try:
-            variants.append(resolve_kernel(name, **dict(zip(choices, values))))
-        except ValueError as error:
-            raise SweepError(f"{where}: {error}") from None
-    return variants
+    for param, values in choices.items():
+        if not values:
+            raise SweepError(f"{where}.{param}: empty list of values; give a number or a list of numbers")
+        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise SweepError(f"{where}.{param}: a number or a list of numbers; got {bad[0]!r}")
+    return name, choices
+
+
+def _kernel_variants(entries: list[tuple[str, dict[str, list[float]]]], source: str) -> list[tuple[str, dict[str, float]]]:
+    """[(canonical name, full params), …] in the order written; a variant written twice is refused like a
+    repeated grid value ('biweight' and {name: entmax, alpha: 1.5} are one variant)."""
+    variants: dict[tuple[str, tuple[tuple[str, float], ...]], int] = {}
+    for i, (name, choices) in enumerate(entries):
+        for values in itertools.product(*choices.values()):
+            try:
+                kernel, params = resolve_kernel(name, **dict(zip(choices, values)))
+            except ValueError as error:
+                raise SweepError(f"{source}: kernels[{i}]: {error}") from None
+            key = (kernel, tuple(sorted(params.items())))
+            if key in variants:
+                shown = ", ".join(f"{p}={v:g}" for p, v in params.items())
+                raise SweepError(f"{source}: kernels[{i}] repeats kernels[{variants[key]}]: both are {kernel}"
+                                 f"{f'({shown})' if shown else ''}; list each variant once")
+            variants[key] = i
+    return [(kernel, dict(params)) for kernel, params in variants]
 
 
 def _check_grid(grid: dict[str, list[Any]], base: TrialConfig, source: str) -> None:
@@ -302,56 +407,74 @@ def _check_search(search: Search, grid: dict[str, list[Any]], trials: list[Trial
     where = f"{source}: search"
     if "seed" in grid:
         raise SweepError(f"{where}: seeds come from search.seeds in a search sweep; remove 'seed' from grid:")
+    if search.n_trials * search.seeds > MAX_TRIALS:
+        raise SweepError(f"{where}: n_trials × seeds is {search.n_trials * search.seeds} trials; at most {MAX_TRIALS} per sweep")
+    last_seed = max(trial.config.seed for trial in trials) + search.seeds - 1
+    if last_seed > MAX_SEED:
+        raise SweepError(f"{where}.seeds: the last seed would be {last_seed}; seeds go up to {MAX_SEED}")
     _check_metric(search.metric, trials, where)
     if search.storage is not None:
-        from sqlalchemy.engine import make_url
-        from sqlalchemy.exc import ArgumentError
-
-        try:
-            make_url(search.storage)
-        except ArgumentError:
-            raise SweepError(f"{where}.storage: '{search.storage}' is not a database URL "
-                             "(sqlite:///path/optuna.db, postgresql://user@host/db, …)") from None
+        _check_database_url(search.storage, f"{where}.storage")
     for key, distribution in search.space.items():
         at = f"{where}.space.{key}"
         if key in grid:
             raise SweepError(f"{at}: also in grid:; a key is either searched or gridded")
         if key in KERNEL_KEYS or key == "seed":
             raise SweepError(f"{at}: cannot be searched; list kernel variants in 'kernels:' and use search.seeds")
-        if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
-            raise SweepError(f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}")
-        (kind, values), = distribution.items()
-        if kind == "choice":
-            if not values:
-                raise SweepError(f"{at}: choice needs at least one value")
-            corners = values
-        else:
-            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-                raise SweepError(f"{at}: {kind} takes [low, high] numbers; got {values}")
-            low, high = values
-            if kind in ("int", "logint") and not all(float(v).is_integer() for v in values):
-                raise SweepError(f"{at}: {kind} takes integer bounds; got {values}")
-            if not low < high:
-                raise SweepError(f"{at}: empty range [{low}, {high}]; low must be below high")
-            if kind.startswith("log") and low <= 0:
-                raise SweepError(f"{at}: {kind} needs a positive low bound; got {low}")
-            corners = [low, high]
-        for trial in trials:
-            if key not in flatten(trial.config.model_dump()):
-                allowed = [k for k in flatten(trial.config.model_dump()) if k not in KERNEL_KEYS and k != "seed"]
-                raise SweepError(f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
-                                 f"allowed: {', '.join(allowed)}")
-            for value in corners:
-                tree = with_overrides(trial.config.model_dump(), {key: value})
-                try:
-                    TrialConfig.model_validate(tree)
-                except ValidationError as error:
-                    raise SweepError(describe_validation_error(error, TrialConfig, f"{at} = {value}")) from None
+        _check_corners(key, _corners(distribution, at), trials, where)
+
+
+def _check_database_url(url: str, where: str) -> None:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        make_url(url)
+    except ArgumentError:
+        raise SweepError(f"{where}: '{url}' is not a database URL "
+                         "(sqlite:///path/optuna.db, postgresql://user@host/db, …)") from None
+
+
+def _corners(distribution: dict[str, list[Any]], at: str) -> list[Any]:
+    """The values a well-formed distribution can take at its ends (all of a choice's)."""
+    if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
+        raise SweepError(f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}")
+    (kind, values), = distribution.items()
+    if kind == "choice":
+        if not values:
+            raise SweepError(f"{at}: choice needs at least one value")
+        return values
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise SweepError(f"{at}: {kind} takes [low, high] numbers; got {values}")
+    low, high = values
+    if kind in ("int", "logint") and not all(float(v).is_integer() for v in values):
+        raise SweepError(f"{at}: {kind} takes integer bounds; got {values}")
+    if not low < high:
+        raise SweepError(f"{at}: empty range [{low}, {high}]; low must be below high")
+    if kind.startswith("log") and low <= 0:
+        raise SweepError(f"{at}: {kind} needs a positive low bound; got {low}")
+    return [low, high]
+
+
+def _check_corners(key: str, corners: list[Any], trials: list[Trial], where: str) -> None:
+    """Every variant takes the searched key, and stays valid at each end of its range."""
+    at = f"{where}.space.{key}"
+    for trial in trials:
+        keys = flatten(trial.config.model_dump())
+        if key not in keys:
+            allowed = [k for k in keys if k not in KERNEL_KEYS and k != "seed"]
+            raise SweepError(f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
+                             f"allowed: {', '.join(allowed)}")
+        for value in corners:
+            try:
+                TrialConfig.model_validate(with_overrides(trial.config.model_dump(), {key: value}))
+            except ValidationError as error:
+                raise SweepError(describe_validation_error(error, TrialConfig, f"{at} = {value}")) from None
 
 
 def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     """A deep copy of `base` with dotted-path overrides applied."""
-    tree = yaml.safe_load(yaml.safe_dump(base))  # deep copy of plain YAML data
+    tree = copy.deepcopy(base)
     for dotted, value in overrides.items():
         *parents, leaf = dotted.split(".")
         node = tree

@@ -118,16 +118,14 @@ def test_grid_overrides_base_and_no_grid_means_one_trial_per_kernel(write_sweep,
     assert [t.describe() for t in sweep.trials] == ["softmax", "sparsemax", "entmax(alpha=1.5)"]
 
 
-def test_alias_and_explicit_params_dedupe_to_one_variant(write_sweep, smoke_spec):
-    smoke_spec["kernels"] = ["biweight", {"name": "entmax", "alpha": 1.5}, "softmax", "gaussian", "entmax"]
-    sweep = load_sweep(write_sweep(smoke_spec))
-    assert [(t.config.model.kernel, dict(t.config.model.kernel_params), t.config.seed) for t in sweep.trials] == [
-        ("entmax", {"alpha": 1.5}, 0),
-        ("entmax", {"alpha": 1.5}, 1),
-        ("softmax", {}, 0),
-        ("softmax", {}, 1),
-    ]
-    assert sweep.kernel_labels == ["Biweight", "Gaussian"]  # first-written order
+@pytest.mark.parametrize(("kernels", "expected"), [
+    (["biweight", {"name": "entmax", "alpha": 1.5}], "kernels[1] repeats kernels[0]: both are entmax(alpha=1.5)"),
+    (["softmax", "sparsemax", "gaussian"], "kernels[2] repeats kernels[0]: both are softmax;"),
+    ([{"name": "topk_softmax", "k": [16, 16.0]}], "kernels[0] repeats kernels[0]: both are topk_softmax(k=16)"),
+])
+def test_a_kernel_variant_written_twice_is_refused_like_a_repeated_grid_value(write_sweep, smoke_spec, kernels, expected):
+    smoke_spec["kernels"] = kernels
+    assert expected in sweep_error(write_sweep(smoke_spec))
 
 
 def test_kernel_defaults_are_filled_in(write_sweep, smoke_spec):
@@ -472,3 +470,21 @@ def test_whole_gpus_and_fractions_are_fine(write_sweep, smoke_spec):
     for gpu in (0.25, 1, 2):
         smoke_spec["resources"] = {"cpu": 1, "gpu": gpu}
         assert load_sweep(write_sweep(smoke_spec)).resources.gpu == gpu
+
+
+def test_a_case_merges_into_base_key_by_key(write_sweep, smoke_spec):
+    smoke_spec["cases"] = [{"model": {"n_layer": 3}}, {"model.n_layer": 1, "train": {"lr": 1e-3}}]
+    sweep = load_sweep(write_sweep(smoke_spec))
+    got = {(t.config.model.n_layer, t.config.model.n_embd, t.config.model.n_head, t.config.train.lr, t.config.train.max_steps)
+           for t in sweep.trials}
+    assert got == {(3, 64, 4, 3e-3, 1000), (1, 64, 4, 1e-3, 1000)}  # n_embd, n_head and max_steps stay the base's
+    assert sweep.trials[0].describe() == "model.n_layer=3 softmax seed=0"
+
+
+def test_the_largest_sweep_allowed_expands_in_seconds(write_sweep, smoke_spec):
+    import time
+
+    smoke_spec["grid"] = {"seed": list(range(100)), "train.max_steps": list(range(1000, 1033))}
+    started = time.perf_counter()
+    sweep = load_sweep(write_sweep(smoke_spec))
+    assert len(sweep.trials) == 3 * 100 * 33 == 9900 and time.perf_counter() - started < 20

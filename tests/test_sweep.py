@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from orchestrator import cli
-from orchestrator.sweep import SweepOutcome, prepare_output_dir
+from orchestrator.sweep import SweepOutcome
+from orchestrator.sweep_folder import LaunchRecord, SweepFolder, SweepFolderError
 from orchestrator.tracking import default_tracking_uri
 
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
@@ -134,10 +135,10 @@ def fake_run_sweep(monkeypatch, tmp_path):
     calls: list[dict] = []
     statuses = {"TERMINATED": 6}
 
-    def fake(sweep, sweep_dir, tracking_uri, *, overwrite=False, resume=False, verbose=False, **placement):
-        calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=sweep_dir,
-                          tracking_uri=tracking_uri, overwrite=overwrite))
-        return SweepOutcome(sweep_dir, "| Kernel |\n", "parent123", tracking_uri, dict(statuses))
+    def fake(sweep, folder, *, address=None, verbose=False, max_concurrent=None):
+        calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=folder.path,
+                          tracking_uri=folder.launch.tracking_uri, configs=len(folder.configs())))
+        return SweepOutcome(folder.path, "| Kernel |\n", "parent123", folder.launch.tracking_uri, dict(statuses))
 
     monkeypatch.setattr(orchestrator.sweep, "run_sweep", fake)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -155,7 +156,7 @@ def test_default_folder_and_tracking_uri(fake_run_sweep, tmp_path):
     assert result.exit_code == 0, result.output
     (call,) = fake_run_sweep.calls
     assert call == dict(name="smoke", trials=6, sweep_dir=Path("sweeps") / "smoke",
-                        tracking_uri=f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}", overwrite=False)
+                        tracking_uri=f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}", configs=6)
     assert "MLflow: sqlite:///" in result.stdout and "parent run parent123" in result.stdout
     assert "trials: 6 TERMINATED" in result.stdout
 
@@ -163,14 +164,14 @@ def test_default_folder_and_tracking_uri(fake_run_sweep, tmp_path):
 def test_tracking_uri_beside_a_chosen_folder(fake_run_sweep, tmp_path):
     assert invoke("run", "smoke", "--out", "elsewhere/mine", "--overwrite").exit_code == 0
     (call,) = fake_run_sweep.calls
-    assert call["sweep_dir"] == Path("elsewhere/mine") and call["overwrite"] is True
+    assert call["sweep_dir"] == Path("elsewhere/mine")
     assert call["tracking_uri"] == f"sqlite:///{tmp_path.resolve() / 'elsewhere' / 'mlflow.db'}"
 
 
 def test_tracking_uri_from_environment_then_flag(fake_run_sweep, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
-    assert invoke("run", "smoke").exit_code == 0
-    assert invoke("run", "smoke", "--mlflow-uri", "http://flag:5000").exit_code == 0
+    assert invoke("run", "smoke", "--out", "a").exit_code == 0
+    assert invoke("run", "smoke", "--out", "b", "--mlflow-uri", "http://flag:5000").exit_code == 0
     assert [c["tracking_uri"] for c in fake_run_sweep.calls] == ["http://env:5000", "http://flag:5000"]
 
 
@@ -192,33 +193,49 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
 # the sweep folder: never mixed, never deleted
 
 
+LAUNCH_RECORD = LaunchRecord(tracking_uri="sqlite:///mlflow.db", storage_path="/somewhere", trials=3)
+
+
 def test_new_or_empty_folder_is_used(tmp_path):
-    prepare_output_dir(tmp_path / "a" / "b", overwrite=False)
-    assert (tmp_path / "a" / "b").is_dir()
-    prepare_output_dir(tmp_path / "a" / "b", overwrite=False)  # still empty: fine
-    assert files_under(tmp_path) == [tmp_path / "a", tmp_path / "a" / "b"]
+    SweepFolder.create(tmp_path / "a" / "b", LAUNCH_RECORD, {"softmax": {}})
+    assert files_under(tmp_path) == [tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "launch.json",
+                                     tmp_path / "a" / "b" / "trials.json"]
+    assert SweepFolder.open(tmp_path / "a" / "b").launch == LAUNCH_RECORD
+    assert SweepFolder.open(tmp_path / "a" / "b").configs() == {"softmax": {}}
 
 
 def test_non_empty_folder_is_refused_without_overwrite(tmp_path):
     old = tmp_path / "sweeps" / "s"
-    old.mkdir(parents=True)
+    SweepFolder.create(old, LAUNCH_RECORD, {"softmax": {}})
     (old / "results.parquet").mkdir()
     (old / "results.parquet" / "part-x.parquet").write_text("old")
-    with pytest.raises(FileExistsError) as info:
-        prepare_output_dir(old, overwrite=False)
+    with pytest.raises(SweepFolderError) as info:
+        SweepFolder.create(old, LAUNCH_RECORD, {"sparsemax": {}})
     assert "--overwrite" in str(info.value) and "\n" not in str(info.value)
     assert (old / "results.parquet" / "part-x.parquet").read_text() == "old"
+    assert SweepFolder.open(old).configs() == {"softmax": {}}
 
 
 def test_overwrite_moves_the_old_folder_to_a_backup(tmp_path):
     old = tmp_path / "sweeps" / "s"
-    old.mkdir(parents=True)
+    SweepFolder.create(old, LAUNCH_RECORD, {"softmax": {}})
     (old / "table.md").write_text("old table")
-    prepare_output_dir(old, overwrite=True)
-    assert old.is_dir() and list(old.iterdir()) == []
+    SweepFolder.create(old, LAUNCH_RECORD, {"sparsemax": {}}, overwrite=True)
+    assert sorted(p.name for p in old.iterdir()) == ["launch.json", "trials.json"]
     (backup,) = [p for p in old.parent.iterdir() if p != old]
     assert re.fullmatch(r"s\.bak-\d{8}-\d{6}", backup.name)
     assert (backup / "table.md").read_text() == "old table"
+    assert SweepFolder.open(backup).configs() == {"softmax": {}}
+
+
+def test_overwrite_never_moves_a_folder_that_is_not_a_sweep(tmp_path):
+    mine = tmp_path / "thesis"
+    mine.mkdir()
+    (mine / "chapter1.tex").write_text("precious")
+    for overwrite in (False, True):
+        with pytest.raises(SweepFolderError, match="is not the folder of a sweep and is left alone"):
+            SweepFolder.create(mine, LAUNCH_RECORD, {"softmax": {}}, overwrite=overwrite)
+    assert files_under(tmp_path) == [mine, mine / "chapter1.tex"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -357,8 +374,7 @@ def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
     from analysis.results_store import write_trial_rows
 
     sweep_dir = tmp_path / "sweeps" / "s"
-    sweep_dir.mkdir(parents=True)
-    (sweep_dir / "launch.json").write_text('{"trials": 3}')
+    SweepFolder.create(sweep_dir, LAUNCH_RECORD, {"softmax": {}})
     common = {"task": "sort", "kernel": "softmax", "n_layer": 1, "metric": "exact_match"}
     write_trial_rows(sweep_dir, "t1", [
         {**common, "kernel_label": "Gaussian", "seed": 0, "length_factor": 1.0, "step": 10, "value": 0.9, "status": "TERMINATED"},
@@ -397,6 +413,7 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     assert done.returncode == 1, done.stderr[-3000:]
     assert "trials: 1 ERROR, 1 TERMINATED" in done.stdout
     assert "failed" in done.stderr and "model.vocab_size=2" in done.stderr  # the progress line names it
+    assert "Traceback" not in done.stderr  # an expected failure: its traceback is in MLflow, not on the terminal
 
     error = "ValueError: model.vocab_size (2) is smaller than the task's vocabulary (8)"
     results = read_results(tmp_path / "sweeps" / "failing")

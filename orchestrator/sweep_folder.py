@@ -1,0 +1,222 @@
+"""The sweep folder: the one owner of the files a sweep keeps beside its results.
+
+| file | what |
+| --- | --- |
+| `launch.json` | the launch record: MLflow store, Tune storage, planned trials (what `--resume` reuses) |
+| `trials.json` | the expanded trial configs, as first expanded (an edited sweep file cannot derail a resume) |
+| `mlflow_runs.json` | the parent MLflow run and which child run belongs to which Ray trial |
+| `results.parquet/` | the results store (`analysis.results_store`) |
+
+`SweepFolder.create` starts a new folder, `SweepFolder.open` reads back one that exists; every
+other module goes through them. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
+state from it, so resume only folders you wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlparse
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from analysis.results_store import store_path
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", bound=BaseModel)
+
+LAUNCH = "launch.json"
+TRIALS = "trials.json"
+RUN_MAP = "mlflow_runs.json"
+
+
+class SweepFolderError(ValueError):
+    """A sweep folder that cannot be used as asked; the message is one line meant for the user."""
+
+
+class LaunchRecord(BaseModel):
+    """How a sweep was launched: where its MLflow runs and Tune state live, how many trials it plans."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    tracking_uri: str = Field(min_length=1)
+    storage_path: str = Field(min_length=1, description="Tune's storage_path: the sweep folder, or shared storage")
+    trials: int = Field(ge=1)
+    workers: dict[str, int] = Field(default_factory=dict, description="variant -> its Ray Train workers (as first launched)")
+
+    @property
+    def tune_path(self) -> str:
+        """Tune's experiment folder (RunConfig name "tune") under the storage path."""
+        return f"{self.storage_path}/tune"
+
+
+class RunMap(BaseModel):
+    """The sweep's parent MLflow run, and trial id -> child run id."""
+
+    model_config = ConfigDict(extra="forbid")
+    parent: str
+    trials: dict[str, str] = Field(default_factory=dict)
+
+
+def storage_path(storage: str | None, sweep_dir: Path) -> str:
+    """Tune's storage_path: the sweep folder locally; `<storage>/<sweep folder name>` on shared storage."""
+    if storage is None:
+        return str(sweep_dir.resolve())
+    if "://" in storage:
+        return f"{storage.rstrip('/')}/{sweep_dir.name}"
+    return str(Path(storage).resolve() / sweep_dir.name)
+
+
+@dataclass(frozen=True)
+class SweepFolder:
+    path: Path
+    launch: LaunchRecord
+
+    @classmethod
+    def create(cls, path: Path, launch: LaunchRecord, configs: dict[str, dict[str, Any]], *,
+               overwrite: bool = False) -> SweepFolder:
+        """A new sweep folder holding its launch record and trial configs (an old sweep there is moved aside
+        with `overwrite`, refused without)."""
+        prepare_output_dir(path, overwrite, marker=LAUNCH, what="a sweep")
+        _write_json(path / LAUNCH, launch.model_dump())  # first: whatever follows, the folder is known as a sweep's
+        _write_json(path / TRIALS, configs)
+        return cls(path, launch)
+
+    @classmethod
+    def open(cls, path: Path) -> SweepFolder:
+        """The sweep in `path`, its launch record checked."""
+        return cls(path, _read_model(path / LAUNCH, LaunchRecord, f"{path} is not a sweep folder (no {LAUNCH})"))
+
+    def configs(self) -> dict[str, dict[str, Any]]:
+        """Variant name -> full trial config, as the sweep was first expanded."""
+        file = self.path / TRIALS
+        configs = _read_json(file, f"{self.path} has no {TRIALS}")
+        if not isinstance(configs, dict) or not configs:
+            raise SweepFolderError(f"{file} is corrupt (not a mapping of trial configs); start the sweep again with --overwrite")
+        return configs
+
+    def run_map(self) -> RunMap | None:
+        """The MLflow runs of this sweep; None before its parent run exists."""
+        if not (self.path / RUN_MAP).is_file():
+            return None
+        return _read_model(self.path / RUN_MAP, RunMap, "")
+
+    def save_run_map(self, run_map: RunMap) -> None:
+        _write_json(self.path / RUN_MAP, run_map.model_dump())
+
+    @property
+    def results_path(self) -> Path:
+        return store_path(self.path)
+
+
+def prepare_output_dir(path: Path, overwrite: bool, *, marker: str, what: str) -> None:
+    """Refuse to mix two runs in one folder; with `overwrite`, move an old one (a folder holding `marker`)
+    aside, never delete it, and never move a folder that is not one of ours."""
+    if path.exists() and any(path.iterdir()):
+        if not (path / marker).is_file():
+            raise SweepFolderError(f"{path} is not empty and has no {marker}, so it is not the folder of {what} "
+                                   "and is left alone; give --out a new or empty folder")
+        if not overwrite:
+            raise SweepFolderError(
+                f"{path} already holds {what}; pass --resume to continue it, --overwrite to start again "
+                f"(the old folder is kept as a backup), or --out another folder")
+        backup = _backup_name(path)
+        shutil.move(path, backup)
+        log.warning("moved the existing %s to %s", path, backup)
+    path.mkdir(parents=True, exist_ok=True)
+
+
+def _backup_name(path: Path) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup, n = path.with_name(f"{path.name}.bak-{stamp}"), 1
+    while backup.exists():
+        backup, n = path.with_name(f"{path.name}.bak-{stamp}-{n}"), n + 1
+    return backup
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Written whole or not at all: a crash never leaves half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
+def _read_json(path: Path, missing: str) -> Any:
+    if not path.is_file():
+        raise SweepFolderError(missing)
+    try:
+        return json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise SweepFolderError(f"{path} is corrupt ({' '.join(str(error).split())[:120]}); "
+                               "start the sweep again with --overwrite") from None
+
+
+def _read_model(path: Path, model: type[M], missing: str) -> M:
+    data = _read_json(path, missing)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(map(str, first["loc"])) or "(top level)"
+        raise SweepFolderError(f"{path} is corrupt ({where}: {first['msg']}); "
+                               "start the sweep again with --overwrite") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# where a sweep may be written: checked from the flags alone, before anything is made
+
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")  # MLflow's stores
+
+
+def check_new_folder(path: Path, flag: str) -> None:
+    """`path` can be made (or is a folder) and written: no name too long, no file on the way, not read-only."""
+    path = Path(os.path.abspath(path))
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+    limit = os.pathconf("/", "PC_NAME_MAX")
+    if len(os.fsencode(longest)) > limit:
+        raise SweepFolderError(f"{flag}: the name '{longest[:40]}…' is {len(os.fsencode(longest))} bytes long; "
+                               f"at most {limit}")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under the file {existing}"
+        raise SweepFolderError(f"{flag}: {path} {where}; give a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SweepFolderError(f"{flag}: cannot write in {existing} (read-only, or not yours)")
+
+
+def check_overwrite(path: Path) -> None:
+    """--overwrite moves the old folder aside: never the working folder or one that holds it."""
+    if Path.cwd().resolve().is_relative_to(path.resolve()):
+        raise SweepFolderError(f"--out {path} --overwrite would move aside the folder you are working in; "
+                               "give --out a subfolder")
+
+
+def check_storage(storage: str) -> None:
+    """A --storage that Tune can open: a local folder, or a URI of a filesystem pyarrow knows (s3://, gs://, …)."""
+    if "://" not in storage:
+        return check_new_folder(Path(storage), "--storage")
+    import pyarrow.fs
+
+    try:
+        pyarrow.fs.FileSystem.from_uri(storage)
+    except Exception as error:  # pyarrow raises ArrowInvalid for unknown schemes, OSError for unreachable ones
+        raise SweepFolderError(f"--storage {storage}: {' '.join(str(error).split())[:160]}") from None
+
+
+def check_tracking_uri(uri: str) -> None:
+    """A --mlflow-uri MLflow can log to; a SQLite file or a file store in a folder that can be made."""
+    scheme = urlparse(uri).scheme
+    if scheme and scheme not in TRACKING_SCHEMES:
+        raise SweepFolderError(f"--mlflow-uri {uri}: unknown scheme '{scheme}'; allowed: a folder, "
+                               f"{', '.join(f'{s}:' for s in TRACKING_SCHEMES)}")
+    if scheme == "sqlite":
+        if not uri.startswith("sqlite:///"):
+            raise SweepFolderError(f"--mlflow-uri {uri}: write a SQLite store as sqlite:///relative.db or sqlite:////absolute.db")
+        check_new_folder(Path(uri.removeprefix("sqlite:///")).parent, "--mlflow-uri")
+    elif scheme in ("", "file"):
+        check_new_folder(Path(uri.removeprefix("file://")), "--mlflow-uri")

@@ -1,0 +1,33 @@
+"""The quiet progress lines: [ended/planned] stays right when a resume retries trials that errored."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from analysis.results_store import write_trial_rows
+from analysis.schema import TrialStatus
+from orchestrator.progress import TrialProgress
+
+CONFIGS = {"softmax seed=0": {"seed": 0, "train": {"max_steps": 10}}}
+
+
+def trial(trial_id: str) -> SimpleNamespace:
+    return SimpleNamespace(trial_id=trial_id, config={"variant": "softmax seed=0"}, error_file=None,
+                           last_result={"step": 10, "train_loss": 0.5, "time_total_s": 1.0})
+
+
+def test_a_retried_errored_trial_is_counted_once(tmp_path, capsys):
+    row = {"task": "sort", "kernel": "softmax", "metric": "train_loss", "step": 5, "value": 1.0}
+    write_trial_rows(tmp_path, "done", [{**row, "status": TrialStatus.TERMINATED}])
+    write_trial_rows(tmp_path, "failed", [{**row, "status": TrialStatus.ERROR}])
+    write_trial_rows(tmp_path, "cut", [{**row, "status": TrialStatus.RUNNING}])
+    progress = TrialProgress(4, CONFIGS, tmp_path)
+    progress.setup()  # resumed: two of four trials ended before
+    for trial_id in ("failed", "cut"):  # Tune retries the errored trial and continues the interrupted one
+        progress.on_trial_start(0, [], trial(trial_id))
+    progress.on_trial_complete(0, [], trial("failed"))
+    progress.on_trial_error(0, [], trial("cut"))
+    progress.on_trial_start(0, [], trial("new"))
+    progress.on_trial_complete(0, [], trial("new"))
+    counts = [line.split("]")[0] + "]" for line in capsys.readouterr().err.splitlines()]
+    assert counts == ["[1/4]", "[1/4]", "[2/4]", "[3/4]", "[3/4]", "[4/4]"]  # was [5/4] at the end
