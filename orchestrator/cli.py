@@ -292,10 +292,10 @@ def _results(sweep_dir: Path | None, from_mlflow: str | None = None, experiment:
 
 def _planned_seeds(sweep_dir: Path | None) -> int | None:
     """Seeds per configuration as the sweep planned them, from its folder (None without one)."""
-    from orchestrator.sweep_folder import SweepFolder, SweepFolderError
+    from orchestrator.sweep_folder import SweepFolderError, read_configs
 
     try:
-        configs = SweepFolder.open(sweep_dir).configs() if sweep_dir is not None else None
+        configs = read_configs(sweep_dir) if sweep_dir is not None else None
     except SweepFolderError:
         return None
     return None if configs is None else len({config.get("seed") for config in configs.values()})

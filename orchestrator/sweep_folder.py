@@ -94,11 +94,7 @@ class SweepFolder:
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Variant name -> full trial config, as the sweep was first expanded."""
-        file = self.path / TRIALS
-        configs = _read_json(file, f"{self.path} has no {TRIALS}")
-        if not isinstance(configs, dict) or not configs:
-            raise SweepFolderError(f"{file} is corrupt (not a mapping of trial configs); start the sweep again with --overwrite")
-        return configs
+        return read_configs(self.path)
 
     def run_map(self) -> RunMap | None:
         """The MLflow runs of this sweep; None before its parent run exists."""
@@ -220,3 +216,12 @@ def check_tracking_uri(uri: str) -> None:
         check_new_folder(Path(uri.removeprefix("sqlite:///")).parent, "--mlflow-uri")
     elif scheme in ("", "file"):
         check_new_folder(Path(uri.removeprefix("file://")), "--mlflow-uri")
+
+
+def read_configs(path: Path) -> dict[str, dict[str, Any]]:
+    """The trial configs of the sweep folder `path` (also of one whose launch record is gone)."""
+    file = path / TRIALS
+    configs = _read_json(file, f"{path} has no {TRIALS}")
+    if not isinstance(configs, dict) or not configs:
+        raise SweepFolderError(f"{file} is corrupt (not a mapping of trial configs); start the sweep again with --overwrite")
+    return configs

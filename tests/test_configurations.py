@@ -144,6 +144,7 @@ def test_varied_keys_and_the_config_column():
 
 def test_the_tracker_records_every_varied_key(write_sweep, smoke_spec):
     from orchestrator.search import VARIANT
+    from orchestrator.sweep_folder import SweepFolder
     from orchestrator.tracking import SweepTracker
     from search_spaces.schema import load_sweep
 
@@ -151,7 +152,7 @@ def test_the_tracker_records_every_varied_key(write_sweep, smoke_spec):
                       grid={"seed": [0, 1], "train.lr": [1.0e-3, 1.0e-2]})
     sweep = load_sweep(write_sweep(smoke_spec))
     configs = {trial.describe(): trial.config.model_dump() for trial in sweep.trials}
-    tracker = SweepTracker(None, "0", "parent", Path("unused"), configs)
+    tracker = SweepTracker(None, "0", "parent", SweepFolder(Path("unused"), None), configs)
 
     class Trial:  # what the tracker reads of Ray's Trial
         config = {VARIANT: "entmax(alpha=1.5) seed=1 train.lr=0.01"}
