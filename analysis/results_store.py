@@ -82,7 +82,7 @@ def _read_part(path: Path) -> pa.Table:
     try:
         return _conformed(pq.read_table(path))
     except (pa.ArrowException, OSError) as error:
-        reason = " ".join(str(error).split())[:200]
+        reason = " ".join(str(error).replace(str(path), "the file").split())[:80]  # the path is named once
         raise ResultsStoreError(f"{path}: not a readable results file ({reason})") from None
 
 

@@ -18,6 +18,7 @@ from analysis.results_store import ResultsStoreError, read_results, write_trial_
 from analysis.schema import RESULTS_SCHEMA, config_json, varied_keys
 from analysis.tables import markdown_cells, table_stats, to_csv, to_markdown
 from orchestrator.cli import app
+from orchestrator.sweep_folder import LAUNCH, LaunchRecord
 
 NAN = float("nan")
 
@@ -236,7 +237,8 @@ def stored(folder: Path, frame: pd.DataFrame) -> Path:
     for trial, rows in frame.groupby("trial_id"):
         write_trial_rows(folder, trial, [{k: v for k, v in row.items() if not (isinstance(v, float) and math.isnan(v)) or k == "value"}
                                          for row in rows.to_dict("records")])
-    (folder / "launch.json").write_text('{"trials": %d}' % frame["trial_id"].nunique())
+    launch = LaunchRecord(tracking_uri="sqlite:///unused.db", storage_path=str(folder), trials=frame["trial_id"].nunique())
+    (folder / LAUNCH).write_text(launch.model_dump_json())
     return folder
 
 
