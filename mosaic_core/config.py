@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -65,6 +66,10 @@ class LengthTaskConfig(_Strict):
         """No model selection: the paper reports the trained model (the last evaluation)."""
         return None
 
+    def required_files(self) -> list[Path]:
+        """Files a trial reads: none, its data is generated."""
+        return []
+
 
 class RegBenchConfig(_Strict):
     """In-context learning of random regular languages (RegBench, Akyürek et al. 2024; SPEC §4)."""
@@ -84,6 +89,10 @@ class RegBenchConfig(_Strict):
         """Model selection as Table 5's caption: report the evaluation with the lowest val_loss."""
         return "val_loss", "min"
 
+    def required_files(self) -> list[Path]:
+        """Files a trial reads: none, its languages are generated."""
+        return []
+
 
 class LanguageModelConfig(_Strict):
     """Language modelling on a corpus prepared by `mosaic-sweep prepare` (BabiStories; SPEC §4)."""
@@ -102,6 +111,11 @@ class LanguageModelConfig(_Strict):
     def selection(self) -> None:
         """No model selection: Figure 2 plots the whole validation curve."""
         return None
+
+    def required_files(self) -> list[Path]:
+        """The token files `mosaic-sweep prepare` writes, which a trial reads."""
+        files = [Path(self.data_dir) / "train.bin", Path(self.data_dir) / "val.bin"]
+        return files + ([Path(self.ood_data_dir) / "val.bin"] if self.ood_data_dir else [])
 
 
 TaskConfig = Annotated[
@@ -169,6 +183,8 @@ class TrainConfig(_Strict):
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     eval_interval: int = Field(500, ge=1)
+    log_interval: int = Field(100, ge=0, description="report train_loss, lr and tokens/s every this many steps "
+                              "between evaluations (no checkpoint); 0: only at evaluations")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the model for training")
 

@@ -113,6 +113,28 @@ def optimizer_step(model: torch.nn.Module, forward: Callable[[Tensor], Tensor], 
     return total
 
 
+def report_progress(report: Report, shard: Shard, metrics: dict[str, float]) -> None:
+    """Between evaluations: `report(metrics, None)` on rank 0, `report({}, None)` on the other ranks."""
+    report(metrics if shard.leads else {}, None)
+
+
+class Throughput:
+    """Training tokens per second since the last reading."""
+
+    def __init__(self) -> None:
+        self.tokens, self.since = 0, time.perf_counter()
+
+    def count(self, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        self.tokens += batch[0].numel()
+        return batch
+
+    def read(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        return rate
+
+
 def report_evaluation(report: Report, shard: Shard, metrics: dict[str, float], *, config: TrialConfig,
                       model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Rank 0: `report(metrics, checkpoint_dir)` with a checkpoint of this moment. The other
@@ -136,7 +158,8 @@ def train_trial(
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
 ) -> dict[str, float]:
     """Train one model; every `eval_interval` steps and at the end, evaluate and call
-    `report(metrics, checkpoint_dir)` with a checkpoint of this very moment (valid during the call).
+    `report(metrics, checkpoint_dir)` with a checkpoint of this very moment (valid during the call);
+    every `log_interval` steps in between, `report({step, train_loss, lr, tokens_per_s}, None)`.
 
     `resume_from`: a checkpoint directory; the run continues from its step exactly as if it had
     never stopped. `on_step(step, loss)` is called after every optimiser step (progress bars).
@@ -163,7 +186,7 @@ def train_trial(
     forward = torch.compile(trained) if train.compile else trained
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    started = time.perf_counter()
+    started, throughput = time.perf_counter(), Throughput()
     for step in range(first_step, train.max_steps):
         lr = learning_rate(step, train)
         for group in optimizer.param_groups:
@@ -171,7 +194,7 @@ def train_trial(
         model.train()
         shard.reseed_dropout(config.seed, step)
         # a fresh micro-batch per micro-step: batch index counts micro-batches, not steps
-        micro_batches = (task.train_batch(step * train.grad_accum_steps + micro, train.batch_size)
+        micro_batches = (throughput.count(task.train_batch(step * train.grad_accum_steps + micro, train.batch_size))
                          for micro in range(train.grad_accum_steps))
         loss_value = shard.summed(optimizer_step(model, forward, optimizer, micro_batches, train, device, shard)).item()
         if not math.isfinite(loss_value):
@@ -180,14 +203,17 @@ def train_trial(
         done = step + 1
         if on_step is not None:
             on_step(done, loss_value)
+        progress = {"step": done, "train_loss": loss_value, "lr": lr}
         if done % train.eval_interval == 0 or done == train.max_steps:
+            progress["tokens_per_s"] = throughput.read()
             if shard.leads:  # evaluation once, on rank 0 alone
                 model.eval()
                 with autocast:
                     evaluated = with_selection(task.evaluate(model, device), done, metrics, config.task.selection())
-                    metrics = {"step": done, "train_loss": loss_value, "lr": lr, **evaluated,
-                               **diagnostic_metrics(model, task, device)}
+                    metrics = {**progress, **evaluated, **diagnostic_metrics(model, task, device)}
                 metrics["elapsed_s"] = time.perf_counter() - started
             if report is not None:
                 report_evaluation(report, shard, metrics, config=config, model=model, optimizer=optimizer)
+        elif train.log_interval and done % train.log_interval == 0 and report is not None:
+            report_progress(report, shard, {**progress, "tokens_per_s": throughput.read()})
     return metrics

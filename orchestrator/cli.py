@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import ValidationError
 
-from mosaic_core.config import describe_validation_error
 from search_spaces import bundled_sweeps
-from search_spaces.schema import Resources, Sweep, SweepError, load_sweep
+
+# torch, Ray and MLflow are imported by the commands that use them, never at start-up:
+# `--help` and the errors found before any work answer at once
 
 app = typer.Typer(help="Run sparse-attention kernel sweeps of Memory Mosaics with Ray Tune and MLflow.",
-                  no_args_is_help=True, add_completion=False)
+                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 
 USAGE_ERROR = 2
 
@@ -37,6 +37,10 @@ def _load(spec: str) -> Sweep:
     path = Path(spec)
     if not path.is_file() and spec in bundled_sweeps():
         path = bundled_sweeps()[spec]
+    if not path.is_file():
+        raise _fail(f"{spec}: no such sweep file, nor a bundled sweep; bundled: {', '.join(bundled_sweeps())}")
+    from search_spaces.schema import SweepError, load_sweep
+
     try:
         return load_sweep(path)
     except SweepError as error:
@@ -51,7 +55,7 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray
 
 @app.command()
 def run(
-    spec: Annotated[str, typer.Argument(help="Sweep file (YAML), or the name of a bundled sweep such as 'smoke'.")],
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="Sweep file (YAML), or the name of a bundled sweep such as 'smoke'.")],
     out: Annotated[Optional[Path], typer.Option(help="Sweep folder. Default: sweeps/<sweep name>.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep in the folder: finished trials are kept, interrupted ones continue from their checkpoints.")] = False,
     address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", show_envvar=True, help="Ray cluster to join ('auto', or host:port). Default: Ray on this machine.")] = None,
@@ -60,23 +64,29 @@ def run(
     max_concurrent: Annotated[Optional[int], typer.Option(min=1, help="Run at most this many trials at once.")] = None,
     gpus_per_trial: Annotated[Optional[float], typer.Option(min=0, help="Override the sweep file's resources.gpu (0.25 packs four trials on a GPU).")] = None,
     cpus_per_trial: Annotated[Optional[float], typer.Option(min=0.01, help="Override the sweep file's resources.cpu.")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the expanded trials and the resource plan; start nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
+    estimate: Annotated[bool, typer.Option("--estimate", help=ESTIMATE_HELP)] = False,
+    gpu_type: Annotated[Optional[str], typer.Option(help=GPU_TYPE_HELP)] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup.")] = False,
 ) -> None:
     """Validate a sweep, run it as Ray Tune trials (a grid, or an Optuna search), print the results table."""
-    from orchestrator.resources import PlacementError, check_shared_storage, placement, resource_plan
+    if (estimate or gpu_type) and not dry_run:
+        raise _fail("--estimate and --gpu-type go with --dry-run: an estimate starts no sweep")
+    sweep = _with_resources(_load(spec), gpus_per_trial, cpus_per_trial)
+    from orchestrator.resources import PlacementError, check_shared_storage, placement
     from orchestrator.sweep_folder import SweepFolderError
 
-    sweep = _with_resources(_load(spec), gpus_per_trial, cpus_per_trial)
     verbose = logging.getLogger().level <= logging.INFO
+    if dry_run:
+        _dry_run(sweep, address, verbose, max_concurrent, estimate=estimate or gpu_type is not None, gpu_type=gpu_type)
+        return
     sweep_dir = out or Path("sweeps") / sweep.name
-    try:
-        if not dry_run:  # the flags first: they are checked without Ray
-            _check_run_flags(sweep_dir, resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
+    try:  # the flags and the data first: they are checked without Ray
+        _check_run_flags(sweep_dir, resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
+        if missing := _missing_data(sweep):
+            raise _fail(f"{len(missing)} data file(s) a trial reads are missing, e.g. {missing[0]}; "
+                        "write them with `mosaic-sweep prepare`")
         cluster = placement(sweep.widest, address, verbose)
-        if dry_run:
-            _print_plan(sweep, resource_plan(sweep, cluster, max_concurrent))
-            return
         if not resume:
             check_shared_storage(cluster, storage)
         folder = _sweep_folder(sweep, sweep_dir, resume=resume, overwrite=overwrite, storage=storage,
@@ -91,6 +101,11 @@ def run(
 
 def _with_resources(sweep: Sweep, gpus_per_trial: float | None, cpus_per_trial: float | None) -> Sweep:
     """The sweep with --gpus-per-trial / --cpus-per-trial, validated like the sweep file's own resources."""
+    from pydantic import ValidationError
+
+    from mosaic_core.config import describe_validation_error
+    from search_spaces.schema import Resources
+
     overrides = {key: value for key, value in (("gpu", gpus_per_trial), ("cpu", cpus_per_trial)) if value is not None}
     if not overrides:
         return sweep
@@ -136,6 +151,49 @@ def _sweep_folder(sweep: Sweep, sweep_dir: Path, *, resume: bool, overwrite: boo
         if given is not None and given != used:
             logging.getLogger(__name__).warning("%s: resuming with the sweep's own %s", flag, used)
     return folder
+
+
+def _dry_run(sweep: Sweep, address: str | None, verbose: bool, max_concurrent: int | None, *, estimate: bool,
+             gpu_type: str | None) -> None:
+    """The trials and the resource plan, whether this machine (or the cluster) can run them, missing
+    data, and with `estimate` what the sweep will cost. Only a real run refuses."""
+    from orchestrator.resources import PlacementError, check_fits, concurrency, connect, local_machine, resource_plan
+
+    cluster = local_machine() if address is None else connect(address, verbose)
+    _print_plan(sweep, resource_plan(sweep, cluster, max_concurrent))
+    try:
+        check_fits(sweep.widest, cluster)
+        typer.echo(f"{cluster.where} can run this sweep")
+    except PlacementError as error:
+        typer.echo(f"{cluster.where} cannot run this sweep: {error}")
+    for path in _missing_data(sweep):
+        typer.echo(f"missing data: {path} (write it with `mosaic-sweep prepare`)")
+    if estimate:
+        at_once = concurrency(sweep, cluster.nodes, max_concurrent)[0]
+        if gpu_type is not None and not at_once:  # priced for a GPU this machine does not have: one of them
+            at_once = min(sweep.num_trials, max(1, int(1 / sweep.resources.gpu)) if 0 < sweep.resources.gpu <= 1 else 1)
+        _print_estimate(sweep, at_once, gpu_type)
+
+
+def _print_estimate(sweep: Sweep, at_once: int, gpu_type: str | None) -> None:
+    from orchestrator.estimate import describe, estimate
+
+    if not at_once:
+        raise _fail("no trial fits on this machine to be timed; pass --gpu-type to price the sweep from the "
+                    "benchmark figures of a GPU")
+    typer.echo("estimating: a few training steps of each distinct trial…" if gpu_type is None else "estimating…")
+    try:
+        cost = estimate(sweep, at_once, gpu_type)
+    except (ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from None
+    for line in describe(cost, sweep.resources.gpu * sweep.widest.workers if gpu_type or sweep.resources.gpu else 0):
+        typer.echo(line)
+
+
+def _missing_data(sweep: Sweep) -> list[str]:
+    """Files the trials read that are not there (a language-model corpus not yet prepared)."""
+    files = {str(path) for trial in sweep.trials for path in trial.config.task.required_files()}
+    return sorted(path for path in files if not Path(path).is_file())
 
 
 def _print_plan(sweep: Sweep, plan: list[str]) -> None:
@@ -253,6 +311,12 @@ def prepare(
                f"val {docs['val']} documents / {tokens['val']} tokens")
 
 
+DRY_RUN_HELP = ("List the expanded trials and the resource plan, say whether this machine (or --address) "
+                "can run them and which data is missing; start nothing.")
+ESTIMATE_HELP = ("With --dry-run: time a few training steps and an evaluation of each distinct trial here, "
+                 "and print tokens per trial, device-hours and the wall time at the planned concurrency.")
+GPU_TYPE_HELP = ("With --dry-run: price the trials from the benchmark figures recorded for this GPU "
+                 "(bench/data/model-<gpu>.jsonl: h100, h200) instead of timing them here.")
 TABLE_FORMATS = ("md", "latex", "csv")
 SKIP_BAD_HELP = "Read the results' other parts when one is unreadable (it is named on stderr)."
 WHERE_HELP = "Only trials whose KEY is VALUE (lr=1e-4, kernel=softmax, model.dropout=0.1); repeatable."

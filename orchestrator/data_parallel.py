@@ -71,8 +71,8 @@ def _train_worker(loop: dict[str, Any]) -> None:
     run_dir = loop["run_dir"] and Path(loop["run_dir"])
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is None:  # ranks other than 0: Ray Train's report is a barrier all workers reach
-            ray.train.report({}, checkpoint=None)
+        if checkpoint_dir is None:  # progress between evaluations ({} on ranks above 0): a barrier all workers reach
+            ray.train.report({**metrics, **placement} if metrics else {}, checkpoint=None)
             return
         if run_dir:
             record_evaluation(run_dir, metrics, checkpoint_dir)

@@ -122,17 +122,21 @@ def flops_per_token(config: TrialConfig, vocab: int, context: int) -> float:
 def benchmarked_cost(config: TrialConfig, trials: int, label: str, rows: list[dict]) -> ShapeCost:
     """Priced at the MFU of the same kernel on the nearest benchmarked shape (LM or synthetic)."""
     family = "LM" if config.task.name == "lm" else "synthetic"
-    candidates = [r for r in rows if r.get("model") == f"MM {config.model.kernel}" and r["config"].startswith(family)]
-    if not candidates:
-        raise ValueError(f"no benchmark row for kernel {config.model.kernel!r} ({family} shapes) in the recorded figures")
-    row = min(candidates, key=lambda r: abs(_depth(r["config"]) - config.model.n_layer))
+    shapes = [r for r in rows if r.get("model", "").startswith("MM ") and r["config"].startswith(family)]
+    if not shapes:
+        raise ValueError(f"no Memory Mosaics benchmark row for {family} shapes in the recorded figures")
+    nearest = min(abs(_depth(r["config"]) - config.model.n_layer) for r in shapes)
+    shapes = [r for r in shapes if abs(_depth(r["config"]) - config.model.n_layer) == nearest]
+    same = [r for r in shapes if r["model"] == f"MM {config.model.kernel}"]
+    row = min(same or shapes, key=lambda r: r["mfu"])  # no row for this kernel: the slowest kernel's, to be safe
     task = build_task(config.task, config.seed)
     _, batch_tokens = measure_tokens(task, config)
     context = batch_tokens / config.train.batch_size
     tokens = batch_tokens * config.train.grad_accum_steps * config.train.max_steps
     seconds = tokens * flops_per_token(config, task.vocab_size, round(context)) / (row["mfu"] * BF16_PEAK_FLOPS)
     return ShapeCost(label, trials, round(tokens), seconds + TRIAL_OVERHEAD_S,
-                     f"{row['config']}, {row['model']}: MFU {row['mfu']:.3f} on {row.get('device', 'that GPU')}")
+                     f"{row['config']}, {row['model']}: MFU {row['mfu']:.3f} on {row.get('device', 'that GPU')}"
+                     + ("" if same else f"; no row for {config.model.kernel}: the slowest kernel's"))
 
 
 def measure_tokens(task, config: TrialConfig) -> tuple[int, int]:

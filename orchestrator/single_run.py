@@ -77,9 +77,10 @@ def run_single_trial(config: TrialConfig, run_dir: Path, *, resume: bool = False
     console = console or Console(highlight=False)
     resume_from = open_run_folder(config, run_dir, resume=resume, overwrite=overwrite)
 
-    def report(metrics: dict[str, float], directory: str) -> None:
-        record_evaluation(run_dir, metrics, directory)
-        progress.console.print(_format(metrics))
+    def report(metrics: dict[str, float], directory: str | None) -> None:
+        if directory is not None:  # an evaluation; between them the progress bar shows the loss
+            record_evaluation(run_dir, metrics, directory)
+            progress.console.print(_format(metrics))
 
     columns = (TextColumn("step"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())

@@ -124,8 +124,9 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
 
     placement = use_ray_share()  # Ray's CPUs are logical: torch keeps inside its share
 
-    def report(metrics: dict[str, float], checkpoint_dir: str) -> None:
-        tune.report({**metrics, **placement}, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        checkpoint = None if checkpoint_dir is None else tune.Checkpoint.from_directory(checkpoint_dir)
+        tune.report({**metrics, **placement}, checkpoint=checkpoint)  # between evaluations: progress, no checkpoint
 
     full_config = validated_trial_config(config, configs)
     checkpoint = tune.get_checkpoint()  # set when Tune restarts this trial after a failure or a resume

@@ -36,8 +36,12 @@ def test_a_gpu_type_prices_trials_from_the_benchmark_figures(tmp_path, smoke_spe
     rows = [{"model": f"MM {config.model.kernel}", "config": "synthetic L=2", "mfu": 0.1, "device": "H200"}]
     cost = benchmarked_cost(config, n, label, rows)
     assert cost.tokens > 0 and 1.0 < cost.seconds < 1.1  # tiny: ~the per-trial overhead
-    with pytest.raises(ValueError, match="no benchmark row for kernel 'softmax'"):
-        benchmarked_cost(config, n, label, [{**rows[0], "model": "MM relumax"}])
+    slower = [{**rows[0], "model": "MM relumax", "mfu": 0.05}, {**rows[0], "model": "MM sparsemax", "mfu": 0.02}]
+    fallback = benchmarked_cost(config, n, label, slower)  # no softmax row: priced at the slowest kernel's MFU
+    assert "no row for softmax" in fallback.source and "MFU 0.020" in fallback.source
+    assert fallback.seconds - 1.0 == pytest.approx((cost.seconds - 1.0) * 0.1 / 0.02, rel=1e-6)
+    with pytest.raises(ValueError, match="no Memory Mosaics benchmark row for synthetic shapes"):
+        benchmarked_cost(config, n, label, [{**rows[0], "config": "LM L=8"}])
 
 
 def test_the_estimate_of_a_tiny_cpu_sweep_is_within_2x_of_its_measured_time(smoke_spec, write_sweep, tmp_path):
