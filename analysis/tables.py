@@ -350,7 +350,7 @@ def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10)
 
 def _suggestion(kernel_label: str, searched: str) -> str:
     """`Biweight train.lr=0.002739`; where the search also chose among variants, the variant's name
-    (`entmax(alpha=1.5) model.n_layer=2 train.lr=0.002739`) instead of the kernel's label."""
+    (`entmax(α=1.5) model.n_layer=2 train.lr=0.002739`) instead of the kernel's label."""
     values = json.loads(searched) if searched else {}
     shown = [values.pop("variant", kernel_label)]
     shown += [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()]

@@ -65,7 +65,7 @@ def validated_trial_config(tune_config: dict[str, Any], configs: dict[str, dict[
 
 
 def trial_name(tune_config: dict[str, Any]) -> str:
-    """`entmax(alpha=1.5) seed=0` in a grid; `entmax(alpha=1.5) train.lr=0.0021 seed+1` in a search."""
+    """`entmax(α=1.5) seed=0` in a grid; `entmax(α=1.5) train.lr=0.0021 seed+1` in a search."""
     parts = [tune_config[VARIANT]]
     for key, value in searched_values(tune_config).items():
         parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")

@@ -17,6 +17,7 @@ import collections
 import copy
 import itertools
 import math
+from fractions import Fraction
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -116,7 +117,7 @@ class Trial:
         return kernel_label(self.config.model.kernel, **self.config.model.kernel_params)
 
     def describe(self) -> str:
-        """A short unique name: `entmax(alpha=1.5) seed=0`."""
+        """A short unique name: `entmax(α=4/3) seed=0`."""
         return _name(self.varying)
 
 
@@ -320,9 +321,18 @@ def _name(varying: dict[str, Any]) -> str:
 def _show(key: str, value: Any) -> str:
     if key == "kernel":
         return str(value)
-    if isinstance(value, float):  # short when exact, full precision otherwise: names must stay unique
-        value = f"{value:g}" if float(f"{value:g}") == value else repr(value)
-    return f"{key}={value}"
+    return f"{PARAMETER_SYMBOLS.get(key, key)}={_exact(value) if isinstance(value, float) else value}"
+
+
+PARAMETER_SYMBOLS = {"alpha": "α", "gamma": "γ"}  # kernel parameters as the paper writes them
+
+
+def _exact(value: float) -> str:
+    """Short and exact, so names stay unique: `1.5`, `4/3` (α of triweight), else the full repr."""
+    if float(f"{value:g}") == value:
+        return f"{value:g}"
+    fraction = Fraction(value).limit_denominator(12)
+    return f"{fraction.numerator}/{fraction.denominator}" if float(fraction) == value else repr(value)
 
 
 def _kernel_choices(entry: str | dict[str, Any], where: str) -> tuple[str, dict[str, list[float]]]:
@@ -355,7 +365,7 @@ def _kernel_variants(entries: list[tuple[str, dict[str, list[float]]]], source: 
                 raise SweepError(f"{source}: kernels[{i}]: {error}") from None
             key = (kernel, tuple(sorted(params.items())))
             if key in variants:
-                shown = ", ".join(f"{p}={v:g}" for p, v in params.items())
+                shown = ", ".join(_show(p, v) for p, v in params.items())
                 raise SweepError(f"{source}: kernels[{i}] repeats kernels[{variants[key]}]: both are {kernel}"
                                  f"{f'({shown})' if shown else ''}; list each variant once")
             variants[key] = i

@@ -80,7 +80,7 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
                                                           "train.batch_size": list(range(1, 217))}))), [],
                   f"the sweep expands to 30233088 trials (1 cases × 3 kernel variants × 10077696 grid points); at most {MAX_TRIALS}"),
     "huge-search": (text(edited(search(n_trials=5000, seeds=3))), [], f"search: n_trials × seeds is 15000 trials; at most {MAX_TRIALS}"),
-    "repeated-variant": (text(edited(lambda s: s["kernels"].append("biweight"))), [], "kernels[3] repeats kernels[2]: both are entmax(alpha=1.5)"),
+    "repeated-variant": (text(edited(lambda s: s["kernels"].append("biweight"))), [], "kernels[3] repeats kernels[2]: both are entmax(α=1.5)"),
     "case-kernel-param": (text(edited(lambda s: s.update(cases=[{"model": {"kernel_params": {"alpha": 1.1}}}]))), [],
                           "cases[0]: cannot set 'model.kernel_params.alpha'; list kernel variants in 'kernels:'"),
     "case-kernel": (text(edited(lambda s: s.update(cases=[{"model.kernel": "entmax"}]))), [], "cases[0]: cannot set 'model.kernel'"),

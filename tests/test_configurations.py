@@ -156,7 +156,7 @@ def test_the_tracker_records_every_varied_key(write_sweep, smoke_spec):
     tracker = SweepTracker(None, "0", "parent", SweepFolder(Path("unused"), None), configs)
 
     class Trial:  # what the tracker reads of Ray's Trial
-        config = {VARIANT: "entmax(alpha=1.5) seed=1 train.lr=0.01"}
+        config = {VARIANT: "entmax(α=1.5) seed=1 train.lr=0.01"}
 
     columns = tracker._columns(Trial())
     assert json.loads(columns["config"]) == {"model.kernel": "entmax", "model.kernel_params.alpha": 1.5, "train.lr": 0.01}

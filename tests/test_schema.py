@@ -54,8 +54,8 @@ def test_smoke_expands_to_three_kernels_times_two_seeds():
         "softmax seed=1",
         "sparsemax seed=0",
         "sparsemax seed=1",
-        "entmax(alpha=1.5) seed=0",
-        "entmax(alpha=1.5) seed=1",
+        "entmax(α=1.5) seed=0",
+        "entmax(α=1.5) seed=1",
     ]
 
 
@@ -115,11 +115,11 @@ def test_grid_overrides_base_and_no_grid_means_one_trial_per_kernel(write_sweep,
 
     del smoke_spec["grid"]
     sweep = load_sweep(write_sweep(smoke_spec))
-    assert [t.describe() for t in sweep.trials] == ["softmax", "sparsemax", "entmax(alpha=1.5)"]
+    assert [t.describe() for t in sweep.trials] == ["softmax", "sparsemax", "entmax(α=1.5)"]
 
 
 @pytest.mark.parametrize(("kernels", "expected"), [
-    (["biweight", {"name": "entmax", "alpha": 1.5}], "kernels[1] repeats kernels[0]: both are entmax(alpha=1.5)"),
+    (["biweight", {"name": "entmax", "alpha": 1.5}], "kernels[1] repeats kernels[0]: both are entmax(α=1.5)"),
     (["softmax", "sparsemax", "gaussian"], "kernels[2] repeats kernels[0]: both are softmax;"),
     ([{"name": "topk_softmax", "k": [16, 16.0]}], "kernels[0] repeats kernels[0]: both are topk_softmax(k=16)"),
 ])
@@ -391,7 +391,7 @@ def test_search_may_tune_a_kernel_parameter_it_has(write_sweep, smoke_spec):
     ({"train.lr": {"normal": [0, 1]}}, "search.space.train.lr: write one of {uniform: [...]}"),
     ({"train.lr": {"uniform": [0.1]}}, "uniform takes [low, high] numbers; got [0.1]"),
     ({"model.n_layer": {"int": [1, 2.5]}}, "int takes integer bounds; got [1, 2.5]"),
-    ({"train.lrr": {"uniform": [0.1, 0.2]}}, "search.space: unknown key 'train.lrr' for trial 'entmax(alpha=1.5)'; allowed: "),
+    ({"train.lrr": {"uniform": [0.1, 0.2]}}, "search.space: unknown key 'train.lrr' for trial 'entmax(α=1.5)'; allowed: "),
     ({"model.kernel": {"choice": ["softmax"]}}, "search.space.model.kernel: cannot be searched"),
     ({"seed": {"int": [0, 9]}}, "search.space.seed: cannot be searched"),
     ({"model.dropout": {"uniform": [0.0, 1.0]}}, "search.space.model.dropout = 1.0: model.dropout: Input should be less than 1"),
@@ -449,7 +449,7 @@ def test_metric_names_are_what_trials_report():
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2}, "train": {"max_steps": 2, "batch_size": 2, "warmup_steps": 0}})
     reported = train_trial(config)
     assert set(config.metric_names()) <= set(reported)
-    assert {name for name in reported if "/" not in name} - set(config.metric_names()) == {"step", "lr", "elapsed_s"}
+    assert {name for name in reported if "/" not in name} - set(config.metric_names()) == {"step", "lr", "elapsed_s", "tokens_per_s"}
 
 
 @pytest.mark.parametrize(("edit", "expected"), [

@@ -24,27 +24,27 @@ def search_sweep(write_sweep, smoke_spec):
 
 def test_trial_config_applies_the_suggestion_and_the_seed_index(search_sweep):
     configs = {trial.describe(): trial.config.model_dump() for trial in search_sweep.trials}
-    tune_config = {"variant": "entmax(alpha=1.5)", "train.lr": 0.004, "model.n_layer": 3, "__trial_index__": 1}
+    tune_config = {"variant": "entmax(α=1.5)", "train.lr": 0.004, "model.n_layer": 3, "__trial_index__": 1}
     config = trial_config(tune_config, configs)
     assert config["train"]["lr"] == 0.004 and config["model"]["n_layer"] == 3
-    assert config["seed"] == configs["entmax(alpha=1.5)"]["seed"] + 1
+    assert config["seed"] == configs["entmax(α=1.5)"]["seed"] + 1
     assert config["model"]["kernel_params"] == {"alpha": 1.5}
-    assert configs["entmax(alpha=1.5)"]["train"]["lr"] == 3e-3  # the variant's own config is untouched
-    assert trial_name(tune_config) == "entmax(alpha=1.5) train.lr=0.004 model.n_layer=3 seed+1"
+    assert configs["entmax(α=1.5)"]["train"]["lr"] == 3e-3  # the variant's own config is untouched
+    assert trial_name(tune_config) == "entmax(α=1.5) train.lr=0.004 model.n_layer=3 seed+1"
     assert trial_config({"variant": "softmax"}, configs) == configs["softmax"]  # a grid trial: as expanded
 
 
 def test_search_space_reaches_optuna_with_inclusive_integer_bounds(search_sweep):
-    space = OptunaSearch.convert_search_space(param_space(search_sweep, ["softmax", "entmax(alpha=1.5)"]))
+    space = OptunaSearch.convert_search_space(param_space(search_sweep, ["softmax", "entmax(α=1.5)"]))
     assert space["train.lr"] == optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)
     assert space["model.n_layer"] == optuna.distributions.IntDistribution(1, 3)  # both ends can be suggested
     assert space["model.n_embd"] == optuna.distributions.CategoricalDistribution([32, 64])
-    assert space["variant"] == optuna.distributions.CategoricalDistribution(["softmax", "entmax(alpha=1.5)"])
+    assert space["variant"] == optuna.distributions.CategoricalDistribution(["softmax", "entmax(α=1.5)"])
 
 
 def test_study_persists_in_the_sweep_folder_under_the_sweep_name(search_sweep, tmp_path):
     searcher = search_algorithm(search_sweep, tmp_path)
-    searcher.set_search_properties(None, None, param_space(search_sweep, ["softmax", "entmax(alpha=1.5)"]))
+    searcher.set_search_properties(None, None, param_space(search_sweep, ["softmax", "entmax(α=1.5)"]))
     searcher.suggest("t1")
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE and len(study.trials) == 1

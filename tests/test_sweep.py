@@ -24,8 +24,8 @@ SMOKE_LINES = [
     "2  softmax seed=1",
     "3  sparsemax seed=0",
     "4  sparsemax seed=1",
-    "5  entmax(alpha=1.5) seed=0",
-    "6  entmax(alpha=1.5) seed=1",
+    "5  entmax(α=1.5) seed=0",
+    "6  entmax(α=1.5) seed=1",
 ]
 
 
@@ -37,7 +37,8 @@ def smoke_plan() -> list[str]:
 
     cpus, at_once = os.cpu_count(), min(6, os.cpu_count())
     return [f"per trial: 1 CPU, 0 GPU; this machine (local Ray): 1 node(s), {cpus} CPUs, {torch.cuda.device_count()} GPUs",
-            f"6 trials: {at_once} at a time (limited by {'trials' if at_once == 6 else 'CPUs'}), {math.ceil(6 / at_once)} wave(s)"]
+            f"6 trials: {at_once} at a time (limited by {'trials' if at_once == 6 else 'CPUs'}), {math.ceil(6 / at_once)} wave(s)",
+            "this machine (local Ray) can run this sweep"]
 LABELS = ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
 CELL = re.compile(r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)")  # mean^(max), best ones marked
 
@@ -76,9 +77,9 @@ def test_dry_run_of_a_bigger_sweep_pads_the_numbers(tmp_path, write_sweep, smoke
     smoke_spec["grid"] = {"seed": [0, 1, 2, 3]}
     done = mosaic_sweep("run", write_sweep(smoke_spec), "--dry-run", cwd=tmp_path)
     lines = done.stdout.splitlines()
-    assert done.returncode == 0 and len(lines) == 14
-    assert lines[0] == " 1  softmax seed=0" and lines[11] == "12  entmax(alpha=1.5) seed=3"
-    assert lines[-1].startswith("12 trials: ")
+    assert done.returncode == 0 and len(lines) == 15
+    assert lines[0] == " 1  softmax seed=0" and lines[11] == "12  entmax(α=1.5) seed=3"
+    assert lines[-2].startswith("12 trials: ") and lines[-1] == "this machine (local Ray) can run this sweep"
 
 
 def bad_specs(smoke_spec: dict) -> dict[str, tuple[dict, str]]:
@@ -119,7 +120,9 @@ def test_bad_sweep_file_is_one_line_error_exit_2_before_anything_starts(tmp_path
 def test_unknown_spec_is_exit_2(tmp_path):
     done = mosaic_sweep("run", "no-such-sweep", cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["error: no-such-sweep: no such sweep file"]
+    assert done.stderr.splitlines() == ["error: no-such-sweep: no such sweep file, nor a bundled sweep; bundled: "
+                                        "babistories, babistories_smoke, length_generalization, length_generalization_smoke, "
+                                        "paper_check, regbench, regbench_smoke, search_smoke, smoke"]
     assert files_under(tmp_path) == []
 
 
