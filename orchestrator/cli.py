@@ -5,11 +5,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
 from search_spaces import bundled_sweeps
+
+if TYPE_CHECKING:
+    import pandas
+
+    from orchestrator.sweep import SweepOutcome
+    from orchestrator.sweep_folder import SweepFolder
+    from search_spaces.schema import Sweep
 
 # torch, Ray and MLflow are imported by the commands that use them, never at start-up:
 # `--help` and the errors found before any work answer at once
@@ -94,9 +101,23 @@ def run(
     except (PlacementError, SweepFolderError) as error:
         raise _fail(str(error)) from None
 
+    if resume and _finished(folder):
+        typer.echo(f"{folder.path}: all {folder.launch.trials} trials had finished; nothing was left to run")
+        typer.echo((folder.path / "table.md").read_text() if (folder.path / "table.md").is_file() else "")
+        return
     from orchestrator.sweep import run_sweep
 
+    typer.echo("starting Ray on this machine…" if address is None else f"joining the Ray cluster at {address}…", err=True)
     _print_outcome(run_sweep(sweep, folder, address=address, verbose=verbose, max_concurrent=max_concurrent))
+
+
+def _finished(folder: "SweepFolder") -> bool:
+    """Every planned trial of the folder's sweep ended (finished or failed after its retries)? Failed
+    ones are retried by --resume, so only finished ones count."""
+    from analysis.results_store import read_results, trial_states
+    from analysis.schema import TrialStatus
+
+    return trial_states(read_results(folder.path)).get(TrialStatus.TERMINATED, 0) >= folder.launch.trials
 
 
 def _with_resources(sweep: Sweep, gpus_per_trial: float | None, cpus_per_trial: float | None) -> Sweep:
@@ -261,6 +282,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty run folder; the old one is moved to a backup.")] = False,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Train data-parallel on N Ray Train workers of this machine (a GPU each when the trial uses CUDA), with the same global batch.")] = None,
+    threads: Annotated[int, typer.Option(min=1, help="torch's CPU threads, as a sweep trial gets its resources.cpu (more than the cores free slows a shared machine down).")] = 1,
 ) -> None:
     """Train one trial without Ray (or on --workers N): progress, metrics at every evaluation, a resumable checkpoint."""
     from mosaic_core.checkpoint import CheckpointError
@@ -270,6 +292,9 @@ def train(
     if resume and overwrite:
         raise _fail("--resume continues the run in the folder, --overwrite starts it again: give one of them")
 
+    import torch
+
+    torch.set_num_threads(threads)
     try:
         config = load_trial_config(config_file, steps=steps, device=device)
         resources = None if workers is None else local_workers(config, workers)

@@ -71,7 +71,7 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
     "duplicate-key": (text(SMOKE).replace("- softmax\n", "- {name: entmax, alpha: 1.5, alpha: 1.1}\n"), [],
                       "not valid YAML: duplicate key 'alpha'"),
     "duplicate-top-key": (text(SMOKE) + "name: other\n", [], "duplicate key 'name'"),
-    "alias-bomb": (ALIAS_BOMB, [], f"holds more than 100000 values once its aliases are followed"),
+    "alias-bomb": (ALIAS_BOMB, [], "holds more than 100000 values once its aliases are followed"),
     "recursive-alias": ("name: x\nkernels: &k [softmax, *k]\n", [], "holds more than 100000 values"),
     "not-yaml": ("name: [unclosed\n", [], "not valid YAML"),
     "not-a-mapping": ("- softmax\n", [], "a sweep file is a mapping with keys name, description, base, kernels"),

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import ray  # noqa: F401  (Ray ships psutil among its third-party files)

@@ -48,7 +48,7 @@ def test_smoke_expands_to_three_kernels_times_two_seeds():
         ("entmax", {"alpha": 1.5}, 1),
     ]
     assert sweep.kernel_labels == ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
-    assert [t.kernel_label for t in sweep.trials] == [l for l in sweep.kernel_labels for _ in range(2)]
+    assert [t.kernel_label for t in sweep.trials] == [label for label in sweep.kernel_labels for _ in range(2)]
     assert [t.describe() for t in sweep.trials] == [
         "softmax seed=0",
         "softmax seed=1",

@@ -268,12 +268,16 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
 
     from analysis.results_store import read_results
 
-    spec = write_sweep(tiny_smoke(smoke_spec), "tiny")
+    tiny = tiny_smoke(smoke_spec)
+    tiny["base"]["train"]["log_interval"] = 5  # progress between the evaluations at 10 and 20
+    spec = write_sweep(tiny, "tiny")
     sweep_dir = tmp_path / "sweeps" / "tiny_smoke"
 
     # first run, default folder sweeps/<name> and default tracking URI beside it
     done = mosaic_sweep("run", spec, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
+    assert "starting Ray on this machine…" in done.stderr
+    assert re.search(r"step 5/20  softmax seed=0  train_loss=\S+  \S+k tokens/s  ETA", done.stderr), done.stderr
     for label in LABELS:
         assert re.search(rf"^\| {re.escape(label)} \| .+ \| .+ \|$", done.stdout, re.M), done.stdout
     assert "| Kernel | sort 1× | sort 2× |" in done.stdout
@@ -320,6 +324,8 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
             history = client.get_metric_history(child.info.run_id, metric)
             assert sorted(m.step for m in history) == [10, 20]
             assert all(0.0 <= m.value <= 1.0 for m in history)
+        for metric in ("train_loss", "tokens_per_s", "lr"):  # every log_interval (5) and evaluation: a curve
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == [5, 10, 15, 20]
     child_ids = {c.info.run_id for c in children}
     run_of_trial = {c.data.tags["ray.trial_id"]: c.info.run_id for c in children}
 
@@ -342,6 +348,11 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert results.loc[~entmax_rows, "alpha"].isna().all()
     assert results["k"].isna().all() and results["b"].isna().all()
     first_results = results
+
+    # --resume of a finished sweep: nothing left to run, and it says so without starting Ray
+    finished = mosaic_sweep("run", spec, "--resume", cwd=tmp_path, timeout=120)
+    assert finished.returncode == 0 and "all 6 trials had finished; nothing was left to run" in finished.stdout
+    assert "starting Ray" not in finished.stderr
 
     # the same command again: refused, nothing touched
     before = {p: p.stat().st_mtime_ns for p in files_under(sweep_dir) if p.is_file()}
