@@ -27,6 +27,7 @@ from mosaic_core.tasks import Task, build_task
 
 # (metrics, checkpoint directory); on the workers other than rank 0 of a data-parallel run: ({}, None)
 Report = Callable[[dict[str, float], str | None], None]
+TIMING_METRICS = ("elapsed_s", "tokens_per_s")  # measured, not computed: no two runs agree on them
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:
