@@ -385,15 +385,20 @@ def compare(
 @app.command()
 def plot(
     sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNG files. Default: DIR/plots.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the figures. Default: DIR/plots.")] = None,
+    formats: Annotated[Optional[list[str]], typer.Option("--format", metavar="png|pdf|svg", help="File format(s): repeat the option or give a comma list. Default: png (300 dpi).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
 ) -> None:
-    """Draw a sweep's figures (PNG) for the metrics it has: exact match and support size vs. length,
-    validation loss vs. step, per-position OOD loss; a curve per configuration."""
-    from analysis.plots import make_plots
+    """Draw a sweep's figures for the metrics it has: exact match and support size vs. length (log2,
+    a panel per task), validation loss vs. step, per-position OOD loss; a curve per configuration."""
+    from analysis.plots import FORMATS, make_plots
 
+    chosen = tuple(dict.fromkeys(name.strip().lower() for value in formats or ["png"] for name in value.split(",")))
+    unknown = [name for name in chosen if name not in FORMATS]
+    if unknown:
+        raise _fail(f"--format {', '.join(unknown)} is not a figure format; give {', '.join(FORMATS)}")
     results = _results(sweep_dir, skip_bad=skip_bad)
-    paths = make_plots(results, out or sweep_dir / "plots")
+    paths = make_plots(results, out or sweep_dir / "plots", chosen)
     if not paths:
         present = ", ".join(sorted(results["metric"].dropna().unique()))
         raise _fail(f"nothing to plot in {sweep_dir}: no exact_match, val_loss, ood_loss_ema/pos* or support_size; metrics present: {present}")
