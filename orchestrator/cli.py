@@ -32,13 +32,15 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(USAGE_ERROR)
 
 
-def _load(spec: str) -> Sweep:
-    """A sweep file path, or the name of a sweep that ships with the package (`smoke`)."""
+def _sweep_file(spec: str) -> Path:
+    """A sweep file path, or the file of a sweep that ships with the package (`smoke`)."""
     path = Path(spec)
-    if not path.is_file() and spec in bundled_sweeps():
-        path = bundled_sweeps()[spec]
+    return bundled_sweeps()[spec] if not path.is_file() and spec in bundled_sweeps() else path
+
+
+def _load(spec: str) -> Sweep:
     try:
-        return load_sweep(path)
+        return load_sweep(_sweep_file(spec))
     except SweepError as error:
         raise _fail(str(error)) from None
 
@@ -86,7 +88,8 @@ def run(
 
     from orchestrator.sweep import run_sweep
 
-    _print_outcome(run_sweep(sweep, folder, address=address, verbose=verbose, max_concurrent=max_concurrent))
+    _print_outcome(run_sweep(sweep, folder, address=address, verbose=verbose, max_concurrent=max_concurrent,
+                             sweep_file=_sweep_file(spec)))
 
 
 def _with_resources(sweep: Sweep, gpus_per_trial: float | None, cpus_per_trial: float | None) -> Sweep:
@@ -170,9 +173,19 @@ def _print_outcome(outcome: "SweepOutcome") -> None:
 def ui(
     sweeps_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder, or the folder of sweeps holding mlflow.db.")] = Path("sweeps"),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
+    optuna: Annotated[bool, typer.Option("--optuna", help="Open optuna-dashboard on the Optuna study of the search sweep in DIR instead.")] = False,
 ) -> None:
-    """Open the MLflow UI for the sweeps' tracking store, on 127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
+    """Open the MLflow UI for the sweeps' tracking store (or optuna-dashboard for a search's study), on
+    127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
     import os
+
+    argv, served = _optuna_dashboard(sweeps_dir, port) if optuna else _mlflow_ui(sweeps_dir, port)
+    typer.echo(f"{served} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    os.execv(argv[0], argv)  # the server owns the terminal from here: Ctrl-C goes to it
+
+
+def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str]:
+    """(command, what it serves): MLflow's UI on the SQLite store the sweeps in DIR logged to."""
     import sys
 
     from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
@@ -188,10 +201,24 @@ def ui(
         raise _fail(f"{sweeps_dir} holds no mlflow.db and is not a sweep folder; give the folder that `mosaic-sweep run` wrote")
     if not tracking_uri.startswith("sqlite:"):
         raise _fail(f"{sweeps_dir} logs to the MLflow server {tracking_uri}; open that instead")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-               "--host", "127.0.0.1", "--port", str(port)]
-    typer.echo(f"MLflow UI for {tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
-    os.execv(sys.executable, command)  # the server owns the terminal from here: Ctrl-C goes to it
+    return ([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
+             "--port", str(port)], f"MLflow UI for {tracking_uri}")
+
+
+def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
+    """(command, what it serves): optuna-dashboard on the study a search sweep kept in its folder."""
+    import shutil
+    import sys
+
+    study = sweep_dir / "optuna.db"
+    if not study.is_file():
+        raise _fail(f"{sweep_dir} holds no optuna.db: give the folder of a search sweep (one that kept its study "
+                    "at search.storage: run optuna-dashboard on that URL)")
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
+    if dashboard is None:
+        raise _fail("optuna-dashboard is not installed; pip install optuna-dashboard")
+    storage = f"sqlite:///{study.resolve()}"
+    return [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)], f"optuna-dashboard for {storage}"
 
 
 @app.command()

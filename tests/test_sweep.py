@@ -135,7 +135,7 @@ def fake_run_sweep(monkeypatch, tmp_path):
     calls: list[dict] = []
     statuses = {"TERMINATED": 6}
 
-    def fake(sweep, folder, *, address=None, verbose=False, max_concurrent=None):
+    def fake(sweep, folder, *, address=None, verbose=False, max_concurrent=None, sweep_file=None):
         calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=folder.path,
                           tracking_uri=folder.launch.tracking_uri, configs=len(folder.configs())))
         return SweepOutcome(folder.path, "| Kernel |\n", "parent123", folder.launch.tracking_uri, dict(statuses))
