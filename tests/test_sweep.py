@@ -260,11 +260,13 @@ def mlflow_runs(client, experiment_id: str) -> tuple[list, list]:
 
 
 @pytest.mark.slow
-def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, write_sweep, smoke_spec):
+def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, write_sweep, smoke_spec, monkeypatch):
     from mlflow import MlflowClient
 
     from analysis.results_store import read_results
+    from orchestrator.tracking import git_commit, package_versions
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # trials of a second or two get samples
     spec = write_sweep(tiny_smoke(smoke_spec), "tiny")
     sweep_dir = tmp_path / "sweeps" / "tiny_smoke"
 
@@ -296,7 +298,15 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep_dir"] == str(sweep_dir.resolve())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"table.md", "table-length_factor.tex", "table-length_factor.csv", "plots"} <= artifacts
+    assert {"table.md", "table-length_factor.tex", "table-length_factor.csv", "plots", "tiny.yaml"} <= artifacts
+    assert experiments["tiny_smoke"].tags["mlflow.experimentKind"] == "custom_model_development"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert parent.data.tags["mlflow.source.git.commit"] == commit.stdout.strip() and git_commit()
+    assert package_versions().items() <= parent.data.tags.items() and "version.torch" in parent.data.tags
+    assert parent.data.tags["resource_plan"] == "\n".join(smoke_plan())
+    assert parent.data.tags["mlflow.note.content"].endswith(table.strip())  # the sweep's table as its description
+    assert sorted(c.info.run_name for c in children) == sorted(line.split("  ", 1)[1] for line in SMOKE_LINES)
+    assert all(client.get_metric_history(c.info.run_id, "system/cpu_utilization_percentage") for c in children)
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/exact_match_vs_length.png", "plots/support_size_vs_length.png"} <= figures, figures
     assert "\\toprule" in (sweep_dir / "table-length_factor.tex").read_text()
@@ -363,6 +373,7 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     parents, children = mlflow_runs(client, experiment_id)
     assert len(parents) == 2 and len(children) == 12
     assert all(p.info.status == "FINISHED" for p in parents)
+    assert client.get_run(parent.info.run_id).data.tags["sweep_dir"] == str(backup.resolve())
     new_parent = next(p.info.run_id for p in parents if p.info.run_id != parent.info.run_id)
     new_children = {c.info.run_id for c in children if c.data.tags["mlflow.parentRunId"] == new_parent}
     assert len(new_children) == 6
