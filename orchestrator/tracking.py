@@ -148,7 +148,7 @@ class SweepTracker(Callback):
         from ray.util import get_node_ip_address
 
         self.run_ids = (self.folder.run_map() or RunMap(parent=self.parent_run_id)).trials
-        self.node_ip = get_node_ip_address()
+        self.monitors, self.node_ip = {}, get_node_ip_address()  # also for a tracker pickled by older code
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         config = self._config(trial)

@@ -1,19 +1,14 @@
 """What a sweep's MLflow runs tell a reviewer: the code's commit and package versions, the moved
-parent run of an --overwrite, system metrics in child runs, and optuna-dashboard on a search's
-study. The end-to-end checks (sweep-file artifact, experiment kind, run names, the parent's
-description) are in tests/test_sweep.py's end-to-end sweep."""
+parent run of an --overwrite, system metrics in child runs. The end-to-end checks (sweep-file
+artifact, experiment kind, run names, the parent's description) are in tests/test_sweep.py's
+end-to-end sweep, beside `ui --optuna`'s test."""
 
 from __future__ import annotations
 
-import json
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
@@ -109,40 +104,3 @@ def test_a_trial_on_another_node_gets_no_system_metrics_of_the_driver(tmp_path, 
     assert tags["system_metrics"] == "not sampled: the trial runs on 10.0.0.2, the driver on 10.0.0.1"
     tracker.on_experiment_end([])
     assert tracker.monitors == {}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@pytest.mark.slow
-def test_ui_optuna_serves_the_search_study_on_localhost(tmp_path):
-    import optuna
-
-    sweep_dir = tmp_path / "search"
-    sweep_dir.mkdir()
-    study = optuna.create_study(study_name="mine", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
-    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", str(sweep_dir), "--optuna",
-                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as response:
-                    studies = json.load(response)["study_summaries"]
-                    break
-            except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() else "timeout"
-                time.sleep(0.5)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-    assert [s["study_name"] for s in studies] == ["mine"]
-
-    missing = subprocess.run([sys.executable, "-m", "orchestrator.cli", "ui", str(tmp_path), "--optuna"],
-                             capture_output=True, text=True)
-    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path} holds no optuna.db")

@@ -444,30 +444,24 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     assert status.output.splitlines()[0].endswith("2 trials — 1 ERROR, 1 TERMINATED")
 
 
-def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
+def served_json(ui_args: list[str | Path], path: str) -> object:
+    """`mosaic-sweep ui ARGS` on a free port: the JSON its server answers at `path`, once it is up."""
     import json
     import socket
     import time
     import urllib.request
 
-    from mlflow import MlflowClient
-
-    sweeps = tmp_path / "sweeps"
-    sweeps.mkdir()
-    MlflowClient(tracking_uri=default_tracking_uri(sweeps)).create_experiment("mine")
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", str(sweeps), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", *map(str, ui_args), "--port", str(port)],
                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mine"
         deadline = time.time() + 90
         while True:
             try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    assert json.load(response)["experiment"]["name"] == "mine"
-                    break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    return json.load(response)
             except OSError:
                 assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() else "timeout"
                 time.sleep(0.5)
@@ -475,10 +469,34 @@ def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
         server.terminate()
         server.wait(timeout=30)
 
+
+def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
+    from mlflow import MlflowClient
+
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    MlflowClient(tracking_uri=default_tracking_uri(sweeps)).create_experiment("mine")
+    answer = served_json([sweeps], "/api/2.0/mlflow/experiments/get-by-name?experiment_name=mine")
+    assert answer["experiment"]["name"] == "mine"
+
     missing = mosaic_sweep("ui", tmp_path / "nothing-here", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nothing-here'} holds no mlflow.db and is not a sweep "
                                            "folder; give the folder that `mosaic-sweep run` wrote"]
+
+
+def test_ui_optuna_serves_the_search_study_on_localhost(tmp_path):
+    import optuna
+
+    sweep_dir = tmp_path / "search"
+    sweep_dir.mkdir()
+    study = optuna.create_study(study_name="mine", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    studies = served_json([sweep_dir, "--optuna"], "/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["mine"]
+
+    missing = mosaic_sweep("ui", tmp_path, "--optuna", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path} holds no optuna.db")
 
 
 @pytest.mark.slow
