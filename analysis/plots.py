@@ -1,8 +1,10 @@
-"""A sweep's figures as PNG files: exact match and support size vs. length, validation loss vs.
-step (the paper's Figure 2) and the per-position OOD loss (Figure 5).
+"""A sweep's figures, ready for a paper: exact match and support size vs. length (one panel per
+task), validation loss vs. step (the paper's Figure 2) and the per-position OOD loss (Figure 5).
 
 Each curve is one configuration (as a table's row: `Gaussian · lr 1e-4`), the mean over seeds with
-a min–max band, one colour per configuration across panels; failed trials are left out.
+a min–max band, one colour per configuration across panels; failed trials are left out. Length
+factors double from one evaluation to the next, so the length axis is log₂ with a tick at each
+evaluated factor. Panel titles sit inside their frames; files are 300-dpi PNG, or PDF/SVG.
 Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so plotting needs no
 display and leaves the process's backend alone.
 """
@@ -14,18 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullLocator
 
 from analysis.configurations import ROW, config_frame, labelled, row_keys
 from analysis.tables import selected, succeeded
 
 OOD_PREFIX = "ood_loss_ema/pos"
+FORMATS = ("png", "pdf", "svg")  # what `make_plots` writes: matplotlib's raster and vector formats
+DPI = 300  # a PNG fit for print; PDF and SVG are vector, and embed nothing at a lower resolution
+LENGTH_AXIS = "× eval_length"  # the length factor multiplies the task's eval_length
 
 
 def _figure(
     rows: pd.DataFrame, *, panel: str, x: str, title: str, xlabel: str, ylabel: str,
-    panel_title: Callable[[object], str] = str, logx: bool = False,
+    panel_title: Callable[[object], str] = str, logx: bool = False, ticks_at_data: bool = False,
 ) -> Figure | None:
     """One panel per value of `panel`, a mean line and min–max band per configuration; None without data."""
     rows = rows[succeeded(rows) & np.isfinite(rows["value"].astype(float))].dropna(subset=[panel, x, "kernel_label"])
@@ -40,7 +47,7 @@ def _figure(
 
     figure = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
-    figure.suptitle(f"{title}: mean over seeds, band min–max")
+    figure.suptitle(f"{title}\nmean over seeds, band min–max", fontsize="medium")  # two short lines fit one panel
     for ax, key in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         for number, label in enumerate(labels):
             curve = curves.get((key, label))
@@ -49,18 +56,28 @@ def _figure(
             color = f"C{number % 10}"
             ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=label)
             ax.fill_between(curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0)
-        ax.set(title=panel_title(key), xlabel=xlabel, ylabel=ylabel)
+        ax.set(xlabel=xlabel, ylabel=ylabel)
+        ax.set_title(panel_title(key), y=0.97, pad=0, va="top", fontsize="medium",
+                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
         if logx:
             ax.set_xscale("log", base=2)
+        if ticks_at_data:
+            _ticks_at(ax, sorted(rows.loc[rows[panel] == key, x].unique()))
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     return figure
 
 
+def _ticks_at(ax: Axes, values: list[float]) -> None:
+    """A labelled tick at each value (`0.5`, `1`, `2`, …) and no others."""
+    ax.set_xticks(values, labels=[f"{value:g}" for value in values])
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
 def _by_length(results: pd.DataFrame, metric: str, title: str) -> Figure | None:
     rows = selected(results[(results["metric"] == metric) & results["length_factor"].notna()])
-    return _figure(rows, panel="task", x="length_factor", title=title, xlabel="length factor (× training length)",
-                   ylabel=title)
+    return _figure(rows, panel="task", x="length_factor", title=title, xlabel=LENGTH_AXIS, ylabel=title,
+                   logx=True, ticks_at_data=True)
 
 
 def _depth(key: object) -> str:
@@ -80,20 +97,25 @@ def _ood_per_position(results: pd.DataFrame) -> Figure | None:
                    ylabel="OOD loss", panel_title=_depth, logx=True)
 
 
-def make_plots(results: pd.DataFrame, out_dir: str | Path) -> list[Path]:
-    """Write the figures the results have data for into `out_dir`; returns their paths."""
-    figures = {
-        "exact_match_vs_length.png": _by_length(results, "exact_match", "exact match"),
-        "val_loss_vs_step.png": _val_loss(results),
-        "ood_loss_per_position.png": _ood_per_position(results),
-        "support_size_vs_length.png": _by_length(results, "support_size", "mean support size"),
+def figures(results: pd.DataFrame) -> dict[str, Figure]:
+    """File stem -> figure, for each figure the results have data for."""
+    drawn = {
+        "exact_match_vs_length": _by_length(results, "exact_match", "exact match"),
+        "val_loss_vs_step": _val_loss(results),
+        "ood_loss_per_position": _ood_per_position(results),
+        "support_size_vs_length": _by_length(results, "support_size", "mean support size"),
     }
+    return {stem: figure for stem, figure in drawn.items() if figure is not None}
+
+
+def make_plots(results: pd.DataFrame, out_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+    """Write the figures the results have data for into `out_dir`, a file per format (of FORMATS);
+    returns their paths."""
     paths = []
-    for name, figure in figures.items():
-        if figure is None:
-            continue
-        path = Path(out_dir) / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        figure.savefig(path, dpi=100)
-        paths.append(path)
+    for stem, figure in figures(results).items():
+        for suffix in formats:
+            path = Path(out_dir) / f"{stem}.{suffix}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(path, dpi=DPI)
+            paths.append(path)
     return paths

@@ -39,17 +39,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(USAGE_ERROR)
 
 
-def _load(spec: str) -> Sweep:
-    """A sweep file path, or the name of a sweep that ships with the package (`smoke`)."""
+def _sweep_file(spec: str) -> Path:
+    """A sweep file path, or the file of a sweep that ships with the package (`smoke`)."""
     path = Path(spec)
-    if not path.is_file() and spec in bundled_sweeps():
-        path = bundled_sweeps()[spec]
+    path = bundled_sweeps()[spec] if not path.is_file() and spec in bundled_sweeps() else path
     if not path.is_file():
         raise _fail(f"{spec}: no such sweep file, nor a bundled sweep; bundled: {', '.join(bundled_sweeps())}")
+    return path
+
+
+def _load(spec: str) -> Sweep:
     from search_spaces.schema import SweepError, load_sweep
 
     try:
-        return load_sweep(path)
+        return load_sweep(_sweep_file(spec))
     except SweepError as error:
         raise _fail(str(error)) from None
 
@@ -108,7 +111,8 @@ def run(
     from orchestrator.sweep import run_sweep
 
     typer.echo("starting Ray on this machine…" if address is None else f"joining the Ray cluster at {address}…", err=True)
-    _print_outcome(run_sweep(sweep, folder, address=address, verbose=verbose, max_concurrent=max_concurrent))
+    _print_outcome(run_sweep(sweep, folder, address=address, verbose=verbose, max_concurrent=max_concurrent,
+                             sweep_file=_sweep_file(spec)))
 
 
 def _finished(folder: "SweepFolder") -> bool:
@@ -249,9 +253,19 @@ def _print_outcome(outcome: "SweepOutcome") -> None:
 def ui(
     sweeps_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder, or the folder of sweeps holding mlflow.db.")] = Path("sweeps"),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
+    optuna: Annotated[bool, typer.Option("--optuna", help="Open optuna-dashboard on the Optuna study of the search sweep in DIR instead.")] = False,
 ) -> None:
-    """Open the MLflow UI for the sweeps' tracking store, on 127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
+    """Open the MLflow UI for the sweeps' tracking store (or optuna-dashboard for a search's study), on
+    127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
     import os
+
+    argv, served = _optuna_dashboard(sweeps_dir, port) if optuna else _mlflow_ui(sweeps_dir, port)
+    typer.echo(f"{served} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    os.execv(argv[0], argv)  # the server owns the terminal from here: Ctrl-C goes to it
+
+
+def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str]:
+    """(command, what it serves): MLflow's UI on the SQLite store the sweeps in DIR logged to."""
     import sys
 
     from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
@@ -267,10 +281,24 @@ def ui(
         raise _fail(f"{sweeps_dir} holds no mlflow.db and is not a sweep folder; give the folder that `mosaic-sweep run` wrote")
     if not tracking_uri.startswith("sqlite:"):
         raise _fail(f"{sweeps_dir} logs to the MLflow server {tracking_uri}; open that instead")
-    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri,
-               "--host", "127.0.0.1", "--port", str(port)]
-    typer.echo(f"MLflow UI for {tracking_uri} at http://127.0.0.1:{port} (Ctrl-C stops it)")
-    os.execv(sys.executable, command)  # the server owns the terminal from here: Ctrl-C goes to it
+    return ([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
+             "--port", str(port)], f"MLflow UI for {tracking_uri}")
+
+
+def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
+    """(command, what it serves): optuna-dashboard on the study a search sweep kept in its folder."""
+    import shutil
+    import sys
+
+    study = sweep_dir / "optuna.db"
+    if not study.is_file():
+        raise _fail(f"{sweep_dir} holds no optuna.db: give the folder of a search sweep (one that kept its study "
+                    "at search.storage: run optuna-dashboard on that URL)")
+    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
+    if dashboard is None:
+        raise _fail("optuna-dashboard is not installed; pip install optuna-dashboard")
+    storage = f"sqlite:///{study.resolve()}"
+    return [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)], f"optuna-dashboard for {storage}"
 
 
 @app.command()
@@ -474,15 +502,20 @@ def compare(
 @app.command()
 def plot(
     sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNG files. Default: DIR/plots.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the figures. Default: DIR/plots.")] = None,
+    formats: Annotated[Optional[list[str]], typer.Option("--format", metavar="png|pdf|svg", help="File format(s): repeat the option or give a comma list. Default: png (300 dpi).")] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
 ) -> None:
-    """Draw a sweep's figures (PNG) for the metrics it has: exact match and support size vs. length,
-    validation loss vs. step, per-position OOD loss; a curve per configuration."""
-    from analysis.plots import make_plots
+    """Draw a sweep's figures for the metrics it has: exact match and support size vs. length (log2,
+    a panel per task), validation loss vs. step, per-position OOD loss; a curve per configuration."""
+    from analysis.plots import FORMATS, make_plots
 
+    chosen = tuple(dict.fromkeys(name.strip().lower() for value in formats or ["png"] for name in value.split(",")))
+    unknown = [name for name in chosen if name not in FORMATS]
+    if unknown:
+        raise _fail(f"--format {', '.join(unknown)} is not a figure format; give {', '.join(FORMATS)}")
     results = _results(sweep_dir, skip_bad=skip_bad)
-    paths = make_plots(results, out or sweep_dir / "plots")
+    paths = make_plots(results, out or sweep_dir / "plots", chosen)
     if not paths:
         present = ", ".join(sorted(results["metric"].dropna().unique()))
         raise _fail(f"nothing to plot in {sweep_dir}: no exact_match, val_loss, ood_loss_ema/pos* or support_size; metrics present: {present}")

@@ -36,7 +36,34 @@ def new_sweep_folder(sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage: 
         raise SweepFolderError(f"{launch.storage_path} already holds the Tune state of a sweep named like "
                                f"{sweep_dir.name}; give --out another folder name, or pass --resume to continue that sweep")
     configs = {trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials}
-    return SweepFolder.create(sweep_dir, launch, configs, overwrite=overwrite)
+    replaced = _sweep_in(sweep_dir) if overwrite else None
+    backups = set(sweep_dir.parent.glob(f"{sweep_dir.name}.bak-*"))
+    folder = SweepFolder.create(sweep_dir, launch, configs, overwrite=overwrite)
+    moved = set(sweep_dir.parent.glob(f"{sweep_dir.name}.bak-*")) - backups
+    if replaced is not None and moved:
+        _tag_moved_parent(replaced, moved.pop())
+    return folder
+
+
+def _sweep_in(sweep_dir: Path) -> SweepFolder | None:
+    """The sweep an --overwrite is about to move aside, if the folder holds one."""
+    try:
+        return SweepFolder.open(sweep_dir) if (sweep_dir / LAUNCH).is_file() else None
+    except SweepFolderError:
+        return None
+
+
+def _tag_moved_parent(old: SweepFolder, backup: Path) -> None:
+    """The moved sweep's parent run names its new folder, so two sweeps of one name stay apart in MLflow."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run_map = SweepFolder.open(backup).run_map()
+        if run_map is not None:
+            MlflowClient(tracking_uri=old.launch.tracking_uri).set_tag(run_map.parent, "sweep_dir", str(backup.resolve()))
+    except (MlflowException, SweepFolderError) as error:  # a run or store gone since: the backup is all there is
+        log.warning("could not tag the moved sweep's MLflow run: %s", error)
 
 
 def resumable_sweep_folder(sweep_dir: Path) -> SweepFolder:
@@ -138,25 +165,26 @@ def _run_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> No
 
 
 def run_sweep(sweep: Sweep, folder: SweepFolder, *, address: str | None = None, verbose: bool = False,
-              max_concurrent: int | None = None) -> SweepOutcome:
+              max_concurrent: int | None = None, sweep_file: Path | None = None) -> SweepOutcome:
     """Run the trials of the sweep in `folder` on Ray (this machine, or the cluster at `address`,
     already joined); return the summary table.
 
     A folder that holds Tune state is resumed through `Tuner.restore`: finished trials are not run
     again, interrupted ones continue from their last checkpoint, errored ones retry; the MLflow
     parent and child runs, the Tune storage and the Optuna study of the first invocation are reused.
+    `sweep_file` goes with the parent run, as an artifact.
     """
     from mlflow import MlflowClient
     from mlflow.entities import RunStatus
 
-    from orchestrator.resources import connect
+    from orchestrator.resources import connect, resource_plan
     from orchestrator.tracking import end_unfinished_runs
 
-    if address is None:
-        connect(None, verbose)  # Ray starts on this machine only now: everything before was checked without it
+    cluster = connect(address, verbose)  # Ray starts on this machine only now: everything before was checked without it
     _quiet_logs(verbose)
     client = MlflowClient(tracking_uri=folder.launch.tracking_uri)
-    experiment_id, parent_id = _parent_run(client, folder, sweep)
+    experiment_id, parent_id = _parent_run(client, folder, sweep, sweep_file,
+                                           resource_plan(sweep, cluster, max_concurrent))
     status = RunStatus.FAILED
     try:
         _tuner(sweep, folder, client, experiment_id, parent_id, max_concurrent, verbose).fit()  # returns early, state saved, after Ctrl-C
@@ -198,10 +226,13 @@ def _quiet_logs(verbose: bool) -> None:
         os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
 
 
-def _parent_run(client: Any, folder: SweepFolder, sweep: Sweep) -> tuple[str, str]:
-    """(experiment id, parent run id): the sweep's parent run, created on its first invocation and
-    RUNNING again on a resume."""
+def _parent_run(client: Any, folder: SweepFolder, sweep: Sweep, sweep_file: Path | None,
+                plan: list[str]) -> tuple[str, str]:
+    """(experiment id, parent run id): the sweep's parent run, created on its first invocation with
+    what the sweep ran from (`describe_parent_run`), and RUNNING again on a resume."""
     from mlflow.entities import RunStatus
+
+    from orchestrator.tracking import EXPERIMENT_KIND_TAG, MODEL_TRAINING, NOTE_TAG, describe_parent_run
 
     run_map = folder.run_map()
     if run_map is not None:
@@ -213,9 +244,11 @@ def _parent_run(client: Any, folder: SweepFolder, sweep: Sweep) -> tuple[str, st
         experiment_id = client.create_experiment(sweep.name, artifact_location=artifacts)
     else:
         experiment_id = experiment.experiment_id
+    client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     parent = client.create_run(experiment_id, run_name=f"{sweep.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"sweep_dir": str(folder.path.resolve()), "mlflow.note.content": sweep.description})
+                               tags={"sweep_dir": str(folder.path.resolve()), NOTE_TAG: sweep.description})
     folder.save_run_map(RunMap(parent=parent.info.run_id))  # before any trial: a resume always finds its parent
+    describe_parent_run(client, parent.info.run_id, sweep_file, plan)
     return experiment_id, parent.info.run_id
 
 
@@ -271,6 +304,7 @@ def _summary(sweep: Sweep, folder: SweepFolder, client: Any, parent_id: str) -> 
     TERMINATED); the tables and plots, also as artifacts of the parent run."""
     from analysis.plots import make_plots
     from analysis.results_store import read_results, trial_states
+    from orchestrator.tracking import NOTE_TAG
 
     results = read_results(folder.path)
     states = trial_states(results)
@@ -278,6 +312,7 @@ def _summary(sweep: Sweep, folder: SweepFolder, client: Any, parent_id: str) -> 
     markdown, table_files = write_tables(sweep, results, folder.path)
     for path in table_files:
         client.log_artifact(parent_id, str(path))
+    client.set_tag(parent_id, NOTE_TAG, f"{sweep.description}\n\n{markdown}".strip())  # the run's description
     if make_plots(results, folder.path / "plots"):
         client.log_artifacts(parent_id, str(folder.path / "plots"), artifact_path="plots")
     return SweepOutcome(folder.path, markdown, parent_id, folder.launch.tracking_uri, ended,

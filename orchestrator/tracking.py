@@ -2,21 +2,28 @@
 
 One experiment per sweep name, one parent run per invocation, one child run per trial (tag
 `mlflow.parentRunId`). Logging happens in the driver only, so a SQLite tracking store has a single
-writer. Ray's own MLflowLoggerCallback makes flat runs and leaves them RUNNING when a trial dies;
-this callback nests them and always ends them.
+writing process. Ray's own MLflowLoggerCallback makes flat runs and leaves them RUNNING when a trial
+dies; this callback nests them and always ends them.
+
+A reviewer can check a sweep from its runs: the parent carries the sweep file, the code's commit,
+the package versions and the resource plan; each child run has the system metrics (CPU, memory,
+GPU) of the machine its trial ran on, sampled by MLflow's monitor in the driver.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from pydantic import ValidationError
 from ray.tune import Callback
 from ray.tune.experiment import Trial
@@ -33,6 +40,14 @@ from orchestrator.sweep_folder import RunMap, SweepFolder
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id", "error")  # set when rows are written
 _PLACEMENT_KEYS = ("hostname", "node_ip", "pid", "cuda_visible_devices")  # Tune's own, and our trainable's
+
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"  # MLflow 3's UI then opens on the runs table, not the GenAI overview
+NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow's UI (Markdown)
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the run page shows it
+VERSIONED_PACKAGES = ("torch", "ray", "mlflow", "triton", "adasplash")
+SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_tracking_uri(sweeps_dir: Path) -> str:
@@ -56,6 +71,43 @@ def trial_columns(config: TrialConfig) -> dict[str, Any]:
     if columns["k"] is not None:  # kernel parameters are floats in the config
         columns["k"] = int(columns["k"])
     return {**columns, "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params), "seed": config.seed}
+
+
+def package_versions() -> dict[str, str]:
+    """`version.<package>` -> version, for those installed; read from their metadata, none imported."""
+    versions = {}
+    for package in VERSIONED_PACKAGES:
+        try:
+            versions[f"version.{package}"] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def git_commit(root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The commit of the checkout the code runs from, and whether tracked files differ from it;
+    nothing when the code is not a git checkout of its own (an installed package)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+
+    try:
+        top, commit = git("rev-parse", "--show-toplevel", "HEAD").split()
+        if Path(top).resolve() != root.resolve():
+            return {}
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return {}
+    return {GIT_COMMIT_TAG: commit, "git.dirty": str(dirty).lower()}
+
+
+def describe_parent_run(client: MlflowClient, run_id: str, sweep_file: Path | None, plan: list[str]) -> None:
+    """What a reviewer needs to trust a sweep's numbers: its file, the code's commit, the package
+    versions and how its trials were placed."""
+    tags = {**git_commit(), **package_versions(), "resource_plan": "\n".join(plan)}
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    if sweep_file is not None:
+        client.log_artifact(run_id, str(sweep_file))
 
 
 def end_unfinished_runs(client: MlflowClient, folder: SweepFolder, status: str = "FAILED") -> list[str]:
@@ -89,9 +141,14 @@ class SweepTracker(Callback):
         self.run_ids: dict[str, str] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.placed: set[str] = set()  # trials whose current process has told where it runs
+        self.monitors: dict[str, SystemMetricsMonitor] = {}  # threads: made after Tune pickled this callback
+        self.node_ip = ""
 
     def setup(self, **info: Any) -> None:
+        from ray.util import get_node_ip_address
+
         self.run_ids = (self.folder.run_map() or RunMap(parent=self.parent_run_id)).trials
+        self.monitors, self.node_ip = {}, get_node_ip_address()  # also for a tracker pickled by older code
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         config = self._config(trial)
@@ -110,6 +167,7 @@ class SweepTracker(Callback):
             self.folder.save_run_map(RunMap(parent=self.parent_run_id, trials=self.run_ids))
         else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        self._monitor(trial.trial_id, run_id)
         self.placed.discard(trial.trial_id)
         earlier = read_trial_rows(self.sweep_dir, trial.trial_id)
         self.rows[trial.trial_id] = [{key: row[key] for key in row if key not in _ROW_IDENTITY}
@@ -120,10 +178,8 @@ class SweepTracker(Callback):
         step = int(metrics.get("step", result.get("training_iteration", 0)))
         rows = self.rows[trial.trial_id]
         run_id = self.run_ids[trial.trial_id]
-        if trial.trial_id not in self.placed:  # where the trial runs now: which machine, which GPU
-            self.placed.add(trial.trial_id)
-            self.client.log_batch(run_id, tags=[RunTag(f"ray.{key}", str(result[key]))
-                                                for key in _PLACEMENT_KEYS if result.get(key) is not None])
+        if trial.trial_id not in self.placed:
+            self._place(trial.trial_id, run_id, result)
         if step not in {row["step"] for row in rows}:  # a restarted trial repeats steps: MLflow has them
             now = int(time.time() * 1000)
             logged = [Metric(key, value, now, step) for key, value in metrics.items()
@@ -139,6 +195,35 @@ class SweepTracker(Callback):
             rows.append({**columns, "metric": metric, "length_factor": factor, "step": step,
                          "value": value})
         self._write_rows(trial, TrialStatus.RUNNING)
+
+    def _place(self, trial_id: str, run_id: str, result: dict[str, Any]) -> None:
+        """Where the trial runs now (which machine, which GPU); on another machine than the driver's,
+        the driver's system metrics are not the trial's, and stop."""
+        self.placed.add(trial_id)
+        tags = [RunTag(f"ray.{key}", str(result[key])) for key in _PLACEMENT_KEYS if result.get(key) is not None]
+        node = result.get("node_ip")
+        if node is not None and node != self.node_ip:
+            self._stop_monitor(trial_id)
+            tags.append(RunTag("system_metrics", f"not sampled: the trial runs on {node}, the driver on {self.node_ip}"))
+        self.client.log_batch(run_id, tags=tags)
+
+    def _monitor(self, trial_id: str, run_id: str) -> None:
+        """MLflow's system metrics (`system/…`: CPU, memory, disk, network, each NVIDIA GPU) of this
+        machine into the trial's run, from a thread that samples every SYSTEM_METRICS_INTERVAL_S."""
+        self._stop_monitor(trial_id)
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
+                                       tracking_uri=self.folder.launch.tracking_uri)
+        monitor.start()
+        self.monitors[trial_id] = monitor
+
+    def _stop_monitor(self, trial_id: str) -> None:
+        monitor = self.monitors.pop(trial_id, None)
+        if monitor is not None:
+            monitor.finish()
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        for trial_id in list(self.monitors):
+            self._stop_monitor(trial_id)
 
     def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         """Tune retries the trial from its last checkpoint: the run keeps count and the attempt's error."""
@@ -161,6 +246,7 @@ class SweepTracker(Callback):
         self._end(trial, TrialStatus.ERROR, RunStatus.to_string(RunStatus.FAILED), error=error)
 
     def _end(self, trial: Trial, status: TrialStatus, mlflow_status: str, error: str | None = None) -> None:
+        self._stop_monitor(trial.trial_id)
         if trial.trial_id not in self.run_ids:
             return
         self.client.set_terminated(self.run_ids[trial.trial_id], status=mlflow_status)

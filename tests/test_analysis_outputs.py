@@ -275,6 +275,57 @@ def test_plots_written_only_where_data_exists(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def two_task_trials() -> list[Trial]:
+    """The sort trials, and two of a reverse task evaluated at 1×, 2× and 4× (a factor sort lacks)."""
+    reports = {200: {("exact_match", 1.0): 0.9, ("exact_match", 2.0): 0.5, ("exact_match", 4.0): 0.1}}
+    return LENGTH_TRIALS + [replace(trial, trial_id=f"rev{trial.trial_id}", task="reverse", reports=reports)
+                            for trial in LENGTH_TRIALS[:2]]
+
+
+def inside(inner, outer) -> bool:
+    return outer.x0 <= inner.x0 and inner.x1 <= outer.x1 and outer.y0 <= inner.y0 and inner.y1 <= outer.y1
+
+
+def test_length_figure_is_log2_with_ticks_at_the_factors_and_a_panel_per_task():
+    from analysis.plots import LENGTH_AXIS, figures
+
+    figure = figures(frame(two_task_trials()))["exact_match_vs_length"]
+    axes = figure.get_axes()
+    assert [ax.get_title() for ax in axes] == ["reverse", "sort"]  # one panel per task
+    for ax, factors in zip(axes, ([1.0, 2.0, 4.0], [1.0, 2.0])):
+        assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+        assert list(ax.get_xticks()) == factors and list(ax.get_xticks(minor=True)) == []
+        assert [label.get_text() for label in ax.get_xticklabels()] == [f"{f:g}" for f in factors]
+        assert ax.get_xlabel() == LENGTH_AXIS == "× eval_length"
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    for ax in axes:  # titles inside the frame: each panel's in its axes, the figure's in the figure
+        assert inside(ax.title.get_window_extent(renderer), ax.get_window_extent())
+    assert inside(figure._suptitle.get_window_extent(renderer), figure.bbox)
+
+
+def test_figures_in_each_format_at_300_dpi(tmp_path):
+    from matplotlib.image import imread
+
+    from analysis.plots import make_plots
+
+    paths = make_plots(frame(LENGTH_TRIALS), tmp_path, ("png", "pdf", "svg"))
+    assert sorted(p.name for p in paths) == sorted(f"{stem}_vs_length.{suffix}" for stem in ("exact_match", "support_size")
+                                                   for suffix in ("png", "pdf", "svg"))
+    assert imread(tmp_path / "exact_match_vs_length.png").shape[:2] == (3.6 * 300, 4.5 * 300)  # one panel, 4.5 × 3.6 in
+    assert (tmp_path / "exact_match_vs_length.pdf").read_bytes().startswith(b"%PDF")
+    assert "<svg" in (tmp_path / "exact_match_vs_length.svg").read_text()
+
+
+def test_cli_plot_formats(tmp_path):
+    sweep = store(tmp_path / "sweep", LENGTH_TRIALS)
+    result = run_cli("plot", sweep, "--format", "pdf,svg", "--format", "PNG")
+    assert result.exit_code == 0, result.output
+    assert sorted(Path(line).suffix for line in result.stdout.splitlines()) == [".pdf", ".pdf", ".png", ".png", ".svg", ".svg"]
+    wrong = run_cli("plot", sweep, "--format", "png,jpg")
+    assert wrong.exit_code == 2 and "--format jpg is not a figure format; give png, pdf, svg" in wrong.stderr
+
+
 def test_cli_plot(tmp_path):
     sweep = store(tmp_path / "sweep", LENGTH_TRIALS + lm_trials())
     result = run_cli("plot", sweep)

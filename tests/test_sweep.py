@@ -138,7 +138,7 @@ def fake_run_sweep(monkeypatch, tmp_path):
     calls: list[dict] = []
     statuses = {"TERMINATED": 6}
 
-    def fake(sweep, folder, *, address=None, verbose=False, max_concurrent=None):
+    def fake(sweep, folder, *, address=None, verbose=False, max_concurrent=None, sweep_file=None):
         calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=folder.path,
                           tracking_uri=folder.launch.tracking_uri, configs=len(folder.configs())))
         return SweepOutcome(folder.path, "| Kernel |\n", "parent123", folder.launch.tracking_uri, dict(statuses))
@@ -263,11 +263,13 @@ def mlflow_runs(client, experiment_id: str) -> tuple[list, list]:
 
 
 @pytest.mark.slow
-def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, write_sweep, smoke_spec):
+def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, write_sweep, smoke_spec, monkeypatch):
     from mlflow import MlflowClient
 
     from analysis.results_store import read_results
+    from orchestrator.tracking import git_commit, package_versions
 
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # trials of a second or two get samples
     tiny = tiny_smoke(smoke_spec)
     tiny["base"]["train"]["log_interval"] = 5  # progress between the evaluations at 10 and 20
     spec = write_sweep(tiny, "tiny")
@@ -303,7 +305,15 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep_dir"] == str(sweep_dir.resolve())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"table.md", "table-length_factor.tex", "table-length_factor.csv", "plots"} <= artifacts
+    assert {"table.md", "table-length_factor.tex", "table-length_factor.csv", "plots", "tiny.yaml"} <= artifacts
+    assert experiments["tiny_smoke"].tags["mlflow.experimentKind"] == "custom_model_development"
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert parent.data.tags["mlflow.source.git.commit"] == commit.stdout.strip() and git_commit()
+    assert package_versions().items() <= parent.data.tags.items() and "version.torch" in parent.data.tags
+    assert parent.data.tags["resource_plan"] == "\n".join(smoke_plan())
+    assert parent.data.tags["mlflow.note.content"].endswith(table.strip())  # the sweep's table as its description
+    assert sorted(c.info.run_name for c in children) == sorted(line.split("  ", 1)[1] for line in SMOKE_LINES)
+    assert all(client.get_metric_history(c.info.run_id, "system/cpu_utilization_percentage") for c in children)
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/exact_match_vs_length.png", "plots/support_size_vs_length.png"} <= figures, figures
     assert "\\toprule" in (sweep_dir / "table-length_factor.tex").read_text()
@@ -377,6 +387,7 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     parents, children = mlflow_runs(client, experiment_id)
     assert len(parents) == 2 and len(children) == 12
     assert all(p.info.status == "FINISHED" for p in parents)
+    assert client.get_run(parent.info.run_id).data.tags["sweep_dir"] == str(backup.resolve())
     new_parent = next(p.info.run_id for p in parents if p.info.run_id != parent.info.run_id)
     new_children = {c.info.run_id for c in children if c.data.tags["mlflow.parentRunId"] == new_parent}
     assert len(new_children) == 6
@@ -447,30 +458,24 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     assert status.output.splitlines()[0].endswith("2 trials — 1 ERROR, 1 TERMINATED")
 
 
-def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
+def served_json(ui_args: list[str | Path], path: str) -> object:
+    """`mosaic-sweep ui ARGS` on a free port: the JSON its server answers at `path`, once it is up."""
     import json
     import socket
     import time
     import urllib.request
 
-    from mlflow import MlflowClient
-
-    sweeps = tmp_path / "sweeps"
-    sweeps.mkdir()
-    MlflowClient(tracking_uri=default_tracking_uri(sweeps)).create_experiment("mine")
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", str(sweeps), "--port", str(port)],
+    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", *map(str, ui_args), "--port", str(port)],
                               env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        url = f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mine"
         deadline = time.time() + 90
         while True:
             try:
-                with urllib.request.urlopen(url, timeout=5) as response:
-                    assert json.load(response)["experiment"]["name"] == "mine"
-                    break
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    return json.load(response)
             except OSError:
                 assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() else "timeout"
                 time.sleep(0.5)
@@ -478,10 +483,34 @@ def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
         server.terminate()
         server.wait(timeout=30)
 
+
+def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
+    from mlflow import MlflowClient
+
+    sweeps = tmp_path / "sweeps"
+    sweeps.mkdir()
+    MlflowClient(tracking_uri=default_tracking_uri(sweeps)).create_experiment("mine")
+    answer = served_json([sweeps], "/api/2.0/mlflow/experiments/get-by-name?experiment_name=mine")
+    assert answer["experiment"]["name"] == "mine"
+
     missing = mosaic_sweep("ui", tmp_path / "nothing-here", cwd=tmp_path)
     assert missing.returncode == 2
     assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nothing-here'} holds no mlflow.db and is not a sweep "
                                            "folder; give the folder that `mosaic-sweep run` wrote"]
+
+
+def test_ui_optuna_serves_the_search_study_on_localhost(tmp_path):
+    import optuna
+
+    sweep_dir = tmp_path / "search"
+    sweep_dir.mkdir()
+    study = optuna.create_study(study_name="mine", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=2)
+    studies = served_json([sweep_dir, "--optuna"], "/api/studies")["study_summaries"]
+    assert [s["study_name"] for s in studies] == ["mine"]
+
+    missing = mosaic_sweep("ui", tmp_path, "--optuna", cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path} holds no optuna.db")
 
 
 @pytest.mark.slow

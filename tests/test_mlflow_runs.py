@@ -1,0 +1,106 @@
+"""What a sweep's MLflow runs tell a reviewer: the code's commit and package versions, the moved
+parent run of an --overwrite, system metrics in child runs. The end-to-end checks (sweep-file
+artifact, experiment kind, run names, the parent's description) are in tests/test_sweep.py's
+end-to-end sweep, beside `ui --optuna`'s test."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import RunStatus
+
+from orchestrator.sweep import new_sweep_folder
+from orchestrator.sweep_folder import RunMap, SweepFolder
+from orchestrator.tracking import GIT_COMMIT_TAG, SweepTracker, git_commit, package_versions
+from search_spaces.schema import load_sweep
+
+SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+
+
+def git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_package_versions_are_the_installed_ones():
+    import mlflow
+    import ray
+    import torch
+
+    versions = package_versions()
+    assert versions["version.torch"] == torch.__version__
+    assert versions["version.ray"] == ray.__version__ and versions["version.mlflow"] == mlflow.__version__
+    assert set(versions) <= {f"version.{name}" for name in ("torch", "ray", "mlflow", "triton", "adasplash")}
+
+
+def test_git_commit_of_a_checkout_and_nothing_elsewhere(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    (repo / "a.py").write_text("x = 1\n")
+    git(repo, "add", "a.py")
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
+    assert git_commit(repo) == {GIT_COMMIT_TAG: git(repo, "rev-parse", "HEAD"), "git.dirty": "false"}
+    (repo / "new.py").write_text("untracked files do not make it dirty\n")
+    assert git_commit(repo)["git.dirty"] == "false"
+    (repo / "a.py").write_text("x = 2\n")
+    assert git_commit(repo)["git.dirty"] == "true"
+    (repo / "sub").mkdir()
+    assert git_commit(repo / "sub") == {}  # code inside someone else's checkout is not that checkout
+    assert git_commit(tmp_path / "plain") == {}
+
+
+def test_overwrite_tags_the_old_parent_run_with_its_backup_folder(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    old_parent = client.create_run(client.create_experiment("smoke"), tags={"sweep_dir": "old place"}).info.run_id
+    sweep, sweep_dir = load_sweep(SMOKE_YAML), tmp_path / "sweeps" / "smoke"
+    new_sweep_folder(sweep, sweep_dir, tracking_uri, None, overwrite=False).save_run_map(RunMap(parent=old_parent))
+
+    new_sweep_folder(sweep, sweep_dir, tracking_uri, None, overwrite=True)
+    (backup,) = sweep_dir.parent.glob("smoke.bak-*")
+    assert client.get_run(old_parent).data.tags["sweep_dir"] == str(backup.resolve())
+    assert SweepFolder.open(sweep_dir).run_map() is None  # the new sweep has no parent run yet
+
+
+def make_tracker(tmp_path: Path) -> tuple[SweepTracker, MlflowClient, str]:
+    """A tracker on a SQLite store and one RUNNING child run, without Ray."""
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    experiment = client.create_experiment("sweep")
+    folder = new_sweep_folder(load_sweep(SMOKE_YAML), tmp_path / "sweep", tracking_uri, None, overwrite=False)
+    run_id = client.create_run(experiment).info.run_id
+    tracker = SweepTracker(client, experiment, "parent", folder, folder.configs())
+    tracker.node_ip = "10.0.0.1"
+    return tracker, client, run_id
+
+
+def test_child_runs_get_system_metrics_until_the_trial_ends(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    tracker, client, run_id = make_tracker(tmp_path)
+    tracker._monitor("t1", run_id)
+    time.sleep(1.0)
+    tracker._stop_monitor("t1")
+    client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED))
+    cpu = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
+    memory = client.get_metric_history(run_id, "system/system_memory_usage_megabytes")
+    assert len(cpu) >= 2 and all(0 <= m.value <= 100 for m in cpu)
+    assert [m.step for m in cpu] == list(range(len(cpu)))
+    assert memory and all(m.value > 0 for m in memory)
+    assert tracker.monitors == {}
+
+
+def test_a_trial_on_another_node_gets_no_system_metrics_of_the_driver(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    tracker, client, run_id = make_tracker(tmp_path)
+    tracker._monitor("here", run_id)
+    tracker._monitor("there", run_id)
+    tracker._place("here", run_id, {"node_ip": "10.0.0.1", "pid": 7})
+    tracker._place("there", run_id, {"node_ip": "10.0.0.2", "pid": 8})
+    assert set(tracker.monitors) == {"here"}
+    tags = client.get_run(run_id).data.tags
+    assert tags["system_metrics"] == "not sampled: the trial runs on 10.0.0.2, the driver on 10.0.0.1"
+    tracker.on_experiment_end([])
+    assert tracker.monitors == {}
