@@ -23,7 +23,9 @@ KERNEL_LABEL = "kernel_label"
 LENGTH = "length_factor"  # not a config key, but rows of one trial differ by it: it must never pool either
 ROW = "row"  # the column holding a row's label
 SEPARATOR = " · "
-_VARIANT = "variant"  # in `searched`: which kernel variant a search chose; the config keys say the same
+_VARIANT = (
+    "variant"  # in `searched`: which kernel variant a search chose; the config keys say the same
+)
 
 
 def _hashable(value: Any) -> Any:
@@ -36,7 +38,11 @@ def _hashable(value: Any) -> Any:
 
 
 def _varied_values(config: str, searched: str) -> dict[str, Any]:
-    values = {key: value for key, value in (json.loads(searched) if searched else {}).items() if key != _VARIANT}
+    values = {
+        key: value
+        for key, value in (json.loads(searched) if searched else {}).items()
+        if key != _VARIANT
+    }
     values.update(json.loads(config) if config else {})
     return {key: _hashable(value) for key, value in values.items() if key != SEED_KEY}
 
@@ -46,14 +52,25 @@ def config_frame(results: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     keys that identify a configuration within a trial's rows: the typed ones, those, and the
     evaluation length."""
     results = results.assign(**{column: None for column in RESULT_COLUMNS if column not in results})
-    texts = results["config"].fillna("").astype(str) + "\0" + results["searched"].fillna("").astype(str)
+    texts = (
+        results["config"].fillna("").astype(str) + "\0" + results["searched"].fillna("").astype(str)
+    )
     codes, uniques = pd.factorize(texts)
     records = [_varied_values(*text.split("\0")) for text in uniques]
     extra = pd.DataFrame(records, columns=sorted({key for record in records for key in record}))
     extra = extra.iloc[codes].set_index(results.index)
-    for column, key in TYPED_CONFIG.items():  # a typed column another writer left empty: the JSON's value
+    for (
+        column,
+        key,
+    ) in TYPED_CONFIG.items():  # a typed column another writer left empty: the JSON's value
         if key in extra:
-            results = results.assign(**{column: results[column].astype(object).where(results[column].notna(), extra.pop(key))})
+            results = results.assign(
+                **{
+                    column: results[column]
+                    .astype(object)
+                    .where(results[column].notna(), extra.pop(key))
+                }
+            )
     return pd.concat([results, extra], axis=1), [*TYPED_CONFIG, *extra.columns, LENGTH]
 
 
@@ -72,7 +89,9 @@ def display_names(keys: Iterable[str]) -> dict[str, str]:
     last part alone would be ambiguous."""
     keys = list(keys)
     short = {key: key.rsplit(".", 1)[-1] for key in keys}
-    return {key: name if list(short.values()).count(name) == 1 else key for key, name in short.items()}
+    return {
+        key: name if list(short.values()).count(name) == 1 else key for key, name in short.items()
+    }
 
 
 def _is_missing(value: Any) -> bool:
@@ -106,8 +125,12 @@ def labelled(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
     """The frame with a `row` column: the kernel label and, for each of `keys`, its name and value."""
     names = display_names(keys)
     columns = [frame[KERNEL_LABEL], *(frame[key] for key in keys)]
-    labels = [SEPARATOR.join([str(label), *(f"{names[key]} {show(value)}" for key, value in zip(keys, values))])
-              for label, *values in zip(*columns)]
+    labels = [
+        SEPARATOR.join(
+            [str(label), *(f"{names[key]} {show(value)}" for key, value in zip(keys, values))]
+        )
+        for label, *values in zip(*columns)
+    ]
     return frame.assign(**{ROW: labels})
 
 
@@ -117,20 +140,30 @@ def sort_key(value: Any) -> tuple:
     return (2, 0.0, "") if _is_missing(value) else (1, 0.0, str(value))
 
 
-def ordered_rows(frame: pd.DataFrame, keys: Sequence[str], kernel_order: Sequence[str] | None) -> pd.DataFrame:
+def ordered_rows(
+    frame: pd.DataFrame, keys: Sequence[str], kernel_order: Sequence[str] | None
+) -> pd.DataFrame:
     """One line per row label, in the sweep file's kernel order (the others after, as they
     first appear), then by the row keys' values: the label, the kernel label and those values."""
     rows = frame.drop_duplicates(ROW)[[ROW, KERNEL_LABEL, *keys]]
     seen = list(dict.fromkeys(rows[KERNEL_LABEL].dropna()))
-    order = [label for label in kernel_order or [] if label in seen] + [label for label in seen if label not in (kernel_order or [])]
+    order = [label for label in kernel_order or [] if label in seen] + [
+        label for label in seen if label not in (kernel_order or [])
+    ]
     rank = {label: number for number, label in enumerate(order)}
-    positions = sorted(range(len(rows)), key=lambda i: (rank.get(rows[KERNEL_LABEL].iloc[i], len(rank)),
-                                                        *(sort_key(rows[key].iloc[i]) for key in keys)))
+    positions = sorted(
+        range(len(rows)),
+        key=lambda i: (
+            rank.get(rows[KERNEL_LABEL].iloc[i], len(rank)),
+            *(sort_key(rows[key].iloc[i]) for key in keys),
+        ),
+    )
     return rows.iloc[positions].set_index(ROW)
 
 
-def resolve_key(name: str, frame: pd.DataFrame, keys: Sequence[str], what: str = "key",
-                also: Sequence[str] = ()) -> str:
+def resolve_key(
+    name: str, frame: pd.DataFrame, keys: Sequence[str], what: str = "key", also: Sequence[str] = ()
+) -> str:
     """The column a user's key names: itself, the typed column of a dotted key (`train.lr` is
     `lr`), or the one varied key that ends in it (`dropout`); ValueError naming the choices: `also`
     and the keys that vary in `frame`."""
@@ -144,7 +177,9 @@ def resolve_key(name: str, frame: pd.DataFrame, keys: Sequence[str], what: str =
     if len(ending) == 1:
         return ending[0]
     varying = [key for key in candidates if key in frame and frame[key].nunique(dropna=False) > 1]
-    raise ValueError(f"unknown {what} {name!r}; choose from {', '.join([*also, *varying]) or 'none'}")
+    raise ValueError(
+        f"unknown {what} {name!r}; choose from {', '.join([*also, *varying]) or 'none'}"
+    )
 
 
 def _matches(column: pd.Series, text: str) -> pd.Series:
@@ -164,19 +199,27 @@ def where(frame: pd.DataFrame, keys: Sequence[str], conditions: Sequence[str]) -
     for condition in conditions:
         name, equals, text = condition.partition("=")
         if not equals or not name.strip():
-            raise ValueError(f"--where {condition!r}: write KEY=VALUE, e.g. lr=1e-4 or kernel=softmax")
-        kept = frame[_matches(frame[resolve_key(name.strip(), frame, keys, "--where key")], text.strip())]
+            raise ValueError(
+                f"--where {condition!r}: write KEY=VALUE, e.g. lr=1e-4 or kernel=softmax"
+            )
+        kept = frame[
+            _matches(frame[resolve_key(name.strip(), frame, keys, "--where key")], text.strip())
+        ]
         if kept.empty:
             raise ValueError(f"no results where {', '.join(conditions)}")
         frame = kept
     return frame
 
 
-def planned_seed_count(frame: pd.DataFrame, keys: Sequence[str], from_sweep: int | None = None) -> int | None:
+def planned_seed_count(
+    frame: pd.DataFrame, keys: Sequence[str], from_sweep: int | None = None
+) -> int | None:
     """Seeds each configuration should have: what the sweep planned, else (or where more) the most
     any configuration has in the results, failed trials included."""
     identity = [KERNEL_LABEL, *(key for key in keys if key != LENGTH)]
-    in_results = frame.groupby(identity, dropna=False)["seed"].nunique().max() if len(frame) else None
+    in_results = (
+        frame.groupby(identity, dropna=False)["seed"].nunique().max() if len(frame) else None
+    )
     counts = [int(n) for n in (from_sweep, in_results) if n is not None and not _is_missing(n)]
     return max(counts) if counts else None
 
@@ -185,6 +228,15 @@ def describe_config(row: pd.Series) -> str:
     """A trial's kernel label and the other values its sweep varies (`Gaussian · lr 1e-4`), to
     name a single trial (the best so far) in a line."""
     values = json.loads(row["config"]) if isinstance(row.get("config"), str) else {}
-    shown = {key: value for key, value in values.items() if not key.startswith("model.kernel") and key != "task.name"}
+    shown = {
+        key: value
+        for key, value in values.items()
+        if not key.startswith("model.kernel") and key != "task.name"
+    }
     names = display_names(shown)
-    return SEPARATOR.join([str(row[KERNEL_LABEL]), *(f"{names[key]} {show(_hashable(value))}" for key, value in shown.items())])
+    return SEPARATOR.join(
+        [
+            str(row[KERNEL_LABEL]),
+            *(f"{names[key]} {show(_hashable(value))}" for key, value in shown.items()),
+        ]
+    )

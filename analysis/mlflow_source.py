@@ -50,10 +50,14 @@ def _typed(column: str, value: Any) -> Any:
     kind = RESULTS_SCHEMA.field(column).type
     if value is None:
         return None
-    return int(value) if kind == pa.int64() else float(value) if kind == pa.float64() else str(value)
+    return (
+        int(value) if kind == pa.int64() else float(value) if kind == pa.float64() else str(value)
+    )
 
 
-def _trial_rows(client: MlflowClient, run: Run, params: dict[str, Any], varied: list[str]) -> list[dict[str, Any]]:
+def _trial_rows(
+    client: MlflowClient, run: Run, params: dict[str, Any], varied: list[str]
+) -> list[dict[str, Any]]:
     tags, run_id = run.data.tags, run.info.run_id
     columns = {
         **{column: _typed(column, params.get(key)) for column, key in TYPED_CONFIG.items()},
@@ -67,8 +71,10 @@ def _trial_rows(client: MlflowClient, run: Run, params: dict[str, Any], varied: 
     rows = []
     for key in run.data.metrics:
         metric, factor = parse_metric_name(key)
-        rows += [{**columns, "metric": metric, "length_factor": factor, "step": m.step, "value": m.value}
-                 for m in client.get_metric_history(run_id, key)]
+        rows += [
+            {**columns, "metric": metric, "length_factor": factor, "step": m.step, "value": m.value}
+            for m in client.get_metric_history(run_id, key)
+        ]
     return rows
 
 
@@ -87,12 +93,21 @@ def results_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
     parent_ids = {run.data.tags[PARENT_TAG] for run in runs if PARENT_TAG in run.data.tags}
     parents = [run for run in runs if run.info.run_id in parent_ids]
     if not parents:
-        raise ValueError(f"MLflow experiment {experiment!r} holds no sweep (no parent run with child runs)")
+        raise ValueError(
+            f"MLflow experiment {experiment!r} holds no sweep (no parent run with child runs)"
+        )
     latest = max(parents, key=lambda run: run.info.start_time).info.run_id
     trials = [run for run in runs if run.data.tags.get(PARENT_TAG) == latest]
-    params = {run.info.run_id: {key: _value(text) for key, text in run.data.params.items()} for run in trials}
-    varied = varied_keys(params.values())  # as the tracker's `config`: the keys the sweep's trials differ in
-    rows = [row for run in trials for row in _trial_rows(client, run, params[run.info.run_id], varied)]
+    params = {
+        run.info.run_id: {key: _value(text) for key, text in run.data.params.items()}
+        for run in trials
+    }
+    varied = varied_keys(
+        params.values()
+    )  # as the tracker's `config`: the keys the sweep's trials differ in
+    rows = [
+        row for run in trials for row in _trial_rows(client, run, params[run.info.run_id], varied)
+    ]
     rows.sort(key=lambda row: (row["trial_id"], row["step"]))
     table = pa.Table.from_pylist(rows, schema=RESULTS_SCHEMA)
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)

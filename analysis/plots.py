@@ -31,23 +31,37 @@ LENGTH_AXIS = "× eval_length"  # the length factor multiplies the task's eval_l
 
 
 def _figure(
-    rows: pd.DataFrame, *, panel: str, x: str, title: str, xlabel: str, ylabel: str,
-    panel_title: Callable[[object], str] = str, logx: bool = False, ticks_at_data: bool = False,
+    rows: pd.DataFrame,
+    *,
+    panel: str,
+    x: str,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    panel_title: Callable[[object], str] = str,
+    logx: bool = False,
+    ticks_at_data: bool = False,
 ) -> Figure | None:
     """One panel per value of `panel`, a mean line and min–max band per configuration; None without data."""
-    rows = rows[succeeded(rows) & np.isfinite(rows["value"].astype(float))].dropna(subset=[panel, x, "kernel_label"])
+    rows = rows[succeeded(rows) & np.isfinite(rows["value"].astype(float))].dropna(
+        subset=[panel, x, "kernel_label"]
+    )
     if rows.empty:
         return None
     frame, keys = config_frame(rows)
     rows = labelled(frame, row_keys(frame, keys, [panel, x]))
     stats = rows.groupby([panel, ROW, x])["value"].agg(["mean", "min", "max"])
-    curves = {key: curve.droplevel([panel, ROW]) for key, curve in stats.groupby(level=[panel, ROW])}
+    curves = {
+        key: curve.droplevel([panel, ROW]) for key, curve in stats.groupby(level=[panel, ROW])
+    }
     labels = list(dict.fromkeys(rows[ROW]))
     panels = sorted(rows[panel].unique())
 
     figure = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
     FigureCanvasAgg(figure)
-    figure.suptitle(f"{title}\nmean over seeds, band min–max", fontsize="medium")  # two short lines fit one panel
+    figure.suptitle(
+        f"{title}\nmean over seeds, band min–max", fontsize="medium"
+    )  # two short lines fit one panel
     for ax, key in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         for number, label in enumerate(labels):
             curve = curves.get((key, label))
@@ -55,10 +69,18 @@ def _figure(
                 continue
             color = f"C{number % 10}"
             ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=label)
-            ax.fill_between(curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0)
+            ax.fill_between(
+                curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0
+            )
         ax.set(xlabel=xlabel, ylabel=ylabel)
-        ax.set_title(panel_title(key), y=0.97, pad=0, va="top", fontsize="medium",
-                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
+        ax.set_title(
+            panel_title(key),
+            y=0.97,
+            pad=0,
+            va="top",
+            fontsize="medium",
+            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
+        )
         if logx:
             ax.set_xscale("log", base=2)
         if ticks_at_data:
@@ -76,8 +98,16 @@ def _ticks_at(ax: Axes, values: list[float]) -> None:
 
 def _by_length(results: pd.DataFrame, metric: str, title: str) -> Figure | None:
     rows = selected(results[(results["metric"] == metric) & results["length_factor"].notna()])
-    return _figure(rows, panel="task", x="length_factor", title=title, xlabel=LENGTH_AXIS, ylabel=title,
-                   logx=True, ticks_at_data=True)
+    return _figure(
+        rows,
+        panel="task",
+        x="length_factor",
+        title=title,
+        xlabel=LENGTH_AXIS,
+        ylabel=title,
+        logx=True,
+        ticks_at_data=True,
+    )
 
 
 def _depth(key: object) -> str:
@@ -86,15 +116,30 @@ def _depth(key: object) -> str:
 
 def _val_loss(results: pd.DataFrame) -> Figure | None:
     rows = results[results["metric"] == "val_loss"]
-    return _figure(rows, panel="n_layer", x="step", title="validation loss", xlabel="step", ylabel="validation loss",
-                   panel_title=_depth)
+    return _figure(
+        rows,
+        panel="n_layer",
+        x="step",
+        title="validation loss",
+        xlabel="step",
+        ylabel="validation loss",
+        panel_title=_depth,
+    )
 
 
 def _ood_per_position(results: pd.DataFrame) -> Figure | None:
     rows = selected(results[results["metric"].str.startswith(OOD_PREFIX, na=False)])
     rows = rows.assign(position=rows["metric"].str.removeprefix(OOD_PREFIX).astype(int))
-    return _figure(rows, panel="n_layer", x="position", title="OOD loss per position (EMA)", xlabel="position",
-                   ylabel="OOD loss", panel_title=_depth, logx=True)
+    return _figure(
+        rows,
+        panel="n_layer",
+        x="position",
+        title="OOD loss per position (EMA)",
+        xlabel="position",
+        ylabel="OOD loss",
+        panel_title=_depth,
+        logx=True,
+    )
 
 
 def figures(results: pd.DataFrame) -> dict[str, Figure]:
@@ -108,7 +153,9 @@ def figures(results: pd.DataFrame) -> dict[str, Figure]:
     return {stem: figure for stem, figure in drawn.items() if figure is not None}
 
 
-def make_plots(results: pd.DataFrame, out_dir: str | Path, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+def make_plots(
+    results: pd.DataFrame, out_dir: str | Path, formats: tuple[str, ...] = ("png",)
+) -> list[Path]:
     """Write the figures the results have data for into `out_dir`, a file per format (of FORMATS);
     returns their paths."""
     paths = []

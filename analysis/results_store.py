@@ -49,7 +49,9 @@ def write_trial_rows(sweep_dir: str | Path, trial_id: str, rows: list[dict]) -> 
             raise ValueError(f"unknown result column {unknown[0]!r}; allowed: {RESULT_COLUMNS}")
         if row.get("trial_id", trial_id) != trial_id:
             raise ValueError(f"row has trial_id {row['trial_id']!r}, expected {trial_id!r}")
-    table = pa.Table.from_pylist([{**row, "trial_id": trial_id} for row in rows], schema=RESULTS_SCHEMA)
+    table = pa.Table.from_pylist(
+        [{**row, "trial_id": trial_id} for row in rows], schema=RESULTS_SCHEMA
+    )
 
     store = store_path(sweep_dir)
     store.mkdir(parents=True, exist_ok=True)
@@ -73,8 +75,12 @@ class ResultsStoreError(ValueError):
 
 def _conformed(table: pa.Table) -> pa.Table:
     """The table with exactly RESULTS_SCHEMA's columns: ones an older writer did not know are null."""
-    columns = [table[field.name].cast(field.type) if field.name in table.column_names
-               else pa.nulls(table.num_rows, field.type) for field in RESULTS_SCHEMA]
+    columns = [
+        table[field.name].cast(field.type)
+        if field.name in table.column_names
+        else pa.nulls(table.num_rows, field.type)
+        for field in RESULTS_SCHEMA
+    ]
     return pa.Table.from_arrays(columns, schema=RESULTS_SCHEMA)
 
 
@@ -82,7 +88,9 @@ def _read_part(path: Path) -> pa.Table:
     try:
         return _conformed(pq.read_table(path))
     except (pa.ArrowException, OSError) as error:
-        reason = " ".join(str(error).replace(str(path), "the file").split())[:80]  # the path is named once
+        reason = " ".join(str(error).replace(str(path), "the file").split())[
+            :80
+        ]  # the path is named once
         raise ResultsStoreError(f"{path}: not a readable results file ({reason})") from None
 
 
@@ -93,7 +101,9 @@ def _parts(store: Path) -> list[Path]:
         return [store]
     if not store.is_dir():
         return []
-    return sorted(path for path in store.iterdir() if path.is_file() and not path.name.startswith((".", "_")))
+    return sorted(
+        path for path in store.iterdir() if path.is_file() and not path.name.startswith((".", "_"))
+    )
 
 
 def read_results(sweep_dir: str | Path, *, skip_bad: bool = False) -> pd.DataFrame:
@@ -110,7 +120,9 @@ def read_results(sweep_dir: str | Path, *, skip_bad: bool = False) -> pd.DataFra
             tables.append(_read_part(part))
         except ResultsStoreError as error:
             if not skip_bad:
-                raise ResultsStoreError(f"{error}; pass --skip-bad to read the other parts") from None
+                raise ResultsStoreError(
+                    f"{error}; pass --skip-bad to read the other parts"
+                ) from None
             log.warning("skipped %s", error)
     table = pa.concat_tables(tables) if tables else RESULTS_SCHEMA.empty_table()
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)

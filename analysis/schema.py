@@ -18,6 +18,7 @@ class TrialStatus(StrEnum):
     TERMINATED = "TERMINATED"  # finished every step
     ERROR = "ERROR"  # failed after its retries
 
+
 RESULTS_SCHEMA = pa.schema(
     [
         pa.field("trial_id", pa.string()),
@@ -35,14 +36,22 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("weight_decay", pa.float64()),
         pa.field("seed", pa.int64()),
         pa.field("metric", pa.string()),  # e.g. "exact_match", "loss"
-        pa.field("length_factor", pa.float64()),  # null for metrics not tied to an evaluation length
+        pa.field(
+            "length_factor", pa.float64()
+        ),  # null for metrics not tied to an evaluation length
         pa.field("step", pa.int64()),
         pa.field("value", pa.float64()),
         pa.field("status", pa.string()),  # Ray Tune trial status: RUNNING, TERMINATED, ERROR
         pa.field("mlflow_run_id", pa.string()),
-        pa.field("searched", pa.string()),  # JSON of the values a search suggested; null in a grid sweep
-        pa.field("config", pa.string()),  # JSON of every key the sweep varies but the seed (config_json)
-        pa.field("error", pa.string()),  # a failed trial's error (its last line); it gets a row even if it never reported
+        pa.field(
+            "searched", pa.string()
+        ),  # JSON of the values a search suggested; null in a grid sweep
+        pa.field(
+            "config", pa.string()
+        ),  # JSON of every key the sweep varies but the seed (config_json)
+        pa.field(
+            "error", pa.string()
+        ),  # a failed trial's error (its last line); it gets a row even if it never reported
     ]
 )
 
@@ -63,7 +72,9 @@ TYPED_CONFIG: dict[str, str] = {
 }
 """The typed config columns and the dotted trial-config key each one holds."""
 
-SEED_KEY = "seed"  # the one varied key a table aggregates over: it has its own column, never in `config`
+SEED_KEY = (
+    "seed"  # the one varied key a table aggregates over: it has its own column, never in `config`
+)
 
 
 def varied_keys(flat_configs: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -71,8 +82,11 @@ def varied_keys(flat_configs: Iterable[Mapping[str, Any]]) -> list[str]:
     (a key missing from some, or an empty mapping, counts as None there), seed included; sorted."""
     configs = list(flat_configs)
     keys = {key for config in configs for key in config}
-    return sorted(key for key in keys if len({json.dumps(_nothing(config.get(key)), sort_keys=True)
-                                              for config in configs}) > 1)
+    return sorted(
+        key
+        for key in keys
+        if len({json.dumps(_nothing(config.get(key)), sort_keys=True) for config in configs}) > 1
+    )
 
 
 def _nothing(value: Any) -> Any:
@@ -83,4 +97,6 @@ def _nothing(value: Any) -> Any:
 def config_json(flat_config: Mapping[str, Any], keys: Iterable[str]) -> str:
     """The `config` column of a trial: its values of the varied `keys` but the seed, as canonical
     JSON, so two trials have the same configuration exactly when the strings are equal."""
-    return json.dumps({key: flat_config.get(key) for key in sorted(set(keys) - {SEED_KEY})}, sort_keys=True)
+    return json.dumps(
+        {key: flat_config.get(key) for key in sorted(set(keys) - {SEED_KEY})}, sort_keys=True
+    )

@@ -22,7 +22,6 @@ from analysis.configurations import (
     LENGTH,
     ROW,
     SEPARATOR,
-    sort_key,
     config_frame,
     display_names,
     labelled,
@@ -31,6 +30,7 @@ from analysis.configurations import (
     resolve_key,
     row_keys,
     show,
+    sort_key,
     where,
 )
 from analysis.schema import TrialStatus
@@ -52,13 +52,28 @@ class Layout:
     title: str
 
 
-LAYOUTS: dict[str, Layout] = {layout.by: layout for layout in (
-    Layout("length_factor", ("exact_match",), frozenset({"sort", "reverse", "copy", "mqmtar"}), LAST,
-           "exact match"),  # Table 2
-    Layout("num_examples", ("accuracy", "tvd"), frozenset({"regbench"}), BEST + "val_loss",
-           "accuracy and TVD (%)"),  # Table 1; Table 5's caption: the epoch with the lowest validation loss
-    Layout("n_layer", ("val_loss", "ood_loss"), frozenset({"lm"}), LAST, "losses"),  # per depth, Figure 2
-)}
+LAYOUTS: dict[str, Layout] = {
+    layout.by: layout
+    for layout in (
+        Layout(
+            "length_factor",
+            ("exact_match",),
+            frozenset({"sort", "reverse", "copy", "mqmtar"}),
+            LAST,
+            "exact match",
+        ),  # Table 2
+        Layout(
+            "num_examples",
+            ("accuracy", "tvd"),
+            frozenset({"regbench"}),
+            BEST + "val_loss",
+            "accuracy and TVD (%)",
+        ),  # Table 1; Table 5's caption: the epoch with the lowest validation loss
+        Layout(
+            "n_layer", ("val_loss", "ood_loss"), frozenset({"lm"}), LAST, "losses"
+        ),  # per depth, Figure 2
+    )
+}
 """The columns a table can be laid out by (`by`), and what each layout shows by default."""
 
 
@@ -74,13 +89,17 @@ def family_layout(results: pd.DataFrame) -> Layout:
     for layout in LAYOUTS.values():
         if tasks & layout.tasks:
             return layout
-    raise ValueError(f"no paper table for tasks {', '.join(sorted(tasks)) or 'none'}; pass --by {' or '.join(LAYOUTS)}")
+    raise ValueError(
+        f"no paper table for tasks {', '.join(sorted(tasks)) or 'none'}; pass --by {' or '.join(LAYOUTS)}"
+    )
 
 
 def check_select(select: str) -> str:
     """`last` or `best:METRIC`; ValueError otherwise."""
     if select != LAST and not (select.startswith(BEST) and select.removeprefix(BEST)):
-        raise ValueError(f"unknown --select {select!r}; choose last or best:METRIC (e.g. best:val_loss)")
+        raise ValueError(
+            f"unknown --select {select!r}; choose last or best:METRIC (e.g. best:val_loss)"
+        )
     return select
 
 
@@ -115,7 +134,9 @@ class TableStats:
     labels: list[str]
     columns: list[Column]
     planned_seeds: int | None
-    rows: pd.DataFrame = field(default_factory=pd.DataFrame)  # by label: kernel_label and the keys naming rows
+    rows: pd.DataFrame = field(
+        default_factory=pd.DataFrame
+    )  # by label: kernel_label and the keys naming rows
     select: str = LAST
 
 
@@ -128,7 +149,9 @@ class _Markup:
 
 
 _MARKDOWN = _Markup(lambda s: f"**{s}**", lambda s: f"<u>{s}</u>", "{mean}^({top})", MISSING)
-_LATEX = _Markup(lambda s: rf"\textbf{{{s}}}", lambda s: rf"\underline{{{s}}}", "${mean}^{{({top})}}$", "---")
+_LATEX = _Markup(
+    lambda s: rf"\textbf{{{s}}}", lambda s: rf"\underline{{{s}}}", "${mean}^{{({top})}}$", "---"
+)
 
 
 def last_evaluation(rows: pd.DataFrame) -> pd.DataFrame:
@@ -142,7 +165,9 @@ def _metric_rows(results: pd.DataFrame, metric: str) -> pd.DataFrame:
 
     name, factor = parse_metric_name(metric)
     length = results["length_factor"]
-    return results[(results["metric"] == name) & (length.isna() if factor is None else length == factor)]
+    return results[
+        (results["metric"] == name) & (length.isna() if factor is None else length == factor)
+    ]
 
 
 def best_steps(results: pd.DataFrame, metric: str) -> pd.Series:
@@ -152,7 +177,9 @@ def best_steps(results: pd.DataFrame, metric: str) -> pd.Series:
     rows = rows[np.isfinite(rows["value"].astype(float))].sort_values("step", kind="stable")
     if rows.empty:
         present = sorted(results["metric"].dropna().unique())
-        raise ValueError(f"--select best:{metric}: no trial reports {metric}; metrics present: {', '.join(present) or 'none'}")
+        raise ValueError(
+            f"--select best:{metric}: no trial reports {metric}; metrics present: {', '.join(present) or 'none'}"
+        )
     values = rows.groupby("trial_id")["value"]
     best = values.idxmin() if lower_is_better(metric) else values.idxmax()
     return rows.loc[best].set_index("trial_id")["step"]
@@ -164,7 +191,9 @@ def succeeded(rows: pd.DataFrame) -> pd.Series:
     return status.astype(object) != TrialStatus.ERROR.value
 
 
-def selected(rows: pd.DataFrame, select: str = LAST, results: pd.DataFrame | None = None) -> pd.DataFrame:
+def selected(
+    rows: pd.DataFrame, select: str = LAST, results: pd.DataFrame | None = None
+) -> pd.DataFrame:
     """`rows` at the evaluation `select` picks in each trial: its last, or with `best:METRIC` its
     best METRIC, looked up in `results` (default: `rows`).
 
@@ -183,14 +212,21 @@ def selected(rows: pd.DataFrame, select: str = LAST, results: pd.DataFrame | Non
 
 def _cell_stats(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
     return rows.groupby([*columns, ROW], dropna=False, sort=False).agg(
-        mean=("value", "mean"), max=("value", "max"), min=("value", "min"), seeds=("seed", "nunique"))
+        mean=("value", "mean"),
+        max=("value", "max"),
+        min=("value", "min"),
+        seeds=("seed", "nunique"),
+    )
 
 
 def column_header(layout: Layout, values: dict, names: dict[str, str]) -> tuple[str, str]:
     """(CSV key, shown header) of a column: the layout's part (`sort 2×`, `tvd ↓ num_examples=1000`),
     then any other keys it is split by (` · lr 1e-4`)."""
     if layout.by == LENGTH:
-        key, header = f"{values['task']}_{values[LENGTH]:g}x", f"{values['task']} {values[LENGTH]:g}×"
+        key, header = (
+            f"{values['task']}_{values[LENGTH]:g}x",
+            f"{values['task']} {values[LENGTH]:g}×",
+        )
     else:
         metric, value = values["metric"], show(values[layout.by])
         arrow = "↓" if lower_is_better(metric) else "↑"
@@ -201,19 +237,31 @@ def column_header(layout: Layout, values: dict, names: dict[str, str]) -> tuple[
     return key, header
 
 
-def _table_columns(stats: pd.DataFrame, layout: Layout, metrics: list[str], columns: list[str],
-                   extra: list[str]) -> list[Column]:
+def _table_columns(
+    stats: pd.DataFrame, layout: Layout, metrics: list[str], columns: list[str], extra: list[str]
+) -> list[Column]:
     """The cells grouped into columns: metrics in the order asked, then by value."""
+
     def order(group: tuple) -> tuple:
         named = dict(zip(columns, group[0]))
-        return (metrics.index(named.get("metric", metrics[0])), *(sort_key(named[c]) for c in columns if c != "metric"))
+        return (
+            metrics.index(named.get("metric", metrics[0])),
+            *(sort_key(named[c]) for c in columns if c != "metric"),
+        )
 
     names = display_names(extra)
     table_columns = []
     for values, cells in sorted(stats.groupby(level=columns, dropna=False, sort=False), key=order):
         named = dict(zip(columns, values))
         key, header = column_header(layout, named, names)
-        table_columns.append(Column(key, header, lower_is_better(named.get("metric", metrics[0])), cells.droplevel(columns)))
+        table_columns.append(
+            Column(
+                key,
+                header,
+                lower_is_better(named.get("metric", metrics[0])),
+                cells.droplevel(columns),
+            )
+        )
     return table_columns
 
 
@@ -243,7 +291,9 @@ def table_stats(
     present = sorted(frame.loc[frame[layout.by].notna(), "metric"].dropna().unique())
     if not set(metrics) & set(present):
         wanted = " or ".join(map(repr, metrics))
-        raise ValueError(f"no results for metric {wanted} by {layout.by}; metrics present: {', '.join(present) or 'none'}")
+        raise ValueError(
+            f"no results for metric {wanted} by {layout.by}; metrics present: {', '.join(present) or 'none'}"
+        )
     extra = [resolve_key(name, frame, keys, "--by", also=list(LAYOUTS)) for name in columns_by]
     columns = [*(["task", LENGTH] if layout.by == LENGTH else ["metric", layout.by]), *extra]
     rows = selected(frame[frame["metric"].isin(metrics) & frame[layout.by].notna()], select, frame)
@@ -251,7 +301,13 @@ def table_stats(
     rows = labelled(rows, splits)
     table_columns = _table_columns(_cell_stats(rows, columns), layout, metrics, columns, extra)
     order = ordered_rows(rows, splits, row_order)
-    return TableStats(list(order.index), table_columns, planned_seed_count(frame, keys, planned_seeds), order, select)
+    return TableStats(
+        list(order.index),
+        table_columns,
+        planned_seed_count(frame, keys, planned_seeds),
+        order,
+        select,
+    )
 
 
 def _column_cells(column: Column, planned_seeds: int | None, markup: _Markup) -> dict[str, str]:
@@ -286,20 +342,34 @@ def markdown_cells(table: TableStats) -> pd.DataFrame:
     return _render(table, _MARKDOWN)
 
 
-def to_markdown(table: pd.DataFrame, *, title: str | None = None, index_header: str = "Kernel") -> str:
+def to_markdown(
+    table: pd.DataFrame, *, title: str | None = None, index_header: str = "Kernel"
+) -> str:
     """A GitHub Markdown table with the index as the first column, headed `Kernel`."""
 
     def line(cells: list) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
     lines = [line([index_header, *table.columns]), "|" + "---|" * (len(table.columns) + 1)]
-    lines += [line([label, *values]) for label, values in zip(table.index, table.itertuples(index=False))]
+    lines += [
+        line([label, *values]) for label, values in zip(table.index, table.itertuples(index=False))
+    ]
     text = "\n".join(lines) + "\n"
     return f"**{title}**\n\n{text}" if title else text
 
 
-_LATEX_TEXT = str.maketrans({"_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
-                             "×": r"$\times$", "↑": r"$\uparrow$", "↓": r"$\downarrow$", "·": r"$\cdot$"})
+_LATEX_TEXT = str.maketrans(
+    {
+        "_": r"\_",
+        "%": r"\%",
+        "&": r"\&",
+        "#": r"\#",
+        "×": r"$\times$",
+        "↑": r"$\uparrow$",
+        "↓": r"$\downarrow$",
+        "·": r"$\cdot$",
+    }
+)
 
 
 def to_latex(table: TableStats) -> str:
@@ -309,9 +379,16 @@ def to_latex(table: TableStats) -> str:
     def line(values: list[str]) -> str:
         return " & ".join(values) + r" \\"
 
-    lines = [rf"\begin{{tabular}}{{l{'c' * len(cells.columns)}}}", r"\toprule",
-             line(["Kernel", *(str(h).translate(_LATEX_TEXT) for h in cells.columns)]), r"\midrule"]
-    lines += [line([label.translate(_LATEX_TEXT), *values]) for label, values in zip(cells.index, cells.itertuples(index=False))]
+    lines = [
+        rf"\begin{{tabular}}{{l{'c' * len(cells.columns)}}}",
+        r"\toprule",
+        line(["Kernel", *(str(h).translate(_LATEX_TEXT) for h in cells.columns)]),
+        r"\midrule",
+    ]
+    lines += [
+        line([label.translate(_LATEX_TEXT), *values])
+        for label, values in zip(cells.index, cells.itertuples(index=False))
+    ]
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
 
@@ -343,9 +420,14 @@ def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10)
     stats = stats.sort_values("mean", ascending=mode == "min").head(top)
     best = stats["min"] if mode == "min" else stats["max"]
     names = [_suggestion(*key.split("\0")) for key in stats.index]
-    return pd.DataFrame({f"{metric} mean": stats["mean"].map("{:.4g}".format).values,
-                         "best seed": best.map("{:.4g}".format).values, "seeds": stats["count"].values},
-                        index=pd.Index(names, name="suggestion"))
+    return pd.DataFrame(
+        {
+            f"{metric} mean": stats["mean"].map("{:.4g}".format).values,
+            "best seed": best.map("{:.4g}".format).values,
+            "seeds": stats["count"].values,
+        },
+        index=pd.Index(names, name="suggestion"),
+    )
 
 
 def _suggestion(kernel_label: str, searched: str) -> str:
@@ -353,5 +435,8 @@ def _suggestion(kernel_label: str, searched: str) -> str:
     (`entmax(α=1.5) model.n_layer=2 train.lr=0.002739`) instead of the kernel's label."""
     values = json.loads(searched) if searched else {}
     shown = [values.pop("variant", kernel_label)]
-    shown += [f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}" for key, value in values.items()]
+    shown += [
+        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+        for key, value in values.items()
+    ]
     return " ".join(shown)

@@ -22,12 +22,19 @@ from mosaic_core import attention
 from mosaic_core.attention import adasplash_available, attend
 from mosaic_core.kernels import resolve_kernel
 
-KERNELS: list[tuple[str, str, dict, str | None]] = [  # label, kernel, parameters, backend (None: --backend)
+KERNELS: list[
+    tuple[str, str, dict, str | None]
+] = [  # label, kernel, parameters, backend (None: --backend)
     ("softmax (SDPA)", "softmax", {}, None),
     ("sparsemax", "sparsemax", {}, None),
     ("1.5-entmax (biweight)", "entmax", {"alpha": 1.5}, None),
     ("4/3-entmax (triweight)", "entmax", {"alpha": 4 / 3}, None),
-    ("normrelu", "normrelu", {"gamma": 0.5, "b": -7.0}, None),  # the model's [1 − 2(β² − s)]_+ at β = 2
+    (
+        "normrelu",
+        "normrelu",
+        {"gamma": 0.5, "b": -7.0},
+        None,
+    ),  # the model's [1 − 2(β² − s)]_+ at β = 2
     ("relumax b=1", "relumax", {"b": 1.0}, None),
     ("top-32 softmax", "topk_softmax", {"k": 32}, None),
     ("top-32 uniform", "topk_uniform", {"k": 32}, None),
@@ -47,7 +54,10 @@ def path_taken(kernel: str, params: dict, q: torch.Tensor, backend: str) -> str:
 def measure(kernel: str, params: dict, length: int, backend: str, args: argparse.Namespace) -> dict:
     gen = torch.Generator(device="cuda").manual_seed(0)
     shape = (args.batch, args.heads, length, args.dim)
-    keys = torch.nn.functional.normalize(torch.randn(shape, device="cuda", generator=gen), dim=-1) * args.beta
+    keys = (
+        torch.nn.functional.normalize(torch.randn(shape, device="cuda", generator=gen), dim=-1)
+        * args.beta
+    )
     keys = keys.to(torch.bfloat16).requires_grad_()
     values = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
     grad = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
@@ -84,7 +94,10 @@ def report(rows: list[dict]) -> str:
     """Markdown: fwd+bwd ms with the ratio to SDPA at the same length, and peak MiB."""
     lengths = sorted({row["length"] for row in rows})
     sdpa = {row["length"]: row["ms"] for row in rows if row["kernel"] == "softmax (SDPA)"}
-    lines = ["| kernel | path | " + " | ".join(f"N={n}" for n in lengths) + " |", "|---|---|" + "---|" * len(lengths)]
+    lines = [
+        "| kernel | path | " + " | ".join(f"N={n}" for n in lengths) + " |",
+        "|---|---|" + "---|" * len(lengths),
+    ]
     for label in dict.fromkeys(row["kernel"] for row in rows):
         cells, paths = [], set()
         for length in lengths:
@@ -103,8 +116,12 @@ def report(rows: list[dict]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[64, 128, 512, 4096, 16384, 65536])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--lengths", type=int, nargs="+", default=[64, 128, 512, 4096, 16384, 65536]
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
@@ -112,11 +129,17 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="per (kernel, length)")
     parser.add_argument("--backend", default="fast", choices=["fast", "reference"])
-    parser.add_argument("--anchor-max-length", type=int, default=16384,
-                        help="longest N for the AdaSplash rows (its autotuning takes minutes per length)")
+    parser.add_argument(
+        "--anchor-max-length",
+        type=int,
+        default=16384,
+        help="longest N for the AdaSplash rows (its autotuning takes minutes per length)",
+    )
     parser.add_argument("--kernels", nargs="*", help="subset of kernel labels")
     parser.add_argument("--out", help="append one JSON row per measurement to this file")
-    parser.add_argument("--report", nargs="+", metavar="JSONL", help="print the Markdown table of earlier runs")
+    parser.add_argument(
+        "--report", nargs="+", metavar="JSONL", help="print the Markdown table of earlier runs"
+    )
     args = parser.parse_args()
     if args.report:
         rows = [json.loads(line) for path in args.report for line in open(path) if line.strip()]
@@ -125,9 +148,17 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA device")
 
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
-            "python": platform.python_version(), "adasplash": adasplash_available(),
-            "batch": args.batch, "heads": args.heads, "dim": args.dim, "beta": args.beta}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": str(date.today()),
+        "python": platform.python_version(),
+        "adasplash": adasplash_available(),
+        "batch": args.batch,
+        "heads": args.heads,
+        "dim": args.dim,
+        "beta": args.beta,
+    }
     print(json.dumps(meta), flush=True)
     rows = []
     for label, kernel, params, backend in KERNELS:
@@ -142,8 +173,14 @@ def main() -> None:
                 result = measure(kernel, params, length, backend or args.backend, args)
             except torch.OutOfMemoryError:
                 result = {"ms": None, "peak_mib": None, "path": "out of memory"}
-            except Exception as error:  # a failing kernel is a row of the report, not the end of the run
-                result = {"ms": None, "peak_mib": None, "path": f"error: {type(error).__name__}: {error}"[:200]}
+            except (
+                Exception
+            ) as error:  # a failing kernel is a row of the report, not the end of the run
+                result = {
+                    "ms": None,
+                    "peak_mib": None,
+                    "path": f"error: {type(error).__name__}: {error}"[:200],
+                }
             torch.cuda.empty_cache()
             rows.append({"kernel": label, "length": length, **result, **meta})
             print(json.dumps(rows[-1]), flush=True)

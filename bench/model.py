@@ -36,8 +36,16 @@ CONFIGS = {  # name: (n_layer, n_embd, n_head, context, vocab, batch)
     "synthetic L=4 N=80": (4, 512, 8, 80, 263, 256),  # MQMTAR's length, the paper's batch
     "synthetic L=4 N=131": (4, 512, 8, 131, 263, 256),
 }
-KERNELS = {"softmax": {}, "sparsemax": {}, "entmax": {"alpha": 1.5}, "triweight": {}, "normrelu": {},
-           "relumax": {"b": 1.0}, "topk_softmax": {"k": 32}, "topk_uniform": {"k": 32}}
+KERNELS = {
+    "softmax": {},
+    "sparsemax": {},
+    "entmax": {"alpha": 1.5},
+    "triweight": {},
+    "normrelu": {},
+    "relumax": {"b": 1.0},
+    "topk_softmax": {"k": 32},
+    "topk_uniform": {"k": 32},
+}
 
 
 class GPT2Block(nn.Module):
@@ -46,11 +54,15 @@ class GPT2Block(nn.Module):
         self.n_head = n_head
         self.ln1, self.ln2 = nn.LayerNorm(n_embd), nn.LayerNorm(n_embd)
         self.qkv, self.proj = nn.Linear(n_embd, 3 * n_embd), nn.Linear(n_embd, n_embd)
-        self.mlp = nn.Sequential(nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd))
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, n_embd = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(batch, length, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.ln1(x)).view(batch, length, 3, self.n_head, -1).permute(2, 0, 3, 1, 4)
+        )
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         x = x + self.proj(y.transpose(1, 2).reshape(batch, length, n_embd))
         return x + self.mlp(self.ln2(x))
@@ -73,12 +85,16 @@ class GPT2(nn.Module):
 
     def optimizer_groups(self, weight_decay: float) -> list[dict]:
         params = list(self.parameters())
-        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        return [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
 
 
 def flops_per_token(model: nn.Module, n_layer: int, n_embd: int, context: int) -> float:
-    embedding = sum(p.numel() for name, p in model.named_parameters() if name.startswith("position"))
+    embedding = sum(
+        p.numel() for name, p in model.named_parameters() if name.startswith("position")
+    )
     params = sum(p.numel() for p in model.parameters()) - embedding  # the tied head does count
     return 6 * params + 12 * n_layer * n_embd * context
 
@@ -91,13 +107,17 @@ def measure(name: str, model: nn.Module, shape: tuple, args: argparse.Namespace)
     optimizer = build_optimizer(model, train, device)
     forward = torch.compile(model) if args.compile else model
     gen = torch.Generator(device=device).manual_seed(0)
-    tokens = torch.randint(0, vocab, (args.steps + args.warmup, batch, context + 1), device=device, generator=gen)
+    tokens = torch.randint(
+        0, vocab, (args.steps + args.warmup, batch, context + 1), device=device, generator=gen
+    )
     times = []
     for step in range(args.warmup + args.steps):
         batch_tokens = tokens[step]
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         begin.record()
-        optimizer_step(model, forward, optimizer, [(batch_tokens[:, :-1], batch_tokens[:, 1:])], train, device)
+        optimizer_step(
+            model, forward, optimizer, [(batch_tokens[:, :-1], batch_tokens[:, 1:])], train, device
+        )
         end.record()
         end.synchronize()
         if step >= args.warmup:
@@ -105,8 +125,13 @@ def measure(name: str, model: nn.Module, shape: tuple, args: argparse.Namespace)
     seconds = statistics.median(times)
     tokens_per_s = batch * context / seconds
     flops = flops_per_token(model, n_layer, n_embd, context)
-    return {"config": name, "tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / H100_BF16_PEAK_FLOPS,
-            "step_ms": seconds * 1000, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    return {
+        "config": name,
+        "tokens_per_s": tokens_per_s,
+        "mfu": tokens_per_s * flops / H100_BF16_PEAK_FLOPS,
+        "step_ms": seconds * 1000,
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def build(model_name: str, shape: tuple) -> nn.Module:
@@ -114,7 +139,9 @@ def build(model_name: str, shape: tuple) -> nn.Module:
     if model_name == "GPT-2 (SDPA)":
         return GPT2(n_layer, n_embd, n_head, context, vocab)
     kernel = model_name.removeprefix("MM ")
-    config = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, kernel=kernel, kernel_params=KERNELS[kernel])
+    config = ModelConfig(
+        n_layer=n_layer, n_embd=n_embd, n_head=n_head, kernel=kernel, kernel_params=KERNELS[kernel]
+    )
     return MemoryMosaics(config, vocab)
 
 
@@ -127,7 +154,12 @@ def profile(config: str, model_name: str) -> None:
     train = TrainConfig(batch_size=batch, lr=1e-4, min_lr=1e-5)
     optimizer = build_optimizer(model, train, device)
     tokens = torch.randint(0, vocab, (batch, context + 1), device=device)
-    step = lambda: optimizer_step(model, model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], train, device)  # noqa: E731
+
+    def step():
+        return optimizer_step(
+            model, model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], train, device
+        )  # noqa: E731
+
     for _ in range(3):
         step()
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -136,7 +168,9 @@ def profile(config: str, model_name: str) -> None:
             step()
         torch.cuda.synchronize()
     print(f"{model_name}, {config}: CUDA time by operator over 3 steps")
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    print(
+        prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
+    )
 
 
 def report(rows: list[dict]) -> str:
@@ -146,36 +180,59 @@ def report(rows: list[dict]) -> str:
         cells = []
         for config in configs:
             row = next((r for r in rows if r["model"] == model and r["config"] == config), None)
-            base = next((r for r in rows if r["model"] == "GPT-2 (SDPA)" and r["config"] == config), None)
+            base = next(
+                (r for r in rows if r["model"] == "GPT-2 (SDPA)" and r["config"] == config), None
+            )
             if row is None or row.get("tokens_per_s") is None:
                 cells.append("—" if row is None else row.get("error", "—"))
                 continue
-            ratio = f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}×)" if base and base.get("tokens_per_s") else ""
+            ratio = (
+                f" ({row['tokens_per_s'] / base['tokens_per_s']:.2f}×)"
+                if base and base.get("tokens_per_s")
+                else ""
+            )
             cells.append(f"{row['tokens_per_s'] / 1e3:.0f}k{ratio}, MFU {100 * row['mfu']:.0f}%")
         lines.append(f"| {model} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--configs", nargs="*", default=list(CONFIGS))
     parser.add_argument("--kernels", nargs="*", default=list(KERNELS))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
-    parser.add_argument("--profile", nargs=2, metavar=("CONFIG", "MODEL"),
-                        help="print where the time of one model's training step goes, e.g. 'LM L=8' 'MM sparsemax'")
+    parser.add_argument(
+        "--profile",
+        nargs=2,
+        metavar=("CONFIG", "MODEL"),
+        help="print where the time of one model's training step goes, e.g. 'LM L=8' 'MM sparsemax'",
+    )
     parser.add_argument("--out", help="append one JSON row per measurement to this file")
-    parser.add_argument("--report", nargs="+", metavar="JSONL", help="print the Markdown table of earlier runs")
+    parser.add_argument(
+        "--report", nargs="+", metavar="JSONL", help="print the Markdown table of earlier runs"
+    )
     args = parser.parse_args()
     if args.report:
-        print(report([json.loads(line) for path in args.report for line in open(path) if line.strip()]))
+        print(
+            report(
+                [json.loads(line) for path in args.report for line in open(path) if line.strip()]
+            )
+        )
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench/model.py needs a CUDA device")
     torch.backends.cuda.matmul.allow_tf32 = True
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": str(date.today()),
-            "compile": args.compile, "steps": args.steps}
+    meta = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": str(date.today()),
+        "compile": args.compile,
+        "steps": args.steps,
+    }
     if args.profile:
         profile(*args.profile)
         return

@@ -52,11 +52,25 @@ def write_sweep(path: Path, kernels: list[str], trials: int, steps: int) -> None
         "name": "overhead",
         "description": "bench/sweep_overhead.py: a tiny sort model, one trial at a time",
         "base": {
-            "task": {"name": "sort", "num_symbols": 8, "train_min_length": 4, "train_max_length": 8,
-                     "eval_length": 8, "eval_factors": [1, 2], "eval_examples": 200},
+            "task": {
+                "name": "sort",
+                "num_symbols": 8,
+                "train_min_length": 4,
+                "train_max_length": 8,
+                "eval_length": 8,
+                "eval_factors": [1, 2],
+                "eval_examples": 200,
+            },
             "model": {"n_layer": 2, "n_embd": 64, "n_head": 4},
-            "train": {"max_steps": steps, "batch_size": 32, "lr": 3.0e-3, "min_lr": 3.0e-4,
-                      "warmup_steps": 10, "eval_interval": max(1, steps // 3), "device": "cpu"},
+            "train": {
+                "max_steps": steps,
+                "batch_size": 32,
+                "lr": 3.0e-3,
+                "min_lr": 3.0e-4,
+                "warmup_steps": 10,
+                "eval_interval": max(1, steps // 3),
+                "device": "cpu",
+            },
         },
         "kernels": kernels,
         "grid": {"seed": list(range(trials // len(kernels)))},
@@ -98,11 +112,21 @@ def run_sweep(sweep_file: Path, out: Path) -> tuple[int, float, list[tuple[float
     """`mosaic-sweep run` in a subprocess: exit status, wall seconds, timestamped (t, event, trial)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     env["COLUMNS"] = "250"  # rich wraps at 80 columns when not on a terminal
-    command = [sys.executable, "-m", "orchestrator.cli", "run", str(sweep_file), "--out", str(out / "sweep")]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "run",
+        str(sweep_file),
+        "--out",
+        str(out / "sweep"),
+    ]
     events = []
     started = time.perf_counter()
     with open(out / "sweep-stdout.txt", "w") as stdout:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=stdout, stderr=subprocess.PIPE, text=True
+        )
         for line in process.stderr:
             now = time.perf_counter() - started
             log(f"sweep {now:7.1f} s | {line.rstrip()}")
@@ -118,20 +142,28 @@ def versions() -> str:
     import ray
     import torch
 
-    return (f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}, "
-            f"MLflow {mlflow.__version__}")
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, Ray {ray.__version__}, "
+        f"MLflow {mlflow.__version__}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=150, help="train.max_steps (evaluation every steps/3)")
-    parser.add_argument("--out", type=Path, help="folder for the sweep file and sweep; default: a temporary one")
+    parser.add_argument(
+        "--steps", type=int, default=150, help="train.max_steps (evaluation every steps/3)"
+    )
+    parser.add_argument(
+        "--out", type=Path, help="folder for the sweep file and sweep; default: a temporary one"
+    )
     args = parser.parse_args()
     n = args.trials
-    kernels = KERNELS[:min(len(KERNELS), max(n, 1))]
+    kernels = KERNELS[: min(len(KERNELS), max(n, 1))]
     if n < 1 or n % len(kernels):
-        parser.error(f"--trials must be 1 or a multiple of {len(KERNELS)} (kernels {', '.join(KERNELS)} × seeds)")
+        parser.error(
+            f"--trials must be 1 or a multiple of {len(KERNELS)} (kernels {', '.join(KERNELS)} × seeds)"
+        )
     out = (args.out or Path(tempfile.mkdtemp(prefix="sweep-overhead-"))).resolve()
     if out.is_relative_to(ROOT):
         sys.exit(f"--out {out} is inside the repository; choose a folder outside it")
@@ -151,18 +183,29 @@ def main() -> int:
     ends = [t for t, event, _ in events if event in ("done", "failed")]
     failed = sum(event == "failed" for _, event, _ in events)
     if status != 0 or failed or len(ends) != n or len(starts) != n:
-        log(f"the sweep failed: exit status {status}, {len(ends)} of {n} trials ended, {failed} failed")
+        log(
+            f"the sweep failed: exit status {status}, {len(ends)} of {n} trials ended, {failed} failed"
+        )
         return 1
 
     startup, wind_down = starts[0], sweep_total - ends[-1]
     trial_phase = ends[-1] - starts[0]
-    inside = [end - start for start, end in zip(starts, ends)]  # one at a time: the k-th start and end pair
+    inside = [
+        end - start for start, end in zip(starts, ends)
+    ]  # one at a time: the k-th start and end pair
     gaps = [start - end for end, start in zip(ends, starts[1:])]
     sweep_training = sweep_training_seconds(out / "sweep")
     figures = {
-        "trials": n, "steps": args.steps, "cores": os.cpu_count(), "load_average_1min": load,
-        "loop_total_s": loop_total, "loop_trial_median_s": statistics.median(loop),
-        "sweep_total_s": sweep_total, "startup_s": startup, "wind_down_s": wind_down, "trial_phase_s": trial_phase,
+        "trials": n,
+        "steps": args.steps,
+        "cores": os.cpu_count(),
+        "load_average_1min": load,
+        "loop_total_s": loop_total,
+        "loop_trial_median_s": statistics.median(loop),
+        "sweep_total_s": sweep_total,
+        "startup_s": startup,
+        "wind_down_s": wind_down,
+        "trial_phase_s": trial_phase,
         "training_median_loop_s": statistics.median(loop_training),
         "training_median_sweep_s": statistics.median(sweep_training),
         "started_to_done_median_s": statistics.median(inside),
@@ -171,31 +214,46 @@ def main() -> int:
         "overhead_per_trial_excl_startup_s": (trial_phase - loop_total) / n,
     }
     # medians resist bursts of other work on the machine: a trial's time in the sweep, start to next start
-    figures["overhead_per_trial_median_s"] = (figures["started_to_done_median_s"] + figures["gap_median_s"]
-                                              - figures["loop_trial_median_s"])
+    figures["overhead_per_trial_median_s"] = (
+        figures["started_to_done_median_s"]
+        + figures["gap_median_s"]
+        - figures["loop_trial_median_s"]
+    )
     (out / "figures.json").write_text(json.dumps(figures, indent=1))
     f = figures
     rows = [
-        (f"plain loop, {n} × `train_trial` (median trial {f['loop_trial_median_s']:.2f})", f"{loop_total:.1f}"),
+        (
+            f"plain loop, {n} × `train_trial` (median trial {f['loop_trial_median_s']:.2f})",
+            f"{loop_total:.1f}",
+        ),
         ("`mosaic-sweep run`, launch to exit", f"{sweep_total:.1f}"),
         ("— start-up: launch → first trial started", f"{startup:.1f}"),
         ("— trials: first started → last done", f"{trial_phase:.1f}"),
         ("— wind-down: last done → exit", f"{wind_down:.1f}"),
-        ("per trial, training loop only (median `elapsed_s`): loop / sweep",
-         f"{f['training_median_loop_s']:.2f} / {f['training_median_sweep_s']:.2f}"),
+        (
+            "per trial, training loop only (median `elapsed_s`): loop / sweep",
+            f"{f['training_median_loop_s']:.2f} / {f['training_median_sweep_s']:.2f}",
+        ),
         ("per trial, started → done (median)", f"{f['started_to_done_median_s']:.2f}"),
         ("per trial, done → next started (median)", f"{f['gap_median_s']:.2f}"),
-        (f"**overhead per trial, all in: (sweep − loop) / {n}**", f"**{f['overhead_per_trial_s']:.2f}**"),
-        ("**overhead per trial, without start-up and wind-down**",
-         f"**{f['overhead_per_trial_excl_startup_s']:.2f}**"),
-        ("overhead per trial from medians: started → done + gap − loop trial",
-         f"{f['overhead_per_trial_median_s']:.2f}"),
+        (
+            f"**overhead per trial, all in: (sweep − loop) / {n}**",
+            f"**{f['overhead_per_trial_s']:.2f}**",
+        ),
+        (
+            "**overhead per trial, without start-up and wind-down**",
+            f"**{f['overhead_per_trial_excl_startup_s']:.2f}**",
+        ),
+        (
+            "overhead per trial from medians: started → done + gap − loop trial",
+            f"{f['overhead_per_trial_median_s']:.2f}",
+        ),
     ]
-    print(f"""## Sweep overhead ({time.strftime('%Y-%m-%d')})
+    print(f"""## Sweep overhead ({time.strftime("%Y-%m-%d")})
 
-- Machine: {f['cores']} cores, {platform.platform()}, {versions()}; 1-minute load average
-  {' / '.join(f'{x:.2f}' for x in load)} before the loop / before the sweep / after it.
-- Workload: {n} trials ({' and '.join(kernels)} × seeds), sort, 2 layers × 64, {args.steps} steps,
+- Machine: {f["cores"]} cores, {platform.platform()}, {versions()}; 1-minute load average
+  {" / ".join(f"{x:.2f}" for x in load)} before the loop / before the sweep / after it.
+- Workload: {n} trials ({" and ".join(kernels)} × seeds), sort, 2 layers × 64, {args.steps} steps,
   3 evaluations with checkpoints; one trial at a time in both runs.
 
 | | seconds |

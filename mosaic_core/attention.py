@@ -42,7 +42,9 @@ _ADASPLASH_V2_ITERS = 2  # Halley–bisection steps of its causal 1.5-entmax ker
 _CHUNK_BUDGET_BYTES = 512 * 2**20  # float32 scores held per query chunk
 
 
-def causal_mask(n_queries: int, n_keys: int, mask_mode: str | None, *, offset: int = 0, device: Any = None) -> Tensor | None:
+def causal_mask(
+    n_queries: int, n_keys: int, mask_mode: str | None, *, offset: int = 0, device: Any = None
+) -> Tensor | None:
     """Boolean (n_queries, n_keys) mask, True where query `offset + i` may see key j; None for no mask."""
     if mask_mode is None:
         return None
@@ -71,7 +73,9 @@ def attend(
     (`AttentionDropoutUnsupported`); every other path applies it.
     """
     if mask_mode not in MASK_MODES:
-        raise ValueError(f"unknown mask_mode {mask_mode!r}; allowed: {', '.join(map(str, MASK_MODES))}")
+        raise ValueError(
+            f"unknown mask_mode {mask_mode!r}; allowed: {', '.join(map(str, MASK_MODES))}"
+        )
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     if not 0.0 <= dropout_p < 1.0:
@@ -79,21 +83,43 @@ def attend(
     name, p = resolve_kernel(kernel, **params)
     path = _path(name, p, q, k, backend)
     if path == "reference":
-        return _dense(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, offset=0, dropout_p=dropout_p)
+        return _dense(
+            q,
+            k,
+            v,
+            name=name,
+            params=p,
+            mask_mode=mask_mode,
+            scale=scale,
+            offset=0,
+            dropout_p=dropout_p,
+        )
     if path == "sdpa":
         return _sdpa(q, k, v, mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
     if path == "fused":
         from mosaic_core.fused import fused_attention
 
-        return fused_attention(q, k, v, fused_call(name, **p), mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
+        return fused_attention(
+            q, k, v, fused_call(name, **p), mask_mode=mask_mode, scale=scale, dropout_p=dropout_p
+        )
     if path == "adasplash" and _adasplash_bounded(q, k, scale):
         _refuse_dropout(dropout_p, "AdaSplash")
         return _adasplash(q, k, v, alpha=p.get("alpha", 2.0), mask_mode=mask_mode, scale=scale)
-    return _chunked(q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, dropout_p=dropout_p)
+    return _chunked(
+        q, k, v, name=name, params=p, mask_mode=mask_mode, scale=scale, dropout_p=dropout_p
+    )
 
 
-def attention_path(kernel: str, params: dict[str, Any], device: Any, *, backend: str = "auto", head_dim: int = 64,
-                   dtype: torch.dtype = torch.float32, length: int = 128) -> str:
+def attention_path(
+    kernel: str,
+    params: dict[str, Any],
+    device: Any,
+    *,
+    backend: str = "auto",
+    head_dim: int = 64,
+    dtype: torch.dtype = torch.float32,
+    length: int = 128,
+) -> str:
     """The path `attend` takes for square (B, H, N, D) attention with this kernel on `device`:
     "reference", "sdpa", "fused", "adasplash" or "chunked" (for logs and --dry-run)."""
     name, p = resolve_kernel(kernel, **params)
@@ -101,7 +127,15 @@ def attention_path(kernel: str, params: dict[str, Any], device: Any, *, backend:
     return _path(name, p, q, q, backend, is_cuda=torch.device(device).type == "cuda")
 
 
-def _path(name: str, params: dict[str, Any], q: Tensor, k: Tensor, backend: str, *, is_cuda: bool | None = None) -> str:
+def _path(
+    name: str,
+    params: dict[str, Any],
+    q: Tensor,
+    k: Tensor,
+    backend: str,
+    *,
+    is_cuda: bool | None = None,
+) -> str:
     is_cuda = q.is_cuda if is_cuda is None else is_cuda
     if backend == "auto":
         backend = "fast" if is_cuda else "reference"
@@ -129,11 +163,22 @@ def _refuse_dropout(dropout_p: float, path: str) -> None:
     if dropout_p > 0:
         raise AttentionDropoutUnsupported(
             f"attention-weight dropout (model.attn_dropout={dropout_p:g}) is not implemented in {path}; "
-            "use model.attention_backend: fast, whose fused kernels apply it")
+            "use model.attention_backend: fast, whose fused kernels apply it"
+        )
 
 
-def _dense(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, Any], mask_mode: str | None,
-           scale: float, offset: int, dropout_p: float = 0.0) -> Tensor:
+def _dense(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    name: str,
+    params: dict[str, Any],
+    mask_mode: str | None,
+    scale: float,
+    offset: int,
+    dropout_p: float = 0.0,
+) -> Tensor:
     if q.dtype in (torch.float16, torch.bfloat16):
         # scores rounded to bf16 would move keys across a compact kernel's support boundary,
         # where its gradient jumps: form them in float32 from the half-precision inputs
@@ -144,8 +189,17 @@ def _dense(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, Any]
     return F.dropout(weights, dropout_p).to(v.dtype) @ v
 
 
-def _chunked(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, Any], mask_mode: str | None,
-             scale: float, dropout_p: float = 0.0) -> Tensor:
+def _chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    name: str,
+    params: dict[str, Any],
+    mask_mode: str | None,
+    scale: float,
+    dropout_p: float = 0.0,
+) -> Tensor:
     """Dense attention one block of queries at a time; backward recomputes each block's weights
     (with the RNG state of the forward, so a dropped weight stays dropped)."""
     n_queries, n_keys = q.shape[-2], k.shape[-2]
@@ -154,9 +208,18 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, *, name: str, params: dict[str, An
     outputs = []
     for start in range(0, n_queries, chunk):
         stop = min(n_queries, start + chunk)
-        seen = n_keys if mask_mode is None else min(n_keys, stop)  # later keys are masked for every row
-        block = functools.partial(_dense, name=name, params=params, mask_mode=mask_mode, scale=scale, offset=start,
-                                  dropout_p=dropout_p)
+        seen = (
+            n_keys if mask_mode is None else min(n_keys, stop)
+        )  # later keys are masked for every row
+        block = functools.partial(
+            _dense,
+            name=name,
+            params=params,
+            mask_mode=mask_mode,
+            scale=scale,
+            offset=start,
+            dropout_p=dropout_p,
+        )
         args = (q[..., start:stop, :], k[..., :seen, :], v[..., :seen, :])
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             outputs.append(checkpoint(block, *args, use_reentrant=False))
@@ -173,11 +236,17 @@ def _unshift_output(out: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(out[..., :1, :]), out[..., :-1, :]], dim=-2)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, *, mask_mode: str | None, scale: float, dropout_p: float = 0.0) -> Tensor:
+def _sdpa(
+    q: Tensor, k: Tensor, v: Tensor, *, mask_mode: str | None, scale: float, dropout_p: float = 0.0
+) -> Tensor:
     if mask_mode == "strict_causal":
-        out = F.scaled_dot_product_attention(_shift_queries(q), k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+        out = F.scaled_dot_product_attention(
+            _shift_queries(q), k, v, is_causal=True, scale=scale, dropout_p=dropout_p
+        )
         return _unshift_output(out)
-    return F.scaled_dot_product_attention(q, k, v, is_causal=mask_mode == "causal", scale=scale, dropout_p=dropout_p)
+    return F.scaled_dot_product_attention(
+        q, k, v, is_causal=mask_mode == "causal", scale=scale, dropout_p=dropout_p
+    )
 
 
 @functools.cache
@@ -203,8 +272,13 @@ def triton_available() -> bool:
 
 
 def _adasplash_applies(q: Tensor) -> bool:
-    return (q.dim() == 4 and adasplash_available() and q.shape[-1] in _ADASPLASH_HEAD_DIMS
-            and q.shape[-2] >= _ADASPLASH_MIN_LENGTH and q.dtype in (torch.float32, torch.bfloat16, torch.float16))
+    return (
+        q.dim() == 4
+        and adasplash_available()
+        and q.shape[-1] in _ADASPLASH_HEAD_DIMS
+        and q.shape[-2] >= _ADASPLASH_MIN_LENGTH
+        and q.dtype in (torch.float32, torch.bfloat16, torch.float16)
+    )
 
 
 def _adasplash_bounded(q: Tensor, k: Tensor, scale: float) -> bool:
@@ -214,12 +288,16 @@ def _adasplash_bounded(q: Tensor, k: Tensor, scale: float) -> bool:
 
 
 def _adasplash(q: Tensor, k: Tensor, v: Tensor, **kwargs: Any) -> Tensor:
-    if torch.compiler.is_compiling():  # run as is: Dynamo's tracing of its Triton kernels breaks them
+    if (
+        torch.compiler.is_compiling()
+    ):  # run as is: Dynamo's tracing of its Triton kernels breaks them
         return torch.compiler.disable(_adasplash_eager)(q, k, v, **kwargs)
     return _adasplash_eager(q, k, v, **kwargs)
 
 
-def _adasplash_eager(q: Tensor, k: Tensor, v: Tensor, *, alpha: float, mask_mode: str | None, scale: float) -> Tensor:
+def _adasplash_eager(
+    q: Tensor, k: Tensor, v: Tensor, *, alpha: float, mask_mode: str | None, scale: float
+) -> Tensor:
     """AdaSplash with our conventions: any scale, the strict mask, any N (always through `varlen`)."""
     from adasplash import adasplash_v1, adasplash_v2
 
@@ -233,6 +311,7 @@ def _adasplash_eager(q: Tensor, k: Tensor, v: Tensor, *, alpha: float, mask_mode
     if alpha == 1.5 and causal:
         out = adasplash_v2(q, k, v, niter=_ADASPLASH_V2_ITERS, varlen=varlen)
     else:
-        out = adasplash_v1(q, k, v, alpha=alpha, is_causal=causal, varlen=varlen, niter=_ADASPLASH_V1_ITERS)
+        out = adasplash_v1(
+            q, k, v, alpha=alpha, is_causal=causal, varlen=varlen, niter=_ADASPLASH_V1_ITERS
+        )
     return _unshift_output(out) if mask_mode == "strict_causal" else out
-

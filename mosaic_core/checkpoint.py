@@ -25,8 +25,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from; the message says why in one line."""
 
 
-def save_checkpoint(directory: str | Path, *, config: TrialConfig, step: int, model: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, metrics: dict[str, float]) -> Path:
+def save_checkpoint(
+    directory: str | Path,
+    *,
+    config: TrialConfig,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    metrics: dict[str, float],
+) -> Path:
     """Write `directory/checkpoint.pt` atomically (a crash never leaves half a file)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -55,10 +62,14 @@ def load_checkpoint(directory: str | Path, config: TrialConfig) -> dict[str, Any
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        reason = (str(error).splitlines() or [type(error).__name__])[0]  # a 0-byte file's error has no message
+        reason = (str(error).splitlines() or [type(error).__name__])[
+            0
+        ]  # a 0-byte file's error has no message
         raise CheckpointError(f"checkpoint {path} is unreadable: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {path} is not a mosaic-sweep checkpoint (format {FORMAT_VERSION})")
+        raise CheckpointError(
+            f"checkpoint {path} is not a mosaic-sweep checkpoint (format {FORMAT_VERSION})"
+        )
     saved = flatten({key: state["config"].get(key) for key in _MUST_MATCH})
     current = flatten({key: config.model_dump(mode="json")[key] for key in _MUST_MATCH})
     for key in sorted(set(saved) | set(current)):

@@ -10,7 +10,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mosaic_core.kernels import resolve_kernel
 from mosaic_core.metrics import SELECTED_PREFIX, length_metric_name
 
-
 MAX_SEED = 2**63 - 1  # seeds are stored as int64 (results schema); NumPy takes none below 0
 
 
@@ -22,21 +21,33 @@ class LengthTaskConfig(_Strict):
     """A length-generalisation task (SPEC §4): trained on short sequences, evaluated on longer ones."""
 
     name: Literal["sort", "reverse", "copy", "mqmtar"] = "sort"
-    num_symbols: int = Field(32, ge=2, description="symbols (MQMTAR: letters); default 32, and 256 for mqmtar")
-    kv_vocab_size: int | None = Field(None, ge=1, description="MQMTAR: key words and value words each split draws "
-                                      "(Vasylenko et al.'s vocab_size); default 10 000, or all words of fewer letters")
+    num_symbols: int = Field(
+        32, ge=2, description="symbols (MQMTAR: letters); default 32, and 256 for mqmtar"
+    )
+    kv_vocab_size: int | None = Field(
+        None,
+        ge=1,
+        description="MQMTAR: key words and value words each split draws "
+        "(Vasylenko et al.'s vocab_size); default 10 000, or all words of fewer letters",
+    )
     train_min_length: int = Field(32, ge=1)
     train_max_length: int = Field(64, ge=1)
     eval_length: int = Field(64, ge=1, description="the 1× length that eval_factors multiply")
     eval_factors: list[float] = Field(default_factory=lambda: [1.0])
     eval_examples: int = Field(1000, ge=1)
     eval_batch_size: int = Field(100, ge=1)
-    eval_max_tokens: int = Field(2**16, ge=1, description="tokens per evaluation batch: long lengths go in chunks")
+    eval_max_tokens: int = Field(
+        2**16, ge=1, description="tokens per evaluation batch: long lengths go in chunks"
+    )
 
     @model_validator(mode="before")
     @classmethod
     def _default_symbols(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("num_symbols") is None and data.get("name") == "mqmtar":
+        if (
+            isinstance(data, dict)
+            and data.get("num_symbols") is None
+            and data.get("name") == "mqmtar"
+        ):
             return {**data, "num_symbols": 256}
         return data
 
@@ -47,9 +58,17 @@ class LengthTaskConfig(_Strict):
                 f"train_min_length ({self.train_min_length}) exceeds train_max_length ({self.train_max_length})"
             )
         if not self.eval_factors or any(f <= 0 for f in self.eval_factors):
-            raise ValueError(f"eval_factors must be a non-empty list of positive numbers; got {self.eval_factors}")
-        if self.name == "mqmtar" and self.kv_vocab_size is not None and self.kv_vocab_size > self.num_symbols**2:
-            raise ValueError(f"kv_vocab_size ({self.kv_vocab_size}) exceeds the {self.num_symbols}² two-letter words")
+            raise ValueError(
+                f"eval_factors must be a non-empty list of positive numbers; got {self.eval_factors}"
+            )
+        if (
+            self.name == "mqmtar"
+            and self.kv_vocab_size is not None
+            and self.kv_vocab_size > self.num_symbols**2
+        ):
+            raise ValueError(
+                f"kv_vocab_size ({self.kv_vocab_size}) exceeds the {self.num_symbols}² two-letter words"
+            )
         return self
 
     @property
@@ -59,7 +78,9 @@ class LengthTaskConfig(_Strict):
 
     def metric_names(self) -> list[str]:
         """The scalar metrics every evaluation reports (schedulers and searches pick one)."""
-        kinds = ["exact_match", "exact_match_with_eos", "support_size"] + (["query_accuracy"] if self.name == "mqmtar" else [])
+        kinds = ["exact_match", "exact_match_with_eos", "support_size"] + (
+            ["query_accuracy"] if self.name == "mqmtar" else []
+        )
         return [length_metric_name(kind, factor) for kind in kinds for factor in self.eval_factors]
 
     def selection(self) -> None:
@@ -78,12 +99,21 @@ class RegBenchConfig(_Strict):
     num_examples: int = Field(1000, ge=1, description="training DFAs (the paper: 1k … 40k)")
     num_val: int = Field(500, ge=1)
     num_test: int = Field(500, ge=1)
-    data_seed: int = Field(0, ge=0, le=MAX_SEED, description="fixes the DFAs of every split, the same for all trial seeds")
+    data_seed: int = Field(
+        0,
+        ge=0,
+        le=MAX_SEED,
+        description="fixes the DFAs of every split, the same for all trial seeds",
+    )
     eval_batch_size: int = Field(32, ge=1)
 
     def metric_names(self) -> list[str]:
         evaluated = ["accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss"]
-        return [*evaluated, *(f"{SELECTED_PREFIX}{name}" for name in evaluated), length_metric_name("support_size", 1)]
+        return [
+            *evaluated,
+            *(f"{SELECTED_PREFIX}{name}" for name in evaluated),
+            length_metric_name("support_size", 1),
+        ]
 
     def selection(self) -> tuple[str, str]:
         """Model selection as Table 5's caption: report the evaluation with the lowest val_loss."""
@@ -100,13 +130,22 @@ class LanguageModelConfig(_Strict):
     name: Literal["lm"]
     data_dir: str = Field(description="folder with train.bin and val.bin (uint16 GPT-2 tokens)")
     context: int = Field(512, ge=2, description="tokens per training window")
-    eval_batches: int = Field(20, ge=1, description="validation windows = eval_batches × eval_batch_size")
+    eval_batches: int = Field(
+        20, ge=1, description="validation windows = eval_batches × eval_batch_size"
+    )
     eval_batch_size: int = Field(16, ge=1)
-    ood_data_dir: str | None = Field(None, description="another corpus for the per-position OOD loss, "
-                                     "prepared with --val-fraction 1 (its val.bin is read)")
+    ood_data_dir: str | None = Field(
+        None,
+        description="another corpus for the per-position OOD loss, "
+        "prepared with --val-fraction 1 (its val.bin is read)",
+    )
 
     def metric_names(self) -> list[str]:
-        return ["val_loss", *(["ood_loss"] if self.ood_data_dir else []), length_metric_name("support_size", 1)]
+        return [
+            "val_loss",
+            *(["ood_loss"] if self.ood_data_dir else []),
+            length_metric_name("support_size", 1),
+        ]
 
     def selection(self) -> None:
         """No model selection: Figure 2 plots the whole validation curve."""
@@ -129,23 +168,43 @@ class ModelConfig(_Strict):
     n_layer: int = Field(2, ge=1)
     n_embd: int = Field(128, ge=1)
     n_head: int = Field(4, ge=1)
-    pmem_size: int | None = Field(None, ge=1, description="persistent memory slots; default 3.5·n_embd")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on each memory's output, before the residual sum")
-    attn_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the attention weights of the persistent "
-                                "and (see contextual_attn_dropout) the contextual memory; the reference runs: 0.05")
-    contextual_attn_dropout: bool = Field(True, description="attn_dropout also drops the contextual memory's kernel "
-                                          "weights (MemoryMosaics' model, the paper's RegBench code); the paper's "
-                                          "LM and length code (memory_mosaics_eft.py) never applies it: false")
+    pmem_size: int | None = Field(
+        None, ge=1, description="persistent memory slots; default 3.5·n_embd"
+    )
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="on each memory's output, before the residual sum"
+    )
+    attn_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="on the attention weights of the persistent "
+        "and (see contextual_attn_dropout) the contextual memory; the reference runs: 0.05",
+    )
+    contextual_attn_dropout: bool = Field(
+        True,
+        description="attn_dropout also drops the contextual memory's kernel "
+        "weights (MemoryMosaics' model, the paper's RegBench code); the paper's "
+        "LM and length code (memory_mosaics_eft.py) never applies it: false",
+    )
     normrelu_bandwidth: Literal["fixed", "head"] = Field(
-        "fixed", description="normrelu weights: 'fixed' = [cos/γ + b]_+ with kernel_params γ, b on unit keys (the "
-        "paper's code; γ = 1, b = 0); 'head' = eq. (11) of the text, Epanechnikov of each head's h = 1/β")
+        "fixed",
+        description="normrelu weights: 'fixed' = [cos/γ + b]_+ with kernel_params γ, b on unit keys (the "
+        "paper's code; γ = 1, b = 0); 'head' = eq. (11) of the text, Epanechnikov of each head's h = 1/β",
+    )
     attention_backend: Literal["auto", "reference", "fast", "adasplash"] = Field(
-        "auto", description="the contextual memory's attention: our fused kernels on CUDA (auto, fast), the "
-        "dense reference, or AdaSplash's kernels for sparsemax and α-entmax (the paper's; no attention dropout)")
+        "auto",
+        description="the contextual memory's attention: our fused kernels on CUDA (auto, fast), the "
+        "dense reference, or AdaSplash's kernels for sparsemax and α-entmax (the paper's; no attention dropout)",
+    )
     embd_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the token embeddings")
-    prenorm: bool = Field(True, description="pre-LN blocks (x + f(ln(x))); False for post-LN (ln(x + f(x)))")
+    prenorm: bool = Field(
+        True, description="pre-LN blocks (x + f(ln(x))); False for post-LN (ln(x + f(x)))"
+    )
     tie_weights: bool = Field(True, description="the output head is the token embedding")
-    vocab_size: int | None = Field(None, ge=1, description="default: the task's; larger pads (e.g. 50304)")
+    vocab_size: int | None = Field(
+        None, ge=1, description="default: the task's; larger pads (e.g. 50304)"
+    )
     kernel: str = "softmax"
     kernel_params: dict[str, float] = Field(default_factory=dict)
 
@@ -154,12 +213,20 @@ class ModelConfig(_Strict):
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         kernel, _ = resolve_kernel(self.kernel, **self.kernel_params)
-        if self.attention_backend == "adasplash" and self.attn_dropout > 0 and self.contextual_attn_dropout:
-            raise ValueError(f"attention_backend 'adasplash' cannot drop attention weights (attn_dropout "
-                             f"{self.attn_dropout:g}); use 'fast' or 'reference', or contextual_attn_dropout: false")
+        if (
+            self.attention_backend == "adasplash"
+            and self.attn_dropout > 0
+            and self.contextual_attn_dropout
+        ):
+            raise ValueError(
+                f"attention_backend 'adasplash' cannot drop attention weights (attn_dropout "
+                f"{self.attn_dropout:g}); use 'fast' or 'reference', or contextual_attn_dropout: false"
+            )
         if self.normrelu_bandwidth == "head" and (kernel != "normrelu" or self.kernel_params):
-            raise ValueError("normrelu_bandwidth 'head' sets normrelu's gamma and b from each head's β: it needs "
-                             f"kernel normrelu without kernel_params; got kernel {self.kernel!r} {self.kernel_params}")
+            raise ValueError(
+                "normrelu_bandwidth 'head' sets normrelu's gamma and b from each head's β: it needs "
+                f"kernel normrelu without kernel_params; got kernel {self.kernel!r} {self.kernel_params}"
+            )
         return self
 
     @property
@@ -171,20 +238,32 @@ class TrainConfig(_Strict):
     """AdamW with linear warmup and cosine decay (SPEC §5)."""
 
     max_steps: int = Field(1000, ge=1)
-    max_epochs: int | None = Field(None, ge=1, description="tasks with a fixed training set (regbench): train "
-                                   "this many epochs over it; sets max_steps")
+    max_epochs: int | None = Field(
+        None,
+        ge=1,
+        description="tasks with a fixed training set (regbench): train "
+        "this many epochs over it; sets max_steps",
+    )
     batch_size: int = Field(32, ge=1)
     grad_accum_steps: int = Field(1, ge=1)
     lr: float = Field(1e-3, gt=0)
     min_lr: float = Field(1e-4, ge=0)
     warmup_steps: int = Field(100, ge=0)
-    lr_decay_steps: int | None = Field(None, ge=1, description="step where the cosine reaches min_lr, which then "
-                                       "holds (the reference's lr_decay_iters); default max_steps")
+    lr_decay_steps: int | None = Field(
+        None,
+        ge=1,
+        description="step where the cosine reaches min_lr, which then "
+        "holds (the reference's lr_decay_iters); default max_steps",
+    )
     weight_decay: float = Field(0.1, ge=0)
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     eval_interval: int = Field(500, ge=1)
-    log_interval: int = Field(100, ge=0, description="report train_loss, lr and tokens/s every this many steps "
-                              "between evaluations (no checkpoint); 0: only at evaluations")
+    log_interval: int = Field(
+        100,
+        ge=0,
+        description="report train_loss, lr and tokens/s every this many steps "
+        "between evaluations (no checkpoint); 0: only at evaluations",
+    )
     device: Literal["auto", "cpu", "cuda"] = "auto"
     compile: bool = Field(False, description="torch.compile the model for training")
 
@@ -209,22 +288,34 @@ class TrialConfig(_Strict):
     @classmethod
     def _steps_from_epochs(cls, data: Any) -> Any:
         """train.max_epochs over a fixed training set sets train.max_steps (a disagreeing one is an error)."""
-        train, task = (data.get("train"), data.get("task")) if isinstance(data, dict) else (None, None)
-        if not (isinstance(train, dict) and train.get("max_epochs") and isinstance(task, dict)
-                and task.get("name") == "regbench"):
+        train, task = (
+            (data.get("train"), data.get("task")) if isinstance(data, dict) else (None, None)
+        )
+        if not (
+            isinstance(train, dict)
+            and train.get("max_epochs")
+            and isinstance(task, dict)
+            and task.get("name") == "regbench"
+        ):
             return data
-        batches = -(-task.get("num_examples", 1000) // train.get("batch_size", 32))  # per epoch, the last smaller
+        batches = -(
+            -task.get("num_examples", 1000) // train.get("batch_size", 32)
+        )  # per epoch, the last smaller
         steps = -(-train["max_epochs"] * batches // train.get("grad_accum_steps", 1))
         if train.get("max_steps", steps) != steps:
-            raise ValueError(f"train.max_steps ({train['max_steps']}) disagrees with train.max_epochs "
-                             f"({train['max_epochs']} epochs = {steps} steps); set one of them")
+            raise ValueError(
+                f"train.max_steps ({train['max_steps']}) disagrees with train.max_epochs "
+                f"({train['max_epochs']} epochs = {steps} steps); set one of them"
+            )
         return {**data, "train": {**train, "max_steps": steps}}
 
     @model_validator(mode="after")
     def _epochs_need_a_fixed_training_set(self) -> TrialConfig:
         if self.train.max_epochs is not None and not isinstance(self.task, RegBenchConfig):
-            raise ValueError(f"train.max_epochs needs a task with a fixed training set (regbench); "
-                             f"task {self.task.name!r} generates fresh data: set train.max_steps")
+            raise ValueError(
+                f"train.max_epochs needs a task with a fixed training set (regbench); "
+                f"task {self.task.name!r} generates fresh data: set train.max_steps"
+            )
         return self
 
     def metric_names(self) -> list[str]:
@@ -252,7 +343,10 @@ def describe_validation_error(
     # a misspelt key shows up twice: as unknown, and as its correct spelling missing; name the typo
     first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     keys, inner = _walk(model, [str(part) for part in first["loc"]])
-    if first["type"] in ("union_tag_invalid", "union_tag_not_found"):  # the key at fault is the tag itself
+    if first["type"] in (
+        "union_tag_invalid",
+        "union_tag_not_found",
+    ):  # the key at fault is the tag itself
         keys.append(first["ctx"]["discriminator"].strip("'"))
     key = prefix + ".".join(keys) if keys else "(top level)"
     if first["type"] == "extra_forbidden":
@@ -275,8 +369,11 @@ def _walk(model: type[BaseModel], loc: list[str]) -> tuple[list[str], type[BaseM
         field = current.model_fields.get(name) if position < len(loc) else None
         if field is None:
             continue
-        members = [m for m in get_args(field.annotation) or (field.annotation,)
-                   if isinstance(m, type) and issubclass(m, BaseModel)]
+        members = [
+            m
+            for m in get_args(field.annotation) or (field.annotation,)
+            if isinstance(m, type) and issubclass(m, BaseModel)
+        ]
         if len(members) == 1:
             current = members[0]
         elif members:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+
 @dataclass(frozen=True)
 class FusedCall:
     """How a kernel runs in the fused Triton kernels (`mosaic_core.fused`): which family, with what.
@@ -121,7 +122,9 @@ def attention_weights(
     else:
         weights = reference(work.masked_fill(infinite, 0.0), allowed, **p)
         has_inf = infinite.any(-1, keepdim=True)
-        weights = torch.where(has_inf, infinite / infinite.sum(-1, keepdim=True).clamp(min=1), weights)
+        weights = torch.where(
+            has_inf, infinite / infinite.sum(-1, keepdim=True).clamp(min=1), weights
+        )
     return weights.to(scores.dtype).movedim(-1, dim)
 
 
@@ -172,7 +175,11 @@ def kernel_diagnostics(
     name, p = resolve_kernel(kernel, **params)
     weights = attention_weights(scores, name, mask=mask, dim=dim, **p)
     support = support_size(weights, dim)
-    s = scores.movedim(dim, -1).float() if scores.dtype in (torch.float16, torch.bfloat16) else scores.movedim(dim, -1)
+    s = (
+        scores.movedim(dim, -1).float()
+        if scores.dtype in (torch.float16, torch.bfloat16)
+        else scores.movedim(dim, -1)
+    )
     allowed = _allowed(s, None if mask is None else mask.movedim(dim, -1))
     empty = ~allowed.any(-1)
     temperature = torch.as_tensor(temperature, dtype=s.dtype, device=s.device).squeeze(-1)
@@ -216,7 +223,9 @@ def _shifted_entmax_input(
     any_allowed = allowed.any(-1, keepdim=True)
     shift = x.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)
     shift = shift.masked_fill(~any_allowed, 0.0).detach()
-    x = (x - shift).masked_fill(~allowed, -2.0).masked_fill(~any_allowed, 0.0)  # empty rows: benign, zeroed later
+    x = (
+        (x - shift).masked_fill(~allowed, -2.0).masked_fill(~any_allowed, 0.0)
+    )  # empty rows: benign, zeroed later
     return x, shift, any_allowed
 
 
@@ -284,7 +293,11 @@ class _Entmax(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_p: Tensor) -> tuple[Tensor, None]:
         (p,) = ctx.saved_tensors
-        g = (p > 0).to(p.dtype) if ctx.alpha == 2.0 else torch.where(p > 0, p.pow(2 - ctx.alpha), 0.0)
+        g = (
+            (p > 0).to(p.dtype)
+            if ctx.alpha == 2.0
+            else torch.where(p > 0, p.pow(2 - ctx.alpha), 0.0)
+        )
         gy = g * grad_p
         grad_s = gy - g * gy.sum(-1, keepdim=True) / g.sum(-1, keepdim=True)
         return grad_s / (ctx.alpha - 1), None
@@ -346,17 +359,25 @@ def _entmax_bandwidth(s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[s
     return 2 - 2 * temperature * entmax_threshold(s, alpha, mask=allowed) / (alpha - 1)
 
 
-def _relumax_bandwidth(s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[str, Any]) -> Tensor:
+def _relumax_bandwidth(
+    s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[str, Any]
+) -> Tensor:
     return 2 * (1 - temperature * (s.masked_fill(~allowed, -math.inf).amax(-1) - p["b"]))
 
 
-def _normrelu_bandwidth(s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[str, Any]) -> Tensor:
+def _normrelu_bandwidth(
+    s: Tensor, allowed: Tensor, temperature: Tensor, p: dict[str, Any]
+) -> Tensor:
     b = torch.as_tensor(p["b"], dtype=s.dtype, device=s.device).squeeze(-1)
     return 2 + 2 * temperature * p["gamma"] * b
 
 
 def _entmax_label(p: dict[str, Any]) -> str:
-    for label, alpha in (("Biweight", 1.5), ("Triweight", 4 / 3), ("Epanechnikov (sparsemax)", 2.0)):
+    for label, alpha in (
+        ("Biweight", 1.5),
+        ("Triweight", 4 / 3),
+        ("Epanechnikov (sparsemax)", 2.0),
+    ):
         if math.isclose(p["alpha"], alpha):
             return label
     return f"{p['alpha']:g}-entmax"
@@ -372,29 +393,78 @@ def _count(x: Any) -> bool:
 
 _K_CHECK = (("k", _count, "an integer >= 1"),)
 
-KERNELS: dict[str, Kernel] = {spec.name: spec for spec in (
-    Kernel("softmax", _softmax, lambda p: "Gaussian", aliases={"gaussian": {}},
-           bandwidth_squared=lambda s, allowed, temperature, p: temperature),
-    Kernel("sparsemax", _sparsemax, lambda p: "Epanechnikov (sparsemax)", aliases={"epanechnikov": {}},
-           bandwidth_squared=_entmax_bandwidth, fused=lambda p: FusedCall("entmax", alpha=2.0)),
-    Kernel("entmax", _entmax, _entmax_label, defaults={"alpha": 1.5},
-           aliases={"biweight": {"alpha": 1.5}, "triweight": {"alpha": 4 / 3}},
-           checks=(("alpha", lambda a: a > 1, "> 1 (α → 1 is softmax)"),), bandwidth_squared=_entmax_bandwidth,
-           fused=lambda p: FusedCall("entmax", alpha=p["alpha"]) if p["alpha"] <= 2 else None),
-    Kernel("normrelu", _normrelu, lambda p: "Epanechnikov (normReLU)", defaults={"gamma": 1.0, "b": 0.0},
-           checks=(("gamma", _positive, "> 0"),), bandwidth_squared=_normrelu_bandwidth,
-           fused=lambda p: FusedCall("relu", a=1 / p["gamma"], b=p["b"], fallback=True)),
-    Kernel("relumax", _relumax, lambda p: "Epanechnikov (ReLUmax)" + ("" if p["b"] == 1.0 else f", b = {p['b']:g}"),
-           defaults={"b": 1.0}, checks=(("b", _positive, "> 0"),), bandwidth_squared=_relumax_bandwidth,
-           fused=lambda p: FusedCall("relu", b=p["b"], anchored=True)),
-    Kernel("topk_softmax", _topk_softmax, lambda p: f"Gaussian kNN, k = {p['k']}", defaults={"k": 32},
-           aliases={"gaussian_knn": {}}, checks=_K_CHECK, fused=lambda p: FusedCall("topk_softmax", top_k=p["k"])),
-    Kernel("topk_uniform", _topk_uniform, lambda p: f"Uniform kNN, k = {p['k']}", defaults={"k": 32},
-           aliases={"uniform_knn": {}}, checks=_K_CHECK, fused=lambda p: FusedCall("topk_uniform", top_k=p["k"])),
-)}
+KERNELS: dict[str, Kernel] = {
+    spec.name: spec
+    for spec in (
+        Kernel(
+            "softmax",
+            _softmax,
+            lambda p: "Gaussian",
+            aliases={"gaussian": {}},
+            bandwidth_squared=lambda s, allowed, temperature, p: temperature,
+        ),
+        Kernel(
+            "sparsemax",
+            _sparsemax,
+            lambda p: "Epanechnikov (sparsemax)",
+            aliases={"epanechnikov": {}},
+            bandwidth_squared=_entmax_bandwidth,
+            fused=lambda p: FusedCall("entmax", alpha=2.0),
+        ),
+        Kernel(
+            "entmax",
+            _entmax,
+            _entmax_label,
+            defaults={"alpha": 1.5},
+            aliases={"biweight": {"alpha": 1.5}, "triweight": {"alpha": 4 / 3}},
+            checks=(("alpha", lambda a: a > 1, "> 1 (α → 1 is softmax)"),),
+            bandwidth_squared=_entmax_bandwidth,
+            fused=lambda p: FusedCall("entmax", alpha=p["alpha"]) if p["alpha"] <= 2 else None,
+        ),
+        Kernel(
+            "normrelu",
+            _normrelu,
+            lambda p: "Epanechnikov (normReLU)",
+            defaults={"gamma": 1.0, "b": 0.0},
+            checks=(("gamma", _positive, "> 0"),),
+            bandwidth_squared=_normrelu_bandwidth,
+            fused=lambda p: FusedCall("relu", a=1 / p["gamma"], b=p["b"], fallback=True),
+        ),
+        Kernel(
+            "relumax",
+            _relumax,
+            lambda p: "Epanechnikov (ReLUmax)" + ("" if p["b"] == 1.0 else f", b = {p['b']:g}"),
+            defaults={"b": 1.0},
+            checks=(("b", _positive, "> 0"),),
+            bandwidth_squared=_relumax_bandwidth,
+            fused=lambda p: FusedCall("relu", b=p["b"], anchored=True),
+        ),
+        Kernel(
+            "topk_softmax",
+            _topk_softmax,
+            lambda p: f"Gaussian kNN, k = {p['k']}",
+            defaults={"k": 32},
+            aliases={"gaussian_knn": {}},
+            checks=_K_CHECK,
+            fused=lambda p: FusedCall("topk_softmax", top_k=p["k"]),
+        ),
+        Kernel(
+            "topk_uniform",
+            _topk_uniform,
+            lambda p: f"Uniform kNN, k = {p['k']}",
+            defaults={"k": 32},
+            aliases={"uniform_knn": {}},
+            checks=_K_CHECK,
+            fused=lambda p: FusedCall("topk_uniform", top_k=p["k"]),
+        ),
+    )
+}
 """Every kernel, each one entry: adding a kernel is adding a `Kernel` here."""
 
-KERNEL_DEFAULTS: dict[str, dict[str, float]] = {name: spec.defaults for name, spec in KERNELS.items()}
+KERNEL_DEFAULTS: dict[str, dict[str, float]] = {
+    name: spec.defaults for name, spec in KERNELS.items()
+}
 KERNEL_ALIASES: dict[str, tuple[str, dict[str, float]]] = {
-    alias: (name, fixed) for name, spec in KERNELS.items() for alias, fixed in spec.aliases.items()}
+    alias: (name, fixed) for name, spec in KERNELS.items() for alias, fixed in spec.aliases.items()
+}
 KERNEL_NAMES: list[str] = [*KERNELS, *KERNEL_ALIASES]

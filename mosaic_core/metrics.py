@@ -10,8 +10,12 @@ import re
 
 from torch import Tensor
 
-IGNORE_INDEX = -100  # labels that carry no loss (source tokens, padding): torch's cross-entropy default
-SELECTED_PREFIX = "best_"  # `best_accuracy`: the value at the evaluation model selection picked so far
+IGNORE_INDEX = (
+    -100
+)  # labels that carry no loss (source tokens, padding): torch's cross-entropy default
+SELECTED_PREFIX = (
+    "best_"  # `best_accuracy`: the value at the evaluation model selection picked so far
+)
 
 _LENGTH_METRIC = re.compile(r"^(?P<metric>.+)_(?P<factor>\d+(?:\.\d+)?)x$")
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mosaic_core.config import ModelConfig
 from mosaic_core.attention import attend, causal_mask
+from mosaic_core.config import ModelConfig
 from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
@@ -88,12 +88,23 @@ class ContextualMemory(nn.Module):
         v = self.value(x).view(batch, length, self.n_head, -1).transpose(1, 2)
         v_next = F.pad(v[:, :, 1:], (0, 0, 0, 1))  # W_v x_{t+1}; zero past the last position
         c = self.lookahead_mix[:, None, None]
-        v = F.normalize((1 - c) * v_next + c * v, dim=-1) * _sharpness(self.value_beta)[:, None, None]
+        v = (
+            F.normalize((1 - c) * v_next + c * v, dim=-1)
+            * _sharpness(self.value_beta)[:, None, None]
+        )
         if torch.is_autocast_enabled(x.device.type):  # normalize() left them in float32: the fast
             dtype = torch.get_autocast_dtype(x.device.type)  # kernels must see the autocast dtype
             k, v = k.to(dtype), v.to(dtype)
-        y = attend(k, k, v, self.kernel, mask_mode="strict_causal", backend=self.backend,
-                   dropout_p=self.attn_dropout if self.training else 0.0, **params)
+        y = attend(
+            k,
+            k,
+            v,
+            self.kernel,
+            mask_mode="strict_causal",
+            backend=self.backend,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+            **params,
+        )
         return self.dropout(self.out(y.transpose(1, 2).reshape(batch, length, n_embd)))
 
     @torch.no_grad()
@@ -114,7 +125,9 @@ class ContextualMemory(nn.Module):
             stop = min(length, start + chunk)
             mask = causal_mask(stop - start, stop, "strict_causal", offset=start, device=x.device)
             scores = k[:, :, start:stop] @ k[:, :, :stop].transpose(-2, -1)
-            d = kernel_diagnostics(scores.float(), self.kernel, mask=mask, temperature=temperature.float(), **params)
+            d = kernel_diagnostics(
+                scores.float(), self.kernel, mask=mask, temperature=temperature.float(), **params
+            )
             allowed = mask.sum(-1).to(support.dtype)  # keys each query may see
             support += d.support_size.float().sum((0, 2))
             zeros += (allowed - d.support_size.float()).sum((0, 2))
@@ -144,7 +157,9 @@ class PersistentMemory(nn.Module):
         self.kernel_beta = nn.Parameter(torch.full((config.n_head,), 0.1))
         self.slot_keys = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
         self.slot_values = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
-        self.value_beta = nn.Parameter(torch.full((config.n_head,), -0.05))  # output gain e^{10·v}: e^−0.5 at init
+        self.value_beta = nn.Parameter(
+            torch.full((config.n_head,), -0.05)
+        )  # output gain e^{10·v}: e^−0.5 at init
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout
@@ -155,10 +170,17 @@ class PersistentMemory(nn.Module):
         # every (sequence, position) reads the same slots, unmasked: fold the batch into the query
         # axis so SDPA sees one (1, H, B·T, d) × (1, H, slots, d) problem and takes its fused kernels
         q = q.transpose(0, 1).reshape(1, self.n_head, batch * length, -1)
-        y = F.scaled_dot_product_attention(q, self.slot_keys[None], self.slot_values[None], scale=1.0,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(
+            q,
+            self.slot_keys[None],
+            self.slot_values[None],
+            scale=1.0,
+            dropout_p=self.attn_dropout if self.training else 0.0,
+        )
         # the reference caps the gain itself at 5 (not its exponent, as the contextual memory does)
-        y = y * torch.exp(10 * self.value_beta).clamp(max=_MAX_PMEM_GAIN)[:, None, None]  # (H, B·T, d)
+        y = (
+            y * torch.exp(10 * self.value_beta).clamp(max=_MAX_PMEM_GAIN)[:, None, None]
+        )  # (H, B·T, d)
         y = y.reshape(self.n_head, batch, length, -1).permute(1, 2, 0, 3)  # (B, T, H, d)
         return self.dropout(self.out(y.reshape(batch, length, n_embd)))
 
@@ -193,7 +215,9 @@ class MemoryMosaics(nn.Module):
         super().__init__()
         if config.vocab_size is not None:
             if config.vocab_size < vocab_size:
-                raise ValueError(f"model.vocab_size ({config.vocab_size}) is smaller than the task's vocabulary ({vocab_size})")
+                raise ValueError(
+                    f"model.vocab_size ({config.vocab_size}) is smaller than the task's vocabulary ({vocab_size})"
+                )
             vocab_size = config.vocab_size
         self.config = config
         self.embed = nn.Embedding(vocab_size, config.n_embd)

@@ -62,7 +62,9 @@ class Shard:
         their random state needs no place in the checkpoint; rank 0 keeps the trial's own stream,
         and a one-worker run is the plain run."""
         if self.rank > 0:
-            torch.manual_seed(int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1)[0]))
+            torch.manual_seed(
+                int(np.random.SeedSequence([seed, self.rank, step]).generate_state(1)[0])
+            )
 
 
 def scored_tokens(labels: Tensor) -> Tensor:

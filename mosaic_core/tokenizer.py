@@ -19,7 +19,9 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 
 EOT = 50256  # <|endoftext|>, appended after every document
-PADDED_VOCAB = 50304  # 50257 rounded up to a multiple of 64: faster matmuls, the extra ids never occur
+PADDED_VOCAB = (
+    50304  # 50257 rounded up to a multiple of 64: faster matmuls, the extra ids never occur
+)
 ENV_VAR = "MOSAIC_GPT2_TIKTOKEN"
 PACKAGED_RANKS = Path(__file__).parent / "assets" / "gpt2.tiktoken"
 
@@ -50,7 +52,10 @@ def gpt2_encoding() -> tiktoken.Encoding:
         return _from_ranks_file(whisper_file, "openai-whisper")
     try:
         return tiktoken.get_encoding("gpt2")
-    except (OSError, ValueError) as error:  # requests' errors are OSErrors; ValueError: bad download
+    except (
+        OSError,
+        ValueError,
+    ) as error:  # requests' errors are OSErrors; ValueError: bad download
         reason = f"tiktoken could not download it ({type(error).__name__})"
         raise RuntimeError(f"cannot load GPT-2 BPE: {reason}; {_HOW_TO}") from error
 
@@ -58,7 +63,9 @@ def gpt2_encoding() -> tiktoken.Encoding:
 def _whisper_ranks_file() -> Path | None:
     """whisper/assets/gpt2.tiktoken of an installed openai-whisper, found without importing it (torch-heavy)."""
     spec = importlib.util.find_spec("whisper")
-    if spec is None or spec.submodule_search_locations is None:  # absent, or an unrelated module `whisper`
+    if (
+        spec is None or spec.submodule_search_locations is None
+    ):  # absent, or an unrelated module `whisper`
         return None
     for folder in spec.submodule_search_locations:
         candidate = Path(folder) / "assets" / "gpt2.tiktoken"
@@ -69,9 +76,13 @@ def _whisper_ranks_file() -> Path | None:
 
 def _from_ranks_file(path: Path, origin: str) -> tiktoken.Encoding:
     if not path.is_file():
-        raise FileNotFoundError(f"GPT-2 ranks file {path} (from {origin}) does not exist; {_HOW_TO}")
+        raise FileNotFoundError(
+            f"GPT-2 ranks file {path} (from {origin}) does not exist; {_HOW_TO}"
+        )
     if hashlib.sha256(path.read_bytes()).hexdigest() != _RANKS_SHA256:
-        raise ValueError(f"{path} (from {origin}) is not GPT-2's ranks file (sha256 differs); {_HOW_TO}")
+        raise ValueError(
+            f"{path} (from {origin}) is not GPT-2's ranks file (sha256 differs); {_HOW_TO}"
+        )
     return tiktoken.Encoding(
         name="gpt2",
         pat_str=_PAT_STR,

@@ -41,14 +41,18 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 
 @torch.no_grad()
-def diagnostic_metrics(model: MemoryMosaics, task: Task, device: torch.device, examples: int = 16) -> dict[str, float]:
+def diagnostic_metrics(
+    model: MemoryMosaics, task: Task, device: torch.device, examples: int = 16
+) -> dict[str, float]:
     """The kernel-regression view at work: per layer and head at the first evaluation length
     (`support_size/l0h3`, `zero_fraction/…`, `bandwidth/…`, `beta/…`), and the mean support size
     at every length (`support_size_2x`), on the first `examples` sequences of each test set."""
     metrics = {}
     for position, (factor, inputs) in enumerate(task.diagnostic_inputs(examples).items()):
         stats = model.diagnose(inputs.to(device))
-        metrics[length_metric_name("support_size", factor)] = torch.stack([s["support_size"] for s in stats]).mean().item()
+        metrics[length_metric_name("support_size", factor)] = (
+            torch.stack([s["support_size"] for s in stats]).mean().item()
+        )
         if position == 0:
             for layer, layer_stats in enumerate(stats):
                 for name, values in layer_stats.items():
@@ -58,8 +62,12 @@ def diagnostic_metrics(model: MemoryMosaics, task: Task, device: torch.device, e
     return metrics
 
 
-def with_selection(evaluated: dict[str, float], step: int, previous: Mapping[str, float],
-                   selection: tuple[str, str] | None) -> dict[str, float]:
+def with_selection(
+    evaluated: dict[str, float],
+    step: int,
+    previous: Mapping[str, float],
+    selection: tuple[str, str] | None,
+) -> dict[str, float]:
     """The task's `evaluated` metrics plus `best_<name>` for each: its value at the evaluation that
     model selection prefers so far (RegBench: the lowest val_loss), and `best_step`, its step.
 
@@ -72,7 +80,11 @@ def with_selection(evaluated: dict[str, float], step: int, previous: Mapping[str
     best = previous.get(SELECTED_PREFIX + key)
     if best is not None and not (evaluated[key] < best if mode == "min" else evaluated[key] > best):
         return {**evaluated, **{k: v for k, v in previous.items() if k.startswith(SELECTED_PREFIX)}}
-    return {**evaluated, **{SELECTED_PREFIX + k: v for k, v in evaluated.items()}, SELECTED_PREFIX + "step": step}
+    return {
+        **evaluated,
+        **{SELECTED_PREFIX + k: v for k, v in evaluated.items()},
+        SELECTED_PREFIX + "step": step,
+    }
 
 
 def pick_device(name: str) -> torch.device:
@@ -83,15 +95,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(
+    model: torch.nn.Module, train: TrainConfig, device: torch.device
+) -> torch.optim.AdamW:
     """AdamW (β = 0.9, 0.95), decay on ≥2-D parameters only, fused kernels on CUDA."""
-    return torch.optim.AdamW(model.optimizer_groups(train.weight_decay), lr=train.lr, betas=(0.9, 0.95),
-                             fused=device.type == "cuda")
+    return torch.optim.AdamW(
+        model.optimizer_groups(train.weight_decay),
+        lr=train.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
 
 
-def optimizer_step(model: torch.nn.Module, forward: Callable[[Tensor], Tensor], optimizer: torch.optim.Optimizer,
-                   micro_batches: Iterable[tuple[Tensor, Tensor]], train: TrainConfig, device: torch.device,
-                   shard: Shard = Shard()) -> Tensor:
+def optimizer_step(
+    model: torch.nn.Module,
+    forward: Callable[[Tensor], Tensor],
+    optimizer: torch.optim.Optimizer,
+    micro_batches: Iterable[tuple[Tensor, Tensor]],
+    train: TrainConfig,
+    device: torch.device,
+    shard: Shard = Shard(),
+) -> Tensor:
     """One optimiser step over `train.grad_accum_steps` global micro-batches, each the token mean of
     its cross-entropy, this worker training on its `shard` of their rows: bf16 autocast on CUDA,
     clipping, no host sync. Returns this worker's part of the step's loss as a device tensor (the
@@ -103,9 +127,18 @@ def optimizer_step(model: torch.nn.Module, forward: Callable[[Tensor], Tensor], 
         inputs, labels = shard.rows(inputs, labels)
         with autocast:
             logits = forward(inputs.to(device, non_blocking=True))
-        loss = F.cross_entropy(logits.float().flatten(0, 1), labels.to(device).flatten(), ignore_index=IGNORE_INDEX,
-                               reduction="sum") / scored
-        (loss * (shard.world_size / train.grad_accum_steps)).backward()  # DDP averages over workers: undo it
+        loss = (
+            F.cross_entropy(
+                logits.float().flatten(0, 1),
+                labels.to(device).flatten(),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+            / scored
+        )
+        (
+            loss * (shard.world_size / train.grad_accum_steps)
+        ).backward()  # DDP averages over workers: undo it
         total += loss.detach() / train.grad_accum_steps
     if train.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), train.grad_clip)
@@ -136,8 +169,15 @@ class Throughput:
         return rate
 
 
-def report_evaluation(report: Report, shard: Shard, metrics: dict[str, float], *, config: TrialConfig,
-                      model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def report_evaluation(
+    report: Report,
+    shard: Shard,
+    metrics: dict[str, float],
+    *,
+    config: TrialConfig,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+) -> None:
     """Rank 0: `report(metrics, checkpoint_dir)` with a checkpoint of this moment. The other
     workers call `report({}, None)`: a reporter that synchronises workers (Ray Train's) is reached
     by all of them, and only rank 0 writes."""
@@ -145,8 +185,14 @@ def report_evaluation(report: Report, shard: Shard, metrics: dict[str, float], *
         report({}, None)
         return
     with tempfile.TemporaryDirectory(prefix="mosaic-checkpoint-") as directory:
-        save_checkpoint(directory, config=config, step=int(metrics["step"]), model=model, optimizer=optimizer,
-                        metrics=metrics)
+        save_checkpoint(
+            directory,
+            config=config,
+            step=int(metrics["step"]),
+            model=model,
+            optimizer=optimizer,
+            metrics=metrics,
+        )
         report(metrics, directory)
 
 
@@ -174,7 +220,9 @@ def train_trial(
     torch.manual_seed(config.seed)
     task = build_task(config.task, config.seed)
     model = MemoryMosaics(config.model, task.vocab_size)
-    trained = prepare_model(model) if prepare_model else model.to(pick_device(train.device))  # DDP on several workers
+    trained = (
+        prepare_model(model) if prepare_model else model.to(pick_device(train.device))
+    )  # DDP on several workers
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, train, device)
     first_step, metrics = 0, {}
@@ -195,11 +243,19 @@ def train_trial(
         model.train()
         shard.reseed_dropout(config.seed, step)
         # a fresh micro-batch per micro-step: batch index counts micro-batches, not steps
-        micro_batches = (throughput.count(task.train_batch(step * train.grad_accum_steps + micro, train.batch_size))
-                         for micro in range(train.grad_accum_steps))
-        loss_value = shard.summed(optimizer_step(model, forward, optimizer, micro_batches, train, device, shard)).item()
+        micro_batches = (
+            throughput.count(
+                task.train_batch(step * train.grad_accum_steps + micro, train.batch_size)
+            )
+            for micro in range(train.grad_accum_steps)
+        )
+        loss_value = shard.summed(
+            optimizer_step(model, forward, optimizer, micro_batches, train, device, shard)
+        ).item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"training loss is {loss_value} at step {step + 1}; stopping the trial")
+            raise FloatingPointError(
+                f"training loss is {loss_value} at step {step + 1}; stopping the trial"
+            )
 
         done = step + 1
         if on_step is not None:
@@ -210,11 +266,15 @@ def train_trial(
             if shard.leads:  # evaluation once, on rank 0 alone
                 model.eval()
                 with autocast:
-                    evaluated = with_selection(task.evaluate(model, device), done, metrics, config.task.selection())
+                    evaluated = with_selection(
+                        task.evaluate(model, device), done, metrics, config.task.selection()
+                    )
                     metrics = {**progress, **evaluated, **diagnostic_metrics(model, task, device)}
                 metrics["elapsed_s"] = time.perf_counter() - started
             if report is not None:
-                report_evaluation(report, shard, metrics, config=config, model=model, optimizer=optimizer)
+                report_evaluation(
+                    report, shard, metrics, config=config, model=model, optimizer=optimizer
+                )
         elif train.log_interval and done % train.log_interval == 0 and report is not None:
             report_progress(report, shard, {**progress, "tokens_per_s": throughput.read()})
     return metrics

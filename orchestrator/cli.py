@@ -21,8 +21,12 @@ if TYPE_CHECKING:
 # torch, Ray and MLflow are imported by the commands that use them, never at start-up:
 # `--help` and the errors found before any work answer at once
 
-app = typer.Typer(help="Run sparse-attention kernel sweeps of Memory Mosaics with Ray Tune and MLflow.",
-                  no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+app = typer.Typer(
+    help="Run sparse-attention kernel sweeps of Memory Mosaics with Ray Tune and MLflow.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
 
 USAGE_ERROR = 2
 
@@ -34,7 +38,7 @@ def _fail(message: str) -> typer.Exit:
     """One line on stderr, at most MAX_ERROR_CHARS long, and exit 2."""
     line = " ".join(f"error: {message}".split())
     if len(line) > MAX_ERROR_CHARS:
-        line = line[:MAX_ERROR_CHARS - 1] + "…"
+        line = line[: MAX_ERROR_CHARS - 1] + "…"
     typer.secho(line, err=True, fg=typer.colors.RED)
     return typer.Exit(USAGE_ERROR)
 
@@ -44,7 +48,9 @@ def _sweep_file(spec: str) -> Path:
     path = Path(spec)
     path = bundled_sweeps()[spec] if not path.is_file() and spec in bundled_sweeps() else path
     if not path.is_file():
-        raise _fail(f"{spec}: no such sweep file, nor a bundled sweep; bundled: {', '.join(bundled_sweeps())}")
+        raise _fail(
+            f"{spec}: no such sweep file, nor a bundled sweep; bundled: {', '.join(bundled_sweeps())}"
+        )
     return path
 
 
@@ -58,26 +64,75 @@ def _load(spec: str) -> Sweep:
 
 
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's and the trials' logs.")] = False) -> None:
+def main(
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Show Ray's and the trials' logs.")
+    ] = False,
+) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
 def run(
-    spec: Annotated[str, typer.Argument(metavar="SPEC", help="Sweep file (YAML), or the name of a bundled sweep such as 'smoke'.")],
-    out: Annotated[Optional[Path], typer.Option(help="Sweep folder. Default: sweeps/<sweep name>.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep in the folder: finished trials are kept, interrupted ones continue from their checkpoints.")] = False,
-    address: Annotated[Optional[str], typer.Option(envvar="RAY_ADDRESS", show_envvar=True, help="Ray cluster to join ('auto', or host:port). Default: Ray on this machine.")] = None,
-    storage: Annotated[Optional[str], typer.Option(help="Shared path or s3:// URI for Tune's trial checkpoints; required on a cluster of more than one node. Default: the sweep folder.")] = None,
-    mlflow_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<sweeps>/mlflow.db.")] = None,
-    max_concurrent: Annotated[Optional[int], typer.Option(min=1, help="Run at most this many trials at once.")] = None,
-    gpus_per_trial: Annotated[Optional[float], typer.Option(min=0, help="Override the sweep file's resources.gpu (0.25 packs four trials on a GPU).")] = None,
-    cpus_per_trial: Annotated[Optional[float], typer.Option(min=0.01, help="Override the sweep file's resources.cpu.")] = None,
+    spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="SPEC",
+            help="Sweep file (YAML), or the name of a bundled sweep such as 'smoke'.",
+        ),
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option(help="Sweep folder. Default: sweeps/<sweep name>.")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the sweep in the folder: finished trials are kept, interrupted ones continue from their checkpoints.",
+        ),
+    ] = False,
+    address: Annotated[
+        Optional[str],
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            show_envvar=True,
+            help="Ray cluster to join ('auto', or host:port). Default: Ray on this machine.",
+        ),
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Shared path or s3:// URI for Tune's trial checkpoints; required on a cluster of more than one node. Default: the sweep folder."
+        ),
+    ] = None,
+    mlflow_uri: Annotated[
+        Optional[str],
+        typer.Option(
+            help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<sweeps>/mlflow.db."
+        ),
+    ] = None,
+    max_concurrent: Annotated[
+        Optional[int], typer.Option(min=1, help="Run at most this many trials at once.")
+    ] = None,
+    gpus_per_trial: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0, help="Override the sweep file's resources.gpu (0.25 packs four trials on a GPU)."
+        ),
+    ] = None,
+    cpus_per_trial: Annotated[
+        Optional[float], typer.Option(min=0.01, help="Override the sweep file's resources.cpu.")
+    ] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help=DRY_RUN_HELP)] = False,
     estimate: Annotated[bool, typer.Option("--estimate", help=ESTIMATE_HELP)] = False,
     gpu_type: Annotated[Optional[str], typer.Option(help=GPU_TYPE_HELP)] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup.")] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup."
+        ),
+    ] = False,
 ) -> None:
     """Validate a sweep, run it as Ray Tune trials (a grid, or an Optuna search), print the results table."""
     if (estimate or gpu_type) and not dry_run:
@@ -88,31 +143,65 @@ def run(
 
     verbose = logging.getLogger().level <= logging.INFO
     if dry_run:
-        _dry_run(sweep, address, verbose, max_concurrent, estimate=estimate or gpu_type is not None, gpu_type=gpu_type)
+        _dry_run(
+            sweep,
+            address,
+            verbose,
+            max_concurrent,
+            estimate=estimate or gpu_type is not None,
+            gpu_type=gpu_type,
+        )
         return
     sweep_dir = out or Path("sweeps") / sweep.name
     try:  # the flags and the data first: they are checked without Ray
-        _check_run_flags(sweep_dir, resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
+        _check_run_flags(
+            sweep_dir, resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri
+        )
         if missing := _missing_data(sweep):
-            raise _fail(f"{len(missing)} data file(s) a trial reads are missing, e.g. {missing[0]}; "
-                        "write them with `mosaic-sweep prepare`")
+            raise _fail(
+                f"{len(missing)} data file(s) a trial reads are missing, e.g. {missing[0]}; "
+                "write them with `mosaic-sweep prepare`"
+            )
         cluster = placement(sweep.widest, address, verbose)
         if not resume:
             check_shared_storage(cluster, storage)
-        folder = _sweep_folder(sweep, sweep_dir, resume=resume, overwrite=overwrite, storage=storage,
-                               mlflow_uri=mlflow_uri)
+        folder = _sweep_folder(
+            sweep,
+            sweep_dir,
+            resume=resume,
+            overwrite=overwrite,
+            storage=storage,
+            mlflow_uri=mlflow_uri,
+        )
     except (PlacementError, SweepFolderError) as error:
         raise _fail(str(error)) from None
 
     if resume and _finished(folder):
-        typer.echo(f"{folder.path}: all {folder.launch.trials} trials had finished; nothing was left to run")
-        typer.echo((folder.path / "table.md").read_text() if (folder.path / "table.md").is_file() else "")
+        typer.echo(
+            f"{folder.path}: all {folder.launch.trials} trials had finished; nothing was left to run"
+        )
+        typer.echo(
+            (folder.path / "table.md").read_text() if (folder.path / "table.md").is_file() else ""
+        )
         return
     from orchestrator.sweep import run_sweep
 
-    typer.echo("starting Ray on this machine…" if address is None else f"joining the Ray cluster at {address}…", err=True)
-    _print_outcome(run_sweep(sweep, folder, address=address, verbose=verbose, max_concurrent=max_concurrent,
-                             sweep_file=_sweep_file(spec)))
+    typer.echo(
+        "starting Ray on this machine…"
+        if address is None
+        else f"joining the Ray cluster at {address}…",
+        err=True,
+    )
+    _print_outcome(
+        run_sweep(
+            sweep,
+            folder,
+            address=address,
+            verbose=verbose,
+            max_concurrent=max_concurrent,
+            sweep_file=_sweep_file(spec),
+        )
+    )
 
 
 def _finished(folder: "SweepFolder") -> bool:
@@ -121,33 +210,52 @@ def _finished(folder: "SweepFolder") -> bool:
     from analysis.results_store import read_results, trial_states
     from analysis.schema import TrialStatus
 
-    return trial_states(read_results(folder.path)).get(TrialStatus.TERMINATED, 0) >= folder.launch.trials
+    return (
+        trial_states(read_results(folder.path)).get(TrialStatus.TERMINATED, 0)
+        >= folder.launch.trials
+    )
 
 
-def _with_resources(sweep: Sweep, gpus_per_trial: float | None, cpus_per_trial: float | None) -> Sweep:
+def _with_resources(
+    sweep: Sweep, gpus_per_trial: float | None, cpus_per_trial: float | None
+) -> Sweep:
     """The sweep with --gpus-per-trial / --cpus-per-trial, validated like the sweep file's own resources."""
     from pydantic import ValidationError
 
     from mosaic_core.config import describe_validation_error
     from search_spaces.schema import Resources
 
-    overrides = {key: value for key, value in (("gpu", gpus_per_trial), ("cpu", cpus_per_trial)) if value is not None}
+    overrides = {
+        key: value
+        for key, value in (("gpu", gpus_per_trial), ("cpu", cpus_per_trial))
+        if value is not None
+    }
     if not overrides:
         return sweep
     try:
         resources = Resources.model_validate({**sweep.resources.model_dump(), **overrides})
     except ValidationError as error:
-        raise _fail(describe_validation_error(error, Resources, "--gpus-per-trial/--cpus-per-trial")) from None
+        raise _fail(
+            describe_validation_error(error, Resources, "--gpus-per-trial/--cpus-per-trial")
+        ) from None
     return dataclasses.replace(sweep, resources=resources)
 
 
-def _check_run_flags(sweep_dir: Path, *, resume: bool, overwrite: bool, storage: str | None,
-                     mlflow_uri: str | None) -> None:
+def _check_run_flags(
+    sweep_dir: Path, *, resume: bool, overwrite: bool, storage: str | None, mlflow_uri: str | None
+) -> None:
     """Flags that cannot work together, or folders and stores that cannot be written."""
-    from orchestrator.sweep_folder import check_new_folder, check_overwrite, check_storage, check_tracking_uri
+    from orchestrator.sweep_folder import (
+        check_new_folder,
+        check_overwrite,
+        check_storage,
+        check_tracking_uri,
+    )
 
     if resume and overwrite:
-        raise _fail("--resume continues the sweep in the folder, --overwrite starts it again: give one of them")
+        raise _fail(
+            "--resume continues the sweep in the folder, --overwrite starts it again: give one of them"
+        )
     check_new_folder(sweep_dir, "--out")
     if overwrite:
         check_overwrite(sweep_dir)
@@ -163,26 +271,51 @@ def _tracking_uri(sweep_dir: Path, mlflow_uri: str | None) -> str:
     return mlflow_uri or default_tracking_uri(sweep_dir.parent)
 
 
-def _sweep_folder(sweep: Sweep, sweep_dir: Path, *, resume: bool, overwrite: bool, storage: str | None,
-                  mlflow_uri: str | None) -> "SweepFolder":
+def _sweep_folder(
+    sweep: Sweep,
+    sweep_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    storage: str | None,
+    mlflow_uri: str | None,
+) -> "SweepFolder":
     """The folder to run in: the sweep's own to resume (its MLflow store and storage), or a new one."""
     from orchestrator.sweep import new_sweep_folder, resumable_sweep_folder
 
     if not resume:
-        return new_sweep_folder(sweep, sweep_dir, _tracking_uri(sweep_dir, mlflow_uri), storage, overwrite)
+        return new_sweep_folder(
+            sweep, sweep_dir, _tracking_uri(sweep_dir, mlflow_uri), storage, overwrite
+        )
     folder = resumable_sweep_folder(sweep_dir)
-    for flag, given, used in (("--mlflow-uri", mlflow_uri, folder.launch.tracking_uri),
-                              ("--storage", storage, folder.launch.storage_path)):
+    for flag, given, used in (
+        ("--mlflow-uri", mlflow_uri, folder.launch.tracking_uri),
+        ("--storage", storage, folder.launch.storage_path),
+    ):
         if given is not None and given != used:
             logging.getLogger(__name__).warning("%s: resuming with the sweep's own %s", flag, used)
     return folder
 
 
-def _dry_run(sweep: Sweep, address: str | None, verbose: bool, max_concurrent: int | None, *, estimate: bool,
-             gpu_type: str | None) -> None:
+def _dry_run(
+    sweep: Sweep,
+    address: str | None,
+    verbose: bool,
+    max_concurrent: int | None,
+    *,
+    estimate: bool,
+    gpu_type: str | None,
+) -> None:
     """The trials and the resource plan, whether this machine (or the cluster) can run them, missing
     data, and with `estimate` what the sweep will cost. Only a real run refuses."""
-    from orchestrator.resources import PlacementError, check_fits, concurrency, connect, local_machine, resource_plan
+    from orchestrator.resources import (
+        PlacementError,
+        check_fits,
+        concurrency,
+        connect,
+        local_machine,
+        resource_plan,
+    )
 
     cluster = local_machine() if address is None else connect(address, verbose)
     _print_plan(sweep, resource_plan(sweep, cluster, max_concurrent))
@@ -195,8 +328,13 @@ def _dry_run(sweep: Sweep, address: str | None, verbose: bool, max_concurrent: i
         typer.echo(f"missing data: {path} (write it with `mosaic-sweep prepare`)")
     if estimate:
         at_once = concurrency(sweep, cluster.nodes, max_concurrent)[0]
-        if gpu_type is not None and not at_once:  # priced for a GPU this machine does not have: one of them
-            at_once = min(sweep.num_trials, max(1, int(1 / sweep.resources.gpu)) if 0 < sweep.resources.gpu <= 1 else 1)
+        if (
+            gpu_type is not None and not at_once
+        ):  # priced for a GPU this machine does not have: one of them
+            at_once = min(
+                sweep.num_trials,
+                max(1, int(1 / sweep.resources.gpu)) if 0 < sweep.resources.gpu <= 1 else 1,
+            )
         _print_estimate(sweep, at_once, gpu_type)
 
 
@@ -204,14 +342,22 @@ def _print_estimate(sweep: Sweep, at_once: int, gpu_type: str | None) -> None:
     from orchestrator.estimate import describe, estimate
 
     if not at_once:
-        raise _fail("no trial fits on this machine to be timed; pass --gpu-type to price the sweep from the "
-                    "benchmark figures of a GPU")
-    typer.echo("estimating: a few training steps of each distinct trial…" if gpu_type is None else "estimating…")
+        raise _fail(
+            "no trial fits on this machine to be timed; pass --gpu-type to price the sweep from the "
+            "benchmark figures of a GPU"
+        )
+    typer.echo(
+        "estimating: a few training steps of each distinct trial…"
+        if gpu_type is None
+        else "estimating…"
+    )
     try:
         cost = estimate(sweep, at_once, gpu_type)
     except (ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
-    for line in describe(cost, sweep.resources.gpu * sweep.widest.workers if gpu_type or sweep.resources.gpu else 0):
+    for line in describe(
+        cost, sweep.resources.gpu * sweep.widest.workers if gpu_type or sweep.resources.gpu else 0
+    ):
         typer.echo(line)
 
 
@@ -226,7 +372,9 @@ def _print_plan(sweep: Sweep, plan: list[str]) -> None:
     width = len(str(len(sweep.trials)))
     for number, trial in enumerate(sweep.trials, 1):
         count = sweep.trial_resources(trial).workers
-        typer.echo(f"{number:>{width}}  {trial.describe()}" + (f"  ({count} workers)" if count > 1 else ""))
+        typer.echo(
+            f"{number:>{width}}  {trial.describe()}" + (f"  ({count} workers)" if count > 1 else "")
+        )
     for line in plan:
         typer.echo(line)
 
@@ -240,10 +388,14 @@ def _print_outcome(outcome: "SweepOutcome") -> None:
     counts = [f"{n} {status}" for status, n in sorted(outcome.trials_by_status.items())]
     counts += [f"{outcome.unfinished} unfinished"] if outcome.unfinished else []
     typer.echo(f"\ntrials: {', '.join(counts)}")
-    typer.echo(f"table: {outcome.sweep_dir / 'table.md'}   results: {outcome.sweep_dir / 'results.parquet'}")
+    typer.echo(
+        f"table: {outcome.sweep_dir / 'table.md'}   results: {outcome.sweep_dir / 'results.parquet'}"
+    )
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.unfinished:
-        typer.echo("interrupted: continue with the same command and --resume (finished trials are kept)")
+        typer.echo(
+            "interrupted: continue with the same command and --resume (finished trials are kept)"
+        )
         raise typer.Exit(130)
     if outcome.trials_by_status.get(TrialStatus.ERROR):
         raise typer.Exit(1)
@@ -251,9 +403,20 @@ def _print_outcome(outcome: "SweepOutcome") -> None:
 
 @app.command()
 def ui(
-    sweeps_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder, or the folder of sweeps holding mlflow.db.")] = Path("sweeps"),
+    sweeps_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="A sweep folder, or the folder of sweeps holding mlflow.db."
+        ),
+    ] = Path("sweeps"),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
-    optuna: Annotated[bool, typer.Option("--optuna", help="Open optuna-dashboard on the Optuna study of the search sweep in DIR instead.")] = False,
+    optuna: Annotated[
+        bool,
+        typer.Option(
+            "--optuna",
+            help="Open optuna-dashboard on the Optuna study of the search sweep in DIR instead.",
+        ),
+    ] = False,
 ) -> None:
     """Open the MLflow UI for the sweeps' tracking store (or optuna-dashboard for a search's study), on
     127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
@@ -278,11 +441,26 @@ def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str]:
     elif (sweeps_dir / "mlflow.db").is_file():
         tracking_uri = f"sqlite:///{(sweeps_dir / 'mlflow.db').resolve()}"
     else:
-        raise _fail(f"{sweeps_dir} holds no mlflow.db and is not a sweep folder; give the folder that `mosaic-sweep run` wrote")
+        raise _fail(
+            f"{sweeps_dir} holds no mlflow.db and is not a sweep folder; give the folder that `mosaic-sweep run` wrote"
+        )
     if not tracking_uri.startswith("sqlite:"):
         raise _fail(f"{sweeps_dir} logs to the MLflow server {tracking_uri}; open that instead")
-    return ([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri, "--host", "127.0.0.1",
-             "--port", str(port)], f"MLflow UI for {tracking_uri}")
+    return (
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        f"MLflow UI for {tracking_uri}",
+    )
 
 
 def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
@@ -292,33 +470,79 @@ def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
 
     study = sweep_dir / "optuna.db"
     if not study.is_file():
-        raise _fail(f"{sweep_dir} holds no optuna.db: give the folder of a search sweep (one that kept its study "
-                    "at search.storage: run optuna-dashboard on that URL)")
-    dashboard = shutil.which("optuna-dashboard", path=str(Path(sys.executable).parent)) or shutil.which("optuna-dashboard")
+        raise _fail(
+            f"{sweep_dir} holds no optuna.db: give the folder of a search sweep (one that kept its study "
+            "at search.storage: run optuna-dashboard on that URL)"
+        )
+    dashboard = shutil.which(
+        "optuna-dashboard", path=str(Path(sys.executable).parent)
+    ) or shutil.which("optuna-dashboard")
     if dashboard is None:
         raise _fail("optuna-dashboard is not installed; pip install optuna-dashboard")
     storage = f"sqlite:///{study.resolve()}"
-    return [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)], f"optuna-dashboard for {storage}"
+    return [
+        dashboard,
+        storage,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ], f"optuna-dashboard for {storage}"
 
 
 @app.command()
 def train(
-    config_file: Annotated[Path, typer.Argument(metavar="CONFIG", help="One trial's config (YAML): seed, task, model, train.")],
+    config_file: Annotated[
+        Path,
+        typer.Argument(
+            metavar="CONFIG", help="One trial's config (YAML): seed, task, model, train."
+        ),
+    ],
     steps: Annotated[Optional[int], typer.Option(help="Override train.max_steps.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="Override train.device: auto, cpu or cuda.")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run folder. Default: runs/<config name>.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run folder's checkpoint.")] = False,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Reuse a non-empty run folder; the old one is moved to a backup.")] = False,
-    workers: Annotated[Optional[int], typer.Option(min=1, help="Train data-parallel on N Ray Train workers of this machine (a GPU each when the trial uses CUDA), with the same global batch.")] = None,
-    threads: Annotated[int, typer.Option(min=1, help="torch's CPU threads, as a sweep trial gets its resources.cpu (more than the cores free slows a shared machine down).")] = 1,
+    device: Annotated[
+        Optional[str], typer.Option(help="Override train.device: auto, cpu or cuda.")
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Run folder. Default: runs/<config name>.")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run folder's checkpoint.")
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Reuse a non-empty run folder; the old one is moved to a backup."
+        ),
+    ] = False,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(
+            min=1,
+            help="Train data-parallel on N Ray Train workers of this machine (a GPU each when the trial uses CUDA), with the same global batch.",
+        ),
+    ] = None,
+    threads: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="torch's CPU threads, as a sweep trial gets its resources.cpu (more than the cores free slows a shared machine down).",
+        ),
+    ] = 1,
 ) -> None:
     """Train one trial without Ray (or on --workers N): progress, metrics at every evaluation, a resumable checkpoint."""
     from mosaic_core.checkpoint import CheckpointError
-    from orchestrator.single_run import load_trial_config, local_workers, run_data_parallel_trial, run_single_trial
+    from orchestrator.single_run import (
+        load_trial_config,
+        local_workers,
+        run_data_parallel_trial,
+        run_single_trial,
+    )
     from orchestrator.sweep_folder import SweepFolderError, check_new_folder
 
     if resume and overwrite:
-        raise _fail("--resume continues the run in the folder, --overwrite starts it again: give one of them")
+        raise _fail(
+            "--resume continues the run in the folder, --overwrite starts it again: give one of them"
+        )
 
     import torch
 
@@ -335,17 +559,29 @@ def train(
             run_single_trial(config, run_dir, resume=resume, overwrite=overwrite)
         else:
             verbose = logging.getLogger().level <= logging.INFO
-            run_data_parallel_trial(config, run_dir, resources, resume=resume, overwrite=overwrite, verbose=verbose)
+            run_data_parallel_trial(
+                config, run_dir, resources, resume=resume, overwrite=overwrite, verbose=verbose
+            )
     except (FileExistsError, FileNotFoundError, SweepFolderError, CheckpointError) as error:
         raise _fail(str(error)) from None
 
 
 @app.command()
 def prepare(
-    sources: Annotated[list[Path], typer.Argument(help="Text (.txt), JSONL (.jsonl: one story per line) or Parquet (.parquet: a 'text' column) files.")],
+    sources: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Text (.txt), JSONL (.jsonl: one story per line) or Parquet (.parquet: a 'text' column) files."
+        ),
+    ],
     out: Annotated[Path, typer.Option(help="Folder for train.bin, val.bin and meta.json.")],
-    val_fraction: Annotated[float, typer.Option(help="Share of documents for val.bin; 1 for an out-of-distribution corpus.")] = 0.005,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace existing token files.")] = False,
+    val_fraction: Annotated[
+        float,
+        typer.Option(help="Share of documents for val.bin; 1 for an out-of-distribution corpus."),
+    ] = 0.005,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing token files.")
+    ] = False,
 ) -> None:
     """Tokenise a corpus once with GPT-2 BPE into uint16 token files for the `lm` task."""
     from rich.progress import Progress
@@ -355,30 +591,51 @@ def prepare(
     with Progress(transient=True) as progress:
         bar = progress.add_task("tokenising", total=None)
         try:
-            meta = prepare_corpus(sources, out, val_fraction=val_fraction, overwrite=overwrite,
-                                  progress=lambda done, total: progress.update(bar, completed=done, total=total))
+            meta = prepare_corpus(
+                sources,
+                out,
+                val_fraction=val_fraction,
+                overwrite=overwrite,
+                progress=lambda done, total: progress.update(bar, completed=done, total=total),
+            )
         except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as error:
             raise _fail(str(error)) from None
     docs, tokens = meta["documents"], meta["tokens"]
-    typer.echo(f"{out}: train {docs['train']} documents / {tokens['train']} tokens, "
-               f"val {docs['val']} documents / {tokens['val']} tokens")
+    typer.echo(
+        f"{out}: train {docs['train']} documents / {tokens['train']} tokens, "
+        f"val {docs['val']} documents / {tokens['val']} tokens"
+    )
 
 
-DRY_RUN_HELP = ("List the expanded trials and the resource plan, say whether this machine (or --address) "
-                "can run them and which data is missing; start nothing.")
-ESTIMATE_HELP = ("With --dry-run: time a few training steps and an evaluation of each distinct trial here, "
-                 "and print tokens per trial, device-hours and the wall time at the planned concurrency.")
-GPU_TYPE_HELP = ("With --dry-run: price the trials from the benchmark figures recorded for this GPU "
-                 "(bench/data/model-<gpu>.jsonl: h100, h200) instead of timing them here.")
+DRY_RUN_HELP = (
+    "List the expanded trials and the resource plan, say whether this machine (or --address) "
+    "can run them and which data is missing; start nothing."
+)
+ESTIMATE_HELP = (
+    "With --dry-run: time a few training steps and an evaluation of each distinct trial here, "
+    "and print tokens per trial, device-hours and the wall time at the planned concurrency."
+)
+GPU_TYPE_HELP = (
+    "With --dry-run: price the trials from the benchmark figures recorded for this GPU "
+    "(bench/data/model-<gpu>.jsonl: h100, h200) instead of timing them here."
+)
 TABLE_FORMATS = ("md", "latex", "csv")
 SKIP_BAD_HELP = "Read the results' other parts when one is unreadable (it is named on stderr)."
-WHERE_HELP = "Only trials whose KEY is VALUE (lr=1e-4, kernel=softmax, model.dropout=0.1); repeatable."
-SELECT_HELP = ("Each trial's evaluation that counts: last, or best:METRIC (best:val_loss: the one with the lowest "
-               "val_loss). Default: the paper's (RegBench: best:val_loss; otherwise last).")
+WHERE_HELP = (
+    "Only trials whose KEY is VALUE (lr=1e-4, kernel=softmax, model.dropout=0.1); repeatable."
+)
+SELECT_HELP = (
+    "Each trial's evaluation that counts: last, or best:METRIC (best:val_loss: the one with the lowest "
+    "val_loss). Default: the paper's (RegBench: best:val_loss; otherwise last)."
+)
 
 
-def _results(sweep_dir: Path | None, from_mlflow: str | None = None, experiment: str | None = None,
-             skip_bad: bool = False) -> "pandas.DataFrame":
+def _results(
+    sweep_dir: Path | None,
+    from_mlflow: str | None = None,
+    experiment: str | None = None,
+    skip_bad: bool = False,
+) -> "pandas.DataFrame":
     """The results frame of a sweep folder, or rebuilt from an MLflow experiment."""
     from analysis.results_store import ResultsStoreError, read_results, store_path
 
@@ -429,16 +686,48 @@ def _checked_select(select: str | None) -> str | None:
 
 @app.command()
 def table(
-    sweep_dir: Annotated[Optional[Path], typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet; or use --from-mlflow.")] = None,
-    metric: Annotated[Optional[str], typer.Option(help="Metric to show. Default: exact_match by length_factor, accuracy and tvd by num_examples, val_loss and ood_loss by n_layer.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="md, latex (booktabs) or csv (numbers only).")] = "md",
-    by: Annotated[Optional[list[str]], typer.Option(help="Columns: first the layout, length_factor (Table 2), num_examples (RegBench, Table 1) or n_layer (losses per depth), default the results' task family; then any key the sweep varies (lr, model.dropout) as more columns. Repeatable.")] = None,
-    where: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help=WHERE_HELP)] = None,
-    select: Annotated[Optional[str], typer.Option(metavar="last|best:METRIC", help=SELECT_HELP)] = None,
+    sweep_dir: Annotated[
+        Optional[Path],
+        typer.Argument(
+            metavar="DIR", help="Sweep folder holding results.parquet; or use --from-mlflow."
+        ),
+    ] = None,
+    metric: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Metric to show. Default: exact_match by length_factor, accuracy and tvd by num_examples, val_loss and ood_loss by n_layer."
+        ),
+    ] = None,
+    fmt: Annotated[
+        str, typer.Option("--format", help="md, latex (booktabs) or csv (numbers only).")
+    ] = "md",
+    by: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Columns: first the layout, length_factor (Table 2), num_examples (RegBench, Table 1) or n_layer (losses per depth), default the results' task family; then any key the sweep varies (lr, model.dropout) as more columns. Repeatable."
+        ),
+    ] = None,
+    where: Annotated[
+        Optional[list[str]], typer.Option(metavar="KEY=VALUE", help=WHERE_HELP)
+    ] = None,
+    select: Annotated[
+        Optional[str], typer.Option(metavar="last|best:METRIC", help=SELECT_HELP)
+    ] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Write the table to this file instead of printing it.")] = None,
-    from_mlflow: Annotated[Optional[str], typer.Option("--from-mlflow", metavar="URI", help="Rebuild the results from this MLflow tracking URI instead of DIR (the latest sweep run).")] = None,
-    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment, the sweep's name; with --from-mlflow.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Write the table to this file instead of printing it.")
+    ] = None,
+    from_mlflow: Annotated[
+        Optional[str],
+        typer.Option(
+            "--from-mlflow",
+            metavar="URI",
+            help="Rebuild the results from this MLflow tracking URI instead of DIR (the latest sweep run).",
+        ),
+    ] = None,
+    experiment: Annotated[
+        Optional[str], typer.Option(help="MLflow experiment, the sweep's name; with --from-mlflow.")
+    ] = None,
 ) -> None:
     """Print a sweep's results table: one row per configuration, mean^(max) over seeds, best mean bold, best seed underlined."""
     from analysis.tables import LAYOUTS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
@@ -450,12 +739,22 @@ def table(
     layout, columns_by = (by[0], by[1:]) if by and by[0] in LAYOUTS else (None, by)
     results = _results(sweep_dir, from_mlflow, experiment, skip_bad)
     try:
-        stats = table_stats(results, by=layout, metric=metric, select=select, columns_by=columns_by,
-                            conditions=where or [], planned_seeds=_planned_seeds(sweep_dir))
+        stats = table_stats(
+            results,
+            by=layout,
+            metric=metric,
+            select=select,
+            columns_by=columns_by,
+            conditions=where or [],
+            planned_seeds=_planned_seeds(sweep_dir),
+        )
     except ValueError as error:
         raise _fail(str(error)) from None
-    text = {"md": lambda: to_markdown(markdown_cells(stats)), "latex": lambda: to_latex(stats),
-            "csv": lambda: to_csv(stats)}[fmt]()
+    text = {
+        "md": lambda: to_markdown(markdown_cells(stats)),
+        "latex": lambda: to_latex(stats),
+        "csv": lambda: to_csv(stats),
+    }[fmt]()
     if out is None:
         typer.echo(text, nl=False)
     else:
@@ -465,17 +764,36 @@ def table(
 
 @app.command()
 def compare(
-    sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")],
-    paper: Annotated[Optional[str], typer.Option(help="The paper's table: table1 (RegBench), table2 or table7 (length generalisation). Default: the results' task family.")] = None,
-    select: Annotated[Optional[str], typer.Option(metavar="last|best:METRIC", help=SELECT_HELP)] = None,
-    where: Annotated[Optional[list[str]], typer.Option(metavar="KEY=VALUE", help=WHERE_HELP)] = None,
-    tolerance: Annotated[float, typer.Option(min=0, help="Flag cells whose mean or max differs from the paper's by more than this.")] = 0.0,
+    sweep_dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")
+    ],
+    paper: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The paper's table: table1 (RegBench), table2 or table7 (length generalisation). Default: the results' task family."
+        ),
+    ] = None,
+    select: Annotated[
+        Optional[str], typer.Option(metavar="last|best:METRIC", help=SELECT_HELP)
+    ] = None,
+    where: Annotated[
+        Optional[list[str]], typer.Option(metavar="KEY=VALUE", help=WHERE_HELP)
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Flag cells whose mean or max differs from the paper's by more than this."
+        ),
+    ] = 0.0,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for compare-<table>.md and .csv. Default: DIR.")] = None,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Folder for compare-<table>.md and .csv. Default: DIR.")
+    ] = None,
 ) -> None:
     """Our results beside the paper's table: per cell ours, the paper's and the difference, and
     where the ranking of kernels in a column is not the paper's."""
-    from analysis.comparison import PAPER_TABLES, compare as compare_cells, comparison_table, paper_for, summary, to_csv
+    from analysis.comparison import PAPER_TABLES, comparison_table, paper_for, summary, to_csv
+    from analysis.comparison import compare as compare_cells
     from analysis.tables import describe_select, to_markdown
 
     if paper is not None and paper not in PAPER_TABLES:
@@ -484,13 +802,26 @@ def compare(
     results = _results(sweep_dir, skip_bad=skip_bad)
     paper = paper or paper_for(results)
     try:
-        cells = compare_cells(results, paper, select=select, conditions=where or [], tolerance=tolerance,
-                              planned_seeds=_planned_seeds(sweep_dir))
+        cells = compare_cells(
+            results,
+            paper,
+            select=select,
+            conditions=where or [],
+            tolerance=tolerance,
+            planned_seeds=_planned_seeds(sweep_dir),
+        )
     except ValueError as error:
         raise _fail(str(error)) from None
-    title = (f"{sweep_dir.name} vs. the paper's {PAPER_TABLES[paper].what}; ours at "
-             f"{describe_select(cells.attrs['select'])}, mean^(max) over seeds")
-    markdown = to_markdown(comparison_table(cells), title=title) + "\n" + "\n".join(summary(cells, tolerance)) + "\n"
+    title = (
+        f"{sweep_dir.name} vs. the paper's {PAPER_TABLES[paper].what}; ours at "
+        f"{describe_select(cells.attrs['select'])}, mean^(max) over seeds"
+    )
+    markdown = (
+        to_markdown(comparison_table(cells), title=title)
+        + "\n"
+        + "\n".join(summary(cells, tolerance))
+        + "\n"
+    )
     folder = out or sweep_dir
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"compare-{paper}.md").write_text(markdown)
@@ -501,24 +832,43 @@ def compare(
 
 @app.command()
 def plot(
-    sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")],
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the figures. Default: DIR/plots.")] = None,
-    formats: Annotated[Optional[list[str]], typer.Option("--format", metavar="png|pdf|svg", help="File format(s): repeat the option or give a comma list. Default: png (300 dpi).")] = None,
+    sweep_dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option(help="Folder for the figures. Default: DIR/plots.")
+    ] = None,
+    formats: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--format",
+            metavar="png|pdf|svg",
+            help="File format(s): repeat the option or give a comma list. Default: png (300 dpi).",
+        ),
+    ] = None,
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,
 ) -> None:
     """Draw a sweep's figures for the metrics it has: exact match and support size vs. length (log2,
     a panel per task), validation loss vs. step, per-position OOD loss; a curve per configuration."""
     from analysis.plots import FORMATS, make_plots
 
-    chosen = tuple(dict.fromkeys(name.strip().lower() for value in formats or ["png"] for name in value.split(",")))
+    chosen = tuple(
+        dict.fromkeys(
+            name.strip().lower() for value in formats or ["png"] for name in value.split(",")
+        )
+    )
     unknown = [name for name in chosen if name not in FORMATS]
     if unknown:
-        raise _fail(f"--format {', '.join(unknown)} is not a figure format; give {', '.join(FORMATS)}")
+        raise _fail(
+            f"--format {', '.join(unknown)} is not a figure format; give {', '.join(FORMATS)}"
+        )
     results = _results(sweep_dir, skip_bad=skip_bad)
     paths = make_plots(results, out or sweep_dir / "plots", chosen)
     if not paths:
         present = ", ".join(sorted(results["metric"].dropna().unique()))
-        raise _fail(f"nothing to plot in {sweep_dir}: no exact_match, val_loss, ood_loss_ema/pos* or support_size; metrics present: {present}")
+        raise _fail(
+            f"nothing to plot in {sweep_dir}: no exact_match, val_loss, ood_loss_ema/pos* or support_size; metrics present: {present}"
+        )
     for path in paths:
         typer.echo(str(path))
 
@@ -548,7 +898,10 @@ def status(
     states = trial_states(results)
     if planned > sum(states.values()):
         states[TrialStatus.PENDING] = planned - sum(states.values())
-    typer.echo(f"{sweep_dir}: {planned} trials — " + ", ".join(f"{n} {state}" for state, n in sorted(states.items())))
+    typer.echo(
+        f"{sweep_dir}: {planned} trials — "
+        + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    )
     for metric, best in (("exact_match", "max"), ("accuracy", "max"), ("val_loss", "min")):
         rows = selected(results[results["metric"] == metric])
         if rows.empty:
@@ -557,8 +910,10 @@ def status(
             rows = rows[rows["length_factor"] == rows["length_factor"].min()]
         top = rows.loc[rows["value"].idxmax() if best == "max" else rows["value"].idxmin()]
         at = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
-        typer.echo(f"best {metric}{at}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
-                   f"{top['task']} (trial {top['trial_id']}, step {top['step']})")
+        typer.echo(
+            f"best {metric}{at}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
+            f"{top['task']} (trial {top['trial_id']}, step {top['step']})"
+        )
 
 
 if __name__ == "__main__":

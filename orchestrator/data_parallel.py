@@ -22,7 +22,9 @@ from mosaic_core.config import TrialConfig
 from search_spaces.schema import Resources
 
 DRIVER_CPU = 0.01  # a Train run's driver only waits and relays reports
-TRAIN_RUN = "train"  # the Train run's name in its folder: fixed, so a restarted trial finds its checkpoints
+TRAIN_RUN = (
+    "train"  # the Train run's name in its folder: fixed, so a restarted trial finds its checkpoints
+)
 
 
 def use_ray_share() -> dict[str, str | None]:
@@ -31,12 +33,22 @@ def use_ray_share() -> dict[str, str | None]:
     import ray
     import torch
 
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    torch.set_num_threads(
+        max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+    )
     return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 
 
-def trainer(config: TrialConfig, resources: Resources, *, storage_path: str, max_failures: int,
-            callbacks: Sequence[Any] = (), run_dir: Path | None = None, resume_from: Path | None = None) -> Any:
+def trainer(
+    config: TrialConfig,
+    resources: Resources,
+    *,
+    storage_path: str,
+    max_failures: int,
+    callbacks: Sequence[Any] = (),
+    run_dir: Path | None = None,
+    resume_from: Path | None = None,
+) -> Any:
     """The TorchTrainer of one trial: `resources.workers` workers of `resources.cpu`/`gpu` each,
     placed by `resources.placement`; its run `TRAIN_RUN` under `storage_path`. With `run_dir`
     (`mosaic-sweep train`), rank 0 also keeps that run folder; `resume_from` is a checkpoint to
@@ -45,17 +57,27 @@ def trainer(config: TrialConfig, resources: Resources, *, storage_path: str, max
     from ray.train.torch import TorchTrainer
 
     per_worker = {"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})}
-    loop = {"trial": config.model_dump(mode="json"), "run_dir": run_dir and str(run_dir.resolve()),
-            "resume_from": resume_from and str(resume_from.resolve())}
+    loop = {
+        "trial": config.model_dump(mode="json"),
+        "run_dir": run_dir and str(run_dir.resolve()),
+        "resume_from": resume_from and str(resume_from.resolve()),
+    }
     return TorchTrainer(
         _train_worker,
         train_loop_config=loop,
-        scaling_config=ray.train.ScalingConfig(num_workers=resources.workers, use_gpu=resources.gpu > 0,
-                                               resources_per_worker=per_worker,
-                                               placement_strategy=resources.placement),
-        run_config=ray.train.RunConfig(name=TRAIN_RUN, storage_path=storage_path, callbacks=list(callbacks),
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures),
-                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=resources.workers,
+            use_gpu=resources.gpu > 0,
+            resources_per_worker=per_worker,
+            placement_strategy=resources.placement,
+        ),
+        run_config=ray.train.RunConfig(
+            name=TRAIN_RUN,
+            storage_path=storage_path,
+            callbacks=list(callbacks),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+        ),
     )
 
 
@@ -71,18 +93,31 @@ def _train_worker(loop: dict[str, Any]) -> None:
     run_dir = loop["run_dir"] and Path(loop["run_dir"])
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if checkpoint_dir is None:  # progress between evaluations ({} on ranks above 0): a barrier all workers reach
+        if (
+            checkpoint_dir is None
+        ):  # progress between evaluations ({} on ranks above 0): a barrier all workers reach
             ray.train.report({**metrics, **placement} if metrics else {}, checkpoint=None)
             return
         if run_dir:
             record_evaluation(run_dir, metrics, checkpoint_dir)
-        ray.train.report({**metrics, **placement}, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir))
+        ray.train.report(
+            {**metrics, **placement}, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
+        )
 
     # some kernels leave parameters without a gradient (top-k uniform: the key projection): DDP must look for them
     prepare = partial(prepare_model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    checkpoint = ray.train.get_checkpoint()  # the run's own: a replaced worker group, or a restarted trial
-    with checkpoint.as_directory() if checkpoint else nullcontext(loop["resume_from"]) as resume_from:
-        train_trial(TrialConfig.model_validate(loop["trial"]), report, resume_from=resume_from, prepare_model=prepare)
+    checkpoint = (
+        ray.train.get_checkpoint()
+    )  # the run's own: a replaced worker group, or a restarted trial
+    with (
+        checkpoint.as_directory() if checkpoint else nullcontext(loop["resume_from"]) as resume_from
+    ):
+        train_trial(
+            TrialConfig.model_validate(loop["trial"]),
+            report,
+            resume_from=resume_from,
+            prepare_model=prepare,
+        )
 
 
 def trial_request(resources: Resources) -> Any:
@@ -95,21 +130,38 @@ def trial_request(resources: Resources) -> Any:
     return tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}])
 
 
-def sweep_trainable(one_worker: Callable[..., None], configs: dict[str, dict[str, Any]],
-                    resources: dict[str, Resources], tune_path: str, max_failures: int) -> Any:
+def sweep_trainable(
+    one_worker: Callable[..., None],
+    configs: dict[str, dict[str, Any]],
+    resources: dict[str, Resources],
+    tune_path: str,
+    max_failures: int,
+) -> Any:
     """The sweep's Tune trainable, each variant with its resources: one-worker variants run
     `one_worker(config, configs)` in the trial's process, the others a Ray Train run it drives."""
     from ray import tune
 
     from orchestrator.search import VARIANT
 
-    function = tune.with_parameters(_tune_trial, one_worker=one_worker, configs=configs, resources=resources,
-                                    tune_path=tune_path, max_failures=max_failures)
+    function = tune.with_parameters(
+        _tune_trial,
+        one_worker=one_worker,
+        configs=configs,
+        resources=resources,
+        tune_path=tune_path,
+        max_failures=max_failures,
+    )
     return tune.with_resources(function, lambda config: trial_request(resources[config[VARIANT]]))
 
 
-def _tune_trial(config: dict[str, Any], one_worker: Callable[..., None], configs: dict[str, dict[str, Any]],
-                resources: dict[str, Resources], tune_path: str, max_failures: int) -> None:
+def _tune_trial(
+    config: dict[str, Any],
+    one_worker: Callable[..., None],
+    configs: dict[str, dict[str, Any]],
+    resources: dict[str, Resources],
+    tune_path: str,
+    max_failures: int,
+) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -120,5 +172,10 @@ def _tune_trial(config: dict[str, Any], one_worker: Callable[..., None], configs
         return one_worker(config, configs)
 
     trial_dir = f"{tune_path}/{tune.get_context().get_trial_id()}"  # the sweep's trial folders are named by id
-    trainer(validated_trial_config(config, configs), variant, storage_path=trial_dir, max_failures=max_failures,
-            callbacks=[TuneReportCallback()]).fit()
+    trainer(
+        validated_trial_config(config, configs),
+        variant,
+        storage_path=trial_dir,
+        max_failures=max_failures,
+        callbacks=[TuneReportCallback()],
+    ).fit()

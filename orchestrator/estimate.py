@@ -26,8 +26,12 @@ from search_spaces.schema import Sweep
 
 BENCH_DATA = Path(__file__).resolve().parents[1] / "bench" / "data"
 BF16_PEAK_FLOPS = 989.4e12  # H100 and H200 SXM, dense: the peak bench/model.py's MFU is relative to
-TRIAL_OVERHEAD_S = 1.0  # scheduling a trial and its first imports (bench/RESULTS.md, "Sweep overhead")
-SWEEP_OVERHEAD_S = 17.0  # starting Ray, MLflow and Tune, and winding down (the same section: 13–16 s + 4 s)
+TRIAL_OVERHEAD_S = (
+    1.0  # scheduling a trial and its first imports (bench/RESULTS.md, "Sweep overhead")
+)
+SWEEP_OVERHEAD_S = (
+    17.0  # starting Ray, MLflow and Tune, and winding down (the same section: 13–16 s + 4 s)
+)
 
 
 @dataclass(frozen=True)
@@ -66,7 +70,10 @@ def distinct_shapes(sweep: Sweep) -> list[tuple[TrialConfig, int, str]]:
     shapes: dict[str, list] = {}
     for trial in sweep.trials:
         key = json.dumps(trial.config.model_dump(exclude={"seed"}), sort_keys=True)
-        label = " ".join(f"{k}={v}" for k, v in trial.varying.items() if k != "seed") or trial.config.task.name
+        label = (
+            " ".join(f"{k}={v}" for k, v in trial.varying.items() if k != "seed")
+            or trial.config.task.name
+        )
         shapes.setdefault(key, [trial.config, 0, label])[1] += 1
     repeats = sweep.search.n_trials * sweep.search.seeds / len(sweep.trials) if sweep.search else 1
     return [(config, math.ceil(count * repeats), label) for config, count, label in shapes.values()]
@@ -83,7 +90,9 @@ def measure_shape(config: TrialConfig, steps: int = 3) -> tuple[float, float, fl
     model = MemoryMosaics(config.model, task.vocab_size).to(device)
     optimizer = build_optimizer(model, config.train, device)
     batches = [task.train_batch(i, config.train.batch_size) for i in range(steps + 1)]
-    optimizer_step(model, model, optimizer, batches[:1], config.train, device).item()  # warm-up, not timed
+    optimizer_step(
+        model, model, optimizer, batches[:1], config.train, device
+    ).item()  # warm-up, not timed
     started = time.perf_counter()
     for batch in batches[1:]:
         optimizer_step(model, model, optimizer, [batch], config.train, device).item()
@@ -93,14 +102,24 @@ def measure_shape(config: TrialConfig, steps: int = 3) -> tuple[float, float, fl
     with torch.no_grad():
         task.evaluate(model, device)
         diagnostic_metrics(model, task, device)
-    tokens = config.train.grad_accum_steps * sum(int(inputs.numel()) for inputs, _ in batches[1:]) / steps
+    tokens = (
+        config.train.grad_accum_steps
+        * sum(int(inputs.numel()) for inputs, _ in batches[1:])
+        / steps
+    )
     return step_s, time.perf_counter() - started, tokens
 
 
 def measured_cost(config: TrialConfig, trials: int, label: str) -> ShapeCost:
     step_s, eval_s, tokens = measure_shape(config)
     seconds = config.train.max_steps * step_s + evaluations(config) * eval_s + TRIAL_OVERHEAD_S
-    return ShapeCost(label, trials, round(tokens * config.train.max_steps), seconds, "measured here: 3 steps, 1 evaluation")
+    return ShapeCost(
+        label,
+        trials,
+        round(tokens * config.train.max_steps),
+        seconds,
+        "measured here: 3 steps, 1 evaluation",
+    )
 
 
 def benchmark_rows(gpu_type: str) -> list[dict]:
@@ -108,7 +127,9 @@ def benchmark_rows(gpu_type: str) -> list[dict]:
     path = BENCH_DATA / f"model-{gpu_type.lower()}.jsonl"
     if not path.is_file():
         known = sorted(p.stem.removeprefix("model-") for p in BENCH_DATA.glob("model-*.jsonl"))
-        raise ValueError(f"no benchmark figures for --gpu-type {gpu_type!r}; recorded: {', '.join(known) or 'none'}")
+        raise ValueError(
+            f"no benchmark figures for --gpu-type {gpu_type!r}; recorded: {', '.join(known) or 'none'}"
+        )
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -122,21 +143,36 @@ def flops_per_token(config: TrialConfig, vocab: int, context: int) -> float:
 def benchmarked_cost(config: TrialConfig, trials: int, label: str, rows: list[dict]) -> ShapeCost:
     """Priced at the MFU of the same kernel on the nearest benchmarked shape (LM or synthetic)."""
     family = "LM" if config.task.name == "lm" else "synthetic"
-    shapes = [r for r in rows if r.get("model", "").startswith("MM ") and r["config"].startswith(family)]
+    shapes = [
+        r for r in rows if r.get("model", "").startswith("MM ") and r["config"].startswith(family)
+    ]
     if not shapes:
-        raise ValueError(f"no Memory Mosaics benchmark row for {family} shapes in the recorded figures")
+        raise ValueError(
+            f"no Memory Mosaics benchmark row for {family} shapes in the recorded figures"
+        )
     nearest = min(abs(_depth(r["config"]) - config.model.n_layer) for r in shapes)
     shapes = [r for r in shapes if abs(_depth(r["config"]) - config.model.n_layer) == nearest]
     same = [r for r in shapes if r["model"] == f"MM {config.model.kernel}"]
-    row = min(same or shapes, key=lambda r: r["mfu"])  # no row for this kernel: the slowest kernel's, to be safe
+    row = min(
+        same or shapes, key=lambda r: r["mfu"]
+    )  # no row for this kernel: the slowest kernel's, to be safe
     task = build_task(config.task, config.seed)
     _, batch_tokens = measure_tokens(task, config)
     context = batch_tokens / config.train.batch_size
     tokens = batch_tokens * config.train.grad_accum_steps * config.train.max_steps
-    seconds = tokens * flops_per_token(config, task.vocab_size, round(context)) / (row["mfu"] * BF16_PEAK_FLOPS)
-    return ShapeCost(label, trials, round(tokens), seconds + TRIAL_OVERHEAD_S,
-                     f"{row['config']}, {row['model']}: MFU {row['mfu']:.3f} on {row.get('device', 'that GPU')}"
-                     + ("" if same else f"; no row for {config.model.kernel}: the slowest kernel's"))
+    seconds = (
+        tokens
+        * flops_per_token(config, task.vocab_size, round(context))
+        / (row["mfu"] * BF16_PEAK_FLOPS)
+    )
+    return ShapeCost(
+        label,
+        trials,
+        round(tokens),
+        seconds + TRIAL_OVERHEAD_S,
+        f"{row['config']}, {row['model']}: MFU {row['mfu']:.3f} on {row.get('device', 'that GPU')}"
+        + ("" if same else f"; no row for {config.model.kernel}: the slowest kernel's"),
+    )
 
 
 def measure_tokens(task, config: TrialConfig) -> tuple[int, int]:
@@ -152,20 +188,32 @@ def _depth(config_name: str) -> int:
 def estimate(sweep: Sweep, at_once: int, gpu_type: str | None = None) -> SweepCost:
     """The cost of every distinct trial shape of `sweep`, measured here or priced for `gpu_type`."""
     rows = benchmark_rows(gpu_type) if gpu_type else None
-    shapes = [benchmarked_cost(config, n, label, rows) if rows is not None else measured_cost(config, n, label)
-              for config, n, label in distinct_shapes(sweep)]
+    shapes = [
+        benchmarked_cost(config, n, label, rows)
+        if rows is not None
+        else measured_cost(config, n, label)
+        for config, n, label in distinct_shapes(sweep)
+    ]
     here = "cuda" if torch.cuda.is_available() else "cpu"
     return SweepCost(shapes, at_once, gpu_type.upper() if gpu_type else f"this machine ({here})")
 
 
 def describe(cost: SweepCost, gpus_per_trial: float) -> list[str]:
     """The lines `--dry-run --estimate` prints."""
-    lines = [f"{s.label}: {s.trials} trial(s) × {s.tokens:,} tokens, {_duration(s.seconds)} each ({s.source})"
-             for s in cost.shapes]
+    lines = [
+        f"{s.label}: {s.trials} trial(s) × {s.tokens:,} tokens, {_duration(s.seconds)} each ({s.source})"
+        for s in cost.shapes
+    ]
     hours = cost.trial_hours * (gpus_per_trial if gpus_per_trial else 1)
-    unit = "GPU-hours (trials priced alone; packed ones share a GPU's throughput)" if gpus_per_trial else "trial-hours"
-    lines.append(f"estimate on {cost.device}: {hours:,.1f} {unit}; wall time {_duration(cost.wall_seconds)} "
-                 f"at {cost.at_once} trial(s) at a time")
+    unit = (
+        "GPU-hours (trials priced alone; packed ones share a GPU's throughput)"
+        if gpus_per_trial
+        else "trial-hours"
+    )
+    lines.append(
+        f"estimate on {cost.device}: {hours:,.1f} {unit}; wall time {_duration(cost.wall_seconds)} "
+        f"at {cost.at_once} trial(s) at a time"
+    )
     return lines
 
 

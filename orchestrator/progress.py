@@ -8,17 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from rich.console import Console
 
 from analysis.results_store import read_results
 from analysis.schema import TrialStatus
 from orchestrator.search import trial_config, trial_name
 from orchestrator.tracking import reported_metrics
 
-
-_console = Console(stderr=True, highlight=False, soft_wrap=True)  # module level: Tune pickles its callbacks; a
+_console = Console(
+    stderr=True, highlight=False, soft_wrap=True
+)  # module level: Tune pickles its callbacks; a
 # file or pipe gets whole lines, not lines wrapped at 80 columns
 
 
@@ -35,12 +36,15 @@ class TrialProgress(Callback):
         last = results.groupby("trial_id")["status"].last()
         self.finished = set(last[last.isin([TrialStatus.TERMINATED, TrialStatus.ERROR])].index)
 
-    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+    def on_trial_start(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         self.finished.discard(trial.trial_id)  # an errored trial that a resume retries runs again
         _console.print(f"[dim]{self._count()} started[/]  {trial_name(trial.config)}")
 
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any],
-                        **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+    ) -> None:
         """A running trial's step, loss, rate and time to go, at each `log_interval` and evaluation."""
         metrics = reported_metrics(result)
         step, rate = metrics.get("step"), metrics.get("tokens_per_s")
@@ -49,28 +53,53 @@ class TrialProgress(Callback):
         max_steps = trial_config(trial.config, self.configs)["train"]["max_steps"]
         seconds = result.get("time_total_s", 0.0)
         to_go = seconds / step * (max_steps - step) if step else 0.0
-        _console.print(f"[dim]{self._count()} step {step:.0f}/{max_steps}[/]  {trial_name(trial.config)}  "
-                       f"train_loss={metrics.get('train_loss', float('nan')):.3g}  {rate / 1000:.3g}k tokens/s  "
-                       f"[dim]ETA {_duration(to_go)}[/]")
+        _console.print(
+            f"[dim]{self._count()} step {step:.0f}/{max_steps}[/]  {trial_name(trial.config)}  "
+            f"train_loss={metrics.get('train_loss', float('nan')):.3g}  {rate / 1000:.3g}k tokens/s  "
+            f"[dim]ETA {_duration(to_go)}[/]"
+        )
 
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         self.finished.add(trial.trial_id)
         metrics = reported_metrics(trial.last_result)
-        shown = "  ".join(f"{key}={value:.3g}" for key, value in metrics.items()
-                          if key not in ("step", "lr", "elapsed_s", "tokens_per_s") and "/" not in key)  # per-head ones: MLflow
+        shown = "  ".join(
+            f"{key}={value:.3g}"
+            for key, value in metrics.items()
+            if key not in ("step", "lr", "elapsed_s", "tokens_per_s") and "/" not in key
+        )  # per-head ones: MLflow
         seconds = trial.last_result.get("time_total_s", 0.0)
-        step, max_steps = metrics.get("step"), trial_config(trial.config, self.configs)["train"]["max_steps"]
-        ended = ("[green]done[/]   " if step is None or step >= max_steps
-                 else f"[yellow]stopped[/] at step {step:.0f} by the scheduler:")
-        _console.print(f"{self._count()} {ended}  {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]")
+        step, max_steps = (
+            metrics.get("step"),
+            trial_config(trial.config, self.configs)["train"]["max_steps"],
+        )
+        ended = (
+            "[green]done[/]   "
+            if step is None or step >= max_steps
+            else f"[yellow]stopped[/] at step {step:.0f} by the scheduler:"
+        )
+        _console.print(
+            f"{self._count()} {ended}  {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]"
+        )
 
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         self.finished.add(trial.trial_id)
-        _console.print(f"{self._count()} [red]failed[/]   {trial_name(trial.config)}  [dim]{trial.error_file or ''}[/]")
+        _console.print(
+            f"{self._count()} [red]failed[/]   {trial_name(trial.config)}  [dim]{trial.error_file or ''}[/]"
+        )
 
     def _count(self) -> str:
         return f"[{len(self.finished)}/{self.total}]"
 
 
 def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )

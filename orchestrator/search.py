@@ -27,7 +27,9 @@ VARIANT = "variant"
 _DOMAINS = {
     "uniform": lambda low, high: tune.uniform(low, high),
     "loguniform": lambda low, high: tune.loguniform(low, high),
-    "int": lambda low, high: tune.randint(int(low), int(high) + 1),  # Tune's upper bound is exclusive
+    "int": lambda low, high: tune.randint(
+        int(low), int(high) + 1
+    ),  # Tune's upper bound is exclusive
     "logint": lambda low, high: tune.lograndint(int(low), int(high) + 1),
 }
 
@@ -38,7 +40,7 @@ def param_space(sweep: Sweep, variants: list[str]) -> dict[str, Any]:
         return {VARIANT: tune.grid_search(variants)}
     space: dict[str, Any] = {VARIANT: tune.choice(variants) if len(variants) > 1 else variants[0]}
     for key, distribution in sweep.search.space.items():
-        (kind, values), = distribution.items()
+        ((kind, values),) = distribution.items()
         space[key] = tune.choice(values) if kind == "choice" else _DOMAINS[kind](*values)
     return space
 
@@ -55,13 +57,17 @@ def trial_config(tune_config: dict[str, Any], configs: dict[str, dict[str, Any]]
     return config
 
 
-def validated_trial_config(tune_config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> TrialConfig:
+def validated_trial_config(
+    tune_config: dict[str, Any], configs: dict[str, dict[str, Any]]
+) -> TrialConfig:
     """`trial_config`, validated: a search can suggest an invalid config inside its ranges (n_embd
     not divisible by n_head), which fails its trial alone with a one-line ValueError."""
     try:
         return TrialConfig.model_validate(trial_config(tune_config, configs))
     except ValidationError as error:
-        raise ValueError(describe_validation_error(error, TrialConfig, "the suggested config")) from None
+        raise ValueError(
+            describe_validation_error(error, TrialConfig, "the suggested config")
+        ) from None
 
 
 def trial_name(tune_config: dict[str, Any]) -> str:
@@ -79,9 +85,14 @@ def scheduler(sweep: Sweep) -> TrialScheduler:
     if sweep.scheduler is None:
         return FIFOScheduler()
     metric, mode = sweep.metric
-    return ASHAScheduler(time_attr="step", metric=metric, mode=mode,
-                         max_t=max(trial.config.train.max_steps for trial in sweep.trials),
-                         grace_period=sweep.scheduler.grace_period, reduction_factor=sweep.scheduler.reduction_factor)
+    return ASHAScheduler(
+        time_attr="step",
+        metric=metric,
+        mode=mode,
+        max_t=max(trial.config.train.max_steps for trial in sweep.trials),
+        grace_period=sweep.scheduler.grace_period,
+        reduction_factor=sweep.scheduler.reduction_factor,
+    )
 
 
 def optuna_storage_url(search: Search, sweep_dir: Path) -> str:
@@ -98,10 +109,19 @@ def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
 
     optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())  # quiet unless -v
     search = sweep.search
-    sampler = (optuna.samplers.TPESampler(seed=search.sampler_seed) if search.sampler == "tpe"
-               else optuna.samplers.RandomSampler(seed=search.sampler_seed))
+    sampler = (
+        optuna.samplers.TPESampler(seed=search.sampler_seed)
+        if search.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=search.sampler_seed)
+    )
     storage = optuna.storages.RDBStorage(optuna_storage_url(search, sweep_dir))
-    optuna_search = OptunaSearch(metric=search.metric, mode=search.mode, sampler=sampler, storage=storage,
-                                 study_name=sweep.name)
-    return Repeater(optuna_search, repeat=search.seeds)  # Tune's searcher checkpoint keeps its seed groups
-
+    optuna_search = OptunaSearch(
+        metric=search.metric,
+        mode=search.mode,
+        sampler=sampler,
+        storage=storage,
+        study_name=sweep.name,
+    )
+    return Repeater(
+        optuna_search, repeat=search.seeds
+    )  # Tune's searcher checkpoint keeps its seed groups

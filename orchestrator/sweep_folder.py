@@ -45,9 +45,13 @@ class LaunchRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     tracking_uri: str = Field(min_length=1)
-    storage_path: str = Field(min_length=1, description="Tune's storage_path: the sweep folder, or shared storage")
+    storage_path: str = Field(
+        min_length=1, description="Tune's storage_path: the sweep folder, or shared storage"
+    )
     trials: int = Field(ge=1)
-    workers: dict[str, int] = Field(default_factory=dict, description="variant -> its Ray Train workers (as first launched)")
+    workers: dict[str, int] = Field(
+        default_factory=dict, description="variant -> its Ray Train workers (as first launched)"
+    )
 
     @property
     def tune_path(self) -> str:
@@ -78,19 +82,30 @@ class SweepFolder:
     launch: LaunchRecord
 
     @classmethod
-    def create(cls, path: Path, launch: LaunchRecord, configs: dict[str, dict[str, Any]], *,
-               overwrite: bool = False) -> SweepFolder:
+    def create(
+        cls,
+        path: Path,
+        launch: LaunchRecord,
+        configs: dict[str, dict[str, Any]],
+        *,
+        overwrite: bool = False,
+    ) -> SweepFolder:
         """A new sweep folder holding its launch record and trial configs (an old sweep there is moved aside
         with `overwrite`, refused without)."""
         prepare_output_dir(path, overwrite, marker=LAUNCH, what="a sweep")
-        _write_json(path / LAUNCH, launch.model_dump())  # first: whatever follows, the folder is known as a sweep's
+        _write_json(
+            path / LAUNCH, launch.model_dump()
+        )  # first: whatever follows, the folder is known as a sweep's
         _write_json(path / TRIALS, configs)
         return cls(path, launch)
 
     @classmethod
     def open(cls, path: Path) -> SweepFolder:
         """The sweep in `path`, its launch record checked."""
-        return cls(path, _read_model(path / LAUNCH, LaunchRecord, f"{path} is not a sweep folder (no {LAUNCH})"))
+        return cls(
+            path,
+            _read_model(path / LAUNCH, LaunchRecord, f"{path} is not a sweep folder (no {LAUNCH})"),
+        )
 
     def configs(self) -> dict[str, dict[str, Any]]:
         """Variant name -> full trial config, as the sweep was first expanded."""
@@ -115,12 +130,15 @@ def prepare_output_dir(path: Path, overwrite: bool, *, marker: str, what: str) -
     aside, never delete it, and never move a folder that is not one of ours."""
     if path.exists() and any(path.iterdir()):
         if not (path / marker).is_file():
-            raise SweepFolderError(f"{path} is not empty and has no {marker}, so it is not the folder of {what} "
-                                   "and is left alone; give --out a new or empty folder")
+            raise SweepFolderError(
+                f"{path} is not empty and has no {marker}, so it is not the folder of {what} "
+                "and is left alone; give --out a new or empty folder"
+            )
         if not overwrite:
             raise SweepFolderError(
                 f"{path} already holds {what}; pass --resume to continue it, --overwrite to start again "
-                f"(the old folder is kept as a backup), or --out another folder")
+                f"(the old folder is kept as a backup), or --out another folder"
+            )
         backup = _backup_name(path)
         shutil.move(path, backup)
         log.warning("moved the existing %s to %s", path, backup)
@@ -148,8 +166,10 @@ def _read_json(path: Path, missing: str) -> Any:
     try:
         return json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as error:
-        raise SweepFolderError(f"{path} is corrupt ({' '.join(str(error).split())[:120]}); "
-                               "start the sweep again with --overwrite") from None
+        raise SweepFolderError(
+            f"{path} is corrupt ({' '.join(str(error).split())[:120]}); "
+            "start the sweep again with --overwrite"
+        ) from None
 
 
 def _read_model(path: Path, model: type[M], missing: str) -> M:
@@ -159,14 +179,24 @@ def _read_model(path: Path, model: type[M], missing: str) -> M:
     except ValidationError as error:
         first = error.errors()[0]
         where = ".".join(map(str, first["loc"])) or "(top level)"
-        raise SweepFolderError(f"{path} is corrupt ({where}: {first['msg']}); "
-                               "start the sweep again with --overwrite") from None
+        raise SweepFolderError(
+            f"{path} is corrupt ({where}: {first['msg']}); start the sweep again with --overwrite"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
 # where a sweep may be written: checked from the flags alone, before anything is made
 
-TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")  # MLflow's stores
+TRACKING_SCHEMES = (
+    "file",
+    "sqlite",
+    "postgresql",
+    "mysql",
+    "mssql",
+    "http",
+    "https",
+    "databricks",
+)  # MLflow's stores
 
 
 def check_new_folder(path: Path, flag: str) -> None:
@@ -175,8 +205,10 @@ def check_new_folder(path: Path, flag: str) -> None:
     longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
     limit = os.pathconf("/", "PC_NAME_MAX")
     if len(os.fsencode(longest)) > limit:
-        raise SweepFolderError(f"{flag}: the name '{longest[:40]}…' is {len(os.fsencode(longest))} bytes long; "
-                               f"at most {limit}")
+        raise SweepFolderError(
+            f"{flag}: the name '{longest[:40]}…' is {len(os.fsencode(longest))} bytes long; "
+            f"at most {limit}"
+        )
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         where = "is a file" if existing == path else f"is under the file {existing}"
@@ -188,8 +220,10 @@ def check_new_folder(path: Path, flag: str) -> None:
 def check_overwrite(path: Path) -> None:
     """--overwrite moves the old folder aside: never the working folder or one that holds it."""
     if Path.cwd().resolve().is_relative_to(path.resolve()):
-        raise SweepFolderError(f"--out {path} --overwrite would move aside the folder you are working in; "
-                               "give --out a subfolder")
+        raise SweepFolderError(
+            f"--out {path} --overwrite would move aside the folder you are working in; "
+            "give --out a subfolder"
+        )
 
 
 def check_storage(storage: str) -> None:
@@ -200,19 +234,27 @@ def check_storage(storage: str) -> None:
 
     try:
         pyarrow.fs.FileSystem.from_uri(storage)
-    except Exception as error:  # pyarrow raises ArrowInvalid for unknown schemes, OSError for unreachable ones
-        raise SweepFolderError(f"--storage {storage}: {' '.join(str(error).split())[:160]}") from None
+    except (
+        Exception
+    ) as error:  # pyarrow raises ArrowInvalid for unknown schemes, OSError for unreachable ones
+        raise SweepFolderError(
+            f"--storage {storage}: {' '.join(str(error).split())[:160]}"
+        ) from None
 
 
 def check_tracking_uri(uri: str) -> None:
     """A --mlflow-uri MLflow can log to; a SQLite file or a file store in a folder that can be made."""
     scheme = urlparse(uri).scheme
     if scheme and scheme not in TRACKING_SCHEMES:
-        raise SweepFolderError(f"--mlflow-uri {uri}: unknown scheme '{scheme}'; allowed: a folder, "
-                               f"{', '.join(f'{s}:' for s in TRACKING_SCHEMES)}")
+        raise SweepFolderError(
+            f"--mlflow-uri {uri}: unknown scheme '{scheme}'; allowed: a folder, "
+            f"{', '.join(f'{s}:' for s in TRACKING_SCHEMES)}"
+        )
     if scheme == "sqlite":
         if not uri.startswith("sqlite:///"):
-            raise SweepFolderError(f"--mlflow-uri {uri}: write a SQLite store as sqlite:///relative.db or sqlite:////absolute.db")
+            raise SweepFolderError(
+                f"--mlflow-uri {uri}: write a SQLite store as sqlite:///relative.db or sqlite:////absolute.db"
+            )
         check_new_folder(Path(uri.removeprefix("sqlite:///")).parent, "--mlflow-uri")
     elif scheme in ("", "file"):
         check_new_folder(Path(uri.removeprefix("file://")), "--mlflow-uri")
@@ -223,5 +265,7 @@ def read_configs(path: Path) -> dict[str, dict[str, Any]]:
     file = path / TRIALS
     configs = _read_json(file, f"{path} has no {TRIALS}")
     if not isinstance(configs, dict) or not configs:
-        raise SweepFolderError(f"{file} is corrupt (not a mapping of trial configs); start the sweep again with --overwrite")
+        raise SweepFolderError(
+            f"{file} is corrupt (not a mapping of trial configs); start the sweep again with --overwrite"
+        )
     return configs

@@ -39,20 +39,31 @@ from orchestrator.sweep_folder import RunMap, SweepFolder
 
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id", "error")  # set when rows are written
-_PLACEMENT_KEYS = ("hostname", "node_ip", "pid", "cuda_visible_devices")  # Tune's own, and our trainable's
+_PLACEMENT_KEYS = (
+    "hostname",
+    "node_ip",
+    "pid",
+    "cuda_visible_devices",
+)  # Tune's own, and our trainable's
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = "custom_model_development"  # MLflow 3's UI then opens on the runs table, not the GenAI overview
+MODEL_TRAINING = (
+    "custom_model_development"  # MLflow 3's UI then opens on the runs table, not the GenAI overview
+)
 NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow's UI (Markdown)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the run page shows it
 VERSIONED_PACKAGES = ("torch", "ray", "mlflow", "triton", "adasplash")
-SYSTEM_METRICS_INTERVAL_S = 10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+SYSTEM_METRICS_INTERVAL_S = (
+    10.0  # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+)
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
 def default_tracking_uri(sweeps_dir: Path) -> str:
     """`--mlflow-uri`, else MLFLOW_TRACKING_URI, else a SQLite file beside the sweep folders."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{sweeps_dir.resolve() / 'mlflow.db'}"
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{sweeps_dir.resolve() / 'mlflow.db'}"
+    )
 
 
 def reported_metrics(result: dict[str, Any]) -> dict[str, float]:
@@ -70,7 +81,11 @@ def trial_columns(config: TrialConfig) -> dict[str, Any]:
     columns = {column: flat.get(key) for column, key in TYPED_CONFIG.items()}
     if columns["k"] is not None:  # kernel parameters are floats in the config
         columns["k"] = int(columns["k"])
-    return {**columns, "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params), "seed": config.seed}
+    return {
+        **columns,
+        "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params),
+        "seed": config.seed,
+    }
 
 
 def package_versions() -> dict[str, str]:
@@ -87,9 +102,11 @@ def package_versions() -> dict[str, str]:
 def git_commit(root: Path = PROJECT_ROOT) -> dict[str, str]:
     """The commit of the checkout the code runs from, and whether tracked files differ from it;
     nothing when the code is not a git checkout of its own (an installed package)."""
+
     def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True,
-                              timeout=30).stdout
+        return subprocess.run(
+            ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
+        ).stdout
 
     try:
         top, commit = git("rev-parse", "--show-toplevel", "HEAD").split()
@@ -101,7 +118,9 @@ def git_commit(root: Path = PROJECT_ROOT) -> dict[str, str]:
     return {GIT_COMMIT_TAG: commit, "git.dirty": str(dirty).lower()}
 
 
-def describe_parent_run(client: MlflowClient, run_id: str, sweep_file: Path | None, plan: list[str]) -> None:
+def describe_parent_run(
+    client: MlflowClient, run_id: str, sweep_file: Path | None, plan: list[str]
+) -> None:
     """What a reviewer needs to trust a sweep's numbers: its file, the code's commit, the package
     versions and how its trials were placed."""
     tags = {**git_commit(), **package_versions(), "resource_plan": "\n".join(plan)}
@@ -110,11 +129,16 @@ def describe_parent_run(client: MlflowClient, run_id: str, sweep_file: Path | No
         client.log_artifact(run_id, str(sweep_file))
 
 
-def end_unfinished_runs(client: MlflowClient, folder: SweepFolder, status: str = "FAILED") -> list[str]:
+def end_unfinished_runs(
+    client: MlflowClient, folder: SweepFolder, status: str = "FAILED"
+) -> list[str]:
     """End every child run still RUNNING once Tune is done (FAILED, or KILLED after Ctrl-C): its trial's process is gone."""
     run_map = folder.run_map() or RunMap(parent="")
-    stuck = [run_id for run_id in run_map.trials.values()
-             if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING)]
+    stuck = [
+        run_id
+        for run_id in run_map.trials.values()
+        if client.get_run(run_id).info.status == RunStatus.to_string(RunStatus.RUNNING)
+    ]
     for run_id in stuck:
         client.set_terminated(run_id, status=status)
     return stuck
@@ -129,7 +153,11 @@ class SweepTracker(Callback):
     """
 
     def __init__(
-        self, client: MlflowClient, experiment_id: str, parent_run_id: str, folder: SweepFolder,
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        parent_run_id: str,
+        folder: SweepFolder,
         configs: dict[str, dict[str, Any]],
     ) -> None:
         self.client = client
@@ -141,49 +169,71 @@ class SweepTracker(Callback):
         self.run_ids: dict[str, str] = {}
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.placed: set[str] = set()  # trials whose current process has told where it runs
-        self.monitors: dict[str, SystemMetricsMonitor] = {}  # threads: made after Tune pickled this callback
+        self.monitors: dict[
+            str, SystemMetricsMonitor
+        ] = {}  # threads: made after Tune pickled this callback
         self.node_ip = ""
 
     def setup(self, **info: Any) -> None:
         from ray.util import get_node_ip_address
 
         self.run_ids = (self.folder.run_map() or RunMap(parent=self.parent_run_id)).trials
-        self.monitors, self.node_ip = {}, get_node_ip_address()  # also for a tracker pickled by older code
+        self.monitors, self.node_ip = (
+            {},
+            get_node_ip_address(),
+        )  # also for a tracker pickled by older code
 
-    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+    def on_trial_start(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         config = self._config(trial)
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             run = self.client.create_run(
                 self.experiment_id,
                 run_name=trial_name(trial.config),
-                tags={"mlflow.parentRunId": self.parent_run_id, "ray.trial_id": trial.trial_id,
-                      "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params)},
+                tags={
+                    "mlflow.parentRunId": self.parent_run_id,
+                    "ray.trial_id": trial.trial_id,
+                    "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params),
+                },
             )
             run_id = self.run_ids[trial.trial_id] = run.info.run_id
             values = {**flatten(config.model_dump()), **searched_values(trial.config)}
             params = [Param(key, str(value)) for key, value in values.items()]
-            self.client.log_batch(run_id, params=params)  # params are immutable in MLflow: once per run
+            self.client.log_batch(
+                run_id, params=params
+            )  # params are immutable in MLflow: once per run
             self.folder.save_run_map(RunMap(parent=self.parent_run_id, trials=self.run_ids))
         else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self._monitor(trial.trial_id, run_id)
         self.placed.discard(trial.trial_id)
         earlier = read_trial_rows(self.sweep_dir, trial.trial_id)
-        self.rows[trial.trial_id] = [{key: row[key] for key in row if key not in _ROW_IDENTITY}
-                                     for row in earlier if row["metric"] is not None]
+        self.rows[trial.trial_id] = [
+            {key: row[key] for key in row if key not in _ROW_IDENTITY}
+            for row in earlier
+            if row["metric"] is not None
+        ]
 
-    def on_trial_result(self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any) -> None:
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
+    ) -> None:
         metrics = reported_metrics(result)
         step = int(metrics.get("step", result.get("training_iteration", 0)))
         rows = self.rows[trial.trial_id]
         run_id = self.run_ids[trial.trial_id]
         if trial.trial_id not in self.placed:
             self._place(trial.trial_id, run_id, result)
-        if step not in {row["step"] for row in rows}:  # a restarted trial repeats steps: MLflow has them
+        if step not in {
+            row["step"] for row in rows
+        }:  # a restarted trial repeats steps: MLflow has them
             now = int(time.time() * 1000)
-            logged = [Metric(key, value, now, step) for key, value in metrics.items()
-                      if key != "step" and math.isfinite(value)]
+            logged = [
+                Metric(key, value, now, step)
+                for key, value in metrics.items()
+                if key != "step" and math.isfinite(value)
+            ]
             self.client.log_batch(run_id, metrics=logged)
         columns = self._columns(trial)
         for key, value in metrics.items():
@@ -191,28 +241,46 @@ class SweepTracker(Callback):
                 continue
             metric, factor = parse_metric_name(key)
             # a trial restarted from a checkpoint reports some steps again: the new value replaces the old
-            rows[:] = [r for r in rows if (r["metric"], r["length_factor"], r["step"]) != (metric, factor, step)]
-            rows.append({**columns, "metric": metric, "length_factor": factor, "step": step,
-                         "value": value})
+            rows[:] = [
+                r
+                for r in rows
+                if (r["metric"], r["length_factor"], r["step"]) != (metric, factor, step)
+            ]
+            rows.append(
+                {**columns, "metric": metric, "length_factor": factor, "step": step, "value": value}
+            )
         self._write_rows(trial, TrialStatus.RUNNING)
 
     def _place(self, trial_id: str, run_id: str, result: dict[str, Any]) -> None:
         """Where the trial runs now (which machine, which GPU); on another machine than the driver's,
         the driver's system metrics are not the trial's, and stop."""
         self.placed.add(trial_id)
-        tags = [RunTag(f"ray.{key}", str(result[key])) for key in _PLACEMENT_KEYS if result.get(key) is not None]
+        tags = [
+            RunTag(f"ray.{key}", str(result[key]))
+            for key in _PLACEMENT_KEYS
+            if result.get(key) is not None
+        ]
         node = result.get("node_ip")
         if node is not None and node != self.node_ip:
             self._stop_monitor(trial_id)
-            tags.append(RunTag("system_metrics", f"not sampled: the trial runs on {node}, the driver on {self.node_ip}"))
+            tags.append(
+                RunTag(
+                    "system_metrics",
+                    f"not sampled: the trial runs on {node}, the driver on {self.node_ip}",
+                )
+            )
         self.client.log_batch(run_id, tags=tags)
 
     def _monitor(self, trial_id: str, run_id: str) -> None:
         """MLflow's system metrics (`system/…`: CPU, memory, disk, network, each NVIDIA GPU) of this
         machine into the trial's run, from a thread that samples every SYSTEM_METRICS_INTERVAL_S."""
         self._stop_monitor(trial_id)
-        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=True,
-                                       tracking_uri=self.folder.launch.tracking_uri)
+        monitor = SystemMetricsMonitor(
+            run_id,
+            sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+            resume_logging=True,
+            tracking_uri=self.folder.launch.tracking_uri,
+        )
         monitor.start()
         self.monitors[trial_id] = monitor
 
@@ -225,17 +293,28 @@ class SweepTracker(Callback):
         for trial_id in list(self.monitors):
             self._stop_monitor(trial_id)
 
-    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+    def on_trial_recover(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         """Tune retries the trial from its last checkpoint: the run keeps count and the attempt's error."""
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is not None:
-            self.client.log_batch(run_id, tags=[RunTag("ray.retries", str(trial.num_failures)),
-                                                RunTag("ray.last_retried_error", _last_error_line(trial))])
+            self.client.log_batch(
+                run_id,
+                tags=[
+                    RunTag("ray.retries", str(trial.num_failures)),
+                    RunTag("ray.last_retried_error", _last_error_line(trial)),
+                ],
+            )
 
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         self._end(trial, TrialStatus.TERMINATED, RunStatus.to_string(RunStatus.FINISHED))
 
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
@@ -245,7 +324,9 @@ class SweepTracker(Callback):
             self.client.log_artifact(run_id, trial.error_file)  # the whole traceback
         self._end(trial, TrialStatus.ERROR, RunStatus.to_string(RunStatus.FAILED), error=error)
 
-    def _end(self, trial: Trial, status: TrialStatus, mlflow_status: str, error: str | None = None) -> None:
+    def _end(
+        self, trial: Trial, status: TrialStatus, mlflow_status: str, error: str | None = None
+    ) -> None:
         self._stop_monitor(trial.trial_id)
         if trial.trial_id not in self.run_ids:
             return
@@ -254,8 +335,12 @@ class SweepTracker(Callback):
 
     def _write_rows(self, trial: Trial, status: TrialStatus, error: str | None = None) -> None:
         """All the trial's rows; a failed trial that never reported still gets one row, with its error."""
-        identity = {"trial_id": trial.trial_id, "status": status, "mlflow_run_id": self.run_ids[trial.trial_id],
-                    "error": error}
+        identity = {
+            "trial_id": trial.trial_id,
+            "status": status,
+            "mlflow_run_id": self.run_ids[trial.trial_id],
+            "error": error,
+        }
         rows = self.rows.get(trial.trial_id) or ([self._columns(trial)] if error else [])
         write_trial_rows(self.sweep_dir, trial.trial_id, [{**row, **identity} for row in rows])
 
@@ -274,17 +359,24 @@ class SweepTracker(Callback):
         tells configurations apart."""
         searched = searched_values(trial.config)
         varied = {*varied_keys(flatten(variant) for variant in self.configs.values()), *searched}
-        ran = flatten(trial_config(trial.config, self.configs))  # as suggested, even where that is invalid
+        ran = flatten(
+            trial_config(trial.config, self.configs)
+        )  # as suggested, even where that is invalid
         if searched and len(self.configs) > 1:
             searched = {VARIANT: trial.config[VARIANT], **searched}
-        return {**trial_columns(self._config(trial)), "searched": json.dumps(searched) if searched else None,
-                "config": config_json(ran, varied)}
+        return {
+            **trial_columns(self._config(trial)),
+            "searched": json.dumps(searched) if searched else None,
+            "config": config_json(ran, varied),
+        }
 
 
 def _last_error_line(trial: Trial) -> str:
     """The exception line of the trial's error file (Tune keeps the whole traceback there)."""
     if trial.error_file and Path(trial.error_file).is_file():
-        lines = [line for line in Path(trial.error_file).read_text().strip().splitlines() if line.strip()]
+        lines = [
+            line for line in Path(trial.error_file).read_text().strip().splitlines() if line.strip()
+        ]
         if lines:
             return lines[-1][:5000]
     return "unknown error (the trial's process died)"

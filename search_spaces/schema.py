@@ -17,8 +17,8 @@ import collections
 import copy
 import itertools
 import math
-from fractions import Fraction
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,10 +28,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mosaic_core.config import MAX_SEED, TrialConfig, describe_validation_error, flatten
 from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES, kernel_label, resolve_kernel
 
-KERNEL_KEYS = ("model.kernel", "model.kernel_params")  # set by `kernels:`, never by `grid:`, `cases:` or `base:`
-WORKERS_KEY = "resources.workers"  # the one resource a case may set: a trial's result does not depend on it
+KERNEL_KEYS = (
+    "model.kernel",
+    "model.kernel_params",
+)  # set by `kernels:`, never by `grid:`, `cases:` or `base:`
+WORKERS_KEY = (
+    "resources.workers"  # the one resource a case may set: a trial's result does not depend on it
+)
 MAX_TRIALS = 10_000  # trials per sweep: a larger grid is a typo (the paper's largest sweep has 90)
-MAX_YAML_VALUES = 100_000  # values a YAML file may hold once its aliases are followed (an alias bomb stops here)
+MAX_YAML_VALUES = (
+    100_000  # values a YAML file may hold once its aliases are followed (an alias bomb stops here)
+)
 
 
 class SweepError(ValueError):
@@ -45,15 +52,21 @@ class Resources(BaseModel):
     model_config = ConfigDict(extra="forbid")
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
-    workers: int = Field(1, ge=1, description="data-parallel workers per trial; cpu and gpu are per worker")
-    placement: Literal["PACK", "SPREAD"] = Field("PACK", description="a trial's workers on as few nodes as "
-                                                  "possible (PACK) or on as many (SPREAD)")
+    workers: int = Field(
+        1, ge=1, description="data-parallel workers per trial; cpu and gpu are per worker"
+    )
+    placement: Literal["PACK", "SPREAD"] = Field(
+        "PACK",
+        description="a trial's workers on as few nodes as possible (PACK) or on as many (SPREAD)",
+    )
 
     @field_validator("gpu")
     @classmethod
     def _shareable(cls, gpu: float) -> float:
         if gpu > 1 and not gpu.is_integer():
-            raise ValueError(f"gpu {gpu:g}: a fraction of one GPU (≤ 1) or whole GPUs; Ray cannot split several")
+            raise ValueError(
+                f"gpu {gpu:g}: a fraction of one GPU (≤ 1) or whole GPUs; Ray cannot split several"
+            )
         return gpu
 
 
@@ -68,7 +81,13 @@ class Scheduler(BaseModel):
     reduction_factor: float = Field(3.0, gt=1)
 
 
-DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")  # choice: [values…]; the others: [low, high]
+DISTRIBUTIONS = (
+    "uniform",
+    "loguniform",
+    "int",
+    "logint",
+    "choice",
+)  # choice: [values…]; the others: [low, high]
 
 
 class Search(BaseModel):
@@ -80,8 +99,12 @@ class Search(BaseModel):
     n_trials: int = Field(ge=1, description="suggestions")
     seeds: int = Field(1, ge=1, description="seeds per suggestion: seed, seed + 1, …")
     sampler: Literal["tpe", "random"] = "tpe"
-    sampler_seed: int = Field(0, ge=0, lt=2**32, description="Optuna's sampler seed (NumPy's range)")
-    storage: str | None = Field(None, description="Optuna storage URL; default sqlite in the sweep folder")
+    sampler_seed: int = Field(
+        0, ge=0, lt=2**32, description="Optuna's sampler seed (NumPy's range)"
+    )
+    storage: str | None = Field(
+        None, description="Optuna storage URL; default sqlite in the sweep folder"
+    )
     space: dict[str, dict[str, list[Any]]] = Field(min_length=1)
 
 
@@ -94,7 +117,9 @@ class SweepFile(BaseModel):
     cases: list[dict[str, Any]] = Field(default_factory=lambda: [{}], min_length=1)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
-    max_failures: int = Field(1, ge=0, description="retries of a failing trial, each from its last checkpoint")
+    max_failures: int = Field(
+        1, ge=0, description="retries of a failing trial, each from its last checkpoint"
+    )
     scheduler: Scheduler | None = None
     search: Search | None = None
 
@@ -130,7 +155,9 @@ class Sweep:
     description: str
     resources: Resources
     trials: list[Trial]
-    kernel_labels: list[str] = field(default_factory=list)  # table row order: as written in the file
+    kernel_labels: list[str] = field(
+        default_factory=list
+    )  # table row order: as written in the file
     planned_seeds: int = 1
     max_failures: int = 1
     scheduler: Scheduler | None = None
@@ -138,12 +165,19 @@ class Sweep:
 
     def trial_resources(self, trial: Trial) -> Resources:
         """`resources:` with the trial's own worker count (its case's `resources.workers`), if it has one."""
-        return self.resources if trial.workers is None else self.resources.model_copy(update={"workers": trial.workers})
+        return (
+            self.resources
+            if trial.workers is None
+            else self.resources.model_copy(update={"workers": trial.workers})
+        )
 
     @property
     def widest(self) -> Resources:
         """The resources of the trial with the most workers: the hardest one to place."""
-        return max((self.trial_resources(trial) for trial in self.trials), key=lambda resources: resources.workers)
+        return max(
+            (self.trial_resources(trial) for trial in self.trials),
+            key=lambda resources: resources.workers,
+        )
 
     @property
     def num_trials(self) -> int:
@@ -173,7 +207,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             except TypeError:  # an unhashable key: PyYAML's own check names it
                 continue
             if duplicate:
-                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
         return super().construct_mapping(node, deep)
 
 
@@ -183,18 +219,24 @@ def read_yaml(path: Path) -> Any:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as error:
-        raise SweepError(f"{path.name}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
-                         f"{error.start}); save it as UTF-8") from None
+        raise SweepError(
+            f"{path.name}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
     loader = _UniqueKeyLoader(text)
     loader.name = path.name  # what its errors say instead of "<unicode string>"
     try:
         node = loader.get_single_node()
         if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise SweepError(f"{path.name}: holds more than {MAX_YAML_VALUES} values once its aliases are followed")
+            raise SweepError(
+                f"{path.name}: holds more than {MAX_YAML_VALUES} values once its aliases are followed"
+            )
         data = None if node is None else loader.construct_document(node)
         _check_finite(data, path.name)
     except yaml.YAMLError as error:
-        raise SweepError(f"{path.name}: not valid YAML: {' '.join(str(error).split())[:200]}") from None
+        raise SweepError(
+            f"{path.name}: not valid YAML: {' '.join(str(error).split())[:200]}"
+        ) from None
     except RecursionError:
         raise SweepError(f"{path.name}: nested too deeply to be a sweep or trial config") from None
     finally:
@@ -207,8 +249,13 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     if id(node) in sizes:
         return sizes[id(node)]
     sizes[id(node)] = MAX_YAML_VALUES + 1  # until known: a node that contains itself is refused
-    children = ([n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode)
-                else node.value if isinstance(node, yaml.SequenceNode) else [])
+    children = (
+        [n for pair in node.value for n in pair]
+        if isinstance(node, yaml.MappingNode)
+        else node.value
+        if isinstance(node, yaml.SequenceNode)
+        else []
+    )
     sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
     return sizes[id(node)]
 
@@ -217,9 +264,19 @@ def _check_finite(data: Any, source: str, key: str = "") -> None:
     """No .inf or .nan anywhere: every number of a sweep is a setting, and none of them means infinity."""
     if isinstance(data, float) and not math.isfinite(data):
         raise SweepError(f"{source}: {key or '(top level)'}: {data} is not a finite number")
-    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else []
+    items = (
+        data.items()
+        if isinstance(data, dict)
+        else enumerate(data)
+        if isinstance(data, list)
+        else []
+    )
     for name, value in items:
-        _check_finite(value, source, f"{key}[{name}]" if isinstance(data, list) else f"{key}.{name}".lstrip("."))
+        _check_finite(
+            value,
+            source,
+            f"{key}[{name}]" if isinstance(data, list) else f"{key}.{name}".lstrip("."),
+        )
 
 
 def load_sweep(path: str | Path) -> Sweep:
@@ -230,7 +287,9 @@ def load_sweep(path: str | Path) -> Sweep:
         raise SweepError(f"{path}: no such sweep file")
     raw = read_yaml(path)
     if not isinstance(raw, dict):
-        raise SweepError(f"{source}: a sweep file is a mapping with keys {', '.join(SweepFile.model_fields)}")
+        raise SweepError(
+            f"{source}: a sweep file is a mapping with keys {', '.join(SweepFile.model_fields)}"
+        )
     try:
         spec = SweepFile.model_validate(raw)
     except ValidationError as error:
@@ -244,8 +303,12 @@ def expand(spec: SweepFile, source: str) -> Sweep:
     try:
         base = TrialConfig.model_validate(spec.base)
     except ValidationError as error:
-        raise SweepError(describe_validation_error(error, TrialConfig, source, prefix="base.")) from None
-    entries = [_kernel_choices(entry, f"{source}: kernels[{i}]") for i, entry in enumerate(spec.kernels)]
+        raise SweepError(
+            describe_validation_error(error, TrialConfig, source, prefix="base.")
+        ) from None
+    entries = [
+        _kernel_choices(entry, f"{source}: kernels[{i}]") for i, entry in enumerate(spec.kernels)
+    ]
     _check_grid(spec.grid, base, source)
     cases = [flatten(case) for case in spec.cases]
     for i, case in enumerate(cases):
@@ -253,65 +316,102 @@ def expand(spec: SweepFile, source: str) -> Sweep:
         _check_case_workers(case, source)
     _check_count(spec, [math.prod(map(len, choices.values())) for _, choices in entries], source)
     kernels = _kernel_variants(entries, source)
-    grid_points = [dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())]
-    trials = [_trial(spec.base, case, kernel, point, source)
-              for case, kernel, point in itertools.product(cases, kernels, grid_points)]
+    grid_points = [
+        dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())
+    ]
+    trials = [
+        _trial(spec.base, case, kernel, point, source)
+        for case, kernel, point in itertools.product(cases, kernels, grid_points)
+    ]
     names = collections.Counter(trial.describe() for trial in trials)
     twice = next((name for name, count in names.items() if count > 1), None)
     if twice is not None:
-        raise SweepError(f"{source}: two grid points make the same trial '{twice}'; list each value once")
+        raise SweepError(
+            f"{source}: two grid points make the same trial '{twice}'; list each value once"
+        )
     labels = list(dict.fromkeys(trial.kernel_label for trial in trials))
     seeds = spec.search.seeds if spec.search else len(spec.grid.get("seed", [None]))
     if spec.search:
         _check_search(spec.search, spec.grid, trials, source)
     if spec.scheduler:
         _check_scheduler(spec.scheduler, spec.search, trials, source)
-    return Sweep(spec.name, spec.description, spec.resources, trials, labels, seeds, spec.max_failures,
-                 spec.scheduler, spec.search)
+    return Sweep(
+        spec.name,
+        spec.description,
+        spec.resources,
+        trials,
+        labels,
+        seeds,
+        spec.max_failures,
+        spec.scheduler,
+        spec.search,
+    )
 
 
 def _check_case_workers(case: dict[str, Any], source: str) -> None:
     """A case may give its trials their own worker count; every other resource is the sweep's."""
     others = [key for key in case if key.startswith("resources.") and key != WORKERS_KEY]
     if others:
-        raise SweepError(f"{source}: cases can set {WORKERS_KEY} only; {', '.join(others)} is per worker, "
-                         "for the whole sweep, in 'resources:'")
+        raise SweepError(
+            f"{source}: cases can set {WORKERS_KEY} only; {', '.join(others)} is per worker, "
+            "for the whole sweep, in 'resources:'"
+        )
     workers = case.get(WORKERS_KEY, 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SweepError(f"{source}: case {WORKERS_KEY} must be a whole number ≥ 1; got {workers!r}")
+        raise SweepError(
+            f"{source}: case {WORKERS_KEY} must be a whole number ≥ 1; got {workers!r}"
+        )
 
 
-def _trial(base: dict[str, Any], full_case: dict[str, Any], kernel: tuple[str, dict[str, float]],
-           point: dict[str, Any], source: str) -> Trial:
+def _trial(
+    base: dict[str, Any],
+    full_case: dict[str, Any],
+    kernel: tuple[str, dict[str, float]],
+    point: dict[str, Any],
+    source: str,
+) -> Trial:
     """One grid point: the case merged into the base key by key, then the kernel variant and the grid values."""
     name, params = kernel
     case = {key: value for key, value in full_case.items() if key != WORKERS_KEY}
-    tree = with_overrides(base, {**case, "model.kernel": name, "model.kernel_params": params, **point})
-    shown_kernel = f"{name}({', '.join(_show(p, v) for p, v in params.items())})" if params else name
+    tree = with_overrides(
+        base, {**case, "model.kernel": name, "model.kernel_params": params, **point}
+    )
+    shown_kernel = (
+        f"{name}({', '.join(_show(p, v) for p, v in params.items())})" if params else name
+    )
     shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
     varying = {**shown_case, "kernel": shown_kernel, **point}
     try:
         return Trial(TrialConfig.model_validate(tree), varying, full_case.get(WORKERS_KEY))
     except ValidationError as error:
-        raise SweepError(describe_validation_error(error, TrialConfig, f"{source}: trial '{_name(varying)}'")) from None
+        raise SweepError(
+            describe_validation_error(error, TrialConfig, f"{source}: trial '{_name(varying)}'")
+        ) from None
 
 
 def _check_kernel_keys(section: dict[str, Any], where: str) -> None:
     """Kernel variants come from `kernels:` alone: a kernel set elsewhere would be overridden silently."""
     for key in flatten(section):
         if key in KERNEL_KEYS or key.startswith("model.kernel_params."):
-            raise SweepError(f"{where}: cannot set '{key}'; list kernel variants in 'kernels:' "
-                             f"(kernels: {', '.join(KERNEL_DEFAULTS)})")
+            raise SweepError(
+                f"{where}: cannot set '{key}'; list kernel variants in 'kernels:' "
+                f"(kernels: {', '.join(KERNEL_DEFAULTS)})"
+            )
 
 
 def _check_count(spec: SweepFile, variants: list[int], source: str) -> None:
     """Refuse, before expanding it, a sweep too large to be meant."""
-    counts = {"cases": len(spec.cases), "kernel variants": sum(variants),
-              "grid points": math.prod(len(values) for values in spec.grid.values())}
+    counts = {
+        "cases": len(spec.cases),
+        "kernel variants": sum(variants),
+        "grid points": math.prod(len(values) for values in spec.grid.values()),
+    }
     total = math.prod(counts.values())
     if total > MAX_TRIALS:
         shown = " × ".join(f"{n} {what}" for what, n in counts.items())
-        raise SweepError(f"{source}: the sweep expands to {total} trials ({shown}); at most {MAX_TRIALS} per sweep")
+        raise SweepError(
+            f"{source}: the sweep expands to {total} trials ({shown}); at most {MAX_TRIALS} per sweep"
+        )
 
 
 def _name(varying: dict[str, Any]) -> str:
@@ -321,7 +421,9 @@ def _name(varying: dict[str, Any]) -> str:
 def _show(key: str, value: Any) -> str:
     if key == "kernel":
         return str(value)
-    return f"{PARAMETER_SYMBOLS.get(key, key)}={_exact(value) if isinstance(value, float) else value}"
+    return (
+        f"{PARAMETER_SYMBOLS.get(key, key)}={_exact(value) if isinstance(value, float) else value}"
+    )
 
 
 PARAMETER_SYMBOLS = {"alpha": "α", "gamma": "γ"}  # kernel parameters as the paper writes them
@@ -332,7 +434,9 @@ def _exact(value: float) -> str:
     if float(f"{value:g}") == value:
         return f"{value:g}"
     fraction = Fraction(value).limit_denominator(12)
-    return f"{fraction.numerator}/{fraction.denominator}" if float(fraction) == value else repr(value)
+    return (
+        f"{fraction.numerator}/{fraction.denominator}" if float(fraction) == value else repr(value)
+    )
 
 
 def _kernel_choices(entry: str | dict[str, Any], where: str) -> tuple[str, dict[str, list[float]]]:
@@ -342,18 +446,26 @@ def _kernel_choices(entry: str | dict[str, Any], where: str) -> tuple[str, dict[
     entry = dict(entry)
     name = entry.pop("name", None)
     if not isinstance(name, str):
-        raise SweepError(f"{where}: a kernel entry needs a 'name'; allowed: {', '.join(KERNEL_NAMES)}")
-    choices = {param: value if isinstance(value, list) else [value] for param, value in entry.items()}
+        raise SweepError(
+            f"{where}: a kernel entry needs a 'name'; allowed: {', '.join(KERNEL_NAMES)}"
+        )
+    choices = {
+        param: value if isinstance(value, list) else [value] for param, value in entry.items()
+    }
     for param, values in choices.items():
         if not values:
-            raise SweepError(f"{where}.{param}: empty list of values; give a number or a list of numbers")
+            raise SweepError(
+                f"{where}.{param}: empty list of values; give a number or a list of numbers"
+            )
         bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
         if bad:
             raise SweepError(f"{where}.{param}: a number or a list of numbers; got {bad[0]!r}")
     return name, choices
 
 
-def _kernel_variants(entries: list[tuple[str, dict[str, list[float]]]], source: str) -> list[tuple[str, dict[str, float]]]:
+def _kernel_variants(
+    entries: list[tuple[str, dict[str, list[float]]]], source: str
+) -> list[tuple[str, dict[str, float]]]:
     """[(canonical name, full params), …] in the order written; a variant written twice is refused like a
     repeated grid value ('biweight' and {name: entmax, alpha: 1.5} are one variant)."""
     variants: dict[tuple[str, tuple[tuple[str, float], ...]], int] = {}
@@ -366,18 +478,24 @@ def _kernel_variants(entries: list[tuple[str, dict[str, list[float]]]], source: 
             key = (kernel, tuple(sorted(params.items())))
             if key in variants:
                 shown = ", ".join(_show(p, v) for p, v in params.items())
-                raise SweepError(f"{source}: kernels[{i}] repeats kernels[{variants[key]}]: both are {kernel}"
-                                 f"{f'({shown})' if shown else ''}; list each variant once")
+                raise SweepError(
+                    f"{source}: kernels[{i}] repeats kernels[{variants[key]}]: both are {kernel}"
+                    f"{f'({shown})' if shown else ''}; list each variant once"
+                )
             variants[key] = i
     return [(kernel, dict(params)) for kernel, params in variants]
 
 
 def _check_grid(grid: dict[str, list[Any]], base: TrialConfig, source: str) -> None:
-    allowed = [key for key in flatten(base.model_dump()) if key not in KERNEL_KEYS]  # keys of the base's task
+    allowed = [
+        key for key in flatten(base.model_dump()) if key not in KERNEL_KEYS
+    ]  # keys of the base's task
     for key, values in grid.items():
         if key in KERNEL_KEYS:
-            raise SweepError(f"{source}: grid key '{key}' is set by 'kernels:'; list kernel variants there "
-                             f"(kernels: {', '.join(KERNEL_DEFAULTS)})")
+            raise SweepError(
+                f"{source}: grid key '{key}' is set by 'kernels:'; list kernel variants there "
+                f"(kernels: {', '.join(KERNEL_DEFAULTS)})"
+            )
         if key not in allowed:
             raise SweepError(f"{source}: unknown grid key '{key}'; allowed: {', '.join(allowed)}")
         if not values:
@@ -389,39 +507,59 @@ def _check_grid(grid: dict[str, list[Any]], base: TrialConfig, source: str) -> N
 def _check_metric(metric: str, trials: list[Trial], where: str) -> None:
     reported = set.intersection(*(set(trial.config.metric_names()) for trial in trials))
     if metric not in reported:
-        raise SweepError(f"{where}: metric '{metric}' is not reported by every trial; choose from {', '.join(sorted(reported))}")
+        raise SweepError(
+            f"{where}: metric '{metric}' is not reported by every trial; choose from {', '.join(sorted(reported))}"
+        )
 
 
-def _check_scheduler(scheduler: Scheduler, search: Search | None, trials: list[Trial], source: str) -> None:
+def _check_scheduler(
+    scheduler: Scheduler, search: Search | None, trials: list[Trial], source: str
+) -> None:
     if search is None and (scheduler.metric is None or scheduler.mode is None):
-        raise SweepError(f"{source}: scheduler needs 'metric' and 'mode' (min or max) when there is no 'search:'")
+        raise SweepError(
+            f"{source}: scheduler needs 'metric' and 'mode' (min or max) when there is no 'search:'"
+        )
     if search is not None:
         for key in ("metric", "mode"):
             if getattr(scheduler, key) not in (None, getattr(search, key)):
-                raise SweepError(f"{source}: scheduler.{key} '{getattr(scheduler, key)}' differs from search.{key} "
-                                 f"'{getattr(search, key)}'; leave it out to use the search's")
+                raise SweepError(
+                    f"{source}: scheduler.{key} '{getattr(scheduler, key)}' differs from search.{key} "
+                    f"'{getattr(search, key)}'; leave it out to use the search's"
+                )
         if "train.max_steps" in search.space:
-            raise SweepError(f"{source}: scheduler: ASHA needs one train.max_steps for all trials (its max_t); "
-                             "do not search train.max_steps with a scheduler")
+            raise SweepError(
+                f"{source}: scheduler: ASHA needs one train.max_steps for all trials (its max_t); "
+                "do not search train.max_steps with a scheduler"
+            )
     if scheduler.metric is not None:
         _check_metric(scheduler.metric, trials, f"{source}: scheduler")
     shortest = min(trial.config.train.max_steps for trial in trials)
     if scheduler.grace_period >= shortest:
-        raise SweepError(f"{source}: scheduler.grace_period ({scheduler.grace_period}) must be below "
-                         f"train.max_steps ({shortest}), or no trial is ever stopped early")
+        raise SweepError(
+            f"{source}: scheduler.grace_period ({scheduler.grace_period}) must be below "
+            f"train.max_steps ({shortest}), or no trial is ever stopped early"
+        )
 
 
-def _check_search(search: Search, grid: dict[str, list[Any]], trials: list[Trial], source: str) -> None:
+def _check_search(
+    search: Search, grid: dict[str, list[Any]], trials: list[Trial], source: str
+) -> None:
     """Seeds come from `search.seeds`; every distribution is well formed, and every config it can
     produce at the ends of its ranges is valid for every variant."""
     where = f"{source}: search"
     if "seed" in grid:
-        raise SweepError(f"{where}: seeds come from search.seeds in a search sweep; remove 'seed' from grid:")
+        raise SweepError(
+            f"{where}: seeds come from search.seeds in a search sweep; remove 'seed' from grid:"
+        )
     if search.n_trials * search.seeds > MAX_TRIALS:
-        raise SweepError(f"{where}: n_trials × seeds is {search.n_trials * search.seeds} trials; at most {MAX_TRIALS} per sweep")
+        raise SweepError(
+            f"{where}: n_trials × seeds is {search.n_trials * search.seeds} trials; at most {MAX_TRIALS} per sweep"
+        )
     last_seed = max(trial.config.seed for trial in trials) + search.seeds - 1
     if last_seed > MAX_SEED:
-        raise SweepError(f"{where}.seeds: the last seed would be {last_seed}; seeds go up to {MAX_SEED}")
+        raise SweepError(
+            f"{where}.seeds: the last seed would be {last_seed}; seeds go up to {MAX_SEED}"
+        )
     _check_metric(search.metric, trials, where)
     if search.storage is not None:
         _check_database_url(search.storage, f"{where}.storage")
@@ -430,7 +568,9 @@ def _check_search(search: Search, grid: dict[str, list[Any]], trials: list[Trial
         if key in grid:
             raise SweepError(f"{at}: also in grid:; a key is either searched or gridded")
         if key in KERNEL_KEYS or key == "seed":
-            raise SweepError(f"{at}: cannot be searched; list kernel variants in 'kernels:' and use search.seeds")
+            raise SweepError(
+                f"{at}: cannot be searched; list kernel variants in 'kernels:' and use search.seeds"
+            )
         _check_corners(key, _corners(distribution, at), trials, where)
 
 
@@ -441,20 +581,26 @@ def _check_database_url(url: str, where: str) -> None:
     try:
         make_url(url)
     except ArgumentError:
-        raise SweepError(f"{where}: '{url}' is not a database URL "
-                         "(sqlite:///path/optuna.db, postgresql://user@host/db, …)") from None
+        raise SweepError(
+            f"{where}: '{url}' is not a database URL "
+            "(sqlite:///path/optuna.db, postgresql://user@host/db, …)"
+        ) from None
 
 
 def _corners(distribution: dict[str, list[Any]], at: str) -> list[Any]:
     """The values a well-formed distribution can take at its ends (all of a choice's)."""
     if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
-        raise SweepError(f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}")
-    (kind, values), = distribution.items()
+        raise SweepError(
+            f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}"
+        )
+    ((kind, values),) = distribution.items()
     if kind == "choice":
         if not values:
             raise SweepError(f"{at}: choice needs at least one value")
         return values
-    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+    if len(values) != 2 or not all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
+    ):
         raise SweepError(f"{at}: {kind} takes [low, high] numbers; got {values}")
     low, high = values
     if kind in ("int", "logint") and not all(float(v).is_integer() for v in values):
@@ -473,13 +619,17 @@ def _check_corners(key: str, corners: list[Any], trials: list[Trial], where: str
         keys = flatten(trial.config.model_dump())
         if key not in keys:
             allowed = [k for k in keys if k not in KERNEL_KEYS and k != "seed"]
-            raise SweepError(f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
-                             f"allowed: {', '.join(allowed)}")
+            raise SweepError(
+                f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
+                f"allowed: {', '.join(allowed)}"
+            )
         for value in corners:
             try:
                 TrialConfig.model_validate(with_overrides(trial.config.model_dump(), {key: value}))
             except ValidationError as error:
-                raise SweepError(describe_validation_error(error, TrialConfig, f"{at} = {value}")) from None
+                raise SweepError(
+                    describe_validation_error(error, TrialConfig, f"{at} = {value}")
+                ) from None
 
 
 def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:

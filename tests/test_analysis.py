@@ -9,6 +9,7 @@ from analysis.tables import markdown_cells, table_stats, to_markdown
 def length_generalization_table(frame: pd.DataFrame, **options) -> pd.DataFrame:
     return markdown_cells(table_stats(frame, by="length_factor", **options))
 
+
 # Last-step exact match per (kernel label, seed, length factor); hand-computed cells below.
 FINAL = {
     "Softmax": {0: (0.90, 0.20), 1: (0.95, 0.30), 2: (0.99, 0.40)},  # means 0.9467, 0.30
@@ -20,14 +21,22 @@ def trial_rows(label: str, seed: int, values: tuple[float, ...], factors=(1.0, 2
     trial = f"{label}-{seed}"
     base = dict(trial_id=trial, task="sort", kernel_label=label, seed=seed, status="TERMINATED")
     rows = [dict(base, metric="exact_match", length_factor=f, step=100, value=1.0) for f in factors]
-    rows += [dict(base, metric="exact_match", length_factor=f, step=200, value=v) for f, v in zip(factors, values)]
+    rows += [
+        dict(base, metric="exact_match", length_factor=f, step=200, value=v)
+        for f, v in zip(factors, values)
+    ]
     rows += [dict(base, metric="loss", length_factor=1.0, step=200, value=9.0)]
     rows += [dict(base, metric="exact_match", length_factor=None, step=300, value=1.0)]
     return rows
 
 
 def results(final=FINAL, extra=()) -> pd.DataFrame:
-    rows = [r for label, seeds in final.items() for seed, v in seeds.items() for r in trial_rows(label, seed, v)]
+    rows = [
+        r
+        for label, seeds in final.items()
+        for seed, v in seeds.items()
+        for r in trial_rows(label, seed, v)
+    ]
     return pd.DataFrame(rows + list(extra))
 
 
@@ -49,19 +58,26 @@ def test_missing_seed_is_flagged():
 
 def test_ties_on_shown_values_all_marked_and_missing_cell():
     topk = trial_rows("Top-k", 0, (0.951,), factors=(1.0,))  # shows 0.95 like Softmax's 0.9467
-    table = length_generalization_table(results(extra=topk))  # seeds planned: the most another row has
+    table = length_generalization_table(
+        results(extra=topk)
+    )  # seeds planned: the most another row has
     assert table.loc["Top-k"].tolist() == ["**0.95**^(0.95) [1/3]", "—"]
     assert table.loc["Softmax", "sort 1×"] == "**0.95**^(<u>0.99</u>)"
 
 
 def test_row_order():
     topk = trial_rows("Top-k", 0, (0.5, 0.5))
-    table = length_generalization_table(results(extra=topk), row_order=["1.5-entmax", "Absent", "Softmax"])
+    table = length_generalization_table(
+        results(extra=topk), row_order=["1.5-entmax", "Absent", "Softmax"]
+    )
     assert list(table.index) == ["1.5-entmax", "Softmax", "Top-k"]
 
 
 def test_task_stays_in_column_key():
-    other = [dict(r, task="copy", trial_id="copy-" + r["trial_id"]) for r in trial_rows("Softmax", 0, (0.5, 0.25))]
+    other = [
+        dict(r, task="copy", trial_id="copy-" + r["trial_id"])
+        for r in trial_rows("Softmax", 0, (0.5, 0.25))
+    ]
     table = length_generalization_table(results(extra=other))
     assert list(table.columns) == ["copy 1×", "copy 2×", "sort 1×", "sort 2×"]
     assert table.loc["1.5-entmax", "copy 1×"] == "—"
@@ -79,7 +95,9 @@ def test_to_markdown():
 
 
 def test_write_twice_replaces_trial_rows(tmp_path):
-    write_trial_rows(tmp_path, "t1", [dict(r, trial_id="t1") for r in trial_rows("Softmax", 0, (0.1, 0.2))])
+    write_trial_rows(
+        tmp_path, "t1", [dict(r, trial_id="t1") for r in trial_rows("Softmax", 0, (0.1, 0.2))]
+    )
     write_trial_rows(tmp_path, "t2", [dict(metric="loss", step=1, value=3.0)])
     write_trial_rows(tmp_path, "t1", [dict(metric="loss", step=2, value=1.5)])
     df = read_results(tmp_path).sort_values("trial_id")
@@ -121,7 +139,9 @@ def test_unknown_column_or_other_trial_raises(tmp_path):
 def test_nulls_round_trip(tmp_path):
     common = dict(task="sort", metric="exact_match", length_factor=1.0, step=1, value=0.5)
     write_trial_rows(tmp_path, "soft", [dict(common, kernel="softmax", kernel_label="Softmax")])
-    write_trial_rows(tmp_path, "ent", [dict(common, kernel="entmax", kernel_label="1.5-entmax", alpha=1.5)])
+    write_trial_rows(
+        tmp_path, "ent", [dict(common, kernel="entmax", kernel_label="1.5-entmax", alpha=1.5)]
+    )
     df = read_results(tmp_path).set_index("trial_id")
     assert pd.isna(df.at["soft", "alpha"]) and df.at["ent", "alpha"] == 1.5
     assert df["k"].isna().all() and str(df["k"].dtype) == "Int64"
@@ -129,52 +149,124 @@ def test_nulls_round_trip(tmp_path):
 
 
 def regbench_rows(label: str, seed: int, size: int, accuracy: float, tvd: float) -> list[dict]:
-    common = {"trial_id": f"{label}-{seed}-{size}", "kernel_label": label, "seed": seed, "num_examples": size,
-              "task": "regbench", "step": 100}
-    return [{**common, "metric": "accuracy", "value": accuracy}, {**common, "metric": "tvd", "value": tvd},
-            {**common, "metric": "accuracy", "value": 0.0, "step": 50}]  # an earlier evaluation: ignored
+    common = {
+        "trial_id": f"{label}-{seed}-{size}",
+        "kernel_label": label,
+        "seed": seed,
+        "num_examples": size,
+        "task": "regbench",
+        "step": 100,
+    }
+    return [
+        {**common, "metric": "accuracy", "value": accuracy},
+        {**common, "metric": "tvd", "value": tvd},
+        {**common, "metric": "accuracy", "value": 0.0, "step": 50},
+    ]  # an earlier evaluation: ignored
 
 
 def test_summary_table_marks_the_lowest_tvd_and_the_highest_accuracy():
-    rows = [*regbench_rows("Gaussian", 0, 1000, 80.0, 20.0), *regbench_rows("Gaussian", 1, 1000, 90.0, 10.0),
-            *regbench_rows("Biweight", 0, 1000, 84.0, 12.0), *regbench_rows("Biweight", 1, 1000, 86.0, 14.0),
-            *regbench_rows("Biweight", 0, 5000, 95.0, 5.0)]
-    table = markdown_cells(table_stats(pd.DataFrame(rows), by="num_examples", select="last",
-                                       row_order=["Gaussian", "Biweight"], planned_seeds=2))
-    assert list(table.columns) == ["accuracy ↑ num_examples=1000", "accuracy ↑ num_examples=5000",
-                                   "tvd ↓ num_examples=1000", "tvd ↓ num_examples=5000"]
-    assert table.loc["Gaussian"].tolist() == ["**85.00**^(<u>90.00</u>)", "—", "15.00^(<u>10.00</u>)", "—"]  # tie: both bold
-    assert table.loc["Biweight"].tolist() == ["**85.00**^(86.00)", "**95.00**^(<u>95.00</u>) [1/2]",
-                                              "**13.00**^(12.00)", "**5.00**^(<u>5.00</u>) [1/2]"]
+    rows = [
+        *regbench_rows("Gaussian", 0, 1000, 80.0, 20.0),
+        *regbench_rows("Gaussian", 1, 1000, 90.0, 10.0),
+        *regbench_rows("Biweight", 0, 1000, 84.0, 12.0),
+        *regbench_rows("Biweight", 1, 1000, 86.0, 14.0),
+        *regbench_rows("Biweight", 0, 5000, 95.0, 5.0),
+    ]
+    table = markdown_cells(
+        table_stats(
+            pd.DataFrame(rows),
+            by="num_examples",
+            select="last",
+            row_order=["Gaussian", "Biweight"],
+            planned_seeds=2,
+        )
+    )
+    assert list(table.columns) == [
+        "accuracy ↑ num_examples=1000",
+        "accuracy ↑ num_examples=5000",
+        "tvd ↓ num_examples=1000",
+        "tvd ↓ num_examples=5000",
+    ]
+    assert table.loc["Gaussian"].tolist() == [
+        "**85.00**^(<u>90.00</u>)",
+        "—",
+        "15.00^(<u>10.00</u>)",
+        "—",
+    ]  # tie: both bold
+    assert table.loc["Biweight"].tolist() == [
+        "**85.00**^(86.00)",
+        "**95.00**^(<u>95.00</u>) [1/2]",
+        "**13.00**^(12.00)",
+        "**5.00**^(<u>5.00</u>) [1/2]",
+    ]
 
 
 def test_search_ranking_orders_suggestions_by_their_mean_over_seeds():
     from analysis.tables import search_ranking, to_markdown
 
     def rows(trial, searched, seed, values):
-        return [{"trial_id": trial, "kernel_label": "Biweight", "searched": searched, "seed": seed, "metric": "exact_match",
-                 "length_factor": factor, "step": step, "value": value}
-                for step, (factor, value) in values]
+        return [
+            {
+                "trial_id": trial,
+                "kernel_label": "Biweight",
+                "searched": searched,
+                "seed": seed,
+                "metric": "exact_match",
+                "length_factor": factor,
+                "step": step,
+                "value": value,
+            }
+            for step, (factor, value) in values
+        ]
 
-    a, b = '{"train.lr": 0.0027389695952, "model.n_layer": 3}', '{"train.lr": 0.001, "model.n_layer": 1}'
+    a, b = (
+        '{"train.lr": 0.0027389695952, "model.n_layer": 3}',
+        '{"train.lr": 0.001, "model.n_layer": 1}',
+    )
     frame = pd.DataFrame(
-        rows("t1", a, 0, [(10, (2.0, 0.9)), (20, (2.0, 0.2)), (20, (1.0, 1.0))])  # last step counts: 0.2
+        rows(
+            "t1", a, 0, [(10, (2.0, 0.9)), (20, (2.0, 0.2)), (20, (1.0, 1.0))]
+        )  # last step counts: 0.2
         + rows("t2", a, 1, [(20, (2.0, 0.4))])
-        + rows("t3", b, 0, [(20, (2.0, 0.5))]) + rows("t4", b, 1, [(10, (2.0, 0.6))]))  # stopped early at 10
+        + rows("t3", b, 0, [(20, (2.0, 0.5))])
+        + rows("t4", b, 1, [(10, (2.0, 0.6))])
+    )  # stopped early at 10
     ranking = search_ranking(frame, "exact_match_2x", "max")
-    assert list(ranking.index) == ["Biweight train.lr=0.001 model.n_layer=1", "Biweight train.lr=0.002739 model.n_layer=3"]
-    assert ranking.to_dict("list") == {"exact_match_2x mean": ["0.55", "0.3"], "best seed": ["0.6", "0.4"], "seeds": [2, 2]}
+    assert list(ranking.index) == [
+        "Biweight train.lr=0.001 model.n_layer=1",
+        "Biweight train.lr=0.002739 model.n_layer=3",
+    ]
+    assert ranking.to_dict("list") == {
+        "exact_match_2x mean": ["0.55", "0.3"],
+        "best seed": ["0.6", "0.4"],
+        "seeds": [2, 2],
+    }
     assert list(search_ranking(frame, "exact_match_2x", "min").index)[0].endswith("model.n_layer=3")
-    assert to_markdown(ranking, index_header="Suggestion").splitlines()[0] == \
-        "| Suggestion | exact_match_2x mean | best seed | seeds |"
+    assert (
+        to_markdown(ranking, index_header="Suggestion").splitlines()[0]
+        == "| Suggestion | exact_match_2x mean | best seed | seeds |"
+    )
 
 
 def test_search_ranking_names_the_variant_when_the_search_chose_it():
     from analysis.tables import search_ranking
 
-    frame = pd.DataFrame([
-        {"trial_id": t, "kernel_label": "Gaussian", "searched": f'{{"variant": "softmax model.n_layer={n}", "train.lr": 0.001}}',
-         "seed": 0, "metric": "val_loss", "length_factor": None, "step": 5, "value": v}
-        for t, n, v in (("a", 1, 2.0), ("b", 2, 1.5))])
-    assert list(search_ranking(frame, "val_loss", "min").index) == ["softmax model.n_layer=2 train.lr=0.001",
-                                                                     "softmax model.n_layer=1 train.lr=0.001"]
+    frame = pd.DataFrame(
+        [
+            {
+                "trial_id": t,
+                "kernel_label": "Gaussian",
+                "searched": f'{{"variant": "softmax model.n_layer={n}", "train.lr": 0.001}}',
+                "seed": 0,
+                "metric": "val_loss",
+                "length_factor": None,
+                "step": 5,
+                "value": v,
+            }
+            for t, n, v in (("a", 1, 2.0), ("b", 2, 1.5))
+        ]
+    )
+    assert list(search_ranking(frame, "val_loss", "min").index) == [
+        "softmax model.n_layer=2 train.lr=0.001",
+        "softmax model.n_layer=1 train.lr=0.001",
+    ]

@@ -35,22 +35,60 @@ class Trial:
 
     def rows(self, run_id: str | None = None) -> list[dict]:
         k = self.params.get("k")
-        base = dict(task=self.task, kernel=self.kernel, kernel_label=self.label, alpha=self.params.get("alpha"),
-                    k=None if k is None else int(k), b=self.params.get("b"), n_layer=self.n_layer,
-                    num_examples=self.num_examples, seed=self.seed, status=self.status, mlflow_run_id=run_id)
-        return [dict(base, trial_id=self.trial_id, metric=metric, length_factor=factor, step=step, value=value)
-                for step, values in self.reports.items() for (metric, factor), value in values.items()]
+        base = dict(
+            task=self.task,
+            kernel=self.kernel,
+            kernel_label=self.label,
+            alpha=self.params.get("alpha"),
+            k=None if k is None else int(k),
+            b=self.params.get("b"),
+            n_layer=self.n_layer,
+            num_examples=self.num_examples,
+            seed=self.seed,
+            status=self.status,
+            mlflow_run_id=run_id,
+        )
+        return [
+            dict(
+                base,
+                trial_id=self.trial_id,
+                metric=metric,
+                length_factor=factor,
+                step=step,
+                value=value,
+            )
+            for step, values in self.reports.items()
+            for (metric, factor), value in values.items()
+        ]
 
 
-def sort_trial(number: int, label: str, kernel: str, params: dict, seed: int, em1: float, em2: float,
-               status: str = "TERMINATED") -> Trial:
+def sort_trial(
+    number: int,
+    label: str,
+    kernel: str,
+    params: dict,
+    seed: int,
+    em1: float,
+    em2: float,
+    status: str = "TERMINATED",
+) -> Trial:
     """Exact match `em1`, `em2` at 1× and 2× at the last evaluation (step 200); a perfect, earlier
     evaluation at step 100 must not count. A failed trial reported at step 100 only."""
-    def report(e1: float, e2: float, loss: float) -> dict:
-        return {("exact_match", 1.0): e1, ("exact_match", 2.0): e2, ("support_size", 1.0): 4.0 * e1,
-                ("support_size", 2.0): 8.0 * e2, ("train_loss", None): loss}
 
-    reports = {100: report(em1, em2, 2.0)} if status == "ERROR" else {100: report(1.0, 1.0, 2.0), 200: report(em1, em2, 1.0)}
+    def report(e1: float, e2: float, loss: float) -> dict:
+        return {
+            ("exact_match", 1.0): e1,
+            ("exact_match", 2.0): e2,
+            ("support_size", 1.0): 4.0 * e1,
+            ("support_size", 2.0): 8.0 * e2,
+            ("train_loss", None): loss,
+        }
+
+    reports = (
+        {100: report(em1, em2, 2.0)}
+        if status == "ERROR"
+        else {100: report(1.0, 1.0, 2.0), 200: report(em1, em2, 1.0)}
+    )
     return Trial(f"trial{number:02d}", label, kernel, params, seed, reports, status)
 
 
@@ -63,17 +101,33 @@ LENGTH_TRIALS = [
     sort_trial(2, "Gaussian", "softmax", {}, 2, 0.99, 0.40),
     sort_trial(3, "Biweight", "entmax", {"alpha": 1.5}, 0, 0.91, 0.50),
     sort_trial(4, "Biweight", "entmax", {"alpha": 1.5}, 1, 0.93, 0.60),
-    sort_trial(5, "Biweight", "entmax", {"alpha": 1.5}, 2, 0.97, 0.61, status="ERROR"),  # failed: missing, though it reported
+    sort_trial(
+        5, "Biweight", "entmax", {"alpha": 1.5}, 2, 0.97, 0.61, status="ERROR"
+    ),  # failed: missing, though it reported
     sort_trial(6, "Uniform kNN, k = 2", "topk_uniform", {"k": 2.0}, 0, 0.80, 0.62),
-    sort_trial(7, "Uniform kNN, k = 2", "topk_uniform", {"k": 2.0}, 1, 0.86, 0.66),  # no seed 2: [2/3]
+    sort_trial(
+        7, "Uniform kNN, k = 2", "topk_uniform", {"k": 2.0}, 1, 0.86, 0.66
+    ),  # no seed 2: [2/3]
 ]
 
 
-def regbench_trial(number: int, label: str, seed: int, size: int, accuracy: float, tvd: float) -> Trial:
-    reports = {50: {("accuracy", None): 0.0, ("tvd", None): 99.0, ("val_loss", None): 2.0},
-               100: {("accuracy", None): accuracy, ("tvd", None): tvd, ("val_loss", None): 1.0}}
-    return Trial(f"trial{number:02d}", label, "softmax" if label == "Gaussian" else "entmax",
-                 {} if label == "Gaussian" else {"alpha": 1.5}, seed, reports, task="regbench", num_examples=size)
+def regbench_trial(
+    number: int, label: str, seed: int, size: int, accuracy: float, tvd: float
+) -> Trial:
+    reports = {
+        50: {("accuracy", None): 0.0, ("tvd", None): 99.0, ("val_loss", None): 2.0},
+        100: {("accuracy", None): accuracy, ("tvd", None): tvd, ("val_loss", None): 1.0},
+    }
+    return Trial(
+        f"trial{number:02d}",
+        label,
+        "softmax" if label == "Gaussian" else "entmax",
+        {} if label == "Gaussian" else {"alpha": 1.5},
+        seed,
+        reports,
+        task="regbench",
+        num_examples=size,
+    )
 
 
 # tests/golden/regbench_table.*: accuracy at 1000: Gaussian (80+90)/2 = 85 (best seed 90), Biweight
@@ -127,10 +181,16 @@ def test_latex_escapes_labels_and_keeps_seed_note_as_text():
 
 def test_table_stats_defaults_and_unknown_metric():
     results = frame(LENGTH_TRIALS)
-    assert [c.key for c in table_stats(results, metric="support_size").columns] == ["sort_1x", "sort_2x"]
+    assert [c.key for c in table_stats(results, metric="support_size").columns] == [
+        "sort_1x",
+        "sort_2x",
+    ]
     lm = frame([Trial("t", "Gaussian", "softmax", {}, 0, {10: {("val_loss", None): 3.0}})])
     assert table_stats(lm, by="n_layer").columns[0].lower_is_better
-    with pytest.raises(ValueError, match="no results for metric 'nope' by length_factor; metrics present: exact_match, support_size"):
+    with pytest.raises(
+        ValueError,
+        match="no results for metric 'nope' by length_factor; metrics present: exact_match, support_size",
+    ):
         table_stats(results, metric="nope")
 
 
@@ -147,7 +207,9 @@ def test_cli_table_formats(tmp_path):
     regbench = store(tmp_path / "regbench", REGBENCH_TRIALS)
     assert run_cli("table", regbench, "--by", "num_examples").stdout == golden("regbench_table.md")
     only_tvd = run_cli("table", regbench, "--by", "num_examples", "--metric", "tvd").stdout
-    assert only_tvd.splitlines()[0] == "| Kernel | tvd ↓ num_examples=1000 | tvd ↓ num_examples=5000 |"
+    assert (
+        only_tvd.splitlines()[0] == "| Kernel | tvd ↓ num_examples=1000 | tvd ↓ num_examples=5000 |"
+    )
 
 
 @pytest.mark.parametrize(
@@ -155,10 +217,16 @@ def test_cli_table_formats(tmp_path):
     [
         (["{empty}"], "no results in"),
         (["{sweep}", "--metric", "nope"], "metrics present: exact_match, support_size"),
-        (["{sweep}", "--by", "seed"], "unknown --by 'seed'; choose from length_factor, num_examples, n_layer"),
+        (
+            ["{sweep}", "--by", "seed"],
+            "unknown --by 'seed'; choose from length_factor, num_examples, n_layer",
+        ),
         (["{sweep}", "--format", "html"], "unknown --format 'html'"),
         ([], "give either DIR or --from-mlflow"),
-        (["{sweep}", "--from-mlflow", "sqlite:///x.db", "--experiment", "x"], "give either DIR or --from-mlflow"),
+        (
+            ["{sweep}", "--from-mlflow", "sqlite:///x.db", "--experiment", "x"],
+            "give either DIR or --from-mlflow",
+        ),
         (["--from-mlflow", "sqlite:///x.db"], "--from-mlflow needs --experiment"),
         (["{sweep}", "--experiment", "x"], "--experiment goes with --from-mlflow"),
     ],
@@ -174,8 +242,19 @@ def flat_config(trial: Trial) -> dict:
     """The trial's config as the tracker logs it to MLflow: flattened, defaults filled in."""
     from mosaic_core.config import TrialConfig, flatten
 
-    return flatten(TrialConfig.model_validate({"seed": trial.seed, "task": {"name": trial.task}, "model": {
-        "kernel": trial.kernel, "kernel_params": trial.params, "n_layer": trial.n_layer}}).model_dump())
+    return flatten(
+        TrialConfig.model_validate(
+            {
+                "seed": trial.seed,
+                "task": {"name": trial.task},
+                "model": {
+                    "kernel": trial.kernel,
+                    "kernel_params": trial.params,
+                    "n_layer": trial.n_layer,
+                },
+            }
+        ).model_dump()
+    )
 
 
 def config_columns(trials: list[Trial]) -> dict[str, dict]:
@@ -186,9 +265,16 @@ def config_columns(trials: list[Trial]) -> dict[str, dict]:
     flats = {trial.trial_id: flat_config(trial) for trial in trials}
     varied = varied_keys(flats.values())
     assert varied == ["model.kernel", "model.kernel_params.alpha", "model.kernel_params.k", "seed"]
-    return {trial_id: {"n_embd": flat["model.n_embd"], "n_head": flat["model.n_head"], "lr": flat["train.lr"],
-                       "weight_decay": flat["train.weight_decay"], "config": config_json(flat, varied)}
-            for trial_id, flat in flats.items()}
+    return {
+        trial_id: {
+            "n_embd": flat["model.n_embd"],
+            "n_head": flat["model.n_head"],
+            "lr": flat["train.lr"],
+            "weight_decay": flat["train.weight_decay"],
+            "config": config_json(flat, varied),
+        }
+        for trial_id, flat in flats.items()
+    }
 
 
 def mlflow_sweep(tmp_path: Path, trials: list[Trial]) -> tuple[str, dict[str, str]]:
@@ -199,19 +285,34 @@ def mlflow_sweep(tmp_path: Path, trials: list[Trial]) -> tuple[str, dict[str, st
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
-    experiment = client.create_experiment("sort-sweep", artifact_location=(tmp_path / "artifacts").as_uri())
+    experiment = client.create_experiment(
+        "sort-sweep", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
     old = client.create_run(experiment, run_name="old", start_time=1_000).info.run_id
-    stale = client.create_run(experiment, start_time=1_001, tags={"mlflow.parentRunId": old, "kernel_label": "Stale"})
+    stale = client.create_run(
+        experiment, start_time=1_001, tags={"mlflow.parentRunId": old, "kernel_label": "Stale"}
+    )
     client.log_batch(stale.info.run_id, metrics=[Metric("exact_match_1x", 0.0, 0, 200)])
     parent = client.create_run(experiment, run_name="new", start_time=2_000).info.run_id
     run_ids = {}
     for trial in trials:
-        run = client.create_run(experiment, run_name=trial.trial_id, start_time=3_000, tags={
-            "mlflow.parentRunId": parent, "ray.trial_id": trial.trial_id, "kernel_label": trial.label})
+        run = client.create_run(
+            experiment,
+            run_name=trial.trial_id,
+            start_time=3_000,
+            tags={
+                "mlflow.parentRunId": parent,
+                "ray.trial_id": trial.trial_id,
+                "kernel_label": trial.label,
+            },
+        )
         run_id = run_ids[trial.trial_id] = run.info.run_id
         params = [Param(key, str(value)) for key, value in flat_config(trial).items()]
-        metrics = [Metric(metric if factor is None else f"{metric}_{factor:g}x", value, 0, step)
-                   for step, values in trial.reports.items() for (metric, factor), value in values.items()]
+        metrics = [
+            Metric(metric if factor is None else f"{metric}_{factor:g}x", value, 0, step)
+            for step, values in trial.reports.items()
+            for (metric, factor), value in values.items()
+        ]
         client.log_batch(run_id, params=params, metrics=metrics)
         client.set_terminated(run_id, status="FAILED" if trial.status == "ERROR" else "FINISHED")
     client.set_terminated(parent)
@@ -244,13 +345,32 @@ def lm_trials() -> list[Trial]:
     """Validation loss every 100 steps and the per-position OOD curve at the end, two depths."""
     trials = []
     for number, (label, kernel, params, n_layer, seed) in enumerate(
-        [(label, kernel, params, n_layer, seed) for label, kernel, params in
-         [("Gaussian", "softmax", {}), ("Biweight", "entmax", {"alpha": 1.5})] for n_layer in (2, 4) for seed in (0, 1)]
+        [
+            (label, kernel, params, n_layer, seed)
+            for label, kernel, params in [
+                ("Gaussian", "softmax", {}),
+                ("Biweight", "entmax", {"alpha": 1.5}),
+            ]
+            for n_layer in (2, 4)
+            for seed in (0, 1)
+        ]
     ):
         offset = 0.1 * seed + (0.2 if kernel == "entmax" else 0.0)
-        reports = {step: {("val_loss", None): 5.0 / (1 + step / 100) + offset} for step in range(100, 600, 100)}
-        reports[500].update({(f"ood_loss_ema/pos{p}", None): 4.0 - 0.3 * np.log2(p) + offset for p in (1, 2, 4, 8, 16)})
-        trials.append(Trial(f"lm{number:02d}", label, kernel, params, seed, reports, task="lm", n_layer=n_layer))
+        reports = {
+            step: {("val_loss", None): 5.0 / (1 + step / 100) + offset}
+            for step in range(100, 600, 100)
+        }
+        reports[500].update(
+            {
+                (f"ood_loss_ema/pos{p}", None): 4.0 - 0.3 * np.log2(p) + offset
+                for p in (1, 2, 4, 8, 16)
+            }
+        )
+        trials.append(
+            Trial(
+                f"lm{number:02d}", label, kernel, params, seed, reports, task="lm", n_layer=n_layer
+            )
+        )
     return trials
 
 
@@ -277,13 +397,22 @@ def test_plots_written_only_where_data_exists(tmp_path):
 
 def two_task_trials() -> list[Trial]:
     """The sort trials, and two of a reverse task evaluated at 1×, 2× and 4× (a factor sort lacks)."""
-    reports = {200: {("exact_match", 1.0): 0.9, ("exact_match", 2.0): 0.5, ("exact_match", 4.0): 0.1}}
-    return LENGTH_TRIALS + [replace(trial, trial_id=f"rev{trial.trial_id}", task="reverse", reports=reports)
-                            for trial in LENGTH_TRIALS[:2]]
+    reports = {
+        200: {("exact_match", 1.0): 0.9, ("exact_match", 2.0): 0.5, ("exact_match", 4.0): 0.1}
+    }
+    return LENGTH_TRIALS + [
+        replace(trial, trial_id=f"rev{trial.trial_id}", task="reverse", reports=reports)
+        for trial in LENGTH_TRIALS[:2]
+    ]
 
 
 def inside(inner, outer) -> bool:
-    return outer.x0 <= inner.x0 and inner.x1 <= outer.x1 and outer.y0 <= inner.y0 and inner.y1 <= outer.y1
+    return (
+        outer.x0 <= inner.x0
+        and inner.x1 <= outer.x1
+        and outer.y0 <= inner.y0
+        and inner.y1 <= outer.y1
+    )
 
 
 def test_length_figure_is_log2_with_ticks_at_the_factors_and_a_panel_per_task():
@@ -310,9 +439,15 @@ def test_figures_in_each_format_at_300_dpi(tmp_path):
     from analysis.plots import make_plots
 
     paths = make_plots(frame(LENGTH_TRIALS), tmp_path, ("png", "pdf", "svg"))
-    assert sorted(p.name for p in paths) == sorted(f"{stem}_vs_length.{suffix}" for stem in ("exact_match", "support_size")
-                                                   for suffix in ("png", "pdf", "svg"))
-    assert imread(tmp_path / "exact_match_vs_length.png").shape[:2] == (3.6 * 300, 4.5 * 300)  # one panel, 4.5 × 3.6 in
+    assert sorted(p.name for p in paths) == sorted(
+        f"{stem}_vs_length.{suffix}"
+        for stem in ("exact_match", "support_size")
+        for suffix in ("png", "pdf", "svg")
+    )
+    assert imread(tmp_path / "exact_match_vs_length.png").shape[:2] == (
+        3.6 * 300,
+        4.5 * 300,
+    )  # one panel, 4.5 × 3.6 in
     assert (tmp_path / "exact_match_vs_length.pdf").read_bytes().startswith(b"%PDF")
     assert "<svg" in (tmp_path / "exact_match_vs_length.svg").read_text()
 
@@ -321,9 +456,19 @@ def test_cli_plot_formats(tmp_path):
     sweep = store(tmp_path / "sweep", LENGTH_TRIALS)
     result = run_cli("plot", sweep, "--format", "pdf,svg", "--format", "PNG")
     assert result.exit_code == 0, result.output
-    assert sorted(Path(line).suffix for line in result.stdout.splitlines()) == [".pdf", ".pdf", ".png", ".png", ".svg", ".svg"]
+    assert sorted(Path(line).suffix for line in result.stdout.splitlines()) == [
+        ".pdf",
+        ".pdf",
+        ".png",
+        ".png",
+        ".svg",
+        ".svg",
+    ]
     wrong = run_cli("plot", sweep, "--format", "png,jpg")
-    assert wrong.exit_code == 2 and "--format jpg is not a figure format; give png, pdf, svg" in wrong.stderr
+    assert (
+        wrong.exit_code == 2
+        and "--format jpg is not a figure format; give png, pdf, svg" in wrong.stderr
+    )
 
 
 def test_cli_plot(tmp_path):
@@ -331,10 +476,22 @@ def test_cli_plot(tmp_path):
     result = run_cli("plot", sweep)
     assert result.exit_code == 0, result.output
     paths = [Path(line) for line in result.stdout.splitlines()]
-    assert [p.name for p in paths] == ["exact_match_vs_length.png", "val_loss_vs_step.png",
-                                       "ood_loss_per_position.png", "support_size_vs_length.png"]
+    assert [p.name for p in paths] == [
+        "exact_match_vs_length.png",
+        "val_loss_vs_step.png",
+        "ood_loss_per_position.png",
+        "support_size_vs_length.png",
+    ]
     assert all(p.parent == sweep / "plots" and p.is_file() for p in paths)
-    only_test_metrics = [replace(t, reports={step: {key: value for key, value in values.items() if key[0] != "val_loss"}
-                                             for step, values in t.reports.items()}) for t in REGBENCH_TRIALS]
+    only_test_metrics = [
+        replace(
+            t,
+            reports={
+                step: {key: value for key, value in values.items() if key[0] != "val_loss"}
+                for step, values in t.reports.items()
+            },
+        )
+        for t in REGBENCH_TRIALS
+    ]
     nothing = run_cli("plot", store(tmp_path / "regbench", only_test_metrics))
     assert nothing.exit_code == 2 and "metrics present: accuracy, tvd" in nothing.stderr

@@ -26,18 +26,36 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want).norm() / want.norm()).item()
 
 
-def qkv(batch: int, heads: int, length: int, dim: int, *, dtype=torch.float64, device="cpu", seed: int = 0):
+def qkv(
+    batch: int,
+    heads: int,
+    length: int,
+    dim: int,
+    *,
+    dtype=torch.float64,
+    device="cpu",
+    seed: int = 0,
+):
     gen = torch.Generator(device=device).manual_seed(seed)
-    return [torch.randn(batch, heads, length, dim, generator=gen, dtype=dtype, device=device) for _ in range(3)]
+    return [
+        torch.randn(batch, heads, length, dim, generator=gen, dtype=dtype, device=device)
+        for _ in range(3)
+    ]
 
 
 @pytest.mark.parametrize("mask_mode", ["strict_causal", "causal", None])
 @pytest.mark.parametrize(("kernel", "params"), KERNELS)
-def test_fast_backend_on_cpu_equals_reference_with_gradients(kernel, params, mask_mode, monkeypatch):
+def test_fast_backend_on_cpu_equals_reference_with_gradients(
+    kernel, params, mask_mode, monkeypatch
+):
     """On CPU "fast" means SDPA for softmax and query chunks for the rest: same values, same grads."""
-    monkeypatch.setattr(attention, "_CHUNK_BUDGET_BYTES", 2 * 3 * 40 * 8 * 4)  # forces 16-query chunks
+    monkeypatch.setattr(
+        attention, "_CHUNK_BUDGET_BYTES", 2 * 3 * 40 * 8 * 4
+    )  # forces 16-query chunks
     tensors = [t.requires_grad_() for t in qkv(2, 3, 40, 8)]
-    reference = attend(*tensors, kernel, mask_mode=mask_mode, scale=0.7, backend="reference", **params)
+    reference = attend(
+        *tensors, kernel, mask_mode=mask_mode, scale=0.7, backend="reference", **params
+    )
     grads_reference = torch.autograd.grad(reference.square().sum(), tensors, allow_unused=True)
     fast = attend(*tensors, kernel, mask_mode=mask_mode, scale=0.7, backend="fast", **params)
     grads_fast = torch.autograd.grad(fast.square().sum(), tensors, allow_unused=True)
@@ -64,8 +82,16 @@ def test_chunked_backward_keeps_no_full_score_matrix(monkeypatch):
 
 
 def test_causal_mask_modes():
-    assert causal_mask(3, 3, "strict_causal").tolist() == [[False] * 3, [True, False, False], [True, True, False]]
-    assert causal_mask(3, 3, "causal").tolist() == [[True, False, False], [True, True, False], [True, True, True]]
+    assert causal_mask(3, 3, "strict_causal").tolist() == [
+        [False] * 3,
+        [True, False, False],
+        [True, True, False],
+    ]
+    assert causal_mask(3, 3, "causal").tolist() == [
+        [True, False, False],
+        [True, True, False],
+        [True, True, True],
+    ]
     assert causal_mask(2, 4, "causal", offset=2).tolist() == [[True, True, True, False], [True] * 4]
     assert causal_mask(3, 3, None) is None
 
@@ -78,7 +104,9 @@ def test_bad_backend_and_mask_mode_are_errors():
         attend(q, k, v, "softmax", mask_mode="strict")
 
 
-@pytest.mark.parametrize(("kernel", "params"), [kp for kp in KERNELS if not kp[0].startswith("topk")])
+@pytest.mark.parametrize(
+    ("kernel", "params"), [kp for kp in KERNELS if not kp[0].startswith("topk")]
+)
 def test_half_precision_inputs_keep_their_dtype_and_match_float32(kernel, params):
     """bf16 in, bf16 out, within bf16 rounding of float32 (top-k is excluded: a bf16-rounded tie
     legitimately changes which keys are selected)."""
@@ -93,13 +121,20 @@ def test_half_precision_inputs_keep_their_dtype_and_match_float32(kernel, params
 # GPU: the Triton / SDPA fast paths against the reference (run on the device machine)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-GPU_KERNELS = [("softmax", {}), ("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("entmax", {"alpha": 4 / 3}),
-               ("entmax", {"alpha": 1.7}), ("relumax", {"b": 1.0}), ("normrelu", {"gamma": 0.5, "b": -5.0}),
-               ("topk_softmax", {"k": 32}), ("topk_uniform", {"k": 32})]
+GPU_KERNELS = [
+    ("softmax", {}),
+    ("sparsemax", {}),
+    ("entmax", {"alpha": 1.5}),
+    ("entmax", {"alpha": 4 / 3}),
+    ("entmax", {"alpha": 1.7}),
+    ("relumax", {"b": 1.0}),
+    ("normrelu", {"gamma": 0.5, "b": -5.0}),
+    ("topk_softmax", {"k": 32}),
+    ("topk_uniform", {"k": 32}),
+]
 # normwise relative error ‖got − want‖ / ‖want‖ for (outputs, gradients): normwise so that the rare
 # top-k selection that flips on a bf16-rounded tie does not fail an otherwise exact kernel
 TOLERANCES = {torch.float32: (1e-4, 1e-3), torch.bfloat16: (2e-2, 5e-2)}
-
 
 
 @cuda
@@ -123,7 +158,9 @@ def test_gpu_fast_path_matches_reference(kernel, params, length, dtype):
     (fast.float() * probe).sum().backward()
     (ref * probe).sum().backward()
     out_tol, grad_tol = TOLERANCES[dtype]
-    assert torch.equal(fast[..., 0, :].float(), torch.zeros_like(ref[..., 0, :]))  # position 0 sees no key
+    assert torch.equal(
+        fast[..., 0, :].float(), torch.zeros_like(ref[..., 0, :])
+    )  # position 0 sees no key
     assert relative_error(fast, ref) <= out_tol
     for got, want in zip(fast_inputs, ref_inputs):
         assert relative_error(got.grad, want.grad) <= grad_tol
@@ -136,11 +173,15 @@ def test_adasplash_backend_is_used_for_compact_kernels_when_installed(monkeypatc
         pytest.skip("adasplash is not installed")
     calls = []
     original = attention._adasplash
-    monkeypatch.setattr(attention, "_adasplash", lambda *a, **kw: calls.append(kw["alpha"]) or original(*a, **kw))
+    monkeypatch.setattr(
+        attention, "_adasplash", lambda *a, **kw: calls.append(kw["alpha"]) or original(*a, **kw)
+    )
     q, k, v = qkv(1, 2, 256, 64, dtype=torch.float32, device="cuda")
     q = torch.nn.functional.normalize(q, dim=-1)
     for kernel, params in (("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("triweight", {})):
         attend(q, q, v, kernel, backend="adasplash", **params)
     assert calls == [2.0, 1.5, 4 / 3]
-    attend(q * 1e3, q * 1e3, v, "sparsemax", backend="adasplash")  # scores up to 1e6: AdaSplash's −1e4 mask fails
+    attend(
+        q * 1e3, q * 1e3, v, "sparsemax", backend="adasplash"
+    )  # scores up to 1e6: AdaSplash's −1e4 mask fails
     assert len(calls) == 3

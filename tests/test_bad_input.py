@@ -17,9 +17,12 @@ from typer.testing import CliRunner
 from orchestrator import cli
 from search_spaces.schema import MAX_TRIALS
 
-SMOKE = yaml.safe_load((Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text())
+SMOKE = yaml.safe_load(
+    (Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text()
+)
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
-    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8))
+    f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
+)
 
 
 def edited(edit: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
@@ -33,7 +36,12 @@ def kernel(**entry: Any) -> Callable[[dict[str, Any]], Any]:
 
 
 def search(**fields: Any) -> Callable[[dict[str, Any]], Any]:
-    base = {"metric": "train_loss", "mode": "min", "n_trials": 2, "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}}}
+    base = {
+        "metric": "train_loss",
+        "mode": "min",
+        "n_trials": 2,
+        "space": {"train.lr": {"loguniform": [1e-4, 1e-2]}},
+    }
     return lambda spec: (spec.pop("grid"), spec.update(search={**base, **fields}))
 
 
@@ -43,72 +51,248 @@ def text(spec: dict[str, Any]) -> str:
 
 # name -> (sweep file: YAML text or bytes, extra command-line arguments, what the error line must contain)
 SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
-    "alpha-string": (text(edited(kernel(name="entmax", alpha="1.5"))), [], "kernels[0].alpha: a number or a list of numbers; got '1.5'"),
-    "alpha-null": (text(edited(kernel(name="entmax", alpha=None))), [], "kernels[0].alpha: a number or a list of numbers; got None"),
-    "alpha-nested": (text(edited(kernel(name="entmax", alpha=[[1.5]]))), [], "kernels[0].alpha: a number or a list of numbers; got [1.5]"),
-    "alpha-bool": (text(edited(kernel(name="entmax", alpha=True))), [], "kernels[0].alpha: a number or a list of numbers; got True"),
-    "alpha-empty": (text(edited(kernel(name="entmax", alpha=[]))), [], "kernels[0].alpha: empty list of values"),
-    "alpha-inf": (text(edited(kernel(name="entmax", alpha=float("inf")))), [], "kernels[0].alpha: inf is not a finite number"),
-    "k-inf": (text(edited(kernel(name="topk_softmax", k=float("inf")))), [], "kernels[0].k: inf is not a finite number"),
-    "k-fraction": (text(edited(kernel(name="topk_softmax", k=2.5))), [], "kernels[0]: topk_softmax k must be an integer >= 1"),
-    "kernel-name-number": (text(edited(kernel(name=5))), [], "kernels[0]: a kernel entry needs a 'name'; allowed: softmax"),
-    "lr-inf": (text(edited(lambda s: s["base"]["train"].update(lr=float("inf")))), [], "base.train.lr: inf is not a finite number"),
-    "eval-factor-nan": (text(edited(lambda s: s["base"]["task"].update(eval_factors=[1, float("nan")]))), [],
-                        "base.task.eval_factors[1]: nan is not a finite number"),
-    "grid-nan": (text(edited(lambda s: s["grid"].update({"train.lr": [1e-3, float("nan")]}))), [], "grid.train.lr[1]: nan is not a finite number"),
-    "cpu-inf": (text(edited(lambda s: s["resources"].update(cpu=float("inf")))), [], "resources.cpu: inf is not a finite number"),
-    "search-range-inf": (text(edited(search(space={"train.lr": {"loguniform": [1e-4, float("inf")]}}))), [],
-                         "search.space.train.lr.loguniform[1]: inf is not a finite number"),
-    "seed-negative": (text(edited(lambda s: s["grid"].update(seed=[0, -1]))), [], "seed: Input should be greater than or equal to 0"),
-    "seed-too-large": (text(edited(lambda s: s["grid"].update(seed=[0, 2**64]))), [], "seed: Input should be less than or equal to 9223372036854775807"),
-    "seed-not-integer": (text(edited(lambda s: s["grid"].update(seed=[0, 1.5]))), [], "seed: Input should be a valid integer"),
-    "search-seeds-overflow": (text(edited(lambda s: (search(seeds=3)(s), s["base"].update(seed=2**63 - 2)))), [],
-                              "search.seeds: the last seed would be 9223372036854775808; seeds go up to"),
-    "sampler-seed": (text(edited(search(sampler_seed=-1))), [], "search.sampler_seed: Input should be greater than or equal to 0"),
-    "data-seed": (text(edited(lambda s: s["base"].update(task={"name": "regbench", "data_seed": -3}))), [],
-                  "base.task.data_seed: Input should be greater than or equal to 0"),
-    "not-utf8": (text(SMOKE).replace("Sort with", "Sort \xe9").encode("latin-1"), [], "not UTF-8 text (byte 0xe9 at offset"),
-    "duplicate-key": (text(SMOKE).replace("- softmax\n", "- {name: entmax, alpha: 1.5, alpha: 1.1}\n"), [],
-                      "not valid YAML: duplicate key 'alpha'"),
+    "alpha-string": (
+        text(edited(kernel(name="entmax", alpha="1.5"))),
+        [],
+        "kernels[0].alpha: a number or a list of numbers; got '1.5'",
+    ),
+    "alpha-null": (
+        text(edited(kernel(name="entmax", alpha=None))),
+        [],
+        "kernels[0].alpha: a number or a list of numbers; got None",
+    ),
+    "alpha-nested": (
+        text(edited(kernel(name="entmax", alpha=[[1.5]]))),
+        [],
+        "kernels[0].alpha: a number or a list of numbers; got [1.5]",
+    ),
+    "alpha-bool": (
+        text(edited(kernel(name="entmax", alpha=True))),
+        [],
+        "kernels[0].alpha: a number or a list of numbers; got True",
+    ),
+    "alpha-empty": (
+        text(edited(kernel(name="entmax", alpha=[]))),
+        [],
+        "kernels[0].alpha: empty list of values",
+    ),
+    "alpha-inf": (
+        text(edited(kernel(name="entmax", alpha=float("inf")))),
+        [],
+        "kernels[0].alpha: inf is not a finite number",
+    ),
+    "k-inf": (
+        text(edited(kernel(name="topk_softmax", k=float("inf")))),
+        [],
+        "kernels[0].k: inf is not a finite number",
+    ),
+    "k-fraction": (
+        text(edited(kernel(name="topk_softmax", k=2.5))),
+        [],
+        "kernels[0]: topk_softmax k must be an integer >= 1",
+    ),
+    "kernel-name-number": (
+        text(edited(kernel(name=5))),
+        [],
+        "kernels[0]: a kernel entry needs a 'name'; allowed: softmax",
+    ),
+    "lr-inf": (
+        text(edited(lambda s: s["base"]["train"].update(lr=float("inf")))),
+        [],
+        "base.train.lr: inf is not a finite number",
+    ),
+    "eval-factor-nan": (
+        text(edited(lambda s: s["base"]["task"].update(eval_factors=[1, float("nan")]))),
+        [],
+        "base.task.eval_factors[1]: nan is not a finite number",
+    ),
+    "grid-nan": (
+        text(edited(lambda s: s["grid"].update({"train.lr": [1e-3, float("nan")]}))),
+        [],
+        "grid.train.lr[1]: nan is not a finite number",
+    ),
+    "cpu-inf": (
+        text(edited(lambda s: s["resources"].update(cpu=float("inf")))),
+        [],
+        "resources.cpu: inf is not a finite number",
+    ),
+    "search-range-inf": (
+        text(edited(search(space={"train.lr": {"loguniform": [1e-4, float("inf")]}}))),
+        [],
+        "search.space.train.lr.loguniform[1]: inf is not a finite number",
+    ),
+    "seed-negative": (
+        text(edited(lambda s: s["grid"].update(seed=[0, -1]))),
+        [],
+        "seed: Input should be greater than or equal to 0",
+    ),
+    "seed-too-large": (
+        text(edited(lambda s: s["grid"].update(seed=[0, 2**64]))),
+        [],
+        "seed: Input should be less than or equal to 9223372036854775807",
+    ),
+    "seed-not-integer": (
+        text(edited(lambda s: s["grid"].update(seed=[0, 1.5]))),
+        [],
+        "seed: Input should be a valid integer",
+    ),
+    "search-seeds-overflow": (
+        text(edited(lambda s: (search(seeds=3)(s), s["base"].update(seed=2**63 - 2)))),
+        [],
+        "search.seeds: the last seed would be 9223372036854775808; seeds go up to",
+    ),
+    "sampler-seed": (
+        text(edited(search(sampler_seed=-1))),
+        [],
+        "search.sampler_seed: Input should be greater than or equal to 0",
+    ),
+    "data-seed": (
+        text(edited(lambda s: s["base"].update(task={"name": "regbench", "data_seed": -3}))),
+        [],
+        "base.task.data_seed: Input should be greater than or equal to 0",
+    ),
+    "not-utf8": (
+        text(SMOKE).replace("Sort with", "Sort \xe9").encode("latin-1"),
+        [],
+        "not UTF-8 text (byte 0xe9 at offset",
+    ),
+    "duplicate-key": (
+        text(SMOKE).replace("- softmax\n", "- {name: entmax, alpha: 1.5, alpha: 1.1}\n"),
+        [],
+        "not valid YAML: duplicate key 'alpha'",
+    ),
     "duplicate-top-key": (text(SMOKE) + "name: other\n", [], "duplicate key 'name'"),
     "alias-bomb": (ALIAS_BOMB, [], "holds more than 100000 values once its aliases are followed"),
-    "recursive-alias": ("name: x\nkernels: &k [softmax, *k]\n", [], "holds more than 100000 values"),
+    "recursive-alias": (
+        "name: x\nkernels: &k [softmax, *k]\n",
+        [],
+        "holds more than 100000 values",
+    ),
     "not-yaml": ("name: [unclosed\n", [], "not valid YAML"),
-    "not-a-mapping": ("- softmax\n", [], "a sweep file is a mapping with keys name, description, base, kernels"),
+    "not-a-mapping": (
+        "- softmax\n",
+        [],
+        "a sweep file is a mapping with keys name, description, base, kernels",
+    ),
     "empty-file": ("", [], "a sweep file is a mapping with keys name"),
-    "huge-grid": (text(edited(lambda s: s["grid"].update({"seed": list(range(216)), "train.max_steps": list(range(1, 217)),
-                                                          "train.batch_size": list(range(1, 217))}))), [],
-                  f"the sweep expands to 30233088 trials (1 cases × 3 kernel variants × 10077696 grid points); at most {MAX_TRIALS}"),
-    "huge-search": (text(edited(search(n_trials=5000, seeds=3))), [], f"search: n_trials × seeds is 15000 trials; at most {MAX_TRIALS}"),
-    "repeated-variant": (text(edited(lambda s: s["kernels"].append("biweight"))), [], "kernels[3] repeats kernels[2]: both are entmax(α=1.5)"),
-    "case-kernel-param": (text(edited(lambda s: s.update(cases=[{"model": {"kernel_params": {"alpha": 1.1}}}]))), [],
-                          "cases[0]: cannot set 'model.kernel_params.alpha'; list kernel variants in 'kernels:'"),
-    "case-kernel": (text(edited(lambda s: s.update(cases=[{"model.kernel": "entmax"}]))), [], "cases[0]: cannot set 'model.kernel'"),
-    "base-kernel": (text(edited(lambda s: s["base"]["model"].update(kernel="entmax"))), [], "base: cannot set 'model.kernel'"),
-    "unknown-top-key": (text(edited(lambda s: s.update(seeds=[0]))), [], "unknown key 'seeds'; allowed: name, description"),
-    "grid-repeat": (text(edited(lambda s: s["grid"].update(seed=[0, 0]))), [], "grid key 'seed' repeats a value"),
-    "gpus-per-trial": (text(SMOKE), ["--gpus-per-trial", "1.5"], "--gpus-per-trial/--cpus-per-trial: gpu: gpu 1.5: a fraction of one GPU (≤ 1) or whole GPUs"),
+    "huge-grid": (
+        text(
+            edited(
+                lambda s: s["grid"].update(
+                    {
+                        "seed": list(range(216)),
+                        "train.max_steps": list(range(1, 217)),
+                        "train.batch_size": list(range(1, 217)),
+                    }
+                )
+            )
+        ),
+        [],
+        f"the sweep expands to 30233088 trials (1 cases × 3 kernel variants × 10077696 grid points); at most {MAX_TRIALS}",
+    ),
+    "huge-search": (
+        text(edited(search(n_trials=5000, seeds=3))),
+        [],
+        f"search: n_trials × seeds is 15000 trials; at most {MAX_TRIALS}",
+    ),
+    "repeated-variant": (
+        text(edited(lambda s: s["kernels"].append("biweight"))),
+        [],
+        "kernels[3] repeats kernels[2]: both are entmax(α=1.5)",
+    ),
+    "case-kernel-param": (
+        text(edited(lambda s: s.update(cases=[{"model": {"kernel_params": {"alpha": 1.1}}}]))),
+        [],
+        "cases[0]: cannot set 'model.kernel_params.alpha'; list kernel variants in 'kernels:'",
+    ),
+    "case-kernel": (
+        text(edited(lambda s: s.update(cases=[{"model.kernel": "entmax"}]))),
+        [],
+        "cases[0]: cannot set 'model.kernel'",
+    ),
+    "base-kernel": (
+        text(edited(lambda s: s["base"]["model"].update(kernel="entmax"))),
+        [],
+        "base: cannot set 'model.kernel'",
+    ),
+    "unknown-top-key": (
+        text(edited(lambda s: s.update(seeds=[0]))),
+        [],
+        "unknown key 'seeds'; allowed: name, description",
+    ),
+    "grid-repeat": (
+        text(edited(lambda s: s["grid"].update(seed=[0, 0]))),
+        [],
+        "grid key 'seed' repeats a value",
+    ),
+    "gpus-per-trial": (
+        text(SMOKE),
+        ["--gpus-per-trial", "1.5"],
+        "--gpus-per-trial/--cpus-per-trial: gpu: gpu 1.5: a fraction of one GPU (≤ 1) or whole GPUs",
+    ),
 }
 
 
 # name -> (arguments after `run smoke.yaml`, what the error line must contain; {tmp} is the test's folder)
 FLAGS: dict[str, tuple[list[str], str]] = {
     "out-is-a-file": (["--out", "a-file"], "--out: {tmp}/a-file is a file; give a folder"),
-    "out-under-a-file": (["--out", "a-file/sweep"], "--out: {tmp}/a-file/sweep is under the file {tmp}/a-file"),
+    "out-under-a-file": (
+        ["--out", "a-file/sweep"],
+        "--out: {tmp}/a-file/sweep is under the file {tmp}/a-file",
+    ),
     "out-name-too-long": (["--out", "x" * 300], "--out: the name 'xxxxxxxxxx"),
-    "out-dot-overwrite": (["--out", ".", "--overwrite"], "would move aside the folder you are working in"),
-    "out-parent-overwrite": (["--out", "..", "--overwrite"], "would move aside the folder you are working in"),
-    "out-not-a-sweep": (["--out", "mine"], "mine is not empty and has no launch.json, so it is not the folder of a sweep"),
-    "overwrite-not-a-sweep": (["--out", "mine", "--overwrite"], "is not the folder of a sweep and is left alone"),
-    "resume-and-overwrite": (["--resume", "--overwrite"], "--resume continues the sweep in the folder, --overwrite starts it again"),
-    "resume-nothing": (["--out", "nothing", "--resume"], "nothing holds no sweep to resume (no launch.json); run it without --resume first"),
-    "resume-corrupt-launch": (["--out", "corrupt", "--resume"], "launch.json is corrupt (Expecting property name"),
-    "resume-mistyped-launch": (["--out", "mistyped", "--resume"], "launch.json is corrupt (trials: Input should be a valid integer"),
-    "storage-bogus": (["--storage", "bogus://x"], "--storage bogus://x: Unrecognized filesystem type in URI"),
-    "storage-under-a-file": (["--storage", "a-file/store"], "--storage: {tmp}/a-file/store is under the file"),
-    "mlflow-bogus": (["--mlflow-uri", "bogus://x"], "--mlflow-uri bogus://x: unknown scheme 'bogus'; allowed: a folder, file:, sqlite:"),
-    "mlflow-sqlite-under-a-file": (["--mlflow-uri", "sqlite:///a-file/mlflow.db"], "--mlflow-uri: {tmp}/a-file is a file"),
-    "mlflow-sqlite-two-slashes": (["--mlflow-uri", "sqlite://x.db"], "write a SQLite store as sqlite:///relative.db"),
+    "out-dot-overwrite": (
+        ["--out", ".", "--overwrite"],
+        "would move aside the folder you are working in",
+    ),
+    "out-parent-overwrite": (
+        ["--out", "..", "--overwrite"],
+        "would move aside the folder you are working in",
+    ),
+    "out-not-a-sweep": (
+        ["--out", "mine"],
+        "mine is not empty and has no launch.json, so it is not the folder of a sweep",
+    ),
+    "overwrite-not-a-sweep": (
+        ["--out", "mine", "--overwrite"],
+        "is not the folder of a sweep and is left alone",
+    ),
+    "resume-and-overwrite": (
+        ["--resume", "--overwrite"],
+        "--resume continues the sweep in the folder, --overwrite starts it again",
+    ),
+    "resume-nothing": (
+        ["--out", "nothing", "--resume"],
+        "nothing holds no sweep to resume (no launch.json); run it without --resume first",
+    ),
+    "resume-corrupt-launch": (
+        ["--out", "corrupt", "--resume"],
+        "launch.json is corrupt (Expecting property name",
+    ),
+    "resume-mistyped-launch": (
+        ["--out", "mistyped", "--resume"],
+        "launch.json is corrupt (trials: Input should be a valid integer",
+    ),
+    "storage-bogus": (
+        ["--storage", "bogus://x"],
+        "--storage bogus://x: Unrecognized filesystem type in URI",
+    ),
+    "storage-under-a-file": (
+        ["--storage", "a-file/store"],
+        "--storage: {tmp}/a-file/store is under the file",
+    ),
+    "mlflow-bogus": (
+        ["--mlflow-uri", "bogus://x"],
+        "--mlflow-uri bogus://x: unknown scheme 'bogus'; allowed: a folder, file:, sqlite:",
+    ),
+    "mlflow-sqlite-under-a-file": (
+        ["--mlflow-uri", "sqlite:///a-file/mlflow.db"],
+        "--mlflow-uri: {tmp}/a-file is a file",
+    ),
+    "mlflow-sqlite-two-slashes": (
+        ["--mlflow-uri", "sqlite://x.db"],
+        "write a SQLite store as sqlite:///relative.db",
+    ),
 }
 
 
@@ -117,7 +301,10 @@ def make_obstacles(tmp: Path) -> None:
     (tmp / "a-file").write_text("not a folder")
     (tmp / "mine").mkdir()
     (tmp / "mine" / "notes.txt").write_text("precious")
-    for name, launch in (("corrupt", "{not json"), ("mistyped", '{"tracking_uri": "x", "storage_path": "y", "trials": "many"}')):
+    for name, launch in (
+        ("corrupt", "{not json"),
+        ("mistyped", '{"tracking_uri": "x", "storage_path": "y", "trials": "many"}'),
+    ):
         (tmp / name).mkdir()
         (tmp / name / "launch.json").write_text(launch)
 
@@ -149,7 +336,9 @@ def run_cli(args: list[str], tmp_path: Path) -> str:
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert result.stdout == ""
     lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 300, result.stderr[:1000]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and len(lines[0]) < 300, (
+        result.stderr[:1000]
+    )
     assert sorted(tmp_path.rglob("*")) == before  # no sweeps/, no mlflow.db, nothing moved
     return lines[0]
 
@@ -174,27 +363,69 @@ def test_bad_flags_are_one_line_exit_2_and_start_nothing(tmp_path, no_start, cas
 def test_a_read_only_out_folder_is_refused(tmp_path, no_start):
     (tmp_path / "smoke.yaml").write_text(text(SMOKE))
     (tmp_path / "locked").mkdir(mode=0o555)
-    assert "--out: cannot write in" in run_cli(["run", "smoke.yaml", "--out", "locked/sweep"], tmp_path)
+    assert "--out: cannot write in" in run_cli(
+        ["run", "smoke.yaml", "--out", "locked/sweep"], tmp_path
+    )
 
 
 def test_at_least_forty_bad_inputs_are_covered():
     assert len(SWEEP_FILES) + len(FLAGS) + len(TRAIN) >= 40
 
 
-TRIAL = {"task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 3, "eval_length": 3},
-         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2}, "train": {"max_steps": 4, "batch_size": 2}}
+TRIAL = {
+    "task": {
+        "name": "sort",
+        "num_symbols": 4,
+        "train_min_length": 2,
+        "train_max_length": 3,
+        "eval_length": 3,
+    },
+    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+    "train": {"max_steps": 4, "batch_size": 2},
+}
 
 # name -> (trial config text, arguments after `train trial.yaml`, what the error line must contain)
 TRAIN: dict[str, tuple[str, list[str], str]] = {
-    "lr-inf": (text({**TRIAL, "train": {"lr": float("inf")}}), [], "trial.yaml: train.lr: inf is not a finite number"),
-    "seed-negative": (text({**TRIAL, "seed": -1}), [], "trial.yaml: seed: Input should be greater than or equal to 0"),
-    "duplicate-key": (text(TRIAL) + "seed: 1\nseed: 2\n", [], "trial.yaml: not valid YAML: duplicate key 'seed'"),
-    "k-inf": (text({**TRIAL, "model": {"kernel": "topk_softmax", "kernel_params": {"k": float("inf")}}}), [],
-              "trial.yaml: model.kernel_params.k: inf is not a finite number"),
-    "resume-and-overwrite": (text(TRIAL), ["--resume", "--overwrite"], "--resume continues the run in the folder, --overwrite"),
-    "empty-checkpoint": (text(TRIAL), ["--out", "run", "--resume"], "checkpoint run/checkpoint/checkpoint.pt is unreadable"),
-    "garbage-checkpoint": (text(TRIAL), ["--out", "garbage", "--resume"], "checkpoint garbage/checkpoint/checkpoint.pt is unreadable"),
-    "out-is-a-file": (text(TRIAL), ["--out", "trial.yaml"], "--out: {tmp}/trial.yaml is a file; give a folder"),
+    "lr-inf": (
+        text({**TRIAL, "train": {"lr": float("inf")}}),
+        [],
+        "trial.yaml: train.lr: inf is not a finite number",
+    ),
+    "seed-negative": (
+        text({**TRIAL, "seed": -1}),
+        [],
+        "trial.yaml: seed: Input should be greater than or equal to 0",
+    ),
+    "duplicate-key": (
+        text(TRIAL) + "seed: 1\nseed: 2\n",
+        [],
+        "trial.yaml: not valid YAML: duplicate key 'seed'",
+    ),
+    "k-inf": (
+        text({**TRIAL, "model": {"kernel": "topk_softmax", "kernel_params": {"k": float("inf")}}}),
+        [],
+        "trial.yaml: model.kernel_params.k: inf is not a finite number",
+    ),
+    "resume-and-overwrite": (
+        text(TRIAL),
+        ["--resume", "--overwrite"],
+        "--resume continues the run in the folder, --overwrite",
+    ),
+    "empty-checkpoint": (
+        text(TRIAL),
+        ["--out", "run", "--resume"],
+        "checkpoint run/checkpoint/checkpoint.pt is unreadable",
+    ),
+    "garbage-checkpoint": (
+        text(TRIAL),
+        ["--out", "garbage", "--resume"],
+        "checkpoint garbage/checkpoint/checkpoint.pt is unreadable",
+    ),
+    "out-is-a-file": (
+        text(TRIAL),
+        ["--out", "trial.yaml"],
+        "--out: {tmp}/trial.yaml is a file; give a folder",
+    ),
 }
 
 

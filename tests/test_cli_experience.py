@@ -15,18 +15,25 @@ from search_spaces.schema import load_sweep
 
 @pytest.mark.parametrize("command", [[], ["run"], ["table"], ["train"], ["run", "smok"]])
 def test_help_and_early_errors_import_neither_torch_nor_ray(command):
-    probe = ("import sys\nsys.argv = ['mosaic-sweep', *sys.argv[1:]]\nfrom orchestrator.cli import app\n"
-             "try:\n    app()\nexcept SystemExit:\n    pass\n"
-             "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))")
+    probe = (
+        "import sys\nsys.argv = ['mosaic-sweep', *sys.argv[1:]]\nfrom orchestrator.cli import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    )
     args = command + ([] if command[-1:] == ["smok"] else ["--help"])
-    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60
+    )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 
 
 def test_an_unknown_sweep_name_lists_the_bundled_ones():
     done = CliRunner().invoke(app, ["run", "smok"])
     assert done.exit_code == 2
-    assert "smok: no such sweep file, nor a bundled sweep; bundled: " in done.stderr and "smoke" in done.stderr
+    assert (
+        "smok: no such sweep file, nor a bundled sweep; bundled: " in done.stderr
+        and "smoke" in done.stderr
+    )
 
 
 @pytest.mark.parametrize("name", sorted(bundled_sweeps()))
@@ -35,16 +42,29 @@ def test_dry_run_of_every_bundled_sweep_lists_its_trials_on_this_machine(name):
     done = CliRunner().invoke(app, ["run", name, "--dry-run"])
     assert done.exit_code == 0, done.output
     trials = load_sweep(bundled_sweeps()[name]).trials
-    listed = [line for line in done.stdout.splitlines() if line.strip()[:1].isdigit() and "  " in line.strip()]
+    listed = [
+        line
+        for line in done.stdout.splitlines()
+        if line.strip()[:1].isdigit() and "  " in line.strip()
+    ]
     assert len(listed) >= len(trials) and trials[-1].describe() in done.stdout
     assert "can run this sweep" in done.stdout or "cannot run this sweep" in done.stdout
 
 
 def test_dry_run_names_missing_data_and_a_real_run_refuses_it(write_sweep, smoke_spec, tmp_path):
-    spec = {**smoke_spec, "base": {**smoke_spec["base"], "task": {"name": "lm", "data_dir": str(tmp_path / "nowhere")}}}
+    spec = {
+        **smoke_spec,
+        "base": {
+            **smoke_spec["base"],
+            "task": {"name": "lm", "data_dir": str(tmp_path / "nowhere")},
+        },
+    }
     path = write_sweep(spec, "lm_missing")
     planned = CliRunner().invoke(app, ["run", str(path), "--dry-run"])
-    assert planned.exit_code == 0 and f"missing data: {tmp_path / 'nowhere' / 'train.bin'}" in planned.stdout
+    assert (
+        planned.exit_code == 0
+        and f"missing data: {tmp_path / 'nowhere' / 'train.bin'}" in planned.stdout
+    )
     refused = CliRunner().invoke(app, ["run", str(path), "--out", str(tmp_path / "s")])
     assert refused.exit_code == 2 and "data file(s) a trial reads are missing" in refused.stderr
     assert not (tmp_path / "s").exists()
@@ -53,13 +73,38 @@ def test_dry_run_names_missing_data_and_a_real_run_refuses_it(write_sweep, smoke
 def test_a_trial_reports_progress_every_log_interval_steps():
     from mosaic_core.train import train_trial
 
-    config = {"task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 3,
-                       "eval_length": 3, "eval_examples": 8},
-              "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-              "train": {"max_steps": 20, "batch_size": 4, "warmup_steps": 0, "eval_interval": 10, "log_interval": 3}}
+    config = {
+        "task": {
+            "name": "sort",
+            "num_symbols": 4,
+            "train_min_length": 2,
+            "train_max_length": 3,
+            "eval_length": 3,
+            "eval_examples": 8,
+        },
+        "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+        "train": {
+            "max_steps": 20,
+            "batch_size": 4,
+            "warmup_steps": 0,
+            "eval_interval": 10,
+            "log_interval": 3,
+        },
+    }
     reports = []
-    train_trial(config, lambda metrics, checkpoint: reports.append((metrics["step"], checkpoint is None, metrics)))
+    train_trial(
+        config,
+        lambda metrics, checkpoint: reports.append((metrics["step"], checkpoint is None, metrics)),
+    )
     assert [(step, interim) for step, interim, _ in reports] == [
-        (3, True), (6, True), (9, True), (10, False), (12, True), (15, True), (18, True), (20, False)]
+        (3, True),
+        (6, True),
+        (9, True),
+        (10, False),
+        (12, True),
+        (15, True),
+        (18, True),
+        (20, False),
+    ]
     assert all(m["tokens_per_s"] > 0 and {"train_loss", "lr"} <= set(m) for _, _, m in reports)
     assert all("exact_match_1x" not in m for _, interim, m in reports if interim)

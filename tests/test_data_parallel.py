@@ -22,17 +22,36 @@ from mosaic_core.train import TIMING_METRICS, train_trial
 pytestmark = pytest.mark.slow
 
 BASE = {
-    "task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4, "eval_length": 4,
-             "eval_factors": [1, 2], "eval_examples": 20},
+    "task": {
+        "name": "sort",
+        "num_symbols": 4,
+        "train_min_length": 2,
+        "train_max_length": 4,
+        "eval_length": 4,
+        "eval_factors": [1, 2],
+        "eval_examples": 20,
+    },
     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
     # 200 steps: float rounding (the workers' gradient all-reduce adds in another order) grows with
     # training; here it is ~3e-5 relative at step 200, past 1e-3 by step 300
-    "train": {"max_steps": 200, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "eval_interval": 20,
-              "device": "cpu"},
+    "train": {
+        "max_steps": 200,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 5,
+        "eval_interval": 20,
+        "device": "cpu",
+    },
 }
 EVALUATIONS = list(range(20, 201, 20))
-SPEC = {"name": "mixed", "base": BASE, "kernels": ["softmax"], "resources": {"cpu": 0.5},
-        "cases": [{"seed": 0}, {"seed": 1, "resources.workers": 2}]}
+SPEC = {
+    "name": "mixed",
+    "base": BASE,
+    "kernels": ["softmax"],
+    "resources": {"cpu": 0.5},
+    "cases": [{"seed": 0}, {"seed": 1, "resources.workers": 2}],
+}
 
 
 def mosaic_sweep(*args: str | Path) -> list[str]:
@@ -50,7 +69,9 @@ def train_workers_under(pid: int) -> list[int]:
     parents = {}
     for entry in Path("/proc").iterdir():
         try:
-            parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            parents[int(entry.name)] = int(
+                (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
+            )
         except (ValueError, OSError):
             continue
     family, frontier = set(), {pid}
@@ -71,7 +92,9 @@ def kill_a_worker_after_step(step: int, sweep_dir: Path, driver: subprocess.Pope
     """SIGKILL one worker of the sweep's 2-worker trial (seed 1) once it has a checkpoint at `step`."""
     deadline = time.time() + 240
     while True:
-        assert driver.poll() is None and time.time() < deadline, "the sweep ended before a worker could be killed"
+        assert driver.poll() is None and time.time() < deadline, (
+            "the sweep ended before a worker could be killed"
+        )
         results = read_results(sweep_dir) if (sweep_dir / "results.parquet").is_dir() else None
         if results is not None and (results[results["seed"] == 1]["step"] >= step).any():
             break
@@ -85,20 +108,36 @@ def history(rows, metric: str) -> list[float]:
     return rows[rows["metric"] == metric].sort_values("step")["value"].tolist()
 
 
-def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_worker_and_tracks_once(tmp_path):
+def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_worker_and_tracks_once(
+    tmp_path,
+):
     spec_file = tmp_path / "mixed.yaml"
     spec_file.write_text(yaml.safe_dump(SPEC))
-    plan = subprocess.run(mosaic_sweep("run", spec_file, "--dry-run"), cwd=tmp_path, env=environment(),
-                          capture_output=True, text=True, timeout=60)
+    plan = subprocess.run(
+        mosaic_sweep("run", spec_file, "--dry-run"),
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert plan.returncode == 0, plan.stderr
     assert plan.stdout.splitlines()[:3] == [
-        "1  seed=0 softmax", "2  seed=1 softmax  (2 workers)",
+        "1  seed=0 softmax",
+        "2  seed=1 softmax  (2 workers)",
         "per worker: 0.5 CPU, 0 GPU; 1 trial × 1 worker, 1 trial × 2 workers (Ray Train, placed PACK, each with a "
-        f"0.01-CPU driver); this machine (local Ray): 1 node(s), {os.cpu_count()} CPUs, 0 GPUs"]
+        f"0.01-CPU driver); this machine (local Ray): 1 node(s), {os.cpu_count()} CPUs, 0 GPUs",
+    ]
 
     sweep_dir = tmp_path / "sweeps" / "mixed"
-    driver = subprocess.Popen(mosaic_sweep("run", spec_file, "--out", sweep_dir), cwd=tmp_path,
-                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        mosaic_sweep("run", spec_file, "--out", sweep_dir),
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         kill_a_worker_after_step(60, sweep_dir, driver)
         stdout, stderr = driver.communicate(timeout=400)
@@ -110,14 +149,21 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
     assert "trials: 2 TERMINATED" in stdout
 
     results = read_results(sweep_dir)
-    assert not results.duplicated(["trial_id", "metric", "length_factor", "step"]).any()  # rows once, not per worker
+    assert not results.duplicated(
+        ["trial_id", "metric", "length_factor", "step"]
+    ).any()  # rows once, not per worker
     two = results[results["seed"] == 1]
     assert sorted(two["step"].unique()) == EVALUATIONS
     trial_id = two["trial_id"].iloc[0]
-    assert list((sweep_dir / "tune" / trial_id / "train").glob("checkpoint_*"))  # Ray Train's, in the trial's folder
+    assert list(
+        (sweep_dir / "tune" / trial_id / "train").glob("checkpoint_*")
+    )  # Ray Train's, in the trial's folder
     # Tune's own log of the trial: every evaluation once, and the clock restarted once, in new workers
     # that went on from a checkpoint (from scratch, steps 20, 40, 60 would come again)
-    lines = [json.loads(line) for line in (sweep_dir / "tune" / trial_id / "result.json").read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for line in (sweep_dir / "tune" / trial_id / "result.json").read_text().splitlines()
+    ]
     assert [line["step"] for line in lines] == EVALUATIONS
     elapsed = [line["elapsed_s"] for line in lines]
     assert sum(later < earlier for earlier, later in zip(elapsed, elapsed[1:])) == 1
@@ -127,7 +173,9 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
     train_trial({**BASE, "seed": 1}, lambda metrics, directory: plain.append(metrics))
     for metric in ("train_loss", "exact_match", "support_size"):
         expected = [m[f"{metric}_1x" if metric != "train_loss" else metric] for m in plain]
-        observed = history(two[two["length_factor"].isin([1.0]) | two["length_factor"].isna()], metric)
+        observed = history(
+            two[two["length_factor"].isin([1.0]) | two["length_factor"].isna()], metric
+        )
         assert observed == pytest.approx(expected, rel=1e-3), metric
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
@@ -142,36 +190,62 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
 
 def test_train_on_two_workers_matches_the_plain_run_and_keeps_the_same_run_folder(tmp_path):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**BASE, "seed": 2, "train": {**BASE["train"], "max_steps": 20,
-                                                                  "eval_interval": 10}}))
+    config.write_text(
+        yaml.safe_dump(
+            {**BASE, "seed": 2, "train": {**BASE["train"], "max_steps": 20, "eval_interval": 10}}
+        )
+    )
     runs = {}
     for name, extra in (("plain", []), ("two", ["--workers", "2"])):
-        done = subprocess.run(mosaic_sweep("train", config, "--out", tmp_path / name, *extra),
-                              cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=240)
+        done = subprocess.run(
+            mosaic_sweep("train", config, "--out", tmp_path / name, *extra),
+            cwd=tmp_path,
+            env=environment(),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
         assert done.returncode == 0, done.stderr[-3000:]
         assert "step 20: train_loss=" in done.stdout
-        runs[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+        runs[name] = [
+            json.loads(line)
+            for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        ]
         assert (tmp_path / name / "checkpoint" / "checkpoint.pt").is_file()
     assert [m["step"] for m in runs["two"]] == [10, 20]
     for plain, two in zip(runs["plain"], runs["two"]):
         assert {k: v for k, v in two.items() if k not in TIMING_METRICS} == pytest.approx(
-            {k: v for k, v in plain.items() if k not in TIMING_METRICS}, rel=1e-3)
+            {k: v for k, v in plain.items() if k not in TIMING_METRICS}, rel=1e-3
+        )
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_one_gpu_worker_through_ray_train_is_the_plain_trial(tmp_path):
     """`train --workers 1` on a GPU (Ray Train, no DDP for one worker) against `train_trial` in this process."""
-    trial = {**BASE, "seed": 4, "train": {**BASE["train"], "max_steps": 20, "eval_interval": 10, "device": "cuda"}}
+    trial = {
+        **BASE,
+        "seed": 4,
+        "train": {**BASE["train"], "max_steps": 20, "eval_interval": 10, "device": "cuda"},
+    }
     config = tmp_path / "gpu.yaml"
     config.write_text(yaml.safe_dump(trial))
-    done = subprocess.run(mosaic_sweep("train", config, "--out", tmp_path / "one", "--workers", "1"),
-                          cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        mosaic_sweep("train", config, "--out", tmp_path / "one", "--workers", "1"),
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
-    through_train = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    through_train = [
+        json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()
+    ]
     plain = []
     train_trial(trial, lambda metrics, directory: plain.append(metrics))
     assert [m["step"] for m in through_train] == [m["step"] for m in plain] == [10, 20]
     for ours, reference in zip(through_train, plain):
         assert {k: v for k, v in ours.items() if k not in TIMING_METRICS} == pytest.approx(
-            {k: v for k, v in reference.items() if k not in TIMING_METRICS}, rel=1e-3)
+            {k: v for k, v in reference.items() if k not in TIMING_METRICS}, rel=1e-3
+        )

@@ -22,11 +22,25 @@ from analysis.results_store import read_results
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4, "eval_length": 4,
-             "eval_factors": [1, 2], "eval_examples": 20},
+    "task": {
+        "name": "sort",
+        "num_symbols": 4,
+        "train_min_length": 2,
+        "train_max_length": 4,
+        "eval_length": 4,
+        "eval_factors": [1, 2],
+        "eval_examples": 20,
+    },
     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-    "train": {"max_steps": 200, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "eval_interval": 40,
-              "device": "cpu"},
+    "train": {
+        "max_steps": 200,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 5,
+        "eval_interval": 40,
+        "device": "cpu",
+    },
 }
 
 
@@ -38,7 +52,16 @@ def environment() -> dict[str, str]:
 def sweep_command(folder: Path, spec: dict, *args: str) -> list[str]:
     path = folder / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return [sys.executable, "-m", "orchestrator.cli", "run", str(path), "--out", str(folder / "sweeps" / spec["name"]), *args]
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "run",
+        str(path),
+        "--out",
+        str(folder / "sweeps" / spec["name"]),
+        *args,
+    ]
 
 
 def children(folder: Path, experiment: str) -> list:
@@ -78,20 +101,41 @@ def ray_cluster(monkeypatch):
 
 def test_quarter_gpus_pack_eight_trials_on_two_gpus(tmp_path, ray_cluster):
     ray_cluster.add_node(num_cpus=2, num_gpus=2)
-    spec = {"name": "pack", "base": TINY, "kernels": ["softmax"], "grid": {"seed": list(range(8))},
-            "resources": {"cpu": 0.25, "gpu": 0.25}}
-    dry = subprocess.run(sweep_command(tmp_path, spec, "--address", ray_cluster.address, "--dry-run"),
-                         env=environment(), capture_output=True, text=True, timeout=120)
+    spec = {
+        "name": "pack",
+        "base": TINY,
+        "kernels": ["softmax"],
+        "grid": {"seed": list(range(8))},
+        "resources": {"cpu": 0.25, "gpu": 0.25},
+    }
+    dry = subprocess.run(
+        sweep_command(tmp_path, spec, "--address", ray_cluster.address, "--dry-run"),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.splitlines()[-1] == "8 trials: 8 at a time (limited by trials), 1 wave(s); 2 GPUs would run them all at once"
+    assert (
+        dry.stdout.splitlines()[-1]
+        == "8 trials: 8 at a time (limited by trials), 1 wave(s); 2 GPUs would run them all at once"
+    )
 
-    done = subprocess.run(sweep_command(tmp_path, spec, "--address", ray_cluster.address), env=environment(),
-                          capture_output=True, text=True, timeout=500)
+    done = subprocess.run(
+        sweep_command(tmp_path, spec, "--address", ray_cluster.address),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     runs = children(tmp_path, "pack")
     assert len(runs) == 8
     # each trial saw one GPU of its own, four trials per GPU
-    assert collections.Counter(run.data.tags["ray.cuda_visible_devices"] for run in runs) == {"0": 4, "1": 4}
+    assert collections.Counter(run.data.tags["ray.cuda_visible_devices"] for run in runs) == {
+        "0": 4,
+        "1": 4,
+    }
     # all eight ran at once: the last to start started before the first to end ended
     assert max(run.info.start_time for run in runs) < min(run.info.end_time for run in runs)
 
@@ -99,23 +143,44 @@ def test_quarter_gpus_pack_eight_trials_on_two_gpus(tmp_path, ray_cluster):
 def test_sweep_survives_losing_a_node(tmp_path, ray_cluster):
     ray_cluster.add_node(num_cpus=1)  # the head
     worker = ray_cluster.add_node(num_cpus=1)
-    spec = {"name": "two", "base": {**TINY, "train": {**TINY["train"], "max_steps": 400}}, "kernels": ["softmax"],
-            "grid": {"seed": [0, 1, 2, 3]}, "max_failures": 3}
+    spec = {
+        "name": "two",
+        "base": {**TINY, "train": {**TINY["train"], "max_steps": 400}},
+        "kernels": ["softmax"],
+        "grid": {"seed": [0, 1, 2, 3]},
+        "max_failures": 3,
+    }
 
-    refused = subprocess.run(sweep_command(tmp_path, spec, "--address", ray_cluster.address), env=environment(),
-                             capture_output=True, text=True, timeout=120)
+    refused = subprocess.run(
+        sweep_command(tmp_path, spec, "--address", ray_cluster.address),
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert refused.returncode == 2
     assert refused.stderr.splitlines() == [
         f"error: the Ray cluster at {ray_cluster.address} has 2 nodes: trials need shared storage for their "
-        "checkpoints; pass --storage with a path every node sees, or s3://bucket/prefix"]
+        "checkpoints; pass --storage with a path every node sees, or s3://bucket/prefix"
+    ]
 
     shared, sweep_dir = tmp_path / "shared", tmp_path / "sweeps" / "two"
-    driver = subprocess.Popen(sweep_command(tmp_path, spec, "--address", ray_cluster.address, "--storage", str(shared)),
-                              env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        sweep_command(tmp_path, spec, "--address", ray_cluster.address, "--storage", str(shared)),
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
-    def both_nodes_busy() -> bool:  # one CPU per node: two trials reporting means one runs on the worker
+    def both_nodes_busy() -> (
+        bool
+    ):  # one CPU per node: two trials reporting means one runs on the worker
         results = results_of(sweep_dir)
-        return results is not None and results.loc[results["status"] == "RUNNING", "trial_id"].nunique() >= 2
+        return (
+            results is not None
+            and results.loc[results["status"] == "RUNNING", "trial_id"].nunique() >= 2
+        )
 
     wait_for(both_nodes_busy, driver)
     ray_cluster.remove_node(worker, allow_graceful=False)
@@ -125,16 +190,29 @@ def test_sweep_survives_losing_a_node(tmp_path, ray_cluster):
     assert_every_row_once(read_results(sweep_dir), trials=4, evaluations=10)
     runs = children(tmp_path, "two")
     assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}
-    assert any(int(run.data.tags.get("ray.retries", 0)) >= 1 for run in runs)  # the worker's trial moved
-    assert (shared / "two" / "tune").is_dir() and not (sweep_dir / "tune").exists()  # checkpoints on shared storage
+    assert any(
+        int(run.data.tags.get("ray.retries", 0)) >= 1 for run in runs
+    )  # the worker's trial moved
+    assert (shared / "two" / "tune").is_dir() and not (
+        sweep_dir / "tune"
+    ).exists()  # checkpoints on shared storage
 
 
 def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):
-    spec = {"name": "killed", "base": {**TINY, "train": {**TINY["train"], "max_steps": 400}},
-            "kernels": ["softmax"], "grid": {"seed": [0, 1]}}
+    spec = {
+        "name": "killed",
+        "base": {**TINY, "train": {**TINY["train"], "max_steps": 400}},
+        "kernels": ["softmax"],
+        "grid": {"seed": [0, 1]},
+    }
     sweep_dir = tmp_path / "sweeps" / "killed"
-    driver = subprocess.Popen(sweep_command(tmp_path, spec), env=environment(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    driver = subprocess.Popen(
+        sweep_command(tmp_path, spec),
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
     def checkpointed() -> bool:
         results = results_of(sweep_dir)
@@ -155,7 +233,10 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):
     assert retried[0].data.tags["ray.pid"] != str(victim)  # it finished in a new process
     # Tune's own log of the retried trial: its steps never go back, so it went on from a checkpoint
     trial_id = retried[0].data.tags["ray.trial_id"]
-    lines = [json.loads(line) for line in (sweep_dir / "tune" / trial_id / "result.json").read_text().splitlines()]
+    lines = [
+        json.loads(line)
+        for line in (sweep_dir / "tune" / trial_id / "result.json").read_text().splitlines()
+    ]
     steps = [line["step"] for line in lines]
     restarts = [line for line in lines if line["iterations_since_restore"] == 1]
     assert len(restarts) == 2 and restarts[1]["step"] > 40

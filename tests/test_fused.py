@@ -35,22 +35,33 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
 
 def inputs(length: int, *, heads: int = 2, dim: int = 16, seed: int = 0, scale: float = 1.5):
     gen = torch.Generator(device=DEVICE).manual_seed(seed)
-    return [torch.randn(1, heads, length, dim, generator=gen, device=DEVICE) * scale for _ in range(3)]
+    return [
+        torch.randn(1, heads, length, dim, generator=gen, device=DEVICE) * scale for _ in range(3)
+    ]
 
 
 def run(path, q, k, v, kernel, params, probe, *, mask_mode, dropout_p=0.0, keep=None):
     """(out, [dq, dk, dv]) of the fused kernel (path "fused") or the float64 reference."""
     if path == "fused":
         tensors = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = fused_attention(*tensors, fused_call(kernel, **params), mask_mode=mask_mode, scale=0.8,
-                              dropout_p=dropout_p)
+        out = fused_attention(
+            *tensors,
+            fused_call(kernel, **params),
+            mask_mode=mask_mode,
+            scale=0.8,
+            dropout_p=dropout_p,
+        )
     else:
         tensors = [t.double().clone().requires_grad_() for t in (q, k, v)]
         if keep is None:
-            out = attend(*tensors, kernel, mask_mode=mask_mode, scale=0.8, backend="reference", **params)
+            out = attend(
+                *tensors, kernel, mask_mode=mask_mode, scale=0.8, backend="reference", **params
+            )
         else:
             mask = attention.causal_mask(q.shape[-2], q.shape[-2], mask_mode, device=q.device)
-            weights = attention_weights(0.8 * tensors[0] @ tensors[1].transpose(-2, -1), kernel, mask=mask, **params)
+            weights = attention_weights(
+                0.8 * tensors[0] @ tensors[1].transpose(-2, -1), kernel, mask=mask, **params
+            )
             out = (weights * keep.view(weights.shape) / (1 - dropout_p)) @ tensors[2]
     grads = torch.autograd.grad((out * probe.to(out.dtype)).sum(), tensors, allow_unused=True)
     return out, [torch.zeros_like(t) if g is None else g for g, t in zip(grads, tensors)]
@@ -90,7 +101,9 @@ def test_top_k_ties_go_to_the_earliest_keys_as_in_the_reference():
     probe = torch.randn_like(q)
     for kernel in ("topk_softmax", "topk_uniform"):
         fused = run("fused", q, k, v, kernel, {"k": 4}, probe, mask_mode="strict_causal")
-        assert_matches(fused, run("reference", q, k, v, kernel, {"k": 4}, probe, mask_mode="strict_causal"))
+        assert_matches(
+            fused, run("reference", q, k, v, kernel, {"k": 4}, probe, mask_mode="strict_causal")
+        )
 
 
 def test_normrelu_per_head_b_gets_its_gradient_and_empty_rows_fall_back_to_uniform():
@@ -113,7 +126,12 @@ def test_relumax_ties_take_the_earliest_maximum():
     k, _, v = inputs(40, heads=1, seed=6)
     k[..., 25, :] = k[..., 13, :]
     out = fused_attention(k, k, v, fused_call("relumax"), mask_mode="strict_causal", scale=1.0)
-    assert relative_error(out, attend(k.double(), k.double(), v.double(), "relumax", backend="reference")) < 1e-5
+    assert (
+        relative_error(
+            out, attend(k.double(), k.double(), v.double(), "relumax", backend="reference")
+        )
+        < 1e-5
+    )
 
 
 @pytest.mark.parametrize(("kernel", "params"), [FUSED[1], FUSED[4], FUSED[6]])
@@ -128,7 +146,9 @@ def test_dropout_drops_the_same_weights_forward_and_backward(kernel, params):
     seed = int(torch.randint(2**31 - 1, (), dtype=torch.int64))
     keep = keep_mask(seed, 0.3, 2, 32, DEVICE)
     assert 0.55 < keep.float().mean() < 0.85
-    reference = run("reference", q, k, v, kernel, params, probe, mask_mode="causal", dropout_p=0.3, keep=keep)
+    reference = run(
+        "reference", q, k, v, kernel, params, probe, mask_mode="causal", dropout_p=0.3, keep=keep
+    )
     assert_matches(fused, reference)
 
 
@@ -137,7 +157,9 @@ def test_compiles_to_one_graph():
     q, k, v = (t.requires_grad_() for t in inputs(16))
 
     def step(q, k, v):
-        return fused_attention(q, k, v, fused_call("entmax", alpha=1.5), mask_mode="strict_causal", scale=1.0)
+        return fused_attention(
+            q, k, v, fused_call("entmax", alpha=1.5), mask_mode="strict_causal", scale=1.0
+        )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
     out = compiled(q, k, v)
@@ -154,4 +176,6 @@ def test_paths(monkeypatch):
     assert attention_path("softmax", {}, "cuda") == "sdpa"
     assert attention_path("triweight", {}, "cuda", dtype=torch.bfloat16) == "fused"
     assert attention_path("entmax", {"alpha": 2.5}, "cuda") == "chunked"  # fused kernels take α ≤ 2
-    assert attention_path("topk_uniform", {"k": 8}, "cuda", head_dim=48) == "chunked"  # D not a power of two
+    assert (
+        attention_path("topk_uniform", {"k": 8}, "cuda", head_dim=48) == "chunked"
+    )  # D not a power of two

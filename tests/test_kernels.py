@@ -32,7 +32,10 @@ ALL_KERNELS = [
 
 
 def scores64(*shape: int, seed: int = 0, scale: float = 2.0) -> torch.Tensor:
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * scale
+    return (
+        torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        * scale
+    )
 
 
 @pytest.mark.parametrize(
@@ -64,7 +67,9 @@ def test_entmax15_closed_form_two_keys():
     # scores (0, 1): τ² + (1/2 − τ)² = 1 with τ < 0 gives τ = (1/2 − √(7/4)) / 2, both keys in the support
     p = attention_weights(torch.tensor([0.0, 1.0], dtype=torch.float64), "biweight")
     tau = (0.5 - math.sqrt(1.75)) / 2
-    assert torch.allclose(p, torch.tensor([tau**2, (0.5 - tau) ** 2], dtype=torch.float64), atol=1e-14)
+    assert torch.allclose(
+        p, torch.tensor([tau**2, (0.5 - tau) ** 2], dtype=torch.float64), atol=1e-14
+    )
 
 
 @pytest.mark.parametrize(("kernel", "params"), ALL_KERNELS)
@@ -112,7 +117,10 @@ def test_huge_scores_stay_finite():
 
 def test_entmax_approaches_softmax_as_alpha_goes_to_one():
     x = scores64(16, 10, seed=5, scale=1.0)
-    gaps = [(attention_weights(x, "entmax", alpha=a) - torch.softmax(x, -1)).abs().max().item() for a in (1.5, 1.1, 1.01, 1.001)]
+    gaps = [
+        (attention_weights(x, "entmax", alpha=a) - torch.softmax(x, -1)).abs().max().item()
+        for a in (1.5, 1.1, 1.01, 1.001)
+    ]
     assert gaps == sorted(gaps, reverse=True)
     assert gaps[-1] < 1e-3
 
@@ -124,7 +132,9 @@ def test_threshold_reproduces_the_weights(alpha):
     p = ((alpha - 1) * x - tau[:, None]).clamp(min=0) ** (1 / (alpha - 1))
     assert torch.allclose(p, attention_weights(x, "entmax", alpha=alpha), atol=1e-10)
     if alpha == 2.0:  # sparsemax's τ by its own closed form
-        assert torch.allclose(tau, entmax.sparsemax(x, -1).new_tensor([_sparsemax_tau(row) for row in x]), atol=1e-12)
+        assert torch.allclose(
+            tau, entmax.sparsemax(x, -1).new_tensor([_sparsemax_tau(row) for row in x]), atol=1e-12
+        )
 
 
 def _sparsemax_tau(row: torch.Tensor) -> float:
@@ -145,8 +155,12 @@ def test_threshold_of_fully_masked_row_is_nan():
 def test_proposition_1_entmax_is_compact_kernel_regression(alpha):
     """α-entmax(Kq/γ) = NW with [1 − ‖k−q‖²/h²]_+^r, r = 1/(α−1), h = sqrt(2 − 2rγτ), unit-norm keys."""
     gen = torch.Generator().manual_seed(7)
-    keys = torch.nn.functional.normalize(torch.randn(50, 8, generator=gen, dtype=torch.float64), dim=-1)
-    query = torch.nn.functional.normalize(torch.randn(8, generator=gen, dtype=torch.float64), dim=-1)
+    keys = torch.nn.functional.normalize(
+        torch.randn(50, 8, generator=gen, dtype=torch.float64), dim=-1
+    )
+    query = torch.nn.functional.normalize(
+        torch.randn(8, generator=gen, dtype=torch.float64), dim=-1
+    )
     values = torch.randn(50, 3, generator=gen, dtype=torch.float64)
     gamma = 0.2
     r = 1 / (alpha - 1)
@@ -161,17 +175,27 @@ def test_proposition_1_entmax_is_compact_kernel_regression(alpha):
 
 def test_softmax_is_gaussian_kernel_regression():
     gen = torch.Generator().manual_seed(8)
-    keys = torch.nn.functional.normalize(torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=-1)
-    query = torch.nn.functional.normalize(torch.randn(5, generator=gen, dtype=torch.float64), dim=-1)
+    keys = torch.nn.functional.normalize(
+        torch.randn(30, 5, generator=gen, dtype=torch.float64), dim=-1
+    )
+    query = torch.nn.functional.normalize(
+        torch.randn(5, generator=gen, dtype=torch.float64), dim=-1
+    )
     h = 0.7
     kernel = torch.exp(-((keys - query) ** 2).sum(-1) / (2 * h**2))
-    assert torch.allclose(attention_weights(keys @ query / h**2, "softmax"), kernel / kernel.sum(), atol=1e-12)
+    assert torch.allclose(
+        attention_weights(keys @ query / h**2, "softmax"), kernel / kernel.sum(), atol=1e-12
+    )
 
 
 def test_normrelu_is_fixed_bandwidth_epanechnikov():
     gen = torch.Generator().manual_seed(9)
-    keys = torch.nn.functional.normalize(torch.randn(40, 4, generator=gen, dtype=torch.float64), dim=-1)
-    query = torch.nn.functional.normalize(torch.randn(4, generator=gen, dtype=torch.float64), dim=-1)
+    keys = torch.nn.functional.normalize(
+        torch.randn(40, 4, generator=gen, dtype=torch.float64), dim=-1
+    )
+    query = torch.nn.functional.normalize(
+        torch.randn(4, generator=gen, dtype=torch.float64), dim=-1
+    )
     h = 1.1
     kernel = (1 - ((keys - query) ** 2).sum(-1) / h**2).clamp(min=0)
     weights = attention_weights(keys @ query, "normrelu", gamma=h**2 / 2, b=1 - 2 / h**2)
@@ -180,8 +204,13 @@ def test_normrelu_is_fixed_bandwidth_epanechnikov():
 
 
 def test_normrelu_all_zero_row_is_uniform_over_allowed_keys():
-    p = attention_weights(torch.tensor([-3.0, -2.0, -5.0]), "normrelu", gamma=1.0, b=0.0,
-                          mask=torch.tensor([True, True, False]))
+    p = attention_weights(
+        torch.tensor([-3.0, -2.0, -5.0]),
+        "normrelu",
+        gamma=1.0,
+        b=0.0,
+        mask=torch.tensor([True, True, False]),
+    )
     assert torch.equal(p, torch.tensor([0.5, 0.5, 0.0]))
 
 
@@ -195,20 +224,28 @@ def test_relumax_keeps_exactly_the_keys_within_b_of_the_max():
 def test_topk_picks_exactly_k_and_breaks_ties_by_position():
     x = torch.tensor([1.0, 5.0, 3.0, 5.0, 3.0, 3.0])
     p = attention_weights(x, "topk_uniform", k=3)
-    assert p.tolist() == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3, 0, 0])  # the earlier 3.0 wins the tie
+    assert p.tolist() == pytest.approx(
+        [0, 1 / 3, 1 / 3, 1 / 3, 0, 0]
+    )  # the earlier 3.0 wins the tie
     q = attention_weights(x, "topk_softmax", k=3)
     expected = torch.softmax(torch.tensor([5.0, 3.0, 5.0]), -1)
     assert torch.allclose(q[[1, 2, 3]], expected) and q[[0, 4, 5]].sum() == 0
-    few = attention_weights(x, "topk_uniform", k=3, mask=torch.tensor([True, False, False, False, False, True]))
+    few = attention_weights(
+        x, "topk_uniform", k=3, mask=torch.tensor([True, False, False, False, False, True])
+    )
     assert few.tolist() == [0.5, 0, 0, 0, 0, 0.5]  # fewer allowed keys than k: all of them
 
 
-@pytest.mark.parametrize(("kernel", "params"), [kp for kp in ALL_KERNELS if kp[0] != "topk_uniform"])
+@pytest.mark.parametrize(
+    ("kernel", "params"), [kp for kp in ALL_KERNELS if kp[0] != "topk_uniform"]
+)
 def test_gradcheck(kernel, params):
     x = scores64(3, 7, seed=10).requires_grad_()
     mask = torch.ones(3, 7, dtype=torch.bool)
     mask[1, :3] = False
-    assert torch.autograd.gradcheck(lambda s: attention_weights(s, kernel, mask=mask, **params), (x,))
+    assert torch.autograd.gradcheck(
+        lambda s: attention_weights(s, kernel, mask=mask, **params), (x,)
+    )
 
 
 @pytest.mark.parametrize(("kernel", "params"), ALL_KERNELS)
@@ -253,19 +290,27 @@ def test_aliases_and_labels():
     assert resolve_kernel("triweight") == ("entmax", {"alpha": 4 / 3})
     assert resolve_kernel("gaussian_knn", k=16) == ("topk_softmax", {"k": 16})
     assert [kernel_label(n) for n in ("gaussian", "epanechnikov", "biweight", "triweight")] == [
-        "Gaussian", "Epanechnikov (sparsemax)", "Biweight", "Triweight"]
+        "Gaussian",
+        "Epanechnikov (sparsemax)",
+        "Biweight",
+        "Triweight",
+    ]
     assert kernel_label("topk_softmax", k=32) == "Gaussian kNN, k = 32"
     assert kernel_label("uniform_knn", k=16) == "Uniform kNN, k = 16"
     assert kernel_label("relumax") == "Epanechnikov (ReLUmax)"
     assert kernel_label("entmax", alpha=1.2) == "1.2-entmax"
 
 
-@pytest.mark.parametrize(("kernel", "params"), [kp for kp in ALL_KERNELS if kp[0] != "topk_uniform"])
+@pytest.mark.parametrize(
+    ("kernel", "params"), [kp for kp in ALL_KERNELS if kp[0] != "topk_uniform"]
+)
 def test_plus_inf_scores_take_all_the_weight(kernel, params):
     x = torch.tensor([[0.5, math.inf, -1.0, math.inf], [0.5, 0.2, -1.0, 3.0]], dtype=torch.float64)
     p = attention_weights(x, kernel, **params)
     assert p[0].tolist() == [0.0, 0.5, 0.0, 0.5]
-    assert torch.equal(p[1], attention_weights(x[1], kernel, **params))  # rows without +inf unaffected
+    assert torch.equal(
+        p[1], attention_weights(x[1], kernel, **params)
+    )  # rows without +inf unaffected
 
 
 def test_plus_inf_in_top_k_uniform_ranks_first():
@@ -278,21 +323,32 @@ def test_topk_selection_matches_a_stable_sort_on_many_ties():
     x = torch.randint(0, 4, (200, 17), generator=gen).double()  # heavy ties
     mask = torch.rand(200, 17, generator=gen) > 0.2
     for k in (1, 3, 8, 17, 30):
-        order = torch.sort(x.masked_fill(~mask, -math.inf), dim=-1, descending=True, stable=True).indices[:, :k]
+        order = torch.sort(
+            x.masked_fill(~mask, -math.inf), dim=-1, descending=True, stable=True
+        ).indices[:, :k]
         expected = torch.zeros_like(mask).scatter(-1, order, True) & mask
         assert torch.equal(attention_weights(x, "topk_uniform", k=k, mask=mask) > 0, expected)
 
 
 @pytest.mark.parametrize(
     ("kernel", "params"),
-    [("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("entmax", {"alpha": 4 / 3}),
-     ("normrelu", {"gamma": 1.0, "b": -0.6}), ("relumax", {"b": 0.05})],
+    [
+        ("sparsemax", {}),
+        ("entmax", {"alpha": 1.5}),
+        ("entmax", {"alpha": 4 / 3}),
+        ("normrelu", {"gamma": 1.0, "b": -0.6}),
+        ("relumax", {"b": 0.05}),
+    ],
 )
 def test_diagnosed_bandwidth_bounds_the_support(kernel, params):
     """A compact kernel's support is exactly the keys within its bandwidth h of the query."""
     gen = torch.Generator().manual_seed(13)
-    keys = torch.nn.functional.normalize(torch.randn(64, 6, generator=gen, dtype=torch.float64), dim=-1)
-    queries = torch.nn.functional.normalize(torch.randn(20, 6, generator=gen, dtype=torch.float64), dim=-1)
+    keys = torch.nn.functional.normalize(
+        torch.randn(64, 6, generator=gen, dtype=torch.float64), dim=-1
+    )
+    queries = torch.nn.functional.normalize(
+        torch.randn(20, 6, generator=gen, dtype=torch.float64), dim=-1
+    )
     temperature = 0.25
     scores = queries @ keys.T / temperature
     diagnostics = kernel_diagnostics(scores, kernel, temperature=temperature, **params)

@@ -74,10 +74,14 @@ def test_gpt2_ids_from_local_ranks() -> None:
     encoding = gpt2_encoding()
     assert encoding.encode_ordinary("Hello world") == [15496, 995]
     assert encoding.eot_token == EOT == 50256 and encoding.n_vocab == 50257 < PADDED_VOCAB
-    assert encoding.encode_ordinary("<|endoftext|>") != [EOT]  # text never turns into the special token
+    assert encoding.encode_ordinary("<|endoftext|>") != [
+        EOT
+    ]  # text never turns into the special token
 
 
-def test_gpt2_from_installed_whisper_without_importing_it(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_gpt2_from_installed_whisper_without_importing_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     package = tmp_path / "whisper"
     (package / "assets").mkdir(parents=True)
     (package / "__init__.py").write_text("raise ImportError('whisper must not be imported')\n")
@@ -115,7 +119,9 @@ def test_gpt2_offline_without_any_file_says_how_to_fix(monkeypatch: pytest.Monke
     monkeypatch.setattr(tokenizer, "PACKAGED_RANKS", Path("/nonexistent/gpt2.tiktoken"))
     monkeypatch.setattr(tokenizer, "_whisper_ranks_file", lambda: None)
     monkeypatch.setattr(tiktoken, "get_encoding", no_network)
-    with pytest.raises(RuntimeError, match="could not download.*set MOSAIC_GPT2_TIKTOKEN") as caught:
+    with pytest.raises(
+        RuntimeError, match="could not download.*set MOSAIC_GPT2_TIKTOKEN"
+    ) as caught:
         gpt2_encoding()
     assert "\n" not in str(caught.value)
 
@@ -125,23 +131,37 @@ def test_gpt2_offline_without_any_file_says_how_to_fix(monkeypatch: pytest.Monke
 
 def test_prepare_jsonl_writes_uint16_stories_joined_by_eot(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
-    meta = prepare_corpus([DATA / "stories.jsonl"], tmp_path / "out", val_fraction=0.0,
-                          progress=lambda done, total: calls.append((done, total)))
+    meta = prepare_corpus(
+        [DATA / "stories.jsonl"],
+        tmp_path / "out",
+        val_fraction=0.0,
+        progress=lambda done, total: calls.append((done, total)),
+    )
     train, val = tmp_path / "out" / "train.bin", tmp_path / "out" / "val.bin"
     assert decode(train) == joined(JSONL_STORIES)
     assert val.stat().st_size == 0
     tokens = np.fromfile(train, dtype=np.uint16)
-    assert train.stat().st_size == 2 * len(tokens) and tokens[-1] == EOT and (tokens == EOT).sum() == 5
-    assert meta["tokens"] == {"train": len(tokens), "val": 0} and meta["documents"] == {"train": 5, "val": 0}
+    assert (
+        train.stat().st_size == 2 * len(tokens) and tokens[-1] == EOT and (tokens == EOT).sum() == 5
+    )
+    assert meta["tokens"] == {"train": len(tokens), "val": 0} and meta["documents"] == {
+        "train": 5,
+        "val": 0,
+    }
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
     assert calls[-1] == (5, 5)
 
 
 def test_prepare_text_and_parquet_in_order(tmp_path: Path) -> None:
     parquet = tmp_path / "more.parquet"
-    pq.write_table(pa.table({"text": ["Parquet story one.", None, "Parquet story two."], "id": [1, 2, 3]}), parquet)
+    pq.write_table(
+        pa.table({"text": ["Parquet story one.", None, "Parquet story two."], "id": [1, 2, 3]}),
+        parquet,
+    )
     meta = prepare_corpus([DATA / "stories.txt", parquet], tmp_path / "out", val_fraction=0.0)
-    assert decode(tmp_path / "out" / "train.bin") == joined([*TXT_STORIES, "Parquet story one.", "Parquet story two."])
+    assert decode(tmp_path / "out" / "train.bin") == joined(
+        [*TXT_STORIES, "Parquet story one.", "Parquet story two."]
+    )
     assert meta["documents"]["train"] == 5  # the null row is no document
 
 
@@ -160,22 +180,34 @@ def test_prepare_split_is_deterministic_and_partitions_documents(tmp_path: Path)
 
 def test_prepare_refuses_to_overwrite(tmp_path: Path) -> None:
     prepare_corpus([DATA / "stories.jsonl"], tmp_path, val_fraction=0.0)
-    with pytest.raises(FileExistsError, match=r"already holds train\.bin, val\.bin, meta\.json; pass overwrite=True"):
+    with pytest.raises(
+        FileExistsError,
+        match=r"already holds train\.bin, val\.bin, meta\.json; pass overwrite=True",
+    ):
         prepare_corpus([DATA / "stories.txt"], tmp_path)
     prepare_corpus([DATA / "stories.txt"], tmp_path, val_fraction=0.0, overwrite=True)
     assert decode(tmp_path / "train.bin") == joined(TXT_STORIES)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "train.bin", "val.bin"]  # no leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "meta.json",
+        "train.bin",
+        "val.bin",
+    ]  # no leftovers
 
 
 def test_prepare_rejects_bad_input(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('"fine"\n42\n')
-    with pytest.raises(ValueError, match=r'bad\.jsonl:2: expected a JSON string or an object with a "text"'):
+    with pytest.raises(
+        ValueError, match=r'bad\.jsonl:2: expected a JSON string or an object with a "text"'
+    ):
         prepare_corpus([bad], tmp_path / "out")
     assert not (tmp_path / "out" / "train.bin").exists()
     csv = tmp_path / "stories.csv"
     csv.write_text("text\nA story.\n")
-    with pytest.raises(ValueError, match=r"unsupported file type '\.csv'; expected one of \.txt, \.jsonl, \.parquet"):
+    with pytest.raises(
+        ValueError,
+        match=r"unsupported file type '\.csv'; expected one of \.txt, \.jsonl, \.parquet",
+    ):
         prepare_corpus([csv], tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         prepare_corpus([tmp_path / "absent.jsonl"], tmp_path / "out")
@@ -192,8 +224,9 @@ def write_corpus(folder: Path, train: np.ndarray, val: np.ndarray) -> Path:
 
 
 def lm_config(data_dir: Path, **overrides: object) -> LanguageModelConfig:
-    return LanguageModelConfig(name="lm", data_dir=str(data_dir), context=8, eval_batches=2, eval_batch_size=3,
-                               **overrides)
+    return LanguageModelConfig(
+        name="lm", data_dir=str(data_dir), context=8, eval_batches=2, eval_batch_size=3, **overrides
+    )
 
 
 class Uniform(nn.Module):
@@ -212,7 +245,9 @@ class SuccessorAtEvenPositions(nn.Module):
         logits = torch.zeros(*x.shape, PADDED_VOCAB)
         odd_t = torch.arange(x.shape[1]) % 2 == 1
         logits[:, odd_t] = -1e4
-        logits[:, odd_t] = logits[:, odd_t].scatter(-1, ((x[:, odd_t] + 1) % self.modulus).unsqueeze(-1), 0.0)
+        logits[:, odd_t] = logits[:, odd_t].scatter(
+            -1, ((x[:, odd_t] + 1) % self.modulus).unsqueeze(-1), 0.0
+        )
         return logits
 
 
@@ -232,7 +267,9 @@ def test_train_batch_deterministic_shifted_windows(tmp_path: Path) -> None:
 def test_evaluate_uniform_model_gives_log_vocab(tmp_path: Path) -> None:
     data = write_corpus(tmp_path, np.arange(100), np.arange(200) % 7)
     task = LanguageModelTask(lm_config(data), seed=0)
-    assert task.evaluate(Uniform(), torch.device("cpu")) == pytest.approx({"val_loss": LN_V}, abs=1e-4)
+    assert task.evaluate(Uniform(), torch.device("cpu")) == pytest.approx(
+        {"val_loss": LN_V}, abs=1e-4
+    )
     # evaluation windows do not depend on the trial seed
     inputs = task.diagnostic_inputs(2)[1.0]
     assert inputs.shape == (2, 8)
@@ -241,8 +278,12 @@ def test_evaluate_uniform_model_gives_log_vocab(tmp_path: Path) -> None:
 
 def test_per_position_loss_closed_form() -> None:
     modulus = 11
-    windows = (np.arange(5)[:, None] + np.arange(9)) % modulus  # (N=5, T+1=9), next = (token + 1) % 11
-    curve = per_position_loss(SuccessorAtEvenPositions(modulus), windows, torch.device("cpu"), batch_size=2)
+    windows = (
+        np.arange(5)[:, None] + np.arange(9)
+    ) % modulus  # (N=5, T+1=9), next = (token + 1) % 11
+    curve = per_position_loss(
+        SuccessorAtEvenPositions(modulus), windows, torch.device("cpu"), batch_size=2
+    )
     expected = np.array([LN_V, 0.0] * 4)  # positions 1..8: uniform at odd p, certain at even p
     np.testing.assert_allclose(curve, expected, atol=1e-5)
 
@@ -278,8 +319,12 @@ def test_ema_closed_form() -> None:
 
 
 def test_missing_or_short_data_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"train\.bin does not exist; run `mosaic-sweep prepare`"):
+    with pytest.raises(
+        FileNotFoundError, match=r"train\.bin does not exist; run `mosaic-sweep prepare`"
+    ):
         LanguageModelTask(lm_config(tmp_path / "nowhere"), seed=0)
     data = write_corpus(tmp_path / "short", np.arange(100), np.arange(5))
-    with pytest.raises(ValueError, match=r"val\.bin holds 5 tokens, fewer than one window of context \+ 1 = 9"):
+    with pytest.raises(
+        ValueError, match=r"val\.bin holds 5 tokens, fewer than one window of context \+ 1 = 9"
+    ):
         LanguageModelTask(lm_config(data), seed=0)

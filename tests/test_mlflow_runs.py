@@ -21,7 +21,9 @@ SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml
 
 
 def git(folder: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(folder), *args], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def test_package_versions_are_the_installed_ones():
@@ -31,8 +33,13 @@ def test_package_versions_are_the_installed_ones():
 
     versions = package_versions()
     assert versions["version.torch"] == torch.__version__
-    assert versions["version.ray"] == ray.__version__ and versions["version.mlflow"] == mlflow.__version__
-    assert set(versions) <= {f"version.{name}" for name in ("torch", "ray", "mlflow", "triton", "adasplash")}
+    assert (
+        versions["version.ray"] == ray.__version__
+        and versions["version.mlflow"] == mlflow.__version__
+    )
+    assert set(versions) <= {
+        f"version.{name}" for name in ("torch", "ray", "mlflow", "triton", "adasplash")
+    }
 
 
 def test_git_commit_of_a_checkout_and_nothing_elsewhere(tmp_path):
@@ -42,22 +49,31 @@ def test_git_commit_of_a_checkout_and_nothing_elsewhere(tmp_path):
     (repo / "a.py").write_text("x = 1\n")
     git(repo, "add", "a.py")
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "first")
-    assert git_commit(repo) == {GIT_COMMIT_TAG: git(repo, "rev-parse", "HEAD"), "git.dirty": "false"}
+    assert git_commit(repo) == {
+        GIT_COMMIT_TAG: git(repo, "rev-parse", "HEAD"),
+        "git.dirty": "false",
+    }
     (repo / "new.py").write_text("untracked files do not make it dirty\n")
     assert git_commit(repo)["git.dirty"] == "false"
     (repo / "a.py").write_text("x = 2\n")
     assert git_commit(repo)["git.dirty"] == "true"
     (repo / "sub").mkdir()
-    assert git_commit(repo / "sub") == {}  # code inside someone else's checkout is not that checkout
+    assert (
+        git_commit(repo / "sub") == {}
+    )  # code inside someone else's checkout is not that checkout
     assert git_commit(tmp_path / "plain") == {}
 
 
 def test_overwrite_tags_the_old_parent_run_with_its_backup_folder(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=tracking_uri)
-    old_parent = client.create_run(client.create_experiment("smoke"), tags={"sweep_dir": "old place"}).info.run_id
+    old_parent = client.create_run(
+        client.create_experiment("smoke"), tags={"sweep_dir": "old place"}
+    ).info.run_id
     sweep, sweep_dir = load_sweep(SMOKE_YAML), tmp_path / "sweeps" / "smoke"
-    new_sweep_folder(sweep, sweep_dir, tracking_uri, None, overwrite=False).save_run_map(RunMap(parent=old_parent))
+    new_sweep_folder(sweep, sweep_dir, tracking_uri, None, overwrite=False).save_run_map(
+        RunMap(parent=old_parent)
+    )
 
     new_sweep_folder(sweep, sweep_dir, tracking_uri, None, overwrite=True)
     (backup,) = sweep_dir.parent.glob("smoke.bak-*")
@@ -70,7 +86,9 @@ def make_tracker(tmp_path: Path) -> tuple[SweepTracker, MlflowClient, str]:
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=tracking_uri)
     experiment = client.create_experiment("sweep")
-    folder = new_sweep_folder(load_sweep(SMOKE_YAML), tmp_path / "sweep", tracking_uri, None, overwrite=False)
+    folder = new_sweep_folder(
+        load_sweep(SMOKE_YAML), tmp_path / "sweep", tracking_uri, None, overwrite=False
+    )
     run_id = client.create_run(experiment).info.run_id
     tracker = SweepTracker(client, experiment, "parent", folder, folder.configs())
     tracker.node_ip = "10.0.0.1"
@@ -101,6 +119,8 @@ def test_a_trial_on_another_node_gets_no_system_metrics_of_the_driver(tmp_path, 
     tracker._place("there", run_id, {"node_ip": "10.0.0.2", "pid": 8})
     assert set(tracker.monitors) == {"here"}
     tags = client.get_run(run_id).data.tags
-    assert tags["system_metrics"] == "not sampled: the trial runs on 10.0.0.2, the driver on 10.0.0.1"
+    assert (
+        tags["system_metrics"] == "not sampled: the trial runs on 10.0.0.2, the driver on 10.0.0.1"
+    )
     tracker.on_experiment_end([])
     assert tracker.monitors == {}

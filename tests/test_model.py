@@ -12,13 +12,22 @@ from mosaic_core.config import ModelConfig
 from mosaic_core.kernels import attention_weights
 from mosaic_core.model import ContextualMemory, MemoryMosaics
 
-KERNELS = [("softmax", {}), ("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("relumax", {"b": 1.0}),
-           ("topk_softmax", {"k": 2}), ("normrelu", {}), ("normrelu", {"gamma": 0.5, "b": -0.2})]
+KERNELS = [
+    ("softmax", {}),
+    ("sparsemax", {}),
+    ("entmax", {"alpha": 1.5}),
+    ("relumax", {"b": 1.0}),
+    ("topk_softmax", {"k": 2}),
+    ("normrelu", {}),
+    ("normrelu", {"gamma": 0.5, "b": -0.2}),
+]
 
 
 def small_model(kernel: str = "softmax", params: dict | None = None, **overrides) -> MemoryMosaics:
     torch.manual_seed(0)
-    config = ModelConfig(n_layer=2, n_embd=16, n_head=2, kernel=kernel, kernel_params=params or {}, **overrides)
+    config = ModelConfig(
+        n_layer=2, n_embd=16, n_head=2, kernel=kernel, kernel_params=params or {}, **overrides
+    )
     return MemoryMosaics(config, vocab_size=11).double()
 
 
@@ -39,14 +48,18 @@ def contextual_by_loop(memory: ContextualMemory, x: torch.Tensor) -> torch.Tenso
         for b in range(batch):
             keys, values = [], []
             for t in range(length):
-                leaky = sum(math.exp(-lam[h].item() * (t - j)) * (wk[rows] @ x[b, j]) for j in range(t + 1))
+                leaky = sum(
+                    math.exp(-lam[h].item() * (t - j)) * (wk[rows] @ x[b, j]) for j in range(t + 1)
+                )
                 keys.append(leaky / leaky.norm() * (1 if memory.kernel == "normrelu" else beta[h]))
                 nxt = wv[rows] @ x[b, t + 1] if t + 1 < length else torch.zeros(d, dtype=x.dtype)
                 v = (1 - c[h]) * nxt + c[h] * (wv[rows] @ x[b, t])
                 values.append(value_scale[h] * v / v.norm())
             for t in range(1, length):  # position 0 has no key before it: output 0
                 scores = torch.stack([keys[t] @ keys[j] for j in range(t)])
-                w = attention_weights(scores, memory.kernel, **memory.kernel_params)  # normrelu: on cosines
+                w = attention_weights(
+                    scores, memory.kernel, **memory.kernel_params
+                )  # normrelu: on cosines
                 out[b, t, rows] = w @ torch.stack(values[:t])
     return memory.out(out)
 
@@ -71,7 +84,9 @@ def test_position_t_uses_keys_up_to_t_minus_1_only(kernel, params):
             changed = idx.clone()
             changed[0, t] = (changed[0, t] + 1) % 11
             diff = (model(changed) - base).abs().amax(-1)[0]
-            assert torch.equal(diff[:t], torch.zeros(t, dtype=diff.dtype)), "a future token leaked into the past"
+            assert torch.equal(diff[:t], torch.zeros(t, dtype=diff.dtype)), (
+                "a future token leaked into the past"
+            )
             assert diff[t] > 0
 
 
@@ -98,7 +113,9 @@ def test_normrelu_head_bandwidth_option_uses_the_heads_own_bandwidth():
     beta = torch.exp(torch.clamp(10 * memory.kernel_beta.detach(), max=5))
     assert torch.allclose(keys.norm(dim=-1), beta[:, None].expand(2, 3)[None])
     assert torch.allclose(temperature.flatten(), beta**-2)
-    s = torch.tensor([beta[0] ** 2, beta[0] ** 2 - 0.25, beta[0] ** 2 - 0.5, 0.0], dtype=torch.float64)
+    s = torch.tensor(
+        [beta[0] ** 2, beta[0] ** 2 - 0.25, beta[0] ** 2 - 0.5, 0.0], dtype=torch.float64
+    )
     w = attention_weights(s, "normrelu", gamma=params["gamma"], b=params["b"][0, 0, 0])
     unnormalised = torch.tensor([1.0, 0.5, 0.0, 0.0], dtype=torch.float64)
     assert torch.allclose(w, unnormalised / unnormalised.sum())
@@ -122,8 +139,10 @@ def test_normrelu_by_default_is_the_papers_normalised_positive_cosine():
 
 def test_normrelu_output_changes_with_gamma_and_b():
     x = torch.randn(1, 12, 16, dtype=torch.float64)
-    outputs = [small_model("normrelu", params).blocks[0].contextual(x)
-               for params in ({}, {"gamma": 1.0, "b": 0.5}, {"gamma": 0.25, "b": -0.5})]
+    outputs = [
+        small_model("normrelu", params).blocks[0].contextual(x)
+        for params in ({}, {"gamma": 1.0, "b": 0.5}, {"gamma": 0.25, "b": -0.5})
+    ]
     assert not torch.allclose(outputs[0], outputs[1]) and not torch.allclose(outputs[0], outputs[2])
 
 
@@ -140,7 +159,9 @@ def test_tied_embedding_starts_with_std_one_over_sqrt_n_embd(n_embd):
     torch.manual_seed(0)
     model = MemoryMosaics(ModelConfig(n_layer=1, n_embd=n_embd, n_head=4), vocab_size=4096)
     assert model.embed.weight.std().item() == pytest.approx(n_embd**-0.5, rel=0.05)
-    untied = MemoryMosaics(ModelConfig(n_layer=1, n_embd=n_embd, n_head=4, tie_weights=False), vocab_size=4096)
+    untied = MemoryMosaics(
+        ModelConfig(n_layer=1, n_embd=n_embd, n_head=4, tie_weights=False), vocab_size=4096
+    )
     assert untied.embed.weight.std().item() == pytest.approx(1.0, rel=0.05)
 
 
@@ -200,20 +221,28 @@ def test_head_is_tied_and_logits_scaled():
     with torch.no_grad():
         assert torch.allclose(model(idx), expected)
     others = sum(p.numel() for m in (*model.blocks, model.ln_f) for p in m.parameters())
-    assert sum(p.numel() for p in model.parameters()) == model.embed.weight.numel() + others  # no output matrix
+    assert (
+        sum(p.numel() for p in model.parameters()) == model.embed.weight.numel() + others
+    )  # no output matrix
 
 
 def test_initialisation_and_decay_groups():
     model = MemoryMosaics(ModelConfig(n_layer=4, n_embd=256, n_head=4), vocab_size=10)
     block = model.blocks[0]
-    assert block.contextual.key.proj.weight.std().item() == pytest.approx(1 / math.sqrt(256), rel=0.05)
-    assert block.contextual.out.weight.std().item() == pytest.approx(1 / math.sqrt(256 * 4), rel=0.05)
+    assert block.contextual.key.proj.weight.std().item() == pytest.approx(
+        1 / math.sqrt(256), rel=0.05
+    )
+    assert block.contextual.out.weight.std().item() == pytest.approx(
+        1 / math.sqrt(256 * 4), rel=0.05
+    )
     lam = 10 * block.contextual.key.leaky_key_beta.abs()
     assert torch.allclose(lam, torch.linspace(0.5, 5, 4))
     assert torch.allclose(torch.exp(10 * block.contextual.kernel_beta), torch.full((4,), math.e))
     decay, no_decay = model.optimizer_groups(0.1)
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(
+        p.dim() < 2 for p in no_decay["params"]
+    )
     assert any(p is block.persistent.slot_keys for p in decay["params"])
     assert any(p is model.embed.weight for p in decay["params"])
 
@@ -223,7 +252,10 @@ def test_persistent_memory_is_softmax_over_slots_whatever_the_kernel():
     memory = model.blocks[0].persistent
     x = torch.randn(1, 3, 16, dtype=torch.float64)
     with torch.no_grad():
-        q = memory.key(x) * torch.exp(torch.clamp(10 * memory.kernel_beta, max=5))[:, None, None] ** 2
+        q = (
+            memory.key(x)
+            * torch.exp(torch.clamp(10 * memory.kernel_beta, max=5))[:, None, None] ** 2
+        )
         w = torch.softmax(q @ memory.slot_keys.transpose(-1, -2), dim=-1)
         gain = math.exp(-0.5)  # the output gain e^{10·v} at its initial value
         expected = memory.out(gain * (w @ memory.slot_values).transpose(1, 2).reshape(1, 3, 16))
@@ -244,7 +276,9 @@ def test_gradients_reach_every_parameter():
     model = small_model("entmax", {"alpha": 1.5})
     logits = model(torch.randint(0, 11, (2, 9)))
     F.cross_entropy(logits.flatten(0, 1), torch.randint(0, 11, (18,))).backward()
-    missing = [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    missing = [
+        name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0
+    ]
     assert missing == []
 
 
@@ -270,9 +304,13 @@ def test_diagnostics_match_the_weights_the_model_uses(kernel, params):
     assert torch.allclose(stats[0]["beta"].double(), beta.flatten())
     if kernel == "softmax":  # Gaussian of fixed bandwidth sqrt(T) = 1/β
         assert torch.allclose(stats[0]["bandwidth"].double(), 1 / beta.flatten(), atol=1e-6)
-    if kernel == "normrelu":  # on cosines, [cos/γ + b]_+ is Epanechnikov of h² = 2 + 2γb (√2 by default)
+    if (
+        kernel == "normrelu"
+    ):  # on cosines, [cos/γ + b]_+ is Epanechnikov of h² = 2 + 2γb (√2 by default)
         h = math.sqrt(2 + 2 * memory.kernel_params["gamma"] * memory.kernel_params["b"])
-        assert torch.allclose(stats[0]["bandwidth"].double(), torch.full((2,), h, dtype=torch.float64), atol=1e-6)
+        assert torch.allclose(
+            stats[0]["bandwidth"].double(), torch.full((2,), h, dtype=torch.float64), atol=1e-6
+        )
     if kernel.startswith("topk"):
         assert stats[0]["bandwidth"].isnan().all()
 
@@ -308,6 +346,13 @@ def test_untied_head_padded_vocabulary_and_embedding_dropout():
 
 
 def test_adasplash_backend_refuses_attention_dropout_before_training():
-    with pytest.raises(ValueError, match="attention_backend 'adasplash' cannot drop attention weights"):
+    with pytest.raises(
+        ValueError, match="attention_backend 'adasplash' cannot drop attention weights"
+    ):
         ModelConfig(kernel="sparsemax", attention_backend="adasplash", attn_dropout=0.05)
-    ModelConfig(kernel="sparsemax", attention_backend="adasplash", attn_dropout=0.05, contextual_attn_dropout=False)
+    ModelConfig(
+        kernel="sparsemax",
+        attention_backend="adasplash",
+        attn_dropout=0.05,
+        contextual_attn_dropout=False,
+    )

@@ -8,18 +8,30 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import ray  # noqa: F401  (Ray ships psutil among its third-party files)
-import psutil
 import yaml
 
 SWEEP = {
     "name": "local_only",
     "base": {
-        "task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4, "eval_length": 4,
-                 "eval_examples": 10},
+        "task": {
+            "name": "sort",
+            "num_symbols": 4,
+            "train_min_length": 2,
+            "train_max_length": 4,
+            "eval_length": 4,
+            "eval_examples": 10,
+        },
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-        "train": {"max_steps": 400, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10, "device": "cpu"},
+        "train": {
+            "max_steps": 400,
+            "batch_size": 4,
+            "warmup_steps": 2,
+            "eval_interval": 10,
+            "device": "cpu",
+        },
     },
     "kernels": ["softmax"],
 }
@@ -40,25 +52,44 @@ def listening(root: psutil.Process) -> list[tuple[str, str, int]]:
             name = process.name()
         except psutil.Error:  # a process that ended meanwhile
             continue
-        found += [(name, c.laddr.ip, c.laddr.port) for c in connections
-                  if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr)]
+        found += [
+            (name, c.laddr.ip, c.laddr.port)
+            for c in connections
+            if c.status == psutil.CONN_LISTEN or (c.type == 2 and not c.raddr)
+        ]
     return found
 
 
 @pytest.mark.slow
 def test_a_local_sweep_listens_on_loopback_only(tmp_path):
     (tmp_path / "local_only.yaml").write_text(yaml.safe_dump(SWEEP))
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE")}
-    driver = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "local_only.yaml"], cwd=tmp_path,
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE")
+    }
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "run", "local_only.yaml"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     root = psutil.Process(driver.pid)
     sockets: list[tuple[str, str, int]] = []
     try:
         deadline = time.time() + 180
-        while time.time() < deadline and driver.poll() is None:  # until a trial worker runs: every Ray process is up
+        while (
+            time.time() < deadline and driver.poll() is None
+        ):  # until a trial worker runs: every Ray process is up
             sockets = listening(root)
             names = {name for name, _, _ in sockets}
-            if "gcs_server" in names and "raylet" in names and any(n.startswith("ray::") for n in names):
+            if (
+                "gcs_server" in names
+                and "raylet" in names
+                and any(n.startswith("ray::") for n in names)
+            ):
                 time.sleep(2)
                 sockets = listening(root)
                 break

@@ -12,8 +12,12 @@ CONFIGS = {"softmax seed=0": {"seed": 0, "train": {"max_steps": 10}}}
 
 
 def trial(trial_id: str) -> SimpleNamespace:
-    return SimpleNamespace(trial_id=trial_id, config={"variant": "softmax seed=0"}, error_file=None,
-                           last_result={"step": 10, "train_loss": 0.5, "time_total_s": 1.0})
+    return SimpleNamespace(
+        trial_id=trial_id,
+        config={"variant": "softmax seed=0"},
+        error_file=None,
+        last_result={"step": 10, "train_loss": 0.5, "time_total_s": 1.0},
+    )
 
 
 def test_a_retried_errored_trial_is_counted_once(tmp_path, capsys):
@@ -23,7 +27,10 @@ def test_a_retried_errored_trial_is_counted_once(tmp_path, capsys):
     write_trial_rows(tmp_path, "cut", [{**row, "status": TrialStatus.RUNNING}])
     progress = TrialProgress(4, CONFIGS, tmp_path)
     progress.setup()  # resumed: two of four trials ended before
-    for trial_id in ("failed", "cut"):  # Tune retries the errored trial and continues the interrupted one
+    for trial_id in (
+        "failed",
+        "cut",
+    ):  # Tune retries the errored trial and continues the interrupted one
         progress.on_trial_start(0, [], trial(trial_id))
     progress.on_trial_complete(0, [], trial("failed"))
     progress.on_trial_error(0, [], trial("cut"))

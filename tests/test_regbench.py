@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections import Counter
-
 import random
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -55,7 +54,9 @@ def language(transitions: Transitions, max_length: int) -> set[tuple[int, ...]]:
     """Every accepted string up to `max_length`: all states accept, so all walks from the start."""
     words, frontier = {()}, [((), 0)]
     for _ in range(max_length):
-        frontier = [(word + (a,), t) for word, state in frontier for a, t in transitions[state].items()]
+        frontier = [
+            (word + (a,), t) for word, state in frontier for a, t in transitions[state].items()
+        ]
         words.update(word for word, _ in frontier)
     return words
 
@@ -82,7 +83,9 @@ def test_every_dfa_of_every_split_satisfies_the_spec(small):
     for dfas in small.dfas.values():
         for dfa in dfas:
             assert MIN_STATES <= len(dfa) <= MAX_STATES
-            assert canonical(as_transitions(dfa)) == dfa  # trimmed: BFS from the start reaches every state
+            assert (
+                canonical(as_transitions(dfa)) == dfa
+            )  # trimmed: BFS from the start reaches every state
             assert len(minimise(as_transitions(dfa))) == len(dfa)  # already minimal
             for state, edges in enumerate(dfa):
                 letters, targets = [a for a, _ in edges], [t for _, t in edges]
@@ -141,14 +144,21 @@ def test_validation_and_test_dfas_never_occur_in_training(small):
 def test_splits_depend_on_data_seed_only(small):
     other = task(seed=5)
     assert other.dfas == small.dfas
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(other.eval_sequences["test"], small.eval_sequences["test"]))
+    assert all(
+        np.array_equal(a[0], b[0])
+        for a, b in zip(other.eval_sequences["test"], small.eval_sequences["test"])
+    )
     assert task(data_seed=1).dfas["test"] != small.dfas["test"]
-    assert task(num_examples=30).dfas["train"] == small.dfas["train"][:30]  # larger splits extend smaller ones
+    assert (
+        task(num_examples=30).dfas["train"] == small.dfas["train"][:30]
+    )  # larger splits extend smaller ones
 
 
 def test_train_batches_are_a_pure_function_of_seed_and_index(small):
     again, other = task(), task(seed=1)
-    assert all(torch.equal(a, b) for a, b in zip(small.train_batch(7, 16), again.train_batch(7, 16)))
+    assert all(
+        torch.equal(a, b) for a, b in zip(small.train_batch(7, 16), again.train_batch(7, 16))
+    )
     assert not torch.equal(small.train_batch(7, 16)[0], small.train_batch(8, 16)[0])
     assert not torch.equal(small.train_batch(7, 16)[0], other.train_batch(7, 16)[0])
 
@@ -170,16 +180,27 @@ def test_a_trial_sees_exactly_num_examples_distinct_sequences_over_two_epochs(sm
 
 def test_the_training_set_depends_on_data_seed_not_on_the_trial_seed(small):
     other = task(seed=3)
-    assert all(np.array_equal(a[0], b[0]) for a, b in zip(small.train_sequences, other.train_sequences))
-    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(small.train_sequences, task(data_seed=2).train_sequences))
+    assert all(
+        np.array_equal(a[0], b[0]) for a, b in zip(small.train_sequences, other.train_sequences)
+    )
+    assert not all(
+        np.array_equal(a[0], b[0])
+        for a, b in zip(small.train_sequences, task(data_seed=2).train_sequences)
+    )
 
 
 def test_max_epochs_sets_the_steps_of_a_fixed_training_set():
-    config = TrialConfig.model_validate({"task": {"name": "regbench", "num_examples": 1000},
-                                         "train": {"max_epochs": 200, "batch_size": 32}})
+    config = TrialConfig.model_validate(
+        {
+            "task": {"name": "regbench", "num_examples": 1000},
+            "train": {"max_epochs": 200, "batch_size": 32},
+        }
+    )
     assert config.train.max_steps == 200 * 32  # ⌈1000 / 32⌉ = 32 batches per epoch
     with pytest.raises(ValueError, match="disagrees with train.max_epochs"):
-        TrialConfig.model_validate({"task": {"name": "regbench"}, "train": {"max_epochs": 2, "max_steps": 5}})
+        TrialConfig.model_validate(
+            {"task": {"name": "regbench"}, "train": {"max_epochs": 2, "max_steps": 5}}
+        )
     with pytest.raises(ValueError, match="needs a task with a fixed training set"):
         TrialConfig.model_validate({"task": {"name": "sort"}, "train": {"max_epochs": 2}})
 
@@ -191,7 +212,9 @@ def test_labels_are_shifted_inputs_without_padding_or_separators(small):
     assert (lengths < inputs.shape[1]).any()  # some rows are padded
     for row, n in zip(range(len(inputs)), lengths.tolist()):
         assert (inputs[row, n:] == PAD).all() and (labels[row, n:] == IGNORE_INDEX).all()
-        shifted = torch.cat([inputs[row, 1:n], labels[row, n - 1 : n]])  # labels[t] is the token at t+1
+        shifted = torch.cat(
+            [inputs[row, 1:n], labels[row, n - 1 : n]]
+        )  # labels[t] is the token at t+1
         scored = labels[row, :n] != IGNORE_INDEX
         assert torch.equal(labels[row, :n][scored], shifted[scored])
         assert (shifted[~scored] == SEP).all() and (labels[row, :n][scored] < NUM_LETTERS).all()
@@ -205,7 +228,9 @@ def test_sequences_are_10_to_19_accepted_strings_of_length_1_to_49(small):
     table = small.tables["train"]
     ids = np.arange(60).repeat(4)
     counts, lengths = set(), set()
-    for dfa_id, (tokens, states) in zip(ids, sample_sequences(table, ids, np.random.default_rng(0))):
+    for dfa_id, (tokens, states) in zip(
+        ids, sample_sequences(table, ids, np.random.default_rng(0))
+    ):
         dfa = small.dfas["train"][dfa_id]
         strings = split_strings(tokens)
         counts.add(len(strings))
@@ -228,7 +253,9 @@ def test_sequences_are_10_to_19_accepted_strings_of_length_1_to_49(small):
 def test_a_walk_chooses_uniformly_among_legal_letters():
     dfa = ((0, 1), (2, 2), (3, 3)), ((4, 0),), ((5, 0),), ((6, 0),)
     table = DfaTable([dfa])
-    tokens = np.concatenate([t for t, _ in sample_sequences(table, np.zeros(40, np.int64), np.random.default_rng(0))])
+    tokens = np.concatenate(
+        [t for t, _ in sample_sequences(table, np.zeros(40, np.int64), np.random.default_rng(0))]
+    )
     after_start = tokens[np.flatnonzero(np.isin(tokens, [4, 5, 6])) + 1]
     after_start = after_start[after_start != SEP]
     shares = np.bincount(after_start, minlength=4)[[0, 2, 3]] / len(after_start)
@@ -268,14 +295,18 @@ def lookup_model(t: RegBenchTask, vocab: int, fill) -> LookupModel:
         sequences, size = t.eval_sequences[split], t.config.eval_batch_size
         for start in range(0, len(sequences), size):
             inputs, _, _ = make_batch(sequences[start : start + size])
-            legal = torch.stack([legal_letters(t.dfas[split][start + row], x) for row, x in enumerate(inputs)])
+            legal = torch.stack(
+                [legal_letters(t.dfas[split][start + row], x) for row, x in enumerate(inputs)]
+            )
             logits[inputs.tobytes()] = fill(legal, vocab)
     return LookupModel(logits)
 
 
 def true_logits(legal: Tensor, vocab: int) -> Tensor:
     logits = torch.full((*legal.shape[:2], vocab), -1e9)
-    logits[..., :NUM_LETTERS] = torch.where(legal, -torch.log(legal.sum(-1, keepdim=True).clamp(min=1.0)), -1e9)
+    logits[..., :NUM_LETTERS] = torch.where(
+        legal, -torch.log(legal.sum(-1, keepdim=True).clamp(min=1.0)), -1e9
+    )
     logits[~legal.any(-1)] = 0.0  # padding: uniform
     return logits
 
@@ -289,8 +320,12 @@ def illegal_logits(legal: Tensor, vocab: int) -> Tensor:
 @pytest.mark.parametrize("vocab", [20, 24])
 def test_the_true_distribution_scores_perfectly(small, vocab):
     metrics = small.evaluate(lookup_model(small, vocab, true_logits), torch.device("cpu"))
-    assert metrics["accuracy"] == pytest.approx(100) and metrics["val_accuracy"] == pytest.approx(100)
-    assert metrics["tvd"] == pytest.approx(0, abs=1e-4) and metrics["val_tvd"] == pytest.approx(0, abs=1e-4)
+    assert metrics["accuracy"] == pytest.approx(100) and metrics["val_accuracy"] == pytest.approx(
+        100
+    )
+    assert metrics["tvd"] == pytest.approx(0, abs=1e-4) and metrics["val_tvd"] == pytest.approx(
+        0, abs=1e-4
+    )
     assert 0 < metrics["val_loss"] < np.log(NUM_LETTERS)
 
 
@@ -304,7 +339,9 @@ def test_all_mass_on_an_illegal_token_scores_zero(small, vocab):
 
 
 def test_evaluation_overhead_is_small(small):
-    model = nn.Embedding(small.vocab_size, small.vocab_size)  # next-token logits from the current token
+    model = nn.Embedding(
+        small.vocab_size, small.vocab_size
+    )  # next-token logits from the current token
     started = time.perf_counter()
     metrics = small.evaluate(model, torch.device("cpu"))
     assert time.perf_counter() - started < 2  # 20 + 20 sequences of up to ~950 tokens
@@ -323,7 +360,9 @@ def test_metric_positions_are_seq_icls_by_hand():
     t.eval_sequences["test"] = [(np.array([0, 1, SEP, 1]), np.array([1, 0, 0, 2]))]
     always_b = torch.zeros(1, 3, VOCAB_SIZE)
     always_b[..., 1] = 1e4  # the argmax is `b` everywhere, with probability ~1
-    scores = t.score(LookupModel({np.array([[0, 1, SEP]]).tobytes(): always_b}), torch.device("cpu"), "test")
+    scores = t.score(
+        LookupModel({np.array([[0, 1, SEP]]).tobytes(): always_b}), torch.device("cpu"), "test"
+    )
     assert scores["accuracy"] == pytest.approx(100)  # `b` is legal at both lettered positions
     # L1 per position: state 1: |1 − 1| = 0; states 0: |1 − ½| + |0 − ½| = 1 (twice): mean 2/3
     assert scores["tvd"] == pytest.approx(100 * 2 / 3, abs=1e-3)

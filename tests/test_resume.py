@@ -18,10 +18,24 @@ from analysis.results_store import read_results
 SWEEP = {
     "name": "crash",
     "base": {
-        "task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4, "eval_length": 4,
-                 "eval_factors": [1, 2], "eval_examples": 20},
+        "task": {
+            "name": "sort",
+            "num_symbols": 4,
+            "train_min_length": 2,
+            "train_max_length": 4,
+            "eval_length": 4,
+            "eval_factors": [1, 2],
+            "eval_examples": 20,
+        },
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-        "train": {"max_steps": 240, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 5, "eval_interval": 40},
+        "train": {
+            "max_steps": 240,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 5,
+            "eval_interval": 40,
+        },
     },
     "kernels": ["softmax", "sparsemax"],
     "grid": {"seed": [0, 1, 2]},
@@ -29,7 +43,16 @@ SWEEP = {
 
 
 def command(*args: str, name: str = "crash") -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", "run", f"{name}.yaml", "--out", f"sweeps/{name}", *args]
+    return [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "run",
+        f"{name}.yaml",
+        "--out",
+        f"sweeps/{name}",
+        *args,
+    ]
 
 
 def environment() -> dict[str, str]:
@@ -56,19 +79,37 @@ def one_finished(sweep_dir: Path) -> bool:
 @pytest.mark.slow
 def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     (tmp_path / "crash.yaml").write_text(yaml.safe_dump(SWEEP))
-    driver = subprocess.Popen(command(), cwd=tmp_path, env=environment(), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, start_new_session=True)
+    driver = subprocess.Popen(
+        command(),
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     sweep_dir = tmp_path / "sweeps" / "crash"
-    kill_when(lambda: one_finished(sweep_dir), driver)  # crash once one trial has finished and others are under way
+    kill_when(
+        lambda: one_finished(sweep_dir), driver
+    )  # crash once one trial has finished and others are under way
     before = read_results(sweep_dir)
     finished_before = set(before.loc[before["status"] == "TERMINATED", "trial_id"])
     assert 1 <= len(finished_before) < 6
 
-    again = subprocess.run(command(), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60)
-    assert again.returncode == 2 and "--resume" in again.stderr  # never a silent restart or overwrite
+    again = subprocess.run(
+        command(), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60
+    )
+    assert (
+        again.returncode == 2 and "--resume" in again.stderr
+    )  # never a silent restart or overwrite
 
-    resumed = subprocess.run(command("--resume"), cwd=tmp_path, env=environment(), capture_output=True, text=True,
-                             timeout=400)
+    resumed = subprocess.run(
+        command("--resume"),
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "trials: 6 TERMINATED" in resumed.stdout
 
@@ -89,15 +130,23 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
     for run in children:  # a finished trial was not run again: one value per evaluation step
         history = client.get_metric_history(run.info.run_id, "exact_match_1x")
-        assert sorted(m.step for m in history) == [40, 80, 120, 160, 200, 240], run.data.tags["ray.trial_id"]
+        assert sorted(m.step for m in history) == [40, 80, 120, 160, 200, 240], run.data.tags[
+            "ray.trial_id"
+        ]
 
 
 SEARCH = {
     "name": "search",
     "base": {**SWEEP["base"], "train": {**SWEEP["base"]["train"], "max_steps": 160}},
     "kernels": [{"name": "entmax", "alpha": 1.5}],
-    "search": {"metric": "exact_match_1x", "mode": "max", "n_trials": 3, "seeds": 2, "sampler_seed": 7,
-               "space": {"train.lr": {"loguniform": [1e-3, 3e-2]}, "model.n_embd": {"choice": [8, 16]}}},
+    "search": {
+        "metric": "exact_match_1x",
+        "mode": "max",
+        "n_trials": 3,
+        "seeds": 2,
+        "sampler_seed": 7,
+        "space": {"train.lr": {"loguniform": [1e-3, 3e-2]}, "model.n_embd": {"choice": [8, 16]}},
+    },
     "scheduler": {"name": "asha", "grace_period": 40, "reduction_factor": 2},
 }
 
@@ -107,16 +156,27 @@ def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(
     import optuna
 
     (tmp_path / "search.yaml").write_text(yaml.safe_dump(SEARCH))
-    driver = subprocess.Popen(command(name="search"), cwd=tmp_path, env=environment(), stdout=subprocess.PIPE,
-                              stderr=subprocess.DEVNULL, text=True)
+    driver = subprocess.Popen(
+        command(name="search"),
+        cwd=tmp_path,
+        env=environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     sweep_dir = tmp_path / "sweeps" / "search"
     deadline = time.time() + 240
     while not one_finished(sweep_dir):
-        assert driver.poll() is None and time.time() < deadline, "the sweep ended before it could be interrupted"
+        assert driver.poll() is None and time.time() < deadline, (
+            "the sweep ended before it could be interrupted"
+        )
         time.sleep(0.2)
     driver.send_signal(signal.SIGINT)  # Ctrl-C: Tune stops the trials and saves its state
     stdout, _ = driver.communicate(timeout=120)
-    assert driver.returncode == 130 and "interrupted: continue with the same command and --resume" in stdout
+    assert (
+        driver.returncode == 130
+        and "interrupted: continue with the same command and --resume" in stdout
+    )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
     assert {r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags} == {"KILLED"}
@@ -124,14 +184,24 @@ def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert 1 <= len(study.trials) <= 3
 
-    resumed = subprocess.run(command("--resume", name="search"), cwd=tmp_path, env=environment(),
-                             capture_output=True, text=True, timeout=400)
+    resumed = subprocess.run(
+        command("--resume", name="search"),
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "trials: 6 TERMINATED" in resumed.stdout  # 3 suggestions × 2 seeds, ASHA-stopped ones included
+    assert (
+        "trials: 6 TERMINATED" in resumed.stdout
+    )  # 3 suggestions × 2 seeds, ASHA-stopped ones included
     assert "search: suggestions by exact_match_1x (max), mean over seeds" in resumed.stdout
 
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
-    assert len(study.trials) == 3  # the same study went on: suggestions before and after add up to n_trials
+    assert (
+        len(study.trials) == 3
+    )  # the same study went on: suggestions before and after add up to n_trials
     assert {trial.state for trial in study.trials} == {optuna.trial.TrialState.COMPLETE}
     results = read_results(sweep_dir)
     assert results["trial_id"].nunique() == 6 and (results["status"] == "TERMINATED").all()

@@ -16,35 +16,58 @@ from search_spaces.schema import load_sweep
 @pytest.fixture
 def search_sweep(write_sweep, smoke_spec):
     smoke_spec.update(kernels=["softmax", {"name": "entmax", "alpha": 1.5}], grid={})
-    smoke_spec["search"] = {"metric": "exact_match_1x", "mode": "max", "n_trials": 3, "seeds": 2,
-                            "space": {"train.lr": {"loguniform": [1e-3, 1e-2]}, "model.n_layer": {"int": [1, 3]},
-                                      "model.n_embd": {"choice": [32, 64]}}}
+    smoke_spec["search"] = {
+        "metric": "exact_match_1x",
+        "mode": "max",
+        "n_trials": 3,
+        "seeds": 2,
+        "space": {
+            "train.lr": {"loguniform": [1e-3, 1e-2]},
+            "model.n_layer": {"int": [1, 3]},
+            "model.n_embd": {"choice": [32, 64]},
+        },
+    }
     return load_sweep(write_sweep(smoke_spec))
 
 
 def test_trial_config_applies_the_suggestion_and_the_seed_index(search_sweep):
     configs = {trial.describe(): trial.config.model_dump() for trial in search_sweep.trials}
-    tune_config = {"variant": "entmax(α=1.5)", "train.lr": 0.004, "model.n_layer": 3, "__trial_index__": 1}
+    tune_config = {
+        "variant": "entmax(α=1.5)",
+        "train.lr": 0.004,
+        "model.n_layer": 3,
+        "__trial_index__": 1,
+    }
     config = trial_config(tune_config, configs)
     assert config["train"]["lr"] == 0.004 and config["model"]["n_layer"] == 3
     assert config["seed"] == configs["entmax(α=1.5)"]["seed"] + 1
     assert config["model"]["kernel_params"] == {"alpha": 1.5}
     assert configs["entmax(α=1.5)"]["train"]["lr"] == 3e-3  # the variant's own config is untouched
     assert trial_name(tune_config) == "entmax(α=1.5) train.lr=0.004 model.n_layer=3 seed+1"
-    assert trial_config({"variant": "softmax"}, configs) == configs["softmax"]  # a grid trial: as expanded
+    assert (
+        trial_config({"variant": "softmax"}, configs) == configs["softmax"]
+    )  # a grid trial: as expanded
 
 
 def test_search_space_reaches_optuna_with_inclusive_integer_bounds(search_sweep):
-    space = OptunaSearch.convert_search_space(param_space(search_sweep, ["softmax", "entmax(α=1.5)"]))
+    space = OptunaSearch.convert_search_space(
+        param_space(search_sweep, ["softmax", "entmax(α=1.5)"])
+    )
     assert space["train.lr"] == optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)
-    assert space["model.n_layer"] == optuna.distributions.IntDistribution(1, 3)  # both ends can be suggested
+    assert space["model.n_layer"] == optuna.distributions.IntDistribution(
+        1, 3
+    )  # both ends can be suggested
     assert space["model.n_embd"] == optuna.distributions.CategoricalDistribution([32, 64])
-    assert space["variant"] == optuna.distributions.CategoricalDistribution(["softmax", "entmax(α=1.5)"])
+    assert space["variant"] == optuna.distributions.CategoricalDistribution(
+        ["softmax", "entmax(α=1.5)"]
+    )
 
 
 def test_study_persists_in_the_sweep_folder_under_the_sweep_name(search_sweep, tmp_path):
     searcher = search_algorithm(search_sweep, tmp_path)
-    searcher.set_search_properties(None, None, param_space(search_sweep, ["softmax", "entmax(α=1.5)"]))
+    searcher.set_search_properties(
+        None, None, param_space(search_sweep, ["softmax", "entmax(α=1.5)"])
+    )
     searcher.suggest("t1")
     study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
     assert study.direction == optuna.study.StudyDirection.MAXIMIZE and len(study.trials) == 1
@@ -80,9 +103,24 @@ def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_
     from orchestrator.search import scheduler
 
     assert isinstance(scheduler(load_sweep(write_sweep(smoke_spec, "plain"))), FIFOScheduler)
-    smoke_spec["scheduler"] = {"name": "asha", "metric": "exact_match_2x", "mode": "max", "grace_period": 100,
-                               "reduction_factor": 2}
+    smoke_spec["scheduler"] = {
+        "name": "asha",
+        "metric": "exact_match_2x",
+        "mode": "max",
+        "grace_period": 100,
+        "reduction_factor": 2,
+    }
     asha = scheduler(load_sweep(write_sweep(smoke_spec, "asha")))
     assert isinstance(asha, ASHAScheduler)
-    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == ("step", "exact_match_2x", "max", 1000)
-    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [800, 400, 200, 100]  # grace × 2^i < max_t
+    assert (asha._time_attr, asha._metric, asha._mode, asha._max_t) == (
+        "step",
+        "exact_match_2x",
+        "max",
+        1000,
+    )
+    assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [
+        800,
+        400,
+        200,
+        100,
+    ]  # grace × 2^i < max_t

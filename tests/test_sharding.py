@@ -25,11 +25,26 @@ from mosaic_core.train import TIMING_METRICS, train_trial
 # left out: a float-level difference in the weights can flip which keys are the top k)
 CONFIG = {
     "seed": 5,
-    "task": {"name": "reverse", "num_symbols": 4, "train_min_length": 2, "train_max_length": 5, "eval_length": 3,
-             "eval_factors": [1], "eval_examples": 10},
+    "task": {
+        "name": "reverse",
+        "num_symbols": 4,
+        "train_min_length": 2,
+        "train_max_length": 5,
+        "eval_length": 3,
+        "eval_factors": [1],
+        "eval_examples": 10,
+    },
     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "kernel": "normrelu"},
-    "train": {"max_steps": 8, "batch_size": 5, "grad_accum_steps": 2, "lr": 3e-3, "min_lr": 3e-4,
-              "warmup_steps": 2, "eval_interval": 4, "device": "cpu"},
+    "train": {
+        "max_steps": 8,
+        "batch_size": 5,
+        "grad_accum_steps": 2,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 2,
+        "eval_interval": 4,
+        "device": "cpu",
+    },
 }
 
 
@@ -41,7 +56,9 @@ def test_workers_take_contiguous_blocks_and_a_worker_without_rows_weighs_nothing
     assert torch.equal(torch.cat([b[1] for b in blocks]), labels)
     assert Shard().rows(inputs, labels)[0] is inputs
 
-    lone = Shard(rank=3, world_size=4).rows(inputs[:2], labels[:2])  # a remainder batch of 2 rows, 4 workers
+    lone = Shard(rank=3, world_size=4).rows(
+        inputs[:2], labels[:2]
+    )  # a remainder batch of 2 rows, 4 workers
     assert lone[0].tolist() == [[0, 1]] and (lone[1] == IGNORE_INDEX).all()
 
 
@@ -57,9 +74,16 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     losses: list[float] = []
     reports: list[tuple[dict, bool]] = []
-    wrap = lambda model: torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # noqa: E731
-    train_trial(CONFIG, lambda metrics, directory: reports.append((metrics, directory is not None)),
-                on_step=lambda step, loss: losses.append(loss), prepare_model=wrap)
+
+    def wrap(model):
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # noqa: E731
+
+    train_trial(
+        CONFIG,
+        lambda metrics, directory: reports.append((metrics, directory is not None)),
+        on_step=lambda step, loss: losses.append(loss),
+        prepare_model=wrap,
+    )
     Path(out, f"rank{rank}.json").write_text(json.dumps({"losses": losses, "reports": reports}))
     dist.destroy_process_group()
 
@@ -69,8 +93,11 @@ def test_two_gloo_workers_follow_the_one_process_loss_curve(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2)
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
     plain_losses, plain_reports = [], []
-    train_trial(CONFIG, lambda metrics, directory: plain_reports.append(metrics),
-                on_step=lambda step, loss: plain_losses.append(loss))
+    train_trial(
+        CONFIG,
+        lambda metrics, directory: plain_reports.append(metrics),
+        on_step=lambda step, loss: plain_losses.append(loss),
+    )
 
     for rank in ranks:  # every worker sees the whole trial's loss, not its shard's
         assert rank["losses"] == pytest.approx(plain_losses, rel=1e-3)
@@ -80,7 +107,8 @@ def test_two_gloo_workers_follow_the_one_process_loss_curve(tmp_path):
     for (metrics, _), plain in zip(ranks[0]["reports"], plain_reports):
         assert metrics.keys() == plain.keys()
         assert {k: v for k, v in metrics.items() if k not in TIMING_METRICS} == pytest.approx(
-            {k: v for k, v in plain.items() if k not in TIMING_METRICS}, rel=1e-3)
+            {k: v for k, v in plain.items() if k not in TIMING_METRICS}, rel=1e-3
+        )
 
 
 def test_the_first_batch_is_one_that_averaging_the_workers_means_would_get_wrong():
@@ -91,7 +119,9 @@ def test_the_first_batch_is_one_that_averaging_the_workers_means_would_get_wrong
     logits = torch.randn(*labels.shape, 36, generator=torch.Generator().manual_seed(0))
 
     def mean(rows: slice) -> torch.Tensor:
-        return F.cross_entropy(logits[rows].flatten(0, 1), labels[rows].flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(
+            logits[rows].flatten(0, 1), labels[rows].flatten(), ignore_index=IGNORE_INDEX
+        )
 
     scored = [(labels[rows] != IGNORE_INDEX).sum().item() for rows in (slice(0, 3), slice(3, 5))]
     assert scored[0] / 3 != scored[1] / 2  # the shards score different numbers of tokens per row

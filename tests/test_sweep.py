@@ -36,11 +36,17 @@ def smoke_plan() -> list[str]:
     import torch
 
     cpus, at_once = os.cpu_count(), min(6, os.cpu_count())
-    return [f"per trial: 1 CPU, 0 GPU; this machine (local Ray): 1 node(s), {cpus} CPUs, {torch.cuda.device_count()} GPUs",
-            f"6 trials: {at_once} at a time (limited by {'trials' if at_once == 6 else 'CPUs'}), {math.ceil(6 / at_once)} wave(s)",
-            "this machine (local Ray) can run this sweep"]
+    return [
+        f"per trial: 1 CPU, 0 GPU; this machine (local Ray): 1 node(s), {cpus} CPUs, {torch.cuda.device_count()} GPUs",
+        f"6 trials: {at_once} at a time (limited by {'trials' if at_once == 6 else 'CPUs'}), {math.ceil(6 / at_once)} wave(s)",
+        "this machine (local Ray) can run this sweep",
+    ]
+
+
 LABELS = ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
-CELL = re.compile(r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)")  # mean^(max), best ones marked
+CELL = re.compile(
+    r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)"
+)  # mean^(max), best ones marked
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -49,10 +55,16 @@ def cli_env(**extra: str) -> dict[str, str]:
     return {**env, **extra}
 
 
-def mosaic_sweep(*args: str | Path, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def mosaic_sweep(
+    *args: str | Path, cwd: Path, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
-        cwd=cwd, env=cli_env(), capture_output=True, text=True, timeout=timeout,
+        cwd=cwd,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -79,7 +91,10 @@ def test_dry_run_of_a_bigger_sweep_pads_the_numbers(tmp_path, write_sweep, smoke
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and len(lines) == 15
     assert lines[0] == " 1  softmax seed=0" and lines[11] == "12  entmax(α=1.5) seed=3"
-    assert lines[-2].startswith("12 trials: ") and lines[-1] == "this machine (local Ray) can run this sweep"
+    assert (
+        lines[-2].startswith("12 trials: ")
+        and lines[-1] == "this machine (local Ray) can run this sweep"
+    )
 
 
 def bad_specs(smoke_spec: dict) -> dict[str, tuple[dict, str]]:
@@ -91,19 +106,44 @@ def bad_specs(smoke_spec: dict) -> dict[str, tuple[dict, str]]:
         return spec
 
     return {
-        "top-key": (variant(lambda s: s.update(seeds=[0, 1])), "unknown key 'seeds'; allowed: name, description, base, kernels"),
-        "base-key": (variant(lambda s: s["base"]["model"].update(n_lyer=1)), "unknown key 'base.model.n_lyer'; allowed: n_layer,"),
-        "kernel": (variant(lambda s: s.update(kernels=["softmax", "sparsmax"])), "unknown kernel 'sparsmax'; allowed: softmax, sparsemax, entmax"),
-        "alpha": (variant(lambda s: s.update(kernels=[{"name": "entmax", "alpha": 1}])), "kernels[0]: entmax alpha must be > 1"),
-        "grid-key": (variant(lambda s: s["grid"].update({"model.layers": [1]})), "unknown grid key 'model.layers'; allowed: seed,"),
+        "top-key": (
+            variant(lambda s: s.update(seeds=[0, 1])),
+            "unknown key 'seeds'; allowed: name, description, base, kernels",
+        ),
+        "base-key": (
+            variant(lambda s: s["base"]["model"].update(n_lyer=1)),
+            "unknown key 'base.model.n_lyer'; allowed: n_layer,",
+        ),
+        "kernel": (
+            variant(lambda s: s.update(kernels=["softmax", "sparsmax"])),
+            "unknown kernel 'sparsmax'; allowed: softmax, sparsemax, entmax",
+        ),
+        "alpha": (
+            variant(lambda s: s.update(kernels=[{"name": "entmax", "alpha": 1}])),
+            "kernels[0]: entmax alpha must be > 1",
+        ),
+        "grid-key": (
+            variant(lambda s: s["grid"].update({"model.layers": [1]})),
+            "unknown grid key 'model.layers'; allowed: seed,",
+        ),
     }
 
 
-@pytest.mark.parametrize(("case", "dry_run"), [
-    ("top-key", True), ("base-key", True), ("kernel", True), ("alpha", True), ("grid-key", True),
-    ("base-key", False), ("kernel", False),  # without --dry-run: still refused before Ray starts
-])
-def test_bad_sweep_file_is_one_line_error_exit_2_before_anything_starts(tmp_path, write_sweep, smoke_spec, case, dry_run):
+@pytest.mark.parametrize(
+    ("case", "dry_run"),
+    [
+        ("top-key", True),
+        ("base-key", True),
+        ("kernel", True),
+        ("alpha", True),
+        ("grid-key", True),
+        ("base-key", False),
+        ("kernel", False),  # without --dry-run: still refused before Ray starts
+    ],
+)
+def test_bad_sweep_file_is_one_line_error_exit_2_before_anything_starts(
+    tmp_path, write_sweep, smoke_spec, case, dry_run
+):
     spec, expected = bad_specs(smoke_spec)[case]
     path = write_sweep(spec, "bad")
     before = files_under(tmp_path)
@@ -114,15 +154,19 @@ def test_bad_sweep_file_is_one_line_error_exit_2_before_anything_starts(tmp_path
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: bad.yaml: ")
     assert expected in lines[0]
-    assert files_under(tmp_path) == before  # validated before Ray or MLflow: no sweeps/, no mlflow.db
+    assert (
+        files_under(tmp_path) == before
+    )  # validated before Ray or MLflow: no sweeps/, no mlflow.db
 
 
 def test_unknown_spec_is_exit_2(tmp_path):
     done = mosaic_sweep("run", "no-such-sweep", cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.splitlines() == ["error: no-such-sweep: no such sweep file, nor a bundled sweep; bundled: "
-                                        "babistories, babistories_smoke, length_generalization, length_generalization_smoke, "
-                                        "paper_check, regbench, regbench_smoke, search_smoke, smoke"]
+    assert done.stderr.splitlines() == [
+        "error: no-such-sweep: no such sweep file, nor a bundled sweep; bundled: "
+        "babistories, babistories_smoke, length_generalization, length_generalization_smoke, "
+        "paper_check, regbench, regbench_smoke, search_smoke, smoke"
+    ]
     assert files_under(tmp_path) == []
 
 
@@ -139,9 +183,18 @@ def fake_run_sweep(monkeypatch, tmp_path):
     statuses = {"TERMINATED": 6}
 
     def fake(sweep, folder, *, address=None, verbose=False, max_concurrent=None, sweep_file=None):
-        calls.append(dict(name=sweep.name, trials=len(sweep.trials), sweep_dir=folder.path,
-                          tracking_uri=folder.launch.tracking_uri, configs=len(folder.configs())))
-        return SweepOutcome(folder.path, "| Kernel |\n", "parent123", folder.launch.tracking_uri, dict(statuses))
+        calls.append(
+            dict(
+                name=sweep.name,
+                trials=len(sweep.trials),
+                sweep_dir=folder.path,
+                tracking_uri=folder.launch.tracking_uri,
+                configs=len(folder.configs()),
+            )
+        )
+        return SweepOutcome(
+            folder.path, "| Kernel |\n", "parent123", folder.launch.tracking_uri, dict(statuses)
+        )
 
     monkeypatch.setattr(orchestrator.sweep, "run_sweep", fake)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -158,8 +211,13 @@ def test_default_folder_and_tracking_uri(fake_run_sweep, tmp_path):
     result = invoke("run", "smoke")
     assert result.exit_code == 0, result.output
     (call,) = fake_run_sweep.calls
-    assert call == dict(name="smoke", trials=6, sweep_dir=Path("sweeps") / "smoke",
-                        tracking_uri=f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}", configs=6)
+    assert call == dict(
+        name="smoke",
+        trials=6,
+        sweep_dir=Path("sweeps") / "smoke",
+        tracking_uri=f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}",
+        configs=6,
+    )
     assert "MLflow: sqlite:///" in result.stdout and "parent run parent123" in result.stdout
     assert "trials: 6 TERMINATED" in result.stdout
 
@@ -175,7 +233,10 @@ def test_tracking_uri_from_environment_then_flag(fake_run_sweep, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
     assert invoke("run", "smoke", "--out", "a").exit_code == 0
     assert invoke("run", "smoke", "--out", "b", "--mlflow-uri", "http://flag:5000").exit_code == 0
-    assert [c["tracking_uri"] for c in fake_run_sweep.calls] == ["http://env:5000", "http://flag:5000"]
+    assert [c["tracking_uri"] for c in fake_run_sweep.calls] == [
+        "http://env:5000",
+        "http://flag:5000",
+    ]
 
 
 def test_failed_trials_make_exit_1(fake_run_sweep):
@@ -187,7 +248,10 @@ def test_failed_trials_make_exit_1(fake_run_sweep):
 
 def test_default_tracking_uri(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    assert default_tracking_uri(tmp_path / "sweeps") == f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}"
+    assert (
+        default_tracking_uri(tmp_path / "sweeps")
+        == f"sqlite:///{tmp_path.resolve() / 'sweeps' / 'mlflow.db'}"
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///somewhere")
     assert default_tracking_uri(tmp_path / "sweeps") == "file:///somewhere"
 
@@ -196,13 +260,19 @@ def test_default_tracking_uri(tmp_path, monkeypatch):
 # the sweep folder: never mixed, never deleted
 
 
-LAUNCH_RECORD = LaunchRecord(tracking_uri="sqlite:///mlflow.db", storage_path="/somewhere", trials=3)
+LAUNCH_RECORD = LaunchRecord(
+    tracking_uri="sqlite:///mlflow.db", storage_path="/somewhere", trials=3
+)
 
 
 def test_new_or_empty_folder_is_used(tmp_path):
     SweepFolder.create(tmp_path / "a" / "b", LAUNCH_RECORD, {"softmax": {}})
-    assert files_under(tmp_path) == [tmp_path / "a", tmp_path / "a" / "b", tmp_path / "a" / "b" / "launch.json",
-                                     tmp_path / "a" / "b" / "trials.json"]
+    assert files_under(tmp_path) == [
+        tmp_path / "a",
+        tmp_path / "a" / "b",
+        tmp_path / "a" / "b" / "launch.json",
+        tmp_path / "a" / "b" / "trials.json",
+    ]
     assert SweepFolder.open(tmp_path / "a" / "b").launch == LAUNCH_RECORD
     assert SweepFolder.open(tmp_path / "a" / "b").configs() == {"softmax": {}}
 
@@ -236,7 +306,9 @@ def test_overwrite_never_moves_a_folder_that_is_not_a_sweep(tmp_path):
     mine.mkdir()
     (mine / "chapter1.tex").write_text("precious")
     for overwrite in (False, True):
-        with pytest.raises(SweepFolderError, match="is not the folder of a sweep and is left alone"):
+        with pytest.raises(
+            SweepFolderError, match="is not the folder of a sweep and is left alone"
+        ):
             SweepFolder.create(mine, LAUNCH_RECORD, {"softmax": {}}, overwrite=overwrite)
     assert files_under(tmp_path) == [mine, mine / "chapter1.tex"]
 
@@ -263,13 +335,17 @@ def mlflow_runs(client, experiment_id: str) -> tuple[list, list]:
 
 
 @pytest.mark.slow
-def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, write_sweep, smoke_spec, monkeypatch):
+def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(
+    tmp_path, write_sweep, smoke_spec, monkeypatch
+):
     from mlflow import MlflowClient
 
     from analysis.results_store import read_results
     from orchestrator.tracking import git_commit, package_versions
 
-    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # trials of a second or two get samples
+    monkeypatch.setenv(
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1"
+    )  # trials of a second or two get samples
     tiny = tiny_smoke(smoke_spec)
     tiny["base"]["train"]["log_interval"] = 5  # progress between the evaluations at 10 and 20
     spec = write_sweep(tiny, "tiny")
@@ -279,15 +355,23 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     done = mosaic_sweep("run", spec, cwd=tmp_path, timeout=300)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "starting Ray on this machine…" in done.stderr
-    assert re.search(r"step 5/20  softmax seed=0  train_loss=\S+  \S+k tokens/s  ETA", done.stderr), done.stderr
+    assert re.search(
+        r"step 5/20  softmax seed=0  train_loss=\S+  \S+k tokens/s  ETA", done.stderr
+    ), done.stderr
     for label in LABELS:
         assert re.search(rf"^\| {re.escape(label)} \| .+ \| .+ \|$", done.stdout, re.M), done.stdout
     assert "| Kernel | sort 1× | sort 2× |" in done.stdout
     assert "trials: 6 TERMINATED" in done.stdout
 
     table = (sweep_dir / "table.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| Kernel")]
-    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == LABELS  # the file's kernel order
+    rows = [
+        line
+        for line in table.splitlines()
+        if line.startswith("| ") and not line.startswith("| Kernel")
+    ]
+    assert [
+        row.split(" | ")[0].removeprefix("| ") for row in rows
+    ] == LABELS  # the file's kernel order
     for row in rows:
         cells = row.strip("|").split(" | ")[1:]
         assert len(cells) == 2 and all(CELL.fullmatch(cell.strip()) for cell in cells), row
@@ -305,27 +389,57 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert parent.info.status == "FINISHED"
     assert parent.data.tags["sweep_dir"] == str(sweep_dir.resolve())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"table.md", "table-length_factor.tex", "table-length_factor.csv", "plots", "tiny.yaml"} <= artifacts
+    assert {
+        "table.md",
+        "table-length_factor.tex",
+        "table-length_factor.csv",
+        "plots",
+        "tiny.yaml",
+    } <= artifacts
     assert experiments["tiny_smoke"].tags["mlflow.experimentKind"] == "custom_model_development"
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    commit = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True
+    )
     assert parent.data.tags["mlflow.source.git.commit"] == commit.stdout.strip() and git_commit()
-    assert package_versions().items() <= parent.data.tags.items() and "version.torch" in parent.data.tags
+    assert (
+        package_versions().items() <= parent.data.tags.items()
+        and "version.torch" in parent.data.tags
+    )
     assert parent.data.tags["resource_plan"] == "\n".join(smoke_plan())
-    assert parent.data.tags["mlflow.note.content"].endswith(table.strip())  # the sweep's table as its description
-    assert sorted(c.info.run_name for c in children) == sorted(line.split("  ", 1)[1] for line in SMOKE_LINES)
-    assert all(client.get_metric_history(c.info.run_id, "system/cpu_utilization_percentage") for c in children)
+    assert parent.data.tags["mlflow.note.content"].endswith(
+        table.strip()
+    )  # the sweep's table as its description
+    assert sorted(c.info.run_name for c in children) == sorted(
+        line.split("  ", 1)[1] for line in SMOKE_LINES
+    )
+    assert all(
+        client.get_metric_history(c.info.run_id, "system/cpu_utilization_percentage")
+        for c in children
+    )
     figures = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/exact_match_vs_length.png", "plots/support_size_vs_length.png"} <= figures, figures
+    assert {"plots/exact_match_vs_length.png", "plots/support_size_vs_length.png"} <= figures, (
+        figures
+    )
     assert "\\toprule" in (sweep_dir / "table-length_factor.tex").read_text()
     assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
     assert all(c.info.status == "FINISHED" for c in children)
 
     variants = sorted((c.data.params["model.kernel"], c.data.params["seed"]) for c in children)
-    assert variants == [("entmax", "0"), ("entmax", "1"), ("softmax", "0"), ("softmax", "1"),
-                        ("sparsemax", "0"), ("sparsemax", "1")]
+    assert variants == [
+        ("entmax", "0"),
+        ("entmax", "1"),
+        ("softmax", "0"),
+        ("softmax", "1"),
+        ("sparsemax", "0"),
+        ("sparsemax", "1"),
+    ]
     for child in children:
         params = child.data.params
-        assert params["task.name"] == "sort" and params["model.n_layer"] == "1" and params["train.max_steps"] == "20"
+        assert (
+            params["task.name"] == "sort"
+            and params["model.n_layer"] == "1"
+            and params["train.max_steps"] == "20"
+        )
         if params["model.kernel"] == "entmax":
             assert params["model.kernel_params.alpha"] == "1.5"
         else:
@@ -334,14 +448,38 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
             history = client.get_metric_history(child.info.run_id, metric)
             assert sorted(m.step for m in history) == [10, 20]
             assert all(0.0 <= m.value <= 1.0 for m in history)
-        for metric in ("train_loss", "tokens_per_s", "lr"):  # every log_interval (5) and evaluation: a curve
-            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == [5, 10, 15, 20]
+        for metric in (
+            "train_loss",
+            "tokens_per_s",
+            "lr",
+        ):  # every log_interval (5) and evaluation: a curve
+            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == [
+                5,
+                10,
+                15,
+                20,
+            ]
     child_ids = {c.info.run_id for c in children}
     run_of_trial = {c.data.tags["ray.trial_id"]: c.info.run_id for c in children}
 
     results = read_results(sweep_dir)
-    assert set(["trial_id", "kernel", "alpha", "k", "b", "n_layer", "seed", "task", "metric", "length_factor",
-                "value", "status", "mlflow_run_id"]) <= set(results.columns)
+    assert set(
+        [
+            "trial_id",
+            "kernel",
+            "alpha",
+            "k",
+            "b",
+            "n_layer",
+            "seed",
+            "task",
+            "metric",
+            "length_factor",
+            "value",
+            "status",
+            "mlflow_run_id",
+        ]
+    ) <= set(results.columns)
     assert results["trial_id"].nunique() == 6
     assert (results["status"] == "TERMINATED").all()
     assert set(results["mlflow_run_id"]) == child_ids
@@ -350,7 +488,11 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert len(exact) == 6 * 2 * 2
     assert sorted(exact.groupby(["trial_id", "length_factor", "step"]).size().tolist()) == [1] * 24
     assert set(exact["length_factor"]) == {1.0, 2.0} and set(exact["step"]) == {10, 20}
-    assert exact.groupby("kernel")["trial_id"].nunique().to_dict() == {"entmax": 2, "softmax": 2, "sparsemax": 2}
+    assert exact.groupby("kernel")["trial_id"].nunique().to_dict() == {
+        "entmax": 2,
+        "softmax": 2,
+        "sparsemax": 2,
+    }
     assert (results["task"] == "sort").all() and (results["n_layer"] == 1).all()
     assert set(results["seed"]) == {0, 1}
     entmax_rows = results["kernel"] == "entmax"
@@ -361,7 +503,10 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
 
     # --resume of a finished sweep: nothing left to run, and it says so without starting Ray
     finished = mosaic_sweep("run", spec, "--resume", cwd=tmp_path, timeout=120)
-    assert finished.returncode == 0 and "all 6 trials had finished; nothing was left to run" in finished.stdout
+    assert (
+        finished.returncode == 0
+        and "all 6 trials had finished; nothing was left to run" in finished.stdout
+    )
     assert "starting Ray" not in finished.stderr
 
     # the same command again: refused, nothing touched
@@ -378,8 +523,15 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert redo.returncode == 0, redo.stdout + redo.stderr
     (backup,) = (tmp_path / "sweeps").glob("tiny_smoke.bak-*")
     backed_up = read_results(backup)
-    assert backed_up.sort_values(["trial_id", "metric", "length_factor", "step"]).reset_index(drop=True).equals(
-        first_results.sort_values(["trial_id", "metric", "length_factor", "step"]).reset_index(drop=True))
+    assert (
+        backed_up.sort_values(["trial_id", "metric", "length_factor", "step"])
+        .reset_index(drop=True)
+        .equals(
+            first_results.sort_values(["trial_id", "metric", "length_factor", "step"]).reset_index(
+                drop=True
+            )
+        )
+    )
     assert (backup / "table.md").read_text() == table
 
     experiments = {e.name: e for e in client.search_experiments()}
@@ -389,10 +541,14 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(tmp_path, writ
     assert all(p.info.status == "FINISHED" for p in parents)
     assert client.get_run(parent.info.run_id).data.tags["sweep_dir"] == str(backup.resolve())
     new_parent = next(p.info.run_id for p in parents if p.info.run_id != parent.info.run_id)
-    new_children = {c.info.run_id for c in children if c.data.tags["mlflow.parentRunId"] == new_parent}
+    new_children = {
+        c.info.run_id for c in children if c.data.tags["mlflow.parentRunId"] == new_parent
+    }
     assert len(new_children) == 6
     new_results = read_results(sweep_dir)
-    assert new_results["trial_id"].nunique() == 6 and set(new_results["mlflow_run_id"]) == new_children
+    assert (
+        new_results["trial_id"].nunique() == 6 and set(new_results["mlflow_run_id"]) == new_children
+    )
 
 
 def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
@@ -401,20 +557,63 @@ def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
     sweep_dir = tmp_path / "sweeps" / "s"
     SweepFolder.create(sweep_dir, LAUNCH_RECORD, {"softmax": {}})
     common = {"task": "sort", "kernel": "softmax", "n_layer": 1, "metric": "exact_match"}
-    write_trial_rows(sweep_dir, "t1", [
-        {**common, "kernel_label": "Gaussian", "seed": 0, "length_factor": 1.0, "step": 10, "value": 0.9, "status": "TERMINATED"},
-        {**common, "kernel_label": "Gaussian", "seed": 0, "length_factor": 2.0, "step": 10, "value": 0.95, "status": "TERMINATED"},
-    ])
-    write_trial_rows(sweep_dir, "t2", [
-        {**common, "kernel_label": "Biweight", "seed": 1, "length_factor": 1.0, "step": 5, "value": 0.97, "status": "RUNNING"},
-        {**common, "kernel_label": "Biweight", "seed": 1, "length_factor": 1.0, "step": 10, "value": 0.93, "status": "RUNNING"},
-    ])
+    write_trial_rows(
+        sweep_dir,
+        "t1",
+        [
+            {
+                **common,
+                "kernel_label": "Gaussian",
+                "seed": 0,
+                "length_factor": 1.0,
+                "step": 10,
+                "value": 0.9,
+                "status": "TERMINATED",
+            },
+            {
+                **common,
+                "kernel_label": "Gaussian",
+                "seed": 0,
+                "length_factor": 2.0,
+                "step": 10,
+                "value": 0.95,
+                "status": "TERMINATED",
+            },
+        ],
+    )
+    write_trial_rows(
+        sweep_dir,
+        "t2",
+        [
+            {
+                **common,
+                "kernel_label": "Biweight",
+                "seed": 1,
+                "length_factor": 1.0,
+                "step": 5,
+                "value": 0.97,
+                "status": "RUNNING",
+            },
+            {
+                **common,
+                "kernel_label": "Biweight",
+                "seed": 1,
+                "length_factor": 1.0,
+                "step": 10,
+                "value": 0.93,
+                "status": "RUNNING",
+            },
+        ],
+    )
     done = CliRunner().invoke(cli.app, ["status", str(sweep_dir)])
     assert done.exit_code == 0, done.output
-    assert done.output.splitlines() == [
-        f"{sweep_dir}: 3 trials — 1 PENDING, 1 RUNNING, 1 TERMINATED",
-        "best exact_match at 1×: 0.93  Biweight, seed 1, sort (trial t2, step 10)",  # last evaluations only
-    ]
+    assert (
+        done.output.splitlines()
+        == [
+            f"{sweep_dir}: 3 trials — 1 PENDING, 1 RUNNING, 1 TERMINATED",
+            "best exact_match at 1×: 0.93  Biweight, seed 1, sort (trial t2, step 10)",  # last evaluations only
+        ]
+    )
     missing = CliRunner().invoke(cli.app, ["status", str(tmp_path)])
     assert missing.exit_code == 2 and "is not a sweep folder" in missing.output
 
@@ -428,22 +627,40 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
 
     from analysis.results_store import read_results
 
-    spec = {"name": "failing", "max_failures": 1,
-            "base": {"task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4,
-                              "eval_length": 4, "eval_examples": 10},
-                     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-                     "train": {"max_steps": 20, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10}},
-            "kernels": ["softmax"], "grid": {"model.vocab_size": [None, 2]}}
+    spec = {
+        "name": "failing",
+        "max_failures": 1,
+        "base": {
+            "task": {
+                "name": "sort",
+                "num_symbols": 4,
+                "train_min_length": 2,
+                "train_max_length": 4,
+                "eval_length": 4,
+                "eval_examples": 10,
+            },
+            "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+            "train": {"max_steps": 20, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10},
+        },
+        "kernels": ["softmax"],
+        "grid": {"model.vocab_size": [None, 2]},
+    }
     done = mosaic_sweep("run", write_sweep(spec, "failing"), cwd=tmp_path, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "trials: 1 ERROR, 1 TERMINATED" in done.stdout
-    assert "failed" in done.stderr and "model.vocab_size=2" in done.stderr  # the progress line names it
-    assert "Traceback" not in done.stderr  # an expected failure: its traceback is in MLflow, not on the terminal
+    assert (
+        "failed" in done.stderr and "model.vocab_size=2" in done.stderr
+    )  # the progress line names it
+    assert (
+        "Traceback" not in done.stderr
+    )  # an expected failure: its traceback is in MLflow, not on the terminal
 
     error = "ValueError: model.vocab_size (2) is smaller than the task's vocabulary (8)"
     results = read_results(tmp_path / "sweeps" / "failing")
     failed = results[results["status"] == "ERROR"]
-    assert len(failed) == 1 and failed["error"].iloc[0] == error and pd.isna(failed["metric"].iloc[0])
+    assert (
+        len(failed) == 1 and failed["error"].iloc[0] == error and pd.isna(failed["metric"].iloc[0])
+    )
     assert (results.loc[results["status"] == "TERMINATED", "error"].isna()).all()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
@@ -451,7 +668,9 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     run = next(r for r in runs if r.info.run_id == failed["mlflow_run_id"].iloc[0])
     assert run.info.status == "FAILED" and run.data.tags["error"] == error
     assert run.data.tags["ray.retries"] == "1"  # one retry (max_failures: 1), then given up
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["error.txt"]  # the whole traceback
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == [
+        "error.txt"
+    ]  # the whole traceback
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.info.status == "FAILED"
     status = CliRunner().invoke(cli.app, ["status", str(tmp_path / "sweeps" / "failing")])
@@ -468,16 +687,25 @@ def served_json(ui_args: list[str | Path], path: str) -> object:
     with socket.socket() as probe:  # a free port
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "ui", *map(str, ui_args), "--port", str(port)],
-                              env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "ui", *map(str, ui_args), "--port", str(port)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.time() + 90
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}{path}", timeout=5
+                ) as response:
                     return json.load(response)
             except OSError:
-                assert server.poll() is None and time.time() < deadline, server.stdout.read() if server.poll() else "timeout"
+                assert server.poll() is None and time.time() < deadline, (
+                    server.stdout.read() if server.poll() else "timeout"
+                )
                 time.sleep(0.5)
     finally:
         server.terminate()
@@ -495,8 +723,10 @@ def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):
 
     missing = mosaic_sweep("ui", tmp_path / "nothing-here", cwd=tmp_path)
     assert missing.returncode == 2
-    assert missing.stderr.splitlines() == [f"error: {tmp_path / 'nothing-here'} holds no mlflow.db and is not a sweep "
-                                           "folder; give the folder that `mosaic-sweep run` wrote"]
+    assert missing.stderr.splitlines() == [
+        f"error: {tmp_path / 'nothing-here'} holds no mlflow.db and is not a sweep "
+        "folder; give the folder that `mosaic-sweep run` wrote"
+    ]
 
 
 def test_ui_optuna_serves_the_search_study_on_localhost(tmp_path):
@@ -510,7 +740,9 @@ def test_ui_optuna_serves_the_search_study_on_localhost(tmp_path):
     assert [s["study_name"] for s in studies] == ["mine"]
 
     missing = mosaic_sweep("ui", tmp_path, "--optuna", cwd=tmp_path)
-    assert missing.returncode == 2 and missing.stderr.startswith(f"error: {tmp_path} holds no optuna.db")
+    assert missing.returncode == 2 and missing.stderr.startswith(
+        f"error: {tmp_path} holds no optuna.db"
+    )
 
 
 @pytest.mark.slow
@@ -519,14 +751,31 @@ def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_s
     reason (one line), its MLflow run and results row say so, the other suggestions run."""
     from analysis.results_store import read_results
 
-    spec = {"name": "odd",
-            "base": {"task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 4,
-                              "eval_length": 4, "eval_examples": 10},
-                     "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-                     "train": {"max_steps": 10, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10}},
-            "kernels": ["softmax"], "max_failures": 0,
-            "search": {"metric": "train_loss", "mode": "min", "n_trials": 3, "sampler": "random", "sampler_seed": 1,
-                       "space": {"model.n_embd": {"int": [16, 18]}}}}
+    spec = {
+        "name": "odd",
+        "base": {
+            "task": {
+                "name": "sort",
+                "num_symbols": 4,
+                "train_min_length": 2,
+                "train_max_length": 4,
+                "eval_length": 4,
+                "eval_examples": 10,
+            },
+            "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+            "train": {"max_steps": 10, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10},
+        },
+        "kernels": ["softmax"],
+        "max_failures": 0,
+        "search": {
+            "metric": "train_loss",
+            "mode": "min",
+            "n_trials": 3,
+            "sampler": "random",
+            "sampler_seed": 1,
+            "space": {"model.n_embd": {"int": [16, 18]}},
+        },
+    }
     done = mosaic_sweep("run", write_sweep(spec, "odd"), cwd=tmp_path, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     results = read_results(tmp_path / "sweeps" / "odd")
@@ -534,4 +783,6 @@ def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_s
     assert by_status["ERROR"] == {'{"model.n_embd": 17}'}
     assert by_status["TERMINATED"] and '{"model.n_embd": 17}' not in by_status["TERMINATED"]
     errors = set(results.loc[results["status"] == "ERROR", "error"])
-    assert errors == {"ValueError: the suggested config: model: n_embd (17) must be divisible by n_head (2)"}
+    assert errors == {
+        "ValueError: the suggested config: model: n_embd (17) must be divisible by n_head (2)"
+    }

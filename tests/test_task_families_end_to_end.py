@@ -16,19 +16,31 @@ ROOT = Path(__file__).resolve().parents[1]
 STORIES = [ROOT / "tests" / "data" / "stories.jsonl", ROOT / "tests" / "data" / "stories.txt"]
 
 
-def mosaic_sweep(*args: str | Path, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def mosaic_sweep(
+    *args: str | Path, cwd: Path, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
 def test_prepare_then_language_model_sweep_gives_loss_tables(tmp_path):
-    prepared = mosaic_sweep("prepare", *STORIES, "--out", "data/tiny_stories", "--val-fraction", "0.3", cwd=tmp_path)
+    prepared = mosaic_sweep(
+        "prepare", *STORIES, "--out", "data/tiny_stories", "--val-fraction", "0.3", cwd=tmp_path
+    )
     assert prepared.returncode == 0, prepared.stderr
     assert "train 7 documents" in prepared.stdout
     again = mosaic_sweep("prepare", *STORIES, "--out", "data/tiny_stories", cwd=tmp_path)
-    assert again.returncode == 2 and again.stderr.startswith("error: ") and "overwrite" in again.stderr
+    assert (
+        again.returncode == 2 and again.stderr.startswith("error: ") and "overwrite" in again.stderr
+    )
 
     spec = yaml.safe_load((ROOT / "search_spaces" / "babistories_smoke.yaml").read_text())
     spec["kernels"] = ["gaussian", "relumax"]
@@ -47,16 +59,34 @@ def test_prepare_then_language_model_sweep_gives_loss_tables(tmp_path):
 def test_regbench_trial_through_the_train_command(tmp_path):
     config = {
         "seed": 0,
-        "task": {"name": "regbench", "num_examples": 30, "num_val": 3, "num_test": 3, "eval_batch_size": 3},
+        "task": {
+            "name": "regbench",
+            "num_examples": 30,
+            "num_val": 3,
+            "num_test": 3,
+            "eval_batch_size": 3,
+        },
         "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "kernel": "sparsemax"},
-        "train": {"max_steps": 4, "batch_size": 4, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 1, "eval_interval": 2},
+        "train": {
+            "max_steps": 4,
+            "batch_size": 4,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 1,
+            "eval_interval": 2,
+        },
     }
     (tmp_path / "regbench.yaml").write_text(yaml.safe_dump(config))
     done = mosaic_sweep("train", "regbench.yaml", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    metrics = [json.loads(line) for line in (tmp_path / "runs" / "regbench" / "metrics.jsonl").read_text().splitlines()]
+    metrics = [
+        json.loads(line)
+        for line in (tmp_path / "runs" / "regbench" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [m["step"] for m in metrics] == [2, 4]
     for m in metrics:
-        assert 0 <= m["accuracy"] <= 100 and 0 <= m["tvd"] <= 200 and m["val_loss"] > 0  # tvd: Σ|p − q|, in %
+        assert (
+            0 <= m["accuracy"] <= 100 and 0 <= m["tvd"] <= 200 and m["val_loss"] > 0
+        )  # tvd: Σ|p − q|, in %
         assert m["best_val_loss"] == min(e["val_loss"] for e in metrics if e["step"] <= m["step"])
         assert "support_size/l0h1" in m

@@ -46,16 +46,166 @@ def test_padding_is_never_scored():
 
 
 def test_paper_figure_4_sort_example():
-    src = np.array([30, 5, 12, 29, 7, 0, 19, 12, 8, 5, 21, 3, 14, 7, 0, 19, 8, 2, 12, 5, 21, 14, 3, 8, 0, 7, 19, 2, 12, 30])
-    expected = [0, 0, 0, 2, 2, 3, 3, 5, 5, 5, 7, 7, 7, 8, 8, 8, 12, 12, 12, 12, 14, 14, 19, 19, 19, 21, 21, 29, 30, 30]
+    src = np.array(
+        [
+            30,
+            5,
+            12,
+            29,
+            7,
+            0,
+            19,
+            12,
+            8,
+            5,
+            21,
+            3,
+            14,
+            7,
+            0,
+            19,
+            8,
+            2,
+            12,
+            5,
+            21,
+            14,
+            3,
+            8,
+            0,
+            7,
+            19,
+            2,
+            12,
+            30,
+        ]
+    )
+    expected = [
+        0,
+        0,
+        0,
+        2,
+        2,
+        3,
+        3,
+        5,
+        5,
+        5,
+        7,
+        7,
+        7,
+        8,
+        8,
+        8,
+        12,
+        12,
+        12,
+        12,
+        14,
+        14,
+        19,
+        19,
+        19,
+        21,
+        21,
+        29,
+        30,
+        30,
+    ]
     assert task().target(src).tolist() == expected
 
 
 def test_paper_figure_4_reverse_example():
-    src = np.array([22, 16, 12, 2, 5, 26, 31, 6, 20, 3, 9, 14, 24, 4, 8, 1, 28, 0, 17, 4, 7, 28, 2, 20, 24, 24, 11, 16,
-                    24, 14, 26, 2, 3, 31, 20, 22, 4, 16, 10, 20, 4, 8])
-    expected = [8, 4, 20, 10, 16, 4, 22, 20, 31, 3, 2, 26, 14, 24, 16, 11, 24, 24, 20, 2, 28, 7, 4, 17, 0, 28, 1, 8, 4,
-                24, 14, 9, 3, 20, 6, 31, 26, 5, 2, 12, 16, 22]
+    src = np.array(
+        [
+            22,
+            16,
+            12,
+            2,
+            5,
+            26,
+            31,
+            6,
+            20,
+            3,
+            9,
+            14,
+            24,
+            4,
+            8,
+            1,
+            28,
+            0,
+            17,
+            4,
+            7,
+            28,
+            2,
+            20,
+            24,
+            24,
+            11,
+            16,
+            24,
+            14,
+            26,
+            2,
+            3,
+            31,
+            20,
+            22,
+            4,
+            16,
+            10,
+            20,
+            4,
+            8,
+        ]
+    )
+    expected = [
+        8,
+        4,
+        20,
+        10,
+        16,
+        4,
+        22,
+        20,
+        31,
+        3,
+        2,
+        26,
+        14,
+        24,
+        16,
+        11,
+        24,
+        24,
+        20,
+        2,
+        28,
+        7,
+        4,
+        17,
+        0,
+        28,
+        1,
+        8,
+        4,
+        24,
+        14,
+        9,
+        3,
+        20,
+        6,
+        31,
+        26,
+        5,
+        2,
+        12,
+        16,
+        22,
+    ]
     assert task("reverse").target(src).tolist() == expected
 
 
@@ -82,12 +232,22 @@ def test_test_sets_are_fixed_across_trial_seeds_and_disjoint_from_training():
     assert [len(x) for x in first] == [20, 20, 10]
     assert all(torch.equal(x, y) for x, y in zip(first, second))
     test_rows = {tuple(row.tolist()) for x in first for row in x}
-    train_rows = {tuple(row.tolist()) for i in range(50) for row in task(seed=0).train_batch(i, 32)[0] if len(row) == 130}
+    train_rows = {
+        tuple(row.tolist())
+        for i in range(50)
+        for row in task(seed=0).train_batch(i, 32)[0]
+        if len(row) == 130
+    }
     assert not test_rows & train_rows
 
 
 def test_eval_lengths_follow_the_factors():
-    assert task(eval_length=64, eval_factors=[1, 1.5, 2, 64]).eval_lengths() == {1: 64, 1.5: 96, 2: 128, 64: 4096}
+    assert task(eval_length=64, eval_factors=[1, 1.5, 2, 64]).eval_lengths() == {
+        1: 64,
+        1.5: 96,
+        2: 128,
+        64: 4096,
+    }
 
 
 def test_exact_match_counts_only_scored_tokens():
@@ -113,18 +273,22 @@ class Oracle(torch.nn.Module):
         labels = self.labels_of(idx)
         logits = torch.nn.functional.one_hot(labels.clamp(min=0), self.t.vocab_size).float()
         if self.wrong_eos:
-            logits[labels == self.t.eos] = torch.nn.functional.one_hot(torch.tensor(self.t.bos), self.t.vocab_size).float()
+            logits[labels == self.t.eos] = torch.nn.functional.one_hot(
+                torch.tensor(self.t.bos), self.t.vocab_size
+            ).float()
         return logits
 
 
 def labels_from_inputs(t):
     """The labels of a test batch, found from its inputs (the test sets are fixed)."""
+
     def labels_of(idx: torch.Tensor) -> torch.Tensor:
         for length in t.eval_lengths().values():
             for x, y in t.test_batches(length):
                 if x.shape == idx.shape and torch.equal(x, idx):
                     return y
         raise AssertionError("not a test batch")
+
     return labels_of
 
 
@@ -159,23 +323,35 @@ def test_task_config_errors():
 # MQMTAR
 
 
-def parse_mqmtar(tokens: list[int]) -> tuple[dict[tuple[int, int], tuple[int, int]], list[tuple[int, int]]]:
+def parse_mqmtar(
+    tokens: list[int],
+) -> tuple[dict[tuple[int, int], tuple[int, int]], list[tuple[int, int]]]:
     """An independent reading of an MQMTAR source: every `k1 k2 1 v1 v2` pair, and every `2 k1 k2` query."""
-    pairs = {(tokens[i - 2], tokens[i - 1]): (tokens[i + 1], tokens[i + 2]) for i, x in enumerate(tokens) if x == 1}
+    pairs = {
+        (tokens[i - 2], tokens[i - 1]): (tokens[i + 1], tokens[i + 2])
+        for i, x in enumerate(tokens)
+        if x == 1
+    }
     queries = [(tokens[i + 1], tokens[i + 2]) for i, x in enumerate(tokens) if x == 2]
     return pairs, queries
 
 
 def test_paper_figure_4_mqmtar_example_parses_into_four_queries_with_their_answers():
-    shown = ("0 k_1 v_1 0 209 116 1 131 31 0 k_2 v_2 0 256 174 1 60 14 0 k_3 v_3 0 216 104 1 147 101 260 k_4 v_4 "
-             "2 256 174 2 73 58 2 195 61 2 216 104")
+    shown = (
+        "0 k_1 v_1 0 209 116 1 131 31 0 k_2 v_2 0 256 174 1 60 14 0 k_3 v_3 0 216 104 1 147 101 260 k_4 v_4 "
+        "2 256 174 2 73 58 2 195 61 2 216 104"
+    )
     targets = [2, 60, 14, 2, 106, 177, 2, 248, 216, 2, 147, 101]
-    tokens = [int(word) for word in shown.split() if word.isdigit()]  # the figure's k_i/v_i are colour labels
+    tokens = [
+        int(word) for word in shown.split() if word.isdigit()
+    ]  # the figure's k_i/v_i are colour labels
     pairs, queries = parse_mqmtar(tokens)
     assert queries == [(256, 174), (73, 58), (195, 61), (216, 104)]
     answers = [tuple(targets[3 * q + 1 : 3 * q + 3]) for q in range(4)]
     assert targets[::3] == [2] * 4
-    shown_keys = [q for q in queries if q in pairs]  # the figure elides the context of queries 2 and 3
+    shown_keys = [
+        q for q in queries if q in pairs
+    ]  # the figure elides the context of queries 2 and 3
     assert shown_keys == [(256, 174), (216, 104)]
     assert [pairs[q] for q in shown_keys] == [answers[0], answers[3]]
 
@@ -188,11 +364,15 @@ def test_mqmtar_ids_and_layout():
     assert len(src) == 64 + 12 and inputs[0, 0] == 259 and inputs[0, 1 + 64 + 12] == 260
     assert labels[0].tolist()[-13:] == [*trg.tolist(), 261]
     answer = t.answer_mask(labels)[0]
-    assert labels[0][answer].tolist() == [x for i, x in enumerate(trg.tolist()) if i % 3]  # the 8 value tokens
+    assert labels[0][answer].tolist() == [
+        x for i, x in enumerate(trg.tolist()) if i % 3
+    ]  # the 8 value tokens
 
 
-@pytest.mark.parametrize(("length", "context"), [(32, 32), (48, 48), (50, 48), (64, 64), (96, 96), (128, 119),
-                                                 (256, 238), (1024, 952)])
+@pytest.mark.parametrize(
+    ("length", "context"),
+    [(32, 32), (48, 48), (50, 48), (64, 64), (96, 96), (128, 119), (256, 238), (1024, 952)],
+)
 def test_mqmtar_as_vasylenko_et_al_generate_it(length, context):
     """num_kv = int(0.8·n // 6) pairs, each `k1 k2 1 v1 v2 0` in a segment of n // num_kv tokens;
     keys and values distinct within an example; queries drawn with replacement from the pairs."""
@@ -205,7 +385,9 @@ def test_mqmtar_as_vasylenko_et_al_generate_it(length, context):
         tokens = src.tolist()
         assert len(tokens) == context + 12 == num_kv * segment + 12
         pairs, queries = parse_mqmtar(tokens)
-        assert len(pairs) == num_kv and len(set(pairs.values())) == num_kv  # unique keys, unique values
+        assert (
+            len(pairs) == num_kv and len(set(pairs.values())) == num_kv
+        )  # unique keys, unique values
         ones = [i for i, x in enumerate(tokens[:context]) if x == 1]
         assert all(tokens[i + 3] == 0 for i in ones)  # the space that closes each pair
         assert [i // segment for i in ones] == list(range(num_kv))  # one pair per segment
@@ -219,18 +401,28 @@ def test_mqmtar_as_vasylenko_et_al_generate_it(length, context):
 def test_mqmtar_splits_draw_their_own_vocabularies():
     t = task("mqmtar", eval_factors=[1, 2], eval_examples=50)
     words = {}
-    for split, batches in (("train", [t.train_batch(i, 50) for i in range(2)]),
-                           ("1x", list(t.test_batches(64))), ("2x", list(t.test_batches(128)))):
+    for split, batches in (
+        ("train", [t.train_batch(i, 50) for i in range(2)]),
+        ("1x", list(t.test_batches(64))),
+        ("2x", list(t.test_batches(128))),
+    ):
         keys = set()
         for x, _ in batches:
             for row in x.tolist():
                 keys |= set(parse_mqmtar(row)[0])
         words[split] = keys
     assert all(len(keys) > 200 for keys in words.values())
-    for a, b in (("train", "1x"), ("1x", "2x")):  # 10k of 65536 words each: overlaps of ~15 %, never all
+    for a, b in (
+        ("train", "1x"),
+        ("1x", "2x"),
+    ):  # 10k of 65536 words each: overlaps of ~15 %, never all
         assert len(words[a] & words[b]) < 0.4 * len(words[b])
     train = task("mqmtar").train_vocabulary
-    assert len({tuple(k) for k in train.keys.tolist()}) == 10_000 == len({tuple(v) for v in train.values.tolist()})
+    assert (
+        len({tuple(k) for k in train.keys.tolist()})
+        == 10_000
+        == len({tuple(v) for v in train.values.tolist()})
+    )
 
 
 def test_mqmtar_needs_room_for_a_pair():
@@ -248,8 +440,13 @@ def test_mqmtar_query_accuracy_counts_the_value_tokens_of_each_query():
     logits[2, first_scored + 6, :] = 0  # a wrong query marker in example 2: not an answer token
     logits[2, first_scored + 6, 5] = 1.0
     from mosaic_core.tasks.length_generalization import query_accuracy
+
     answer = t.answer_mask(y)
-    assert query_accuracy(logits, y, answer).view(3, 4).tolist() == [[1, 1, 1, 1], [1, 0, 1, 1], [1, 1, 1, 1]]
+    assert query_accuracy(logits, y, answer).view(3, 4).tolist() == [
+        [1, 1, 1, 1],
+        [1, 0, 1, 1],
+        [1, 1, 1, 1],
+    ]
     assert exact_match(logits, y, answer).tolist() == [True, False, True]
     assert exact_match(logits, y).tolist() == [True, False, False]
 

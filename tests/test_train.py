@@ -19,11 +19,25 @@ from mosaic_core.train import TIMING_METRICS, learning_rate, train_trial, with_s
 def tiny_config(**train) -> dict:
     return {
         "seed": 0,
-        "task": {"name": "sort", "num_symbols": 4, "train_min_length": 2, "train_max_length": 3,
-                 "eval_length": 3, "eval_factors": [1, 2], "eval_examples": 40},
+        "task": {
+            "name": "sort",
+            "num_symbols": 4,
+            "train_min_length": 2,
+            "train_max_length": 3,
+            "eval_length": 3,
+            "eval_factors": [1, 2],
+            "eval_examples": 40,
+        },
         "model": {"n_layer": 1, "n_embd": 32, "n_head": 2, "kernel": "sparsemax"},
-        "train": {"max_steps": 20, "batch_size": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 4,
-                  "eval_interval": 10, **train},
+        "train": {
+            "max_steps": 20,
+            "batch_size": 16,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 4,
+            "eval_interval": 10,
+            **train,
+        },
     }
 
 
@@ -47,26 +61,44 @@ def test_cosine_reaches_min_lr_at_lr_decay_steps_and_stays_there():
 
 def test_model_selection_reports_the_evaluation_with_the_lowest_validation_loss():
     """Hand-made evaluations: val_loss 2.0, 1.5, 1.7, 1.2 → the selected accuracy is 93 (step 20), then 95 (step 40)."""
-    evaluations = [(10, {"accuracy": 90.0, "val_loss": 2.0}), (20, {"accuracy": 93.0, "val_loss": 1.5}),
-                   (30, {"accuracy": 96.0, "val_loss": 1.7}), (40, {"accuracy": 95.0, "val_loss": 1.2})]
+    evaluations = [
+        (10, {"accuracy": 90.0, "val_loss": 2.0}),
+        (20, {"accuracy": 93.0, "val_loss": 1.5}),
+        (30, {"accuracy": 96.0, "val_loss": 1.7}),
+        (40, {"accuracy": 95.0, "val_loss": 1.2}),
+    ]
     previous, selected = {}, []
     for step, evaluated in evaluations:
         previous = with_selection(evaluated, step, previous, ("val_loss", "min"))
-        selected.append((previous["best_accuracy"], previous["best_val_loss"], previous["best_step"]))
+        selected.append(
+            (previous["best_accuracy"], previous["best_val_loss"], previous["best_step"])
+        )
         assert previous["accuracy"] == evaluated["accuracy"]  # the current values stay reported
     assert selected == [(90.0, 2.0, 10), (93.0, 1.5, 20), (93.0, 1.5, 20), (95.0, 1.2, 40)]
     assert with_selection({"accuracy": 1.0}, 5, {}, None) == {"accuracy": 1.0}  # no rule, no best_
 
 
 def test_a_regbench_trial_reports_its_selected_evaluation():
-    config = {"seed": 0, "task": {"name": "regbench", "num_examples": 16, "num_val": 4, "num_test": 4},
-              "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-              "train": {"max_epochs": 3, "batch_size": 8, "eval_interval": 2, "warmup_steps": 0, "device": "cpu"}}
+    config = {
+        "seed": 0,
+        "task": {"name": "regbench", "num_examples": 16, "num_val": 4, "num_test": 4},
+        "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+        "train": {
+            "max_epochs": 3,
+            "batch_size": 8,
+            "eval_interval": 2,
+            "warmup_steps": 0,
+            "device": "cpu",
+        },
+    }
     reports = []
     train_trial(config, lambda metrics, _: reports.append(metrics))
     assert [m["step"] for m in reports] == [2, 4, 6]
     chosen = min(reports, key=lambda m: m["val_loss"])
-    assert reports[-1]["best_accuracy"] == chosen["accuracy"] and reports[-1]["best_step"] == chosen["step"]
+    assert (
+        reports[-1]["best_accuracy"] == chosen["accuracy"]
+        and reports[-1]["best_step"] == chosen["step"]
+    )
 
 
 def test_reports_every_eval_interval_with_metrics_and_a_checkpoint():
@@ -82,7 +114,9 @@ def test_reports_every_eval_interval_with_metrics_and_a_checkpoint():
     for metrics, _, checkpoint_dir in reports:
         assert {"train_loss", "lr", "exact_match_1x", "exact_match_2x"} <= set(metrics)
         assert 0 <= metrics["exact_match_2x"] <= 1
-        assert not Path(checkpoint_dir).exists()  # a temporary directory, valid during the call only
+        assert not Path(
+            checkpoint_dir
+        ).exists()  # a temporary directory, valid during the call only
 
 
 def test_same_seed_same_trial_and_other_seed_differs():
@@ -147,10 +181,14 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     config = tiny_config(max_steps=30, eval_interval=10)
     config["model"]["dropout"] = 0.1  # the RNG state must be restored too
     uninterrupted = run_keeping_checkpoints(config, tmp_path / "a")
-    resumed = run_keeping_checkpoints(config, tmp_path / "b", resume_from=tmp_path / "a" / "step-10")
+    resumed = run_keeping_checkpoints(
+        config, tmp_path / "b", resume_from=tmp_path / "a" / "step-10"
+    )
     assert [m["step"] for m in resumed] == [20, 30]
     for got, want in zip(resumed, uninterrupted[1:]):
-        assert {k: v for k, v in got.items() if k not in TIMING_METRICS} == {k: v for k, v in want.items() if k not in TIMING_METRICS}
+        assert {k: v for k, v in got.items() if k not in TIMING_METRICS} == {
+            k: v for k, v in want.items() if k not in TIMING_METRICS
+        }
 
 
 def test_resuming_a_finished_trial_returns_its_last_metrics_without_training(tmp_path):
@@ -165,7 +203,9 @@ def test_corrupt_missing_or_foreign_checkpoints_are_clear_errors(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint.pt in"):
         train_trial(config, resume_from=tmp_path / "nowhere")
     other = {**config, "model": {**config["model"], "n_embd": 64}}
-    with pytest.raises(CheckpointError, match="belongs to another trial: model.n_embd is 32 there, 64 here"):
+    with pytest.raises(
+        CheckpointError, match="belongs to another trial: model.n_embd is 32 there, 64 here"
+    ):
         train_trial(other, resume_from=tmp_path / "step-10")
     with pytest.raises(CheckpointError, match="belongs to another trial: seed is 0 there, 1 here"):
         train_trial({**config, "seed": 1}, resume_from=tmp_path / "step-10")

@@ -12,16 +12,41 @@ import yaml
 
 CONFIG = {
     "seed": 3,
-    "task": {"name": "reverse", "num_symbols": 4, "train_min_length": 2, "train_max_length": 3,
-             "eval_length": 3, "eval_factors": [1, 2], "eval_examples": 20},
-    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2, "kernel": "relumax", "kernel_params": {"b": 0.5}},
-    "train": {"max_steps": 40, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 2, "eval_interval": 10},
+    "task": {
+        "name": "reverse",
+        "num_symbols": 4,
+        "train_min_length": 2,
+        "train_max_length": 3,
+        "eval_length": 3,
+        "eval_factors": [1, 2],
+        "eval_examples": 20,
+    },
+    "model": {
+        "n_layer": 1,
+        "n_embd": 16,
+        "n_head": 2,
+        "kernel": "relumax",
+        "kernel_params": {"b": 0.5},
+    },
+    "train": {
+        "max_steps": 40,
+        "batch_size": 8,
+        "lr": 3e-3,
+        "min_lr": 3e-4,
+        "warmup_steps": 2,
+        "eval_interval": 10,
+    },
 }
 
 
 def mosaic_sweep(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *map(str, args)], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def steps_logged(run: Path) -> list[int]:
@@ -43,7 +68,8 @@ def test_train_writes_a_run_folder_and_resumes_it(tmp_path):
     assert again.returncode == 2
     assert again.stderr.strip().splitlines() == [
         "error: runs/tiny already holds a run; pass --resume to continue it, --overwrite to start again "
-        "(the old folder is kept as a backup), or --out another folder"]
+        "(the old folder is kept as a backup), or --out another folder"
+    ]
 
     resumed = mosaic_sweep("train", config, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
@@ -55,15 +81,20 @@ def test_train_errors_are_one_line_exit_2(tmp_path):
     bad.write_text(yaml.safe_dump({**CONFIG, "model": {**CONFIG["model"], "n_heads": 2}}))
     done = mosaic_sweep("train", bad, cwd=tmp_path)
     assert done.returncode == 2
-    assert done.stderr.strip() == ("error: bad.yaml: unknown key 'model.n_heads'; allowed: n_layer, n_embd, n_head, "
-                                   "pmem_size, dropout, attn_dropout, contextual_attn_dropout, normrelu_bandwidth, "
-                                   "attention_backend, embd_dropout, prenorm, tie_weights, vocab_size, kernel, "
-                                   "kernel_params")
+    assert done.stderr.strip() == (
+        "error: bad.yaml: unknown key 'model.n_heads'; allowed: n_layer, n_embd, n_head, "
+        "pmem_size, dropout, attn_dropout, contextual_attn_dropout, normrelu_bandwidth, "
+        "attention_backend, embd_dropout, prenorm, tie_weights, vocab_size, kernel, "
+        "kernel_params"
+    )
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(CONFIG))
     fresh = mosaic_sweep("train", good, "--resume", cwd=tmp_path)
     assert fresh.returncode == 2
-    assert "has no checkpoint to resume from" in fresh.stderr and len(fresh.stderr.strip().splitlines()) == 1
+    assert (
+        "has no checkpoint to resume from" in fresh.stderr
+        and len(fresh.stderr.strip().splitlines()) == 1
+    )
     missing = mosaic_sweep("train", tmp_path / "nope.yaml", cwd=tmp_path)
     assert missing.returncode == 2 and "no such config file" in missing.stderr
     assert not (tmp_path / "runs").exists()

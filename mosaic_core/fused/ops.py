@@ -19,8 +19,12 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.dot needs ≥ 16 and tiles a power of t
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 KINDS = {"entmax": 0, "relu": 1, "topk_softmax": 2, "topk_uniform": 3}
 _ENTMAX, _RELU = KINDS["entmax"], KINDS["relu"]
-_NEWTON_TOLERANCE = 1e-5  # relative step size at which τ's search stops; the weights are then normalised
-_NEWTON_MAX_ITERS = 40  # never reached in practice: Newton converges in ≤ 10 steps, bisection guards it
+_NEWTON_TOLERANCE = (
+    1e-5  # relative step size at which τ's search stops; the weights are then normalised
+)
+_NEWTON_MAX_ITERS = (
+    40  # never reached in practice: Newton converges in ≤ 10 steps, bisection guards it
+)
 _NUM_WARPS = 4
 
 
@@ -38,12 +42,23 @@ def _power_codes(alpha: float) -> tuple[int, int]:
     return -1, -1
 
 
-def _meta(q: Tensor, kind: int, alpha: float, fallback: bool, causal: bool, offset: int, dropout_p: float) -> dict:
+def _meta(
+    q: Tensor, kind: int, alpha: float, fallback: bool, causal: bool, offset: int, dropout_p: float
+) -> dict:
     p_code, g_code = _power_codes(alpha)
-    return {"D": q.shape[-1], "KIND": kind, "P_CODE": p_code, "G_CODE": g_code, "FALLBACK": fallback,
-            "CAUSAL": causal, "OFFSET": offset, "DROPOUT": dropout_p > 0,
-            "BLOCK": block_size(q.shape[-2], q.shape[-1], q.dtype),
-            "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32", "num_warps": _NUM_WARPS}
+    return {
+        "D": q.shape[-1],
+        "KIND": kind,
+        "P_CODE": p_code,
+        "G_CODE": g_code,
+        "FALLBACK": fallback,
+        "CAUSAL": causal,
+        "OFFSET": offset,
+        "DROPOUT": dropout_p > 0,
+        "BLOCK": block_size(q.shape[-2], q.shape[-1], q.dtype),
+        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "num_warps": _NUM_WARPS,
+    }
 
 
 def _grid(q: Tensor, block: int) -> tuple[int, int]:
@@ -56,9 +71,22 @@ def _score_scale(kind: int, scale: float, alpha: float) -> float:
 
 
 @torch.library.custom_op("mosaic::fused_attention", mutates_args=())
-def fused_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, seed: Tensor, kind: int, alpha: float, a: float,
-                  top_k: int, fallback: bool, causal: bool, offset: int, scale: float,
-                  dropout_p: float) -> tuple[Tensor, Tensor, Tensor]:
+def fused_forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    c: Tensor,
+    seed: Tensor,
+    kind: int,
+    alpha: float,
+    a: float,
+    top_k: int,
+    fallback: bool,
+    causal: bool,
+    offset: int,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(out, row statistics, U) for (B, H, N, D) contiguous q, k, v; U is kept for entmax only."""
     n = q.shape[-2]
     out = torch.empty_like(q)
@@ -66,21 +94,56 @@ def fused_forward(q: Tensor, k: Tensor, v: Tensor, c: Tensor, seed: Tensor, kind
     u = torch.empty(q.shape if kind == _ENTMAX else (0,), device=q.device, dtype=torch.float32)
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)
     tk.forward_kernel[_grid(q, meta["BLOCK"])](
-        q, k, v, c, out, stats, u, int(seed), _score_scale(kind, scale, alpha), alpha, a, dropout_p, top_k, n,
-        TOL=_NEWTON_TOLERANCE, MAX_ITERS=_NEWTON_MAX_ITERS, **meta)
+        q,
+        k,
+        v,
+        c,
+        out,
+        stats,
+        u,
+        int(seed),
+        _score_scale(kind, scale, alpha),
+        alpha,
+        a,
+        dropout_p,
+        top_k,
+        n,
+        TOL=_NEWTON_TOLERANCE,
+        MAX_ITERS=_NEWTON_MAX_ITERS,
+        **meta,
+    )
     return out, stats, u
 
 
 @fused_forward.register_fake
 def _(q, k, v, c, seed, kind, alpha, a, top_k, fallback, causal, offset, scale, dropout_p):
     stats = q.new_empty(*q.shape[:-1], 4, dtype=torch.float32)
-    return torch.empty_like(q), stats, q.new_empty(q.shape if kind == _ENTMAX else (0,), dtype=torch.float32)
+    return (
+        torch.empty_like(q),
+        stats,
+        q.new_empty(q.shape if kind == _ENTMAX else (0,), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("mosaic::fused_attention_backward", mutates_args=())
-def fused_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, stats: Tensor, u: Tensor,
-                   seed: Tensor, kind: int, alpha: float, a: float, fallback: bool, causal: bool, offset: int,
-                   scale: float, dropout_p: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def fused_backward(
+    d_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    stats: Tensor,
+    u: Tensor,
+    seed: Tensor,
+    kind: int,
+    alpha: float,
+    a: float,
+    fallback: bool,
+    causal: bool,
+    offset: int,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dc); dc, the gradient of the ReLU family's per-row offset, is empty otherwise."""
     d_out = d_out.contiguous()
     # ρ_i = Σ_j G_ij dp_ij / Σ_j G_ij: dO·U for entmax, dO·O for the normalised kernels
@@ -96,7 +159,9 @@ def fused_backward(d_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
 
 
 @fused_backward.register_fake
-def _(d_out, q, k, v, out, stats, u, seed, kind, alpha, a, fallback, causal, offset, scale, dropout_p):
+def _(
+    d_out, q, k, v, out, stats, u, seed, kind, alpha, a, fallback, causal, offset, scale, dropout_p
+):
     dc = q.new_empty(q.shape[:-1] if kind == _RELU else (0,), dtype=torch.float32)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dc
 
@@ -114,8 +179,24 @@ def _setup_context(ctx, inputs, output) -> None:
 def _backward(ctx, d_out, _d_stats, _d_u):
     q, k, v, out, stats, u, seed = ctx.saved_tensors
     s = ctx.scalars
-    dq, dk, dv, dc = fused_backward(d_out, q, k, v, out, stats, u, seed, s["kind"], s["alpha"], s["a"],
-                                    s["fallback"], s["causal"], s["offset"], s["scale"], s["dropout_p"])
+    dq, dk, dv, dc = fused_backward(
+        d_out,
+        q,
+        k,
+        v,
+        out,
+        stats,
+        u,
+        seed,
+        s["kind"],
+        s["alpha"],
+        s["a"],
+        s["fallback"],
+        s["causal"],
+        s["offset"],
+        s["scale"],
+        s["dropout_p"],
+    )
     return dq, dk, dv, dc if s["kind"] == _RELU else None, None, *([None] * len(_SCALARS))
 
 
@@ -128,21 +209,37 @@ def row_max(q: Tensor, k: Tensor, causal: bool, offset: int, scale: float) -> tu
     m = torch.empty(q.shape[:-1], device=q.device, dtype=torch.float32)
     arg = torch.empty(q.shape[:-1], device=q.device, dtype=torch.int32)
     block = block_size(q.shape[-2], q.shape[-1], q.dtype)
-    tk.row_max_kernel[_grid(q, block)](q, k, m, arg, scale, q.shape[-2], D=q.shape[-1], CAUSAL=causal,
-                                       OFFSET=offset, BLOCK=block,
-                                       PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-                                       num_warps=_NUM_WARPS)
+    tk.row_max_kernel[_grid(q, block)](
+        q,
+        k,
+        m,
+        arg,
+        scale,
+        q.shape[-2],
+        D=q.shape[-1],
+        CAUSAL=causal,
+        OFFSET=offset,
+        BLOCK=block,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=_NUM_WARPS,
+    )
     return m, arg
 
 
 @row_max.register_fake
 def _(q, k, causal, offset, scale):
-    return q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(q.shape[:-1], dtype=torch.int32)
+    return q.new_empty(q.shape[:-1], dtype=torch.float32), q.new_empty(
+        q.shape[:-1], dtype=torch.int32
+    )
 
 
-def keep_mask(seed: int, dropout_p: float, batch_heads: int, length: int, device: torch.device) -> Tensor:
+def keep_mask(
+    seed: int, dropout_p: float, batch_heads: int, length: int, device: torch.device
+) -> Tensor:
     """(batch_heads, N, N) booleans: which weights the fused kernels keep for this seed."""
     keep = torch.empty(batch_heads, length, length, device=device, dtype=torch.bool)
     block = 16
-    tk.keep_mask_kernel[(triton.cdiv(length, block), batch_heads)](keep, seed, dropout_p, length, BLOCK=block)
+    tk.keep_mask_kernel[(triton.cdiv(length, block), batch_heads)](
+        keep, seed, dropout_p, length, BLOCK=block
+    )
     return keep

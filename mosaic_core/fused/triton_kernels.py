@@ -61,11 +61,15 @@ def _power(d, e, CODE: tl.constexpr):
 @triton.jit
 def _load_rows(ptr, offset, rows, N, D: tl.constexpr):
     dims = tl.arange(0, D)
-    return tl.load(ptr + offset + rows[:, None] * D + dims[None, :], mask=rows[:, None] < N, other=0.0)
+    return tl.load(
+        ptr + offset + rows[:, None] * D + dims[None, :], mask=rows[:, None] < N, other=0.0
+    )
 
 
 @triton.jit
-def _scores(q, k, rows, cols, N, SCALE, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr):
+def _scores(
+    q, k, rows, cols, N, SCALE, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr
+):
     """(SCALE·q kᵀ, allowed) for one tile; -0.0 becomes +0.0 so equal scores compare equal bitwise."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * SCALE + 0.0
     allowed = (cols[None, :] < N) & (rows[:, None] < N)
@@ -112,8 +116,20 @@ def _from_ordinal(key):
 
 
 @triton.jit
-def _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r,
-                  KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr):
+def _unnormalised(
+    s,
+    allowed,
+    cols,
+    t0,
+    t1,
+    t2,
+    uniform,
+    a,
+    r,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+):
     """(w, g): the kernel's unnormalised weights and the factor its score gradient is built from."""
     if KIND == ENTMAX:
         d = tl.where(allowed, s - t0[:, None], 0.0)
@@ -127,7 +143,9 @@ def _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r,
         w = tl.where(uniform[:, None], tl.where(allowed, 1.0, 0.0), w)
         g = tl.where(uniform[:, None], 0.0, g)
     else:
-        chosen = allowed & ((s > t0[:, None]) | ((s == t0[:, None]) & (cols[None, :] <= t1[:, None])))
+        chosen = allowed & (
+            (s > t0[:, None]) | ((s == t0[:, None]) & (cols[None, :] <= t1[:, None]))
+        )
         if KIND == TOPK_SOFTMAX:
             w = tl.where(chosen, tl.exp(s - t2[:, None]), 0.0)
             g = w
@@ -138,15 +156,29 @@ def _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r,
 
 
 @triton.jit
-def _row_max(q, K, kv, rows, pid, N, SCALE, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
-             BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def _row_max(
+    q,
+    K,
+    kv,
+    rows,
+    pid,
+    N,
+    SCALE,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """(max, earliest argmax, min) of the allowed scores of each row."""
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     least = tl.full([BLOCK], float("inf"), tl.float32)
     arg = tl.zeros([BLOCK], tl.int32)
     for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        s, allowed = _scores(q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
+        s, allowed = _scores(
+            q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
+        )
         block_best = tl.max(tl.where(allowed, s, float("-inf")), 1)
         block_arg = tl.argmax(tl.where(allowed, s, float("-inf")), 1).to(tl.int32) + start
         arg = tl.where(block_best > best, block_arg, arg)  # strict: the earliest maximum wins
@@ -156,9 +188,28 @@ def _row_max(q, K, kv, rows, pid, N, SCALE, D: tl.constexpr, CAUSAL: tl.constexp
 
 
 @triton.jit
-def _entmax_threshold(q, K, kv, rows, pid, N, SCALE, alpha, r, n_allowed, top, TOL: tl.constexpr,
-                      MAX_ITERS: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
-                      BLOCK: tl.constexpr, PRECISION: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr):
+def _entmax_threshold(
+    q,
+    K,
+    kv,
+    rows,
+    pid,
+    N,
+    SCALE,
+    alpha,
+    r,
+    n_allowed,
+    top,
+    TOL: tl.constexpr,
+    MAX_ITERS: tl.constexpr,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+):
     """τ per row by safeguarded Newton on ‖[x − τ]_+‖_r = 1, one pass over the keys per step."""
     has = n_allowed > 0
     top = tl.where(has, top, 0.0)
@@ -173,7 +224,9 @@ def _entmax_threshold(q, K, kv, rows, pid, N, SCALE, alpha, r, n_allowed, top, T
         slope = tl.zeros([BLOCK], tl.float32)
         for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            s, allowed = _scores(q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
+            s, allowed = _scores(
+                q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
+            )
             d = tl.maximum(tl.where(allowed, s - tau[:, None], 0.0), 0.0)
             f += tl.sum(_power(d, r, P_CODE), 1)
             slope += tl.sum(_power(d, r - 1.0, G_CODE), 1)
@@ -192,14 +245,31 @@ def _entmax_threshold(q, K, kv, rows, pid, N, SCALE, alpha, r, n_allowed, top, T
 
 
 @triton.jit
-def _count_at_least(q, K, kv, rows, pid, N, SCALE, c1, c2, c3, D: tl.constexpr, CAUSAL: tl.constexpr,
-                    OFFSET: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def _count_at_least(
+    q,
+    K,
+    kv,
+    rows,
+    pid,
+    N,
+    SCALE,
+    c1,
+    c2,
+    c3,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     n1 = tl.zeros([BLOCK], tl.int32)
     n2 = tl.zeros([BLOCK], tl.int32)
     n3 = tl.zeros([BLOCK], tl.int32)
     for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        s, allowed = _scores(q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
+        s, allowed = _scores(
+            q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
+        )
         key = _ordinal(s)
         n1 += tl.sum((allowed & (key >= c1[:, None])).to(tl.int32), 1)
         n2 += tl.sum((allowed & (key >= c2[:, None])).to(tl.int32), 1)
@@ -208,8 +278,24 @@ def _count_at_least(q, K, kv, rows, pid, N, SCALE, c1, c2, c3, D: tl.constexpr, 
 
 
 @triton.jit
-def _topk_threshold(q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least, D: tl.constexpr,
-                    CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def _topk_threshold(
+    q,
+    K,
+    kv,
+    rows,
+    pid,
+    N,
+    SCALE,
+    top_k,
+    n_allowed,
+    top,
+    least,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """(t, J): the k-th largest allowed score and the last tied key that still fits (earliest win)."""
     search = n_allowed > top_k
     lo = _ordinal(tl.where(search, least, 0.0))  # count(key ≥ lo) ≥ k
@@ -223,11 +309,17 @@ def _topk_threshold(q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least,
         c1 = (lo + span // 4).to(tl.int32)
         c2 = (lo + span // 2).to(tl.int32)
         c3 = (lo + (3 * span) // 4).to(tl.int32)
-        n1, n2, n3 = _count_at_least(q, K, kv, rows, pid, N, SCALE, c1, c2, c3, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        n1, n2, n3 = _count_at_least(
+            q, K, kv, rows, pid, N, SCALE, c1, c2, c3, D, CAUSAL, OFFSET, BLOCK, PRECISION
+        )
         new_lo = tl.where(n3 >= top_k, c3, tl.where(n2 >= top_k, c2, tl.where(n1 >= top_k, c1, lo)))
-        new_n_lo = tl.where(n3 >= top_k, n3, tl.where(n2 >= top_k, n2, tl.where(n1 >= top_k, n1, n_lo)))
+        new_n_lo = tl.where(
+            n3 >= top_k, n3, tl.where(n2 >= top_k, n2, tl.where(n1 >= top_k, n1, n_lo))
+        )
         new_hi = tl.where(n1 < top_k, c1, tl.where(n2 < top_k, c2, tl.where(n3 < top_k, c3, hi)))
-        new_n_hi = tl.where(n1 < top_k, n1, tl.where(n2 < top_k, n2, tl.where(n3 < top_k, n3, n_hi)))
+        new_n_hi = tl.where(
+            n1 < top_k, n1, tl.where(n2 < top_k, n2, tl.where(n3 < top_k, n3, n_hi))
+        )
         lo = tl.where(done, lo, new_lo)
         n_lo = tl.where(done, n_lo, new_n_lo)
         hi = tl.where(done, hi, new_hi)
@@ -243,7 +335,9 @@ def _topk_threshold(q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least,
         last = tl.where(tied, -1, last)
         for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
             cols = start + tl.arange(0, BLOCK)
-            s, allowed = _scores(q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
+            s, allowed = _scores(
+                q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
+            )
             equal = (allowed & (s == t[:, None])).to(tl.int32)
             fits = (equal > 0) & ((seen[:, None] + tl.cumsum(equal, 1)) <= room[:, None])
             block_last = tl.max(tl.where(fits, cols[None, :], -1), 1)
@@ -253,10 +347,34 @@ def _topk_threshold(q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least,
 
 
 @triton.jit
-def forward_kernel(Q, K, V, C, O, STATS, U, seed, SCALE, alpha, a, p_drop, top_k, N,
-                   D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
-                   FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
-                   TOL: tl.constexpr, MAX_ITERS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def forward_kernel(
+    Q,
+    K,
+    V,
+    C,
+    O,
+    STATS,
+    U,
+    seed,
+    SCALE,
+    alpha,
+    a,
+    p_drop,
+    top_k,
+    N,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    TOL: tl.constexpr,
+    MAX_ITERS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -270,13 +388,51 @@ def forward_kernel(Q, K, V, C, O, STATS, U, seed, SCALE, alpha, a, p_drop, top_k
     if KIND == RELU:
         t0 = tl.load(C + bh * N + rows, mask=row_ok, other=0.0)
     else:
-        top, arg, least = _row_max(q, K, kv, rows, pid, N, SCALE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        top, arg, least = _row_max(
+            q, K, kv, rows, pid, N, SCALE, D, CAUSAL, OFFSET, BLOCK, PRECISION
+        )
         if KIND == ENTMAX:
-            t0 = _entmax_threshold(q, K, kv, rows, pid, N, SCALE, alpha, r, n_allowed, top, TOL, MAX_ITERS, D,
-                                   CAUSAL, OFFSET, BLOCK, PRECISION, P_CODE, G_CODE)
+            t0 = _entmax_threshold(
+                q,
+                K,
+                kv,
+                rows,
+                pid,
+                N,
+                SCALE,
+                alpha,
+                r,
+                n_allowed,
+                top,
+                TOL,
+                MAX_ITERS,
+                D,
+                CAUSAL,
+                OFFSET,
+                BLOCK,
+                PRECISION,
+                P_CODE,
+                G_CODE,
+            )
         else:
-            t0, last = _topk_threshold(q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least, D, CAUSAL,
-                                       OFFSET, BLOCK, PRECISION)
+            t0, last = _topk_threshold(
+                q,
+                K,
+                kv,
+                rows,
+                pid,
+                N,
+                SCALE,
+                top_k,
+                n_allowed,
+                top,
+                least,
+                D,
+                CAUSAL,
+                OFFSET,
+                BLOCK,
+                PRECISION,
+            )
             t1 = last.to(tl.float32)
             t2 = tl.where(n_allowed > 0, top, 0.0)
     acc = tl.zeros([BLOCK, D], tl.float32)
@@ -287,7 +443,9 @@ def forward_kernel(Q, K, V, C, O, STATS, U, seed, SCALE, alpha, a, p_drop, top_k
     keep_scale = 1.0 / (1.0 - p_drop)
     for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
         cols = start + tl.arange(0, BLOCK)
-        s, allowed = _scores(q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
+        s, allowed = _scores(
+            q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
+        )
         v = _load_rows(V, kv, cols, N, D)
         w, g = _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE)
         total += tl.sum(w, 1)
@@ -306,9 +464,13 @@ def forward_kernel(Q, K, V, C, O, STATS, U, seed, SCALE, alpha, a, p_drop, top_k
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     if FALLBACK:
         empty = (total <= 0) & (n_allowed > 0)
-        out = tl.where(empty[:, None], acc_u / tl.maximum(n_allowed, 1).to(tl.float32)[:, None], out)
+        out = tl.where(
+            empty[:, None], acc_u / tl.maximum(n_allowed, 1).to(tl.float32)[:, None], out
+        )
     dims = tl.arange(0, D)
-    tl.store(O + kv + rows[:, None] * D + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(
+        O + kv + rows[:, None] * D + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None]
+    )
     if KIND == ENTMAX:
         mean_g = acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None]
         tl.store(U + kv + rows[:, None] * D + dims[None, :], mean_g, mask=row_ok[:, None])
@@ -320,8 +482,17 @@ def forward_kernel(Q, K, V, C, O, STATS, U, seed, SCALE, alpha, a, p_drop, top_k
 
 
 @triton.jit
-def _row_state(STATS, bh, rows, N, alpha, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, KIND: tl.constexpr,
-               FALLBACK: tl.constexpr):
+def _row_state(
+    STATS,
+    bh,
+    rows,
+    N,
+    alpha,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    KIND: tl.constexpr,
+    FALLBACK: tl.constexpr,
+):
     """(t0, t1, t2, uniform, inv, ginv): a row's statistics and the factors that normalise w and g."""
     row_ok = rows < N
     base = STATS + (bh * N + rows) * 4
@@ -333,7 +504,9 @@ def _row_state(STATS, bh, rows, N, alpha, CAUSAL: tl.constexpr, OFFSET: tl.const
     inv = tl.where(total > 0, 1.0 / tl.where(total > 0, total, 1.0), 0.0)
     uniform = n_allowed < 0
     if KIND == ENTMAX:  # G = p^{2−α}/(α−1) = [x − τ]^{r−1} Z^{α−2}/(α−1)
-        ginv = tl.where(total > 0, tl.exp2((alpha - 2.0) * tl.log2(tl.where(total > 0, total, 1.0))), 0.0)
+        ginv = tl.where(
+            total > 0, tl.exp2((alpha - 2.0) * tl.log2(tl.where(total > 0, total, 1.0))), 0.0
+        )
         ginv = ginv / (alpha - 1.0)
     elif KIND == TOPK_UNIFORM:
         ginv = tl.zeros_like(inv)
@@ -346,10 +519,32 @@ def _row_state(STATS, bh, rows, N, alpha, CAUSAL: tl.constexpr, OFFSET: tl.const
 
 
 @triton.jit
-def backward_kv_kernel(Q, K, V, STATS, DO, RHO, DK, DV, seed, SCALE, alpha, a, p_drop, N,
-                       D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
-                       FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
-                       BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def backward_kv_kernel(
+    Q,
+    K,
+    V,
+    STATS,
+    DO,
+    RHO,
+    DK,
+    DV,
+    seed,
+    SCALE,
+    alpha,
+    a,
+    p_drop,
+    N,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     cols = pid * BLOCK + tl.arange(0, BLOCK)
@@ -365,7 +560,9 @@ def backward_kv_kernel(Q, K, V, STATS, DO, RHO, DK, DV, seed, SCALE, alpha, a, p
         q = _load_rows(Q, kv, rows, N, D)
         do = _load_rows(DO, kv, rows, N, D)
         rho = tl.load(RHO + bh * N + rows, mask=rows < N, other=0.0)
-        t0, t1, t2, uniform, inv, ginv = _row_state(STATS, bh, rows, N, alpha, CAUSAL, OFFSET, KIND, FALLBACK)
+        t0, t1, t2, uniform, inv, ginv = _row_state(
+            STATS, bh, rows, N, alpha, CAUSAL, OFFSET, KIND, FALLBACK
+        )
         s, allowed = _scores(q, k, rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
         w, g = _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE)
         p = w * inv[:, None]
@@ -379,22 +576,54 @@ def backward_kv_kernel(Q, K, V, STATS, DO, RHO, DK, DV, seed, SCALE, alpha, a, p
             ds = g * ginv[:, None] * (dp - rho[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dims = tl.arange(0, D)
-    tl.store(DK + kv + cols[:, None] * D + dims[None, :], (dk * SCALE).to(DK.dtype.element_ty), mask=cols[:, None] < N)
-    tl.store(DV + kv + cols[:, None] * D + dims[None, :], dv.to(DV.dtype.element_ty), mask=cols[:, None] < N)
+    tl.store(
+        DK + kv + cols[:, None] * D + dims[None, :],
+        (dk * SCALE).to(DK.dtype.element_ty),
+        mask=cols[:, None] < N,
+    )
+    tl.store(
+        DV + kv + cols[:, None] * D + dims[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=cols[:, None] < N,
+    )
 
 
 @triton.jit
-def backward_q_kernel(Q, K, V, STATS, DO, RHO, DQ, DC, seed, SCALE, alpha, a, p_drop, N,
-                      D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
-                      FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
-                      BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def backward_q_kernel(
+    Q,
+    K,
+    V,
+    STATS,
+    DO,
+    RHO,
+    DQ,
+    DC,
+    seed,
+    SCALE,
+    alpha,
+    a,
+    p_drop,
+    N,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     q = _load_rows(Q, kv, rows, N, D)
     do = _load_rows(DO, kv, rows, N, D)
     rho = tl.load(RHO + bh * N + rows, mask=rows < N, other=0.0)
-    t0, t1, t2, uniform, inv, ginv = _row_state(STATS, bh, rows, N, alpha, CAUSAL, OFFSET, KIND, FALLBACK)
+    t0, t1, t2, uniform, inv, ginv = _row_state(
+        STATS, bh, rows, N, alpha, CAUSAL, OFFSET, KIND, FALLBACK
+    )
     r = 1.0 / (alpha - 1.0)
     keep_scale = 1.0 / (1.0 - p_drop)
     dq = tl.zeros([BLOCK, D], tl.float32)
@@ -412,19 +641,36 @@ def backward_q_kernel(Q, K, V, STATS, DO, RHO, DQ, DC, seed, SCALE, alpha, a, p_
         dc += tl.sum(ds, 1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
     dims = tl.arange(0, D)
-    tl.store(DQ + kv + rows[:, None] * D + dims[None, :], (dq * SCALE).to(DQ.dtype.element_ty), mask=rows[:, None] < N)
+    tl.store(
+        DQ + kv + rows[:, None] * D + dims[None, :],
+        (dq * SCALE).to(DQ.dtype.element_ty),
+        mask=rows[:, None] < N,
+    )
     if KIND == RELU:
         tl.store(DC + bh * N + rows, dc / a, mask=rows < N)
 
 
 @triton.jit
-def row_max_kernel(Q, K, M, IDX, SCALE, N, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
-                   BLOCK: tl.constexpr, PRECISION: tl.constexpr):
+def row_max_kernel(
+    Q,
+    K,
+    M,
+    IDX,
+    SCALE,
+    N,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Row maximum and its earliest argmax (relumax's anchor)."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     q = _load_rows(Q, bh * N * D, rows, N, D)
-    top, arg, _ = _row_max(q, K, bh * N * D, rows, pid, N, SCALE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+    top, arg, _ = _row_max(
+        q, K, bh * N * D, rows, pid, N, SCALE, D, CAUSAL, OFFSET, BLOCK, PRECISION
+    )
     tl.store(M + bh * N + rows, top, mask=rows < N)
     tl.store(IDX + bh * N + rows, arg, mask=rows < N)
 
@@ -437,4 +683,8 @@ def keep_mask_kernel(KEEP, seed, p_drop, N, BLOCK: tl.constexpr):
     for start in range(0, N, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         keep = _keep(seed, bh, rows, cols, N, p_drop)
-        tl.store(KEEP + (bh * N + rows)[:, None] * N + cols[None, :], keep, mask=(rows[:, None] < N) & (cols[None, :] < N))
+        tl.store(
+            KEEP + (bh * N + rows)[:, None] * N + cols[None, :],
+            keep,
+            mask=(rows[:, None] < N) & (cols[None, :] < N),
+        )

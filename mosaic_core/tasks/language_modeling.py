@@ -27,7 +27,9 @@ from mosaic_core.tokenizer import EOT, PADDED_VOCAB, gpt2_encoding
 
 SPLITS = ("train", "val")
 SUFFIXES = (".txt", ".jsonl", ".parquet")
-OOD_EMA_ALPHA = 0.1  # smooths the noisy per-position OOD curve over ~10 positions (SPEC §4: "and its EMA")
+OOD_EMA_ALPHA = (
+    0.1  # smooths the noisy per-position OOD curve over ~10 positions (SPEC §4: "and its EMA")
+)
 _CHUNK = 1024  # documents tokenised per batch call (tiktoken threads within a batch)
 _TRAIN_STREAM, _VAL_STREAM, _OOD_STREAM = 0, 1, 2  # disjoint numpy seed streams
 
@@ -57,9 +59,13 @@ def prepare_corpus(
         if not source.is_file():
             raise FileNotFoundError(f"corpus file {source} does not exist")
         if source.suffix not in SUFFIXES:
-            raise ValueError(f"{source}: unsupported file type {source.suffix!r}; expected one of {', '.join(SUFFIXES)}")
+            raise ValueError(
+                f"{source}: unsupported file type {source.suffix!r}; expected one of {', '.join(SUFFIXES)}"
+            )
     out_dir = Path(out_dir)
-    outputs = {split: out_dir / f"{split}.bin" for split in SPLITS} | {"meta": out_dir / "meta.json"}
+    outputs = {split: out_dir / f"{split}.bin" for split in SPLITS} | {
+        "meta": out_dir / "meta.json"
+    }
     existing = [path.name for path in outputs.values() if path.exists()]
     if existing and not overwrite:
         raise FileExistsError(
@@ -143,14 +149,18 @@ def _jsonl_documents(path: Path) -> Iterator[str]:
                 raise ValueError(f"{path}:{number}: not JSON ({error.msg})") from None
             text = record.get("text") if isinstance(record, dict) else record
             if not isinstance(text, str):
-                raise ValueError(f'{path}:{number}: expected a JSON string or an object with a "text" string')
+                raise ValueError(
+                    f'{path}:{number}: expected a JSON string or an object with a "text" string'
+                )
             yield text
 
 
 def _parquet_documents(path: Path) -> Iterator[str]:
     parquet = pq.ParquetFile(path)
     if "text" not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no 'text' column; columns: {', '.join(parquet.schema_arrow.names)}")
+        raise ValueError(
+            f"{path}: no 'text' column; columns: {', '.join(parquet.schema_arrow.names)}"
+        )
     for batch in parquet.iter_batches(batch_size=_CHUNK, columns=["text"]):
         yield from (text or "" for text in batch.column(0).to_pylist())
 
@@ -204,7 +214,9 @@ def ema(curve: np.ndarray, alpha: float) -> np.ndarray:
         raise ValueError(f"alpha must lie in (0, 1]; got {alpha}")
     smooth = np.empty(len(curve), dtype=np.float64)
     for position, value in enumerate(curve):
-        smooth[position] = value if position == 0 else (1 - alpha) * smooth[position - 1] + alpha * value
+        smooth[position] = (
+            value if position == 0 else (1 - alpha) * smooth[position - 1] + alpha * value
+        )
     return smooth
 
 
@@ -226,7 +238,9 @@ class LanguageModelTask:
         count = config.eval_batches * config.eval_batch_size
         data_dir = Path(config.data_dir)
         self.train_tokens = _open_tokens(data_dir / "train.bin", window)
-        self.val_windows = _windows(_open_tokens(data_dir / "val.bin", window), count, window, _VAL_STREAM)
+        self.val_windows = _windows(
+            _open_tokens(data_dir / "val.bin", window), count, window, _VAL_STREAM
+        )
         self.ood_windows = None
         if config.ood_data_dir is not None:
             ood_tokens = _open_tokens(Path(config.ood_data_dir) / "val.bin", window)
@@ -237,14 +251,18 @@ class LanguageModelTask:
         rng = np.random.default_rng([_TRAIN_STREAM, self.seed, index])
         window = self.config.context + 1
         starts = rng.integers(0, len(self.train_tokens) - window + 1, size=batch_size)
-        tokens = torch.from_numpy(self.train_tokens[starts[:, None] + np.arange(window)].astype(np.int64))
+        tokens = torch.from_numpy(
+            self.train_tokens[starts[:, None] + np.arange(window)].astype(np.int64)
+        )
         return tokens[:, :-1], tokens[:, 1:]
 
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """`val_loss`; with an OOD corpus also `ood_loss` (mean over positions) and its per-position
         curve at powers of two, raw (`ood_loss/pos64`) and smoothed (`ood_loss_ema/pos64`)."""
         batch_size = self.config.eval_batch_size
-        metrics = {"val_loss": float(per_position_loss(model, self.val_windows, device, batch_size).mean())}
+        metrics = {
+            "val_loss": float(per_position_loss(model, self.val_windows, device, batch_size).mean())
+        }
         if self.ood_windows is not None:
             curve = per_position_loss(model, self.ood_windows, device, batch_size)
             smooth = ema(curve, OOD_EMA_ALPHA)
@@ -265,7 +283,9 @@ def _open_tokens(path: Path, min_tokens: int) -> np.memmap:
         )
     tokens = path.stat().st_size // np.dtype(np.uint16).itemsize
     if tokens < min_tokens:
-        raise ValueError(f"{path} holds {tokens} tokens, fewer than one window of context + 1 = {min_tokens}")
+        raise ValueError(
+            f"{path} holds {tokens} tokens, fewer than one window of context + 1 = {min_tokens}"
+        )
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 

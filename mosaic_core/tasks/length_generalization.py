@@ -57,8 +57,9 @@ class LengthGeneralizationTask:
         rng = np.random.default_rng([_VOCABULARY_STREAM, *stream])
         return KeyValueVocabulary.draw(rng, self.config.num_symbols, self.config.key_value_words)
 
-    def example(self, rng: np.random.Generator, length: int,
-                vocabulary: KeyValueVocabulary | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def example(
+        self, rng: np.random.Generator, length: int, vocabulary: KeyValueVocabulary | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(src, trg) at nominal length `length`: a source of `length` symbols, or for MQMTAR a
         context of at most `length` tokens followed by the queries (from `vocabulary`, default
         the training split's)."""
@@ -91,7 +92,9 @@ class LengthGeneralizationTask:
         """Batch number `index` of this trial's training stream: the same (seed, index), the same batch."""
         rng = np.random.default_rng([_TRAIN_STREAM, self.seed, index])
         lo, hi = self.config.train_min_length, self.config.train_max_length
-        return self.make_batch([self.example(rng, int(n)) for n in rng.integers(lo, hi + 1, size=batch_size)])
+        return self.make_batch(
+            [self.example(rng, int(n)) for n in rng.integers(lo, hi + 1, size=batch_size)]
+        )
 
     def test_batches(self, length: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The fixed test set at one length: the same for every trial seed, so seeds are comparable.
@@ -101,12 +104,17 @@ class LengthGeneralizationTask:
         stream = [_TEST_STREAM, _TASK_STREAMS[self.config.name], length]
         rng, vocabulary = np.random.default_rng(stream), self._vocabulary(stream)
         examples = [self.example(rng, length, vocabulary) for _ in range(self.config.eval_examples)]
-        size = max(1, min(self.config.eval_batch_size, self.config.eval_max_tokens // (2 * length + 2)))
+        size = max(
+            1, min(self.config.eval_batch_size, self.config.eval_max_tokens // (2 * length + 2))
+        )
         for start in range(0, len(examples), size):
             yield self.make_batch(examples[start : start + size])
 
     def diagnostic_inputs(self, examples: int) -> dict[float, Tensor]:
-        return {factor: next(self.test_batches(length))[0][:examples] for factor, length in self.eval_lengths().items()}
+        return {
+            factor: next(self.test_batches(length))[0][:examples]
+            for factor, length in self.eval_lengths().items()
+        }
 
     def eval_lengths(self) -> dict[float, int]:
         return {f: max(1, round(self.config.eval_length * f)) for f in self.config.eval_factors}
@@ -128,8 +136,10 @@ class LengthGeneralizationTask:
 
     def _scores(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         answer = self.answer_mask(labels)
-        scores = {"exact_match": exact_match(logits, labels, answer),
-                  "exact_match_with_eos": exact_match(logits, labels)}
+        scores = {
+            "exact_match": exact_match(logits, labels, answer),
+            "exact_match_with_eos": exact_match(logits, labels),
+        }
         if self.config.name == "mqmtar":
             scores["query_accuracy"] = query_accuracy(logits, labels, answer)
         return scores
@@ -152,18 +162,24 @@ class KeyValueVocabulary:
     @classmethod
     def draw(cls, rng: np.random.Generator, letters: int, size: int) -> KeyValueVocabulary:
         """`size` distinct keys and, independently, `size` distinct values among the letters² words."""
+
         def words() -> np.ndarray:
             codes = rng.choice(letters * letters, size=size, replace=False)
             return np.stack([codes // letters, codes % letters], axis=1) + _MQMTAR_FIRST_LETTER
+
         return cls(keys=words(), values=words())
 
 
-def mqmtar_example(rng: np.random.Generator, length: int, vocabulary: KeyValueVocabulary) -> tuple[np.ndarray, np.ndarray]:
+def mqmtar_example(
+    rng: np.random.Generator, length: int, vocabulary: KeyValueVocabulary
+) -> tuple[np.ndarray, np.ndarray]:
     """A context for nominal length `length` (num_kv segments of length // num_kv tokens), then
     4 queries `2 k1 k2`; the target answers each with `2 v1 v2` (12 tokens)."""
     num_kv = min(int(length * 0.8 // _MQMTAR_PAIR), len(vocabulary.keys))
     if num_kv < 1:
-        raise ValueError(f"an MQMTAR context needs at least 8 tokens for one key-value pair; got {length}")
+        raise ValueError(
+            f"an MQMTAR context needs at least 8 tokens for one key-value pair; got {length}"
+        )
     keys = vocabulary.keys[rng.choice(len(vocabulary.keys), size=num_kv, replace=False)]
     values = vocabulary.values[rng.choice(len(vocabulary.values), size=num_kv, replace=False)]
     context = _mqmtar_context(rng, keys, values, segment=length // num_kv)
@@ -174,7 +190,9 @@ def mqmtar_example(rng: np.random.Generator, length: int, vocabulary: KeyValueVo
     return np.concatenate([context, queries]), answers
 
 
-def _mqmtar_context(rng: np.random.Generator, keys: np.ndarray, values: np.ndarray, segment: int) -> np.ndarray:
+def _mqmtar_context(
+    rng: np.random.Generator, keys: np.ndarray, values: np.ndarray, segment: int
+) -> np.ndarray:
     """One segment per pair: the 6-token pair amid spaces, placed as Vasylenko et al. place it.
 
     Their generator centres the pair in 2·(segment + 1) spaces and deletes random spaces until
@@ -185,7 +203,10 @@ def _mqmtar_context(rng: np.random.Generator, keys: np.ndarray, values: np.ndarr
     before = padded // 2 - 2  # spaces before the centred pair
     after = padded - before - _MQMTAR_PAIR
     kept_before = rng.hypergeometric(before, after, segment - _MQMTAR_PAIR, size=len(keys))
-    pairs = np.concatenate([keys, np.ones((len(keys), 1), np.int64), values, np.zeros((len(keys), 1), np.int64)], axis=1)
+    pairs = np.concatenate(
+        [keys, np.ones((len(keys), 1), np.int64), values, np.zeros((len(keys), 1), np.int64)],
+        axis=1,
+    )
     context = np.zeros(len(keys) * segment, dtype=np.int64)
     starts = np.arange(len(keys)) * segment + kept_before
     context[starts[:, None] + np.arange(_MQMTAR_PAIR)] = pairs

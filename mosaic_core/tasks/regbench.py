@@ -54,7 +54,9 @@ _EVAL_STREAM, _TRAIN_STREAM, _ORDER_STREAM = 0, 1, 2  # disjoint numpy seed stre
 _SPLITS = ("val", "test", "train")  # generation order: training skips what val and test hold
 
 Transitions = list[dict[int, int]]  # state -> {letter: next state}; 0 starts, every state accepts
-Dfa = tuple[tuple[tuple[int, int], ...], ...]  # canonical: states in BFS order, (letter, target) sorted
+Dfa = tuple[
+    tuple[tuple[int, int], ...], ...
+]  # canonical: states in BFS order, (letter, target) sorted
 
 
 def random_transitions(rng: random.Random) -> Transitions:
@@ -76,9 +78,13 @@ def minimise(transitions: Transitions) -> Transitions:
     Missing letters lead to an implicit rejecting sink, which the letter sets already tell apart."""
     blocks, count = [0] * len(transitions), 1
     while True:
-        signatures = [(blocks[s], tuple(sorted((a, blocks[t]) for a, t in edges.items())))
-                      for s, edges in enumerate(transitions)]
-        ids = {signature: i for i, signature in enumerate(dict.fromkeys(signatures))}  # state 0's block is 0
+        signatures = [
+            (blocks[s], tuple(sorted((a, blocks[t]) for a, t in edges.items())))
+            for s, edges in enumerate(transitions)
+        ]
+        ids = {
+            signature: i for i, signature in enumerate(dict.fromkeys(signatures))
+        }  # state 0's block is 0
         blocks = [ids[signature] for signature in signatures]
         if len(ids) == count:
             break
@@ -138,7 +144,9 @@ class DfaTable:
         shape = (len(dfas), MAX_STATES, MAX_EDGES)
         self.letters, self.targets = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
         self.degree = np.ones(shape[:2], np.int64)
-        self.legal = np.zeros((len(dfas), MAX_STATES, NUM_LETTERS), bool)  # legal next letters per state
+        self.legal = np.zeros(
+            (len(dfas), MAX_STATES, NUM_LETTERS), bool
+        )  # legal next letters per state
         for i, dfa in enumerate(dfas):
             for state, edges in enumerate(dfa):
                 self.degree[i, state] = len(edges)
@@ -170,11 +178,17 @@ def sample_sequences(
         states[..., step] = state
     np.put_along_axis(tokens, lengths[..., None], SEP, axis=-1)
     np.put_along_axis(states, lengths[..., None], 0, axis=-1)  # `|` starts the next string
-    keep = (np.arange(MAX_LENGTH + 1) <= lengths[..., None]) & (np.arange(MAX_STRINGS) < strings[:, None])[..., None]
-    return [(tokens[b][keep[b]][:-1], states[b][keep[b]][:-1]) for b in range(batch)]  # no `|` after the last
+    keep = (np.arange(MAX_LENGTH + 1) <= lengths[..., None]) & (
+        np.arange(MAX_STRINGS) < strings[:, None]
+    )[..., None]
+    return [
+        (tokens[b][keep[b]][:-1], states[b][keep[b]][:-1]) for b in range(batch)
+    ]  # no `|` after the last
 
 
-def make_batch(sequences: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def make_batch(
+    sequences: Sequence[tuple[np.ndarray, np.ndarray]],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inputs, labels, states) of shape (B, T): inputs = seq[:-1] padded with PAD; labels = seq[1:]
     with IGNORE_INDEX on padding and on `|`; states = DFA state after each input (−1 on padding)."""
     width = max(len(tokens) for tokens, _ in sequences) - 1
@@ -199,16 +213,26 @@ class RegBenchTask:
         self.seed = seed
         counts = {"val": config.num_val, "test": config.num_test, "train": config.num_examples}
         seen: set[Dfa] = set()
-        self.dfas = {split: generate_dfas(counts[split], random.Random(f"regbench/{config.data_seed}/{split}"), seen)
-                     for split in _SPLITS}
+        self.dfas = {
+            split: generate_dfas(
+                counts[split], random.Random(f"regbench/{config.data_seed}/{split}"), seen
+            )
+            for split in _SPLITS
+        }
         self.tables = {split: DfaTable(dfas) for split, dfas in self.dfas.items()}
         self.eval_sequences = {
-            split: sample_sequences(self.tables[split], np.arange(counts[split]),
-                                    np.random.default_rng([_EVAL_STREAM, config.data_seed, _SPLITS.index(split)]))
+            split: sample_sequences(
+                self.tables[split],
+                np.arange(counts[split]),
+                np.random.default_rng([_EVAL_STREAM, config.data_seed, _SPLITS.index(split)]),
+            )
             for split in ("val", "test")
         }
-        self.train_sequences = sample_sequences(self.tables["train"], np.arange(config.num_examples),
-                                                np.random.default_rng([_TRAIN_STREAM, config.data_seed]))
+        self.train_sequences = sample_sequences(
+            self.tables["train"],
+            np.arange(config.num_examples),
+            np.random.default_rng([_TRAIN_STREAM, config.data_seed]),
+        )
 
     def train_ids(self, index: int, batch_size: int) -> np.ndarray:
         """The training sequences of batch `index`: epochs of ⌈n / batch_size⌉ batches over all of
@@ -220,7 +244,9 @@ class RegBenchTask:
 
     def train_batch(self, index: int, batch_size: int) -> tuple[Tensor, Tensor]:
         """Batch number `index` of this trial's epochs over the fixed training set."""
-        inputs, labels, _ = make_batch([self.train_sequences[i] for i in self.train_ids(index, batch_size)])
+        inputs, labels, _ = make_batch(
+            [self.train_sequences[i] for i in self.train_ids(index, batch_size)]
+        )
         return torch.from_numpy(inputs), torch.from_numpy(labels)
 
     def diagnostic_inputs(self, examples: int) -> dict[float, Tensor]:
@@ -229,14 +255,23 @@ class RegBenchTask:
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """The reported accuracy and TVD (percent) come from test; model selection uses the val_* metrics."""
         val, test = self.score(model, device, "val"), self.score(model, device, "test")
-        return {"accuracy": test["accuracy"], "tvd": test["tvd"],
-                "val_accuracy": val["accuracy"], "val_tvd": val["tvd"], "val_loss": val["loss"]}
+        return {
+            "accuracy": test["accuracy"],
+            "tvd": test["tvd"],
+            "val_accuracy": val["accuracy"],
+            "val_tvd": val["tvd"],
+            "val_loss": val["loss"],
+        }
 
     @torch.no_grad()
     def score(self, model: nn.Module, device: torch.device, split: str) -> dict[str, float]:
         """Accuracy (positions labelled with a letter), TVD (every non-padding position; seq_icl's
         L1 scale) and mean cross-entropy over the letter labels."""
-        sequences, table, size = self.eval_sequences[split], self.tables[split], self.config.eval_batch_size
+        sequences, table, size = (
+            self.eval_sequences[split],
+            self.tables[split],
+            self.config.eval_batch_size,
+        )
         totals = dict.fromkeys(("hits", "letters", "l1", "positions", "loss"), 0.0)
         for start in range(0, len(sequences), size):
             inputs, labels, states = make_batch(sequences[start : start + size])
@@ -247,11 +282,19 @@ class RegBenchTask:
             truth[..., :NUM_LETTERS] = legal / legal.sum(-1, keepdim=True).clamp(min=1)
             labels_t = torch.from_numpy(labels).to(device)
             lettered, real = labels_t != IGNORE_INDEX, legal.any(-1)
-            totals["hits"] += (truth.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0)[lettered].sum().item()
+            totals["hits"] += (
+                (truth.gather(-1, logits.argmax(-1, keepdim=True)).squeeze(-1) > 0)[lettered]
+                .sum()
+                .item()
+            )
             totals["letters"] += lettered.sum().item()
             totals["l1"] += (logits.softmax(-1) - truth).abs().sum(-1)[real].sum().item()
             totals["positions"] += real.sum().item()
-            totals["loss"] += F.cross_entropy(logits.flatten(0, 1), labels_t.flatten(), ignore_index=IGNORE_INDEX,
-                                              reduction="sum").item()
-        return {"accuracy": 100 * totals["hits"] / totals["letters"], "tvd": 100 * totals["l1"] / totals["positions"],
-                "loss": totals["loss"] / totals["letters"]}
+            totals["loss"] += F.cross_entropy(
+                logits.flatten(0, 1), labels_t.flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+            ).item()
+        return {
+            "accuracy": 100 * totals["hits"] / totals["letters"],
+            "tvd": 100 * totals["l1"] / totals["positions"],
+            "loss": totals["loss"] / totals["letters"],
+        }
