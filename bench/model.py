@@ -158,7 +158,7 @@ def profile(config: str, model_name: str) -> None:
     def step():
         return optimizer_step(
             model, model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], train, device
-        )  # noqa: E731
+        )
 
     for _ in range(3):
         step()

@@ -76,7 +76,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     reports: list[tuple[dict, bool]] = []
 
     def wrap(model):
-        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)  # noqa: E731
+        return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
 
     train_trial(
         CONFIG,
