@@ -55,10 +55,13 @@ def _sweep_file(spec: str) -> Path:
 
 
 def _load(spec: str) -> Sweep:
+    path = _sweep_file(
+        spec
+    )  # an unknown name is refused before the schema (and torch) are imported
     from search_spaces.schema import SweepError, load_sweep
 
     try:
-        return load_sweep(_sweep_file(spec))
+        return load_sweep(path)
     except SweepError as error:
         raise _fail(str(error)) from None
 

@@ -276,6 +276,9 @@ _TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"
 
 def _quiet_logs(verbose: bool) -> None:
     """MLflow's and Tune's chatter only with -v."""
+    # progress reports between evaluations (train.log_interval) carry no evaluation metric: ASHA and
+    # the search skip results without theirs, and Tune's check that every result has it must too
+    os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     logging.getLogger("mlflow").setLevel(
         logging.INFO if verbose else logging.WARNING
     )  # importing mlflow reset it

@@ -134,9 +134,7 @@ def test_autoscaled_worker_types_come_from_the_cluster_config(tmp_path):
     assert autoscaled_node_types(tmp_path / "missing.yaml") == []
 
 
-@pytest.mark.parametrize(
-    "how", [["--gpus-per-trial", "1"], ["--gpus-per-trial", "1", "--dry-run"], "file"]
-)
+@pytest.mark.parametrize("how", [["--gpus-per-trial", "1"], "file"])
 def test_more_gpus_than_this_machine_is_one_line_before_ray_starts(
     tmp_path, write_sweep, smoke_spec, how
 ):
@@ -244,3 +242,29 @@ def test_a_trial_whose_workers_the_cluster_can_never_hold_together_is_refused():
     check_fits(
         Resources(cpu=1, gpu=1, workers=8), Cluster("idle", [node(0)], scalable=[(node(8, 1), 8)])
     )
+
+
+def test_a_dry_run_plans_a_sweep_this_machine_cannot_run(tmp_path, write_sweep, smoke_spec):
+    """--dry-run lists the trials and says why this machine cannot run them; only a real run refuses."""
+    import torch
+
+    if torch.cuda.device_count():
+        pytest.skip("this machine has a GPU")
+    spec = str(write_sweep(smoke_spec))
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator.cli",
+        "run",
+        spec,
+        "--gpus-per-trial",
+        "1",
+        "--dry-run",
+    ]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == (
+        "this machine (local Ray) cannot run this sweep: a trial needs 1 GPUs but this machine (local Ray) "
+        "has at most 0 per node; lower resources.gpu (or --gpus-per-trial), or pass --address of a larger cluster"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["specs"]

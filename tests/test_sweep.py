@@ -39,7 +39,6 @@ def smoke_plan() -> list[str]:
     return [
         f"per trial: 1 CPU, 0 GPU; this machine (local Ray): 1 node(s), {cpus} CPUs, {torch.cuda.device_count()} GPUs",
         f"6 trials: {at_once} at a time (limited by {'trials' if at_once == 6 else 'CPUs'}), {math.ceil(6 / at_once)} wave(s)",
-        "this machine (local Ray) can run this sweep",
     ]
 
 
@@ -80,7 +79,9 @@ def files_under(folder: Path) -> list[Path]:
 def test_dry_run_lists_trials_and_starts_nothing(tmp_path, spec):
     done = mosaic_sweep("run", spec, "--dry-run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == SMOKE_LINES + smoke_plan()
+    assert done.stdout.splitlines() == SMOKE_LINES + smoke_plan() + [
+        "this machine (local Ray) can run this sweep"
+    ]
     assert done.stderr == ""
     assert files_under(tmp_path) == []  # no sweeps/ folder, no mlflow.db, no Ray session here
 
