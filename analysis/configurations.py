@@ -98,6 +98,11 @@ def _is_missing(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
+def key_value(key: str, value: Any) -> str:
+    """`train.lr=0.0021`: a searched or varied value in a trial's name (floats to 4 significant digits)."""
+    return f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+
+
 def show(value: Any) -> str:
     """A value as a label shows it: short (`1e-4`, `0.003`, `64`), and never equal for two values."""
     if isinstance(value, tuple):

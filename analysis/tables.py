@@ -24,6 +24,7 @@ from analysis.configurations import (
     SEPARATOR,
     config_frame,
     display_names,
+    key_value,
     labelled,
     ordered_rows,
     planned_seed_count,
@@ -435,8 +436,5 @@ def _suggestion(kernel_label: str, searched: str) -> str:
     (`entmax(α=1.5) model.n_layer=2 train.lr=0.002739`) instead of the kernel's label."""
     values = json.loads(searched) if searched else {}
     shown = [values.pop("variant", kernel_label)]
-    shown += [
-        f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-        for key, value in values.items()
-    ]
+    shown += [key_value(key, value) for key, value in values.items()]
     return " ".join(shown)

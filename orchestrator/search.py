@@ -20,6 +20,7 @@ from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
 from ray.tune.search.repeater import TRIAL_INDEX
 
+from analysis.configurations import key_value
 from mosaic_core.config import TrialConfig, describe_validation_error
 from search_spaces.schema import Search, Sweep, with_overrides
 
@@ -74,7 +75,7 @@ def trial_name(tune_config: dict[str, Any]) -> str:
     """`entmax(α=1.5) seed=0` in a grid; `entmax(α=1.5) train.lr=0.0021 seed+1` in a search."""
     parts = [tune_config[VARIANT]]
     for key, value in searched_values(tune_config).items():
-        parts.append(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}")
+        parts.append(key_value(key, value))
     if TRIAL_INDEX in tune_config:
         parts.append(f"seed+{tune_config[TRIAL_INDEX]}")
     return " ".join(parts)
