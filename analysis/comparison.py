@@ -10,37 +10,13 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from analysis.configurations import KERNEL_LABEL
+from analysis.paper_tables import PAPER_DIR, PAPER_TABLES
 from analysis.tables import LAYOUTS, TableStats, column_header, lower_is_better, table_stats
-
-PAPER_DIR = Path(__file__).parent / "paper_tables"
-
-
-@dataclass(frozen=True)
-class PaperTable:
-    """A table of the paper: its data file, our layout it matches and its printed decimals."""
-
-    file: str
-    by: str
-    decimals: int
-    what: str
-
-
-PAPER_TABLES: dict[str, PaperTable] = {
-    "table1": PaperTable("table1.csv", "num_examples", 1, "Table 1 (RegBench: accuracy and TVD)"),
-    "table2": PaperTable(
-        "table2.csv", "length_factor", 2, "Table 2 (length generalisation: exact match)"
-    ),
-    "table7": PaperTable(
-        "table7.csv", "length_factor", 2, "Table 7 (length generalisation, kNN k = 16 and 32)"
-    ),
-}
 
 
 def paper_for(results: pd.DataFrame) -> str:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 
+from analysis.paper_tables import PAPER_TABLES
 from search_spaces import bundled_sweeps
 
 if TYPE_CHECKING:
@@ -21,12 +25,46 @@ if TYPE_CHECKING:
 # torch, Ray and MLflow are imported by the commands that use them, never at start-up:
 # `--help` and the errors found before any work answer at once
 
+
+class _Command(TyperCommand):
+    """typer writes a required argument as {NAME} in the usage line; write it as click and
+    argparse do, NAME."""
+
+    def collect_usage_pieces(self, ctx: typer.Context) -> list[str]:
+        return [
+            piece.replace("{", "").replace("}", "") for piece in super().collect_usage_pieces(ctx)
+        ]
+
+
+class _OneLineErrors(TyperGroup):
+    """click answers a usage error (an unknown option, a value not among the choices, a missing
+    argument) with the usage and a hint over four lines: here it is one line, like every error the
+    commands find, and exit 2."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.TyperException as error:
+            context = getattr(error, "ctx", None)
+            hint = f"; see '{context.command_path} --help'" if context is not None else ""
+            _error_line(f"{error.format_message().rstrip('.')}{hint}")
+            sys.exit(USAGE_ERROR if context is not None else error.exit_code)
+        except typer.Abort:
+            _error_line("aborted")
+            sys.exit(1)
+        sys.exit(code or 0)
+
+
 app = typer.Typer(
+    cls=_OneLineErrors,
     help="Run sparse-attention kernel sweeps of Memory Mosaics with Ray Tune and MLflow.",
-    no_args_is_help=True,
+    invoke_without_command=True,
     add_completion=False,
     rich_markup_mode=None,
 )
+command = functools.partial(app.command, cls=_Command)
 
 USAGE_ERROR = 2
 
@@ -34,12 +72,82 @@ USAGE_ERROR = 2
 MAX_ERROR_CHARS = 290  # an error quotes what the user wrote: never more than a line of it
 
 
-def _fail(message: str) -> typer.Exit:
-    """One line on stderr, at most MAX_ERROR_CHARS long, and exit 2."""
+# help texts longer than a line
+RESUME_HELP = (
+    "Continue the sweep in the folder: finished trials are kept, interrupted ones continue "
+    "from their checkpoints."
+)
+STORAGE_HELP = (
+    "Shared path or s3:// URI for Tune's trial checkpoints; required on a cluster of more "
+    "than one node. Default: the sweep folder."
+)
+MLFLOW_URI_HELP = (
+    "MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<sweeps>/mlflow.db."
+)
+WORKERS_HELP = (
+    "Train data-parallel on N Ray Train workers of this machine (a GPU each when the trial "
+    "uses CUDA), with the same global batch."
+)
+THREADS_HELP = (
+    "torch's CPU threads, as a sweep trial gets its resources.cpu (more than the cores free "
+    "slows a shared machine down)."
+)
+SOURCES_HELP = (
+    "Text (.txt), JSONL (.jsonl: one story per line) or Parquet (.parquet: a 'text' column) files."
+)
+METRIC_HELP = (
+    "Metric to show. Default: exact_match by length_factor, accuracy and tvd by num_examples,"
+    " val_loss and ood_loss by n_layer."
+)
+BY_HELP = (
+    "Columns: first the layout, length_factor (Table 2), num_examples (RegBench, Table 1) or "
+    "n_layer (losses per depth), default the results' task family; then any key the sweep "
+    "varies (lr, model.dropout) as more columns. Repeatable."
+)
+FROM_MLFLOW_HELP = (
+    "Rebuild the results from this MLflow tracking URI instead of DIR (the latest sweep run)."
+)
+PAPER_HELP = (
+    "The paper's table: table1 (RegBench), table2 or table7 (length generalisation). Default:"
+    " the results' task family."
+)
+DRY_RUN_HELP = (
+    "List the expanded trials and the resource plan, say whether this machine (or --address) "
+    "can run them and which data is missing; start nothing."
+)
+ESTIMATE_HELP = (
+    "With --dry-run: time a few training steps and an evaluation of each distinct trial here, "
+    "and print tokens per trial, device-hours and the wall time at the planned concurrency."
+)
+GPU_TYPE_HELP = (
+    "With --dry-run: price the trials from the benchmark figures recorded for this GPU "
+    "(bench/data/model-<gpu>.jsonl: h100, h200) instead of timing them here."
+)
+SKIP_BAD_HELP = "Read the results' other parts when one is unreadable (it is named on stderr)."
+WHERE_HELP = (
+    "Only trials whose KEY is VALUE (lr=1e-4, kernel=softmax, model.dropout=0.1); repeatable."
+)
+SELECT_HELP = (
+    "Each trial's evaluation that counts: last, or best:METRIC (best:val_loss: the one with the lowest "
+    "val_loss). Default: the paper's (RegBench: best:val_loss; otherwise last)."
+)
+
+# choices of options, shown in --help and checked before any work
+TableFormat = Literal["md", "latex", "csv"]
+PaperName = Literal[tuple(PAPER_TABLES)]  # table1, table2, table7
+
+
+def _error_line(message: str) -> None:
+    """One line on stderr, at most MAX_ERROR_CHARS long."""
     line = " ".join(f"error: {message}".split())
     if len(line) > MAX_ERROR_CHARS:
         line = line[: MAX_ERROR_CHARS - 1] + "…"
     typer.secho(line, err=True, fg=typer.colors.RED)
+
+
+def _fail(message: str) -> typer.Exit:
+    """One line on stderr, and exit 2."""
+    _error_line(message)
     return typer.Exit(USAGE_ERROR)
 
 
@@ -55,9 +163,8 @@ def _sweep_file(spec: str) -> Path:
 
 
 def _load(spec: str) -> Sweep:
-    path = _sweep_file(
-        spec
-    )  # an unknown name is refused before the schema (and torch) are imported
+    # an unknown name is refused before the schema (and torch) are imported
+    path = _sweep_file(spec)
     from search_spaces.schema import SweepError, load_sweep
 
     try:
@@ -68,15 +175,18 @@ def _load(spec: str) -> Sweep:
 
 @app.callback()
 def main(
+    context: typer.Context,
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Ray's and the trials' logs.")
     ] = False,
 ) -> None:
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    if context.invoked_subcommand is None:  # a bare `mosaic-sweep` shows what it can do
+        typer.echo(context.get_help())
 
 
-@app.command()
+@command()
 def run(
     spec: Annotated[
         str,
@@ -92,7 +202,7 @@ def run(
         bool,
         typer.Option(
             "--resume",
-            help="Continue the sweep in the folder: finished trials are kept, interrupted ones continue from their checkpoints.",
+            help=RESUME_HELP,
         ),
     ] = False,
     address: Annotated[
@@ -105,15 +215,11 @@ def run(
     ] = None,
     storage: Annotated[
         Optional[str],
-        typer.Option(
-            help="Shared path or s3:// URI for Tune's trial checkpoints; required on a cluster of more than one node. Default: the sweep folder."
-        ),
+        typer.Option(help=STORAGE_HELP),
     ] = None,
     mlflow_uri: Annotated[
         Optional[str],
-        typer.Option(
-            help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else sqlite:///<sweeps>/mlflow.db."
-        ),
+        typer.Option(help=MLFLOW_URI_HELP),
     ] = None,
     max_concurrent: Annotated[
         Optional[int], typer.Option(min=1, help="Run at most this many trials at once.")
@@ -404,7 +510,7 @@ def _print_outcome(outcome: "SweepOutcome") -> None:
         raise typer.Exit(1)
 
 
-@app.command()
+@command()
 def ui(
     sweeps_dir: Annotated[
         Path,
@@ -432,7 +538,6 @@ def ui(
 
 def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str]:
     """(command, what it serves): MLflow's UI on the SQLite store the sweeps in DIR logged to."""
-    import sys
 
     from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
 
@@ -469,7 +574,6 @@ def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str]:
 def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
     """(command, what it serves): optuna-dashboard on the study a search sweep kept in its folder."""
     import shutil
-    import sys
 
     study = sweep_dir / "optuna.db"
     if not study.is_file():
@@ -493,7 +597,7 @@ def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
     ], f"optuna-dashboard for {storage}"
 
 
-@app.command()
+@command()
 def train(
     config_file: Annotated[
         Path,
@@ -521,14 +625,14 @@ def train(
         Optional[int],
         typer.Option(
             min=1,
-            help="Train data-parallel on N Ray Train workers of this machine (a GPU each when the trial uses CUDA), with the same global batch.",
+            help=WORKERS_HELP,
         ),
     ] = None,
     threads: Annotated[
         int,
         typer.Option(
             min=1,
-            help="torch's CPU threads, as a sweep trial gets its resources.cpu (more than the cores free slows a shared machine down).",
+            help=THREADS_HELP,
         ),
     ] = 1,
 ) -> None:
@@ -569,13 +673,11 @@ def train(
         raise _fail(str(error)) from None
 
 
-@app.command()
+@command()
 def prepare(
     sources: Annotated[
         list[Path],
-        typer.Argument(
-            help="Text (.txt), JSONL (.jsonl: one story per line) or Parquet (.parquet: a 'text' column) files."
-        ),
+        typer.Argument(help=SOURCES_HELP),
     ],
     out: Annotated[Path, typer.Option(help="Folder for train.bin, val.bin and meta.json.")],
     val_fraction: Annotated[
@@ -608,29 +710,6 @@ def prepare(
         f"{out}: train {docs['train']} documents / {tokens['train']} tokens, "
         f"val {docs['val']} documents / {tokens['val']} tokens"
     )
-
-
-DRY_RUN_HELP = (
-    "List the expanded trials and the resource plan, say whether this machine (or --address) "
-    "can run them and which data is missing; start nothing."
-)
-ESTIMATE_HELP = (
-    "With --dry-run: time a few training steps and an evaluation of each distinct trial here, "
-    "and print tokens per trial, device-hours and the wall time at the planned concurrency."
-)
-GPU_TYPE_HELP = (
-    "With --dry-run: price the trials from the benchmark figures recorded for this GPU "
-    "(bench/data/model-<gpu>.jsonl: h100, h200) instead of timing them here."
-)
-TABLE_FORMATS = ("md", "latex", "csv")
-SKIP_BAD_HELP = "Read the results' other parts when one is unreadable (it is named on stderr)."
-WHERE_HELP = (
-    "Only trials whose KEY is VALUE (lr=1e-4, kernel=softmax, model.dropout=0.1); repeatable."
-)
-SELECT_HELP = (
-    "Each trial's evaluation that counts: last, or best:METRIC (best:val_loss: the one with the lowest "
-    "val_loss). Default: the paper's (RegBench: best:val_loss; otherwise last)."
-)
 
 
 def _results(
@@ -687,7 +766,7 @@ def _checked_select(select: str | None) -> str | None:
         raise _fail(str(error)) from None
 
 
-@app.command()
+@command()
 def table(
     sweep_dir: Annotated[
         Optional[Path],
@@ -697,18 +776,14 @@ def table(
     ] = None,
     metric: Annotated[
         Optional[str],
-        typer.Option(
-            help="Metric to show. Default: exact_match by length_factor, accuracy and tvd by num_examples, val_loss and ood_loss by n_layer."
-        ),
+        typer.Option(help=METRIC_HELP),
     ] = None,
     fmt: Annotated[
-        str, typer.Option("--format", help="md, latex (booktabs) or csv (numbers only).")
+        TableFormat, typer.Option("--format", help="md, latex (booktabs) or csv (numbers only).")
     ] = "md",
     by: Annotated[
         Optional[list[str]],
-        typer.Option(
-            help="Columns: first the layout, length_factor (Table 2), num_examples (RegBench, Table 1) or n_layer (losses per depth), default the results' task family; then any key the sweep varies (lr, model.dropout) as more columns. Repeatable."
-        ),
+        typer.Option(help=BY_HELP),
     ] = None,
     where: Annotated[
         Optional[list[str]], typer.Option(metavar="KEY=VALUE", help=WHERE_HELP)
@@ -725,7 +800,7 @@ def table(
         typer.Option(
             "--from-mlflow",
             metavar="URI",
-            help="Rebuild the results from this MLflow tracking URI instead of DIR (the latest sweep run).",
+            help=FROM_MLFLOW_HELP,
         ),
     ] = None,
     experiment: Annotated[
@@ -735,8 +810,6 @@ def table(
     """Print a sweep's results table: one row per configuration, mean^(max) over seeds, best mean bold, best seed underlined."""
     from analysis.tables import LAYOUTS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
 
-    if fmt not in TABLE_FORMATS:
-        raise _fail(f"unknown --format {fmt!r}; choose from {', '.join(TABLE_FORMATS)}")
     select = _checked_select(select)
     by = list(by or [])
     layout, columns_by = (by[0], by[1:]) if by and by[0] in LAYOUTS else (None, by)
@@ -765,16 +838,14 @@ def table(
         typer.echo(f"wrote {out}")
 
 
-@app.command()
+@command()
 def compare(
     sweep_dir: Annotated[
         Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")
     ],
     paper: Annotated[
-        Optional[str],
-        typer.Option(
-            help="The paper's table: table1 (RegBench), table2 or table7 (length generalisation). Default: the results' task family."
-        ),
+        Optional[PaperName],
+        typer.Option(help=PAPER_HELP),
     ] = None,
     select: Annotated[
         Optional[str], typer.Option(metavar="last|best:METRIC", help=SELECT_HELP)
@@ -795,12 +866,10 @@ def compare(
 ) -> None:
     """Our results beside the paper's table: per cell ours, the paper's and the difference, and
     where the ranking of kernels in a column is not the paper's."""
-    from analysis.comparison import PAPER_TABLES, comparison_table, paper_for, summary, to_csv
     from analysis.comparison import compare as compare_cells
+    from analysis.comparison import comparison_table, paper_for, summary, to_csv
     from analysis.tables import describe_select, to_markdown
 
-    if paper is not None and paper not in PAPER_TABLES:
-        raise _fail(f"unknown --paper {paper!r}; choose from {', '.join(PAPER_TABLES)}")
     select = _checked_select(select)
     results = _results(sweep_dir, skip_bad=skip_bad)
     paper = paper or paper_for(results)
@@ -833,7 +902,7 @@ def compare(
     typer.echo(f"wrote {folder / f'compare-{paper}.md'} and .csv")
 
 
-@app.command()
+@command()
 def plot(
     sweep_dir: Annotated[
         Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")
@@ -876,7 +945,7 @@ def plot(
         typer.echo(str(path))
 
 
-@app.command()
+@command()
 def status(
     sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder.")],
     skip_bad: Annotated[bool, typer.Option("--skip-bad", help=SKIP_BAD_HELP)] = False,

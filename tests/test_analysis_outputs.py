@@ -221,7 +221,7 @@ def test_cli_table_formats(tmp_path):
             ["{sweep}", "--by", "seed"],
             "unknown --by 'seed'; choose from length_factor, num_examples, n_layer",
         ),
-        (["{sweep}", "--format", "html"], "unknown --format 'html'"),
+        (["{sweep}", "--format", "html"], "'html' is not one of 'md', 'latex', 'csv'"),
         ([], "give either DIR or --from-mlflow"),
         (
             ["{sweep}", "--from-mlflow", "sqlite:///x.db", "--experiment", "x"],

@@ -36,6 +36,44 @@ def test_an_unknown_sweep_name_lists_the_bundled_ones():
     )
 
 
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["table", "--bogus"], "No such option: --bogus"),
+        (["run"], "Missing argument 'SPEC'"),
+        (["ui", "--port", "x"], "Invalid value for '--port'"),
+        (["table", "--format", "html"], "'html' is not one of 'md', 'latex', 'csv'"),
+        (
+            ["compare", "DIR", "--paper", "table3"],
+            "'table3' is not one of 'table1', 'table2', 'table7'",
+        ),
+        (["bogus"], "No such command 'bogus'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_2(args, named):
+    """click's four-line usage errors (usage, hint, blank, message) answer as one line here."""
+    done = CliRunner().invoke(app, args, prog_name="mosaic-sweep")
+    assert done.exit_code == 2 and done.stdout == ""
+    assert done.stderr.splitlines() == [done.stderr.strip()], done.stderr
+    assert done.stderr.startswith("error: ") and named in done.stderr
+    assert f"see 'mosaic-sweep {args[0]} --help'" in done.stderr or args == ["bogus"]
+
+
+def test_help_shows_choices_and_plain_argument_names():
+    usage = CliRunner().invoke(app, ["compare", "--help"], prog_name="mosaic-sweep").stdout
+    assert usage.splitlines()[0] == "Usage: mosaic-sweep compare [OPTIONS] DIR"
+    assert "--paper <table1|table2|table7>" in usage and "{" not in usage
+    assert "--format <md|latex|csv>" in CliRunner().invoke(app, ["table", "--help"]).stdout
+
+
+def test_the_bare_command_shows_its_commands():
+    done = CliRunner().invoke(app, [])
+    assert done.exit_code == 0
+    assert "Commands:" in done.stdout and all(
+        name in done.stdout for name in ("run", "table", "train")
+    )
+
+
 @pytest.mark.parametrize("name", sorted(bundled_sweeps()))
 def test_dry_run_of_every_bundled_sweep_lists_its_trials_on_this_machine(name):
     """A GPU sweep is planned on a CPU machine too: the trials, the plan, and why it cannot run here."""

@@ -452,7 +452,7 @@ def test_cli_compare_writes_markdown_and_csv(tmp_path):
     bad = run_cli("compare", sweep, "--paper", "table3")
     assert (
         bad.exit_code == 2
-        and "unknown --paper 'table3'; choose from table1, table2, table7" in bad.stderr
+        and "'table3' is not one of 'table1', 'table2', 'table7'" in bad.stderr
     )
 
 
