@@ -501,6 +501,8 @@ def _print_outcome(outcome: "SweepOutcome") -> None:
         f"table: {outcome.sweep_dir / 'table.md'}   results: {outcome.sweep_dir / 'results.parquet'}"
     )
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    if outcome.tracking_uri.startswith("sqlite:"):
+        typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
     if outcome.unfinished:
         typer.echo(
             "interrupted: continue with the same command and --resume (finished trials are kept)"
@@ -531,14 +533,19 @@ def ui(
     127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
     import os
 
-    argv, served = _optuna_dashboard(sweeps_dir, port) if optuna else _mlflow_ui(sweeps_dir, port)
+    argv, served, links = (
+        _optuna_dashboard(sweeps_dir, port) if optuna else _mlflow_ui(sweeps_dir, port)
+    )
     typer.echo(f"{served} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    for link in links:
+        typer.echo(f"  {link}")
     os.execv(argv[0], argv)  # the server owns the terminal from here: Ctrl-C goes to it
 
 
-def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str]:
-    """(command, what it serves): MLflow's UI on the SQLite store the sweeps in DIR logged to."""
-
+def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str, list[str]]:
+    """(command, what it serves, links): MLflow's UI on the SQLite store the sweeps in DIR logged
+    to, and a link per sweep that opens on its trials."""
+    from orchestrator.mlflow_ui import sweep_links, ui_command
     from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
 
     if (sweeps_dir / LAUNCH).is_file():  # a sweep folder: the store it logged to
@@ -554,25 +561,16 @@ def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str]:
         )
     if not tracking_uri.startswith("sqlite:"):
         raise _fail(f"{sweeps_dir} logs to the MLflow server {tracking_uri}; open that instead")
+    links = sweep_links(sweeps_dir, tracking_uri, f"http://127.0.0.1:{port}")
     return (
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            tracking_uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
+        ui_command(tracking_uri, port),
         f"MLflow UI for {tracking_uri}",
+        [f"{name}'s trials: {link}" for name, link in links.items()],
     )
 
 
-def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
-    """(command, what it serves): optuna-dashboard on the study a search sweep kept in its folder."""
+def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str, list[str]]:
+    """(command, what it serves, no links): optuna-dashboard on the study a search sweep kept in its folder."""
     import shutil
 
     study = sweep_dir / "optuna.db"
@@ -587,14 +585,18 @@ def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str]:
     if dashboard is None:
         raise _fail("optuna-dashboard is not installed; pip install optuna-dashboard")
     storage = f"sqlite:///{study.resolve()}"
-    return [
-        dashboard,
-        storage,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ], f"optuna-dashboard for {storage}"
+    return (
+        [
+            dashboard,
+            storage,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        f"optuna-dashboard for {storage}",
+        [],
+    )
 
 
 @command()

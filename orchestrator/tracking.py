@@ -47,9 +47,9 @@ _PLACEMENT_KEYS = (
 )  # Tune's own, and our trainable's
 
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-MODEL_TRAINING = (
-    "custom_model_development"  # MLflow 3's UI then opens on the runs table, not the GenAI overview
-)
+# the experiment is model training, not GenAI: MLflow's experiment-kind tag, which 3.17's UI reads
+# only with its workflow switch off; `mosaic-sweep ui` links past the switch (orchestrator/mlflow_ui)
+MODEL_TRAINING = "custom_model_development"
 NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow's UI (Markdown)
 GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the run page shows it
 VERSIONED_PACKAGES = ("torch", "ray", "mlflow", "triton", "adasplash")

@@ -451,8 +451,7 @@ def test_cli_compare_writes_markdown_and_csv(tmp_path):
     assert run_cli("compare", sweep, "--tolerance", "0.1").stdout.count("| differs |") == 0
     bad = run_cli("compare", sweep, "--paper", "table3")
     assert (
-        bad.exit_code == 2
-        and "'table3' is not one of 'table1', 'table2', 'table7'" in bad.stderr
+        bad.exit_code == 2 and "'table3' is not one of 'table1', 'table2', 'table7'" in bad.stderr
     )
 
 

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 import pytest
@@ -398,6 +399,7 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(
         "tiny.yaml",
     } <= artifacts
     assert experiments["tiny_smoke"].tags["mlflow.experimentKind"] == "custom_model_development"
+    assert_link_opens_on_the_trials(client, experiment_id, sweep_dir, children)
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True
     )
@@ -787,3 +789,22 @@ def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_s
     assert errors == {
         "ValueError: the suggested config: model: n_embd (17) must be divisible by n_head (2)"
     }
+
+
+def assert_link_opens_on_the_trials(client, experiment_id, sweep_dir, children):
+    """`mosaic-sweep ui`'s link: the model-training runs page, filtered to this sweep's trials and
+    ordered by exact match at 1x, best first, as MLflow's own search applies its filter and order."""
+    from orchestrator.mlflow_ui import sweep_links
+
+    (link,) = sweep_links(sweep_dir.parent, client.tracking_uri, "http://127.0.0.1:5000").values()
+    page, query = urlsplit(link).fragment.split("?")
+    query = parse_qs(query)
+    assert page == f"/experiments/{experiment_id}/runs"
+    assert query["workflowType"] == ["machine_learning"] and query["orderByAsc"] == ["false"]
+    assert query["orderByKey"] == ["metrics.`exact_match_1x`"]
+    found = client.search_runs(
+        [experiment_id], query["searchFilter"][0], order_by=["metrics.`exact_match_1x` DESC"]
+    )
+    assert sorted(run.info.run_id for run in found) == sorted(c.info.run_id for c in children)
+    values = [run.data.metrics["exact_match_1x"] for run in found]
+    assert values == sorted(values, reverse=True)
