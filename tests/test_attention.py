@@ -163,7 +163,10 @@ def test_gpu_fast_path_matches_reference(kernel, params, length, dtype):
     )  # position 0 sees no key
     assert relative_error(fast, ref) <= out_tol
     for got, want in zip(fast_inputs, ref_inputs):
-        assert relative_error(got.grad, want.grad) <= grad_tol
+        # no gradient path (top-k uniform's constant weights) is a zero gradient; where the exact
+        # gradient is zero (one-key supports, uniform fallback rows) rounding is judged absolutely
+        got, want = (torch.zeros_like(t) if t.grad is None else t.grad for t in (got, want))
+        assert (got.float() - want).norm() <= grad_tol * max(want.norm(), 1.0)
 
 
 @cuda
