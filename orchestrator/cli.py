@@ -679,7 +679,7 @@ def train(
 def prepare(
     sources: Annotated[
         list[Path],
-        typer.Argument(help=SOURCES_HELP),
+        typer.Argument(metavar="SOURCE", help=SOURCES_HELP),
     ],
     out: Annotated[Path, typer.Option(help="Folder for train.bin, val.bin and meta.json.")],
     val_fraction: Annotated[
