@@ -65,6 +65,10 @@ def _grid(q: Tensor, block: int) -> tuple[int, int]:
     return triton.cdiv(q.shape[-2], block), math.prod(q.shape[:-2])
 
 
+def _u_shape(q: Tensor, kind: int) -> tuple[int, ...]:
+    return tuple(q.shape) if kind in (_ENTMAX, _RELU) else (0,)
+
+
 def _score_scale(kind: int, scale: float, alpha: float) -> float:
     """Entmax works on x = (α−1)·s: its thresholds and powers are in those units."""
     return scale * (alpha - 1.0) if kind == _ENTMAX else scale
@@ -87,11 +91,13 @@ def fused_forward(
     scale: float,
     dropout_p: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(out, row statistics, U) for (B, H, N, D) contiguous q, k, v; U is kept for entmax only."""
+    """(out, row statistics, U) for (B, H, N, D) contiguous q, k, v; U, in float32, is what ρ is
+    taken against: the G-weighted mean of v for entmax, the output for the ReLU family, none
+    otherwise."""
     n = q.shape[-2]
     out = torch.empty_like(q)
     stats = torch.empty(*q.shape[:-1], 4, device=q.device, dtype=torch.float32)
-    u = torch.empty(q.shape if kind == _ENTMAX else (0,), device=q.device, dtype=torch.float32)
+    u = torch.empty(_u_shape(q, kind), device=q.device, dtype=torch.float32)
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)
     tk.forward_kernel[_grid(q, meta["BLOCK"])](
         q,
@@ -121,7 +127,7 @@ def _(q, k, v, c, seed, kind, alpha, a, top_k, fallback, causal, offset, scale, 
     return (
         torch.empty_like(q),
         stats,
-        q.new_empty(q.shape if kind == _ENTMAX else (0,), dtype=torch.float32),
+        q.new_empty(_u_shape(q, kind), dtype=torch.float32),
     )
 
 
@@ -146,8 +152,8 @@ def fused_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv, dc); dc, the gradient of the ReLU family's per-row offset, is empty otherwise."""
     d_out = d_out.contiguous()
-    # ρ_i = Σ_j G_ij dp_ij / Σ_j G_ij: dO·U for entmax, dO·O for the normalised kernels
-    rho = (d_out.float() * (u if kind == _ENTMAX else out.float())).sum(-1).contiguous()
+    # ρ_i = Σ_j G_ij dp_ij / Σ_j G_ij: dO·U for entmax and the ReLU family, dO·O for top-k
+    rho = (d_out.float() * (out.float() if u.numel() == 0 else u)).sum(-1).contiguous()
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dc = torch.empty(q.shape[:-1] if kind == _RELU else (0,), device=q.device, dtype=torch.float32)
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)

@@ -22,8 +22,9 @@ over the key blocks of the row (never storing N×N):
 Backward (closed forms, scores recomputed block by block): with p the normalised weights,
 dp_ij = dO_i·v_j and ρ_i = Σ_j g_ij dp_ij / Σ_j g_ij, ds_ij = G_ij (dp_ij − ρ_i), where
 G = p^{2−α}/(α−1) for entmax (its Jacobian, Peters et al. 2019; ρ from U_i = Σ g v / Σ g kept by
-the forward), G = a·[w > 0]/l for the ReLU family and G = p for top-k softmax (ρ_i = dO_i·O_i),
-G = 0 for top-k uniform and for uniform-fallback rows.
+the forward), G = a·[w > 0]/l for the ReLU family and G = p for top-k softmax (ρ_i = dO_i·O_i,
+for the ReLU family with O_i kept in float32 as U_i: an output rounded to bf16 would be amplified
+by a/l in rows of small mass l), G = 0 for top-k uniform and for uniform-fallback rows.
 
 Dropout (DROPOUT): weight (i, j) of head bh is kept iff philox(seed, (bh·N + i)·N + j) ≥ p, in the
 forward and again in the backward, so the same weights are dropped in both.
@@ -474,6 +475,8 @@ def forward_kernel(
     if KIND == ENTMAX:
         mean_g = acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None]
         tl.store(U + kv + rows[:, None] * D + dims[None, :], mean_g, mask=row_ok[:, None])
+    elif KIND == RELU:
+        tl.store(U + kv + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
     base = STATS + (bh * N + rows) * 4
     tl.store(base, t0, mask=row_ok)
     tl.store(base + 1, t1, mask=row_ok)
