@@ -179,3 +179,33 @@ def test_paths(monkeypatch):
     assert (
         attention_path("topk_uniform", {"k": 8}, "cuda", head_dim=48) == "chunked"
     )  # D not a power of two
+
+
+def test_half_precision_output_is_normalised_by_the_weights_it_sums():
+    """normrelu with b = −5 on Memory Mosaics keys (‖k‖ = 3): most rows keep one key of tiny mass l,
+    where the exact key gradient is 0 and the backward multiplies ρ's rounding by a/l. The forward
+    must divide by the sum of the weights as rounded for its weighted sum (fp16 here: the
+    interpreter has no bf16); dividing by the unrounded sum gave dk off by 1.5 instead of < 1e-3."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    keys = torch.nn.functional.normalize(
+        torch.randn(1, 2, 16, 64, generator=gen, device=DEVICE), dim=-1
+    )
+    values = torch.randn(1, 2, 16, 64, generator=gen, device=DEVICE)
+    half = [(keys * 3).half().requires_grad_(), values.half().requires_grad_()]
+    exact = [t.detach().double().requires_grad_() for t in half]
+    fused = fused_attention(
+        half[0],
+        half[0],
+        half[1],
+        fused_call("normrelu", gamma=0.5, b=-5.0),
+        scale=1.0,
+        mask_mode="strict_causal",
+    )
+    reference = attend(exact[0], exact[0], exact[1], "normrelu", gamma=0.5, b=-5.0)
+    probe = torch.randn(reference.shape, generator=gen, device=DEVICE, dtype=torch.float64)
+    (fused.double() * probe).sum().backward()
+    (reference * probe).sum().backward()
+    assert relative_error(fused, reference) < 1e-3
+    assert exact[0].grad.norm() < 1e-10  # every row: uniform fallback or a one-key support
+    assert half[0].grad.double().norm() < 1e-2
+    assert relative_error(half[1].grad, exact[1].grad) < 1e-2
