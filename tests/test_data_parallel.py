@@ -19,31 +19,13 @@ from mlflow import MlflowClient
 from analysis.results_store import read_results
 from mosaic_core.train import TIMING_METRICS, train_trial
 
+from tiny import tiny_trial
+
 pytestmark = pytest.mark.slow
 
-BASE = {
-    "task": {
-        "name": "sort",
-        "num_symbols": 4,
-        "train_min_length": 2,
-        "train_max_length": 4,
-        "eval_length": 4,
-        "eval_factors": [1, 2],
-        "eval_examples": 20,
-    },
-    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-    # 200 steps: float rounding (the workers' gradient all-reduce adds in another order) grows with
-    # training; here it is ~3e-5 relative at step 200, past 1e-3 by step 300
-    "train": {
-        "max_steps": 200,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "min_lr": 3e-4,
-        "warmup_steps": 5,
-        "eval_interval": 20,
-        "device": "cpu",
-    },
-}
+# 200 steps: float rounding (the workers' gradient all-reduce adds in another order) grows with
+# training; here it is ~3e-5 relative at step 200, past 1e-3 by step 300
+BASE = tiny_trial(max_steps=200, eval_interval=20, device="cpu")
 EVALUATIONS = list(range(20, 201, 20))
 SPEC = {
     "name": "mixed",

@@ -19,30 +19,12 @@ from mlflow import MlflowClient
 
 from analysis.results_store import read_results
 
+from tiny import tiny_trial
+
 pytestmark = pytest.mark.slow
 
-TINY = {
-    "task": {
-        "name": "sort",
-        "num_symbols": 4,
-        "train_min_length": 2,
-        "train_max_length": 4,
-        "eval_length": 4,
-        "eval_factors": [1, 2],
-        "eval_examples": 20,
-    },
-    "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-    "train": {
-        "max_steps": 200,
-        "batch_size": 8,
-        "lr": 3e-3,
-        "min_lr": 3e-4,
-        "warmup_steps": 5,
-        "eval_interval": 40,
-        "log_interval": 0,  # evaluations only: the rows these tests count
-        "device": "cpu",
-    },
-}
+# log_interval 0: evaluations only, the rows these tests count
+TINY = tiny_trial(max_steps=200, eval_interval=40, log_interval=0, device="cpu")
 
 
 def environment() -> dict[str, str]:

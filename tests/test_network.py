@@ -13,26 +13,18 @@ import pytest
 import ray  # noqa: F401  (Ray ships psutil among its third-party files)
 import yaml
 
+from tiny import tiny_trial
+
 SWEEP = {
     "name": "local_only",
-    "base": {
-        "task": {
-            "name": "sort",
-            "num_symbols": 4,
-            "train_min_length": 2,
-            "train_max_length": 4,
-            "eval_length": 4,
-            "eval_examples": 10,
-        },
-        "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-        "train": {
-            "max_steps": 400,
-            "batch_size": 4,
-            "warmup_steps": 2,
-            "eval_interval": 10,
-            "device": "cpu",
-        },
-    },
+    "base": tiny_trial(
+        eval_examples=10,
+        max_steps=400,
+        batch_size=4,
+        warmup_steps=2,
+        eval_interval=10,
+        device="cpu",
+    ),
     "kernels": ["softmax"],
 }
 

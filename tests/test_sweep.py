@@ -19,6 +19,8 @@ from orchestrator.sweep import SweepOutcome
 from orchestrator.sweep_folder import LaunchRecord, SweepFolder, SweepFolderError
 from orchestrator.tracking import default_tracking_uri
 
+from tiny import tiny_trial
+
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 SMOKE_LINES = [
     "1  softmax seed=0",
@@ -633,18 +635,9 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     spec = {
         "name": "failing",
         "max_failures": 1,
-        "base": {
-            "task": {
-                "name": "sort",
-                "num_symbols": 4,
-                "train_min_length": 2,
-                "train_max_length": 4,
-                "eval_length": 4,
-                "eval_examples": 10,
-            },
-            "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-            "train": {"max_steps": 20, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10},
-        },
+        "base": tiny_trial(
+            eval_examples=10, max_steps=20, batch_size=4, warmup_steps=2, eval_interval=10
+        ),
         "kernels": ["softmax"],
         "grid": {"model.vocab_size": [None, 2]},
     }
@@ -756,18 +749,9 @@ def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_s
 
     spec = {
         "name": "odd",
-        "base": {
-            "task": {
-                "name": "sort",
-                "num_symbols": 4,
-                "train_min_length": 2,
-                "train_max_length": 4,
-                "eval_length": 4,
-                "eval_examples": 10,
-            },
-            "model": {"n_layer": 1, "n_embd": 16, "n_head": 2},
-            "train": {"max_steps": 10, "batch_size": 4, "warmup_steps": 2, "eval_interval": 10},
-        },
+        "base": tiny_trial(
+            eval_examples=10, max_steps=10, batch_size=4, warmup_steps=2, eval_interval=10
+        ),
         "kernels": ["softmax"],
         "max_failures": 0,
         "search": {
