@@ -85,6 +85,8 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         prepare_model=wrap,
     )
     Path(out, f"rank{rank}.json").write_text(json.dumps({"losses": losses, "reports": reports}))
+    # rank 1 ends first (rank 0 still evaluates); tearing gloo down alone aborted it now and then
+    dist.barrier()
     dist.destroy_process_group()
 
 
