@@ -21,16 +21,18 @@ from analysis.schema import RESULTS_SCHEMA, SEED_KEY, TYPED_CONFIG, config_json,
 from mosaic_core.metrics import parse_metric_name
 
 PARENT_TAG = "mlflow.parentRunId"
+TRIAL_ID_TAG = "ray.trial_id"
 STATUS = {"FINISHED": "TERMINATED", "FAILED": "ERROR"}
 """MLflow run status -> Ray Tune trial status, as the tracker maps them the other way; other
 statuses (RUNNING, KILLED) are kept as they are."""
 
 
-def _all_runs(client: MlflowClient, experiment_id: str) -> list[Run]:
+def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
+    """Every run of the experiment that matches the filter, page after page."""
     runs: list[Run] = []
     token = None
     while True:
-        page = client.search_runs([experiment_id], page_token=token)
+        page = client.search_runs([experiment_id], filter_string, page_token=token)
         runs += page
         token = page.token
         if not token:
@@ -61,7 +63,7 @@ def _trial_rows(
     tags, run_id = run.data.tags, run.info.run_id
     columns = {
         **{column: _typed(column, params.get(key)) for column, key in TYPED_CONFIG.items()},
-        "trial_id": tags.get("ray.trial_id", run_id),
+        "trial_id": tags.get(TRIAL_ID_TAG, run_id),
         "kernel_label": tags.get("kernel_label"),
         "seed": _typed("seed", params.get(SEED_KEY)),
         "status": STATUS.get(run.info.status, run.info.status),
@@ -89,7 +91,7 @@ def results_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ValueError(f"no MLflow experiment {experiment!r} at {tracking_uri}")
-    runs = _all_runs(client, found.experiment_id)
+    runs = all_runs(client, found.experiment_id)
     parent_ids = {run.data.tags[PARENT_TAG] for run in runs if PARENT_TAG in run.data.tags}
     parents = [run for run in runs if run.info.run_id in parent_ids]
     if not parents:

@@ -29,6 +29,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.result import AUTO_RESULT_KEYS
 
+from analysis.mlflow_source import PARENT_TAG, TRIAL_ID_TAG, all_runs
 from analysis.results_store import read_trial_rows, write_trial_rows
 from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, varied_keys
 from mosaic_core.config import TrialConfig, flatten
@@ -144,6 +145,16 @@ def end_unfinished_runs(
     return stuck
 
 
+def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
+    """Trial id -> run id of the parent run's child runs, as MLflow holds them."""
+    runs = all_runs(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
+    return {
+        run.data.tags[TRIAL_ID_TAG]: run.info.run_id
+        for run in runs
+        if TRIAL_ID_TAG in run.data.tags
+    }
+
+
 class SweepTracker(Callback):
     """Ray Tune callback: child MLflow runs and results-store rows for every trial of a sweep.
 
@@ -167,6 +178,7 @@ class SweepTracker(Callback):
         self.folder = folder
         self.sweep_dir = folder.path
         self.run_ids: dict[str, str] = {}
+        self.unmapped: dict[str, str] = {}  # trial id -> child run missing from the run map
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.placed: set[str] = set()  # trials whose current process has told where it runs
         self.monitors: dict[
@@ -178,6 +190,13 @@ class SweepTracker(Callback):
         from ray.util import get_node_ip_address
 
         self.run_ids = (self.folder.run_map() or RunMap(parent=self.parent_run_id)).trials
+        self.unmapped = {  # made by a driver killed before it saved the run map
+            trial_id: run_id
+            for trial_id, run_id in child_runs(
+                self.client, self.experiment_id, self.parent_run_id
+            ).items()
+            if trial_id not in self.run_ids
+        }
         self.monitors, self.node_ip = (
             {},
             get_node_ip_address(),
@@ -186,25 +205,9 @@ class SweepTracker(Callback):
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
-        config = self._config(trial)
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
-            run = self.client.create_run(
-                self.experiment_id,
-                run_name=trial_name(trial.config),
-                tags={
-                    "mlflow.parentRunId": self.parent_run_id,
-                    "ray.trial_id": trial.trial_id,
-                    "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params),
-                },
-            )
-            run_id = self.run_ids[trial.trial_id] = run.info.run_id
-            values = {**flatten(config.model_dump()), **searched_values(trial.config)}
-            params = [Param(key, str(value)) for key, value in values.items()]
-            self.client.log_batch(
-                run_id, params=params
-            )  # params are immutable in MLflow: once per run
-            self.folder.save_run_map(RunMap(parent=self.parent_run_id, trials=self.run_ids))
+            run_id = self._child_run(trial)
         else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self._monitor(trial.trial_id, run_id)
@@ -215,6 +218,28 @@ class SweepTracker(Callback):
             for row in earlier
             if row["metric"] is not None
         ]
+
+    def _child_run(self, trial: Trial) -> str:
+        """The trial's child run with its params, saved in the run map: made now, or the one a
+        killed driver made before it could save the map (MLflow takes identical params again)."""
+        config = self._config(trial)
+        run_id = (
+            self.unmapped.pop(trial.trial_id, None)
+            or self.client.create_run(
+                self.experiment_id,
+                run_name=trial_name(trial.config),
+                tags={
+                    PARENT_TAG: self.parent_run_id,
+                    TRIAL_ID_TAG: trial.trial_id,
+                    "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params),
+                },
+            ).info.run_id
+        )
+        values = {**flatten(config.model_dump()), **searched_values(trial.config)}
+        self.client.log_batch(run_id, params=[Param(key, str(v)) for key, v in values.items()])
+        self.run_ids[trial.trial_id] = run_id
+        self.folder.save_run_map(RunMap(parent=self.parent_run_id, trials=self.run_ids))
+        return run_id
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any

@@ -8,13 +8,22 @@ from __future__ import annotations
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import pytest
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
+from orchestrator.search import VARIANT
 from orchestrator.sweep import new_sweep_folder
 from orchestrator.sweep_folder import RunMap, SweepFolder
-from orchestrator.tracking import GIT_COMMIT_TAG, SweepTracker, git_commit, package_versions
+from orchestrator.tracking import (
+    GIT_COMMIT_TAG,
+    SweepTracker,
+    child_runs,
+    git_commit,
+    package_versions,
+)
 from search_spaces.schema import load_sweep
 
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
@@ -124,3 +133,52 @@ def test_a_trial_on_another_node_gets_no_system_metrics_of_the_driver(tmp_path, 
     )
     tracker.on_experiment_end([])
     assert tracker.monitors == {}
+
+
+class Killed(Exception):
+    """The driver's SIGKILL, at one chosen line."""
+
+
+def test_a_resumed_sweep_adopts_the_run_a_killed_driver_made_but_never_mapped(
+    tmp_path, monkeypatch
+):
+    """Killed right after MLflow made a trial's child run (before its params and the run map), the
+    driver leaves a run only MLflow knows; the resumed tracker takes it instead of making a second."""
+    tracker, client, _ = make_tracker(tmp_path)
+    parent = client.create_run(tracker.experiment_id).info.run_id
+    tracker.folder.save_run_map(RunMap(parent=parent))
+
+    def started() -> SweepTracker:  # a driver's tracker, set up as Tune does
+        driver = SweepTracker(
+            client, tracker.experiment_id, parent, tracker.folder, tracker.configs
+        )
+        driver.setup()
+        return driver
+
+    trial = SimpleNamespace(trial_id="t1", config={VARIANT: next(iter(tracker.configs))})
+
+    def children() -> list[str]:
+        runs = client.search_runs([tracker.experiment_id])
+        return [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    first = started()
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "log_batch", killed)
+        with pytest.raises(Killed):
+            first.on_trial_start(0, [], trial)
+    (orphan,) = children()
+    assert client.get_run(orphan).data.params == {}
+    assert tracker.folder.run_map().trials == {}
+
+    resumed = started()
+    resumed.on_trial_start(0, [], trial)
+    resumed.on_experiment_end([])
+    assert children() == [orphan]
+    assert child_runs(client, tracker.experiment_id, parent) == {"t1": orphan}
+    assert tracker.folder.run_map().trials == {"t1": orphan}
+    assert client.get_run(orphan).data.params["model.kernel"] == str(
+        tracker.configs[trial.config[VARIANT]]["model"]["kernel"]
+    )
