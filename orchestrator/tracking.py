@@ -155,12 +155,19 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     }
 
 
+def logged_points(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
+    """(metric, step) of every point the run holds of what trials report (not MLflow's `system/…`)."""
+    keys = [key for key in client.get_run(run_id).data.metrics if not key.startswith("system/")]
+    return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
+
+
 class SweepTracker(Callback):
     """Ray Tune callback: child MLflow runs and results-store rows for every trial of a sweep.
 
-    Its memory lives in the sweep folder (the trial → run map, the results store), not in this
-    object: Tune restores callbacks as they were pickled when the sweep began, so a resumed sweep
-    reads back which runs and rows exist and reuses them instead of duplicating them.
+    Its memory lives in the sweep folder (the trial → run map, the results store) and in MLflow,
+    not in this object: Tune restores callbacks as they were pickled when the sweep began, so a
+    resumed sweep reads back which runs, rows and metric points exist and reuses them instead of
+    duplicating them, even those a driver killed between two writes left in one store only.
     """
 
     def __init__(
@@ -180,6 +187,7 @@ class SweepTracker(Callback):
         self.run_ids: dict[str, str] = {}
         self.unmapped: dict[str, str] = {}  # trial id -> child run missing from the run map
         self.rows: dict[str, list[dict[str, Any]]] = {}
+        self.logged: dict[str, set[tuple[str, int]]] = {}  # (metric, step) in each trial's run
         self.placed: set[str] = set()  # trials whose current process has told where it runs
         self.monitors: dict[
             str, SystemMetricsMonitor
@@ -212,6 +220,7 @@ class SweepTracker(Callback):
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
         self._monitor(trial.trial_id, run_id)
         self.placed.discard(trial.trial_id)
+        self.logged[trial.trial_id] = logged_points(self.client, run_id)
         earlier = read_trial_rows(self.sweep_dir, trial.trial_id)
         self.rows[trial.trial_id] = [
             {key: row[key] for key in row if key not in _ROW_IDENTITY}
@@ -250,16 +259,7 @@ class SweepTracker(Callback):
         run_id = self.run_ids[trial.trial_id]
         if trial.trial_id not in self.placed:
             self._place(trial.trial_id, run_id, result)
-        if step not in {
-            row["step"] for row in rows
-        }:  # a restarted trial repeats steps: MLflow has them
-            now = int(time.time() * 1000)
-            logged = [
-                Metric(key, value, now, step)
-                for key, value in metrics.items()
-                if key != "step" and math.isfinite(value)
-            ]
-            self.client.log_batch(run_id, metrics=logged)
+        self._log_new_points(trial.trial_id, run_id, metrics, step)
         columns = self._columns(trial)
         for key, value in metrics.items():
             if key == "step":
@@ -275,6 +275,20 @@ class SweepTracker(Callback):
                 {**columns, "metric": metric, "length_factor": factor, "step": step, "value": value}
             )
         self._write_rows(trial, TrialStatus.RUNNING)
+
+    def _log_new_points(
+        self, trial_id: str, run_id: str, metrics: dict[str, float], step: int
+    ) -> None:
+        """Log the points MLflow does not hold yet: a restarted trial repeats steps."""
+        logged, now = self.logged[trial_id], int(time.time() * 1000)
+        new = [
+            Metric(key, value, now, step)
+            for key, value in metrics.items()
+            if key != "step" and math.isfinite(value) and (key, step) not in logged
+        ]
+        if new:
+            self.client.log_batch(run_id, metrics=new)
+            logged.update((metric.key, step) for metric in new)
 
     def _place(self, trial_id: str, run_id: str, result: dict[str, Any]) -> None:
         """Where the trial runs now (which machine, which GPU); on another machine than the driver's,

@@ -139,11 +139,13 @@ class Killed(Exception):
     """The driver's SIGKILL, at one chosen line."""
 
 
-def test_a_resumed_sweep_adopts_the_run_a_killed_driver_made_but_never_mapped(
-    tmp_path, monkeypatch
-):
-    """Killed right after MLflow made a trial's child run (before its params and the run map), the
-    driver leaves a run only MLflow knows; the resumed tracker takes it instead of making a second."""
+def killed(*args, **kwargs):
+    raise Killed
+
+
+@pytest.fixture
+def drivers(tmp_path):
+    """(start a driver's tracker, a trial, the parent's child runs) on one sweep, without Ray."""
     tracker, client, _ = make_tracker(tmp_path)
     parent = client.create_run(tracker.experiment_id).info.run_id
     tracker.folder.save_run_map(RunMap(parent=parent))
@@ -155,30 +157,58 @@ def test_a_resumed_sweep_adopts_the_run_a_killed_driver_made_but_never_mapped(
         driver.setup()
         return driver
 
-    trial = SimpleNamespace(trial_id="t1", config={VARIANT: next(iter(tracker.configs))})
-
     def children() -> list[str]:
         runs = client.search_runs([tracker.experiment_id])
         return [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
 
-    def killed(*args, **kwargs):
-        raise Killed
+    trial = SimpleNamespace(trial_id="t1", config={VARIANT: next(iter(tracker.configs))})
+    return started, trial, children
 
+
+def test_a_resumed_sweep_adopts_the_run_a_killed_driver_made_but_never_mapped(drivers, monkeypatch):
+    """Killed right after MLflow made a trial's child run (before its params and the run map), the
+    driver leaves a run only MLflow knows; the resumed tracker takes it instead of making a second."""
+    started, trial, children = drivers
     first = started()
     with monkeypatch.context() as patch:
         patch.setattr(MlflowClient, "log_batch", killed)
         with pytest.raises(Killed):
             first.on_trial_start(0, [], trial)
     (orphan,) = children()
-    assert client.get_run(orphan).data.params == {}
-    assert tracker.folder.run_map().trials == {}
+    assert first.client.get_run(orphan).data.params == {}
+    assert first.folder.run_map().trials == {}
 
     resumed = started()
     resumed.on_trial_start(0, [], trial)
     resumed.on_experiment_end([])
     assert children() == [orphan]
-    assert child_runs(client, tracker.experiment_id, parent) == {"t1": orphan}
-    assert tracker.folder.run_map().trials == {"t1": orphan}
-    assert client.get_run(orphan).data.params["model.kernel"] == str(
-        tracker.configs[trial.config[VARIANT]]["model"]["kernel"]
+    assert child_runs(first.client, first.experiment_id, first.parent_run_id) == {"t1": orphan}
+    assert first.folder.run_map().trials == {"t1": orphan}
+    assert first.client.get_run(orphan).data.params["model.kernel"] == str(
+        first.configs[trial.config[VARIANT]]["model"]["kernel"]
     )
+
+
+def test_a_result_logged_to_mlflow_but_not_to_the_results_store_is_not_logged_twice(
+    drivers, monkeypatch
+):
+    """Killed after MLflow took step 80 and before the results store did, then resumed from the
+    step-40 checkpoint: the trial reports 80 again, and MLflow keeps one point per step."""
+    started, trial, children = drivers
+    first = started()
+    first.on_trial_start(0, [], trial)
+    first.on_trial_result(0, [], trial, {"step": 40, "exact_match_1x": 0.25})
+    with monkeypatch.context() as patch:
+        patch.setattr(SweepTracker, "_write_rows", killed)
+        with pytest.raises(Killed):
+            first.on_trial_result(0, [], trial, {"step": 80, "exact_match_1x": 0.5})
+    first.on_experiment_end([])
+
+    resumed = started()
+    resumed.on_trial_start(0, [], trial)
+    for step, value in ((80, 0.5), (120, 0.75)):
+        resumed.on_trial_result(0, [], trial, {"step": step, "exact_match_1x": value})
+    resumed.on_experiment_end([])
+    (run_id,) = children()
+    history = first.client.get_metric_history(run_id, "exact_match_1x")
+    assert sorted((m.step, m.value) for m in history) == [(40, 0.25), (80, 0.5), (120, 0.75)]
