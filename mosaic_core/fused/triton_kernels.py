@@ -71,6 +71,16 @@ def _load_rows(ptr, offset, rows, N, D: tl.constexpr):
 
 
 @triton.jit
+def _store_rows(ptr, offset, rows, N, value, D: tl.constexpr):
+    dims = tl.arange(0, D)
+    tl.store(
+        ptr + offset + rows[:, None] * D + dims[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=rows[:, None] < N,
+    )
+
+
+@triton.jit
 def _scores(
     q, k, rows, cols, N, SCALE, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr
 ):
@@ -472,15 +482,11 @@ def forward_kernel(
         out = tl.where(
             empty[:, None], acc_u / tl.maximum(n_allowed, 1).to(tl.float32)[:, None], out
         )
-    dims = tl.arange(0, D)
-    tl.store(
-        O + kv + rows[:, None] * D + dims[None, :], out.to(O.dtype.element_ty), mask=row_ok[:, None]
-    )
+    _store_rows(O, kv, rows, N, out, D)
     if KIND == ENTMAX:
-        mean_g = acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None]
-        tl.store(U + kv + rows[:, None] * D + dims[None, :], mean_g, mask=row_ok[:, None])
+        _store_rows(U, kv, rows, N, acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None], D)
     elif KIND == RELU:
-        tl.store(U + kv + rows[:, None] * D + dims[None, :], out, mask=row_ok[:, None])
+        _store_rows(U, kv, rows, N, out, D)
     base = STATS + (bh * N + rows) * 4
     tl.store(base, t0, mask=row_ok)
     tl.store(base + 1, t1, mask=row_ok)
@@ -582,17 +588,8 @@ def backward_kv_kernel(
         if KIND != TOPK_UNIFORM:
             ds = g * ginv[:, None] * (dp - rho[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
-    dims = tl.arange(0, D)
-    tl.store(
-        DK + kv + cols[:, None] * D + dims[None, :],
-        (dk * SCALE).to(DK.dtype.element_ty),
-        mask=cols[:, None] < N,
-    )
-    tl.store(
-        DV + kv + cols[:, None] * D + dims[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=cols[:, None] < N,
-    )
+    _store_rows(DK, kv, cols, N, dk * SCALE, D)
+    _store_rows(DV, kv, cols, N, dv, D)
 
 
 @triton.jit
@@ -647,12 +644,7 @@ def backward_q_kernel(
         ds = g * ginv[:, None] * (dp - rho[:, None])
         dc += tl.sum(ds, 1)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
-    dims = tl.arange(0, D)
-    tl.store(
-        DQ + kv + rows[:, None] * D + dims[None, :],
-        (dq * SCALE).to(DQ.dtype.element_ty),
-        mask=rows[:, None] < N,
-    )
+    _store_rows(DQ, kv, rows, N, dq * SCALE, D)
     if KIND == RELU:
         tl.store(DC + bh * N + rows, dc / a, mask=rows < N)
 
