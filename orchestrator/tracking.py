@@ -214,13 +214,14 @@ class SweepTracker(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         run_id = self.run_ids.get(trial.trial_id)
-        if run_id is None:
+        if run_id is None:  # no result reached its run yet
             run_id = self._child_run(trial)
-        else:  # a trial Tune restarts (retry or resume): same run, the rows it already has
+            self.logged[trial.trial_id] = set()
+        else:  # a trial Tune restarts (retry or resume): same run, the points and rows it has
             self.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+            self.logged[trial.trial_id] = logged_points(self.client, run_id)
         self._monitor(trial.trial_id, run_id)
         self.placed.discard(trial.trial_id)
-        self.logged[trial.trial_id] = logged_points(self.client, run_id)
         earlier = read_trial_rows(self.sweep_dir, trial.trial_id)
         self.rows[trial.trial_id] = [
             {key: row[key] for key in row if key not in _ROW_IDENTITY}
