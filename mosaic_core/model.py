@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from mosaic_core.attention import attend, causal_mask
 from mosaic_core.config import ModelConfig
 from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
+from mosaic_core.leaky_average import leaky_average
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
 _MAX_PMEM_GAIN = 5.0  # the persistent memory's output gain min(e^{10·v}, 5), as the reference
@@ -40,12 +41,8 @@ class LeakyAverageKey(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         batch, length, n_embd = x.shape
         k = self.proj(x).view(batch, length, self.n_head, n_embd // self.n_head).transpose(1, 2)
-        lam = 10 * self.leaky_key_beta.abs()
-        t = torch.arange(length, device=x.device)
-        lag = (t[:, None] - t[None, :]).to(x.dtype)  # t − j
-        decay = torch.exp(-lam[:, None, None] * lag.clamp(min=0)) * (lag >= 0)
-        k = decay @ k  # (H, T, T) @ (B, H, T, d): the leaky sum for every t at once
-        return F.normalize(k, dim=-1)
+        # (B, H, T, d), float32: a chunked scan, linear in T (mosaic_core.leaky_average)
+        return F.normalize(leaky_average(k, 10 * self.leaky_key_beta.abs()), dim=-1)
 
 
 class ContextualMemory(nn.Module):
