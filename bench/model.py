@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import time
 from datetime import date
 
 import torch
@@ -32,6 +34,7 @@ CONFIGS = {  # name: (n_layer, n_embd, n_head, context, vocab, batch)
     "LM L=8": (8, 768, 12, 512, 50304, 16),
     "LM L=12": (12, 768, 12, 512, 50304, 16),
     "synthetic L=2": (2, 512, 8, 128, 263, 64),
+    "synthetic L=2 N=131": (2, 512, 8, 131, 263, 256),  # sort's longest training sequence
     "synthetic L=4": (4, 512, 8, 128, 263, 64),
     "synthetic L=4 N=80": (4, 512, 8, 80, 263, 256),  # MQMTAR's length, the paper's batch
     "synthetic L=4 N=131": (4, 512, 8, 131, 263, 256),
@@ -105,12 +108,13 @@ def measure(name: str, model: nn.Module, shape: tuple, args: argparse.Namespace)
     model = model.to(device)
     train = TrainConfig(batch_size=batch, lr=1e-4, min_lr=1e-5)
     optimizer = build_optimizer(model, train, device)
-    forward = torch.compile(model) if args.compile else model
+    forward = compiled(model, args.compile_mode) if args.compile else model
     gen = torch.Generator(device=device).manual_seed(0)
     tokens = torch.randint(
         0, vocab, (args.steps + args.warmup, batch, context + 1), device=device, generator=gen
     )
     times = []
+    started = time.perf_counter()
     for step in range(args.warmup + args.steps):
         batch_tokens = tokens[step]
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -120,6 +124,8 @@ def measure(name: str, model: nn.Module, shape: tuple, args: argparse.Namespace)
         )
         end.record()
         end.synchronize()
+        if step == 0:  # what compiling costs a trial once
+            first_step_s = time.perf_counter() - started
         if step >= args.warmup:
             times.append(begin.elapsed_time(end) / 1000)
     seconds = statistics.median(times)
@@ -131,7 +137,15 @@ def measure(name: str, model: nn.Module, shape: tuple, args: argparse.Namespace)
         "mfu": tokens_per_s * flops / H100_BF16_PEAK_FLOPS,
         "step_ms": seconds * 1000,
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_step_s": first_step_s,
+        "n_layer": n_layer,
+        "context": context,
+        "batch": batch,
     }
+
+
+def compiled(model: nn.Module, mode: str) -> nn.Module:
+    return torch.compile(model, mode=None if mode == "default" else mode)
 
 
 def build(model_name: str, shape: tuple) -> nn.Module:
@@ -145,7 +159,7 @@ def build(model_name: str, shape: tuple) -> nn.Module:
     return MemoryMosaics(config, vocab)
 
 
-def profile(config: str, model_name: str) -> None:
+def profile(config: str, model_name: str, compile_mode: str | None) -> None:
     """The CUDA time of three training steps by operator, largest first."""
     shape = CONFIGS[config]
     _, _, _, context, vocab, batch = shape
@@ -155,9 +169,11 @@ def profile(config: str, model_name: str) -> None:
     optimizer = build_optimizer(model, train, device)
     tokens = torch.randint(0, vocab, (batch, context + 1), device=device)
 
+    forward = compiled(model, compile_mode) if compile_mode else model
+
     def step():
         return optimizer_step(
-            model, model, optimizer, [(tokens[:, :-1], tokens[:, 1:])], train, device
+            model, forward, optimizer, [(tokens[:, :-1], tokens[:, 1:])], train, device
         )
 
     for _ in range(3):
@@ -167,7 +183,7 @@ def profile(config: str, model_name: str) -> None:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(f"{model_name}, {config}: CUDA time by operator over 3 steps")
+    print(f"{model_name}, {config}, compile {compile_mode}: CUDA time by operator over 3 steps")
     print(
         prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
     )
@@ -206,6 +222,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="torch.compile both models")
     parser.add_argument(
+        "--compile-mode",
+        default="default",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        help="torch.compile's mode with --compile",
+    )
+    parser.add_argument(
         "--profile",
         nargs=2,
         metavar=("CONFIG", "MODEL"),
@@ -230,11 +252,12 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "date": str(date.today()),
-        "compile": args.compile,
+        "compile": args.compile_mode if args.compile else False,
         "steps": args.steps,
+        "commit": os.environ.get("BENCH_COMMIT", "unknown"),
     }
     if args.profile:
-        profile(*args.profile)
+        profile(*args.profile, args.compile_mode if args.compile else None)
         return
     rows = []
     for config in args.configs:

@@ -417,6 +417,7 @@ def _dry_run(
 ) -> None:
     """The trials and the resource plan, whether this machine (or the cluster) can run them, missing
     data, and with `estimate` what the sweep will cost. Only a real run refuses."""
+    from orchestrator.estimate import one_gpu_slots
     from orchestrator.resources import (
         PlacementError,
         check_fits,
@@ -437,12 +438,10 @@ def _dry_run(
         typer.echo(f"missing data: {path} (write it with `mosaic-sweep prepare`)")
     if estimate:
         at_once = concurrency(sweep, cluster.nodes, max_concurrent)[0]
-        if (
-            gpu_type is not None and not at_once
-        ):  # priced for a GPU this machine does not have: one of them
+        if gpu_type is not None and not at_once:
+            # priced for a GPU this machine does not have: what one of them runs at once
             at_once = min(
-                sweep.num_trials,
-                max(1, int(1 / sweep.resources.gpu)) if 0 < sweep.resources.gpu <= 1 else 1,
+                sweep.num_trials, one_gpu_slots(sweep), max_concurrent or sweep.num_trials
             )
         _print_estimate(sweep, at_once, gpu_type)
 
@@ -464,9 +463,7 @@ def _print_estimate(sweep: Sweep, at_once: int, gpu_type: str | None) -> None:
         cost = estimate(sweep, at_once, gpu_type)
     except (ValueError, FileNotFoundError) as error:
         raise _fail(str(error)) from None
-    for line in describe(
-        cost, sweep.resources.gpu * sweep.widest.workers if gpu_type or sweep.resources.gpu else 0
-    ):
+    for line in describe(cost, on_gpu=bool(gpu_type or sweep.resources.gpu)):
         typer.echo(line)
 
 
