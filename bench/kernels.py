@@ -1,16 +1,22 @@
-"""Forward+backward time and peak memory of every kernel's fast attention path, next to SDPA softmax.
+"""Forward and backward time, peak memory and passes over the keys of every kernel's fast attention
+path, next to SDPA softmax.
 
 Strictly causal (Memory Mosaics) attention, bf16, head dim 64, queries = keys = unit vectors × β
-(so scores are β² cos, as in the model). Times are medians of CUDA-event measurements.
+(so scores are β² cos, as in the model; β = 5 stands in for trained, sparse heads). Times are
+medians of CUDA-event measurements of the forward and of the backward, taken separately. Rows of
+the fused kernels also carry the passes over the keys each query block's forward made (mean and
+max over blocks) and the registers and spills Triton reports for each compiled kernel.
 
     python bench/kernels.py --out kernels.jsonl          # on a CUDA machine; one JSON row per line
     python bench/kernels.py --report kernels.jsonl       # the Markdown table of RESULTS.md, anywhere
+    python bench/kernels.py --passes --lengths 256       # pass counts only, on the CPU (interpreter)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -20,7 +26,7 @@ import torch
 
 from mosaic_core import attention
 from mosaic_core.attention import adasplash_available, attend
-from mosaic_core.kernels import resolve_kernel
+from mosaic_core.kernels import fused_call, resolve_kernel
 
 KERNELS: list[
     tuple[str, str, dict, str | None]
@@ -51,47 +57,109 @@ def path_taken(kernel: str, params: dict, q: torch.Tensor, backend: str) -> str:
     return path
 
 
-def measure(kernel: str, params: dict, length: int, backend: str, args: argparse.Namespace) -> dict:
-    gen = torch.Generator(device="cuda").manual_seed(0)
+def workload(length: int, beta: float, args: argparse.Namespace, device: str, dtype: torch.dtype):
+    """(keys, values, output gradient) of the benchmark: keys are unit vectors × β."""
+    gen = torch.Generator(device=device).manual_seed(0)
     shape = (args.batch, args.heads, length, args.dim)
-    keys = (
-        torch.nn.functional.normalize(torch.randn(shape, device="cuda", generator=gen), dim=-1)
-        * args.beta
-    )
-    keys = keys.to(torch.bfloat16).requires_grad_()
-    values = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16).requires_grad_()
-    grad = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+    keys = torch.nn.functional.normalize(torch.randn(shape, device=device, generator=gen), dim=-1)
+    keys = (keys * beta).to(dtype).requires_grad_()
+    values = torch.randn(shape, device=device, generator=gen).to(dtype).requires_grad_()
+    grad = torch.randn(shape, device=device, generator=gen).to(dtype)
+    return keys, values, grad
 
-    def step() -> None:
-        out = attend(keys, keys, values, kernel, backend=backend, **params)
+
+def passes(kernel: str, params: dict, keys: torch.Tensor, values: torch.Tensor) -> dict:
+    """Mean and max over query blocks of the passes over the keys the fused forward made."""
+    from mosaic_core.fused import fused_passes
+
+    counts = fused_passes(
+        keys, keys, values, fused_call(kernel, **params), mask_mode="strict_causal", scale=1.0
+    )
+    return {"passes": counts.mean().item(), "passes_max": counts.max().item()}
+
+
+def timed(fn, *args) -> tuple[float, object]:
+    """(ms, result) of one call, by CUDA events."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    result = fn(*args)
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end), result
+
+
+def measure(
+    kernel: str, params: dict, length: int, beta: float, backend: str, args: argparse.Namespace
+) -> dict:
+    keys, values, grad = workload(length, beta, args, "cuda", torch.bfloat16)
+
+    def forward() -> torch.Tensor:
+        return attend(keys, keys, values, kernel, backend=backend, **params)
+
+    def backward(out: torch.Tensor) -> None:
         out.backward(grad)
         keys.grad = values.grad = None
 
-    step()  # compile / autotune
+    from mosaic_core.fused import ops
+
+    ops.REGISTERS.clear()
+    backward(forward())  # compile / autotune
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
     repeats = args.repeats if length <= 4096 else max(3, args.repeats // 2)
-    times = []
+    fwd, bwd = [], []
     started = time.perf_counter()
     for _ in range(repeats):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        step()
-        end.record()
-        end.synchronize()
-        times.append(begin.elapsed_time(end))
+        ms, out = timed(forward)
+        fwd.append(ms)
+        bwd.append(timed(backward, out)[0])
         if time.perf_counter() - started > args.max_seconds:
             break
-    return {
-        "ms": statistics.median(times),
+    path = path_taken(kernel, params, keys.detach(), backend)
+    row = {
+        "ms": statistics.median(f + b for f, b in zip(fwd, bwd)),
+        "fwd_ms": statistics.median(fwd),
+        "bwd_ms": statistics.median(bwd),
         "peak_mib": (torch.cuda.max_memory_allocated() - baseline) / 2**20,
-        "path": path_taken(kernel, params, keys.detach(), backend),
+        "path": path,
     }
+    if path == "fused":
+        row.update(passes(kernel, params, keys, values), registers=dict(ops.REGISTERS))
+    return row
+
+
+def count_passes(args: argparse.Namespace) -> None:
+    """Pass counts of every fused kernel on the benchmark's scores, without timing (CPU is fine:
+    Triton's interpreter runs the kernels in float32)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if device == "cpu":  # before the kernels are first imported, as tests/conftest.py does
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    for beta in args.beta:
+        for length in args.lengths:
+            keys, values, _ = workload(length, beta, args, device, dtype)
+            for label, kernel, params, backend in selected(args):
+                if backend is None and fused_call(kernel, **params) is not None:
+                    row = {"kernel": label, "length": length, "beta": beta, "device": device}
+                    print(json.dumps({**row, **passes(kernel, params, keys, values)}), flush=True)
+
+
+def selected(args: argparse.Namespace) -> list[tuple[str, str, dict, str | None]]:
+    return [k for k in KERNELS if not args.kernels or k[0] in args.kernels]
 
 
 def report(rows: list[dict]) -> str:
-    """Markdown: fwd+bwd ms with the ratio to SDPA at the same length, and peak MiB."""
+    """Markdown: fwd+bwd ms (forward share, ratio to SDPA at the same length and β), peak MiB and
+    mean passes over the keys, one table per β."""
+    tables = []
+    for beta in sorted({row.get("beta", 2.0) for row in rows}):
+        subset = [row for row in rows if row.get("beta", 2.0) == beta]
+        tables.append(f"β = {beta:g}\n\n" + table(subset))
+    return "\n\n".join(tables)
+
+
+def table(rows: list[dict]) -> str:
     lengths = sorted({row["length"] for row in rows})
     sdpa = {row["length"]: row["ms"] for row in rows if row["kernel"] == "softmax (SDPA)"}
     lines = [
@@ -106,13 +174,18 @@ def report(rows: list[dict]) -> str:
                 cells.append("—")
                 continue
             paths.add(row["path"])
-            if row["ms"] is None:
-                cells.append(row["path"])
-            else:
-                ratio = f" ({row['ms'] / sdpa[length]:.1f}×)" if sdpa.get(length) else ""
-                cells.append(f"{row['ms']:.2f}{ratio} / {row['peak_mib']:.0f}")
+            cells.append(cell(row, sdpa.get(length)))
         lines.append(f"| {label} | {', '.join(sorted(paths))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def cell(row: dict, sdpa_ms: float | None) -> str:
+    if row["ms"] is None:
+        return row["path"]
+    ratio = f" ({row['ms'] / sdpa_ms:.1f}×)" if sdpa_ms else ""
+    split = f" [fwd {row['fwd_ms']:.2f}]" if "fwd_ms" in row else ""
+    passes = f" {row['passes']:.1f}p" if "passes" in row else ""
+    return f"{row['ms']:.2f}{ratio}{split} / {row['peak_mib']:.0f}{passes}"
 
 
 def main() -> None:
@@ -125,7 +198,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=8)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--beta", type=float, default=2.0, help="key norm: scores are β² cos")
+    parser.add_argument(
+        "--beta", type=float, nargs="+", default=[2.0], help="key norms: scores are β² cos"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--max-seconds", type=float, default=20.0, help="per (kernel, length)")
     parser.add_argument("--backend", default="fast", choices=["fast", "reference"])
@@ -140,10 +215,16 @@ def main() -> None:
     parser.add_argument(
         "--report", nargs="+", metavar="JSONL", help="print the Markdown table of earlier runs"
     )
+    parser.add_argument(
+        "--passes", action="store_true", help="only count the fused kernels' passes (CPU is fine)"
+    )
     args = parser.parse_args()
     if args.report:
         rows = [json.loads(line) for path in args.report for line in open(path) if line.strip()]
         print(report(rows))
+        return
+    if args.passes:
+        count_passes(args)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA device")
@@ -157,37 +238,40 @@ def main() -> None:
         "batch": args.batch,
         "heads": args.heads,
         "dim": args.dim,
-        "beta": args.beta,
     }
     print(json.dumps(meta), flush=True)
     rows = []
-    for label, kernel, params, backend in KERNELS:
-        if args.kernels and label not in args.kernels:
-            continue
-        if backend == "adasplash" and not adasplash_available():
-            continue
-        for length in args.lengths:
-            if backend == "adasplash" and length > args.anchor_max_length:
+    for beta in args.beta:
+        for label, kernel, params, backend in selected(args):
+            if backend == "adasplash" and not adasplash_available():
                 continue
-            try:
-                result = measure(kernel, params, length, backend or args.backend, args)
-            except torch.OutOfMemoryError:
-                result = {"ms": None, "peak_mib": None, "path": "out of memory"}
-            except (
-                Exception
-            ) as error:  # a failing kernel is a row of the report, not the end of the run
-                result = {
-                    "ms": None,
-                    "peak_mib": None,
-                    "path": f"error: {type(error).__name__}: {error}"[:200],
-                }
-            torch.cuda.empty_cache()
-            rows.append({"kernel": label, "length": length, **result, **meta})
-            print(json.dumps(rows[-1]), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
-                    f.write(json.dumps(rows[-1]) + "\n")
+            for length in args.lengths:
+                if backend == "adasplash" and length > args.anchor_max_length:
+                    continue
+                result = guarded(kernel, params, length, beta, backend or args.backend, args)
+                torch.cuda.empty_cache()
+                rows.append({"kernel": label, "length": length, **result, **meta, "beta": beta})
+                print(json.dumps(rows[-1]), flush=True)
+                if args.out:
+                    with open(args.out, "a") as f:
+                        f.write(json.dumps(rows[-1]) + "\n")
     print(report(rows))
+
+
+def guarded(
+    kernel: str, params: dict, length: int, beta: float, backend: str, args: argparse.Namespace
+) -> dict:
+    """measure(), with a failure as a row of the report rather than the end of the run."""
+    try:
+        return measure(kernel, params, length, beta, backend, args)
+    except torch.OutOfMemoryError:
+        return {"ms": None, "peak_mib": None, "path": "out of memory"}
+    except Exception as error:
+        return {
+            "ms": None,
+            "peak_mib": None,
+            "path": f"error: {type(error).__name__}: {error}"[:200],
+        }
 
 
 if __name__ == "__main__":

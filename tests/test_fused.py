@@ -13,7 +13,7 @@ pytest.importorskip("triton", reason="needs the triton package (the gpu extra)")
 
 from mosaic_core import attention  # noqa: E402
 from mosaic_core.attention import attend, attention_path  # noqa: E402
-from mosaic_core.fused import fused_attention, keep_mask  # noqa: E402
+from mosaic_core.fused import _forward, fused_attention, fused_passes, keep_mask  # noqa: E402
 from mosaic_core.kernels import attention_weights, fused_call  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -209,3 +209,45 @@ def test_half_precision_output_is_normalised_by_the_weights_it_sums():
     assert exact[0].grad.norm() < 1e-10  # every row: uniform fallback or a one-key support
     assert half[0].grad.double().norm() < 1e-2
     assert relative_error(half[1].grad, exact[1].grad) < 1e-2
+
+
+@pytest.mark.parametrize("alpha", [2.0, 1.5, 4 / 3])
+def test_certified_threshold_is_the_float64_threshold_of_its_support(alpha):
+    """For r = 1/(α−1) ∈ {1, 2, 3} the kernel stops on a certificate: its τ must be the root of
+    Σ_{j∈S} (x_j − τ)^r = 1 over its support S = {x > τ}, solved in float64, to float32 rounding,
+    and S must be the float64 support (no key between the neighbouring scores and τ)."""
+    q, k, v = inputs(48, seed=8)
+    call = fused_call("entmax", alpha=alpha)
+    stats = _forward(q, k, v, call, "strict_causal", 0.8, 0.0)[1]
+    x = (alpha - 1) * 0.8 * (q.double() @ k.double().transpose(-2, -1))
+    r = round(1 / (alpha - 1))
+    for head in range(2):
+        for row in range(1, 48):
+            scores, tau = x[0, head, row, :row], stats[0, head, row, 0].item()
+            support = scores > tau
+            low = scores[~support].max().item() if (~support).any() else tau - 1.0
+            high = scores[support].min().item()
+            for _ in range(100):  # bisection on the support's polynomial, between its neighbours
+                mid = (low + high) / 2
+                low, high = (mid, high) if ((scores[support] - mid) ** r).sum() >= 1 else (low, mid)
+            assert abs(tau - low) <= 4e-7 * max(1.0, abs(low))
+            assert torch.equal(support, scores > low)
+
+
+@pytest.mark.parametrize(
+    ("kernel", "params", "most"),
+    [("sparsemax", {}, 5), ("entmax", {"alpha": 1.5}, 5), ("entmax", {"alpha": 4 / 3}, 5)]
+    + [("normrelu", {"gamma": 0.5, "b": -7.0}, 1), ("relumax", {"b": 1.0}, 2)],
+)
+def test_forward_passes_over_the_keys_on_the_benchmark_scores(kernel, params, most):
+    """The benchmark's scores (unit keys × β = 2, D = 64): a max pass, a histogram pass, at most
+    two certified steps and the output pass for α-entmax; one pass (two with the max) otherwise."""
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    keys = torch.nn.functional.normalize(
+        torch.randn(1, 2, 128, 64, generator=gen, device=DEVICE), dim=-1
+    )
+    counts = fused_passes(
+        keys * 2, keys * 2, keys, fused_call(kernel, **params), mask_mode="strict_causal", scale=1.0
+    )
+    assert counts.shape == (1, 2, 2)
+    assert counts.max() <= most

@@ -14,7 +14,7 @@ from torch import Tensor
 from mosaic_core.fused import ops
 from mosaic_core.kernels import FusedCall
 
-__all__ = ["fused_applies", "fused_attention", "keep_mask", "ops"]
+__all__ = ["fused_applies", "fused_attention", "fused_passes", "keep_mask", "ops"]
 
 
 def fused_applies(q: Tensor, k: Tensor) -> bool:
@@ -39,6 +39,29 @@ def fused_attention(
     dropout_p: float = 0.0,
 ) -> Tensor:
     """weights(scale · q kᵀ) @ v through the fused kernels, with dropout of the weights."""
+    return _forward(q, k, v, call, mask_mode, scale, dropout_p)[0]
+
+
+def fused_passes(
+    q: Tensor, k: Tensor, v: Tensor, call: FusedCall, *, mask_mode: str | None, scale: float
+) -> Tensor:
+    """(B, H, query blocks) float: the passes over the keys each query block's forward made
+    (relumax's separate row-maximum pass included)."""
+    stats = _forward(q.detach(), k.detach(), v.detach(), call, mask_mode, scale, 0.0)[1]
+    block = ops.block_size(q.shape[-2], q.shape[-1], q.dtype)
+    return stats[..., ::block, ops.STATS - 1] + int(call.anchored)
+
+
+def _forward(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    call: FusedCall,
+    mask_mode: str | None,
+    scale: float,
+    dropout_p: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward op's (out, row statistics, U)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     causal, offset = mask_mode is not None, int(mask_mode == "strict_causal")
     seed = (
@@ -51,7 +74,7 @@ def fused_attention(
         if call.kind == "relu"
         else q.new_empty(0, dtype=torch.float32)
     )
-    out, _, _ = ops.fused_forward(
+    return ops.fused_forward(
         q,
         k,
         v,
@@ -67,7 +90,6 @@ def fused_attention(
         scale,
         dropout_p,
     )
-    return out
 
 
 def _row_offsets(

@@ -2,8 +2,8 @@
 autograd, and the launch configuration.
 
 Tuning is bounded by construction: the tile is chosen from the shape class (next power of two of
-N, capped at 64; 32 when a row of D elements exceeds 256 bytes) and one warp count serves every
-kernel, so no shape is ever autotuned. The forward and backward kernels must share one tile and
+N, capped at 64; 32 when a row of D elements exceeds 256 bytes) and so is the warp count, one for
+every kernel of a call, so no shape is ever autotuned. The forward and backward kernels must share one tile and
 warp count anyway: the top-k selection compares recomputed scores bitwise with the forward's.
 """
 
@@ -25,13 +25,28 @@ _NEWTON_TOLERANCE = (
 _NEWTON_MAX_ITERS = (
     40  # never reached in practice: Newton converges in ≤ 10 steps, bisection guards it
 )
-_NUM_WARPS = 4
+STATS = 5  # per row: three thresholds, the normaliser, the passes its query block made
+REGISTERS: dict[str, dict[str, int]] = {}  # kernel → n_regs, n_spills of its latest compiled launch
+
+
+def _note_registers(name: str, compiled) -> None:
+    """Keep the register use Triton reports for a compiled launch (none in the interpreter)."""
+    n_regs = getattr(compiled, "n_regs", None)
+    if n_regs is not None:
+        REGISTERS[name] = {"n_regs": int(n_regs), "n_spills": int(compiled.n_spills)}
 
 
 def block_size(length: int, head_dim: int, dtype: torch.dtype) -> int:
     """Query and key tile (equal, so causal tiles line up) for a shape class."""
     widest = 64 if head_dim * dtype.itemsize <= 256 else 32
     return max(16, min(widest, triton.next_power_of_2(length)))
+
+
+def num_warps(block: int, head_dim: int) -> int:
+    """Warps for a tile: 8 once a tile's (BLOCK, D) accumulators reach 64 × 64, where 4 warps
+    spilled (offline sm_90 compiles, Triton 3.9: the dK/dV kernel 255 registers and 432–488 bytes
+    of stack at 4 warps, 216–246 registers and none at 8; the forward 192 registers at 8)."""
+    return 8 if block * head_dim >= 64 * 64 else 4
 
 
 def _power_codes(alpha: float) -> tuple[int, int]:
@@ -57,7 +72,7 @@ def _meta(
         "DROPOUT": dropout_p > 0,
         "BLOCK": block_size(q.shape[-2], q.shape[-1], q.dtype),
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": _NUM_WARPS,
+        "num_warps": num_warps(block_size(q.shape[-2], q.shape[-1], q.dtype), q.shape[-1]),
     }
 
 
@@ -96,10 +111,10 @@ def fused_forward(
     otherwise."""
     n = q.shape[-2]
     out = torch.empty_like(q)
-    stats = torch.empty(*q.shape[:-1], 4, device=q.device, dtype=torch.float32)
+    stats = torch.empty(*q.shape[:-1], STATS, device=q.device, dtype=torch.float32)
     u = torch.empty(_u_shape(q, kind), device=q.device, dtype=torch.float32)
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)
-    tk.forward_kernel[_grid(q, meta["BLOCK"])](
+    compiled = tk.forward_kernel[_grid(q, meta["BLOCK"])](
         q,
         k,
         v,
@@ -116,14 +131,16 @@ def fused_forward(
         n,
         TOL=_NEWTON_TOLERANCE,
         MAX_ITERS=_NEWTON_MAX_ITERS,
+        CERTIFY=1 <= meta["P_CODE"] <= 3,
         **meta,
     )
+    _note_registers("forward", compiled)
     return out, stats, u
 
 
 @fused_forward.register_fake
 def _(q, k, v, c, seed, kind, alpha, a, top_k, fallback, causal, offset, scale, dropout_p):
-    stats = q.new_empty(*q.shape[:-1], 4, dtype=torch.float32)
+    stats = q.new_empty(*q.shape[:-1], STATS, dtype=torch.float32)
     return (
         torch.empty_like(q),
         stats,
@@ -159,8 +176,10 @@ def fused_backward(
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)
     grid = _grid(q, meta["BLOCK"])
     args = (int(seed), _score_scale(kind, scale, alpha), alpha, a, dropout_p, q.shape[-2])
-    tk.backward_kv_kernel[grid](q, k, v, stats, d_out, rho, dk, dv, *args, **meta)
-    tk.backward_q_kernel[grid](q, k, v, stats, d_out, rho, dq, dc, *args, **meta)
+    compiled = tk.backward_kv_kernel[grid](q, k, v, stats, d_out, rho, dk, dv, *args, **meta)
+    _note_registers("backward_kv", compiled)
+    compiled = tk.backward_q_kernel[grid](q, k, v, stats, d_out, rho, dq, dc, *args, **meta)
+    _note_registers("backward_q", compiled)
     return dq, dk, dv, dc
 
 
@@ -227,7 +246,7 @@ def row_max(q: Tensor, k: Tensor, causal: bool, offset: int, scale: float) -> tu
         OFFSET=offset,
         BLOCK=block,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=_NUM_WARPS,
+        num_warps=num_warps(block, q.shape[-1]),
     )
     return m, arg
 

@@ -3,21 +3,30 @@ fused attention kernel, chosen at compile time by KIND.
 
 Every kernel weighs key j for query i by w_ij = f(s_ij; row statistics of row i), s = SCALE·q·k,
 and returns Σ_j w_ij v_j / normaliser_i. The row statistics are found in the forward by passes
-over the key blocks of the row (never storing N×N):
+over the key blocks of the row (never storing N×N). Each pass visits the key blocks that need no
+mask first (no per-element bounds or causal test) and then, separately, the one block on the
+diagonal (causal) or past the end of the keys (N not a multiple of BLOCK), where disallowed scores
+become −inf; every weight below is 0 at −inf.
 
 - ENTMAX (α-entmax, α ∈ (1, 2]; s in x = (α−1)·scale·q·k units): w = [x − τ]_+^r, r = 1/(α−1).
-  τ solves Σ_j [x_j − τ]_+^r = 1. Newton's method on φ(τ) = ‖[x − τ]_+‖_r − 1 (convex and
-  decreasing, so from τ₀ = max − 1 it climbs monotonically to the root; for sparsemax it is
-  Michelot's algorithm, exact in finitely many steps), safeguarded by a bisection bracket
-  [max − 1, max − n^{1−α}], until every row of the block has converged. stats = (τ, Z = Σw).
+  τ solves Σ_j [x_j − τ]_+^r = 1 and lies in [max − 1, max − n^{1−α}]. A max pass, then one
+  histogram pass (HIST_BINS bins of width 1/HIST_BINS below the max, counted in 8-bit slots of
+  one int64 per row and tile) that brackets τ between bin edges; then passes that each evaluate,
+  at the current τ_c, the power sums P_m = Σ_{x>τ_c} (x − τ_c)^m: they give a Newton step on
+  ‖[x − τ]_+‖_r = 1 (always a lower bound on τ, the function being convex and decreasing) and,
+  for r ∈ {1, 2, 3}, the root τ* of Σ_{x>τ_c} (x − τ)^r = 1, which is τ itself exactly when
+  {x > τ_c} is the support. That is proved by the two-sided certificate max{x ≤ τ_c} ≤ τ* ≤
+  min{x > τ_c} (then every key of the set is in the support at τ* and every other key out), and a
+  certified row stops; other α stop when the Newton step falls below TOL. stats = (τ, ·, ·, Z).
 - RELU (normrelu, relumax): w = [a·s + c]_+ with c per row an input (b, or b − max for relumax);
   with FALLBACK (normrelu), a row with no positive weight is uniform over its allowed keys.
-  stats = (c, l = Σw).
+  stats = (c, ·, ·, l = Σw).
 - TOPK_SOFTMAX / TOPK_UNIFORM: the k-th largest score t per row by a counting search over the
   order-preserving integer image of the float scores (three cut points per pass, so at most 16
   passes, usually far fewer), then, only where the k-th score is tied, a pass that finds the last
-  tied key that still fits (earliest keys win). Selection: s > t, or s = t and j ≤ J.
-  stats = (t, J, max, l).
+  tied key that still fits (earliest keys win). Selection: s > t, or s = t and j ≤ J; rows with
+  at most k keys take every key (t = −FLT_MAX, below any finite score). stats = (t, J, max, l).
+stats[..., 4] is the number of passes over the keys the row's query block made (for benchmarks).
 
 Backward (closed forms, scores recomputed block by block): with p the normalised weights,
 dp_ij = dO_i·v_j and ρ_i = Σ_j g_ij dp_ij / Σ_j g_ij, ds_ij = G_ij (dp_ij − ρ_i), where
@@ -27,7 +36,8 @@ for the ReLU family with O_i kept in float32 as U_i: an output rounded to bf16 w
 by a/l in rows of small mass l), G = 0 for top-k uniform and for uniform-fallback rows. For the same
 reason the forward's normalisers sum the weights as rounded to v's dtype for its weighted sums, so a
 one-key row returns exactly its v and ρ carries no rounding residue (bf16 normrelu, b = −5, N = 16:
-dk off by 2.9 against an exact 0 on an H200 with unrounded sums).
+dk off by 2.9 against an exact 0 on an H200 with unrounded sums). Padding rows past N load zeros
+(q, dO and statistics), so they add nothing to dK and dV even in blocks built without a mask.
 
 Dropout (DROPOUT): weight (i, j) of head bh is kept iff philox(seed, (bh·N + i)·N + j) ≥ p, in the
 forward and again in the backward, so the same weights are dropped in both.
@@ -42,6 +52,8 @@ ENTMAX: tl.constexpr = tl.constexpr(0)
 RELU: tl.constexpr = tl.constexpr(1)
 TOPK_SOFTMAX: tl.constexpr = tl.constexpr(2)
 TOPK_UNIFORM: tl.constexpr = tl.constexpr(3)
+HIST_BINS: tl.constexpr = tl.constexpr(16)  # two int64 of eight 8-bit slots; a tile adds ≤ 64
+LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)  # −FLT_MAX
 
 
 @triton.jit
@@ -63,11 +75,14 @@ def _power(d, e, CODE: tl.constexpr):
 
 
 @triton.jit
-def _load_rows(ptr, offset, rows, N, D: tl.constexpr):
-    dims = tl.arange(0, D)
-    return tl.load(
-        ptr + offset + rows[:, None] * D + dims[None, :], mask=rows[:, None] < N, other=0.0
-    )
+def _load_rows(ptr, offset, rows, N, D: tl.constexpr, MASKED: tl.constexpr):
+    """A (len(rows), D) tile; MASKED where the rows may run past N (those read as 0)."""
+    ptrs = ptr + offset + rows[:, None] * D + tl.arange(0, D)[None, :]
+    if MASKED:
+        tile = tl.load(ptrs, mask=rows[:, None] < N, other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
 
 
 @triton.jit
@@ -82,14 +97,48 @@ def _store_rows(ptr, offset, rows, N, value, D: tl.constexpr):
 
 @triton.jit
 def _scores(
-    q, k, rows, cols, N, SCALE, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, PRECISION: tl.constexpr
+    q,
+    k,
+    rows,
+    cols,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """(SCALE·q kᵀ, allowed) for one tile; -0.0 becomes +0.0 so equal scores compare equal bitwise."""
+    """SCALE·q kᵀ of one tile, −0.0 made +0.0 so equal scores compare equal bitwise; on an EDGE
+    tile the scores a query may not see (past N, or causally hidden) are −inf."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * SCALE + 0.0
-    allowed = (cols[None, :] < N) & (rows[:, None] < N)
-    if CAUSAL:
-        allowed = allowed & (cols[None, :] <= rows[:, None] - OFFSET)
-    return s, allowed
+    if EDGE:
+        allowed = (cols[None, :] < N) & (rows[:, None] < N)
+        if CAUSAL:
+            allowed = allowed & (cols[None, :] <= rows[:, None] - OFFSET)
+        s = tl.where(allowed, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _tile(
+    q,
+    K,
+    kv,
+    rows,
+    start,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(scores, key indices) of the key block at `start` against the query tile q."""
+    cols = start + tl.arange(0, BLOCK)
+    k = _load_rows(K, kv, cols, N, D, EDGE)
+    return _scores(q, k, rows, cols, N, SCALE, EDGE, CAUSAL, OFFSET, PRECISION), cols
 
 
 @triton.jit
@@ -108,12 +157,32 @@ def _allowed_count(rows, N, CAUSAL: tl.constexpr, OFFSET: tl.constexpr):
 
 
 @triton.jit
-def _key_end(pid, N, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
-    """One past the last key any row of query block `pid` may see."""
+def _key_blocks(pid, N, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """(inner, end) for query block `pid`: key blocks [0, inner) need no mask; [inner, end) is
+    the diagonal block (causal) or the block past the last full one (N % BLOCK keys), if any."""
     if CAUSAL:
-        return tl.minimum((pid + 1) * BLOCK, N)
+        inner = pid * BLOCK
+        end = tl.minimum(inner + BLOCK, N)
     else:
-        return N
+        inner = (N // BLOCK) * BLOCK
+        end = N
+    return inner, end
+
+
+@triton.jit
+def _query_blocks(pid, N, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
+    """(first, edge_end, inner_end) for key block `pid`: query blocks [first, edge_end) need a
+    mask (the diagonal; or all of them when the key block runs past N, unmasked), then
+    [edge_end, inner_end) need none, then [max(inner_end, edge_end), N) (a last partial block)
+    need one again."""
+    inner_end = (N // BLOCK) * BLOCK
+    if CAUSAL:
+        first = pid * BLOCK
+        edge_end = tl.minimum(first + BLOCK, N)
+    else:
+        first = 0
+        edge_end = tl.where((pid + 1) * BLOCK <= N, 0, N)
+    return first, edge_end, inner_end
 
 
 @triton.jit
@@ -132,7 +201,6 @@ def _from_ordinal(key):
 @triton.jit
 def _unnormalised(
     s,
-    allowed,
     cols,
     t0,
     t1,
@@ -143,23 +211,23 @@ def _unnormalised(
     KIND: tl.constexpr,
     P_CODE: tl.constexpr,
     G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr,
 ):
-    """(w, g): the kernel's unnormalised weights and the factor its score gradient is built from."""
+    """(w, g): the kernel's unnormalised weights and the factor its score gradient is built from;
+    both 0 at s = −inf (a > 0, and top-k's t0 is finite)."""
     if KIND == ENTMAX:
-        d = tl.where(allowed, s - t0[:, None], 0.0)
-        d = tl.maximum(d, 0.0)
+        d = tl.maximum(s - t0[:, None], 0.0)
         w = _power(d, r, P_CODE)
         g = _power(d, r - 1.0, G_CODE)
     elif KIND == RELU:
-        pre = tl.where(allowed, a * s + t0[:, None], 0.0)
+        pre = a * s + t0[:, None]
         w = tl.maximum(pre, 0.0)
         g = tl.where(pre > 0, a, 0.0)
-        w = tl.where(uniform[:, None], tl.where(allowed, 1.0, 0.0), w)
-        g = tl.where(uniform[:, None], 0.0, g)
+        if FALLBACK:
+            w = tl.where(uniform[:, None], tl.where(s > float("-inf"), 1.0, 0.0), w)
+            g = tl.where(uniform[:, None], 0.0, g)
     else:
-        chosen = allowed & (
-            (s > t0[:, None]) | ((s == t0[:, None]) & (cols[None, :] <= t1[:, None]))
-        )
+        chosen = (s > t0[:, None]) | ((s == t0[:, None]) & (cols[None, :] <= t1[:, None]))
         if KIND == TOPK_SOFTMAX:
             w = tl.where(chosen, tl.exp(s - t2[:, None]), 0.0)
             g = w
@@ -167,6 +235,38 @@ def _unnormalised(
             w = tl.where(chosen, 1.0, 0.0)
             g = tl.zeros_like(w)
     return w, g
+
+
+@triton.jit
+def _max_blocks(
+    best,
+    arg,
+    least,
+    q,
+    K,
+    kv,
+    rows,
+    lo,
+    hi,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
+    WITH_LEAST: tl.constexpr,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start in range(lo, hi, BLOCK):
+        s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        block_best = tl.max(s, 1)
+        block_arg = tl.argmax(s, 1).to(tl.int32) + start
+        arg = tl.where(block_best > best, block_arg, arg)  # strict: the earliest maximum wins
+        best = tl.maximum(best, block_best)
+        if WITH_LEAST:
+            least = tl.minimum(least, tl.min(tl.where(s > float("-inf"), s, float("inf")), 1))
+    return best, arg, least
 
 
 @triton.jit
@@ -178,27 +278,204 @@ def _row_max(
     pid,
     N,
     SCALE,
+    WITH_LEAST: tl.constexpr,
     D: tl.constexpr,
     CAUSAL: tl.constexpr,
     OFFSET: tl.constexpr,
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(max, earliest argmax, min) of the allowed scores of each row."""
+    """(max, earliest argmax, min if WITH_LEAST) of the allowed scores of each row: one pass."""
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     least = tl.full([BLOCK], float("inf"), tl.float32)
     arg = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        s, allowed = _scores(
-            q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
-        )
-        block_best = tl.max(tl.where(allowed, s, float("-inf")), 1)
-        block_arg = tl.argmax(tl.where(allowed, s, float("-inf")), 1).to(tl.int32) + start
-        arg = tl.where(block_best > best, block_arg, arg)  # strict: the earliest maximum wins
-        best = tl.maximum(best, block_best)
-        least = tl.minimum(least, tl.min(tl.where(allowed, s, float("inf")), 1))
+    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+    best, arg, least = _max_blocks(
+        best, arg, least, q, K, kv, rows, 0, inner, N, SCALE, False, WITH_LEAST, D, CAUSAL,
+        OFFSET, BLOCK, PRECISION,
+    )  # fmt: skip
+    best, arg, least = _max_blocks(
+        best, arg, least, q, K, kv, rows, inner, end, N, SCALE, True, WITH_LEAST, D, CAUSAL,
+        OFFSET, BLOCK, PRECISION,
+    )  # fmt: skip
     return best, arg, least
+
+
+@triton.jit
+def _histogram_blocks(
+    low,
+    high,
+    q,
+    K,
+    kv,
+    rows,
+    top,
+    lo,
+    hi,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per-row key counts of bins 0–7 (low) and 8–15 (high) below the max, 8-bit slots per tile."""
+    slots = (8 * tl.arange(0, 8)).to(tl.int64)
+    for start in range(lo, hi, BLOCK):
+        s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        depth = tl.minimum((top[:, None] - s) * HIST_BINS, HIST_BINS).to(tl.int32)
+        bit = tl.full([BLOCK, BLOCK], 1, tl.int64) << (8 * (depth & 7)).to(tl.int64)
+        packed_low = tl.sum(tl.where(depth < 8, bit, 0), 1)
+        packed_high = tl.sum(tl.where((depth >= 8) & (depth < HIST_BINS), bit, 0), 1)
+        low += ((packed_low[:, None] >> slots[None, :]) & 255).to(tl.int32)
+        high += ((packed_high[:, None] >> slots[None, :]) & 255).to(tl.int32)
+    return low, high
+
+
+@triton.jit
+def _binned_sums(low, high, shift, r, CODE: tl.constexpr):
+    """Σ_b c_b·(shift − b/HIST_BINS)_+^r over the 16 bins (counts low: 0–7, high: 8–15); shift
+    is (BLOCK,) or a scalar: the threshold's depth below the max, less where in its bin a key sits."""
+    bins = tl.arange(0, 8).to(tl.float32) / HIST_BINS
+    d_low = tl.maximum(shift[:, None] - bins[None, :], 0.0)
+    d_high = tl.maximum(shift[:, None] - bins[None, :] - 0.5, 0.0)
+    return tl.sum(low * _power(d_low, r, CODE), 1) + tl.sum(high * _power(d_high, r, CODE), 1)
+
+
+@triton.jit
+def _histogram_start(
+    q,
+    K,
+    kv,
+    rows,
+    pid,
+    N,
+    SCALE,
+    alpha,
+    r,
+    n_allowed,
+    top,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+):
+    """(lo, hi, start) from one pass counting the keys per bin of width 1/HIST_BINS below the max.
+    At a bin edge θ below the max, Σ[x − τ]_+^r lies between the sums that put every key at the
+    far and at the near end of its bin: an edge where the first reaches 1 is at or below τ, one
+    where the second stays under 1 is above. The start solves the sum with keys at bin centres."""
+    low = tl.zeros([BLOCK, 8], tl.int32)
+    high = tl.zeros([BLOCK, 8], tl.int32)
+    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+    low, high = _histogram_blocks(
+        low, high, q, K, kv, rows, top, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK,
+        PRECISION,
+    )  # fmt: skip
+    low, high = _histogram_blocks(
+        low, high, q, K, kv, rows, top, inner, end, N, SCALE, True, D, CAUSAL, OFFSET, BLOCK,
+        PRECISION,
+    )  # fmt: skip
+    low, high = low.to(tl.float32), high.to(tl.float32)
+    theta_lo = tl.full([BLOCK], 1.0, tl.float32)  # τ ≥ max − theta_lo
+    theta_hi = tl.exp2((1.0 - alpha) * tl.log2(tl.maximum(n_allowed, 1).to(tl.float32)))
+    for j in tl.static_range(1, HIST_BINS + 1):
+        edge = tl.zeros([BLOCK], tl.float32) + j / HIST_BINS
+        far = _binned_sums(low, high, edge - 1.0 / HIST_BINS, r, P_CODE)
+        near = _binned_sums(low, high, edge, r, P_CODE)
+        theta_lo = tl.where(far >= 1.0, tl.minimum(theta_lo, edge), theta_lo)
+        theta_hi = tl.where(near < 1.0, tl.maximum(theta_hi, edge), theta_hi)
+    theta = theta_lo
+    for _ in tl.static_range(6):  # Newton on the r-norm of the centred counts, from above
+        h = _binned_sums(low, high, theta - 0.5 / HIST_BINS, r, P_CODE)
+        slope = _binned_sums(low, high, theta - 0.5 / HIST_BINS, r - 1.0, G_CODE)
+        h_pow = tl.exp2((1.0 - 1.0 / r) * tl.log2(tl.maximum(h, 1e-30)))
+        theta = theta - (h - h_pow) / tl.where(slope > 0, slope, 1.0)
+    theta = tl.minimum(tl.maximum(theta, theta_hi), theta_lo)
+    return top - theta_lo, top - theta_hi, top - theta
+
+
+@triton.jit
+def _entmax_blocks(
+    f,
+    slope,
+    p0,
+    p1,
+    least_in,
+    most_out,
+    q,
+    K,
+    kv,
+    rows,
+    tau,
+    r,
+    lo,
+    hi,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    CERTIFY: tl.constexpr,
+):
+    for start in range(lo, hi, BLOCK):
+        s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        d = tl.maximum(s - tau[:, None], 0.0)
+        f += tl.sum(_power(d, r, P_CODE), 1)
+        slope += tl.sum(_power(d, r - 1.0, G_CODE), 1)
+        if CERTIFY:
+            inside = d > 0
+            least_in = tl.minimum(least_in, tl.min(tl.where(inside, s, float("inf")), 1))
+            most_out = tl.maximum(most_out, tl.max(tl.where(inside, float("-inf"), s), 1))
+            if P_CODE >= 2:
+                p0 += tl.sum(inside.to(tl.float32), 1)
+            if P_CODE == 3:
+                p1 += tl.sum(d, 1)
+    return f, slope, p0, p1, least_in, most_out
+
+
+@triton.jit
+def _support_poly(delta, f, slope, p0, p1, P_CODE: tl.constexpr):
+    """(g, −g′) at τ_c + δ for g(δ) = Σ_{x>τ_c} (x − τ_c − δ)^r, r = P_CODE ∈ {1, 2, 3}, from the
+    power sums about τ_c (f = P_r, slope = P_{r−1}, p0 = P_0, p1 = P_1)."""
+    if P_CODE == 1:
+        g = f - delta * slope
+        minus_dg = slope
+    elif P_CODE == 2:
+        g = f - delta * (2.0 * slope - delta * p0)
+        minus_dg = 2.0 * (slope - delta * p0)
+    else:
+        g = f - delta * (3.0 * slope - delta * (3.0 * p1 - delta * p0))
+        minus_dg = 3.0 * (slope - delta * (2.0 * p1 - delta * p0))
+    return g, minus_dg
+
+
+@triton.jit
+def _certified_root(tau, lo, f, slope, p0, p1, least_in, most_out, TOL, P_CODE: tl.constexpr):
+    """(τ*, certified): τ* solves g = 1 between the neighbouring scores a = max{x ≤ τ_c} (or lo)
+    and b = min{x > τ_c}. There g is Σ[x − τ]_+^r itself, convex and decreasing, so g(a) ≥ 1 ≥
+    g(b) proves the root is τ (the support is {x > τ_c}); Newton from a climbs to it."""
+    a = tl.maximum(most_out, lo) - tau
+    b = tl.where(least_in < float("inf"), least_in - tau, a)  # no key above τ_c: g ≡ 0, no root
+    g_a, _ = _support_poly(a, f, slope, p0, p1, P_CODE)
+    g_b, _ = _support_poly(b, f, slope, p0, p1, P_CODE)
+    delta = a
+    step = tl.zeros_like(a) + 1.0
+    for _ in tl.static_range(12):
+        g, minus_dg = _support_poly(delta, f, slope, p0, p1, P_CODE)
+        step = (g - 1.0) / tl.where(minus_dg > 0, minus_dg, 1.0)
+        delta = tl.minimum(delta + step, b)
+    converged = tl.abs(step) <= TOL * tl.maximum(tl.abs(tau + delta), 1.0)
+    return tau + delta, (g_a >= 1.0) & (g_b <= 1.0) & (b >= a) & converged
 
 
 @triton.jit
@@ -223,72 +500,134 @@ def _entmax_threshold(
     PRECISION: tl.constexpr,
     P_CODE: tl.constexpr,
     G_CODE: tl.constexpr,
+    CERTIFY: tl.constexpr,
 ):
-    """τ per row by safeguarded Newton on ‖[x − τ]_+‖_r = 1, one pass over the keys per step."""
+    """(τ, passes): the histogram bracket, then one pass per step until every row's τ is certified
+    (CERTIFY) or its Newton step is below TOL."""
     has = n_allowed > 0
     top = tl.where(has, top, 0.0)
-    lo = top - 1.0
-    hi = top - tl.exp2((1.0 - alpha) * tl.log2(tl.maximum(n_allowed, 1).to(tl.float32)))
-    tau = lo
+    lo, hi, start = _histogram_start(
+        q, K, kv, rows, pid, N, SCALE, alpha, r, n_allowed, top, D, CAUSAL, OFFSET, BLOCK,
+        PRECISION, P_CODE, G_CODE,
+    )  # fmt: skip
+    tau = tl.where(has, start, 0.0)
     tol = TOL * tl.maximum(tl.abs(top), 1.0)
-    moving = tl.max(has.to(tl.int32)) > 0
-    step = 0
-    while moving & (step < MAX_ITERS):
-        f = tl.zeros([BLOCK], tl.float32)
-        slope = tl.zeros([BLOCK], tl.float32)
-        for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            s, allowed = _scores(
-                q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
-            )
-            d = tl.maximum(tl.where(allowed, s - tau[:, None], 0.0), 0.0)
-            f += tl.sum(_power(d, r, P_CODE), 1)
-            slope += tl.sum(_power(d, r - 1.0, G_CODE), 1)
-        lo = tl.where(f >= 1.0, tl.maximum(lo, tau), lo)
-        hi = tl.where(f < 1.0, tl.minimum(hi, tau), hi)
-        # Newton on φ = f^{1/r} − 1: τ += (f − f^{1−1/r}) / Σ[x − τ]_+^{r−1}
-        f_pow = tl.exp2((1.0 - 1.0 / r) * tl.log2(tl.maximum(f, 1e-30)))
-        new = tau + (f - f_pow) / tl.where(slope > 0, slope, 1.0)
-        safe = (slope > 0) & (new >= lo) & (new <= hi)
-        new = tl.where(safe, new, 0.5 * (lo + hi))
-        new = tl.where(has, new, 0.0)
-        moving = tl.max((tl.abs(new - tau) > tol).to(tl.int32)) > 0
-        tau = new
-        step += 1
-    return tau
+    done = ~has
+    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+    passes = 1
+    while (tl.min(done.to(tl.int32)) == 0) & (passes <= MAX_ITERS):
+        zero = tl.zeros([BLOCK], tl.float32)
+        sums = _entmax_blocks(
+            zero, zero, zero, zero, zero + float("inf"), zero - float("inf"), q, K, kv, rows, tau,
+            r, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK, PRECISION, P_CODE, G_CODE,
+            CERTIFY,
+        )  # fmt: skip
+        f, slope, p0, p1, least_in, most_out = _entmax_blocks(
+            *sums, q, K, kv, rows, tau, r, inner, end, N, SCALE, True, D, CAUSAL, OFFSET, BLOCK,
+            PRECISION, P_CODE, G_CODE, CERTIFY,
+        )  # fmt: skip
+        new, stop, lo, hi = _next_threshold(
+            tau, lo, hi, f, slope, p0, p1, least_in, most_out, r, tol, TOL, P_CODE, CERTIFY
+        )
+        tau = tl.where(done, tau, new)
+        done = done | stop
+        passes += 1
+    return tau, passes
 
 
 @triton.jit
-def _count_at_least(
+def _next_threshold(
+    tau, lo, hi, f, slope, p0, p1, least_in, most_out, r, tol, TOL, P_CODE, CERTIFY: tl.constexpr
+):
+    """(next τ, stop, lo, hi) from the sums at τ: the certified root, else a Halley step (r = 2, 3)
+    or the Newton step on ‖[x − τ]_+‖_r = 1 (a lower bound of τ), kept in the bracket [lo, hi]."""
+    lo = tl.where(f >= 1.0, tl.maximum(lo, tau), lo)
+    hi = tl.where(f < 1.0, tl.minimum(hi, tau), hi)
+    f_pow = tl.exp2((1.0 - 1.0 / r) * tl.log2(tl.maximum(f, 1e-30)))
+    new = tl.maximum(tau + (f - f_pow) / tl.where(slope > 0, slope, 1.0), lo)
+    new = tl.where((slope > 0) & (new <= hi), new, 0.5 * (lo + hi))
+    if CERTIFY and P_CODE >= 2:  # Halley on f − 1: f″ = r(r−1)·Σ[x − τ]_+^{r−2} is p0 or p1
+        if P_CODE == 2:
+            bend = r * (r - 1.0) * p0
+        else:
+            bend = r * (r - 1.0) * p1
+        grade = -r * slope
+        denominator = 2.0 * grade * grade - (f - 1.0) * bend
+        halley = tau - 2.0 * (f - 1.0) * grade / tl.where(denominator > 0, denominator, 1.0)
+        better = (slope > 0) & (denominator > 0) & (halley >= lo) & (halley <= hi)
+        new = tl.where(better, halley, new)
+    stop = tl.abs(new - tau) <= tol
+    if CERTIFY:
+        root, certified = _certified_root(
+            tau, lo, f, slope, p0, p1, least_in, most_out, TOL, P_CODE
+        )
+        new = tl.where(certified, root, new)
+        stop = stop | certified
+    return new, stop, lo, hi
+
+
+@triton.jit
+def _count_blocks(
+    n1,
+    n2,
+    n3,
     q,
     K,
     kv,
     rows,
-    pid,
-    N,
-    SCALE,
     c1,
     c2,
     c3,
+    lo,
+    hi,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
     D: tl.constexpr,
     CAUSAL: tl.constexpr,
     OFFSET: tl.constexpr,
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    n1 = tl.zeros([BLOCK], tl.int32)
-    n2 = tl.zeros([BLOCK], tl.int32)
-    n3 = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        s, allowed = _scores(
-            q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
-        )
-        key = _ordinal(s)
-        n1 += tl.sum((allowed & (key >= c1[:, None])).to(tl.int32), 1)
-        n2 += tl.sum((allowed & (key >= c2[:, None])).to(tl.int32), 1)
-        n3 += tl.sum((allowed & (key >= c3[:, None])).to(tl.int32), 1)
+    for start in range(lo, hi, BLOCK):
+        s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        key = _ordinal(s)  # −inf maps below every cut point
+        n1 += tl.sum((key >= c1[:, None]).to(tl.int32), 1)
+        n2 += tl.sum((key >= c2[:, None]).to(tl.int32), 1)
+        n3 += tl.sum((key >= c3[:, None]).to(tl.int32), 1)
     return n1, n2, n3
+
+
+@triton.jit
+def _tie_blocks(
+    last,
+    seen,
+    q,
+    K,
+    kv,
+    rows,
+    t,
+    room,
+    tied,
+    lo,
+    hi,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    for start in range(lo, hi, BLOCK):
+        s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        equal = (s == t[:, None]).to(tl.int32)
+        fits = (equal > 0) & ((seen[:, None] + tl.cumsum(equal, 1)) <= room[:, None])
+        block_last = tl.max(tl.where(fits, cols[None, :], -1), 1)
+        last = tl.where(tied, tl.maximum(last, block_last), last)
+        seen += tl.sum(equal, 1)
+    return last, seen
 
 
 @triton.jit
@@ -310,22 +649,30 @@ def _topk_threshold(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(t, J): the k-th largest allowed score and the last tied key that still fits (earliest win)."""
+    """(t, J, passes): the k-th largest allowed score and the last tied key that still fits
+    (earliest keys win)."""
     search = n_allowed > top_k
     lo = _ordinal(tl.where(search, least, 0.0))  # count(key ≥ lo) ≥ k
     hi = _ordinal(tl.where(search, top, 0.0)) + 1  # count(key ≥ hi) < k
     n_lo = n_allowed
     n_hi = tl.zeros([BLOCK], tl.int32)
     done = ~search
-    step = 0
-    while (tl.min(done.to(tl.int32)) == 0) & (step < 40):
+    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+    passes = 0
+    while (tl.min(done.to(tl.int32)) == 0) & (passes < 40):
         span = hi.to(tl.int64) - lo.to(tl.int64)
         c1 = (lo + span // 4).to(tl.int32)
         c2 = (lo + span // 2).to(tl.int32)
         c3 = (lo + (3 * span) // 4).to(tl.int32)
-        n1, n2, n3 = _count_at_least(
-            q, K, kv, rows, pid, N, SCALE, c1, c2, c3, D, CAUSAL, OFFSET, BLOCK, PRECISION
-        )
+        zero = tl.zeros([BLOCK], tl.int32)
+        n1, n2, n3 = _count_blocks(
+            zero, zero, zero, q, K, kv, rows, c1, c2, c3, 0, inner, N, SCALE, False, D, CAUSAL,
+            OFFSET, BLOCK, PRECISION,
+        )  # fmt: skip
+        n1, n2, n3 = _count_blocks(
+            n1, n2, n3, q, K, kv, rows, c1, c2, c3, inner, end, N, SCALE, True, D, CAUSAL,
+            OFFSET, BLOCK, PRECISION,
+        )  # fmt: skip
         new_lo = tl.where(n3 >= top_k, c3, tl.where(n2 >= top_k, c2, tl.where(n1 >= top_k, c1, lo)))
         new_n_lo = tl.where(
             n3 >= top_k, n3, tl.where(n2 >= top_k, n2, tl.where(n1 >= top_k, n1, n_lo))
@@ -339,25 +686,84 @@ def _topk_threshold(
         hi = tl.where(done, hi, new_hi)
         n_hi = tl.where(done, n_hi, new_n_hi)
         done = done | (n_lo == top_k) | (hi - lo <= 1)
-        step += 1
-    t = tl.where(search, _from_ordinal(lo), float("-inf"))
+        passes += 1
+    t = tl.where(search, _from_ordinal(lo), LOWEST)
     tied = search & (n_lo > top_k)  # more keys equal t than there is room for
-    room = top_k - n_hi
     last = tl.full([BLOCK], 2147483647, tl.int32)
     if tl.max(tied.to(tl.int32)) > 0:
         seen = tl.zeros([BLOCK], tl.int32)
+        room = top_k - n_hi
         last = tl.where(tied, -1, last)
-        for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            s, allowed = _scores(
-                q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
-            )
-            equal = (allowed & (s == t[:, None])).to(tl.int32)
-            fits = (equal > 0) & ((seen[:, None] + tl.cumsum(equal, 1)) <= room[:, None])
-            block_last = tl.max(tl.where(fits, cols[None, :], -1), 1)
-            last = tl.where(tied, tl.maximum(last, block_last), last)
-            seen += tl.sum(equal, 1)
-    return t, last
+        last, seen = _tie_blocks(
+            last, seen, q, K, kv, rows, t, room, tied, 0, inner, N, SCALE, False, D, CAUSAL,
+            OFFSET, BLOCK, PRECISION,
+        )  # fmt: skip
+        last, seen = _tie_blocks(
+            last, seen, q, K, kv, rows, t, room, tied, inner, end, N, SCALE, True, D, CAUSAL,
+            OFFSET, BLOCK, PRECISION,
+        )  # fmt: skip
+        passes += 1
+    return t, last, passes
+
+
+@triton.jit
+def _output_blocks(
+    acc,
+    acc_g,
+    acc_u,
+    total,
+    total_g,
+    q,
+    K,
+    V,
+    kv,
+    bh,
+    rows,
+    t0,
+    t1,
+    t2,
+    uniform,
+    seed,
+    a,
+    r,
+    p_drop,
+    lo,
+    hi,
+    N,
+    SCALE,
+    EDGE: tl.constexpr,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    keep_scale = 1.0 / (1.0 - p_drop)
+    for start in range(lo, hi, BLOCK):
+        s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
+        v = _load_rows(V, kv, cols, N, D, EDGE)
+        w, g = _unnormalised(s, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE, FALLBACK)
+        w, g = w.to(V.dtype.element_ty), g.to(V.dtype.element_ty)  # as the dots below see them
+        total += tl.sum(w.to(tl.float32), 1)
+        if KIND == ENTMAX:
+            total_g += tl.sum(g.to(tl.float32), 1)
+        u = tl.where(s > float("-inf"), 1.0, 0.0)  # used (and kept) only with FALLBACK
+        if DROPOUT:
+            keep = _keep(seed, bh, rows, cols, N, p_drop)
+            w = tl.where(keep, w * keep_scale, 0.0)
+            g = tl.where(keep, g * keep_scale, 0.0)
+            u = tl.where(keep, u * keep_scale, 0.0)
+        acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
+        if KIND == ENTMAX:
+            acc_g += tl.dot(g.to(v.dtype), v, input_precision=PRECISION)
+        if FALLBACK:
+            acc_u += tl.dot(u.to(v.dtype), v, input_precision=PRECISION)
+    return acc, acc_g, acc_u, total, total_g
 
 
 @triton.jit
@@ -380,6 +786,7 @@ def forward_kernel(
     KIND: tl.constexpr,
     P_CODE: tl.constexpr,
     G_CODE: tl.constexpr,
+    CERTIFY: tl.constexpr,
     FALLBACK: tl.constexpr,
     CAUSAL: tl.constexpr,
     OFFSET: tl.constexpr,
@@ -393,89 +800,48 @@ def forward_kernel(
     kv = bh * N * D
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     row_ok = rows < N
-    q = _load_rows(Q, kv, rows, N, D)
+    q = _load_rows(Q, kv, rows, N, D, True)
     n_allowed = _allowed_count(rows, N, CAUSAL, OFFSET)
     r = 1.0 / (alpha - 1.0)
     t1 = tl.zeros([BLOCK], tl.float32)
     t2 = tl.zeros([BLOCK], tl.float32)
     uniform = n_allowed < 0  # all False
+    passes = 1  # the output pass
     if KIND == RELU:
         t0 = tl.load(C + bh * N + rows, mask=row_ok, other=0.0)
     else:
         top, arg, least = _row_max(
-            q, K, kv, rows, pid, N, SCALE, D, CAUSAL, OFFSET, BLOCK, PRECISION
+            q, K, kv, rows, pid, N, SCALE, KIND != ENTMAX, D, CAUSAL, OFFSET, BLOCK, PRECISION
         )
         if KIND == ENTMAX:
-            t0 = _entmax_threshold(
-                q,
-                K,
-                kv,
-                rows,
-                pid,
-                N,
-                SCALE,
-                alpha,
-                r,
-                n_allowed,
-                top,
-                TOL,
-                MAX_ITERS,
-                D,
-                CAUSAL,
-                OFFSET,
-                BLOCK,
-                PRECISION,
-                P_CODE,
-                G_CODE,
-            )
+            t0, search_passes = _entmax_threshold(
+                q, K, kv, rows, pid, N, SCALE, alpha, r, n_allowed, top, TOL, MAX_ITERS, D,
+                CAUSAL, OFFSET, BLOCK, PRECISION, P_CODE, G_CODE, CERTIFY,
+            )  # fmt: skip
         else:
-            t0, last = _topk_threshold(
-                q,
-                K,
-                kv,
-                rows,
-                pid,
-                N,
-                SCALE,
-                top_k,
-                n_allowed,
-                top,
-                least,
-                D,
-                CAUSAL,
-                OFFSET,
-                BLOCK,
-                PRECISION,
-            )
+            t0, last, search_passes = _topk_threshold(
+                q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least, D, CAUSAL, OFFSET,
+                BLOCK, PRECISION,
+            )  # fmt: skip
             t1 = last.to(tl.float32)
             t2 = tl.where(n_allowed > 0, top, 0.0)
+        passes += 1 + search_passes
     acc = tl.zeros([BLOCK, D], tl.float32)
     acc_g = tl.zeros([BLOCK, D], tl.float32)
     acc_u = tl.zeros([BLOCK, D], tl.float32)
     total = tl.zeros([BLOCK], tl.float32)
     total_g = tl.zeros([BLOCK], tl.float32)
-    keep_scale = 1.0 / (1.0 - p_drop)
-    for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        s, allowed = _scores(
-            q, _load_rows(K, kv, cols, N, D), rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION
-        )
-        v = _load_rows(V, kv, cols, N, D)
-        w, g = _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE)
-        w, g = w.to(V.dtype.element_ty), g.to(V.dtype.element_ty)  # as the dots below see them
-        total += tl.sum(w.to(tl.float32), 1)
-        total_g += tl.sum(g.to(tl.float32), 1)
-        u = tl.where(allowed, 1.0, 0.0)
-        if DROPOUT:
-            keep = _keep(seed, bh, rows, cols, N, p_drop)
-            w = tl.where(keep, w * keep_scale, 0.0)
-            g = tl.where(keep, g * keep_scale, 0.0)
-            u = tl.where(keep, u * keep_scale, 0.0)
-        acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
-        if KIND == ENTMAX:
-            acc_g += tl.dot(g.to(v.dtype), v, input_precision=PRECISION)
-        if FALLBACK:
-            acc_u += tl.dot(u.to(v.dtype), v, input_precision=PRECISION)
+    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+    acc, acc_g, acc_u, total, total_g = _output_blocks(
+        acc, acc_g, acc_u, total, total_g, q, K, V, kv, bh, rows, t0, t1, t2, uniform, seed, a, r,
+        p_drop, 0, inner, N, SCALE, False, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET,
+        DROPOUT, BLOCK, PRECISION,
+    )  # fmt: skip
+    acc, acc_g, acc_u, total, total_g = _output_blocks(
+        acc, acc_g, acc_u, total, total_g, q, K, V, kv, bh, rows, t0, t1, t2, uniform, seed, a, r,
+        p_drop, inner, end, N, SCALE, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET,
+        DROPOUT, BLOCK, PRECISION,
+    )  # fmt: skip
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     if FALLBACK:
         empty = (total <= 0) & (n_allowed > 0)
@@ -487,11 +853,12 @@ def forward_kernel(
         _store_rows(U, kv, rows, N, acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None], D)
     elif KIND == RELU:
         _store_rows(U, kv, rows, N, out, D)
-    base = STATS + (bh * N + rows) * 4
+    base = STATS + (bh * N + rows) * 5
     tl.store(base, t0, mask=row_ok)
     tl.store(base + 1, t1, mask=row_ok)
     tl.store(base + 2, t2, mask=row_ok)
     tl.store(base + 3, total, mask=row_ok)
+    tl.store(base + 4, tl.zeros([BLOCK], tl.float32) + passes, mask=row_ok)
 
 
 @triton.jit
@@ -506,9 +873,10 @@ def _row_state(
     KIND: tl.constexpr,
     FALLBACK: tl.constexpr,
 ):
-    """(t0, t1, t2, uniform, inv, ginv): a row's statistics and the factors that normalise w and g."""
+    """(t0, t1, t2, uniform, inv, ginv): a row's statistics and the factors that normalise w and g;
+    all 0 for rows past N."""
     row_ok = rows < N
-    base = STATS + (bh * N + rows) * 4
+    base = STATS + (bh * N + rows) * 5
     t0 = tl.load(base, mask=row_ok, other=0.0)
     t1 = tl.load(base + 1, mask=row_ok, other=0.0)
     t2 = tl.load(base + 2, mask=row_ok, other=0.0)
@@ -529,6 +897,64 @@ def _row_state(
         uniform = (total <= 0) & (n_allowed > 0)
         inv = tl.where(uniform, 1.0 / tl.maximum(n_allowed, 1).to(tl.float32), inv)
     return t0, t1, t2, uniform, inv, ginv
+
+
+@triton.jit
+def _kv_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    STATS,
+    DO,
+    RHO,
+    kv,
+    bh,
+    cols,
+    seed,
+    SCALE,
+    alpha,
+    a,
+    r,
+    p_drop,
+    lo,
+    hi,
+    N,
+    EDGE: tl.constexpr,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    keep_scale = 1.0 / (1.0 - p_drop)
+    for start in range(lo, hi, BLOCK):
+        rows = start + tl.arange(0, BLOCK)
+        q = _load_rows(Q, kv, rows, N, D, EDGE)
+        do = _load_rows(DO, kv, rows, N, D, EDGE)
+        rho = tl.load(RHO + bh * N + rows, mask=rows < N, other=0.0)
+        t0, t1, t2, uniform, inv, ginv = _row_state(
+            STATS, bh, rows, N, alpha, CAUSAL, OFFSET, KIND, FALLBACK
+        )
+        s = _scores(q, k, rows, cols, N, SCALE, EDGE, CAUSAL, OFFSET, PRECISION)
+        w, g = _unnormalised(s, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE, FALLBACK)
+        p = w * inv[:, None]
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
+        if DROPOUT:
+            keep = _keep(seed, bh, rows, cols, N, p_drop)
+            p = tl.where(keep, p * keep_scale, 0.0)
+            dp = tl.where(keep, dp * keep_scale, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
+        if KIND != TOPK_UNIFORM:
+            ds = g * ginv[:, None] * (dp - rho[:, None])
+            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -561,35 +987,83 @@ def backward_kv_kernel(
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     cols = pid * BLOCK + tl.arange(0, BLOCK)
-    k = _load_rows(K, kv, cols, N, D)
-    v = _load_rows(V, kv, cols, N, D)
+    k = _load_rows(K, kv, cols, N, D, True)
+    v = _load_rows(V, kv, cols, N, D, True)
     r = 1.0 / (alpha - 1.0)
-    keep_scale = 1.0 / (1.0 - p_drop)
     dk = tl.zeros([BLOCK, D], tl.float32)
     dv = tl.zeros([BLOCK, D], tl.float32)
-    first = pid * BLOCK if CAUSAL else 0  # earlier queries never see this key block
-    for start in range(first, N, BLOCK):
-        rows = start + tl.arange(0, BLOCK)
-        q = _load_rows(Q, kv, rows, N, D)
-        do = _load_rows(DO, kv, rows, N, D)
-        rho = tl.load(RHO + bh * N + rows, mask=rows < N, other=0.0)
-        t0, t1, t2, uniform, inv, ginv = _row_state(
-            STATS, bh, rows, N, alpha, CAUSAL, OFFSET, KIND, FALLBACK
-        )
-        s, allowed = _scores(q, k, rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
-        w, g = _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE)
-        p = w * inv[:, None]
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
-        if DROPOUT:
-            keep = _keep(seed, bh, rows, cols, N, p_drop)
-            p = tl.where(keep, p * keep_scale, 0.0)
-            dp = tl.where(keep, dp * keep_scale, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
-        if KIND != TOPK_UNIFORM:
-            ds = g * ginv[:, None] * (dp - rho[:, None])
-            dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+    first, edge_end, inner_end = _query_blocks(pid, N, BLOCK, CAUSAL)
+    dk, dv = _kv_blocks(
+        dk, dv, k, v, Q, STATS, DO, RHO, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop, first,
+        edge_end, N, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET, DROPOUT, BLOCK,
+        PRECISION,
+    )  # fmt: skip
+    dk, dv = _kv_blocks(
+        dk, dv, k, v, Q, STATS, DO, RHO, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop,
+        edge_end, inner_end, N, False, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET,
+        DROPOUT, BLOCK, PRECISION,
+    )  # fmt: skip
+    dk, dv = _kv_blocks(
+        dk, dv, k, v, Q, STATS, DO, RHO, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop,
+        tl.maximum(inner_end, edge_end), N, N, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL,
+        OFFSET, DROPOUT, BLOCK, PRECISION,
+    )  # fmt: skip
     _store_rows(DK, kv, cols, N, dk * SCALE, D)
     _store_rows(DV, kv, cols, N, dv, D)
+
+
+@triton.jit
+def _q_blocks(
+    dq,
+    dc,
+    q,
+    do,
+    rho,
+    K,
+    V,
+    kv,
+    bh,
+    rows,
+    t0,
+    t1,
+    t2,
+    uniform,
+    ginv,
+    seed,
+    SCALE,
+    a,
+    r,
+    p_drop,
+    lo,
+    hi,
+    N,
+    EDGE: tl.constexpr,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    keep_scale = 1.0 / (1.0 - p_drop)
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        k = _load_rows(K, kv, cols, N, D, EDGE)
+        v = _load_rows(V, kv, cols, N, D, EDGE)
+        s = _scores(q, k, rows, cols, N, SCALE, EDGE, CAUSAL, OFFSET, PRECISION)
+        w, g = _unnormalised(s, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE, FALLBACK)
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
+        if DROPOUT:
+            dp = tl.where(_keep(seed, bh, rows, cols, N, p_drop), dp * keep_scale, 0.0)
+        ds = g * ginv[:, None] * (dp - rho[:, None])
+        if KIND == RELU:
+            dc += tl.sum(ds, 1)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq, dc
 
 
 @triton.jit
@@ -622,28 +1096,26 @@ def backward_q_kernel(
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     rows = pid * BLOCK + tl.arange(0, BLOCK)
-    q = _load_rows(Q, kv, rows, N, D)
-    do = _load_rows(DO, kv, rows, N, D)
+    q = _load_rows(Q, kv, rows, N, D, True)
+    do = _load_rows(DO, kv, rows, N, D, True)
     rho = tl.load(RHO + bh * N + rows, mask=rows < N, other=0.0)
     t0, t1, t2, uniform, inv, ginv = _row_state(
         STATS, bh, rows, N, alpha, CAUSAL, OFFSET, KIND, FALLBACK
     )
     r = 1.0 / (alpha - 1.0)
-    keep_scale = 1.0 / (1.0 - p_drop)
     dq = tl.zeros([BLOCK, D], tl.float32)
     dc = tl.zeros([BLOCK], tl.float32)
-    for start in range(0, _key_end(pid, N, BLOCK, CAUSAL), BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        k = _load_rows(K, kv, cols, N, D)
-        v = _load_rows(V, kv, cols, N, D)
-        s, allowed = _scores(q, k, rows, cols, N, SCALE, CAUSAL, OFFSET, PRECISION)
-        w, g = _unnormalised(s, allowed, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION).to(tl.float32)
-        if DROPOUT:
-            dp = tl.where(_keep(seed, bh, rows, cols, N, p_drop), dp * keep_scale, 0.0)
-        ds = g * ginv[:, None] * (dp - rho[:, None])
-        dc += tl.sum(ds, 1)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+    dq, dc = _q_blocks(
+        dq, dc, q, do, rho, K, V, kv, bh, rows, t0, t1, t2, uniform, ginv, seed, SCALE, a, r,
+        p_drop, 0, inner, N, False, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET, DROPOUT,
+        BLOCK, PRECISION,
+    )  # fmt: skip
+    dq, dc = _q_blocks(
+        dq, dc, q, do, rho, K, V, kv, bh, rows, t0, t1, t2, uniform, ginv, seed, SCALE, a, r,
+        p_drop, inner, end, N, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET, DROPOUT,
+        BLOCK, PRECISION,
+    )  # fmt: skip
     _store_rows(DQ, kv, rows, N, dq * SCALE, D)
     if KIND == RELU:
         tl.store(DC + bh * N + rows, dc / a, mask=rows < N)
@@ -666,9 +1138,9 @@ def row_max_kernel(
     """Row maximum and its earliest argmax (relumax's anchor)."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
-    q = _load_rows(Q, bh * N * D, rows, N, D)
+    q = _load_rows(Q, bh * N * D, rows, N, D, True)
     top, arg, _ = _row_max(
-        q, K, bh * N * D, rows, pid, N, SCALE, D, CAUSAL, OFFSET, BLOCK, PRECISION
+        q, K, bh * N * D, rows, pid, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK, PRECISION
     )
     tl.store(M + bh * N + rows, top, mask=rows < N)
     tl.store(IDX + bh * N + rows, arg, mask=rows < N)
