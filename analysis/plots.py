@@ -2,7 +2,9 @@
 task), validation loss vs. step (the paper's Figure 2) and the per-position OOD loss (Figure 5).
 
 Each curve is one configuration (as a table's row: `Gaussian · lr 1e-4`), the mean over seeds with
-a min–max band, one colour per configuration across panels; failed trials are left out. Length
+a min–max band, one colour per configuration across panels; failed trials are left out. A point
+of a length or position figure holds one budget, as a table's cell (`analysis.budgets`): seeds
+stopped early are left out where others trained longer, and the legend names them. Length
 factors double from one evaluation to the next, so the length axis is log₂ with a tick at each
 evaluated factor. Panel titles sit inside their frames; files are 300-dpi PNG, or PDF/SVG.
 Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so plotting needs no
@@ -21,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullLocator
 
+from analysis.budgets import NOTE, at_one_budget, trial_budgets
 from analysis.configurations import ROW, config_frame, labelled, row_keys
 from analysis.tables import selected, succeeded
 
@@ -41,8 +44,10 @@ def _figure(
     panel_title: Callable[[object], str] = str,
     logx: bool = False,
     ticks_at_data: bool = False,
+    budgets: pd.DataFrame | None = None,
 ) -> Figure | None:
-    """One panel per value of `panel`, a mean line and min–max band per configuration; None without data."""
+    """One panel per value of `panel`, a mean line and min–max band per configuration; None without
+    data. With `budgets` (`trial_budgets`), each point from the seeds of its highest budget."""
     rows = rows[succeeded(rows) & np.isfinite(rows["value"].astype(float))].dropna(
         subset=[panel, x, "kernel_label"]
     )
@@ -50,6 +55,10 @@ def _figure(
         return None
     frame, keys = config_frame(rows)
     rows = labelled(frame, row_keys(frame, keys, [panel, x]))
+    notes = {}
+    if budgets is not None:
+        rows = at_one_budget(rows, budgets, [panel, ROW, x])
+        notes = rows[rows[NOTE] != ""].groupby(ROW)[NOTE].unique().map("; ".join).to_dict()
     stats = rows.groupby([panel, ROW, x])["value"].agg(["mean", "min", "max"])
     curves = {
         key: curve.droplevel([panel, ROW]) for key, curve in stats.groupby(level=[panel, ROW])
@@ -68,7 +77,8 @@ def _figure(
             if curve is None:
                 continue
             color = f"C{number % 10}"
-            ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=label)
+            shown = f"{label} [{notes[label]}]" if label in notes else label
+            ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=shown)
             ax.fill_between(
                 curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0
             )
@@ -100,6 +110,7 @@ def _by_length(results: pd.DataFrame, metric: str, title: str) -> Figure | None:
     rows = selected(results[(results["metric"] == metric) & results["length_factor"].notna()])
     return _figure(
         rows,
+        budgets=trial_budgets(results),
         panel="task",
         x="length_factor",
         title=title,
@@ -132,6 +143,7 @@ def _ood_per_position(results: pd.DataFrame) -> Figure | None:
     rows = rows.assign(position=rows["metric"].str.removeprefix(OOD_PREFIX).astype(int))
     return _figure(
         rows,
+        budgets=trial_budgets(results),
         panel="n_layer",
         x="position",
         title="OOD loss per position (EMA)",

@@ -16,6 +16,8 @@ class TrialStatus(StrEnum):
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     TERMINATED = "TERMINATED"  # finished every step
+    STOPPED = "STOPPED"  # stopped early by the scheduler (ASHA): fewer steps than planned, for good
+    INTERRUPTED = "INTERRUPTED"  # the sweep stopped while it ran (Ctrl-C); `--resume` continues it
     ERROR = "ERROR"  # failed after its retries
 
 
@@ -41,7 +43,10 @@ RESULTS_SCHEMA = pa.schema(
         ),  # null for metrics not tied to an evaluation length
         pa.field("step", pa.int64()),
         pa.field("value", pa.float64()),
-        pa.field("status", pa.string()),  # Ray Tune trial status: RUNNING, TERMINATED, ERROR
+        pa.field("status", pa.string()),  # a TrialStatus: RUNNING, TERMINATED, STOPPED, …
+        pa.field(
+            "planned_steps", pa.int64()
+        ),  # train.max_steps: a trial whose last step is below it trained less than planned
         pa.field("mlflow_run_id", pa.string()),
         pa.field(
             "searched", pa.string()

@@ -2,9 +2,11 @@
 
 A cell is one configuration (`analysis.configurations`) in one column, aggregated over seeds
 only: each trial contributes the evaluation the model selection picks (its last, or its best by a
-metric), and a seed whose trial failed or whose value is not finite is missing from the cell.
-Each table is computed once as numbers (`TableStats`: mean, max, min and seed count per cell) and
-then rendered as Markdown, LaTeX or CSV, so the three formats can never disagree.
+metric), and a seed whose trial failed or whose value is not finite is missing from the cell. A
+cell holds one budget (`analysis.budgets`): a seed stopped early is left out where others trained
+longer, and the cell's note says so. Each table is computed once as numbers (`TableStats`: mean,
+max, min, seed count, 95 % interval and note per cell) and then rendered as Markdown, LaTeX or
+CSV, so the three formats can never disagree.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from analysis.budgets import FULL, NOTE, at_one_budget, trial_budgets
 from analysis.configurations import (
     KERNEL_LABEL,
     LENGTH,
@@ -34,6 +37,7 @@ from analysis.configurations import (
     sort_key,
     where,
 )
+from analysis.noise import METHOD, t_interval
 from analysis.schema import TrialStatus
 
 MISSING = "—"
@@ -125,7 +129,7 @@ class Column:
     key: str  # machine-readable, for CSV headers: `sort_2x`, `tvd_num_examples=1000`
     header: str  # as shown: `sort 2×`, `tvd ↓ num_examples=1000`
     lower_is_better: bool
-    stats: pd.DataFrame  # indexed by row label: mean, max, min, seeds
+    stats: pd.DataFrame  # by row label: mean, max, min, seeds, ci_low, ci_high, note, full_budget
 
 
 @dataclass(frozen=True)
@@ -147,11 +151,16 @@ class _Markup:
     underline: Callable[[str], str]
     cell: str  # format string with {mean} and {top}
     missing: str
+    plus_minus: str  # between a mean and its interval's half width
 
 
-_MARKDOWN = _Markup(lambda s: f"**{s}**", lambda s: f"<u>{s}</u>", "{mean}^({top})", MISSING)
+_MARKDOWN = _Markup(lambda s: f"**{s}**", lambda s: f"<u>{s}</u>", "{mean}^({top})", MISSING, " ± ")
 _LATEX = _Markup(
-    lambda s: rf"\textbf{{{s}}}", lambda s: rf"\underline{{{s}}}", "${mean}^{{({top})}}$", "---"
+    lambda s: rf"\textbf{{{s}}}",
+    lambda s: rf"\underline{{{s}}}",
+    "${mean}^{{({top})}}$",
+    "---",
+    r" \pm ",
 )
 
 
@@ -217,6 +226,10 @@ def _cell_stats(rows: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
         max=("value", "max"),
         min=("value", "min"),
         seeds=("seed", "nunique"),
+        ci_low=("value", lambda values: t_interval(values)[0]),
+        ci_high=("value", lambda values: t_interval(values)[1]),
+        note=(NOTE, "first"),
+        full_budget=(FULL, "first"),
     )
 
 
@@ -299,7 +312,7 @@ def table_stats(
     columns = [*(["task", LENGTH] if layout.by == LENGTH else ["metric", layout.by]), *extra]
     rows = selected(frame[frame["metric"].isin(metrics) & frame[layout.by].notna()], select, frame)
     splits = row_keys(rows, keys, columns)
-    rows = labelled(rows, splits)
+    rows = at_one_budget(labelled(rows, splits), trial_budgets(frame), [*columns, ROW])
     table_columns = _table_columns(_cell_stats(rows, columns), layout, metrics, columns, extra)
     order = ordered_rows(rows, splits, row_order)
     return TableStats(
@@ -311,42 +324,69 @@ def table_stats(
     )
 
 
-def _column_cells(column: Column, planned_seeds: int | None, markup: _Markup) -> dict[str, str]:
-    """`mean^(best seed)` per row; marks are decided on the shown (2-decimal) numbers.
+def _column_cells(
+    column: Column, planned_seeds: int | None, markup: _Markup, ci: bool, notes: list[str]
+) -> dict[str, str]:
+    """`mean^(best seed)` per row (`mean ± half width^(best seed)` with `ci`); marks are decided
+    on the shown (2-decimal) numbers, among the cells that trained their full budget.
 
-    The best seed is the max (the min for a lower-is-better metric such as a loss or a TVD).
+    The best seed is the max (the min for a lower-is-better metric such as a loss or a TVD). A
+    cell's note is added to `notes` (once) and the cell names its number.
     """
     pick = min if column.lower_is_better else max
     mean = column.stats["mean"].map("{:.2f}".format)
     top = column.stats["min" if column.lower_is_better else "max"].map("{:.2f}".format)
-    best_mean, best_top = pick(mean.astype(float)), pick(top.astype(float))
+    full = column.stats["full_budget"].astype(bool)
+    best_mean, best_top = (pick(values[full].astype(float), default=None) for values in (mean, top))
     cells = {}
     for label in column.stats.index:
         m, x, n = mean[label], top[label], column.stats.at[label, "seeds"]
-        m = markup.bold(m) if float(m) == best_mean else m
-        x = markup.underline(x) if float(x) == best_top else x
-        short = f" [{n}/{planned_seeds}]" if planned_seeds and n < planned_seeds else ""
-        cells[label] = markup.cell.format(mean=m, top=x) + short
+        m = markup.bold(m) if full[label] and float(m) == best_mean else m
+        x = markup.underline(x) if full[label] and float(x) == best_top else x
+        if ci:
+            m += markup.plus_minus + _half_width(column.stats.loc[label])
+        marks = [f"{n}/{planned_seeds}"] if planned_seeds and n < planned_seeds else []
+        note = column.stats.at[label, "note"]
+        if note:
+            if note not in notes:
+                notes.append(note)
+            marks.append(f"note {notes.index(note) + 1}")
+        cells[label] = markup.cell.format(mean=m, top=x) + (
+            f" [{', '.join(marks)}]" if marks else ""
+        )
     return cells
 
 
-def _render(table: TableStats, markup: _Markup) -> pd.DataFrame:
+def _half_width(cell: pd.Series) -> str:
+    """Half the width of a cell's interval at 2 decimals; `?` for one seed, which has none."""
+    half = (cell["ci_high"] - cell["ci_low"]) / 2
+    return "?" if np.isnan(half) else f"{half:.2f}"
+
+
+def _render(table: TableStats, markup: _Markup, ci: bool = False) -> pd.DataFrame:
+    """The cells as text, with attrs["notes"]: the lines to print under the table."""
     frame = pd.DataFrame(index=pd.Index(table.labels, name="Kernel"))
+    notes: list[str] = []
     for column in table.columns:
-        cells = _column_cells(column, table.planned_seeds, markup)
+        cells = _column_cells(column, table.planned_seeds, markup, ci, notes)
         frame[column.header] = [cells.get(label, markup.missing) for label in table.labels]
+    frame.attrs["notes"] = [f"note {number}: {note}" for number, note in enumerate(notes, 1)]
+    if ci:
+        frame.attrs["notes"].append(f"±: half width of the {METHOD}; ? where one seed")
     return frame
 
 
-def markdown_cells(table: TableStats) -> pd.DataFrame:
-    """The table as Markdown cells (`**0.95**^(<u>0.99</u>) [2/3]`), for `to_markdown`."""
-    return _render(table, _MARKDOWN)
+def markdown_cells(table: TableStats, ci: bool = False) -> pd.DataFrame:
+    """The table as Markdown cells (`**0.95**^(<u>0.99</u>) [2/3]`, with `ci` `0.95 ± 0.04^(0.99)`),
+    for `to_markdown`, which prints the cells' notes under the table."""
+    return _render(table, _MARKDOWN, ci)
 
 
 def to_markdown(
     table: pd.DataFrame, *, title: str | None = None, index_header: str = "Kernel"
 ) -> str:
-    """A GitHub Markdown table with the index as the first column, headed `Kernel`."""
+    """A GitHub Markdown table with the index as the first column, headed `Kernel`, and the lines
+    of `table.attrs["notes"]` (the cells' notes, what a ranking compares) under it."""
 
     def line(cells: list) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
@@ -356,6 +396,8 @@ def to_markdown(
         line([label, *values]) for label, values in zip(table.index, table.itertuples(index=False))
     ]
     text = "\n".join(lines) + "\n"
+    if table.attrs.get("notes"):
+        text += "\n" + "\n".join(table.attrs["notes"]) + "\n"
     return f"**{title}**\n\n{text}" if title else text
 
 
@@ -369,13 +411,17 @@ _LATEX_TEXT = str.maketrans(
         "↑": r"$\uparrow$",
         "↓": r"$\downarrow$",
         "·": r"$\cdot$",
+        "±": r"$\pm$",
+        "√": r"$\surd$",
+        "−": "-",
     }
 )
 
 
-def to_latex(table: TableStats) -> str:
-    """A booktabs tabular for the paper: `$\\textbf{0.95}^{(\\underline{0.99})}$ [2/3]` cells."""
-    cells = _render(table, _LATEX)
+def to_latex(table: TableStats, ci: bool = False) -> str:
+    """A booktabs tabular for the paper: `$\\textbf{0.95}^{(\\underline{0.99})}$ [2/3]` cells
+    (`$0.95 \\pm 0.04^{(0.99)}$` with `ci`), the cells' notes in rows under the rule."""
+    cells = _render(table, _LATEX, ci)
 
     def line(values: list[str]) -> str:
         return " & ".join(values) + r" \\"
@@ -390,14 +436,20 @@ def to_latex(table: TableStats) -> str:
         line([label.translate(_LATEX_TEXT), *values])
         for label, values in zip(cells.index, cells.itertuples(index=False))
     ]
-    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines.append(r"\bottomrule")
+    lines += [
+        rf"\multicolumn{{{len(cells.columns) + 1}}}{{l}}{{\footnotesize {note.translate(_LATEX_TEXT)}}} \\"
+        for note in cells.attrs["notes"]
+    ]
+    lines.append(r"\end{tabular}")
     return "\n".join(lines) + "\n"
 
 
 def to_csv(table: TableStats) -> str:
     """One line per row: its label, kernel label and the values of the keys that name rows, then
-    `<column>_mean`, `_max` (`_min` where lower is better) and `_seeds` per column: plain numbers
-    for other tools; 10 significant digits, free of float noise."""
+    `<column>_mean`, `_max` (`_min` where lower is better), `_seeds`, `_ci_low` and `_ci_high`
+    (the 95 % t interval; empty for one seed) and `_note` per column: plain numbers for other
+    tools; 10 significant digits, free of float noise."""
     frame = table.rows.reindex(table.labels).rename(columns=display_names(table.rows.columns[1:]))
     frame.index.name = ROW
     for column in table.columns:
@@ -406,29 +458,56 @@ def to_csv(table: TableStats) -> str:
         frame[f"{column.key}_mean"] = stats["mean"]
         frame[f"{column.key}_{top}"] = stats[top]
         frame[f"{column.key}_seeds"] = stats["seeds"].astype("Int64")
+        frame[f"{column.key}_ci_low"] = stats["ci_low"]
+        frame[f"{column.key}_ci_high"] = stats["ci_high"]
+        frame[f"{column.key}_note"] = stats["note"]
     buffer = io.StringIO()
     frame.to_csv(buffer, float_format="%.10g", lineterminator="\n")
     return buffer.getvalue()
 
 
 def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10) -> pd.DataFrame:
-    """An Optuna search's suggestions, best first: each suggestion's metric at its trials' last
-    evaluation, as mean and best over its seeds (failed seeds left out). `metric` is a reported
-    name (`exact_match_2x`). Suggestions are told apart by their exact values, whatever is shown."""
-    last = selected(_metric_rows(results, metric))
-    suggestion = last[KERNEL_LABEL].astype(str) + "\0" + last["searched"].fillna("")
-    stats = last.groupby(suggestion)["value"].agg(["mean", "min", "max", "count"])
+    """An Optuna search's suggestions, best first, compared at one budget: the highest step every
+    seed of every suggestion reached (as ASHA compares trials at a rung), each seed at its last
+    evaluation up to it, as mean and best over the suggestion's seeds (failed seeds left out); then,
+    for each, the highest step all its own seeds reached and their mean there. `metric` is a
+    reported name (`exact_match_2x`). attrs["notes"] says at which step and why."""
+    rows = _metric_rows(results, metric)
+    rows = rows[succeeded(rows) & np.isfinite(rows["value"].astype(float))]
+    rows = rows.assign(
+        suggestion=rows[KERNEL_LABEL].astype(str) + "\0" + rows["searched"].fillna("")
+    )
+    reached = rows.groupby("trial_id")["step"].max()
+    common = reached.min() if len(reached) else 0
+    stats = _at_steps(rows, reached.map(lambda _: common))
+    own = reached.groupby(rows.groupby("trial_id")["suggestion"].first()).min()
+    furthest = _at_steps(rows, rows.groupby("trial_id")["suggestion"].first().map(own))
     stats = stats.sort_values("mean", ascending=mode == "min").head(top)
     best = stats["min"] if mode == "min" else stats["max"]
-    names = [_suggestion(*key.split("\0")) for key in stats.index]
-    return pd.DataFrame(
+    ranking = pd.DataFrame(
         {
-            f"{metric} mean": stats["mean"].map("{:.4g}".format).values,
+            f"{metric} mean at step {common}": stats["mean"].map("{:.4g}".format).values,
             "best seed": best.map("{:.4g}".format).values,
             "seeds": stats["count"].values,
+            "furthest step": own.reindex(stats.index).values,
+            "mean there": furthest["mean"].reindex(stats.index).map("{:.4g}".format).values,
         },
-        index=pd.Index(names, name="suggestion"),
+        index=pd.Index([_suggestion(*key.split("\0")) for key in stats.index], name="suggestion"),
     )
+    ranking.attrs["notes"] = [
+        f"compared at step {common}: the highest step every seed of every suggestion reached "
+        "(a seed stopped early, by ASHA or otherwise, bounds it, as ASHA compares trials at a rung); "
+        "furthest step: the highest step all of a suggestion's own seeds reached"
+    ]
+    return ranking
+
+
+def _at_steps(rows: pd.DataFrame, steps: pd.Series) -> pd.DataFrame:
+    """Per suggestion, mean, min, max and count over its seeds of each seed's last value at or
+    before its step in `steps` (by trial id)."""
+    upto = rows[rows["step"] <= rows["trial_id"].map(steps)]
+    last = last_evaluation(upto)
+    return last.groupby("suggestion")["value"].agg(["mean", "min", "max", "count"])
 
 
 def _suggestion(kernel_label: str, searched: str) -> str:

@@ -201,7 +201,7 @@ def test_summary_table_marks_the_lowest_tvd_and_the_highest_accuracy():
     ]
 
 
-def test_search_ranking_orders_suggestions_by_their_mean_over_seeds():
+def test_search_ranking_compares_suggestions_at_the_step_every_seed_reached():
     from analysis.tables import search_ranking, to_markdown
 
     def rows(trial, searched, seed, values):
@@ -224,27 +224,32 @@ def test_search_ranking_orders_suggestions_by_their_mean_over_seeds():
         '{"train.lr": 0.001, "model.n_layer": 1}',
     )
     frame = pd.DataFrame(
-        rows(
-            "t1", a, 0, [(10, (2.0, 0.9)), (20, (2.0, 0.2)), (20, (1.0, 1.0))]
-        )  # last step counts: 0.2
-        + rows("t2", a, 1, [(20, (2.0, 0.4))])
-        + rows("t3", b, 0, [(20, (2.0, 0.5))])
-        + rows("t4", b, 1, [(10, (2.0, 0.6))])
-    )  # stopped early at 10
+        rows("t1", a, 0, [(10, (2.0, 0.9)), (20, (2.0, 0.2)), (20, (1.0, 1.0))])
+        + rows("t2", a, 1, [(10, (2.0, 0.3)), (20, (2.0, 0.4))])
+        + rows("t3", b, 0, [(10, (2.0, 0.1)), (20, (2.0, 0.5))])
+        + rows("t4", b, 1, [(10, (2.0, 0.6))])  # stopped early at 10: every seed is taken at 10
+    )
     ranking = search_ranking(frame, "exact_match_2x", "max")
+    # at step 10: a (0.9 + 0.3) / 2 = 0.6, b (0.1 + 0.6) / 2 = 0.35; mixing budgets would have
+    # ranked b first: (0.5 + 0.6) / 2 = 0.55 against (0.2 + 0.4) / 2 = 0.3
     assert list(ranking.index) == [
-        "Biweight train.lr=0.001 model.n_layer=1",
         "Biweight train.lr=0.002739 model.n_layer=3",
+        "Biweight train.lr=0.001 model.n_layer=1",
     ]
     assert ranking.to_dict("list") == {
-        "exact_match_2x mean": ["0.55", "0.3"],
-        "best seed": ["0.6", "0.4"],
+        "exact_match_2x mean at step 10": ["0.6", "0.35"],
+        "best seed": ["0.9", "0.6"],
         "seeds": [2, 2],
+        "furthest step": [20, 10],
+        "mean there": ["0.3", "0.35"],
     }
-    assert list(search_ranking(frame, "exact_match_2x", "min").index)[0].endswith("model.n_layer=3")
-    assert (
-        to_markdown(ranking, index_header="Suggestion").splitlines()[0]
-        == "| Suggestion | exact_match_2x mean | best seed | seeds |"
+    assert list(search_ranking(frame, "exact_match_2x", "min").index)[0].endswith("model.n_layer=1")
+    markdown = to_markdown(ranking, index_header="Suggestion").splitlines()
+    assert markdown[0] == (
+        "| Suggestion | exact_match_2x mean at step 10 | best seed | seeds | furthest step | mean there |"
+    )
+    assert markdown[-1].startswith(
+        "compared at step 10: the highest step every seed of every suggestion reached"
     )
 
 

@@ -83,10 +83,9 @@ def test_two_learning_rates_are_two_rows_with_their_own_mean_and_max():
         "| Gaussian · lr 1e-4 | 0.30^(0.60) |\n"
         "| Gaussian · lr 0.01 | **0.70**^(<u>0.90</u>) |\n"
     )
-    assert to_csv(stats).splitlines()[:2] == [
-        "row,kernel_label,lr,sort_1x_mean,sort_1x_max,sort_1x_seeds",
-        "Gaussian · lr 1e-4,Gaussian,0.0001,0.3,0.6,3",
-    ]
+    header, first = to_csv(stats).splitlines()[:2]
+    assert header.startswith("row,kernel_label,lr,sort_1x_mean,sort_1x_max,sort_1x_seeds,")
+    assert first.startswith("Gaussian · lr 1e-4,Gaussian,0.0001,0.3,0.6,3,")
 
 
 def test_a_varied_key_as_columns_and_a_filter():
