@@ -17,14 +17,22 @@ import pyarrow as pa
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
-from analysis.schema import RESULTS_SCHEMA, SEED_KEY, TYPED_CONFIG, config_json, varied_keys
+from analysis.schema import (
+    RESULTS_SCHEMA,
+    SEED_KEY,
+    TYPED_CONFIG,
+    TrialStatus,
+    config_json,
+    varied_keys,
+)
 from mosaic_core.metrics import parse_metric_name
 
 PARENT_TAG = "mlflow.parentRunId"
 TRIAL_ID_TAG = "ray.trial_id"
-STATUS = {"FINISHED": "TERMINATED", "FAILED": "ERROR"}
-"""MLflow run status -> Ray Tune trial status, as the tracker maps them the other way; other
-statuses (RUNNING, KILLED) are kept as they are."""
+STOPPED_TAG = "stopped_early"  # on the run of a trial ASHA stopped: the step it stopped at
+STATUS = {"FINISHED": "TERMINATED", "FAILED": "ERROR", "KILLED": "INTERRUPTED"}
+"""MLflow run status -> the results' trial status, as the tracker maps them the other way (a
+FINISHED run tagged `stopped_early` is STOPPED); RUNNING is kept as it is."""
 
 
 def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
@@ -66,7 +74,10 @@ def _trial_rows(
         "trial_id": tags.get(TRIAL_ID_TAG, run_id),
         "kernel_label": tags.get("kernel_label"),
         "seed": _typed("seed", params.get(SEED_KEY)),
-        "status": STATUS.get(run.info.status, run.info.status),
+        "status": TrialStatus.STOPPED.value
+        if STOPPED_TAG in tags
+        else STATUS.get(run.info.status, run.info.status),
+        "planned_steps": _typed("planned_steps", params.get("train.max_steps")),
         "mlflow_run_id": run_id,
         "config": config_json(params, varied),
     }

@@ -252,6 +252,7 @@ def flat_config(trial: Trial) -> dict:
                     "kernel_params": trial.params,
                     "n_layer": trial.n_layer,
                 },
+                "train": {"max_steps": 200},  # the last evaluation of every trial that finished
             }
         ).model_dump()
     )
@@ -259,7 +260,7 @@ def flat_config(trial: Trial) -> dict:
 
 def config_columns(trials: list[Trial]) -> dict[str, dict]:
     """Per trial, the columns the tracker derives from its config: n_embd, n_head, lr, weight_decay
-    as the config's defaults, and `config`, the keys these trials differ in but the seed."""
+    as the config's defaults, planned_steps, and `config`, the keys these trials differ in but the seed."""
     from analysis.schema import config_json, varied_keys
 
     flats = {trial.trial_id: flat_config(trial) for trial in trials}
@@ -271,6 +272,7 @@ def config_columns(trials: list[Trial]) -> dict[str, dict]:
             "n_head": flat["model.n_head"],
             "lr": flat["train.lr"],
             "weight_decay": flat["train.weight_decay"],
+            "planned_steps": flat["train.max_steps"],
             "config": config_json(flat, varied),
         }
         for trial_id, flat in flats.items()
