@@ -31,7 +31,10 @@ from torch.utils.checkpoint import checkpoint
 
 from mosaic_core.kernels import attention_weights, fused_call, resolve_kernel
 
-MASK_MODES: tuple[str | None, ...] = ("strict_causal", "causal", None)
+# how far back the newest key a query sees lies: causal j ≤ t, strictly causal j ≤ t − 1 (Memory
+# Mosaics), and j ≤ t − 2, the mask the paper's LM/length code gives three kernels (SPEC §3)
+MASK_LAGS: dict[str, int] = {"causal": 0, "strict_causal": 1, "causal_lag2": 2}
+MASK_MODES: tuple[str | None, ...] = (*MASK_LAGS, None)
 BACKENDS = ("auto", "reference", "fast", "adasplash")
 
 _ADASPLASH_HEAD_DIMS = {16, 32, 64, 128, 256}
@@ -50,7 +53,7 @@ def causal_mask(
         return None
     query = torch.arange(offset, offset + n_queries, device=device)[:, None]
     key = torch.arange(n_keys, device=device)[None, :]
-    return key <= query - 1 if mask_mode == "strict_causal" else key <= query
+    return key <= query - MASK_LAGS[mask_mode]
 
 
 def attend(
@@ -82,6 +85,11 @@ def attend(
         raise ValueError(f"dropout_p must be in [0, 1); got {dropout_p!r}")
     name, p = resolve_kernel(kernel, **params)
     path = _path(name, p, q, k, backend)
+    if mask_mode == "causal_lag2" and path not in ("reference", "chunked"):
+        # the fast paths know j ≤ t − 1: query t + 1 under it sees j ≤ t − 1 = (t + 1) − 2
+        shifted = attend(_shift_queries(q), k, v, name, mask_mode="strict_causal", scale=scale,
+                         backend=backend, dropout_p=dropout_p, **p)  # fmt: skip
+        return _unshift_output(shifted)
     if path == "reference":
         return _dense(
             q,

@@ -197,6 +197,13 @@ class ModelConfig(_Strict):
         description="the contextual memory's attention: our fused kernels on CUDA (auto, fast), the "
         "dense reference, or AdaSplash's kernels for sparsemax and α-entmax (the paper's; no attention dropout)",
     )
+    reference_code: bool | Literal["lm_length", "regbench"] = Field(
+        False,
+        description="reproduce the paper's code where it departs from its text (README, Fidelity): "
+        "lm_length = memory_mosaics_eft.py (keys ≤ t−2 for normrelu, relumax and uniform kNN; "
+        "float32 keys and values into the entmax family), regbench = seq_icl's model (ReLUmax "
+        "and normReLU on β⁴·cos); true = the one the task's paper experiment ran",
+    )
     embd_dropout: float = Field(0.0, ge=0.0, lt=1.0, description="on the token embeddings")
     prenorm: bool = Field(
         True, description="pre-LN blocks (x + f(ln(x))); False for post-LN (ln(x + f(x)))"
@@ -222,6 +229,11 @@ class ModelConfig(_Strict):
                 f"attention_backend 'adasplash' cannot drop attention weights (attn_dropout "
                 f"{self.attn_dropout:g}); use 'fast' or 'reference', or contextual_attn_dropout: false"
             )
+        if self.reference_family == "regbench" and kernel == "normrelu" and self.kernel_params:
+            raise ValueError(
+                "reference_code regbench sets normrelu's gamma and b from each head's β (as seq_icl's "
+                f"model): it takes no kernel_params; got {self.kernel_params}"
+            )
         if self.normrelu_bandwidth == "head" and (kernel != "normrelu" or self.kernel_params):
             raise ValueError(
                 "normrelu_bandwidth 'head' sets normrelu's gamma and b from each head's β: it needs "
@@ -232,6 +244,14 @@ class ModelConfig(_Strict):
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
+
+    @property
+    def reference_family(self) -> str | None:
+        """Which paper code `reference_code` reproduces: None (the text), lm_length or regbench.
+        A bare `true` is resolved from the task by TrialConfig; a model alone takes lm_length."""
+        if self.reference_code is True:
+            return "lm_length"
+        return self.reference_code or None
 
 
 class TrainConfig(_Strict):
@@ -315,6 +335,19 @@ class TrialConfig(_Strict):
                 f"({train['max_epochs']} epochs = {steps} steps); set one of them"
             )
         return {**data, "train": {**train, "max_steps": steps}}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _reference_code_of_the_task(cls, data: Any) -> Any:
+        """`model.reference_code: true` means the code that ran this task's paper experiment."""
+        model, task = (
+            (data.get("model"), data.get("task")) if isinstance(data, dict) else (None, None)
+        )
+        if not (isinstance(model, dict) and model.get("reference_code") is True):
+            return data
+        name = task.get("name") if isinstance(task, dict) else getattr(task, "name", None)
+        family = "regbench" if name == "regbench" else "lm_length"
+        return {**data, "model": {**model, "reference_code": family}}
 
     @model_validator(mode="after")
     def _epochs_need_a_fixed_training_set(self) -> TrialConfig:

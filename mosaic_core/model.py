@@ -15,13 +15,18 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mosaic_core.attention import attend, causal_mask
+from mosaic_core.attention import MASK_LAGS, attend, causal_mask
 from mosaic_core.config import ModelConfig
 from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
 from mosaic_core.leaky_average import leaky_average
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
-_MAX_PMEM_GAIN = 5.0  # the persistent memory's output gain min(e^{10·v}, 5), as the reference
+_MAX_PMEM_GAIN = 5.0
+_LAG2_KERNELS = ("relumax", "normrelu", "topk_uniform")  # reference_code lm_length: keys ≤ t − 2
+_BETA4_KERNELS = (
+    "relumax",
+    "normrelu",
+)  # reference_code regbench: scores β⁴·cos  # the persistent memory's output gain min(e^{10·v}, 5), as the reference
 
 
 def _sharpness(param: Tensor) -> Tensor:
@@ -62,6 +67,14 @@ class ContextualMemory(nn.Module):
         self.attn_dropout = config.attn_dropout if config.contextual_attn_dropout else 0.0
         self.head_bandwidth = config.normrelu_bandwidth == "head"
         self.backend = config.attention_backend
+        quirks = config.reference_family
+        # the paper's LM/length code gives these three kernels keys j ≤ t − 2 (SPEC §3)
+        lagged = quirks == "lm_length" and self.kernel in _LAG2_KERNELS
+        self.mask_mode = "causal_lag2" if lagged else "strict_causal"
+        # seq_icl's model scores ReLUmax and normReLU on β-scaled keys, then divides by γ ∝ 1/β²
+        self.key_power = 2 if quirks == "regbench" and self.kernel in _BETA4_KERNELS else 1
+        # its LM/length code feeds the entmax family float32 keys and values
+        self.float32_inputs = quirks == "lm_length" and self.kernel in ("sparsemax", "entmax")
 
     def kernel_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Any], Tensor]:
         """The keys the kernel compares (the query is the key itself), the kernel's parameters, and
@@ -72,12 +85,14 @@ class ContextualMemory(nn.Module):
         """
         unit = self.key(x)
         beta = _sharpness(self.kernel_beta)[:, None, None]
-        if self.kernel == "normrelu" and not self.head_bandwidth:
+        head_bandwidth = self.head_bandwidth or self.key_power == 2
+        if self.kernel == "normrelu" and not head_bandwidth:
             return unit, self.kernel_params, torch.ones_like(beta)
         params = self.kernel_params
         if self.kernel == "normrelu":  # eq. (11): Epanechnikov of h = 1/β, weight [1 − 2(β² − s)]_+
             params = {"gamma": 0.5, "b": 1 - 2 * beta**2}
-        return unit * beta, params, 1 / beta**2
+        scale = beta**self.key_power
+        return unit * scale, params, 1 / scale**2
 
     def forward(self, x: Tensor) -> Tensor:
         batch, length, n_embd = x.shape
@@ -89,15 +104,16 @@ class ContextualMemory(nn.Module):
             F.normalize((1 - c) * v_next + c * v, dim=-1)
             * _sharpness(self.value_beta)[:, None, None]
         )
-        if torch.is_autocast_enabled(x.device.type):  # normalize() left them in float32: the fast
-            dtype = torch.get_autocast_dtype(x.device.type)  # kernels must see the autocast dtype
+        if torch.is_autocast_enabled(x.device.type) and not self.float32_inputs:
+            # normalize() left them in float32: the fast kernels must see the autocast dtype
+            dtype = torch.get_autocast_dtype(x.device.type)
             k, v = k.to(dtype), v.to(dtype)
         y = attend(
             k,
             k,
             v,
             self.kernel,
-            mask_mode="strict_causal",
+            mask_mode=self.mask_mode,
             backend=self.backend,
             dropout_p=self.attn_dropout if self.training else 0.0,
             **params,
@@ -120,7 +136,7 @@ class ContextualMemory(nn.Module):
         has_width = torch.zeros(self.n_head, device=x.device)
         for start in range(0, length, chunk):
             stop = min(length, start + chunk)
-            mask = causal_mask(stop - start, stop, "strict_causal", offset=start, device=x.device)
+            mask = causal_mask(stop - start, stop, self.mask_mode, offset=start, device=x.device)
             scores = k[:, :, start:stop] @ k[:, :, :stop].transpose(-2, -1)
             d = kernel_diagnostics(
                 scores.float(), self.kernel, mask=mask, temperature=temperature.float(), **params
@@ -132,8 +148,9 @@ class ContextualMemory(nn.Module):
                 seen = ~d.bandwidth.isnan()
                 width += d.bandwidth.nan_to_num().sum((0, 2))
                 has_width += seen.float().sum((0, 2))
-        queries = x.shape[0] * (length - 1)  # position 0 sees no key
-        pairs = x.shape[0] * length * (length - 1) / 2
+        seeing = max(length - MASK_LAGS[self.mask_mode], 0)  # the first positions see no key
+        queries = x.shape[0] * seeing
+        pairs = x.shape[0] * seeing * (seeing + 1) / 2
         return {
             "support_size": support / max(queries, 1),
             "zero_fraction": zeros / max(pairs, 1),

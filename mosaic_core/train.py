@@ -103,7 +103,9 @@ def compiled_forward(
     wanted = device.type == "cuda" if train.compile == "auto" else train.compile
     if not wanted:
         return model
-    return torch.compile(model, mode=None if train.compile_mode == "default" else train.compile_mode)
+    return torch.compile(
+        model, mode=None if train.compile_mode == "default" else train.compile_mode
+    )
 
 
 def build_optimizer(
