@@ -1,7 +1,7 @@
 """Trial checkpoints: plain state dicts in one file, loaded with `weights_only=True`.
 
 A checkpoint holds everything that decides the rest of a run — model, optimiser, step, RNG
-states — so a resumed trial continues exactly where the interrupted one was. Data needs no
+states and the learning-rate schedule the run follows — so a resumed trial continues exactly where the interrupted one was. Data needs no
 state: batches are a function of (seed, batch index). A checkpoint that cannot be read, or that
 belongs to another model, task or seed, is an error: never a silent fresh start.
 """
@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mosaic_core.config import TrialConfig, flatten
+from mosaic_core.config import TrainConfig, TrialConfig, flatten
 
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -33,8 +33,11 @@ def save_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     metrics: dict[str, float],
+    schedule: TrainConfig | None = None,
 ) -> Path:
-    """Write `directory/checkpoint.pt` atomically (a crash never leaves half a file)."""
+    """Write `directory/checkpoint.pt` atomically (a crash never leaves half a file). `schedule`:
+    the train config whose lr schedule the run follows (default `config.train`), which an
+    extended run keeps."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -46,6 +49,7 @@ def save_checkpoint(
         "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "metrics": metrics,
+        "schedule": (schedule or config.train).model_dump(mode="json"),
     }
     path = directory / FILENAME
     tmp = directory / f".{FILENAME}.tmp"

@@ -40,6 +40,18 @@ def learning_rate(step: int, config: TrainConfig) -> float:
     return config.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (config.lr - config.min_lr)
 
 
+def planned_schedule(state: Mapping[str, Any], train: TrainConfig, replan: bool) -> TrainConfig:
+    """The lr schedule a resumed run follows: the one it was started with (a checkpoint from before
+    schedules were saved: its config's), ending where it ended so that an extended run then holds
+    `min_lr`; with `replan`, the schedule of `train`, as if the run had been planned for it."""
+    if replan:
+        return train
+    planned = TrainConfig.model_validate(state.get("schedule") or state["config"]["train"])
+    return planned.model_copy(
+        update={"lr_decay_steps": planned.lr_decay_steps or planned.max_steps}
+    )
+
+
 @torch.no_grad()
 def diagnostic_metrics(
     model: MemoryMosaics, task: Task, device: torch.device, examples: int = 16
@@ -190,6 +202,7 @@ def report_evaluation(
     config: TrialConfig,
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
+    schedule: TrainConfig | None = None,
 ) -> None:
     """Rank 0: `report(metrics, checkpoint_dir)` with a checkpoint of this moment. The other
     workers call `report({}, None)`: a reporter that synchronises workers (Ray Train's) is reached
@@ -205,6 +218,7 @@ def report_evaluation(
             model=model,
             optimizer=optimizer,
             metrics=metrics,
+            schedule=schedule,
         )
         report(metrics, directory)
 
@@ -216,13 +230,15 @@ def train_trial(
     resume_from: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     prepare_model: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    replan: bool = False,
 ) -> dict[str, float]:
     """Train one model; every `eval_interval` steps and at the end, evaluate and call
     `report(metrics, checkpoint_dir)` with a checkpoint of this very moment (valid during the call);
     every `log_interval` steps in between, `report({step, train_loss, lr, tokens_per_s}, None)`.
 
     `resume_from`: a checkpoint directory; the run continues from its step exactly as if it had
-    never stopped. `on_step(step, loss)` is called after every optimiser step (progress bars).
+    never stopped, on the lr schedule it was started with even when `train.max_steps` extends it
+    (past that schedule's end the lr holds `min_lr`); `replan` follows this config's schedule instead. `on_step(step, loss)` is called after every optimiser step (progress bars).
     `prepare_model` moves the model to its device and wraps it for data parallelism (Ray Train's
     `prepare_model`: DDP); the trial then runs on that device, and `train.device` is not used.
     Returns the last metrics (on rank 0). A non-finite loss raises FloatingPointError.
@@ -238,19 +254,20 @@ def train_trial(
     )  # DDP on several workers
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, train, device)
-    first_step, metrics = 0, {}
+    first_step, metrics, schedule = 0, {}, train
     if resume_from is not None:
         state = load_checkpoint(resume_from, config)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state)
         first_step, metrics = state["step"], state["metrics"]
+        schedule = planned_schedule(state, train, replan)
     forward = compiled_forward(trained, train, device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     started, throughput = time.perf_counter(), Throughput()
     for step in range(first_step, train.max_steps):
-        lr = learning_rate(step, train)
+        lr = learning_rate(step, schedule)
         for group in optimizer.param_groups:
             group["lr"] = lr
         model.train()
@@ -286,7 +303,13 @@ def train_trial(
                 metrics["elapsed_s"] = time.perf_counter() - started
             if report is not None:
                 report_evaluation(
-                    report, shard, metrics, config=config, model=model, optimizer=optimizer
+                    report,
+                    shard,
+                    metrics,
+                    config=config,
+                    model=model,
+                    optimizer=optimizer,
+                    schedule=schedule,
                 )
         elif train.log_interval and done % train.log_interval == 0 and report is not None:
             report_progress(report, shard, {**progress, "tokens_per_s": throughput.read()})

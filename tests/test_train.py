@@ -191,6 +191,43 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
         }
 
 
+def lrs_by_step(config: dict, **kwargs) -> dict[int, float]:
+    """The lr of every step a run trains (reported at each step: log_interval 1)."""
+    reports = []
+    train_trial(config, report=lambda metrics, _: reports.append(metrics), **kwargs)
+    return {int(m["step"]): m["lr"] for m in reports}
+
+
+def test_an_extended_run_keeps_its_schedule_and_then_holds_min_lr(tmp_path):
+    """The issue's 200-step run resumed to 400 went lr 3e-4 → 8.2e-4: it must stay at min_lr."""
+    run_keeping_checkpoints(tiny_config(max_steps=20), tmp_path / "a")
+    extended = lrs_by_step(
+        tiny_config(max_steps=40, log_interval=1), resume_from=tmp_path / "a" / "step-20"
+    )
+    assert sorted(extended) == list(range(21, 41))
+    assert all(lr == pytest.approx(3e-4, rel=1e-12) for lr in extended.values())
+    # extended once more, from the extended run's checkpoint: the first plan still holds
+    run_keeping_checkpoints(
+        tiny_config(max_steps=40), tmp_path / "b", resume_from=tmp_path / "a" / "step-20"
+    )
+    again = lrs_by_step(
+        tiny_config(max_steps=60, log_interval=1), resume_from=tmp_path / "b" / "step-40"
+    )
+    assert max(again.values()) == pytest.approx(3e-4, rel=1e-12)
+
+
+def test_replan_follows_the_new_schedule_from_the_checkpoint(tmp_path):
+    run_keeping_checkpoints(tiny_config(max_steps=20), tmp_path)
+    longer = tiny_config(max_steps=40, log_interval=1)
+    replanned = lrs_by_step(longer, resume_from=tmp_path / "step-20", replan=True)
+    schedule = TrainConfig.model_validate(longer["train"])
+    assert replanned == pytest.approx(
+        {step: learning_rate(step - 1, schedule) for step in replanned}
+    )
+    # halfway through a 40-step cosine from 3e-3 (warm-up 4) the lr is well above min_lr
+    assert replanned[21] == pytest.approx(3e-4 + 0.5 * (1 + math.cos(math.pi * 16 / 36)) * 27e-4)
+
+
 def test_resuming_a_finished_trial_returns_its_last_metrics_without_training(tmp_path):
     config = tiny_config()
     runs = run_keeping_checkpoints(config, tmp_path)
