@@ -19,7 +19,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from analysis.schema import RESULT_COLUMNS, RESULTS_SCHEMA
+from analysis.schema import RESULT_COLUMNS, RESULTS_SCHEMA, TrialStatus
 
 STORE_NAME = "results.parquet"
 log = logging.getLogger(__name__)
@@ -134,6 +134,21 @@ def read_trial_rows(sweep_dir: str | Path, trial_id: str) -> list[dict]:
     if not part.is_file():
         return []
     return _read_part(part).to_pylist()
+
+
+def mark_interrupted(sweep_dir: str | Path) -> list[str]:
+    """Rewrite the rows of every trial still RUNNING as INTERRUPTED (after Ctrl-C, when nothing
+    runs any more), so the table made then marks them; returns their ids. `--resume` continues
+    them, and their next report makes them RUNNING again."""
+    results = read_results(sweep_dir)
+    last = results.groupby("trial_id", sort=False)["status"].last()
+    running = [str(trial_id) for trial_id in last[last == TrialStatus.RUNNING.value].index]
+    for trial_id in running:
+        rows = read_trial_rows(sweep_dir, trial_id)
+        write_trial_rows(
+            sweep_dir, trial_id, [{**row, "status": TrialStatus.INTERRUPTED.value} for row in rows]
+        )
+    return running
 
 
 def trial_states(results: pd.DataFrame) -> dict[str, int]:

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from analysis.plots import figures
-from analysis.results_store import read_results, write_trial_rows
+from analysis.results_store import mark_interrupted, read_results, write_trial_rows
 from analysis.tables import (
     markdown_cells,
     search_ranking,
@@ -129,6 +129,25 @@ def test_the_table_after_ctrl_c_marks_interrupted_and_running_seeds(tmp_path):
     cell = table_stats(results, planned_seeds=3).columns[0].stats.loc["Biweight"]
     assert (cell["mean"], cell["seeds"]) == (0.6, 1)
     assert cell["note"] == "1 interrupted at step 500; 1 still running at step 500"
+
+
+def test_after_ctrl_c_the_running_trials_are_marked_interrupted(tmp_path):
+    store(
+        tmp_path,
+        {
+            "done": trial_rows(0, "TERMINATED", {500: 0.1, 1000: 0.6}),
+            "cut": trial_rows(1, "RUNNING", {250: 0.1, 500: 0.2}),
+        },
+    )
+    assert mark_interrupted(tmp_path) == ["cut"]
+    results = read_results(tmp_path)
+    assert results.groupby("trial_id")["status"].unique().map(list).to_dict() == {
+        "cut": ["INTERRUPTED"],
+        "done": ["TERMINATED"],
+    }
+    assert len(results) == 4 and mark_interrupted(tmp_path) == []
+    note = table_stats(results).columns[0].stats.loc["Biweight", "note"]
+    assert note == "1 interrupted at step 500"
 
 
 def test_a_store_without_planned_steps_compares_seeds_by_their_last_step(tmp_path):
