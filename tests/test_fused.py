@@ -251,3 +251,24 @@ def test_forward_passes_over_the_keys_on_the_benchmark_scores(kernel, params, mo
     )
     assert counts.shape == (1, 2, 2)
     assert counts.max() <= most
+
+
+@pytest.mark.parametrize("kernel", ["topk_softmax", "topk_uniform"])
+def test_top_k_forward_and_backward_select_the_same_keys(kernel):
+    """With v = I the forward's output row i is its weights over the keys, and with dO = I the
+    backward's dV column i is the weights it recomputed: both must select exactly the keys the
+    float64 reference selects, ties (repeated keys) going to the earliest."""
+    q, k, _ = inputs(32, heads=2, dim=32, seed=9)
+    k[..., 12:20, :] = k[..., 5:6, :]  # nine equal keys
+    q[..., 24:, :] = k[..., 5:6, :]
+    eye = torch.eye(32, device=DEVICE).expand(1, 2, 32, 32)
+    values = eye.clone().requires_grad_()
+    out = fused_attention(
+        q, k, values, fused_call(kernel, k=4), mask_mode="strict_causal", scale=0.8
+    )
+    (grad_v,) = torch.autograd.grad(out, [values], eye)
+    reference = attend(
+        q.double(), k.double(), eye.double(), kernel, scale=0.8, backend="reference", k=4
+    )
+    assert torch.equal(out > 0, reference > 0)
+    assert torch.equal(grad_v.transpose(-2, -1) > 0, reference > 0)

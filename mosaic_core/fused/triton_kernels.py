@@ -22,9 +22,10 @@ become −inf; every weight below is 0 at −inf.
   with FALLBACK (normrelu), a row with no positive weight is uniform over its allowed keys.
   stats = (c, ·, ·, l = Σw).
 - TOPK_SOFTMAX / TOPK_UNIFORM: the k-th largest score t per row by a counting search over the
-  order-preserving integer image of the float scores (three cut points per pass, so at most 16
-  passes, usually far fewer), then, only where the k-th score is tied, a pass that finds the last
-  tied key that still fits (earliest keys win). Selection: s > t, or s = t and j ≤ J; rows with
+  order-preserving integer image of the float scores (16 bins per pass, each a power of two wide,
+  so at most 9 passes, usually far fewer: it stops at a cut with exactly k keys above), then, only
+  where the k-th score is tied, a pass that finds the last tied key that still fits (earliest
+  keys win). Selection: s > t, or s = t and j ≤ J; rows with
   at most k keys take every key (t = −FLT_MAX, below any finite score). stats = (t, J, max, l).
 stats[..., 4] is the number of passes over the keys the row's query block made (for benchmarks).
 
@@ -310,6 +311,7 @@ def _histogram_blocks(
     kv,
     rows,
     top,
+    per_bin,
     lo,
     hi,
     N,
@@ -321,17 +323,50 @@ def _histogram_blocks(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per-row key counts of bins 0–7 (low) and 8–15 (high) below the max, 8-bit slots per tile."""
+    """Per-row key counts of bins 0–7 (low) and 8–15 (high) of width 1/per_bin below top, counted
+    in 8-bit slots of an int64 per tile."""
     slots = (8 * tl.arange(0, 8)).to(tl.int64)
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
-        depth = tl.minimum((top[:, None] - s) * HIST_BINS, HIST_BINS).to(tl.int32)
+        depth = (top[:, None] - s) * per_bin[:, None]  # ≥ 0 but in rows that skip the search
+        depth = tl.minimum(tl.maximum(depth, 0.0), HIST_BINS).to(tl.int32)
         bit = tl.full([BLOCK, BLOCK], 1, tl.int64) << (8 * (depth & 7)).to(tl.int64)
         packed_low = tl.sum(tl.where(depth < 8, bit, 0), 1)
         packed_high = tl.sum(tl.where((depth >= 8) & (depth < HIST_BINS), bit, 0), 1)
         low += ((packed_low[:, None] >> slots[None, :]) & 255).to(tl.int32)
         high += ((packed_high[:, None] >> slots[None, :]) & 255).to(tl.int32)
     return low, high
+
+
+@triton.jit
+def _histograms(
+    q,
+    K,
+    kv,
+    rows,
+    pid,
+    N,
+    SCALE,
+    top,
+    per_bin,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(low, high): one pass of per-row counts in HIST_BINS bins of width 1/per_bin below top."""
+    low = tl.zeros([BLOCK, 8], tl.int32)
+    high = tl.zeros([BLOCK, 8], tl.int32)
+    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+    low, high = _histogram_blocks(
+        low, high, q, K, kv, rows, top, per_bin, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET,
+        BLOCK, PRECISION,
+    )  # fmt: skip
+    return _histogram_blocks(
+        low, high, q, K, kv, rows, top, per_bin, inner, end, N, SCALE, True, D, CAUSAL, OFFSET,
+        BLOCK, PRECISION,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -369,16 +404,9 @@ def _histogram_start(
     At a bin edge θ below the max, Σ[x − τ]_+^r lies between the sums that put every key at the
     far and at the near end of its bin: an edge where the first reaches 1 is at or below τ, one
     where the second stays under 1 is above. The start solves the sum with keys at bin centres."""
-    low = tl.zeros([BLOCK, 8], tl.int32)
-    high = tl.zeros([BLOCK, 8], tl.int32)
-    inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
-    low, high = _histogram_blocks(
-        low, high, q, K, kv, rows, top, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK,
-        PRECISION,
-    )  # fmt: skip
-    low, high = _histogram_blocks(
-        low, high, q, K, kv, rows, top, inner, end, N, SCALE, True, D, CAUSAL, OFFSET, BLOCK,
-        PRECISION,
+    low, high = _histograms(
+        q, K, kv, rows, pid, N, SCALE, top, tl.zeros([BLOCK], tl.float32) + HIST_BINS, D, CAUSAL,
+        OFFSET, BLOCK, PRECISION,
     )  # fmt: skip
     low, high = low.to(tl.float32), high.to(tl.float32)
     theta_lo = tl.full([BLOCK], 1.0, tl.float32)  # τ ≥ max − theta_lo
@@ -567,17 +595,16 @@ def _next_threshold(
 
 
 @triton.jit
-def _count_blocks(
-    n1,
-    n2,
-    n3,
+def _rank_blocks(
+    low,
+    high,
+    above,
     q,
     K,
     kv,
     rows,
-    c1,
-    c2,
-    c3,
+    base,
+    shift,
     lo,
     hi,
     N,
@@ -589,13 +616,42 @@ def _count_blocks(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """Per-row counts of keys whose ordinal lies in bin i = 0–15 of [base, base + 16·2^shift)
+    (low: 0–7, high: 8–15, 8-bit slots per tile) and of keys above the bins."""
+    slots = (8 * tl.arange(0, 8)).to(tl.int64)
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
-        key = _ordinal(s)  # −inf maps below every cut point
-        n1 += tl.sum((key >= c1[:, None]).to(tl.int32), 1)
-        n2 += tl.sum((key >= c2[:, None]).to(tl.int32), 1)
-        n3 += tl.sum((key >= c3[:, None]).to(tl.int32), 1)
-    return n1, n2, n3
+        offset = _ordinal(s).to(tl.int64) - base[:, None]  # −inf: far below every bin
+        index = offset >> shift[:, None]
+        inside = (offset >= 0) & (index < 16)
+        above += tl.sum((index >= 16).to(tl.int32), 1)
+        bit = tl.full([BLOCK, BLOCK], 1, tl.int64) << (8 * (index & 7))
+        packed_low = tl.sum(tl.where(inside & (index < 8), bit, 0), 1)
+        packed_high = tl.sum(tl.where(inside & (index >= 8), bit, 0), 1)
+        low += ((packed_low[:, None] >> slots[None, :]) & 255).to(tl.int32)
+        high += ((packed_high[:, None] >> slots[None, :]) & 255).to(tl.int32)
+    return low, high, above
+
+
+@triton.jit
+def _rank_step(low, high, above, base, shift, top_k, BLOCK: tl.constexpr):
+    """(base, n_lo, n_hi) of the bin holding the k-th largest key: the highest bin edge with at
+    least k keys at or above it, the count there and the count at the next edge up."""
+    bins = tl.arange(0, 8)
+    chosen = tl.zeros([BLOCK], tl.int32)
+    n_lo = tl.zeros([BLOCK], tl.int32)
+    n_hi = above
+    for j in tl.static_range(16):  # ascending: the last edge with ≥ k keys wins
+        at_or_above = (
+            above
+            + tl.sum(tl.where(bins[None, :] >= j, low, 0), 1)
+            + tl.sum(tl.where(bins[None, :] + 8 >= j, high, 0), 1)
+        )
+        ok = at_or_above >= top_k
+        n_hi = tl.where(ok, n_hi, tl.where(chosen == j - 1, at_or_above, n_hi))
+        chosen = tl.where(ok, j, chosen)
+        n_lo = tl.where(ok, at_or_above, n_lo)
+    return base + (chosen.to(tl.int64) << shift), n_lo, n_hi
 
 
 @triton.jit
@@ -631,6 +687,55 @@ def _tie_blocks(
 
 
 @triton.jit
+def _bin_shift(span):
+    """The least shift with 16·2^shift ≥ span (int64)."""
+    shift = tl.maximum(tl.ceil(tl.log2(span.to(tl.float32))).to(tl.int64) - 4, 0)
+    return tl.where((16 << shift) < span, shift + 1, shift)
+
+
+@triton.jit
+def _value_window(
+    q,
+    K,
+    kv,
+    rows,
+    pid,
+    N,
+    SCALE,
+    top_k,
+    top,
+    least,
+    D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """(base, shift) of the integer search's first bins: one pass counting the keys in 16 equal
+    bins of score between the min and the max, the bin where the count from the top reaches k,
+    widened by 1/32 of a bin each side against rounding (the search checks it and else starts
+    from [min, max])."""
+    width = (top - least) / HIST_BINS
+    low, high = _histograms(
+        q, K, kv, rows, pid, N, SCALE, top, 1.0 / tl.maximum(width, 1e-30), D, CAUSAL, OFFSET,
+        BLOCK, PRECISION,
+    )  # fmt: skip
+    bins = tl.arange(0, 8)
+    depth = tl.full([BLOCK], HIST_BINS, tl.float32)
+    for j in tl.static_range(HIST_BINS - 1, -1, -1):  # descending: the first bin reaching k wins
+        count = tl.sum(tl.where(bins[None, :] <= j, low, 0), 1) + tl.sum(
+            tl.where(bins[None, :] + 8 <= j, high, 0), 1
+        )
+        depth = tl.where(count >= top_k, j, depth)
+    base = _ordinal(top - (depth + 1.0 + 1.0 / 32) * width).to(tl.int64)
+    end = _ordinal(top - (depth - 1.0 / 32) * width).to(tl.int64) + 1
+    found = depth < HIST_BINS
+    base = tl.where(found, base, _ordinal(least).to(tl.int64))
+    end = tl.where(found, end, _ordinal(top).to(tl.int64) + 1)
+    return base, _bin_shift(end - base)
+
+
+@triton.jit
 def _topk_threshold(
     q,
     K,
@@ -649,45 +754,43 @@ def _topk_threshold(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(t, J, passes): the k-th largest allowed score and the last tied key that still fits
-    (earliest keys win)."""
+    """(t, J, passes): a cut with exactly k allowed keys at or above it, or the k-th largest score
+    when it is tied, and then the last tied key that still fits (earliest keys win). Each pass
+    counts the keys in 16 bins of the order-preserving integer image of the scores that hold the
+    k-th largest, so a pass divides the span by 16, exactly (integer arithmetic)."""
     search = n_allowed > top_k
-    lo = _ordinal(tl.where(search, least, 0.0))  # count(key ≥ lo) ≥ k
-    hi = _ordinal(tl.where(search, top, 0.0)) + 1  # count(key ≥ hi) < k
+    top, least = tl.where(search, top, 0.0), tl.where(search, least, 0.0)
+    full_base = _ordinal(least).to(tl.int64)  # count(key ≥ base) ≥ k
+    full_shift = _bin_shift(_ordinal(top).to(tl.int64) + 1 - full_base)
+    base, shift = _value_window(
+        q, K, kv, rows, pid, N, SCALE, top_k, top, least, D, CAUSAL, OFFSET, BLOCK, PRECISION
+    )
     n_lo = n_allowed
     n_hi = tl.zeros([BLOCK], tl.int32)
     done = ~search
     inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
-    passes = 0
+    passes = 1
     while (tl.min(done.to(tl.int32)) == 0) & (passes < 40):
-        span = hi.to(tl.int64) - lo.to(tl.int64)
-        c1 = (lo + span // 4).to(tl.int32)
-        c2 = (lo + span // 2).to(tl.int32)
-        c3 = (lo + (3 * span) // 4).to(tl.int32)
         zero = tl.zeros([BLOCK], tl.int32)
-        n1, n2, n3 = _count_blocks(
-            zero, zero, zero, q, K, kv, rows, c1, c2, c3, 0, inner, N, SCALE, False, D, CAUSAL,
+        bins = tl.zeros([BLOCK, 8], tl.int32)
+        low, high, above = _rank_blocks(
+            bins, bins, zero, q, K, kv, rows, base, shift, 0, inner, N, SCALE, False, D, CAUSAL,
             OFFSET, BLOCK, PRECISION,
         )  # fmt: skip
-        n1, n2, n3 = _count_blocks(
-            n1, n2, n3, q, K, kv, rows, c1, c2, c3, inner, end, N, SCALE, True, D, CAUSAL,
+        low, high, above = _rank_blocks(
+            low, high, above, q, K, kv, rows, base, shift, inner, end, N, SCALE, True, D, CAUSAL,
             OFFSET, BLOCK, PRECISION,
         )  # fmt: skip
-        new_lo = tl.where(n3 >= top_k, c3, tl.where(n2 >= top_k, c2, tl.where(n1 >= top_k, c1, lo)))
-        new_n_lo = tl.where(
-            n3 >= top_k, n3, tl.where(n2 >= top_k, n2, tl.where(n1 >= top_k, n1, n_lo))
-        )
-        new_hi = tl.where(n1 < top_k, c1, tl.where(n2 < top_k, c2, tl.where(n3 < top_k, c3, hi)))
-        new_n_hi = tl.where(
-            n1 < top_k, n1, tl.where(n2 < top_k, n2, tl.where(n3 < top_k, n3, n_hi))
-        )
-        lo = tl.where(done, lo, new_lo)
-        n_lo = tl.where(done, n_lo, new_n_lo)
-        hi = tl.where(done, hi, new_hi)
-        n_hi = tl.where(done, n_hi, new_n_hi)
-        done = done | (n_lo == top_k) | (hi - lo <= 1)
+        new_base, new_n_lo, new_n_hi = _rank_step(low, high, above, base, shift, top_k, BLOCK)
+        lost = ~done & (new_n_lo < top_k)  # the value window missed the k-th key: start over
+        keep = done | lost
+        n_lo = tl.where(keep, n_lo, new_n_lo)
+        n_hi = tl.where(keep, n_hi, new_n_hi)
+        done = done | (~lost & ((new_n_lo == top_k) | (shift == 0)))
+        base = tl.where(done, tl.where(keep, base, new_base), tl.where(lost, full_base, new_base))
+        shift = tl.where(lost, full_shift, tl.maximum(shift - 4, 0))
         passes += 1
-    t = tl.where(search, _from_ordinal(lo), LOWEST)
+    t = tl.where(search, _from_ordinal(base.to(tl.int32)), LOWEST)
     tied = search & (n_lo > top_k)  # more keys equal t than there is room for
     last = tl.full([BLOCK], 2147483647, tl.int32)
     if tl.max(tied.to(tl.int32)) > 0:
