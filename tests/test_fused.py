@@ -106,8 +106,13 @@ def test_top_k_ties_go_to_the_earliest_keys_as_in_the_reference():
         )
 
 
-def test_normrelu_per_head_b_gets_its_gradient_and_empty_rows_fall_back_to_uniform():
-    """The model's normrelu: b = 1 − 2β² per head, most rows with no positive weight."""
+@pytest.mark.parametrize("deterministic", ["0", "1"])
+def test_normrelu_per_head_b_gets_its_gradient_and_empty_rows_fall_back_to_uniform(
+    deterministic, monkeypatch
+):
+    """The model's normrelu: b = 1 − 2β² per head, most rows with no positive weight; b's
+    gradient comes from the atomic one-kernel backward and from the two-kernel one."""
+    monkeypatch.setenv("MOSAIC_FUSED_DETERMINISTIC", deterministic)
     k, _, v = inputs(48, heads=3, seed=5, scale=0.5)
     b = torch.tensor([-3.0, -0.2, 0.5], device=DEVICE)[:, None, None].requires_grad_()
     keys, values = k.clone().requires_grad_(), v.clone().requires_grad_()
@@ -283,3 +288,22 @@ def test_blocks_without_a_mask_and_a_last_partial_block(kernel, params, mask_mod
     probe = torch.randn_like(q)
     fused = run("fused", q, k, v, kernel, params, probe, mask_mode=mask_mode)
     assert_matches(fused, run("reference", q, k, v, kernel, params, probe, mask_mode=mask_mode))
+
+
+@pytest.mark.parametrize(("kernel", "params"), [FUSED[1], FUSED[4], FUSED[6]])
+def test_deterministic_two_kernel_backward_matches_reference_and_the_atomic_one(
+    kernel, params, monkeypatch
+):
+    """MOSAIC_FUSED_DETERMINISTIC=1 keeps dQ out of atomic adds (a second kernel sums it in a
+    fixed order): the same gradients as the one-kernel backward, to float32 rounding, and as the
+    float64 reference."""
+    q, k, v = inputs(80, seed=12)
+    probe = torch.randn_like(q)
+    atomic = run("fused", q, k, v, kernel, params, probe, mask_mode="strict_causal")
+    monkeypatch.setenv("MOSAIC_FUSED_DETERMINISTIC", "1")
+    fixed = run("fused", q, k, v, kernel, params, probe, mask_mode="strict_causal")
+    assert_matches(
+        fixed, run("reference", q, k, v, kernel, params, probe, mask_mode="strict_causal")
+    )
+    for got, want in zip(fixed[1], atomic[1]):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -8,6 +8,7 @@ warp count anyway: the top-k selection compares recomputed scores bitwise with t
 """
 
 import math
+import os
 
 import torch
 import triton
@@ -171,16 +172,35 @@ def fused_backward(
     d_out = d_out.contiguous()
     # ρ_i = Σ_j G_ij dp_ij / Σ_j G_ij: dO·U for entmax and the ReLU family, dO·O for top-k
     rho = (d_out.float() * (out.float() if u.numel() == 0 else u)).sum(-1).contiguous()
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dc = torch.empty(q.shape[:-1] if kind == _RELU else (0,), device=q.device, dtype=torch.float32)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dc = torch.zeros(q.shape[:-1] if kind == _RELU else (0,), device=q.device, dtype=torch.float32)
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)
     grid = _grid(q, meta["BLOCK"])
     args = (int(seed), _score_scale(kind, scale, alpha), alpha, a, dropout_p, q.shape[-2])
-    compiled = tk.backward_kv_kernel[grid](q, k, v, stats, d_out, rho, dk, dv, *args, **meta)
+    atomic = not deterministic()
+    dq = (
+        torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        if atomic
+        else torch.empty_like(q)
+    )
+    compiled = tk.backward_kv_kernel[grid](
+        q, k, v, stats, d_out, rho, dk, dv, dq, dc, *args, ATOMIC=atomic, **meta
+    )
     _note_registers("backward_kv", compiled)
+    if atomic:
+        return dq.to(q.dtype), dk, dv, dc
     compiled = tk.backward_q_kernel[grid](q, k, v, stats, d_out, rho, dq, dc, *args, **meta)
     _note_registers("backward_q", compiled)
     return dq, dk, dv, dc
+
+
+def deterministic() -> bool:
+    """The two-kernel backward, whose dQ sums in a fixed order: under
+    torch.use_deterministic_algorithms(True) or MOSAIC_FUSED_DETERMINISTIC=1. Otherwise one
+    kernel adds each key block's share of dQ atomically (float32; order varies run to run)."""
+    return torch.are_deterministic_algorithms_enabled() or os.environ.get(
+        "MOSAIC_FUSED_DETERMINISTIC", "0"
+    ) not in ("", "0")
 
 
 @fused_backward.register_fake

@@ -1012,6 +1012,8 @@ def _kv_blocks(
     STATS,
     DO,
     RHO,
+    DQ,
+    DC,
     kv,
     bh,
     cols,
@@ -1035,6 +1037,7 @@ def _kv_blocks(
     DROPOUT: tl.constexpr,
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
     keep_scale = 1.0 / (1.0 - p_drop)
     for start in range(lo, hi, BLOCK):
@@ -1057,6 +1060,14 @@ def _kv_blocks(
         if KIND != TOPK_UNIFORM:
             ds = g * ginv[:, None] * (dp - rho[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+            if ATOMIC:  # this key block's share of dQ (and of dc), added into float32 buffers
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * SCALE
+                dims = tl.arange(0, D)
+                tl.atomic_add(
+                    DQ + kv + rows[:, None] * D + dims[None, :], dq, mask=rows[:, None] < N
+                )
+                if KIND == RELU:
+                    tl.atomic_add(DC + bh * N + rows, tl.sum(ds, 1) / a, mask=rows < N)
     return dk, dv
 
 
@@ -1070,6 +1081,8 @@ def backward_kv_kernel(
     RHO,
     DK,
     DV,
+    DQ,
+    DC,
     seed,
     SCALE,
     alpha,
@@ -1086,7 +1099,10 @@ def backward_kv_kernel(
     DROPOUT: tl.constexpr,
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):
+    """dK and dV of one key block; with ATOMIC also its share of dQ (and dc) by atomic adds, which
+    makes the backward one kernel that computes q kᵀ and dO vᵀ once per tile."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     cols = pid * BLOCK + tl.arange(0, BLOCK)
@@ -1097,19 +1113,19 @@ def backward_kv_kernel(
     dv = tl.zeros([BLOCK, D], tl.float32)
     first, edge_end, inner_end = _query_blocks(pid, N, BLOCK, CAUSAL)
     dk, dv = _kv_blocks(
-        dk, dv, k, v, Q, STATS, DO, RHO, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop, first,
-        edge_end, N, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET, DROPOUT, BLOCK,
-        PRECISION,
+        dk, dv, k, v, Q, STATS, DO, RHO, DQ, DC, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop,
+        first, edge_end, N, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET, DROPOUT,
+        BLOCK, PRECISION, ATOMIC,
     )  # fmt: skip
     dk, dv = _kv_blocks(
-        dk, dv, k, v, Q, STATS, DO, RHO, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop,
+        dk, dv, k, v, Q, STATS, DO, RHO, DQ, DC, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop,
         edge_end, inner_end, N, False, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET,
-        DROPOUT, BLOCK, PRECISION,
+        DROPOUT, BLOCK, PRECISION, ATOMIC,
     )  # fmt: skip
     dk, dv = _kv_blocks(
-        dk, dv, k, v, Q, STATS, DO, RHO, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop,
+        dk, dv, k, v, Q, STATS, DO, RHO, DQ, DC, kv, bh, cols, seed, SCALE, alpha, a, r, p_drop,
         tl.maximum(inner_end, edge_end), N, N, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL,
-        OFFSET, DROPOUT, BLOCK, PRECISION,
+        OFFSET, DROPOUT, BLOCK, PRECISION, ATOMIC,
     )  # fmt: skip
     _store_rows(DK, kv, cols, N, dk * SCALE, D)
     _store_rows(DV, kv, cols, N, dv, D)
