@@ -86,8 +86,10 @@ class GPT2(nn.Module):
             x = block(x)
         return self.ln_f(x) @ self.embed.weight.T
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict]:
+    def optimizer_groups(self, weight_decay: float, every_parameter: bool = False) -> list[dict]:
         params = list(self.parameters())
+        if every_parameter:
+            return [{"params": params, "weight_decay": weight_decay}]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

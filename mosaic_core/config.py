@@ -215,6 +215,13 @@ class ModelConfig(_Strict):
     kernel: str = "softmax"
     kernel_params: dict[str, float] = Field(default_factory=dict)
 
+    @field_validator("reference_code", mode="before")
+    @classmethod
+    def _reference_code(cls, value: Any) -> Any:
+        if not (isinstance(value, bool) or value in ("lm_length", "regbench")):
+            raise ValueError(f"reference_code: true, false, lm_length or regbench; got {value!r}")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> ModelConfig:
         if self.n_embd % self.n_head:
@@ -276,6 +283,19 @@ class TrainConfig(_Strict):
         "holds (the reference's lr_decay_iters); default max_steps",
     )
     weight_decay: float = Field(0.1, ge=0)
+    weight_decay_on: Literal["matrices", "all"] = Field(
+        "matrices",
+        description="AdamW decays ≥2-D parameters only (the LM and length code), or every "
+        "parameter, β, λ and LayerNorm weights too (seq_icl, RegBench)",
+    )
+    adam_betas: tuple[float, float] = Field(
+        (0.9, 0.95),
+        description="AdamW's (β1, β2): (0.9, 0.95) in the LM and length code, (0.9, 0.999) in seq_icl",
+    )
+    precision: Literal["bf16", "fp32"] = Field(
+        "bf16",
+        description="bf16 autocast on CUDA (the LM and length code) or float32 throughout (seq_icl)",
+    )
     grad_clip: float = Field(1.0, ge=0, description="max gradient norm; 0 disables clipping")
     eval_interval: int = Field(500, ge=1)
     log_interval: int = Field(
@@ -293,6 +313,20 @@ class TrainConfig(_Strict):
     compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = Field(
         "default", description="torch.compile's mode when the model is compiled"
     )
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile(cls, value: Any) -> Any:
+        if not (isinstance(value, bool) or value == "auto"):
+            raise ValueError(f"compile: true, false or auto; got {value!r}")
+        return value
+
+    @field_validator("adam_betas")
+    @classmethod
+    def _betas(cls, betas: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1); got {list(betas)}")
+        return betas
 
     @field_validator("min_lr")
     @classmethod

@@ -270,9 +270,14 @@ class MemoryMosaics(nn.Module):
             x = block(x)
         return stats
 
-    def optimizer_groups(self, weight_decay: float) -> list[dict[str, object]]:
-        """AdamW groups: decay on ≥2-D parameters (embedding, linears, memory slots) only."""
+    def optimizer_groups(
+        self, weight_decay: float, every_parameter: bool = False
+    ) -> list[dict[str, object]]:
+        """AdamW groups: decay on ≥2-D parameters (embedding, linears, memory slots) only, or on
+        every parameter (seq_icl's RegBench training)."""
         params = [p for p in self.parameters() if p.requires_grad]
+        if every_parameter:
+            return [{"params": params, "weight_decay": weight_decay}]
         return [
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},

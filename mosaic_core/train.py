@@ -123,13 +123,19 @@ def compiled_forward(
 def build_optimizer(
     model: torch.nn.Module, train: TrainConfig, device: torch.device
 ) -> torch.optim.AdamW:
-    """AdamW (β = 0.9, 0.95), decay on ≥2-D parameters only, fused kernels on CUDA."""
+    """AdamW with `train.adam_betas`, decay on what `train.weight_decay_on` names, fused on CUDA."""
     return torch.optim.AdamW(
-        model.optimizer_groups(train.weight_decay),
+        model.optimizer_groups(train.weight_decay, every_parameter=train.weight_decay_on == "all"),
         lr=train.lr,
-        betas=(0.9, 0.95),
+        betas=train.adam_betas,
         fused=device.type == "cuda",
     )
+
+
+def autocast(train: TrainConfig, device: torch.device) -> torch.autocast:
+    """bf16 autocast on CUDA unless `train.precision` is fp32; the CPU always runs float32."""
+    enabled = device.type == "cuda" and train.precision == "bf16"
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def optimizer_step(
@@ -145,12 +151,11 @@ def optimizer_step(
     its cross-entropy, this worker training on its `shard` of their rows: bf16 autocast on CUDA,
     clipping, no host sync. Returns this worker's part of the step's loss as a device tensor (the
     workers' parts sum to it)."""
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     total = torch.zeros((), device=device)
     for inputs, labels in micro_batches:
         scored = scored_tokens(labels).to(device)
         inputs, labels = shard.rows(inputs, labels)
-        with autocast:
+        with autocast(train, device):
             logits = forward(inputs.to(device, non_blocking=True))
         loss = (
             F.cross_entropy(
@@ -263,7 +268,6 @@ def train_trial(
         first_step, metrics = state["step"], state["metrics"]
         schedule = planned_schedule(state, train, replan)
     forward = compiled_forward(trained, train, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     started, throughput = time.perf_counter(), Throughput()
     for step in range(first_step, train.max_steps):
@@ -295,7 +299,7 @@ def train_trial(
             progress["tokens_per_s"] = throughput.read()
             if shard.leads:  # evaluation once, on rank 0 alone
                 model.eval()
-                with autocast:
+                with autocast(train, device):
                     evaluated = with_selection(
                         task.evaluate(model, device), done, metrics, config.task.selection()
                     )

@@ -101,6 +101,31 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
         [],
         "base.train.lr: inf is not a finite number",
     ),
+    "adam-betas-one": (
+        text(edited(lambda s: s["base"]["train"].update(adam_betas=[1.0, 0.9]))),
+        [],
+        "base.train.adam_betas: adam_betas must be two numbers in [0, 1); got [1.0, 0.9]",
+    ),
+    "precision-fp16": (
+        text(edited(lambda s: s["base"]["train"].update(precision="fp16"))),
+        [],
+        "base.train.precision: Input should be 'bf16' or 'fp32'",
+    ),
+    "weight-decay-on-some": (
+        text(edited(lambda s: s["base"]["train"].update(weight_decay_on="some"))),
+        [],
+        "base.train.weight_decay_on: Input should be 'matrices' or 'all'",
+    ),
+    "reference-code-maybe": (
+        text(edited(lambda s: s["base"]["model"].update(reference_code="maybe"))),
+        [],
+        "base.model.reference_code: reference_code: true, false, lm_length or regbench; got 'maybe'",
+    ),
+    "compile-number": (
+        text(edited(lambda s: s["base"]["train"].update(compile=1))),
+        [],
+        "base.train.compile: compile: true, false or auto; got 1",
+    ),
     "eval-factor-nan": (
         text(edited(lambda s: s["base"]["task"].update(eval_factors=[1, float("nan")]))),
         [],

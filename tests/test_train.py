@@ -290,3 +290,36 @@ def test_the_compiled_model_trains_like_the_eager_one_on_cuda(kernel):
         losses[compile_] = torch.tensor(seen)
     assert len(losses[True]) == 20
     assert torch.allclose(losses[True], losses[False], rtol=2e-2, atol=2e-2)
+
+
+def test_optimizer_betas_and_decay_follow_the_train_settings():
+    model = MemoryMosaics(TrialConfig().model, vocab_size=11)
+    cpu = torch.device("cpu")
+    default = train_module.build_optimizer(model, TrainConfig(weight_decay=0.1), cpu)
+    decayed, kept = default.param_groups
+    assert decayed["betas"] == (0.9, 0.95) and kept["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in kept["params"])
+    seq_icl = TrainConfig(weight_decay=0.01, adam_betas=(0.9, 0.999), weight_decay_on="all")
+    (group,) = train_module.build_optimizer(model, seq_icl, cpu).param_groups
+    assert group["betas"] == (0.9, 0.999) and group["weight_decay"] == 0.01
+    assert len(group["params"]) == len(list(model.parameters()))
+    assert any(p is model.blocks[0].contextual.kernel_beta for p in group["params"])
+
+
+def test_fp32_precision_turns_autocast_off_on_cuda():
+    cuda = torch.device("cuda")
+    assert train_module.autocast(TrainConfig(precision="fp32"), cuda)._enabled is False
+    assert train_module.autocast(TrainConfig(), torch.device("cpu"))._enabled is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fp32_regbench_steps_compute_in_float32_on_cuda():
+    seen = []
+    model = MemoryMosaics(TrialConfig().model, vocab_size=11).cuda()
+    projection = model.blocks[0].contextual.value
+    projection.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+    for precision in ("fp32", "bf16"):
+        with train_module.autocast(TrainConfig(precision=precision), torch.device("cuda")):
+            model(torch.randint(0, 11, (2, 8), device="cuda"))
+    assert seen == [torch.float32, torch.bfloat16]
