@@ -33,17 +33,14 @@ REASONS = {
 def trial_budgets(results: pd.DataFrame) -> pd.DataFrame:
     """Per trial id: its last status, the step it reached, the steps it planned (NaN where the
     store does not say) and its budget, the reached steps at most the planned ones."""
-    by_trial = results.groupby("trial_id", sort=False)
-    planned = (
-        by_trial["planned_steps"].max().astype(float)
-        if "planned_steps" in results
-        else pd.Series(math.nan, index=by_trial.size().index)
-    )
+    # a store of another tool may say nothing of statuses or plans
+    missing = {column: None for column in ("status", "planned_steps") if column not in results}
+    by_trial = results.assign(**missing).groupby("trial_id", sort=False)
     frame = pd.DataFrame(
         {
             "status": by_trial["status"].last().fillna(""),
             "reached": by_trial["step"].max().astype(float).fillna(0.0),
-            "planned": planned,
+            "planned": by_trial["planned_steps"].max().astype(float),
         }
     )
     return frame.assign(budget=frame[["reached", "planned"]].min(axis=1))

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from analysis.budgets import FULL, NOTE, at_one_budget, trial_budgets
+from analysis.budgets import FULL, NOTE, REASONS, at_one_budget, trial_budgets
 from analysis.configurations import (
     KERNEL_LABEL,
     LENGTH,
@@ -497,9 +497,20 @@ def search_ranking(results: pd.DataFrame, metric: str, mode: str, top: int = 10)
     ranking.attrs["notes"] = [
         f"compared at step {common}: the highest step every seed of every suggestion reached "
         "(a seed stopped early, by ASHA or otherwise, bounds it, as ASHA compares trials at a rung); "
-        "furthest step: the highest step all of a suggestion's own seeds reached"
+        "furthest step: the highest step all of a suggestion's own seeds reached",
+        *_short_seeds(results[results["trial_id"].isin(reached.index)]),
     ]
     return ranking
+
+
+def _short_seeds(results: pd.DataFrame) -> list[str]:
+    """`seeds short of their planned steps: 2 stopped by ASHA, 1 interrupted`, or nothing."""
+    budgets = trial_budgets(results)
+    short = budgets[budgets["budget"] < budgets["planned"]]["status"].value_counts()
+    if short.empty:
+        return []
+    counts = [f"{n} {REASONS.get(status, status)}" for status, n in short.sort_index().items()]
+    return ["seeds short of their planned steps: " + ", ".join(counts)]
 
 
 def _at_steps(rows: pd.DataFrame, steps: pd.Series) -> pd.DataFrame:

@@ -95,6 +95,7 @@ def test_a_search_ranking_over_such_seeds_compares_them_at_step_250(tmp_path):
         "mean there": ["0.05"],
     }
     assert ranking.attrs["notes"][0].startswith("compared at step 250:")
+    assert ranking.attrs["notes"][1] == "seeds short of their planned steps: 1 stopped by ASHA"
 
 
 def test_seeds_all_stopped_early_are_shown_at_their_step_and_take_no_bold(tmp_path):
