@@ -106,6 +106,12 @@ class RegBenchConfig(_Strict):
         description="fixes the DFAs of every split, the same for all trial seeds",
     )
     eval_batch_size: int = Field(32, ge=1)
+    dfa_filter: Literal["seq_icl", "strict"] = Field(
+        "seq_icl",
+        description="seq_icl keeps every minimised, trimmed draw as seq_icl does (fewer than 4 "
+        "states, self-loops and repeated targets included; duplicates not removed, not even across "
+        "splits); strict redraws those and keeps every DFA of every split distinct (SPEC §4)",
+    )
 
     def metric_names(self) -> list[str]:
         evaluated = ["accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss"]

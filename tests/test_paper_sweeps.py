@@ -108,6 +108,13 @@ def test_regbench_is_table_1():
         0.05,
         True,
     )
+    # seq_icl's optimiser, precision, DFA sampler and split sizes
+    assert (c.train.adam_betas, c.train.weight_decay_on, c.train.precision) == (
+        (0.9, 0.999),
+        "all",
+        "fp32",
+    )
+    assert (c.task.dfa_filter, c.task.num_val, c.task.num_test) == ("seq_icl", 250, 250)
     for (
         trial
     ) in sweep.trials:  # 200 epochs of ⌈n / 32⌉ steps, 20 of them warmup, an evaluation per epoch

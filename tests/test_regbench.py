@@ -36,9 +36,10 @@ from mosaic_core.tasks.regbench import (
     minimise,
     random_transitions,
     sample_sequences,
+    satisfies_spec,
 )
 
-SMALL = dict(num_examples=60, num_val=20, num_test=20, eval_batch_size=8)
+SMALL = dict(num_examples=60, num_val=20, num_test=20, eval_batch_size=8, dfa_filter="strict")
 
 
 def task(seed: int = 0, **overrides) -> RegBenchTask:
@@ -130,6 +131,28 @@ def test_generation_skips_what_is_already_seen():
     assert len(set(first)) == 30
     again = generate_dfas(30, random.Random("x"), set(first[:10]))
     assert again[:20] == first[10:30] and not set(again) & set(first[:10])
+
+
+def test_seq_icls_filter_keeps_every_draw_that_strict_redraws():
+    """seq_icl's sampler: the minimised, trimmed draws in order, the ones outside SPEC §4 (fewer
+    than 4 states, self-loops, repeated targets) included, repeats allowed."""
+    rng = random.Random("draws")
+    draws = [canonical(minimise(random_transitions(rng))) for _ in range(400)]
+    assert generate_dfas(400, random.Random("draws"), None) == draws
+    outside = [dfa for dfa in draws if not satisfies_spec(dfa)]
+    assert 0.02 < len(outside) / len(draws) < 0.15  # ~6.5 % by an independent reimplementation
+    assert any(len(dfa) < MIN_STATES for dfa in outside)
+    strict = generate_dfas(400, random.Random("draws"), set())
+    assert all(satisfies_spec(dfa) for dfa in strict) and len(set(strict)) == 400
+
+
+def test_seq_icl_splits_are_drawn_independently():
+    seq_icl = task(dfa_filter="seq_icl")
+    for split, count in (("train", 60), ("val", 20), ("test", 20)):
+        rng = random.Random(f"regbench/0/{split}")
+        assert seq_icl.dfas[split] == [
+            canonical(minimise(random_transitions(rng))) for _ in range(count)
+        ]
 
 
 # ---- splits and training batches -----------------------------------------------------------------

@@ -10,7 +10,10 @@ Choices where SPEC §4 is silent:
 - Every state keeps 1–3 outgoing edges through minimisation and trimming, so a walk never gets
   stuck: every string has exactly its sampled length (1–49).
 - Minimising can shrink a DFA below 4 states, or merge a state with its successor (a self-loop) or
-  two of its successors (a repeated target). Such DFAs are redrawn: every DFA used satisfies §4.
+  two of its successors (a repeated target). seq_icl keeps such DFAs (~6.5 % of draws) and, since
+  its set of DFA objects compares them by identity, never removes a duplicate: `dfa_filter:
+  seq_icl`, the default. `dfa_filter: strict` redraws them and keeps all splits disjoint, so
+  every DFA used satisfies §4.
 - `|` is never a target. Where a string ends depends on its sampled length, not on the language,
   so training labels are IGNORE_INDEX there (as in the RegBench reference code) and the truth is
   uniform over legal *letters*: a model that knows the DFA scores accuracy 100 and TVD 0.
@@ -115,12 +118,15 @@ def satisfies_spec(dfa: Dfa) -> bool:
     )
 
 
-def generate_dfas(count: int, rng: random.Random, seen: set[Dfa]) -> list[Dfa]:
-    """`count` minimised, trimmed DFAs that satisfy the SPEC and are not in `seen` (which they join)."""
+def generate_dfas(count: int, rng: random.Random, seen: set[Dfa] | None) -> list[Dfa]:
+    """`count` minimised, trimmed DFAs that satisfy the SPEC and are not in `seen` (which they
+    join); with `seen` None, every draw as it comes (seq_icl's sampler: no filter, no deduplication)."""
     dfas: list[Dfa] = []
     while len(dfas) < count:
         dfa = canonical(minimise(random_transitions(rng)))
-        if satisfies_spec(dfa) and dfa not in seen:
+        if seen is None:
+            dfas.append(dfa)
+        elif satisfies_spec(dfa) and dfa not in seen:
             seen.add(dfa)
             dfas.append(dfa)
     return dfas
@@ -212,7 +218,7 @@ class RegBenchTask:
         self.config = config
         self.seed = seed
         counts = {"val": config.num_val, "test": config.num_test, "train": config.num_examples}
-        seen: set[Dfa] = set()
+        seen: set[Dfa] | None = set() if config.dfa_filter == "strict" else None
         self.dfas = {
             split: generate_dfas(
                 counts[split], random.Random(f"regbench/{config.data_seed}/{split}"), seen
