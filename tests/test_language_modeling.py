@@ -178,6 +178,26 @@ def test_prepare_split_is_deterministic_and_partitions_documents(tmp_path: Path)
     assert decode(tmp_path / "all" / "val.bin") == joined(JSONL_STORIES)
 
 
+def test_a_given_validation_file_is_the_validation_split(tmp_path: Path) -> None:
+    """The official valid file as val, every training document as train, whatever val_fraction."""
+    meta = prepare_corpus(
+        [DATA / "stories.jsonl"],
+        tmp_path / "out",
+        val_fraction=0.5,
+        val_sources=[DATA / "stories.txt"],
+    )
+    assert decode(tmp_path / "out" / "train.bin") == joined(JSONL_STORIES)
+    assert decode(tmp_path / "out" / "val.bin") == joined(TXT_STORIES)
+    assert meta["documents"] == {"train": len(JSONL_STORIES), "val": len(TXT_STORIES)}
+    assert meta["val_fraction"] is None and meta["val_sources"] == [
+        str((DATA / "stories.txt").resolve())
+    ]
+    with pytest.raises(FileNotFoundError, match="nowhere.txt does not exist"):
+        prepare_corpus(
+            [DATA / "stories.jsonl"], tmp_path / "x", val_sources=[tmp_path / "nowhere.txt"]
+        )
+
+
 def test_prepare_refuses_to_overwrite(tmp_path: Path) -> None:
     prepare_corpus([DATA / "stories.jsonl"], tmp_path, val_fraction=0.0)
     with pytest.raises(

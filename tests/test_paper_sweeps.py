@@ -31,7 +31,7 @@ TABLE_2_LABELS = [
         ("length_generalization_smoke", 12),
         ("regbench", 48),
         ("regbench_smoke", 6),
-        ("babistories", 21),
+        ("babistories", 24),
         ("babistories_smoke", 6),
         ("search_smoke", 8),
         ("paper_check", 8),
@@ -147,4 +147,10 @@ def test_babistories_is_figure_2():
         0.05,
         False,
     )
-    assert sweep.trials[0].config.task.context == 512
+    task = sweep.trials[0].config.task
+    assert task.context == 512 and task.eval_batches * task.eval_batch_size == 5120
+    kernels = {(t.config.model.kernel, t.config.model.kernel_params.get("k")) for t in sweep.trials}
+    assert ("topk_uniform", 32) in kernels and (
+        "topk_softmax",
+        32,
+    ) in kernels  # Figure 2's kNN curves

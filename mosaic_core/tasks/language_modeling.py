@@ -39,6 +39,7 @@ def prepare_corpus(
     out_dir: Path,
     *,
     val_fraction: float = 0.005,
+    val_sources: list[Path] | None = None,
     overwrite: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, Any]:
@@ -46,16 +47,19 @@ def prepare_corpus(
 
     Documents: a `.txt` file splits on blank lines (or `<|endoftext|>` lines, TinyStories' format);
     a `.jsonl` line is a JSON string or an object with a "text" string (BabiStories); a `.parquet`
-    file has a "text" column. A document goes to val when a hash of its running index falls below
-    `val_fraction`: the split is the same on every run and needs no shuffling in memory.
-    `progress(done, total)` is called as documents are tokenised.
+    file has a "text" column. With `val_sources` (a corpus's official validation file) those are
+    the validation split and every document of `sources` trains; otherwise a document goes to val
+    when a hash of its running index falls below `val_fraction`: the split is the same on every
+    run and needs no shuffling in memory. `progress(done, total)` is called as documents are
+    tokenised.
     """
     if not 0 <= val_fraction <= 1:
         raise ValueError(f"val_fraction must lie in [0, 1]; got {val_fraction}")
     if not sources:
         raise ValueError("no corpus files given")
     sources = [Path(source) for source in sources]
-    for source in sources:
+    val_sources = [Path(source) for source in val_sources or []]
+    for source in sources + val_sources:
         if not source.is_file():
             raise FileNotFoundError(f"corpus file {source} does not exist")
         if source.suffix not in SUFFIXES:
@@ -73,7 +77,7 @@ def prepare_corpus(
         )
 
     encoding = gpt2_encoding()  # before the long read: a missing tokenizer fails at once
-    total = sum(_count_documents(source) for source in sources)
+    total = sum(_count_documents(source) for source in sources + val_sources)
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = {split: outputs[split].with_suffix(".bin.partial") for split in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
@@ -82,13 +86,12 @@ def prepare_corpus(
     try:
         with partial["train"].open("wb") as train_file, partial["val"].open("wb") as val_file:
             files = {"train": train_file, "val": val_file}
-            texts = itertools.chain.from_iterable(_documents(source) for source in sources)
-            for chunk in _batched(texts, _CHUNK):
+            for chunk in _batched(_split_documents(sources, val_sources, val_fraction), _CHUNK):
                 ids = {split: [] for split in SPLITS}
-                for index, encoded in enumerate(encoding.encode_ordinary_batch(chunk), start=done):
+                splits, texts = zip(*chunk)
+                for split, encoded in zip(splits, encoding.encode_ordinary_batch(list(texts))):
                     if not encoded:  # an empty record: no document, not even an <|endoftext|>
                         continue
-                    split = "val" if _in_val(index, val_fraction) else "train"
                     ids[split] += [*encoded, EOT]
                     documents[split] += 1
                 for split in SPLITS:
@@ -109,12 +112,29 @@ def prepare_corpus(
         "eot": EOT,
         "vocab_size": PADDED_VOCAB,
         "sources": [str(source.resolve()) for source in sources],
-        "val_fraction": val_fraction,
+        "val_fraction": None if val_sources else val_fraction,
+        "val_sources": [str(source.resolve()) for source in val_sources],
         "documents": documents,
         "tokens": tokens,
     }
     outputs["meta"].write_text(json.dumps(meta, indent=2) + "\n")
     return meta
+
+
+def _split_documents(
+    sources: list[Path], val_sources: list[Path], val_fraction: float
+) -> Iterator[tuple[str, str]]:
+    """(split, document) in file order: `val_sources` are the validation split when given, else a
+    hash of each document's running index decides."""
+    texts = itertools.chain.from_iterable(_documents(source) for source in sources)
+    if val_sources:
+        held_out = itertools.chain.from_iterable(_documents(source) for source in val_sources)
+        yield from itertools.chain(
+            (("train", text) for text in texts), (("val", text) for text in held_out)
+        )
+        return
+    for index, text in enumerate(texts):
+        yield ("val" if _in_val(index, val_fraction) else "train"), text
 
 
 def _documents(path: Path) -> Iterator[str]:
@@ -175,7 +195,7 @@ def _count_documents(path: Path) -> int:
     return sum(1 for _ in _text_documents(path))
 
 
-def _batched(items: Iterable[str], size: int) -> Iterator[list[str]]:
+def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
     iterator = iter(items)
     while chunk := list(itertools.islice(iterator, size)):
         yield chunk
