@@ -126,6 +126,11 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
         [],
         "base.train.compile: compile: true, false or auto; got 1",
     ),
+    "dfa-filter-loose": (
+        text(edited(lambda s: s["base"].update(task={"name": "regbench", "dfa_filter": "loose"}))),
+        [],
+        "base.task.dfa_filter: Input should be 'seq_icl' or 'strict'",
+    ),
     "eval-factor-nan": (
         text(edited(lambda s: s["base"]["task"].update(eval_factors=[1, float("nan")]))),
         [],
