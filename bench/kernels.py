@@ -218,6 +218,11 @@ def main() -> None:
     parser.add_argument(
         "--passes", action="store_true", help="only count the fused kernels' passes (CPU is fine)"
     )
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="time the fused two-kernel backward (MOSAIC_FUSED_DETERMINISTIC=1), not the atomic one",
+    )
     args = parser.parse_args()
     if args.report:
         rows = [json.loads(line) for path in args.report for line in open(path) if line.strip()]
@@ -228,6 +233,8 @@ def main() -> None:
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA device")
+    if args.deterministic:
+        os.environ["MOSAIC_FUSED_DETERMINISTIC"] = "1"
 
     meta = {
         "device": torch.cuda.get_device_name(),
@@ -238,6 +245,7 @@ def main() -> None:
         "batch": args.batch,
         "heads": args.heads,
         "dim": args.dim,
+        "deterministic_backward": args.deterministic,
     }
     print(json.dumps(meta), flush=True)
     rows = []
