@@ -22,8 +22,8 @@ become −inf; every weight below is 0 at −inf.
   with FALLBACK (normrelu), a row with no positive weight is uniform over its allowed keys.
   stats = (c, ·, ·, l = Σw).
 - TOPK_SOFTMAX / TOPK_UNIFORM: the k-th largest score t per row by a counting search over the
-  order-preserving integer image of the float scores (16 bins per pass, each a power of two wide,
-  so at most 9 passes, usually far fewer: it stops at a cut with exactly k keys above), then, only
+  order-preserving integer image of the float scores (32 bins per pass, each a power of two wide,
+  after a pass of 32 bins of score from min to max; it stops at a cut with exactly k keys above), then, only
   where the k-th score is tied, a pass that finds the last tied key that still fits (earliest
   keys win). Selection: s > t, or s = t and j ≤ J; rows with
   at most k keys take every key (t = −FLT_MAX, below any finite score). stats = (t, J, max, l).
@@ -53,7 +53,8 @@ ENTMAX: tl.constexpr = tl.constexpr(0)
 RELU: tl.constexpr = tl.constexpr(1)
 TOPK_SOFTMAX: tl.constexpr = tl.constexpr(2)
 TOPK_UNIFORM: tl.constexpr = tl.constexpr(3)
-HIST_BINS: tl.constexpr = tl.constexpr(16)  # two int64 of eight 8-bit slots; a tile adds ≤ 64
+HIST_BINS: tl.constexpr = tl.constexpr(32)  # four int64 of eight 8-bit slots; a tile adds ≤ 64
+HIST_BITS: tl.constexpr = tl.constexpr(5)  # log2(HIST_BINS)
 LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)  # −FLT_MAX
 
 
@@ -303,9 +304,21 @@ def _row_max(
 
 
 @triton.jit
+def _add_counts(counts, index, inside, BLOCK: tl.constexpr):
+    """counts (BLOCK, HIST_BINS) plus each row's number of tile keys in bin `index` (where inside),
+    reduced as eight 8-bit slots of an int64 per row and word (a tile adds ≤ BLOCK ≤ 64)."""
+    bins = tl.arange(0, HIST_BINS)
+    bit = tl.full([BLOCK, BLOCK], 1, tl.int64) << (8 * (index & 7)).to(tl.int64)
+    for word in tl.static_range(HIST_BINS // 8):
+        packed = tl.sum(tl.where(inside & ((index >> 3) == word), bit, 0), 1)
+        unpacked = (packed[:, None] >> (8 * (bins % 8)).to(tl.int64)[None, :]) & 255
+        counts += tl.where((bins // 8 == word)[None, :], unpacked.to(tl.int32), 0)
+    return counts
+
+
+@triton.jit
 def _histogram_blocks(
-    low,
-    high,
+    counts,
     q,
     K,
     kv,
@@ -323,19 +336,13 @@ def _histogram_blocks(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per-row key counts of bins 0–7 (low) and 8–15 (high) of width 1/per_bin below top, counted
-    in 8-bit slots of an int64 per tile."""
-    slots = (8 * tl.arange(0, 8)).to(tl.int64)
+    """Per-row key counts in HIST_BINS bins of width 1/per_bin below top."""
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         depth = (top[:, None] - s) * per_bin[:, None]  # ≥ 0 but in rows that skip the search
         depth = tl.minimum(tl.maximum(depth, 0.0), HIST_BINS).to(tl.int32)
-        bit = tl.full([BLOCK, BLOCK], 1, tl.int64) << (8 * (depth & 7)).to(tl.int64)
-        packed_low = tl.sum(tl.where(depth < 8, bit, 0), 1)
-        packed_high = tl.sum(tl.where((depth >= 8) & (depth < HIST_BINS), bit, 0), 1)
-        low += ((packed_low[:, None] >> slots[None, :]) & 255).to(tl.int32)
-        high += ((packed_high[:, None] >> slots[None, :]) & 255).to(tl.int32)
-    return low, high
+        counts = _add_counts(counts, depth, depth < HIST_BINS, BLOCK)
+    return counts
 
 
 @triton.jit
@@ -355,28 +362,25 @@ def _histograms(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(low, high): one pass of per-row counts in HIST_BINS bins of width 1/per_bin below top."""
-    low = tl.zeros([BLOCK, 8], tl.int32)
-    high = tl.zeros([BLOCK, 8], tl.int32)
+    """(BLOCK, HIST_BINS) counts: one pass counting keys in bins of width 1/per_bin below top."""
+    counts = tl.zeros([BLOCK, HIST_BINS], tl.int32)
     inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
-    low, high = _histogram_blocks(
-        low, high, q, K, kv, rows, top, per_bin, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET,
-        BLOCK, PRECISION,
+    counts = _histogram_blocks(
+        counts, q, K, kv, rows, top, per_bin, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK,
+        PRECISION,
     )  # fmt: skip
     return _histogram_blocks(
-        low, high, q, K, kv, rows, top, per_bin, inner, end, N, SCALE, True, D, CAUSAL, OFFSET,
-        BLOCK, PRECISION,
+        counts, q, K, kv, rows, top, per_bin, inner, end, N, SCALE, True, D, CAUSAL, OFFSET, BLOCK,
+        PRECISION,
     )  # fmt: skip
 
 
 @triton.jit
-def _binned_sums(low, high, shift, r, CODE: tl.constexpr):
-    """Σ_b c_b·(shift − b/HIST_BINS)_+^r over the 16 bins (counts low: 0–7, high: 8–15); shift
-    is (BLOCK,) or a scalar: the threshold's depth below the max, less where in its bin a key sits."""
-    bins = tl.arange(0, 8).to(tl.float32) / HIST_BINS
-    d_low = tl.maximum(shift[:, None] - bins[None, :], 0.0)
-    d_high = tl.maximum(shift[:, None] - bins[None, :] - 0.5, 0.0)
-    return tl.sum(low * _power(d_low, r, CODE), 1) + tl.sum(high * _power(d_high, r, CODE), 1)
+def _binned_sums(counts, shift, r, CODE: tl.constexpr):
+    """Σ_b c_b·(shift − b/HIST_BINS)_+^r over the bins; shift (BLOCK,) is the threshold's depth
+    below the max, less where in its bin a key is put (far end, near end, centre)."""
+    bins = tl.arange(0, HIST_BINS).to(tl.float32) / HIST_BINS
+    return tl.sum(counts * _power(tl.maximum(shift[:, None] - bins[None, :], 0.0), r, CODE), 1)
 
 
 @triton.jit
@@ -404,23 +408,23 @@ def _histogram_start(
     At a bin edge θ below the max, Σ[x − τ]_+^r lies between the sums that put every key at the
     far and at the near end of its bin: an edge where the first reaches 1 is at or below τ, one
     where the second stays under 1 is above. The start solves the sum with keys at bin centres."""
-    low, high = _histograms(
+    counts = _histograms(
         q, K, kv, rows, pid, N, SCALE, top, tl.zeros([BLOCK], tl.float32) + HIST_BINS, D, CAUSAL,
         OFFSET, BLOCK, PRECISION,
-    )  # fmt: skip
-    low, high = low.to(tl.float32), high.to(tl.float32)
+    ).to(tl.float32)  # fmt: skip
     theta_lo = tl.full([BLOCK], 1.0, tl.float32)  # τ ≥ max − theta_lo
     theta_hi = tl.exp2((1.0 - alpha) * tl.log2(tl.maximum(n_allowed, 1).to(tl.float32)))
-    for j in tl.static_range(1, HIST_BINS + 1):
+    far = tl.zeros([BLOCK], tl.float32)  # the far-end sum at an edge is the near-end one a bin up
+    for j in range(1, HIST_BINS + 1):
         edge = tl.zeros([BLOCK], tl.float32) + j / HIST_BINS
-        far = _binned_sums(low, high, edge - 1.0 / HIST_BINS, r, P_CODE)
-        near = _binned_sums(low, high, edge, r, P_CODE)
+        near = _binned_sums(counts, edge, r, P_CODE)
         theta_lo = tl.where(far >= 1.0, tl.minimum(theta_lo, edge), theta_lo)
         theta_hi = tl.where(near < 1.0, tl.maximum(theta_hi, edge), theta_hi)
+        far = near
     theta = theta_lo
     for _ in tl.static_range(6):  # Newton on the r-norm of the centred counts, from above
-        h = _binned_sums(low, high, theta - 0.5 / HIST_BINS, r, P_CODE)
-        slope = _binned_sums(low, high, theta - 0.5 / HIST_BINS, r - 1.0, G_CODE)
+        h = _binned_sums(counts, theta - 0.5 / HIST_BINS, r, P_CODE)
+        slope = _binned_sums(counts, theta - 0.5 / HIST_BINS, r - 1.0, G_CODE)
         h_pow = tl.exp2((1.0 - 1.0 / r) * tl.log2(tl.maximum(h, 1e-30)))
         theta = theta - (h - h_pow) / tl.where(slope > 0, slope, 1.0)
     theta = tl.minimum(tl.maximum(theta, theta_hi), theta_lo)
@@ -596,8 +600,7 @@ def _next_threshold(
 
 @triton.jit
 def _rank_blocks(
-    low,
-    high,
+    counts,
     above,
     q,
     K,
@@ -616,37 +619,28 @@ def _rank_blocks(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Per-row counts of keys whose ordinal lies in bin i = 0–15 of [base, base + 16·2^shift)
-    (low: 0–7, high: 8–15, 8-bit slots per tile) and of keys above the bins."""
-    slots = (8 * tl.arange(0, 8)).to(tl.int64)
+    """Per-row counts of keys whose ordinal lies in bin i of [base, base + HIST_BINS·2^shift),
+    and of keys above the bins."""
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         offset = _ordinal(s).to(tl.int64) - base[:, None]  # −inf: far below every bin
         index = offset >> shift[:, None]
-        inside = (offset >= 0) & (index < 16)
-        above += tl.sum((index >= 16).to(tl.int32), 1)
-        bit = tl.full([BLOCK, BLOCK], 1, tl.int64) << (8 * (index & 7))
-        packed_low = tl.sum(tl.where(inside & (index < 8), bit, 0), 1)
-        packed_high = tl.sum(tl.where(inside & (index >= 8), bit, 0), 1)
-        low += ((packed_low[:, None] >> slots[None, :]) & 255).to(tl.int32)
-        high += ((packed_high[:, None] >> slots[None, :]) & 255).to(tl.int32)
-    return low, high, above
+        inside = (offset >= 0) & (index < HIST_BINS)
+        above += tl.sum((index >= HIST_BINS).to(tl.int32), 1)
+        counts = _add_counts(counts, tl.where(inside, index, 0).to(tl.int32), inside, BLOCK)
+    return counts, above
 
 
 @triton.jit
-def _rank_step(low, high, above, base, shift, top_k, BLOCK: tl.constexpr):
+def _rank_step(counts, above, base, shift, top_k, BLOCK: tl.constexpr):
     """(base, n_lo, n_hi) of the bin holding the k-th largest key: the highest bin edge with at
     least k keys at or above it, the count there and the count at the next edge up."""
-    bins = tl.arange(0, 8)
+    bins = tl.arange(0, HIST_BINS)
     chosen = tl.zeros([BLOCK], tl.int32)
     n_lo = tl.zeros([BLOCK], tl.int32)
     n_hi = above
-    for j in tl.static_range(16):  # ascending: the last edge with ≥ k keys wins
-        at_or_above = (
-            above
-            + tl.sum(tl.where(bins[None, :] >= j, low, 0), 1)
-            + tl.sum(tl.where(bins[None, :] + 8 >= j, high, 0), 1)
-        )
+    for j in range(HIST_BINS):  # ascending: the last edge with ≥ k keys wins
+        at_or_above = above + tl.sum(tl.where(bins[None, :] >= j, counts, 0), 1)
         ok = at_or_above >= top_k
         n_hi = tl.where(ok, n_hi, tl.where(chosen == j - 1, at_or_above, n_hi))
         chosen = tl.where(ok, j, chosen)
@@ -688,9 +682,9 @@ def _tie_blocks(
 
 @triton.jit
 def _bin_shift(span):
-    """The least shift with 16·2^shift ≥ span (int64)."""
-    shift = tl.maximum(tl.ceil(tl.log2(span.to(tl.float32))).to(tl.int64) - 4, 0)
-    return tl.where((16 << shift) < span, shift + 1, shift)
+    """The least shift with HIST_BINS·2^shift ≥ span (int64)."""
+    shift = tl.maximum(tl.ceil(tl.log2(span.to(tl.float32))).to(tl.int64) - HIST_BITS, 0)
+    return tl.where(((tl.zeros_like(shift) + HIST_BINS) << shift) < span, shift + 1, shift)
 
 
 @triton.jit
@@ -711,22 +705,19 @@ def _value_window(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(base, shift) of the integer search's first bins: one pass counting the keys in 16 equal
+    """(base, shift) of the integer search's first bins: one pass counting the keys in 32 equal
     bins of score between the min and the max, the bin where the count from the top reaches k,
     widened by 1/32 of a bin each side against rounding (the search checks it and else starts
     from [min, max])."""
     width = (top - least) / HIST_BINS
-    low, high = _histograms(
+    counts = _histograms(
         q, K, kv, rows, pid, N, SCALE, top, 1.0 / tl.maximum(width, 1e-30), D, CAUSAL, OFFSET,
         BLOCK, PRECISION,
     )  # fmt: skip
-    bins = tl.arange(0, 8)
+    bins = tl.arange(0, HIST_BINS)
     depth = tl.full([BLOCK], HIST_BINS, tl.float32)
-    for j in tl.static_range(HIST_BINS - 1, -1, -1):  # descending: the first bin reaching k wins
-        count = tl.sum(tl.where(bins[None, :] <= j, low, 0), 1) + tl.sum(
-            tl.where(bins[None, :] + 8 <= j, high, 0), 1
-        )
-        depth = tl.where(count >= top_k, j, depth)
+    for j in range(HIST_BINS - 1, -1, -1):  # descending: the first bin reaching k wins
+        depth = tl.where(tl.sum(tl.where(bins[None, :] <= j, counts, 0), 1) >= top_k, j, depth)
     base = _ordinal(top - (depth + 1.0 + 1.0 / 32) * width).to(tl.int64)
     end = _ordinal(top - (depth - 1.0 / 32) * width).to(tl.int64) + 1
     found = depth < HIST_BINS
@@ -756,8 +747,8 @@ def _topk_threshold(
 ):
     """(t, J, passes): a cut with exactly k allowed keys at or above it, or the k-th largest score
     when it is tied, and then the last tied key that still fits (earliest keys win). Each pass
-    counts the keys in 16 bins of the order-preserving integer image of the scores that hold the
-    k-th largest, so a pass divides the span by 16, exactly (integer arithmetic)."""
+    counts the keys in 32 bins of the order-preserving integer image of the scores that hold the
+    k-th largest, so a pass divides the span by 32, exactly (integer arithmetic)."""
     search = n_allowed > top_k
     top, least = tl.where(search, top, 0.0), tl.where(search, least, 0.0)
     full_base = _ordinal(least).to(tl.int64)  # count(key ≥ base) ≥ k
@@ -771,24 +762,22 @@ def _topk_threshold(
     inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
     passes = 1
     while (tl.min(done.to(tl.int32)) == 0) & (passes < 40):
-        zero = tl.zeros([BLOCK], tl.int32)
-        bins = tl.zeros([BLOCK, 8], tl.int32)
-        low, high, above = _rank_blocks(
-            bins, bins, zero, q, K, kv, rows, base, shift, 0, inner, N, SCALE, False, D, CAUSAL,
+        counts, above = _rank_blocks(
+            tl.zeros([BLOCK, HIST_BINS], tl.int32), tl.zeros([BLOCK], tl.int32), q, K, kv, rows,
+            base, shift, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK, PRECISION,
+        )  # fmt: skip
+        counts, above = _rank_blocks(
+            counts, above, q, K, kv, rows, base, shift, inner, end, N, SCALE, True, D, CAUSAL,
             OFFSET, BLOCK, PRECISION,
         )  # fmt: skip
-        low, high, above = _rank_blocks(
-            low, high, above, q, K, kv, rows, base, shift, inner, end, N, SCALE, True, D, CAUSAL,
-            OFFSET, BLOCK, PRECISION,
-        )  # fmt: skip
-        new_base, new_n_lo, new_n_hi = _rank_step(low, high, above, base, shift, top_k, BLOCK)
+        new_base, new_n_lo, new_n_hi = _rank_step(counts, above, base, shift, top_k, BLOCK)
         lost = ~done & (new_n_lo < top_k)  # the value window missed the k-th key: start over
         keep = done | lost
         n_lo = tl.where(keep, n_lo, new_n_lo)
         n_hi = tl.where(keep, n_hi, new_n_hi)
         done = done | (~lost & ((new_n_lo == top_k) | (shift == 0)))
         base = tl.where(done, tl.where(keep, base, new_base), tl.where(lost, full_base, new_base))
-        shift = tl.where(lost, full_shift, tl.maximum(shift - 4, 0))
+        shift = tl.where(lost, full_shift, tl.maximum(shift - HIST_BITS, 0))
         passes += 1
     t = tl.where(search, _from_ordinal(base.to(tl.int32)), LOWEST)
     tied = search & (n_lo > top_k)  # more keys equal t than there is room for
