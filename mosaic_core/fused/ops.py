@@ -45,8 +45,8 @@ def block_size(length: int, head_dim: int, dtype: torch.dtype) -> int:
 
 def num_warps(block: int, head_dim: int) -> int:
     """Warps for a tile: 8 once a tile's (BLOCK, D) accumulators reach 64 × 64, where 4 warps
-    spilled (offline sm_90 compiles, Triton 3.9: the dK/dV kernel 255 registers and 432–488 bytes
-    of stack at 4 warps, 216–246 registers and none at 8; the forward 192 registers at 8)."""
+    spilled (offline sm_90 compiles, Triton 3.9, bf16, D = 64: the dK/dV kernel 255 registers and
+    432–488 bytes of stack at 4 warps, at most 40 bytes at 8; no spills in the other kernels)."""
     return 8 if block * head_dim >= 64 * 64 else 4
 
 

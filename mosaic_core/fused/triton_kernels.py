@@ -10,8 +10,8 @@ become −inf; every weight below is 0 at −inf.
 
 - ENTMAX (α-entmax, α ∈ (1, 2]; s in x = (α−1)·scale·q·k units): w = [x − τ]_+^r, r = 1/(α−1).
   τ solves Σ_j [x_j − τ]_+^r = 1 and lies in [max − 1, max − n^{1−α}]. A max pass, then one
-  histogram pass (HIST_BINS bins of width 1/HIST_BINS below the max, counted in 8-bit slots of
-  one int64 per row and tile) that brackets τ between bin edges; then passes that each evaluate,
+  histogram pass (HIST_BINS bins of width 1/HIST_BINS below the max, counted per row and tile
+  in 8-bit slots of int64 words) that brackets τ between bin edges and starts it; then passes that each evaluate,
   at the current τ_c, the power sums P_m = Σ_{x>τ_c} (x − τ_c)^m: they give a Newton step on
   ‖[x − τ]_+‖_r = 1 (always a lower bound on τ, the function being convex and decreasing) and,
   for r ∈ {1, 2, 3}, the root τ* of Σ_{x>τ_c} (x − τ)^r = 1, which is τ itself exactly when
