@@ -77,6 +77,25 @@ def _meta(
     }
 
 
+def _register_cap(kind: int, warps: int) -> dict:
+    """entmax's statistics kernel fits 128 registers at 8 warps (119, no spills, offline sm_90
+    compiles; 139 uncapped), so two blocks share an SM; top-k's would spill (88 bytes)."""
+    return {"maxnreg": 128} if kind == _ENTMAX and warps == 8 else {}
+
+
+_SEARCH_META = (
+    "D",
+    "KIND",
+    "P_CODE",
+    "G_CODE",
+    "CAUSAL",
+    "OFFSET",
+    "BLOCK",
+    "PRECISION",
+    "num_warps",
+)
+
+
 def _grid(q: Tensor, block: int) -> tuple[int, int]:
     return triton.cdiv(q.shape[-2], block), math.prod(q.shape[:-2])
 
@@ -115,25 +134,27 @@ def fused_forward(
     stats = torch.empty(*q.shape[:-1], STATS, device=q.device, dtype=torch.float32)
     u = torch.empty(_u_shape(q, kind), device=q.device, dtype=torch.float32)
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)
-    compiled = tk.forward_kernel[_grid(q, meta["BLOCK"])](
-        q,
-        k,
-        v,
-        c,
-        out,
-        stats,
-        u,
-        int(seed),
-        _score_scale(kind, scale, alpha),
-        alpha,
-        a,
-        dropout_p,
-        top_k,
-        n,
-        TOL=_NEWTON_TOLERANCE,
-        MAX_ITERS=_NEWTON_MAX_ITERS,
-        CERTIFY=1 <= meta["P_CODE"] <= 3,
-        **meta,
+    grid = _grid(q, meta["BLOCK"])
+    x_scale = _score_scale(kind, scale, alpha)
+    if kind != _RELU:
+        search = {key: meta[key] for key in _SEARCH_META}
+        compiled = tk.statistics_kernel[grid](
+            q,
+            k,
+            stats,
+            x_scale,
+            alpha,
+            top_k,
+            n,
+            CERTIFY=1 <= meta["P_CODE"] <= 3,
+            TOL=_NEWTON_TOLERANCE,
+            MAX_ITERS=_NEWTON_MAX_ITERS,
+            **search,
+            **_register_cap(kind, meta["num_warps"]),
+        )
+        _note_registers("statistics", compiled)
+    compiled = tk.forward_kernel[grid](
+        q, k, v, c, out, stats, u, int(seed), x_scale, alpha, a, dropout_p, n, **meta
     )
     _note_registers("forward", compiled)
     return out, stats, u

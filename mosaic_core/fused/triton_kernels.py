@@ -1,5 +1,6 @@
-"""The Triton programs behind `mosaic_core.fused`: one forward and two backward kernels for every
-fused attention kernel, chosen at compile time by KIND.
+"""The Triton programs behind `mosaic_core.fused`: for every fused attention kernel (chosen at
+compile time by KIND) a statistics kernel (the passes that find each row's threshold; none for the
+ReLU family), an output kernel, and a backward kernel (plus a dQ kernel in deterministic mode).
 
 Every kernel weighs key j for query i by w_ij = f(s_ij; row statistics of row i), s = SCALE·q·k,
 and returns Σ_j w_ij v_j / normaliser_i. The row statistics are found in the forward by passes
@@ -859,6 +860,58 @@ def _output_blocks(
 
 
 @triton.jit
+def statistics_kernel(
+    Q,
+    K,
+    STATS,
+    SCALE,
+    alpha,
+    top_k,
+    N,
+    D: tl.constexpr,
+    KIND: tl.constexpr,
+    P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr,
+    CERTIFY: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr,
+    TOL: tl.constexpr,
+    MAX_ITERS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """The row statistics of entmax and top-k (stats 0–2, and 4: the passes made): every pass but
+    the output one, in a kernel that holds no (BLOCK, D) accumulator."""
+    pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    kv = bh * N * D
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    q = _load_rows(Q, kv, rows, N, D, True)
+    n_allowed = _allowed_count(rows, N, CAUSAL, OFFSET)
+    top, arg, least = _row_max(
+        q, K, kv, rows, pid, N, SCALE, KIND != ENTMAX, D, CAUSAL, OFFSET, BLOCK, PRECISION
+    )
+    if KIND == ENTMAX:
+        t0, passes = _entmax_threshold(
+            q, K, kv, rows, pid, N, SCALE, alpha, 1.0 / (alpha - 1.0), n_allowed, top, TOL,
+            MAX_ITERS, D, CAUSAL, OFFSET, BLOCK, PRECISION, P_CODE, G_CODE, CERTIFY,
+        )  # fmt: skip
+        t1 = tl.zeros([BLOCK], tl.float32)
+        t2 = tl.zeros([BLOCK], tl.float32)
+    else:
+        t0, last, passes = _topk_threshold(
+            q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least, D, CAUSAL, OFFSET, BLOCK,
+            PRECISION,
+        )  # fmt: skip
+        t1 = last.to(tl.float32)
+        t2 = tl.where(n_allowed > 0, top, 0.0)
+    base = STATS + (bh * N + rows) * 5
+    tl.store(base, t0, mask=rows < N)
+    tl.store(base + 1, t1, mask=rows < N)
+    tl.store(base + 2, t2, mask=rows < N)
+    tl.store(base + 4, tl.zeros([BLOCK], tl.float32) + (1 + passes), mask=rows < N)
+
+
+@triton.jit
 def forward_kernel(
     Q,
     K,
@@ -872,22 +925,20 @@ def forward_kernel(
     alpha,
     a,
     p_drop,
-    top_k,
     N,
     D: tl.constexpr,
     KIND: tl.constexpr,
     P_CODE: tl.constexpr,
     G_CODE: tl.constexpr,
-    CERTIFY: tl.constexpr,
     FALLBACK: tl.constexpr,
     CAUSAL: tl.constexpr,
     OFFSET: tl.constexpr,
     DROPOUT: tl.constexpr,
-    TOL: tl.constexpr,
-    MAX_ITERS: tl.constexpr,
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
+    """The output pass: out, U and the normaliser, from the statistics (the ReLU family's offset
+    c is an input; the others' come from statistics_kernel)."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -895,29 +946,18 @@ def forward_kernel(
     q = _load_rows(Q, kv, rows, N, D, True)
     n_allowed = _allowed_count(rows, N, CAUSAL, OFFSET)
     r = 1.0 / (alpha - 1.0)
-    t1 = tl.zeros([BLOCK], tl.float32)
-    t2 = tl.zeros([BLOCK], tl.float32)
+    base = STATS + (bh * N + rows) * 5
     uniform = n_allowed < 0  # all False
-    passes = 1  # the output pass
     if KIND == RELU:
         t0 = tl.load(C + bh * N + rows, mask=row_ok, other=0.0)
+        t1 = tl.zeros([BLOCK], tl.float32)
+        t2 = tl.zeros([BLOCK], tl.float32)
+        passes = tl.zeros([BLOCK], tl.float32)
     else:
-        top, arg, least = _row_max(
-            q, K, kv, rows, pid, N, SCALE, KIND != ENTMAX, D, CAUSAL, OFFSET, BLOCK, PRECISION
-        )
-        if KIND == ENTMAX:
-            t0, search_passes = _entmax_threshold(
-                q, K, kv, rows, pid, N, SCALE, alpha, r, n_allowed, top, TOL, MAX_ITERS, D,
-                CAUSAL, OFFSET, BLOCK, PRECISION, P_CODE, G_CODE, CERTIFY,
-            )  # fmt: skip
-        else:
-            t0, last, search_passes = _topk_threshold(
-                q, K, kv, rows, pid, N, SCALE, top_k, n_allowed, top, least, D, CAUSAL, OFFSET,
-                BLOCK, PRECISION,
-            )  # fmt: skip
-            t1 = last.to(tl.float32)
-            t2 = tl.where(n_allowed > 0, top, 0.0)
-        passes += 1 + search_passes
+        t0 = tl.load(base, mask=row_ok, other=0.0)
+        t1 = tl.load(base + 1, mask=row_ok, other=0.0)
+        t2 = tl.load(base + 2, mask=row_ok, other=0.0)
+        passes = tl.load(base + 4, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK, D], tl.float32)
     acc_g = tl.zeros([BLOCK, D], tl.float32)
     acc_u = tl.zeros([BLOCK, D], tl.float32)
@@ -945,12 +985,12 @@ def forward_kernel(
         _store_rows(U, kv, rows, N, acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None], D)
     elif KIND == RELU:
         _store_rows(U, kv, rows, N, out, D)
-    base = STATS + (bh * N + rows) * 5
-    tl.store(base, t0, mask=row_ok)
-    tl.store(base + 1, t1, mask=row_ok)
-    tl.store(base + 2, t2, mask=row_ok)
+    if KIND == RELU:
+        tl.store(base, t0, mask=row_ok)
+        tl.store(base + 1, t1, mask=row_ok)
+        tl.store(base + 2, t2, mask=row_ok)
     tl.store(base + 3, total, mask=row_ok)
-    tl.store(base + 4, tl.zeros([BLOCK], tl.float32) + passes, mask=row_ok)
+    tl.store(base + 4, passes + 1, mask=row_ok)
 
 
 @triton.jit
