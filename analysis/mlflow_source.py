@@ -1,6 +1,6 @@
 """The results frame rebuilt from MLflow alone, for when the sweep folder is lost or on another machine.
 
-Reads what `orchestrator.tracking.SweepTracker` logs: one child run per trial under the parent run
+Reads what `orchestrator.tracking` logs, by the names it writes (`orchestrator.tracking.names`): one child run per trial under the parent run
 of a sweep invocation, with the flattened trial config as params, the `kernel_label` tag, and
 each reported metric's history (steps included). The `config` column holds the params the
 invocation's trials differ in, as the tracker's holds the keys the sweep varies. Non-finite values are not logged to MLflow, so
@@ -26,25 +26,14 @@ from analysis.schema import (
     varied_keys,
 )
 from mosaic_core.metrics import parse_metric_name
-
-PARENT_TAG = "mlflow.parentRunId"
-TRIAL_ID_TAG = "ray.trial_id"
-STOPPED_TAG = "stopped_early"  # on the run of a trial ASHA stopped: the step it stopped at
-STATUS = {"FINISHED": "TERMINATED", "FAILED": "ERROR", "KILLED": "INTERRUPTED"}
-"""MLflow run status -> the results' trial status, as the tracker maps them the other way (a
-FINISHED run tagged `stopped_early` is STOPPED); RUNNING is kept as it is."""
-
-
-def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
-    """Every run of the experiment that matches the filter, page after page."""
-    runs: list[Run] = []
-    token = None
-    while True:
-        page = client.search_runs([experiment_id], filter_string, page_token=token)
-        runs += page
-        token = page.token
-        if not token:
-            return runs
+from orchestrator.tracking.names import (
+    KERNEL_LABEL_TAG,
+    PARENT_TAG,
+    STOPPED_TAG,
+    TRIAL_ID_TAG,
+    TRIAL_STATUS,
+)
+from orchestrator.tracking.runs import all_runs
 
 
 def _value(text: str) -> Any:
@@ -72,11 +61,11 @@ def _trial_rows(
     columns = {
         **{column: _typed(column, params.get(key)) for column, key in TYPED_CONFIG.items()},
         "trial_id": tags.get(TRIAL_ID_TAG, run_id),
-        "kernel_label": tags.get("kernel_label"),
+        "kernel_label": tags.get(KERNEL_LABEL_TAG),
         "seed": _typed("seed", params.get(SEED_KEY)),
         "status": TrialStatus.STOPPED.value
         if STOPPED_TAG in tags
-        else STATUS.get(run.info.status, run.info.status),
+        else TRIAL_STATUS.get(run.info.status, run.info.status),
         "planned_steps": _typed("planned_steps", params.get("train.max_steps")),
         "mlflow_run_id": run_id,
         "config": config_json(params, varied),
@@ -115,9 +104,8 @@ def results_from_mlflow(tracking_uri: str, experiment: str) -> pd.DataFrame:
         run.info.run_id: {key: _value(text) for key, text in run.data.params.items()}
         for run in trials
     }
-    varied = varied_keys(
-        params.values()
-    )  # as the tracker's `config`: the keys the sweep's trials differ in
+    # as the tracker's `config`: the keys the sweep's trials differ in
+    varied = varied_keys(params.values())
     rows = [
         row for run in trials for row in _trial_rows(client, run, params[run.info.run_id], varied)
     ]

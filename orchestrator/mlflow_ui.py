@@ -15,10 +15,14 @@ import sys
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+from mlflow.exceptions import MlflowException
+
 from analysis.results_store import ResultsStoreError, read_results
 from analysis.tables import family_layout, lower_is_better
 from mosaic_core.metrics import length_metric_name
 from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
+from orchestrator.tracking.names import PARENT_TAG
+from orchestrator.tracking.runs import experiment_of
 
 MODEL_TRAINING_WORKFLOW = "machine_learning"  # the UI's switch: "genai" or "machine_learning"
 
@@ -38,7 +42,7 @@ def trials_link(
     (metric, ascending) when given."""
     query = {
         "workflowType": MODEL_TRAINING_WORKFLOW,
-        "searchFilter": f"tags.mlflow.parentRunId = '{parent_run_id}'",
+        "searchFilter": f"tags.{PARENT_TAG} = '{parent_run_id}'",
     }
     if order_by is not None:
         metric, ascending = order_by
@@ -63,9 +67,6 @@ def headline_metric(sweep_dir: Path) -> tuple[str, bool] | None:
 def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dict[str, str]:
     """Sweep name -> link to its trials, for the sweep folder given or each one inside the folder
     of sweeps that logs to `tracking_uri`; sweeps without a parent run yet are left out."""
-    from mlflow import MlflowClient
-    from mlflow.exceptions import MlflowException
-
     folders = (
         [folder_or_sweeps]
         if (folder_or_sweeps / LAUNCH).is_file()
@@ -78,10 +79,10 @@ def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dic
             run_map = folder.run_map()
             if run_map is None or folder.launch.tracking_uri != tracking_uri:
                 continue
-            run = MlflowClient(tracking_uri).get_run(run_map.parent)
+            experiment_id = experiment_of(tracking_uri, run_map.parent)
         except (SweepFolderError, MlflowException):
             continue
         links[path.name] = trials_link(
-            base_url, run.info.experiment_id, run_map.parent, headline_metric(path)
+            base_url, experiment_id, run_map.parent, headline_metric(path)
         )
     return links

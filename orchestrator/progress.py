@@ -14,13 +14,12 @@ from rich.console import Console
 
 from analysis.results_store import read_results
 from analysis.schema import TrialStatus
-from orchestrator.search import trial_config, trial_name
-from orchestrator.tracking import reported_metrics
+from orchestrator.tracking.callback import reported_metrics
+from orchestrator.trial_configs import trial_config, trial_name
 
-_console = Console(
-    stderr=True, highlight=False, soft_wrap=True
-)  # module level: Tune pickles its callbacks; a
-# file or pipe gets whole lines, not lines wrapped at 80 columns
+# module level: Tune pickles its callbacks; a file or pipe gets whole lines, not lines wrapped at
+# 80 columns
+_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class TrialProgress(Callback):
@@ -64,11 +63,12 @@ class TrialProgress(Callback):
     ) -> None:
         self.finished.add(trial.trial_id)
         metrics = reported_metrics(trial.last_result)
+        # per-head ones ("/" in the name): MLflow
         shown = "  ".join(
             f"{key}={value:.3g}"
             for key, value in metrics.items()
             if key not in ("step", "lr", "elapsed_s", "tokens_per_s") and "/" not in key
-        )  # per-head ones: MLflow
+        )
         seconds = trial.last_result.get("time_total_s", 0.0)
         step, max_steps = (
             metrics.get("step"),

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import yaml
 
-from orchestrator.data_parallel import DRIVER_CPU
 from search_spaces.schema import Resources, Sweep
 
 AUTOSCALER_CONFIG = (
     Path.home() / "ray_bootstrap_config.yaml"
-)  # where `ray up` leaves the config on the head
+)  # where `ray up` leaves it on the head
+DRIVER_CPU = 0.01  # a Train run's driver only waits and relays reports
 
 
 class PlacementError(ValueError):
@@ -59,6 +59,7 @@ class Cluster:
 
 def local_machine() -> Cluster:
     """What a local `ray.init()` would find, without starting Ray."""
+    # torch counts the GPUs: imported here, so that refusals before any work go without it
     import torch
 
     return Cluster(
@@ -71,6 +72,7 @@ def connect(address: str | None, verbose: bool) -> Cluster:
     """Join the Ray cluster at `address`, or start Ray on this machine, reachable from it alone."""
     if address is None:
         _loopback_only()
+    # Ray comes after _loopback_only, which must precede its first import
     import ray
 
     if not ray.is_initialized():
@@ -82,9 +84,8 @@ def connect(address: str | None, verbose: bool) -> Cluster:
                 log_to_driver=verbose,
                 logging_level=level,
             )
-        except (
-            Exception
-        ) as error:  # Ray raises many kinds here (connection, authentication, version mismatch)
+        # Ray raises many kinds here (connection, authentication, version mismatch)
+        except Exception as error:
             raise PlacementError(
                 f"cannot join the Ray cluster at {address}: {' '.join(str(error).split())[:200]}"
             ) from None
@@ -98,15 +99,13 @@ def _loopback_only() -> None:
     """A local Ray binds every server (GCS, raylet, object manager, workers, agents) to 127.0.0.1: no
     other host can connect, so it needs no token. Ray's switch for this is the one it uses on
     Windows and macOS, where Ray runs on one machine."""
-    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = (
-        "0"  # for Ray's processes, and a first import of ray
-    )
+    # for Ray's processes, and a first import of ray
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     from ray._private import ray_constants
 
-    ray_constants.ENABLE_RAY_CLUSTER = (
-        False  # Ray reads the variable once, when it is first imported
-    )
+    # Ray reads the variable once, when it is first imported
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def placement(resources: Resources, address: str | None, verbose: bool) -> Cluster:
@@ -286,9 +285,8 @@ def resource_plan(sweep: Sweep, cluster: Cluster, max_concurrent: int | None) ->
     waves = _wave_count(demands, cluster.nodes, max_concurrent) if at_once else None
     waves = f"{waves} wave(s)" if waves else "none until nodes join"
     if gpu:
-        workers = sum(
-            len(bundles) - (len(bundles) > 1) for bundles in demands
-        )  # a driver takes no GPU
+        # a driver takes no GPU
+        workers = sum(len(bundles) - (len(bundles) > 1) for bundles in demands)
         gpus = workers * gpu if gpu > 1 else math.ceil(workers / math.floor(1 / gpu + 1e-9))
         waves += f"; {gpus:g} GPUs would run them all at once"
     trials = f"{sweep.num_trials} trials"

@@ -1,4 +1,4 @@
-"""The sweep folder: the one owner of the files a sweep keeps beside its results.
+"""The sweep folder: the one owner of the names of the files a sweep keeps beside its results.
 
 | file | what |
 | --- | --- |
@@ -6,6 +6,13 @@
 | `trials.json` | the expanded trial configs, as first expanded (an edited sweep file cannot derail a resume) |
 | `mlflow_runs.json` | the parent MLflow run and which child run belongs to which Ray trial |
 | `results.parquet/` | the results store (`analysis.results_store`) |
+| `table.md`, `table-<layout>.tex/.csv`, `table-search.csv` | the tables the run ends with |
+| `plots/` | the figures the run ends with (`mosaic-sweep plot`'s default folder) |
+| `compare-<paper table>.md/.csv` | `mosaic-sweep compare`'s comparison with the paper |
+| `optuna.db` | a search's Optuna study (unless `search.storage` names another database) |
+| `tune/` | Ray Tune's state (under `--storage` when given) |
+
+Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifacts/` (its artifacts).
 
 `SweepFolder.create` starts a new folder, `SweepFolder.open` reads back one that exists; every
 other module goes through them. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
@@ -26,14 +33,39 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from analysis.results_store import store_path
-
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
 LAUNCH = "launch.json"
 TRIALS = "trials.json"
 RUN_MAP = "mlflow_runs.json"
+TABLE = "table.md"
+SEARCH_TABLE = "table-search.csv"
+PLOTS = "plots"
+OPTUNA_DB = "optuna.db"
+TUNE = "tune"  # Tune's experiment name (RunConfig name) under the storage path
+MLFLOW_DB = "mlflow.db"  # beside the sweep folders
+MLFLOW_ARTIFACTS = "mlartifacts"  # beside the sweep folders
+
+
+def layout_table(layout: str, suffix: str) -> str:
+    """`table-length_factor.tex`: a layout's table of a sweep, as LaTeX or CSV."""
+    return f"table-{layout}{suffix}"
+
+
+def comparison_file(paper: str, suffix: str) -> str:
+    """`compare-table2.md`: `mosaic-sweep compare`'s comparison with one of the paper's tables."""
+    return f"compare-{paper}{suffix}"
+
+
+def default_tracking_uri(sweeps_dir: Path) -> str:
+    """`--mlflow-uri`, else MLFLOW_TRACKING_URI, else a SQLite file beside the sweep folders."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{sweeps_dir.resolve() / MLFLOW_DB}"
+
+
+def sqlite_uri(database: Path) -> str:
+    """The SQLAlchemy URL of a SQLite file, absolute."""
+    return f"sqlite:///{database.resolve()}"
 
 
 class SweepFolderError(ValueError):
@@ -55,8 +87,8 @@ class LaunchRecord(BaseModel):
 
     @property
     def tune_path(self) -> str:
-        """Tune's experiment folder (RunConfig name "tune") under the storage path."""
-        return f"{self.storage_path}/tune"
+        """Tune's experiment folder (RunConfig name `TUNE`) under the storage path."""
+        return f"{self.storage_path}/{TUNE}"
 
 
 class RunMap(BaseModel):
@@ -93,9 +125,8 @@ class SweepFolder:
         """A new sweep folder holding its launch record and trial configs (an old sweep there is moved aside
         with `overwrite`, refused without)."""
         prepare_output_dir(path, overwrite, marker=LAUNCH, what="a sweep")
-        _write_json(
-            path / LAUNCH, launch.model_dump()
-        )  # first: whatever follows, the folder is known as a sweep's
+        # first: whatever follows, the folder is known as a sweep's
+        _write_json(path / LAUNCH, launch.model_dump())
         _write_json(path / TRIALS, configs)
         return cls(path, launch)
 
@@ -120,29 +151,33 @@ class SweepFolder:
     def save_run_map(self, run_map: RunMap) -> None:
         _write_json(self.path / RUN_MAP, run_map.model_dump())
 
-    @property
-    def results_path(self) -> Path:
-        return store_path(self.path)
-
 
 def prepare_output_dir(path: Path, overwrite: bool, *, marker: str, what: str) -> None:
     """Refuse to mix two runs in one folder; with `overwrite`, move an old one (a folder holding `marker`)
     aside, never delete it, and never move a folder that is not one of ours."""
-    if path.exists() and any(path.iterdir()):
-        if not (path / marker).is_file():
-            raise SweepFolderError(
-                f"{path} is not empty and has no {marker}, so it is not the folder of {what} "
-                "and is left alone; give --out a new or empty folder"
-            )
-        if not overwrite:
-            raise SweepFolderError(
-                f"{path} already holds {what}; pass --resume to continue it, --overwrite to start again "
-                f"(the old folder is kept as a backup), or --out another folder"
-            )
+    if check_output_dir(path, overwrite, marker=marker, what=what):
         backup = _backup_name(path)
         shutil.move(path, backup)
         log.warning("moved the existing %s to %s", path, backup)
     path.mkdir(parents=True, exist_ok=True)
+
+
+def check_output_dir(path: Path, overwrite: bool, *, marker: str, what: str) -> bool:
+    """Whether `path` holds an old run that `overwrite` moves aside; SweepFolderError when it holds
+    something else, or an old run without `overwrite`."""
+    if not (path.exists() and any(path.iterdir())):
+        return False
+    if not (path / marker).is_file():
+        raise SweepFolderError(
+            f"{path} is not empty and has no {marker}, so it is not the folder of {what} "
+            "and is left alone; give --out a new or empty folder"
+        )
+    if not overwrite:
+        raise SweepFolderError(
+            f"{path} already holds {what}; pass --resume to continue it, --overwrite to start again "
+            f"(the old folder is kept as a backup), or --out another folder"
+        )
+    return True
 
 
 def _backup_name(path: Path) -> Path:
@@ -187,16 +222,8 @@ def _read_model(path: Path, model: type[M], missing: str) -> M:
 # ---------------------------------------------------------------------------------------------
 # where a sweep may be written: checked from the flags alone, before anything is made
 
-TRACKING_SCHEMES = (
-    "file",
-    "sqlite",
-    "postgresql",
-    "mysql",
-    "mssql",
-    "http",
-    "https",
-    "databricks",
-)  # MLflow's stores
+# MLflow's stores
+TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
 
 
 def check_new_folder(path: Path, flag: str) -> None:
@@ -230,13 +257,13 @@ def check_storage(storage: str) -> None:
     """A --storage that Tune can open: a local folder, or a URI of a filesystem pyarrow knows (s3://, gs://, …)."""
     if "://" not in storage:
         return check_new_folder(Path(storage), "--storage")
+    # pyarrow knows the filesystems: imported for a --storage URI alone
     import pyarrow.fs
 
     try:
         pyarrow.fs.FileSystem.from_uri(storage)
-    except (
-        Exception
-    ) as error:  # pyarrow raises ArrowInvalid for unknown schemes, OSError for unreachable ones
+    # pyarrow raises ArrowInvalid for unknown schemes, OSError for unreachable ones
+    except Exception as error:
         raise SweepFolderError(
             f"--storage {storage}: {' '.join(str(error).split())[:160]}"
         ) from None

@@ -1,48 +1,20 @@
-"""Sweep files: validation and expansion into one trial config per grid point.
-
-Kernel parameters are conditional: α belongs to entmax, k to the top-k kernels, b to relumax, so
-each entry of `kernels:` expands over its own parameters only. `grid:` is a Cartesian product over
-any other config key, written as a dotted path (`model.n_layer: [1, 2]`, `seed: [0, 1, 2]`).
-`cases:` are settings that go together (task MQMTAR at depth 4 with its lengths, sort at depth
-2 with its own): trials = cases × kernel variants × grid points. A case may also set
-`resources.workers`, its trials' number of data-parallel workers.
-`scheduler:` stops weak trials early (ASHA); `search:` replaces the grid's seeds by an Optuna
-search over distributions of dotted keys, each suggestion trained with `seeds` seeds.
-Everything is checked before anything starts; errors are one line naming the key and what is allowed.
+"""The models of a sweep file (`SweepFile`, its `resources:`, `scheduler:` and `search:`) and of a
+validated, expanded sweep (`Sweep` of `Trial`s), with the short names trials go by; torch-free, so
+the command line can name them before any work.
 """
 
 from __future__ import annotations
 
-import collections
-import copy
-import itertools
-import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from mosaic_core.config import MAX_SEED, TrialConfig, describe_validation_error, flatten
-from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES, kernel_label, resolve_kernel
+if TYPE_CHECKING:
+    from mosaic_core.config import TrialConfig
 
-KERNEL_KEYS = (
-    "model.kernel",
-    "model.kernel_params",
-)  # set by `kernels:`, never by `grid:`, `cases:` or `base:`
-WORKERS_KEY = (
-    "resources.workers"  # the one resource a case may set: a trial's result does not depend on it
-)
-MAX_TRIALS = 10_000  # trials per sweep: a larger grid is a typo (the paper's largest sweep has 90)
-MAX_YAML_VALUES = (
-    100_000  # values a YAML file may hold once its aliases are followed (an alias bomb stops here)
-)
-
-
-class SweepError(ValueError):
-    """A sweep file that cannot run; the message is one line meant for the user."""
+SWEEP_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a sweep's name: its folder's, its experiment's
 
 
 class Resources(BaseModel):
@@ -81,13 +53,8 @@ class Scheduler(BaseModel):
     reduction_factor: float = Field(3.0, gt=1)
 
 
-DISTRIBUTIONS = (
-    "uniform",
-    "loguniform",
-    "int",
-    "logint",
-    "choice",
-)  # choice: [values…]; the others: [low, high]
+# choice: [values…]; the others: [low, high]
+DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 
 
 class Search(BaseModel):
@@ -110,7 +77,7 @@ class Search(BaseModel):
 
 class SweepFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    name: str = Field(pattern=SWEEP_NAME)
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)
     kernels: list[str | dict[str, Any]] = Field(min_length=1)
@@ -135,15 +102,12 @@ class Trial:
 
     config: TrialConfig
     varying: dict[str, Any]
+    kernel_label: str  # the paper's row label: `Biweight`
     workers: int | None = None  # its case's resources.workers; None: the sweep's
-
-    @property
-    def kernel_label(self) -> str:
-        return kernel_label(self.config.model.kernel, **self.config.model.kernel_params)
 
     def describe(self) -> str:
         """A short unique name: `entmax(α=4/3) seed=0`."""
-        return _name(self.varying)
+        return describe_varying(self.varying)
 
 
 @dataclass(frozen=True)
@@ -155,9 +119,7 @@ class Sweep:
     description: str
     resources: Resources
     trials: list[Trial]
-    kernel_labels: list[str] = field(
-        default_factory=list
-    )  # table row order: as written in the file
+    kernel_labels: list[str] = field(default_factory=list)  # table rows: as written in the file
     planned_seeds: int = 1
     max_failures: int = 1
     scheduler: Scheduler | None = None
@@ -194,231 +156,13 @@ class Sweep:
         return None
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, except that a key written twice in one mapping is an error (PyYAML keeps the last)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: PyYAML's own check names it
-                continue
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {key!r}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep)
+def describe_varying(varying: dict[str, Any]) -> str:
+    """`entmax(α=4/3) seed=0`: a trial's values that tell it from its siblings."""
+    return " ".join(show(key, value) for key, value in varying.items())
 
 
-def read_yaml(path: Path) -> Any:
-    """A YAML file's data; SweepError (one line) for text that is not UTF-8, not YAML, has a key twice,
-    expands (its aliases followed) to more than MAX_YAML_VALUES values, or holds a non-finite number."""
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise SweepError(
-            f"{path.name}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
-            f"{error.start}); save it as UTF-8"
-        ) from None
-    loader = _UniqueKeyLoader(text)
-    loader.name = path.name  # what its errors say instead of "<unicode string>"
-    try:
-        node = loader.get_single_node()
-        if node is not None and _expanded_size(node, {}) > MAX_YAML_VALUES:
-            raise SweepError(
-                f"{path.name}: holds more than {MAX_YAML_VALUES} values once its aliases are followed"
-            )
-        data = None if node is None else loader.construct_document(node)
-        _check_finite(data, path.name)
-    except yaml.YAMLError as error:
-        raise SweepError(
-            f"{path.name}: not valid YAML: {' '.join(str(error).split())[:200]}"
-        ) from None
-    except RecursionError:
-        raise SweepError(f"{path.name}: nested too deeply to be a sweep or trial config") from None
-    finally:
-        loader.dispose()
-    return data
-
-
-def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
-    """How many values `node` stands for with every alias followed (a recursive alias counts as too many)."""
-    if id(node) in sizes:
-        return sizes[id(node)]
-    sizes[id(node)] = MAX_YAML_VALUES + 1  # until known: a node that contains itself is refused
-    children = (
-        [n for pair in node.value for n in pair]
-        if isinstance(node, yaml.MappingNode)
-        else node.value
-        if isinstance(node, yaml.SequenceNode)
-        else []
-    )
-    sizes[id(node)] = 1 + sum(_expanded_size(child, sizes) for child in children)
-    return sizes[id(node)]
-
-
-def _check_finite(data: Any, source: str, key: str = "") -> None:
-    """No .inf or .nan anywhere: every number of a sweep is a setting, and none of them means infinity."""
-    if isinstance(data, float) and not math.isfinite(data):
-        raise SweepError(f"{source}: {key or '(top level)'}: {data} is not a finite number")
-    items = (
-        data.items()
-        if isinstance(data, dict)
-        else enumerate(data)
-        if isinstance(data, list)
-        else []
-    )
-    for name, value in items:
-        _check_finite(
-            value,
-            source,
-            f"{key}[{name}]" if isinstance(data, list) else f"{key}.{name}".lstrip("."),
-        )
-
-
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, validate and expand a sweep file; any problem raises SweepError with one line."""
-    path = Path(path)
-    source = path.name
-    if not path.is_file():
-        raise SweepError(f"{path}: no such sweep file")
-    raw = read_yaml(path)
-    if not isinstance(raw, dict):
-        raise SweepError(
-            f"{source}: a sweep file is a mapping with keys {', '.join(SweepFile.model_fields)}"
-        )
-    try:
-        spec = SweepFile.model_validate(raw)
-    except ValidationError as error:
-        raise SweepError(describe_validation_error(error, SweepFile, source)) from None
-    return expand(spec, source)
-
-
-def expand(spec: SweepFile, source: str) -> Sweep:
-    """Every (case × kernel variant × grid point) as a validated trial."""
-    _check_kernel_keys(spec.base, f"{source}: base")
-    try:
-        base = TrialConfig.model_validate(spec.base)
-    except ValidationError as error:
-        raise SweepError(
-            describe_validation_error(error, TrialConfig, source, prefix="base.")
-        ) from None
-    entries = [
-        _kernel_choices(entry, f"{source}: kernels[{i}]") for i, entry in enumerate(spec.kernels)
-    ]
-    _check_grid(spec.grid, base, source)
-    cases = [flatten(case) for case in spec.cases]
-    for i, case in enumerate(cases):
-        _check_kernel_keys(case, f"{source}: cases[{i}]")
-        _check_case_workers(case, source)
-    _check_count(spec, [math.prod(map(len, choices.values())) for _, choices in entries], source)
-    kernels = _kernel_variants(entries, source)
-    grid_points = [
-        dict(zip(spec.grid, values)) for values in itertools.product(*spec.grid.values())
-    ]
-    trials = [
-        _trial(spec.base, case, kernel, point, source)
-        for case, kernel, point in itertools.product(cases, kernels, grid_points)
-    ]
-    names = collections.Counter(trial.describe() for trial in trials)
-    twice = next((name for name, count in names.items() if count > 1), None)
-    if twice is not None:
-        raise SweepError(
-            f"{source}: two grid points make the same trial '{twice}'; list each value once"
-        )
-    labels = list(dict.fromkeys(trial.kernel_label for trial in trials))
-    seeds = spec.search.seeds if spec.search else len(spec.grid.get("seed", [None]))
-    if spec.search:
-        _check_search(spec.search, spec.grid, trials, source)
-    if spec.scheduler:
-        _check_scheduler(spec.scheduler, spec.search, trials, source)
-    return Sweep(
-        spec.name,
-        spec.description,
-        spec.resources,
-        trials,
-        labels,
-        seeds,
-        spec.max_failures,
-        spec.scheduler,
-        spec.search,
-    )
-
-
-def _check_case_workers(case: dict[str, Any], source: str) -> None:
-    """A case may give its trials their own worker count; every other resource is the sweep's."""
-    others = [key for key in case if key.startswith("resources.") and key != WORKERS_KEY]
-    if others:
-        raise SweepError(
-            f"{source}: cases can set {WORKERS_KEY} only; {', '.join(others)} is per worker, "
-            "for the whole sweep, in 'resources:'"
-        )
-    workers = case.get(WORKERS_KEY, 1)
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SweepError(
-            f"{source}: case {WORKERS_KEY} must be a whole number ≥ 1; got {workers!r}"
-        )
-
-
-def _trial(
-    base: dict[str, Any],
-    full_case: dict[str, Any],
-    kernel: tuple[str, dict[str, float]],
-    point: dict[str, Any],
-    source: str,
-) -> Trial:
-    """One grid point: the case merged into the base key by key, then the kernel variant and the grid values."""
-    name, params = kernel
-    case = {key: value for key, value in full_case.items() if key != WORKERS_KEY}
-    tree = with_overrides(
-        base, {**case, "model.kernel": name, "model.kernel_params": params, **point}
-    )
-    shown_kernel = (
-        f"{name}({', '.join(_show(p, v) for p, v in params.items())})" if params else name
-    )
-    shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
-    varying = {**shown_case, "kernel": shown_kernel, **point}
-    try:
-        return Trial(TrialConfig.model_validate(tree), varying, full_case.get(WORKERS_KEY))
-    except ValidationError as error:
-        raise SweepError(
-            describe_validation_error(error, TrialConfig, f"{source}: trial '{_name(varying)}'")
-        ) from None
-
-
-def _check_kernel_keys(section: dict[str, Any], where: str) -> None:
-    """Kernel variants come from `kernels:` alone: a kernel set elsewhere would be overridden silently."""
-    for key in flatten(section):
-        if key in KERNEL_KEYS or key.startswith("model.kernel_params."):
-            raise SweepError(
-                f"{where}: cannot set '{key}'; list kernel variants in 'kernels:' "
-                f"(kernels: {', '.join(KERNEL_DEFAULTS)})"
-            )
-
-
-def _check_count(spec: SweepFile, variants: list[int], source: str) -> None:
-    """Refuse, before expanding it, a sweep too large to be meant."""
-    counts = {
-        "cases": len(spec.cases),
-        "kernel variants": sum(variants),
-        "grid points": math.prod(len(values) for values in spec.grid.values()),
-    }
-    total = math.prod(counts.values())
-    if total > MAX_TRIALS:
-        shown = " × ".join(f"{n} {what}" for what, n in counts.items())
-        raise SweepError(
-            f"{source}: the sweep expands to {total} trials ({shown}); at most {MAX_TRIALS} per sweep"
-        )
-
-
-def _name(varying: dict[str, Any]) -> str:
-    return " ".join(_show(key, value) for key, value in varying.items())
-
-
-def _show(key: str, value: Any) -> str:
+def show(key: str, value: Any) -> str:
+    """`α=1.5`, `seed=0`, or a kernel variant as it is."""
     if key == "kernel":
         return str(value)
     return (
@@ -437,208 +181,3 @@ def _exact(value: float) -> str:
     return (
         f"{fraction.numerator}/{fraction.denominator}" if float(fraction) == value else repr(value)
     )
-
-
-def _kernel_choices(entry: str | dict[str, Any], where: str) -> tuple[str, dict[str, list[float]]]:
-    """`entmax` or {name: entmax, alpha: [1.5, 1.33]} -> (name, {parameter: values}), the values checked to be numbers."""
-    if isinstance(entry, str):
-        entry = {"name": entry}
-    entry = dict(entry)
-    name = entry.pop("name", None)
-    if not isinstance(name, str):
-        raise SweepError(
-            f"{where}: a kernel entry needs a 'name'; allowed: {', '.join(KERNEL_NAMES)}"
-        )
-    choices = {
-        param: value if isinstance(value, list) else [value] for param, value in entry.items()
-    }
-    for param, values in choices.items():
-        if not values:
-            raise SweepError(
-                f"{where}.{param}: empty list of values; give a number or a list of numbers"
-            )
-        bad = [v for v in values if isinstance(v, bool) or not isinstance(v, (int, float))]
-        if bad:
-            raise SweepError(f"{where}.{param}: a number or a list of numbers; got {bad[0]!r}")
-    return name, choices
-
-
-def _kernel_variants(
-    entries: list[tuple[str, dict[str, list[float]]]], source: str
-) -> list[tuple[str, dict[str, float]]]:
-    """[(canonical name, full params), …] in the order written; a variant written twice is refused like a
-    repeated grid value ('biweight' and {name: entmax, alpha: 1.5} are one variant)."""
-    variants: dict[tuple[str, tuple[tuple[str, float], ...]], int] = {}
-    for i, (name, choices) in enumerate(entries):
-        for values in itertools.product(*choices.values()):
-            try:
-                kernel, params = resolve_kernel(name, **dict(zip(choices, values)))
-            except ValueError as error:
-                raise SweepError(f"{source}: kernels[{i}]: {error}") from None
-            key = (kernel, tuple(sorted(params.items())))
-            if key in variants:
-                shown = ", ".join(_show(p, v) for p, v in params.items())
-                raise SweepError(
-                    f"{source}: kernels[{i}] repeats kernels[{variants[key]}]: both are {kernel}"
-                    f"{f'({shown})' if shown else ''}; list each variant once"
-                )
-            variants[key] = i
-    return [(kernel, dict(params)) for kernel, params in variants]
-
-
-def _check_grid(grid: dict[str, list[Any]], base: TrialConfig, source: str) -> None:
-    allowed = [
-        key for key in flatten(base.model_dump()) if key not in KERNEL_KEYS
-    ]  # keys of the base's task
-    for key, values in grid.items():
-        if key in KERNEL_KEYS:
-            raise SweepError(
-                f"{source}: grid key '{key}' is set by 'kernels:'; list kernel variants there "
-                f"(kernels: {', '.join(KERNEL_DEFAULTS)})"
-            )
-        if key not in allowed:
-            raise SweepError(f"{source}: unknown grid key '{key}'; allowed: {', '.join(allowed)}")
-        if not values:
-            raise SweepError(f"{source}: grid key '{key}' has an empty list of values")
-        if len({yaml.safe_dump(v) for v in values}) < len(values):
-            raise SweepError(f"{source}: grid key '{key}' repeats a value: {values}")
-
-
-def _check_metric(metric: str, trials: list[Trial], where: str) -> None:
-    reported = set.intersection(*(set(trial.config.metric_names()) for trial in trials))
-    if metric not in reported:
-        raise SweepError(
-            f"{where}: metric '{metric}' is not reported by every trial; choose from {', '.join(sorted(reported))}"
-        )
-
-
-def _check_scheduler(
-    scheduler: Scheduler, search: Search | None, trials: list[Trial], source: str
-) -> None:
-    if search is None and (scheduler.metric is None or scheduler.mode is None):
-        raise SweepError(
-            f"{source}: scheduler needs 'metric' and 'mode' (min or max) when there is no 'search:'"
-        )
-    if search is not None:
-        for key in ("metric", "mode"):
-            if getattr(scheduler, key) not in (None, getattr(search, key)):
-                raise SweepError(
-                    f"{source}: scheduler.{key} '{getattr(scheduler, key)}' differs from search.{key} "
-                    f"'{getattr(search, key)}'; leave it out to use the search's"
-                )
-        if "train.max_steps" in search.space:
-            raise SweepError(
-                f"{source}: scheduler: ASHA needs one train.max_steps for all trials (its max_t); "
-                "do not search train.max_steps with a scheduler"
-            )
-    if scheduler.metric is not None:
-        _check_metric(scheduler.metric, trials, f"{source}: scheduler")
-    shortest = min(trial.config.train.max_steps for trial in trials)
-    if scheduler.grace_period >= shortest:
-        raise SweepError(
-            f"{source}: scheduler.grace_period ({scheduler.grace_period}) must be below "
-            f"train.max_steps ({shortest}), or no trial is ever stopped early"
-        )
-
-
-def _check_search(
-    search: Search, grid: dict[str, list[Any]], trials: list[Trial], source: str
-) -> None:
-    """Seeds come from `search.seeds`; every distribution is well formed, and every config it can
-    produce at the ends of its ranges is valid for every variant."""
-    where = f"{source}: search"
-    if "seed" in grid:
-        raise SweepError(
-            f"{where}: seeds come from search.seeds in a search sweep; remove 'seed' from grid:"
-        )
-    if search.n_trials * search.seeds > MAX_TRIALS:
-        raise SweepError(
-            f"{where}: n_trials × seeds is {search.n_trials * search.seeds} trials; at most {MAX_TRIALS} per sweep"
-        )
-    last_seed = max(trial.config.seed for trial in trials) + search.seeds - 1
-    if last_seed > MAX_SEED:
-        raise SweepError(
-            f"{where}.seeds: the last seed would be {last_seed}; seeds go up to {MAX_SEED}"
-        )
-    _check_metric(search.metric, trials, where)
-    if search.storage is not None:
-        _check_database_url(search.storage, f"{where}.storage")
-    for key, distribution in search.space.items():
-        at = f"{where}.space.{key}"
-        if key in grid:
-            raise SweepError(f"{at}: also in grid:; a key is either searched or gridded")
-        if key in KERNEL_KEYS or key == "seed":
-            raise SweepError(
-                f"{at}: cannot be searched; list kernel variants in 'kernels:' and use search.seeds"
-            )
-        _check_corners(key, _corners(distribution, at), trials, where)
-
-
-def _check_database_url(url: str, where: str) -> None:
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        make_url(url)
-    except ArgumentError:
-        raise SweepError(
-            f"{where}: '{url}' is not a database URL "
-            "(sqlite:///path/optuna.db, postgresql://user@host/db, …)"
-        ) from None
-
-
-def _corners(distribution: dict[str, list[Any]], at: str) -> list[Any]:
-    """The values a well-formed distribution can take at its ends (all of a choice's)."""
-    if len(distribution) != 1 or next(iter(distribution)) not in DISTRIBUTIONS:
-        raise SweepError(
-            f"{at}: write one of {', '.join(f'{{{d}: [...]}}' for d in DISTRIBUTIONS)}"
-        )
-    ((kind, values),) = distribution.items()
-    if kind == "choice":
-        if not values:
-            raise SweepError(f"{at}: choice needs at least one value")
-        return values
-    if len(values) != 2 or not all(
-        isinstance(v, (int, float)) and not isinstance(v, bool) for v in values
-    ):
-        raise SweepError(f"{at}: {kind} takes [low, high] numbers; got {values}")
-    low, high = values
-    if kind in ("int", "logint") and not all(float(v).is_integer() for v in values):
-        raise SweepError(f"{at}: {kind} takes integer bounds; got {values}")
-    if not low < high:
-        raise SweepError(f"{at}: empty range [{low}, {high}]; low must be below high")
-    if kind.startswith("log") and low <= 0:
-        raise SweepError(f"{at}: {kind} needs a positive low bound; got {low}")
-    return [low, high]
-
-
-def _check_corners(key: str, corners: list[Any], trials: list[Trial], where: str) -> None:
-    """Every variant takes the searched key, and stays valid at each end of its range."""
-    at = f"{where}.space.{key}"
-    for trial in trials:
-        keys = flatten(trial.config.model_dump())
-        if key not in keys:
-            allowed = [k for k in keys if k not in KERNEL_KEYS and k != "seed"]
-            raise SweepError(
-                f"{where}.space: unknown key '{key}' for trial '{trial.describe()}'; "
-                f"allowed: {', '.join(allowed)}"
-            )
-        for value in corners:
-            try:
-                TrialConfig.model_validate(with_overrides(trial.config.model_dump(), {key: value}))
-            except ValidationError as error:
-                raise SweepError(
-                    describe_validation_error(error, TrialConfig, f"{at} = {value}")
-                ) from None
-
-
-def with_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """A deep copy of `base` with dotted-path overrides applied."""
-    tree = copy.deepcopy(base)
-    for dotted, value in overrides.items():
-        *parents, leaf = dotted.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    return tree

@@ -15,7 +15,7 @@ import yaml
 from typer.testing import CliRunner
 
 from orchestrator import cli
-from search_spaces.schema import MAX_TRIALS
+from search_spaces.expand import MAX_TRIALS
 
 SMOKE = yaml.safe_load(
     (Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text()
@@ -344,6 +344,7 @@ def no_start(monkeypatch, tmp_path):
     """The CLI in tmp_path, unable to start Ray or a sweep without the test noticing."""
     import ray
 
+    import orchestrator.launch
     import orchestrator.resources
     import orchestrator.sweep
 
@@ -351,6 +352,7 @@ def no_start(monkeypatch, tmp_path):
         raise AssertionError("validation let this input through to Ray")
 
     monkeypatch.setattr(orchestrator.resources, "connect", trap)
+    monkeypatch.setattr(orchestrator.launch, "connect", trap)
     monkeypatch.setattr(orchestrator.sweep, "run_sweep", trap)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

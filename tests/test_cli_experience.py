@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from orchestrator.cli import app
 from search_spaces import bundled_sweeps
-from search_spaces.schema import load_sweep
+from search_spaces.expand import load_sweep
 
 
 @pytest.mark.parametrize("command", [[], ["run"], ["table"], ["train"], ["run", "smok"]])

@@ -230,10 +230,10 @@ def test_varied_keys_and_the_config_column():
 
 
 def test_the_tracker_records_every_varied_key(write_sweep, smoke_spec):
-    from orchestrator.search import VARIANT
     from orchestrator.sweep_folder import SweepFolder
-    from orchestrator.tracking import SweepTracker
-    from search_spaces.schema import load_sweep
+    from orchestrator.tracking.callback import SweepTracker
+    from orchestrator.trial_configs import VARIANT
+    from search_spaces.expand import load_sweep
 
     smoke_spec.update(
         kernels=["softmax", {"name": "entmax", "alpha": 1.5}],

@@ -21,7 +21,7 @@ from orchestrator.estimate import (
     flops_per_token,
     packing_gain,
 )
-from search_spaces.schema import load_sweep
+from search_spaces.expand import load_sweep
 
 
 def tiny_sweep(smoke_spec, write_sweep, **resources):

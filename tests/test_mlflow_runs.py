@@ -14,17 +14,13 @@ import pytest
 from mlflow import MlflowClient
 from mlflow.entities import RunStatus
 
-from orchestrator.search import VARIANT
-from orchestrator.sweep import new_sweep_folder
+from orchestrator.launch import new_sweep_folder
 from orchestrator.sweep_folder import RunMap, SweepFolder
-from orchestrator.tracking import (
-    GIT_COMMIT_TAG,
-    SweepTracker,
-    child_runs,
-    git_commit,
-    package_versions,
-)
-from search_spaces.schema import load_sweep
+from orchestrator.tracking.callback import SweepTracker
+from orchestrator.tracking.names import GIT_COMMIT_TAG
+from orchestrator.tracking.runs import child_runs, git_commit, package_versions
+from orchestrator.trial_configs import VARIANT
+from search_spaces.expand import load_sweep
 
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from search_spaces import bundled_sweeps
-from search_spaces.schema import load_sweep
+from search_spaces.expand import load_sweep
 
 TABLE_2_LABELS = [
     "Gaussian",

@@ -17,7 +17,8 @@ from orchestrator.resources import (
     check_fits,
     resource_plan,
 )
-from search_spaces.schema import Resources, load_sweep
+from search_spaces.expand import load_sweep
+from search_spaces.schema import Resources
 
 ROOT = Path(__file__).resolve().parents[1]
 

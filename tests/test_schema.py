@@ -10,7 +10,8 @@ import pytest
 from mosaic_core.config import TrialConfig
 from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES
 from search_spaces import bundled_sweeps
-from search_spaces.schema import SweepError, load_sweep
+from search_spaces.expand import load_sweep
+from search_spaces.yaml_io import SweepError
 
 SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 

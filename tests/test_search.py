@@ -9,8 +9,9 @@ import optuna
 import pytest
 from ray.tune.search.optuna import OptunaSearch
 
-from orchestrator.search import param_space, search_algorithm, trial_config, trial_name
-from search_spaces.schema import load_sweep
+from orchestrator.trial_configs import trial_config, trial_name
+from orchestrator.tuner import param_space, search_algorithm
+from search_spaces.expand import load_sweep
 
 
 @pytest.fixture
@@ -100,7 +101,7 @@ def test_seed_groups_survive_tunes_searcher_checkpoint(search_sweep, tmp_path):
 def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_spec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
-    from orchestrator.search import scheduler
+    from orchestrator.tuner import scheduler
 
     assert isinstance(scheduler(load_sweep(write_sweep(smoke_spec, "plain"))), FIFOScheduler)
     smoke_spec["scheduler"] = {

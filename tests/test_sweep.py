@@ -16,8 +16,12 @@ from typer.testing import CliRunner
 
 from orchestrator import cli
 from orchestrator.sweep import SweepOutcome
-from orchestrator.sweep_folder import LaunchRecord, SweepFolder, SweepFolderError
-from orchestrator.tracking import default_tracking_uri
+from orchestrator.sweep_folder import (
+    LaunchRecord,
+    SweepFolder,
+    SweepFolderError,
+    default_tracking_uri,
+)
 
 from tiny import tiny_trial
 
@@ -345,7 +349,7 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(
     from mlflow import MlflowClient
 
     from analysis.results_store import read_results
-    from orchestrator.tracking import git_commit, package_versions
+    from orchestrator.tracking.runs import git_commit, package_versions
 
     monkeypatch.setenv(
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1"

@@ -1,42 +1,76 @@
-"""Trials on several workers: a Ray Train `TorchTrainer` runs `train_trial` data-parallel (DDP over
-NCCL on GPUs, gloo on CPUs), inside a sweep's Tune trial or alone (`mosaic-sweep train --workers`).
+"""Every adapter of `train_trial`'s `report` to Ray: a one-worker trial in its Tune trial's process,
+the workers of a Ray Train run, and the sweep's trainable that dispatches between them.
 
-In a sweep, the Tune trial is the Train run's driver (Ray Train V2's pattern): a process holding a
-sliver of CPU that builds the trainer, waits in `fit()` and relays rank 0's reports to Tune through
-`TuneReportCallback`, so the scheduler, the search and the MLflow tracker see one trial as ever.
-The run's checkpoints are Ray Train's, kept in the Tune trial's folder under a fixed run name:
-when Tune restarts the trial (a retry, or `--resume`), the new Train run of that name starts from
-its latest checkpoint; a lost worker or node is replaced by Ray Train itself (`FailureConfig`).
+A trial on several workers is a Ray Train `TorchTrainer` running `train_trial` data-parallel (DDP
+over NCCL on GPUs, gloo on CPUs), inside a sweep's Tune trial or alone (`mosaic-sweep train
+--workers`). In a sweep, the Tune trial is the Train run's driver (Ray Train V2's pattern): a
+process holding a sliver of CPU that builds the trainer, waits in `fit()` and relays rank 0's
+reports to Tune through `TuneReportCallback`, so the scheduler, the search and the MLflow tracker
+see one trial as ever. The run's checkpoints are Ray Train's, kept in the Tune trial's folder under
+a fixed run name: when Tune restarts the trial (a retry, or `--resume`), the new Train run of that
+name starts from its latest checkpoint; a lost worker or node is replaced by Ray Train itself
+(`FailureConfig`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.train
+import torch
+from ray import tune
+from ray.train.torch import TorchTrainer, prepare_model
+from ray.tune.integration.ray_train import TuneReportCallback
+
 from mosaic_core.config import TrialConfig
+from mosaic_core.train import train_trial
+from orchestrator.resources import DRIVER_CPU
+from orchestrator.run_folder import record_evaluation
+from orchestrator.trial_configs import VARIANT, validated_trial_config
 from search_spaces.schema import Resources
 
-DRIVER_CPU = 0.01  # a Train run's driver only waits and relays reports
-TRAIN_RUN = (
-    "train"  # the Train run's name in its folder: fixed, so a restarted trial finds its checkpoints
-)
+# the Train run's name in its folder: fixed, so a restarted trial finds its checkpoints
+TRAIN_RUN = "train"
 
 
 def use_ray_share() -> dict[str, str | None]:
     """Keep torch inside this Ray process's logical CPUs; return where it runs (its visible GPUs),
     which the tracker tags the trial's MLflow run with."""
-    import ray
-    import torch
-
-    torch.set_num_threads(
-        max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
-    )
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+    torch.set_num_threads(max(1, int(cpus)))
     return {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+
+
+def one_worker_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> None:
+    """A one-worker trial in its Tune trial's process: `train_trial`, reporting through
+    `ray.tune.report`.
+
+    Tune's config holds only the variant's short name and any searched values (readable in its
+    progress table); the variants' full configs are shipped once through the object store.
+    """
+    placement = use_ray_share()  # Ray's CPUs are logical: torch keeps inside its share
+
+    def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        # between evaluations: progress, no checkpoint
+        checkpoint = (
+            None if checkpoint_dir is None else tune.Checkpoint.from_directory(checkpoint_dir)
+        )
+        tune.report({**metrics, **placement}, checkpoint=checkpoint)
+
+    full_config = validated_trial_config(config, configs)
+    # set when Tune restarts this trial after a failure or a resume
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        train_trial(full_config, report=report)
+    else:
+        with checkpoint.as_directory() as directory:
+            train_trial(full_config, report=report, resume_from=directory)
 
 
 def trainer(
@@ -48,14 +82,11 @@ def trainer(
     callbacks: Sequence[Any] = (),
     run_dir: Path | None = None,
     resume_from: Path | None = None,
-) -> Any:
+) -> TorchTrainer:
     """The TorchTrainer of one trial: `resources.workers` workers of `resources.cpu`/`gpu` each,
     placed by `resources.placement`; its run `TRAIN_RUN` under `storage_path`. With `run_dir`
     (`mosaic-sweep train`), rank 0 also keeps that run folder; `resume_from` is a checkpoint to
     start from when the Train run has none of its own."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
     per_worker = {"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})}
     loop = {
         "trial": config.model_dump(mode="json"),
@@ -83,32 +114,23 @@ def trainer(
 
 def _train_worker(loop: dict[str, Any]) -> None:
     """One Ray Train worker: its rank of `train_trial`, from the run's latest checkpoint if it has one."""
-    import ray.train
-    from ray.train.torch import prepare_model
-
-    from mosaic_core.train import train_trial
-    from orchestrator.single_run import record_evaluation
-
     placement = use_ray_share()
     run_dir = loop["run_dir"] and Path(loop["run_dir"])
 
     def report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        if (
-            checkpoint_dir is None
-        ):  # progress between evaluations ({} on ranks above 0): a barrier all workers reach
+        # progress between evaluations ({} on ranks above 0): a barrier all workers reach
+        if checkpoint_dir is None:
             ray.train.report({**metrics, **placement} if metrics else {}, checkpoint=None)
             return
         if run_dir:
             record_evaluation(run_dir, metrics, checkpoint_dir)
-        ray.train.report(
-            {**metrics, **placement}, checkpoint=ray.train.Checkpoint.from_directory(checkpoint_dir)
-        )
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+        ray.train.report({**metrics, **placement}, checkpoint=checkpoint)
 
     # some kernels leave parameters without a gradient (top-k uniform: the key projection): DDP must look for them
     prepare = partial(prepare_model, parallel_strategy_kwargs={"find_unused_parameters": True})
-    checkpoint = (
-        ray.train.get_checkpoint()
-    )  # the run's own: a replaced worker group, or a restarted trial
+    # the run's own: a replaced worker group, or a restarted trial
+    checkpoint = ray.train.get_checkpoint()
     with (
         checkpoint.as_directory() if checkpoint else nullcontext(loop["resume_from"]) as resume_from
     ):
@@ -120,32 +142,24 @@ def _train_worker(loop: dict[str, Any]) -> None:
         )
 
 
-def trial_request(resources: Resources) -> Any:
+def trial_request(resources: Resources) -> tune.PlacementGroupFactory:
     """What the Tune trial's own process holds: all of a one-worker trial's resources; a Train
     run's driver a sliver of CPU (its workers hold theirs in the run's own placement group)."""
-    from ray import tune
-
     if resources.workers == 1:
         return tune.PlacementGroupFactory([{"CPU": resources.cpu, "GPU": resources.gpu}])
     return tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}])
 
 
 def sweep_trainable(
-    one_worker: Callable[..., None],
     configs: dict[str, dict[str, Any]],
     resources: dict[str, Resources],
     tune_path: str,
     max_failures: int,
 ) -> Any:
     """The sweep's Tune trainable, each variant with its resources: one-worker variants run
-    `one_worker(config, configs)` in the trial's process, the others a Ray Train run it drives."""
-    from ray import tune
-
-    from orchestrator.search import VARIANT
-
+    `one_worker_trial` in the trial's process, the others a Ray Train run it drives."""
     function = tune.with_parameters(
         _tune_trial,
-        one_worker=one_worker,
         configs=configs,
         resources=resources,
         tune_path=tune_path,
@@ -156,22 +170,16 @@ def sweep_trainable(
 
 def _tune_trial(
     config: dict[str, Any],
-    one_worker: Callable[..., None],
     configs: dict[str, dict[str, Any]],
     resources: dict[str, Resources],
     tune_path: str,
     max_failures: int,
 ) -> None:
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from orchestrator.search import VARIANT, validated_trial_config
-
     variant = resources[config[VARIANT]]
     if variant.workers == 1:
-        return one_worker(config, configs)
-
-    trial_dir = f"{tune_path}/{tune.get_context().get_trial_id()}"  # the sweep's trial folders are named by id
+        return one_worker_trial(config, configs)
+    # the sweep's trial folders are named by id
+    trial_dir = f"{tune_path}/{tune.get_context().get_trial_id()}"
     trainer(
         validated_trial_config(config, configs),
         variant,

@@ -1,0 +1,327 @@
+"""`mosaic-sweep table`, `compare`, `plot` and `status`: a sweep's results, from its folder (or
+rebuilt from MLflow)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal, Optional
+
+import typer
+
+from analysis.paper_tables import PAPER_TABLES
+from orchestrator.cli.common import fail
+from orchestrator.sweep_folder import (
+    PLOTS,
+    SweepFolder,
+    SweepFolderError,
+    comparison_file,
+    read_configs,
+)
+
+if TYPE_CHECKING:
+    import pandas
+
+# pandas, matplotlib and MLflow are imported by the commands, never at start-up
+
+# choices of options, shown in --help and checked before any work
+TableFormat = Literal["md", "latex", "csv"]
+PaperName = Literal[tuple(PAPER_TABLES)]  # table1, table2, table7
+# options several commands share
+SkipBad = Annotated[
+    bool,
+    typer.Option(
+        "--skip-bad",
+        help="Read the results' other parts when one is unreadable (it is named on stderr).",
+    ),
+]
+Where = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        metavar="KEY=VALUE",
+        help="Only trials whose KEY is VALUE (lr=1e-4, kernel=softmax, model.dropout=0.1); "
+        "repeatable.",
+    ),
+]
+Select = Annotated[
+    Optional[str],
+    typer.Option(
+        metavar="last|best:METRIC",
+        help="Each trial's evaluation that counts: last, or best:METRIC (best:val_loss: the one "
+        "with the lowest val_loss). Default: the paper's (RegBench: best:val_loss; otherwise last).",
+    ),
+]
+
+
+def _results(
+    sweep_dir: Path | None,
+    from_mlflow: str | None = None,
+    experiment: str | None = None,
+    skip_bad: bool = False,
+) -> "pandas.DataFrame":
+    """The results frame of a sweep folder, or rebuilt from an MLflow experiment."""
+    from analysis.results_store import ResultsStoreError, read_results, store_path
+
+    if (sweep_dir is None) == (from_mlflow is None):
+        raise fail("give either DIR or --from-mlflow URI --experiment NAME")
+    if from_mlflow is None:
+        if experiment is not None:
+            raise fail("--experiment goes with --from-mlflow")
+        try:
+            results = read_results(sweep_dir, skip_bad=skip_bad)
+        except ResultsStoreError as error:
+            raise fail(str(error)) from None
+        if results.empty:
+            raise fail(f"no results in {store_path(sweep_dir)}")
+        return results
+    if experiment is None:
+        raise fail("--from-mlflow needs --experiment NAME (the sweep's name)")
+    from analysis.mlflow_source import results_from_mlflow
+
+    try:
+        results = results_from_mlflow(from_mlflow, experiment)
+    except ValueError as error:
+        raise fail(str(error)) from None
+    if results.empty:
+        raise fail(f"MLflow experiment {experiment!r} at {from_mlflow} holds no results")
+    return results
+
+
+def _planned_seeds(sweep_dir: Path | None) -> int | None:
+    """Seeds per configuration as the sweep planned them, from its folder (None without one)."""
+    try:
+        configs = read_configs(sweep_dir) if sweep_dir is not None else None
+    except SweepFolderError:
+        return None
+    return None if configs is None else len({config.get("seed") for config in configs.values()})
+
+
+def _checked_select(select: str | None) -> str | None:
+    from analysis.tables import check_select
+
+    try:
+        return None if select is None else check_select(select)
+    except ValueError as error:
+        raise fail(str(error)) from None
+
+
+def table(
+    sweep_dir: Annotated[
+        Optional[Path],
+        typer.Argument(
+            metavar="DIR", help="Sweep folder holding results.parquet; or use --from-mlflow."
+        ),
+    ] = None,
+    metric: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Metric to show. Default: exact_match by length_factor, accuracy and tvd by "
+            "num_examples, val_loss and ood_loss by n_layer."
+        ),
+    ] = None,
+    fmt: Annotated[
+        TableFormat, typer.Option("--format", help="md, latex (booktabs) or csv (numbers only).")
+    ] = "md",
+    by: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            help="Columns: first the layout, length_factor (Table 2), num_examples (RegBench, "
+            "Table 1) or n_layer (losses per depth), default the results' task family; then any "
+            "key the sweep varies (lr, model.dropout) as more columns. Repeatable."
+        ),
+    ] = None,
+    where: Where = None,
+    select: Select = None,
+    skip_bad: SkipBad = False,
+    out: Annotated[
+        Optional[Path], typer.Option(help="Write the table to this file instead of printing it.")
+    ] = None,
+    from_mlflow: Annotated[
+        Optional[str],
+        typer.Option(
+            "--from-mlflow",
+            metavar="URI",
+            help="Rebuild the results from this MLflow tracking URI instead of DIR (the latest "
+            "sweep run).",
+        ),
+    ] = None,
+    experiment: Annotated[
+        Optional[str], typer.Option(help="MLflow experiment, the sweep's name; with --from-mlflow.")
+    ] = None,
+) -> None:
+    """Print a sweep's results table: one row per configuration, mean^(max) over seeds, best mean bold, best seed underlined."""
+    from analysis.tables import LAYOUTS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
+
+    select = _checked_select(select)
+    by = list(by or [])
+    layout, columns_by = (by[0], by[1:]) if by and by[0] in LAYOUTS else (None, by)
+    results = _results(sweep_dir, from_mlflow, experiment, skip_bad)
+    try:
+        stats = table_stats(
+            results,
+            by=layout,
+            metric=metric,
+            select=select,
+            columns_by=columns_by,
+            conditions=where or [],
+            planned_seeds=_planned_seeds(sweep_dir),
+        )
+    except ValueError as error:
+        raise fail(str(error)) from None
+    text = {
+        "md": lambda: to_markdown(markdown_cells(stats)),
+        "latex": lambda: to_latex(stats),
+        "csv": lambda: to_csv(stats),
+    }[fmt]()
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        out.write_text(text)
+        typer.echo(f"wrote {out}")
+
+
+def compare(
+    sweep_dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")
+    ],
+    paper: Annotated[
+        Optional[PaperName],
+        typer.Option(
+            help="The paper's table: table1 (RegBench), table2 or table7 (length "
+            "generalisation). Default: the results' task family."
+        ),
+    ] = None,
+    select: Select = None,
+    where: Where = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            min=0, help="Flag cells whose mean or max differs from the paper's by more than this."
+        ),
+    ] = 0.0,
+    skip_bad: SkipBad = False,
+    out: Annotated[
+        Optional[Path],
+        typer.Option(
+            help=f"Folder for {comparison_file('<table>', '.md')} and .csv. Default: DIR."
+        ),
+    ] = None,
+) -> None:
+    """Our results beside the paper's table: per cell ours, the paper's and the difference, and
+    where the ranking of kernels in a column is not the paper's."""
+    from analysis.comparison import compare as compare_cells
+    from analysis.comparison import comparison_table, paper_for, summary, to_csv
+    from analysis.tables import describe_select, to_markdown
+
+    select = _checked_select(select)
+    results = _results(sweep_dir, skip_bad=skip_bad)
+    paper = paper or paper_for(results)
+    try:
+        cells = compare_cells(
+            results,
+            paper,
+            select=select,
+            conditions=where or [],
+            tolerance=tolerance,
+            planned_seeds=_planned_seeds(sweep_dir),
+        )
+    except ValueError as error:
+        raise fail(str(error)) from None
+    title = (
+        f"{sweep_dir.name} vs. the paper's {PAPER_TABLES[paper].what}; ours at "
+        f"{describe_select(cells.attrs['select'])}, mean^(max) over seeds"
+    )
+    markdown = (
+        to_markdown(comparison_table(cells), title=title)
+        + "\n"
+        + "\n".join(summary(cells, tolerance))
+        + "\n"
+    )
+    folder = out or sweep_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / comparison_file(paper, ".md")).write_text(markdown)
+    (folder / comparison_file(paper, ".csv")).write_text(to_csv(cells))
+    typer.echo(markdown, nl=False)
+    typer.echo(f"wrote {folder / comparison_file(paper, '.md')} and .csv")
+
+
+def plot(
+    sweep_dir: Annotated[
+        Path, typer.Argument(metavar="DIR", help="Sweep folder holding results.parquet.")
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option(help=f"Folder for the figures. Default: DIR/{PLOTS}.")
+    ] = None,
+    formats: Annotated[
+        Optional[list[str]],
+        typer.Option(
+            "--format",
+            metavar="png|pdf|svg",
+            help="File format(s): repeat the option or give a comma list. Default: png (300 dpi).",
+        ),
+    ] = None,
+    skip_bad: SkipBad = False,
+) -> None:
+    """Draw a sweep's figures for the metrics it has: exact match and support size vs. length (log2,
+    a panel per task), validation loss vs. step, per-position OOD loss; a curve per configuration."""
+    from analysis.plots import FORMATS, make_plots
+
+    chosen = tuple(
+        dict.fromkeys(
+            name.strip().lower() for value in formats or ["png"] for name in value.split(",")
+        )
+    )
+    unknown = [name for name in chosen if name not in FORMATS]
+    if unknown:
+        raise fail(
+            f"--format {', '.join(unknown)} is not a figure format; give {', '.join(FORMATS)}"
+        )
+    results = _results(sweep_dir, skip_bad=skip_bad)
+    paths = make_plots(results, out or sweep_dir / PLOTS, chosen)
+    if not paths:
+        present = ", ".join(sorted(results["metric"].dropna().unique()))
+        raise fail(
+            f"nothing to plot in {sweep_dir}: no exact_match, val_loss, ood_loss_ema/pos* or support_size; metrics present: {present}"
+        )
+    for path in paths:
+        typer.echo(str(path))
+
+
+def status(
+    sweep_dir: Annotated[Path, typer.Argument(metavar="DIR", help="A sweep folder.")],
+    skip_bad: SkipBad = False,
+) -> None:
+    """Trials by state and the best so far, from the sweep folder alone (while it runs, or after)."""
+    import pandas as pd
+
+    from analysis.configurations import describe_config
+    from analysis.results_store import ResultsStoreError, read_results, trial_states
+    from analysis.schema import TrialStatus
+    from analysis.tables import selected
+
+    try:
+        planned = SweepFolder.open(sweep_dir).launch.trials
+    except SweepFolderError as error:
+        raise fail(f"{error}; run `mosaic-sweep run` first") from None
+    try:
+        results = read_results(sweep_dir, skip_bad=skip_bad)
+    except ResultsStoreError as error:
+        raise fail(str(error)) from None
+    states = trial_states(results)
+    if planned > sum(states.values()):
+        states[TrialStatus.PENDING] = planned - sum(states.values())
+    typer.echo(
+        f"{sweep_dir}: {planned} trials — "
+        + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
+    )
+    for metric, best in (("exact_match", "max"), ("accuracy", "max"), ("val_loss", "min")):
+        rows = selected(results[results["metric"] == metric])
+        if rows.empty:
+            continue
+        if rows["length_factor"].notna().any():  # the shortest evaluation length: in distribution
+            rows = rows[rows["length_factor"] == rows["length_factor"].min()]
+        top = rows.loc[rows["value"].idxmax() if best == "max" else rows["value"].idxmin()]
+        at = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
+        typer.echo(
+            f"best {metric}{at}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
+            f"{top['task']} (trial {top['trial_id']}, step {top['step']})"
+        )

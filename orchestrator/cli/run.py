@@ -1,0 +1,181 @@
+"""`mosaic-sweep run`: a sweep checked by `orchestrator.launch`, then run by `orchestrator.sweep`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+
+from orchestrator import launch
+from orchestrator.cli.common import fail
+from orchestrator.sweep_folder import TABLE
+from search_spaces.yaml_io import read_sweep_file
+
+if TYPE_CHECKING:
+    from orchestrator.sweep import SweepOutcome
+
+
+def run(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="SPEC",
+            help="Sweep file (YAML), or the name of a bundled sweep such as 'smoke'.",
+        ),
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option(help="Sweep folder. Default: sweeps/<sweep name>.")
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the sweep in the folder: finished trials are kept, interrupted ones "
+            "continue from their checkpoints.",
+        ),
+    ] = False,
+    address: Annotated[
+        Optional[str],
+        typer.Option(
+            envvar="RAY_ADDRESS",
+            show_envvar=True,
+            help="Ray cluster to join ('auto', or host:port). Default: Ray on this machine.",
+        ),
+    ] = None,
+    storage: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Shared path or s3:// URI for Tune's trial checkpoints; required on a cluster of "
+            "more than one node. Default: the sweep folder."
+        ),
+    ] = None,
+    mlflow_uri: Annotated[
+        Optional[str],
+        typer.Option(
+            help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
+            "sqlite:///<sweeps>/mlflow.db."
+        ),
+    ] = None,
+    max_concurrent: Annotated[
+        Optional[int], typer.Option(min=1, help="Run at most this many trials at once.")
+    ] = None,
+    gpus_per_trial: Annotated[
+        Optional[float],
+        typer.Option(
+            min=0, help="Override the sweep file's resources.gpu (0.25 packs four trials on a GPU)."
+        ),
+    ] = None,
+    cpus_per_trial: Annotated[
+        Optional[float], typer.Option(min=0.01, help="Override the sweep file's resources.cpu.")
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="List the expanded trials and the resource plan, say whether this machine (or "
+            "--address) can run them and which data is missing; start nothing.",
+        ),
+    ] = False,
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="With --dry-run: time a few training steps and an evaluation of each distinct "
+            "trial here, and print tokens per trial, device-hours and the wall time at the "
+            "planned concurrency.",
+        ),
+    ] = False,
+    gpu_type: Annotated[
+        Optional[str],
+        typer.Option(
+            help="With --dry-run: price the trials from the benchmark figures recorded for this "
+            "GPU (bench/data/model-<gpu>.jsonl: h100, h200) instead of timing them here."
+        ),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="Reuse a non-empty sweep folder; the old one is moved to a backup."
+        ),
+    ] = False,
+) -> None:
+    """Validate a sweep, run it as Ray Tune trials (a grid, or an Optuna search), print the results table."""
+    verbose = logging.getLogger().level <= logging.INFO
+    try:
+        if (estimate or gpu_type) and not dry_run:
+            raise launch.LaunchError(
+                "--estimate and --gpu-type go with --dry-run: an estimate starts no sweep"
+            )
+        path = launch.sweep_file(spec)
+        raw = read_sweep_file(path)
+        flags = dict(resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
+        # the flags and folders first: they are checked without torch, Ray or MLflow
+        if not dry_run and (sweep_dir := out or launch.default_sweep_dir(raw)) is not None:
+            launch.check_flags(sweep_dir, **flags)
+        sweep = launch.load(path, raw, gpus_per_trial, cpus_per_trial)
+        if dry_run:
+            for line in launch.dry_run(
+                sweep,
+                address,
+                verbose,
+                max_concurrent,
+                estimate=estimate or gpu_type is not None,
+                gpu_type=gpu_type,
+            ):
+                typer.echo(line)
+            return
+        sweep_dir = out or Path("sweeps") / sweep.name
+        folder = launch.open_folder(sweep, sweep_dir, **flags, address=address, verbose=verbose)
+    except launch.REFUSALS as error:
+        raise fail(str(error)) from None
+    if resume and launch.finished(folder):
+        table = folder.path / TABLE
+        typer.echo(
+            f"{folder.path}: all {folder.launch.trials} trials had finished; nothing was left to run"
+        )
+        typer.echo(table.read_text() if table.is_file() else "")
+        return
+    # Ray, MLflow and torch: only now that the sweep will run
+    from orchestrator.sweep import run_sweep
+
+    typer.echo(
+        "starting Ray on this machine…"
+        if address is None
+        else f"joining the Ray cluster at {address}…",
+        err=True,
+    )
+    outcome = run_sweep(
+        sweep,
+        folder,
+        address=address,
+        verbose=verbose,
+        max_concurrent=max_concurrent,
+        sweep_file=path,
+    )
+    _print_outcome(outcome)
+
+
+def _print_outcome(outcome: SweepOutcome) -> None:
+    """The table, the trials by state, where everything is; exit 130 when interrupted, 1 when a trial failed."""
+    # pandas and pyarrow, loaded by the sweep by now: kept out of `--help`
+    from analysis.results_store import store_path
+    from analysis.schema import TrialStatus
+
+    typer.echo("")
+    typer.echo(outcome.table_markdown)
+    counts = [f"{n} {status}" for status, n in sorted(outcome.trials_by_status.items())]
+    counts += [f"{outcome.unfinished} unfinished"] if outcome.unfinished else []
+    typer.echo(f"\ntrials: {', '.join(counts)}")
+    typer.echo(f"table: {outcome.sweep_dir / TABLE}   results: {store_path(outcome.sweep_dir)}")
+    typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
+    if outcome.tracking_uri.startswith("sqlite:"):
+        typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
+    if outcome.unfinished:
+        typer.echo(
+            "interrupted: continue with the same command and --resume (finished trials are kept)"
+        )
+        raise typer.Exit(130)
+    if outcome.trials_by_status.get(TrialStatus.ERROR):
+        raise typer.Exit(1)

@@ -1,0 +1,94 @@
+"""`mosaic-sweep ui`: MLflow's UI on the sweeps' store, with a link per sweep to its trials; or
+optuna-dashboard on a search's study."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from orchestrator.cli.common import fail
+from orchestrator.sweep_folder import (
+    LAUNCH,
+    MLFLOW_DB,
+    OPTUNA_DB,
+    SweepFolder,
+    SweepFolderError,
+    sqlite_uri,
+)
+
+
+def ui(
+    sweeps_dir: Annotated[
+        Path,
+        typer.Argument(
+            metavar="DIR", help="A sweep folder, or the folder of sweeps holding mlflow.db."
+        ),
+    ] = Path("sweeps"),
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
+    optuna: Annotated[
+        bool,
+        typer.Option(
+            "--optuna",
+            help="Open optuna-dashboard on the Optuna study of the search sweep in DIR instead.",
+        ),
+    ] = False,
+) -> None:
+    """Open the MLflow UI for the sweeps' tracking store (or optuna-dashboard for a search's study), on
+    127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
+    argv, served, links = (
+        _optuna_dashboard(sweeps_dir, port) if optuna else _mlflow_ui(sweeps_dir, port)
+    )
+    typer.echo(f"{served} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+    for link in links:
+        typer.echo(f"  {link}")
+    os.execv(argv[0], argv)  # the server owns the terminal from here: Ctrl-C goes to it
+
+
+def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str, list[str]]:
+    """(command, what it serves, links): MLflow's UI on the SQLite store the sweeps in DIR logged
+    to, and a link per sweep that opens on its trials."""
+    if (sweeps_dir / LAUNCH).is_file():  # a sweep folder: the store it logged to
+        try:
+            tracking_uri = SweepFolder.open(sweeps_dir).launch.tracking_uri
+        except SweepFolderError as error:
+            raise fail(str(error)) from None
+    elif (sweeps_dir / MLFLOW_DB).is_file():
+        tracking_uri = sqlite_uri(sweeps_dir / MLFLOW_DB)
+    else:
+        raise fail(
+            f"{sweeps_dir} holds no {MLFLOW_DB} and is not a sweep folder; give the folder that `mosaic-sweep run` wrote"
+        )
+    if not tracking_uri.startswith("sqlite:"):
+        raise fail(f"{sweeps_dir} logs to the MLflow server {tracking_uri}; open that instead")
+    # MLflow and pandas: once the folder is known to hold a store
+    from orchestrator.mlflow_ui import sweep_links, ui_command
+
+    links = sweep_links(sweeps_dir, tracking_uri, f"http://127.0.0.1:{port}")
+    return (
+        ui_command(tracking_uri, port),
+        f"MLflow UI for {tracking_uri}",
+        [f"{name}'s trials: {link}" for name, link in links.items()],
+    )
+
+
+def _optuna_dashboard(sweep_dir: Path, port: int) -> tuple[list[str], str, list[str]]:
+    """(command, what it serves, no links): optuna-dashboard on the study a search sweep kept in its folder."""
+    study = sweep_dir / OPTUNA_DB
+    if not study.is_file():
+        raise fail(
+            f"{sweep_dir} holds no {OPTUNA_DB}: give the folder of a search sweep (one that kept its study "
+            "at search.storage: run optuna-dashboard on that URL)"
+        )
+    dashboard = shutil.which(
+        "optuna-dashboard", path=str(Path(sys.executable).parent)
+    ) or shutil.which("optuna-dashboard")
+    if dashboard is None:
+        raise fail("optuna-dashboard is not installed; pip install optuna-dashboard")
+    storage = sqlite_uri(study)
+    command = [dashboard, storage, "--host", "127.0.0.1", "--port", str(port)]
+    return command, f"optuna-dashboard for {storage}", []

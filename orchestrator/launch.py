@@ -1,0 +1,316 @@
+"""Everything `mosaic-sweep run` decides before Ray starts: the sweep file, the flags, the folders and
+stores, the data the trials read, where the trials are placed, and the folder the sweep runs in
+(new, resumed, or already finished); or, with `--dry-run`, the plan and the estimate.
+
+Every refusal is one of `REFUSALS`, with a one-line message. The checks that need neither the
+expanded sweep nor the machine come first and import neither torch, Ray nor MLflow, so they answer
+at once; those modules are imported where a step needs them (the comments say which).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from orchestrator.resources import (
+    PlacementError,
+    check_fits,
+    check_shared_storage,
+    concurrency,
+    connect,
+    local_machine,
+    placement,
+    resource_plan,
+)
+from orchestrator.sweep_folder import (
+    LAUNCH,
+    LaunchRecord,
+    SweepFolder,
+    SweepFolderError,
+    check_new_folder,
+    check_output_dir,
+    check_overwrite,
+    check_storage,
+    check_tracking_uri,
+    default_tracking_uri,
+    storage_path,
+)
+from search_spaces import bundled_sweeps
+from search_spaces.schema import SWEEP_NAME, Resources, Sweep
+from search_spaces.yaml_io import SweepError
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(ValueError):
+    """A run that cannot start as asked; the message is one line meant for the user."""
+
+
+REFUSALS = (LaunchError, SweepError, SweepFolderError, PlacementError)
+
+
+def sweep_file(spec: str) -> Path:
+    """A sweep file path, or the file of a sweep that ships with the package (`smoke`)."""
+    path = Path(spec)
+    path = bundled_sweeps()[spec] if not path.is_file() and spec in bundled_sweeps() else path
+    if not path.is_file():
+        raise LaunchError(
+            f"{spec}: no such sweep file, nor a bundled sweep; bundled: {', '.join(bundled_sweeps())}"
+        )
+    return path
+
+
+def default_sweep_dir(raw: dict[str, Any]) -> Path | None:
+    """`sweeps/<sweep name>`, read from the sweep file before it is validated; None when its name
+    is not a valid one (the validation will say so)."""
+    name = raw.get("name")
+    if isinstance(name, str) and re.match(SWEEP_NAME, name):
+        return Path("sweeps") / name
+    return None
+
+
+def check_flags(
+    sweep_dir: Path, *, resume: bool, overwrite: bool, storage: str | None, mlflow_uri: str | None
+) -> None:
+    """Flags that cannot work together, folders and stores that cannot be written, and a sweep
+    folder that cannot be used as asked: all from the flags and the file system alone."""
+    if resume and overwrite:
+        raise LaunchError(
+            "--resume continues the sweep in the folder, --overwrite starts it again: give one of them"
+        )
+    check_new_folder(sweep_dir, "--out")
+    if overwrite:
+        check_overwrite(sweep_dir)
+    if storage is not None:
+        check_storage(storage)
+    if resume:
+        _recorded_sweep(sweep_dir)
+    else:
+        check_tracking_uri(tracking_uri(sweep_dir, mlflow_uri))
+        check_output_dir(sweep_dir, overwrite, marker=LAUNCH, what="a sweep")
+
+
+def load(path: Path, raw: dict[str, Any], gpus: float | None, cpus: float | None) -> Sweep:
+    """The sweep file's mapping validated and expanded, with --gpus-per-trial / --cpus-per-trial
+    validated like the file's own resources."""
+    # the expansion validates every trial's config: torch from here on
+    from pydantic import ValidationError
+
+    from mosaic_core.config import describe_validation_error
+    from search_spaces.expand import validate_sweep
+
+    sweep = validate_sweep(raw, path.name)
+    overrides = {key: value for key, value in (("gpu", gpus), ("cpu", cpus)) if value is not None}
+    if not overrides:
+        return sweep
+    try:
+        resources = Resources.model_validate({**sweep.resources.model_dump(), **overrides})
+    except ValidationError as error:
+        where = "--gpus-per-trial/--cpus-per-trial"
+        raise LaunchError(describe_validation_error(error, Resources, where)) from None
+    return dataclasses.replace(sweep, resources=resources)
+
+
+def missing_data(sweep: Sweep) -> list[str]:
+    """Files the trials read that are not there (a language-model corpus not yet prepared)."""
+    files = {str(path) for trial in sweep.trials for path in trial.config.task.required_files()}
+    return sorted(path for path in files if not Path(path).is_file())
+
+
+def tracking_uri(sweep_dir: Path, mlflow_uri: str | None) -> str:
+    return mlflow_uri or default_tracking_uri(sweep_dir.parent)
+
+
+def open_folder(
+    sweep: Sweep,
+    sweep_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    storage: str | None,
+    mlflow_uri: str | None,
+    address: str | None,
+    verbose: bool,
+) -> SweepFolder:
+    """The folder to run in, once the data is there and the trials fit where they are sent: the
+    sweep's own to resume (its MLflow store and storage), or a new one."""
+    if missing := missing_data(sweep):
+        raise LaunchError(
+            f"{len(missing)} data file(s) a trial reads are missing, e.g. {missing[0]}; "
+            "write them with `mosaic-sweep prepare`"
+        )
+    cluster = placement(sweep.widest, address, verbose)
+    if not resume:
+        check_shared_storage(cluster, storage)
+        uri = tracking_uri(sweep_dir, mlflow_uri)
+        return new_sweep_folder(sweep, sweep_dir, uri, storage, overwrite)
+    folder = resumable_sweep_folder(sweep_dir)
+    for flag, given, used in (
+        ("--mlflow-uri", mlflow_uri, folder.launch.tracking_uri),
+        ("--storage", storage, folder.launch.storage_path),
+    ):
+        if given is not None and given != used:
+            log.warning("%s: resuming with the sweep's own %s", flag, used)
+    return folder
+
+
+def new_sweep_folder(
+    sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage: str | None, overwrite: bool
+) -> SweepFolder:
+    """The folder of a new sweep, holding its launch record and its expanded trials."""
+    launch = LaunchRecord(
+        tracking_uri=tracking_uri,
+        storage_path=storage_path(storage, sweep_dir),
+        trials=sweep.num_trials,
+        workers={trial.describe(): sweep.trial_resources(trial).workers for trial in sweep.trials},
+    )
+    if storage is not None and holds_tune_state(launch):
+        raise SweepFolderError(
+            f"{launch.storage_path} already holds the Tune state of a sweep named like "
+            f"{sweep_dir.name}; give --out another folder name, or pass --resume to continue that sweep"
+        )
+    configs = {
+        trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials
+    }
+    replaced = _sweep_in(sweep_dir) if overwrite else None
+    backups = set(sweep_dir.parent.glob(f"{sweep_dir.name}.bak-*"))
+    folder = SweepFolder.create(sweep_dir, launch, configs, overwrite=overwrite)
+    moved = set(sweep_dir.parent.glob(f"{sweep_dir.name}.bak-*")) - backups
+    if replaced is not None and moved:
+        # MLflow only when a sweep was moved aside
+        from orchestrator.tracking.runs import tag_moved_parent
+
+        tag_moved_parent(replaced, moved.pop())
+    return folder
+
+
+def with_absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
+    """Data folders relative to where the sweep was launched: Tune runs trials in other folders."""
+    task = dict(config["task"])
+    for key in ("data_dir", "ood_data_dir"):
+        if task.get(key):
+            task[key] = str(Path(task[key]).resolve())
+    return {**config, "task": task}
+
+
+def _sweep_in(sweep_dir: Path) -> SweepFolder | None:
+    """The sweep an --overwrite is about to move aside, if the folder holds one."""
+    try:
+        return SweepFolder.open(sweep_dir) if (sweep_dir / LAUNCH).is_file() else None
+    except SweepFolderError:
+        return None
+
+
+def _recorded_sweep(sweep_dir: Path) -> SweepFolder:
+    """The sweep folder to resume with its launch record and trials, read without Ray."""
+    if not (sweep_dir / LAUNCH).is_file():
+        raise SweepFolderError(
+            f"{sweep_dir} holds no sweep to resume (no {LAUNCH}); run it without --resume first"
+        )
+    folder = SweepFolder.open(sweep_dir)
+    folder.configs()  # read now: a missing or corrupt trials.json is refused before Ray starts
+    return folder
+
+
+def resumable_sweep_folder(sweep_dir: Path) -> SweepFolder:
+    """The folder of a sweep to resume: its launch record, its trials and its Tune state are all there."""
+    folder = _recorded_sweep(sweep_dir)
+    if not holds_tune_state(folder.launch):
+        raise SweepFolderError(
+            f"{sweep_dir} holds no Tune state to resume ({folder.launch.tune_path}); "
+            "start it again with --overwrite"
+        )
+    return folder
+
+
+def holds_tune_state(launch: LaunchRecord) -> bool:
+    """Whether the sweep's Tune experiment folder holds state `Tuner.restore` can resume."""
+    # Ray only once a folder's Tune state is asked about: the refusals before it go without
+    from ray import tune
+
+    return tune.Tuner.can_restore(launch.tune_path)
+
+
+def finished(folder: SweepFolder) -> bool:
+    """Every planned trial of the folder's sweep ended (finished or failed after its retries)? Failed
+    ones are retried by --resume, so only finished ones count."""
+    # pandas reads the results: only when resuming, so that `--help` and refusals go without it
+    from analysis.results_store import read_results, trial_states
+    from analysis.schema import TrialStatus
+
+    ended = trial_states(read_results(folder.path)).get(TrialStatus.TERMINATED, 0)
+    return ended >= folder.launch.trials
+
+
+# ---------------------------------------------------------------------------------------------
+# --dry-run: the plan, and what the sweep will cost
+
+
+def dry_run(
+    sweep: Sweep,
+    address: str | None,
+    verbose: bool,
+    max_concurrent: int | None,
+    *,
+    estimate: bool,
+    gpu_type: str | None,
+) -> Iterator[str]:
+    """The lines of `--dry-run`: the trials and the resource plan, whether this machine (or the
+    cluster) can run them, missing data, and with `estimate` what the sweep will cost. Only a real
+    run refuses."""
+    # the estimate's module trains a few steps: torch, only for --dry-run
+    from orchestrator.estimate import one_gpu_slots
+
+    cluster = local_machine() if address is None else connect(address, verbose)
+    yield from plan_lines(sweep, resource_plan(sweep, cluster, max_concurrent))
+    try:
+        check_fits(sweep.widest, cluster)
+        yield f"{cluster.where} can run this sweep"
+    except PlacementError as error:
+        yield f"{cluster.where} cannot run this sweep: {error}"
+    for path in missing_data(sweep):
+        yield f"missing data: {path} (write it with `mosaic-sweep prepare`)"
+    if estimate:
+        at_once = concurrency(sweep, cluster.nodes, max_concurrent)[0]
+        if gpu_type is not None and not at_once:
+            # priced for a GPU this machine does not have: what one of them runs at once
+            at_once = min(
+                sweep.num_trials, one_gpu_slots(sweep), max_concurrent or sweep.num_trials
+            )
+        yield from estimate_lines(sweep, at_once, gpu_type)
+
+
+def plan_lines(sweep: Sweep, plan: list[str]) -> Iterator[str]:
+    """The expanded trials, numbered, then the resource plan."""
+    width = len(str(len(sweep.trials)))
+    for number, trial in enumerate(sweep.trials, 1):
+        count = sweep.trial_resources(trial).workers
+        workers = f"  ({count} workers)" if count > 1 else ""
+        yield f"{number:>{width}}  {trial.describe()}{workers}"
+    yield from plan
+
+
+def estimate_lines(sweep: Sweep, at_once: int, gpu_type: str | None) -> Iterator[str]:
+    """What the sweep will cost: timed here, or priced from a GPU's benchmark figures."""
+    # the estimate trains a few steps: torch
+    from orchestrator.estimate import describe, estimate
+
+    if not at_once:
+        raise LaunchError(
+            "no trial fits on this machine to be timed; pass --gpu-type to price the sweep from the "
+            "benchmark figures of a GPU"
+        )
+    yield (
+        "estimating: a few training steps of each distinct trial…"
+        if gpu_type is None
+        else "estimating…"
+    )
+    try:
+        cost = estimate(sweep, at_once, gpu_type)
+    except (ValueError, FileNotFoundError) as error:
+        raise LaunchError(str(error)) from None
+    yield from describe(cost, on_gpu=bool(gpu_type or sweep.resources.gpu))

@@ -1,0 +1,84 @@
+"""A run folder of `mosaic-sweep train`: `config.yaml`, `metrics.jsonl` (one line per evaluation)
+and `checkpoint/` (the latest checkpoint), so `--resume` continues exactly where an interrupted run
+stopped, in one process or on Ray Train workers (rank 0 keeps it).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from mosaic_core.checkpoint import FILENAME, load_checkpoint
+from mosaic_core.config import TrialConfig, describe_validation_error
+from orchestrator.sweep_folder import prepare_output_dir
+from search_spaces.yaml_io import read_yaml
+
+METRICS = "metrics.jsonl"
+
+
+def load_trial_config(
+    path: Path, *, steps: int | None = None, device: str | None = None
+) -> TrialConfig:
+    """A trial config file with command-line overrides; ValueError with one line when it is wrong."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such config file")
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(
+            f"{path.name}: a trial config is a mapping with keys {', '.join(TrialConfig.model_fields)}"
+        )
+    train = dict(raw.get("train") or {})
+    if steps is not None:
+        train["max_steps"] = steps
+    if device is not None:
+        train["device"] = device
+    try:
+        return TrialConfig.model_validate({**raw, "train": train})
+    except ValidationError as error:
+        raise ValueError(describe_validation_error(error, TrialConfig, path.name)) from None
+
+
+def open_run_folder(
+    config: TrialConfig, run_dir: Path, *, resume: bool, overwrite: bool
+) -> Path | None:
+    """A new run folder holding the config, or with `resume` the existing one's checkpoint to resume from."""
+    checkpoint_dir = run_dir / "checkpoint"
+    if resume:
+        if not (checkpoint_dir / FILENAME).is_file():
+            raise FileNotFoundError(
+                f"{run_dir} has no checkpoint to resume from (expected {checkpoint_dir})"
+            )
+        # a checkpoint that cannot be resumed stops the run before it starts
+        load_checkpoint(checkpoint_dir, config)
+        return checkpoint_dir
+    prepare_output_dir(run_dir, overwrite, marker="config.yaml", what="a run")
+    (run_dir / "config.yaml").write_text(
+        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    )
+    return None
+
+
+def record_evaluation(run_dir: Path, metrics: dict[str, float], checkpoint_dir: str) -> None:
+    """An evaluation into the run folder: its checkpoint replaces `checkpoint/`, its metrics a line more."""
+    tmp = run_dir / ".checkpoint.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(checkpoint_dir, tmp)
+    shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
+    tmp.rename(run_dir / "checkpoint")
+    with open(run_dir / METRICS, "a") as f:
+        f.write(json.dumps(metrics) + "\n")
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """`step 40: val_loss=1.234  exact_match_1x=0.5`; per-head diagnostics stay in metrics.jsonl."""
+    shown = "  ".join(
+        f"{key}={value:.4g}"
+        for key, value in metrics.items()
+        if key not in ("step", "elapsed_s") and "/" not in key
+    )
+    return f"step {int(metrics['step'])}: {shown}"

@@ -1,0 +1,41 @@
+"""Every name a sweep writes into MLflow, and how a trial's status maps to its run's status: one
+place for the writer (`orchestrator.tracking`) and the reader (`analysis.mlflow_source`)."""
+
+from __future__ import annotations
+
+from analysis.schema import TrialStatus
+
+# tags of a trial's child run
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's own: nests the trial's run under the sweep's
+TRIAL_ID_TAG = "ray.trial_id"
+KERNEL_LABEL_TAG = "kernel_label"
+ERROR_TAG = "error"
+RETRIES_TAG = "ray.retries"
+LAST_RETRIED_ERROR_TAG = "ray.last_retried_error"
+PLACEMENT_TAG_PREFIX = "ray."  # ray.hostname, ray.node_ip, ray.pid, ray.cuda_visible_devices
+SYSTEM_METRICS_TAG = "system_metrics"
+STOPPED_TAG = "stopped_early"  # on the run of a trial ASHA stopped: the step it stopped at
+SYSTEM_METRIC_PREFIX = "system/"  # MLflow's system metrics: `system/cpu_utilization_percentage`
+
+# tags of a sweep's parent run and of its experiment
+SWEEP_DIR_TAG = "sweep_dir"
+NOTE_TAG = "mlflow.note.content"  # a run's description in MLflow's UI (Markdown)
+GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the run page shows it
+GIT_DIRTY_TAG = "git.dirty"
+VERSION_TAG_PREFIX = "version."  # version.torch, version.ray, …
+RESOURCE_PLAN_TAG = "resource_plan"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# the experiment is model training, not GenAI: MLflow's experiment-kind tag, which 3.17's UI reads
+# only with its workflow switch off; `mosaic-sweep ui` links past the switch (orchestrator/mlflow_ui)
+MODEL_TRAINING = "custom_model_development"
+
+# MLflow's run statuses (`mlflow.entities.RunStatus` by name, without importing MLflow)
+RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
+RUN_STATUS = {
+    TrialStatus.RUNNING: RUNNING,
+    TrialStatus.TERMINATED: FINISHED,
+    TrialStatus.ERROR: FAILED,
+}
+"""Ray Tune trial status -> MLflow run status, as the tracker ends a trial's run."""
+TRIAL_STATUS = {run: trial for trial, run in RUN_STATUS.items()}
+"""MLflow run status -> Ray Tune trial status, as the reader maps them back; KILLED stays as it is."""

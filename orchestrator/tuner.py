@@ -1,0 +1,151 @@
+"""The sweep's Ray Tune Tuner, new or restored: what it explores (the grid, or an Optuna search),
+the ASHA scheduler, the trainable with each variant's resources, and the callbacks."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import optuna
+from mlflow import MlflowClient
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from ray.tune.search import Repeater, Searcher
+from ray.tune.search.optuna import OptunaSearch
+
+from orchestrator.progress import TrialProgress
+from orchestrator.sweep_folder import OPTUNA_DB, TUNE, LaunchRecord, SweepFolder, sqlite_uri
+from orchestrator.tracking.callback import SweepTracker
+from orchestrator.trainables import sweep_trainable
+from orchestrator.trial_configs import VARIANT
+from search_spaces.schema import Search, Sweep
+
+log = logging.getLogger(__name__)
+
+_DOMAINS = {
+    "uniform": lambda low, high: tune.uniform(low, high),
+    "loguniform": lambda low, high: tune.loguniform(low, high),
+    # Tune's upper bound is exclusive
+    "int": lambda low, high: tune.randint(int(low), int(high) + 1),
+    "logint": lambda low, high: tune.lograndint(int(low), int(high) + 1),
+}
+
+
+def holds_tune_state(launch: LaunchRecord) -> bool:
+    """Whether the sweep's Tune experiment folder holds state `Tuner.restore` can resume."""
+    return tune.Tuner.can_restore(launch.tune_path)
+
+
+def tuner(
+    sweep: Sweep,
+    folder: SweepFolder,
+    client: MlflowClient,
+    experiment_id: str,
+    parent_id: str,
+    max_concurrent: int | None,
+    verbose: bool,
+) -> tune.Tuner:
+    """Tune's Tuner: restored, with the run config, callbacks, searcher and scheduler the sweep left,
+    when the folder holds Tune state; new otherwise."""
+    configs = folder.configs()
+    resources = {
+        name: sweep.resources.model_copy(
+            update={"workers": folder.launch.workers.get(name, sweep.resources.workers)}
+        )
+        for name in configs
+    }
+    trainable = sweep_trainable(configs, resources, folder.launch.tune_path, sweep.max_failures)
+    if holds_tune_state(folder.launch):
+        if max_concurrent is not None:
+            log.warning(
+                "--max-concurrent applies to new sweeps; Tune restores a sweep with its first settings"
+            )
+        return tune.Tuner.restore(folder.launch.tune_path, trainable=trainable, resume_errored=True)
+    callbacks = [
+        SweepTracker(client, experiment_id, parent_id, folder, configs),
+        TrialProgress(folder.launch.trials, configs, folder.path),
+    ]
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(sweep, list(configs)),
+        tune_config=_tune_config(sweep, folder, max_concurrent),
+        run_config=tune.RunConfig(
+            name=TUNE,
+            storage_path=folder.launch.storage_path,
+            callbacks=callbacks,
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+            failure_config=tune.FailureConfig(max_failures=sweep.max_failures),
+            verbose=2 if verbose else 0,
+        ),
+    )
+
+
+def _tune_config(sweep: Sweep, folder: SweepFolder, max_concurrent: int | None) -> tune.TuneConfig:
+    return tune.TuneConfig(
+        search_alg=search_algorithm(sweep, folder.path),
+        scheduler=scheduler(sweep),
+        num_samples=folder.launch.trials if sweep.search else 1,
+        max_concurrent_trials=max_concurrent,
+        # GPU trials each in a fresh process, so their GPU memory goes back when they end; CPU
+        # trials reuse their processes (a fresh one costs ~4 s of imports: bench/RESULTS.md),
+        # unless some drive Ray Train runs, whose workers must end with their trial
+        reuse_actors=sweep.resources.gpu == 0
+        and max(folder.launch.workers.values(), default=1) == 1,
+        trial_dirname_creator=lambda trial: trial.trial_id,
+    )
+
+
+def param_space(sweep: Sweep, variants: list[str]) -> dict[str, Any]:
+    """Tune's param_space: a grid over the variants, or the search's distributions."""
+    if sweep.search is None:
+        return {VARIANT: tune.grid_search(variants)}
+    space: dict[str, Any] = {VARIANT: tune.choice(variants) if len(variants) > 1 else variants[0]}
+    for key, distribution in sweep.search.space.items():
+        ((kind, values),) = distribution.items()
+        space[key] = tune.choice(values) if kind == "choice" else _DOMAINS[kind](*values)
+    return space
+
+
+def scheduler(sweep: Sweep) -> TrialScheduler:
+    """ASHA over training steps when the sweep file asks for it; otherwise every trial runs to the end."""
+    if sweep.scheduler is None:
+        return FIFOScheduler()
+    metric, mode = sweep.metric
+    return ASHAScheduler(
+        time_attr="step",
+        metric=metric,
+        mode=mode,
+        max_t=max(trial.config.train.max_steps for trial in sweep.trials),
+        grace_period=sweep.scheduler.grace_period,
+        reduction_factor=sweep.scheduler.reduction_factor,
+    )
+
+
+def optuna_storage_url(search: Search, sweep_dir: Path) -> str:
+    """The study lives beside the results, so `--resume` continues it (or in the database the file names)."""
+    return search.storage or sqlite_uri(sweep_dir / OPTUNA_DB)
+
+
+def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
+    """OptunaSearch with a persistent study (named after the sweep), each suggestion repeated per
+    seed; the study sees the mean over the seeds of each suggestion's last value."""
+    if sweep.search is None:
+        return None
+    optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())  # quiet unless -v
+    search = sweep.search
+    sampler = (
+        optuna.samplers.TPESampler(seed=search.sampler_seed)
+        if search.sampler == "tpe"
+        else optuna.samplers.RandomSampler(seed=search.sampler_seed)
+    )
+    storage = optuna.storages.RDBStorage(optuna_storage_url(search, sweep_dir))
+    optuna_search = OptunaSearch(
+        metric=search.metric,
+        mode=search.mode,
+        sampler=sampler,
+        storage=storage,
+        study_name=sweep.name,
+    )
+    # Tune's searcher checkpoint keeps its seed groups
+    return Repeater(optuna_search, repeat=search.seeds)
