@@ -16,7 +16,8 @@ import pandas as pd
 
 from analysis.configurations import KERNEL_LABEL
 from analysis.paper_tables import PAPER_DIR, PAPER_TABLES
-from analysis.tables import LAYOUTS, TableStats, column_header, lower_is_better, table_stats
+from analysis.tables import LAYOUTS, TableStats, column_header, table_stats
+from mosaic_core.metrics import lower_is_better
 
 
 def paper_for(results: pd.DataFrame) -> str:

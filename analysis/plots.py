@@ -26,8 +26,9 @@ from matplotlib.ticker import NullLocator
 from analysis.budgets import NOTE, at_one_budget, trial_budgets
 from analysis.configurations import ROW, config_frame, labelled, row_keys
 from analysis.tables import selected, succeeded
+from mosaic_core.metrics import EXACT_MATCH, OOD_LOSS_EMA, SUPPORT_SIZE, VAL_LOSS
 
-OOD_PREFIX = "ood_loss_ema/pos"
+OOD_PREFIX = f"{OOD_LOSS_EMA}/pos"
 FORMATS = ("png", "pdf", "svg")  # what `make_plots` writes: matplotlib's raster and vector formats
 DPI = 300  # a PNG fit for print; PDF and SVG are vector, and embed nothing at a lower resolution
 LENGTH_AXIS = "× eval_length"  # the length factor multiplies the task's eval_length
@@ -126,7 +127,7 @@ def _depth(key: object) -> str:
 
 
 def _val_loss(results: pd.DataFrame) -> Figure | None:
-    rows = results[results["metric"] == "val_loss"]
+    rows = results[results["metric"] == VAL_LOSS]
     return _figure(
         rows,
         panel="n_layer",
@@ -157,10 +158,10 @@ def _ood_per_position(results: pd.DataFrame) -> Figure | None:
 def figures(results: pd.DataFrame) -> dict[str, Figure]:
     """File stem -> figure, for each figure the results have data for."""
     drawn = {
-        "exact_match_vs_length": _by_length(results, "exact_match", "exact match"),
+        "exact_match_vs_length": _by_length(results, EXACT_MATCH, "exact match"),
         "val_loss_vs_step": _val_loss(results),
         "ood_loss_per_position": _ood_per_position(results),
-        "support_size_vs_length": _by_length(results, "support_size", "mean support size"),
+        "support_size_vs_length": _by_length(results, SUPPORT_SIZE, "mean support size"),
     }
     return {stem: figure for stem, figure in drawn.items() if figure is not None}
 

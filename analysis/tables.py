@@ -39,6 +39,16 @@ from analysis.configurations import (
 )
 from analysis.noise import METHOD, t_interval
 from analysis.schema import TrialStatus
+from mosaic_core.metrics import (
+    ACCURACY,
+    EXACT_MATCH,
+    MODEL_SELECTION,
+    OOD_LOSS,
+    TVD,
+    VAL_LOSS,
+    lower_is_better,
+    parse_metric_name,
+)
 
 MISSING = "—"
 LAST = "last"
@@ -62,30 +72,24 @@ LAYOUTS: dict[str, Layout] = {
     for layout in (
         Layout(
             "length_factor",
-            ("exact_match",),
+            (EXACT_MATCH,),
             frozenset({"sort", "reverse", "copy", "mqmtar"}),
             LAST,
             "exact match",
         ),  # Table 2
         Layout(
             "num_examples",
-            ("accuracy", "tvd"),
+            (ACCURACY, TVD),
             frozenset({"regbench"}),
-            BEST + "val_loss",
+            BEST + MODEL_SELECTION["regbench"],
             "accuracy and TVD (%)",
         ),  # Table 1; Table 5's caption: the epoch with the lowest validation loss
         Layout(
-            "n_layer", ("val_loss", "ood_loss"), frozenset({"lm"}), LAST, "losses"
+            "n_layer", (VAL_LOSS, OOD_LOSS), frozenset({"lm"}), LAST, "losses"
         ),  # per depth, Figure 2
     )
 }
 """The columns a table can be laid out by (`by`), and what each layout shows by default."""
-
-
-def lower_is_better(metric: str) -> bool:
-    """Losses and total variation distances improve downwards; accuracies and support sizes are
-    reported as they are (the best is the largest)."""
-    return "loss" in metric or "tvd" in metric
 
 
 def family_layout(results: pd.DataFrame) -> Layout:
@@ -171,8 +175,6 @@ def last_evaluation(rows: pd.DataFrame) -> pd.DataFrame:
 
 def _metric_rows(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The rows of a reported metric name: `val_loss`, or `exact_match_2x` (exact_match at 2×)."""
-    from mosaic_core.metrics import parse_metric_name
-
     name, factor = parse_metric_name(metric)
     length = results["length_factor"]
     return results[

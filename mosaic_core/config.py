@@ -8,7 +8,23 @@ from typing import Annotated, Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mosaic_core.kernels import resolve_kernel
-from mosaic_core.metrics import SELECTED_PREFIX, length_metric_name
+from mosaic_core.metrics import (
+    ACCURACY,
+    EXACT_MATCH,
+    EXACT_MATCH_WITH_EOS,
+    MODEL_SELECTION,
+    OOD_LOSS,
+    QUERY_ACCURACY,
+    SELECTED_PREFIX,
+    SUPPORT_SIZE,
+    TRAIN_LOSS,
+    TVD,
+    VAL_ACCURACY,
+    VAL_LOSS,
+    VAL_TVD,
+    length_metric_name,
+    mode,
+)
 
 MAX_SEED = 2**63 - 1  # seeds are stored as int64 (results schema); NumPy takes none below 0
 
@@ -78,8 +94,8 @@ class LengthTaskConfig(_Strict):
 
     def metric_names(self) -> list[str]:
         """The scalar metrics every evaluation reports (schedulers and searches pick one)."""
-        kinds = ["exact_match", "exact_match_with_eos", "support_size"] + (
-            ["query_accuracy"] if self.name == "mqmtar" else []
+        kinds = [EXACT_MATCH, EXACT_MATCH_WITH_EOS, SUPPORT_SIZE] + (
+            [QUERY_ACCURACY] if self.name == "mqmtar" else []
         )
         return [length_metric_name(kind, factor) for kind in kinds for factor in self.eval_factors]
 
@@ -114,16 +130,17 @@ class RegBenchConfig(_Strict):
     )
 
     def metric_names(self) -> list[str]:
-        evaluated = ["accuracy", "tvd", "val_accuracy", "val_tvd", "val_loss"]
+        evaluated = [ACCURACY, TVD, VAL_ACCURACY, VAL_TVD, VAL_LOSS]
         return [
             *evaluated,
             *(f"{SELECTED_PREFIX}{name}" for name in evaluated),
-            length_metric_name("support_size", 1),
+            length_metric_name(SUPPORT_SIZE, 1),
         ]
 
     def selection(self) -> tuple[str, str]:
         """Model selection as Table 5's caption: report the evaluation with the lowest val_loss."""
-        return "val_loss", "min"
+        metric = MODEL_SELECTION[self.name]
+        return metric, mode(metric)
 
     def required_files(self) -> list[Path]:
         """Files a trial reads: none, its languages are generated."""
@@ -148,9 +165,9 @@ class LanguageModelConfig(_Strict):
 
     def metric_names(self) -> list[str]:
         return [
-            "val_loss",
-            *(["ood_loss"] if self.ood_data_dir else []),
-            length_metric_name("support_size", 1),
+            VAL_LOSS,
+            *([OOD_LOSS] if self.ood_data_dir else []),
+            length_metric_name(SUPPORT_SIZE, 1),
         ]
 
     def selection(self) -> None:
@@ -400,7 +417,7 @@ class TrialConfig(_Strict):
 
     def metric_names(self) -> list[str]:
         """What `train_trial` reports at every evaluation, besides per-head diagnostics."""
-        return ["train_loss", *self.task.metric_names()]
+        return [TRAIN_LOSS, *self.task.metric_names()]
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

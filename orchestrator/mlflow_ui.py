@@ -18,8 +18,8 @@ from urllib.parse import quote, urlencode
 from mlflow.exceptions import MlflowException
 
 from analysis.results_store import ResultsStoreError, read_results
-from analysis.tables import family_layout, lower_is_better
-from mosaic_core.metrics import length_metric_name
+from analysis.tables import family_layout
+from mosaic_core.metrics import length_metric_name, lower_is_better
 from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
 from orchestrator.tracking.names import PARENT_TAG
 from orchestrator.tracking.runs import experiment_of

@@ -14,6 +14,7 @@ from rich.console import Console
 
 from analysis.results_store import read_results
 from analysis.schema import TrialStatus
+from mosaic_core.metrics import ELAPSED_S, LR, STEP, TOKENS_PER_S, TRAIN_LOSS
 from orchestrator.tracking.callback import reported_metrics
 from orchestrator.trial_configs import trial_config, trial_name
 
@@ -46,7 +47,7 @@ class TrialProgress(Callback):
     ) -> None:
         """A running trial's step, loss, rate and time to go, at each `log_interval` and evaluation."""
         metrics = reported_metrics(result)
-        step, rate = metrics.get("step"), metrics.get("tokens_per_s")
+        step, rate = metrics.get(STEP), metrics.get(TOKENS_PER_S)
         if step is None or rate is None:
             return
         max_steps = trial_config(trial.config, self.configs)["train"]["max_steps"]
@@ -54,7 +55,7 @@ class TrialProgress(Callback):
         to_go = seconds / step * (max_steps - step) if step else 0.0
         _console.print(
             f"[dim]{self._count()} step {step:.0f}/{max_steps}[/]  {trial_name(trial.config)}  "
-            f"train_loss={metrics.get('train_loss', float('nan')):.3g}  {rate / 1000:.3g}k tokens/s  "
+            f"{TRAIN_LOSS}={metrics.get(TRAIN_LOSS, float('nan')):.3g}  {rate / 1000:.3g}k tokens/s  "
             f"[dim]ETA {_duration(to_go)}[/]"
         )
 
@@ -67,11 +68,11 @@ class TrialProgress(Callback):
         shown = "  ".join(
             f"{key}={value:.3g}"
             for key, value in metrics.items()
-            if key not in ("step", "lr", "elapsed_s", "tokens_per_s") and "/" not in key
+            if key not in (STEP, LR, ELAPSED_S, TOKENS_PER_S) and "/" not in key
         )
         seconds = trial.last_result.get("time_total_s", 0.0)
         step, max_steps = (
-            metrics.get("step"),
+            metrics.get(STEP),
             trial_config(trial.config, self.configs)["train"]["max_steps"],
         )
         ended = (

@@ -102,6 +102,7 @@ def _loopback_only() -> None:
     # for Ray's processes, and a first import of ray
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Ray's first import, if it is one, comes after the variables above
     from ray._private import ray_constants
 
     # Ray reads the variable once, when it is first imported

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from mosaic_core.checkpoint import FILENAME, load_checkpoint
 from mosaic_core.config import TrialConfig, describe_validation_error
+from mosaic_core.metrics import ELAPSED_S, STEP
 from orchestrator.sweep_folder import prepare_output_dir
 from search_spaces.yaml_io import read_yaml
 
@@ -79,6 +80,6 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     shown = "  ".join(
         f"{key}={value:.4g}"
         for key, value in metrics.items()
-        if key not in ("step", "elapsed_s") and "/" not in key
+        if key not in (STEP, ELAPSED_S) and "/" not in key
     )
-    return f"step {int(metrics['step'])}: {shown}"
+    return f"step {int(metrics[STEP])}: {shown}"

@@ -25,6 +25,7 @@ from rich.progress import (
 
 from mosaic_core.config import TrialConfig
 from mosaic_core.train import train_trial
+from orchestrator.resources import connect
 from orchestrator.run_folder import METRICS, format_metrics, open_run_folder, record_evaluation
 from search_spaces.schema import Resources
 
@@ -91,7 +92,6 @@ def run_data_parallel_trial(
     # Ray only for --workers: a run in this process starts without it
     import ray
 
-    from orchestrator.resources import connect
     from orchestrator.trainables import trainer
 
     console = console or Console(highlight=False)

@@ -14,6 +14,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from mosaic_core.metrics import STEP
 from orchestrator.progress import TrialProgress
 from orchestrator.sweep_folder import OPTUNA_DB, TUNE, LaunchRecord, SweepFolder, sqlite_uri
 from orchestrator.tracking.callback import SweepTracker
@@ -113,7 +114,7 @@ def scheduler(sweep: Sweep) -> TrialScheduler:
         return FIFOScheduler()
     metric, mode = sweep.metric
     return ASHAScheduler(
-        time_attr="step",
+        time_attr=STEP,
         metric=metric,
         mode=mode,
         max_t=max(trial.config.train.max_steps for trial in sweep.trials),

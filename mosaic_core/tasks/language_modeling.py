@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mosaic_core.config import LanguageModelConfig
+from mosaic_core.metrics import OOD_LOSS, OOD_LOSS_EMA, VAL_LOSS
 from mosaic_core.tokenizer import EOT, PADDED_VOCAB, gpt2_encoding
 
 SPLITS = ("train", "val")
@@ -276,20 +277,22 @@ class LanguageModelTask:
         )
         return tokens[:, :-1], tokens[:, 1:]
 
+    METRICS = (VAL_LOSS, OOD_LOSS, OOD_LOSS_EMA)  # the OOD ones also per position: `/pos64`
+
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """`val_loss`; with an OOD corpus also `ood_loss` (mean over positions) and its per-position
         curve at powers of two, raw (`ood_loss/pos64`) and smoothed (`ood_loss_ema/pos64`)."""
         batch_size = self.config.eval_batch_size
         metrics = {
-            "val_loss": float(per_position_loss(model, self.val_windows, device, batch_size).mean())
+            VAL_LOSS: float(per_position_loss(model, self.val_windows, device, batch_size).mean())
         }
         if self.ood_windows is not None:
             curve = per_position_loss(model, self.ood_windows, device, batch_size)
             smooth = ema(curve, OOD_EMA_ALPHA)
-            metrics["ood_loss"] = float(curve.mean())
+            metrics[OOD_LOSS] = float(curve.mean())
             for position in reported_positions(len(curve)):
-                metrics[f"ood_loss/pos{position}"] = float(curve[position - 1])
-                metrics[f"ood_loss_ema/pos{position}"] = float(smooth[position - 1])
+                metrics[f"{OOD_LOSS}/pos{position}"] = float(curve[position - 1])
+                metrics[f"{OOD_LOSS_EMA}/pos{position}"] = float(smooth[position - 1])
         return metrics
 
     def diagnostic_inputs(self, examples: int) -> dict[float, Tensor]:

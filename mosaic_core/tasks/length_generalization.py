@@ -22,7 +22,14 @@ import torch
 from torch import Tensor, nn
 
 from mosaic_core.config import LengthTaskConfig
-from mosaic_core.metrics import IGNORE_INDEX, exact_match, length_metric_name
+from mosaic_core.metrics import (
+    EXACT_MATCH,
+    EXACT_MATCH_WITH_EOS,
+    IGNORE_INDEX,
+    QUERY_ACCURACY,
+    exact_match,
+    length_metric_name,
+)
 
 _TRAIN_STREAM, _TEST_STREAM, _VOCABULARY_STREAM = 0, 1, 2  # disjoint numpy seed streams
 
@@ -119,6 +126,8 @@ class LengthGeneralizationTask:
     def eval_lengths(self) -> dict[float, int]:
         return {f: max(1, round(self.config.eval_length * f)) for f in self.config.eval_factors}
 
+    METRICS = (EXACT_MATCH, EXACT_MATCH_WITH_EOS, QUERY_ACCURACY)  # each per length: `_2x`
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """Teacher-forced exact match of the answer at every evaluation length factor; the same
@@ -137,11 +146,11 @@ class LengthGeneralizationTask:
     def _scores(self, logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
         answer = self.answer_mask(labels)
         scores = {
-            "exact_match": exact_match(logits, labels, answer),
-            "exact_match_with_eos": exact_match(logits, labels),
+            EXACT_MATCH: exact_match(logits, labels, answer),
+            EXACT_MATCH_WITH_EOS: exact_match(logits, labels),
         }
         if self.config.name == "mqmtar":
-            scores["query_accuracy"] = query_accuracy(logits, labels, answer)
+            scores[QUERY_ACCURACY] = query_accuracy(logits, labels, answer)
         return scores
 
 

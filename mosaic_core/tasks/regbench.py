@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mosaic_core.config import RegBenchConfig
-from mosaic_core.metrics import IGNORE_INDEX
+from mosaic_core.metrics import ACCURACY, IGNORE_INDEX, TVD, VAL_ACCURACY, VAL_LOSS, VAL_TVD
 
 LETTERS = "abcdefghijklmnopqr"  # ids 0..17
 NUM_LETTERS = len(LETTERS)
@@ -258,15 +258,17 @@ class RegBenchTask:
     def diagnostic_inputs(self, examples: int) -> dict[float, Tensor]:
         return {1.0: torch.from_numpy(make_batch(self.eval_sequences["test"][:examples])[0])}
 
+    METRICS = (ACCURACY, TVD, VAL_ACCURACY, VAL_TVD, VAL_LOSS)
+
     def evaluate(self, model: nn.Module, device: torch.device) -> dict[str, float]:
         """The reported accuracy and TVD (percent) come from test; model selection uses the val_* metrics."""
         val, test = self.score(model, device, "val"), self.score(model, device, "test")
         return {
-            "accuracy": test["accuracy"],
-            "tvd": test["tvd"],
-            "val_accuracy": val["accuracy"],
-            "val_tvd": val["tvd"],
-            "val_loss": val["loss"],
+            ACCURACY: test["accuracy"],
+            TVD: test["tvd"],
+            VAL_ACCURACY: val["accuracy"],
+            VAL_TVD: val["tvd"],
+            VAL_LOSS: val["loss"],
         }
 
     @torch.no_grad()

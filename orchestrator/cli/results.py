@@ -3,12 +3,14 @@ rebuilt from MLflow)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal, Optional
 
 import typer
 
 from analysis.paper_tables import PAPER_TABLES
+from mosaic_core.metrics import lower_is_better
 from orchestrator.cli.common import fail
 from orchestrator.sweep_folder import (
     PLOTS,
@@ -59,6 +61,7 @@ def _results(
     skip_bad: bool = False,
 ) -> "pandas.DataFrame":
     """The results frame of a sweep folder, or rebuilt from an MLflow experiment."""
+    # pandas: here and below, the results' modules come with the command that reads them
     from analysis.results_store import ResultsStoreError, read_results, store_path
 
     if (sweep_dir is None) == (from_mlflow is None):
@@ -75,6 +78,7 @@ def _results(
         return results
     if experiment is None:
         raise fail("--from-mlflow needs --experiment NAME (the sweep's name)")
+    # MLflow: only to rebuild results from it
     from analysis.mlflow_source import results_from_mlflow
 
     try:
@@ -96,6 +100,7 @@ def _planned_seeds(sweep_dir: Path | None) -> int | None:
 
 
 def _checked_select(select: str | None) -> str | None:
+    # pandas
     from analysis.tables import check_select
 
     try:
@@ -149,6 +154,7 @@ def table(
     ] = None,
 ) -> None:
     """Print a sweep's results table: one row per configuration, mean^(max) over seeds, best mean bold, best seed underlined."""
+    # pandas
     from analysis.tables import LAYOUTS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
 
     select = _checked_select(select)
@@ -208,6 +214,7 @@ def compare(
 ) -> None:
     """Our results beside the paper's table: per cell ours, the paper's and the difference, and
     where the ranking of kernels in a column is not the paper's."""
+    # pandas
     from analysis.comparison import compare as compare_cells
     from analysis.comparison import comparison_table, paper_for, summary, to_csv
     from analysis.tables import describe_select, to_markdown
@@ -263,6 +270,7 @@ def plot(
 ) -> None:
     """Draw a sweep's figures for the metrics it has: exact match and support size vs. length (log2,
     a panel per task), validation loss vs. step, per-position OOD loss; a curve per configuration."""
+    # matplotlib and pandas
     from analysis.plots import FORMATS, make_plots
 
     chosen = tuple(
@@ -291,12 +299,9 @@ def status(
     skip_bad: SkipBad = False,
 ) -> None:
     """Trials by state and the best so far, from the sweep folder alone (while it runs, or after)."""
-    import pandas as pd
-
-    from analysis.configurations import describe_config
+    # pandas
     from analysis.results_store import ResultsStoreError, read_results, trial_states
     from analysis.schema import TrialStatus
-    from analysis.tables import selected
 
     try:
         planned = SweepFolder.open(sweep_dir).launch.trials
@@ -313,15 +318,29 @@ def status(
         f"{sweep_dir}: {planned} trials — "
         + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     )
-    for metric, best in (("exact_match", "max"), ("accuracy", "max"), ("val_loss", "min")):
+    for line in _best_so_far(results):
+        typer.echo(line)
+
+
+def _best_so_far(results: pandas.DataFrame) -> Iterator[str]:
+    """The best trial by each task family's headline metric, the first of its paper table's
+    (exact match at the shortest length, accuracy, validation loss), for those reported."""
+    # pandas
+    import pandas as pd
+
+    from analysis.configurations import describe_config
+    from analysis.tables import LAYOUTS, selected
+
+    for metric in (layout.metrics[0] for layout in LAYOUTS.values()):
         rows = selected(results[results["metric"] == metric])
         if rows.empty:
             continue
         if rows["length_factor"].notna().any():  # the shortest evaluation length: in distribution
             rows = rows[rows["length_factor"] == rows["length_factor"].min()]
-        top = rows.loc[rows["value"].idxmax() if best == "max" else rows["value"].idxmin()]
+        values = rows["value"]
+        top = rows.loc[values.idxmin() if lower_is_better(metric) else values.idxmax()]
         at = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
-        typer.echo(
+        yield (
             f"best {metric}{at}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
             f"{top['task']} (trial {top['trial_id']}, step {top['step']})"
         )

@@ -10,7 +10,7 @@ import typer
 
 from orchestrator import launch
 from orchestrator.cli.common import fail
-from orchestrator.sweep_folder import TABLE
+from orchestrator.sweep_folder import MLFLOW_DB, TABLE
 from search_spaces.yaml_io import read_sweep_file
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def run(
         Optional[str],
         typer.Option(
             help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
-            "sqlite:///<sweeps>/mlflow.db."
+            f"sqlite:///<sweeps>/{MLFLOW_DB}."
         ),
     ] = None,
     max_concurrent: Annotated[

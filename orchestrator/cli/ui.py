@@ -26,7 +26,7 @@ def ui(
     sweeps_dir: Annotated[
         Path,
         typer.Argument(
-            metavar="DIR", help="A sweep folder, or the folder of sweeps holding mlflow.db."
+            metavar="DIR", help=f"A sweep folder, or the folder of sweeps holding {MLFLOW_DB}."
         ),
     ] = Path("sweeps"),
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,

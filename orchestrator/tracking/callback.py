@@ -22,7 +22,7 @@ from analysis.results_store import read_trial_rows, write_trial_rows
 from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, varied_keys
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
-from mosaic_core.metrics import parse_metric_name
+from mosaic_core.metrics import STEP, parse_metric_name
 from orchestrator.sweep_folder import RunMap, SweepFolder
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import (
@@ -146,7 +146,7 @@ class SweepTracker(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
     ) -> None:
         metrics = reported_metrics(result)
-        step = int(metrics.get("step", result.get("training_iteration", 0)))
+        step = int(metrics.get(STEP, result.get("training_iteration", 0)))
         rows = self.rows[trial.trial_id]
         run_id = self.run_ids[trial.trial_id]
         if trial.trial_id not in self.placed:
@@ -154,7 +154,7 @@ class SweepTracker(Callback):
         runs.log_new_points(self.client, run_id, metrics, step, self.logged[trial.trial_id])
         columns = self._columns(trial)
         for key, value in metrics.items():
-            if key == "step":
+            if key == STEP:
                 continue
             metric, factor = parse_metric_name(key)
             # a trial restarted from a checkpoint reports some steps again: the new value replaces the old

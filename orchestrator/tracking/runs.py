@@ -22,6 +22,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+from mosaic_core.metrics import STEP
 from orchestrator.sweep_folder import MLFLOW_ARTIFACTS, RunMap, SweepFolder, SweepFolderError
 from orchestrator.tracking.names import (
     ERROR_TAG,
@@ -237,7 +238,7 @@ def log_new_points(
     new = [
         Metric(key, value, now, step)
         for key, value in metrics.items()
-        if key != "step" and math.isfinite(value) and (key, step) not in logged
+        if key != STEP and math.isfinite(value) and (key, step) not in logged
     ]
     if new:
         client.log_batch(run_id, metrics=new)
