@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
+from helpers import SMOKE_YAML
+
 if not torch.cuda.is_available():
     # must precede the first import of triton (torch.compile's machinery imports it too): kernels,
     # and triton.language's own jitted helpers, are then interpreted on the CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 
 
 @pytest.fixture

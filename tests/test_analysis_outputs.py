@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from analysis.results_store import read_results, write_trial_rows
 from analysis.tables import markdown_cells, table_stats, to_csv, to_latex, to_markdown
-from orchestrator.cli import app
+from orchestrator.tracking.names import KERNEL_LABEL_TAG, PARENT_TAG, TRIAL_ID_TAG
+
+from helpers import invoke
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -155,10 +156,6 @@ def golden(name: str) -> str:
     return (GOLDEN / name).read_text()
 
 
-def run_cli(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def test_length_table_in_three_formats():
     stats = table_stats(frame(LENGTH_TRIALS), planned_seeds=3)
     assert to_markdown(markdown_cells(stats)) == golden("length_table.md")
@@ -196,17 +193,17 @@ def test_table_stats_defaults_and_unknown_metric():
 
 def test_cli_table_formats(tmp_path):
     sweep = store(tmp_path / "sweep", LENGTH_TRIALS)
-    result = run_cli("table", sweep)
+    result = invoke("table", sweep)
     assert result.exit_code == 0, result.output
     assert result.stdout == golden("length_table.md")
-    assert run_cli("table", sweep, "--format", "latex").stdout == golden("length_table.tex")
+    assert invoke("table", sweep, "--format", "latex").stdout == golden("length_table.tex")
     out = tmp_path / "table.csv"
-    assert run_cli("table", sweep, "--format", "csv", "--out", out).exit_code == 0
+    assert invoke("table", sweep, "--format", "csv", "--out", out).exit_code == 0
     assert out.read_text() == golden("length_table.csv")
 
     regbench = store(tmp_path / "regbench", REGBENCH_TRIALS)
-    assert run_cli("table", regbench, "--by", "num_examples").stdout == golden("regbench_table.md")
-    only_tvd = run_cli("table", regbench, "--by", "num_examples", "--metric", "tvd").stdout
+    assert invoke("table", regbench, "--by", "num_examples").stdout == golden("regbench_table.md")
+    only_tvd = invoke("table", regbench, "--by", "num_examples", "--metric", "tvd").stdout
     assert (
         only_tvd.splitlines()[0] == "| Kernel | tvd ↓ num_examples=1000 | tvd ↓ num_examples=5000 |"
     )
@@ -233,7 +230,7 @@ def test_cli_table_formats(tmp_path):
 )
 def test_cli_table_errors(tmp_path, args, message):
     paths = {"{empty}": tmp_path / "empty", "{sweep}": store(tmp_path / "sweep", LENGTH_TRIALS[:1])}
-    result = run_cli("table", *(paths.get(a, a) for a in args))
+    result = invoke("table", *(paths.get(a, a) for a in args))
     assert result.exit_code == 2
     assert len(result.stderr.strip().splitlines()) == 1 and message in result.stderr
 
@@ -292,7 +289,7 @@ def mlflow_sweep(tmp_path: Path, trials: list[Trial]) -> tuple[str, dict[str, st
     )
     old = client.create_run(experiment, run_name="old", start_time=1_000).info.run_id
     stale = client.create_run(
-        experiment, start_time=1_001, tags={"mlflow.parentRunId": old, "kernel_label": "Stale"}
+        experiment, start_time=1_001, tags={PARENT_TAG: old, KERNEL_LABEL_TAG: "Stale"}
     )
     client.log_batch(stale.info.run_id, metrics=[Metric("exact_match_1x", 0.0, 0, 200)])
     parent = client.create_run(experiment, run_name="new", start_time=2_000).info.run_id
@@ -303,9 +300,9 @@ def mlflow_sweep(tmp_path: Path, trials: list[Trial]) -> tuple[str, dict[str, st
             run_name=trial.trial_id,
             start_time=3_000,
             tags={
-                "mlflow.parentRunId": parent,
-                "ray.trial_id": trial.trial_id,
-                "kernel_label": trial.label,
+                PARENT_TAG: parent,
+                TRIAL_ID_TAG: trial.trial_id,
+                KERNEL_LABEL_TAG: trial.label,
             },
         )
         run_id = run_ids[trial.trial_id] = run.info.run_id
@@ -336,10 +333,10 @@ def test_results_from_mlflow_equal_the_results_store(tmp_path):
     assert set(rebuilt["status"]) == {"TERMINATED", "ERROR"}
     assert rebuilt["config"].str.contains('"model.kernel_params.alpha": 1.5').sum() > 0
 
-    result = run_cli("table", "--from-mlflow", uri, "--experiment", "sort-sweep")
+    result = invoke("table", "--from-mlflow", uri, "--experiment", "sort-sweep")
     assert result.exit_code == 0, result.output
     assert result.stdout == golden("length_table.md")
-    missing = run_cli("table", "--from-mlflow", uri, "--experiment", "nope")
+    missing = invoke("table", "--from-mlflow", uri, "--experiment", "nope")
     assert missing.exit_code == 2 and "no MLflow experiment 'nope'" in missing.stderr
 
 
@@ -456,7 +453,7 @@ def test_figures_in_each_format_at_300_dpi(tmp_path):
 
 def test_cli_plot_formats(tmp_path):
     sweep = store(tmp_path / "sweep", LENGTH_TRIALS)
-    result = run_cli("plot", sweep, "--format", "pdf,svg", "--format", "PNG")
+    result = invoke("plot", sweep, "--format", "pdf,svg", "--format", "PNG")
     assert result.exit_code == 0, result.output
     assert sorted(Path(line).suffix for line in result.stdout.splitlines()) == [
         ".pdf",
@@ -466,7 +463,7 @@ def test_cli_plot_formats(tmp_path):
         ".svg",
         ".svg",
     ]
-    wrong = run_cli("plot", sweep, "--format", "png,jpg")
+    wrong = invoke("plot", sweep, "--format", "png,jpg")
     assert (
         wrong.exit_code == 2
         and "--format jpg is not a figure format; give png, pdf, svg" in wrong.stderr
@@ -475,7 +472,7 @@ def test_cli_plot_formats(tmp_path):
 
 def test_cli_plot(tmp_path):
     sweep = store(tmp_path / "sweep", LENGTH_TRIALS + lm_trials())
-    result = run_cli("plot", sweep)
+    result = invoke("plot", sweep)
     assert result.exit_code == 0, result.output
     paths = [Path(line) for line in result.stdout.splitlines()]
     assert [p.name for p in paths] == [
@@ -495,5 +492,5 @@ def test_cli_plot(tmp_path):
         )
         for t in REGBENCH_TRIALS
     ]
-    nothing = run_cli("plot", store(tmp_path / "regbench", only_test_metrics))
+    nothing = invoke("plot", store(tmp_path / "regbench", only_test_metrics))
     assert nothing.exit_code == 2 and "metrics present: accuracy, tvd" in nothing.stderr

@@ -17,9 +17,9 @@ from typer.testing import CliRunner
 from orchestrator import cli
 from search_spaces.expand import MAX_TRIALS
 
-SMOKE = yaml.safe_load(
-    (Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml").read_text()
-)
+from helpers import SMOKE_YAML
+
+SMOKE = yaml.safe_load(SMOKE_YAML.read_text())
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{chr(98 + i)}: &{chr(98 + i)} [{', '.join([f'*{chr(97 + i)}'] * 9)}]\n" for i in range(8)
 )

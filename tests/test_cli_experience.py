@@ -12,6 +12,8 @@ from orchestrator.cli import app
 from search_spaces import bundled_sweeps
 from search_spaces.expand import load_sweep
 
+from helpers import clean_environment
+
 
 @pytest.mark.parametrize("command", [[], ["run"], ["table"], ["train"], ["run", "smok"]])
 def test_help_and_early_errors_import_neither_torch_nor_ray(command):
@@ -25,6 +27,48 @@ def test_help_and_early_errors_import_neither_torch_nor_ray(command):
         [sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=60
     )
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+REFUSALS = {
+    "resume-and-overwrite": ["smoke", "--resume", "--overwrite"],
+    "estimate-without-dry-run": ["smoke", "--estimate"],
+    "out-not-a-sweep": ["smoke", "--out", "mine"],
+    "resume-nothing": ["smoke", "--out", "nothing", "--resume"],
+    "out-is-a-file": ["smoke", "--out", "a-file"],
+    "bogus-tracking-uri": ["smoke", "--mlflow-uri", "bogus://x"],
+    "bogus-storage": ["smoke", "--storage", "bogus://x"],
+    "not-yaml": ["broken.yaml"],
+    "not-a-mapping": ["list.yaml"],
+    "unknown-sweep": ["smok"],
+}
+
+
+@pytest.mark.parametrize("args", REFUSALS.values(), ids=REFUSALS)
+def test_refusals_before_any_work_import_neither_torch_ray_nor_mlflow(args, tmp_path):
+    """Bad flags, folder conflicts, a bad tracking URI or a bad sweep file: refused (one line,
+    exit 2) with none of the heavy modules loaded."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
+    (tmp_path / "list.yaml").write_text("- softmax\n")
+    probe = (
+        "import sys\nfrom typer.testing import CliRunner\nfrom orchestrator.cli import app\n"
+        "done = CliRunner().invoke(app, ['run', *sys.argv[1:]])\n"
+        "print(done.exit_code, done.stderr.count('\\n'))\n"
+        "print(sorted(m for m in ('torch', 'ray', 'mlflow') if m in sys.modules))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=clean_environment(),
+    )
+    refused, loaded = done.stdout.strip().splitlines()[-2:]
+    assert refused == "2 1", done.stdout + done.stderr
+    assert loaded == "[]"
 
 
 def test_an_unknown_sweep_name_lists_the_bundled_ones():

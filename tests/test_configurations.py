@@ -10,15 +10,15 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
 
 from analysis.comparison import compare, comparison_table, paper_cells, summary
 from analysis.configurations import show
 from analysis.results_store import ResultsStoreError, read_results, write_trial_rows
 from analysis.schema import RESULTS_SCHEMA, config_json, varied_keys
 from analysis.tables import markdown_cells, table_stats, to_csv, to_markdown
-from orchestrator.cli import app
 from orchestrator.sweep_folder import LAUNCH, LaunchRecord
+
+from helpers import invoke
 
 NAN = float("nan")
 
@@ -372,10 +372,6 @@ def test_compare_needs_one_configuration_per_kernel():
 # the command line, and a results store read robustly
 
 
-def run_cli(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
 def stored(folder: Path, frame: pd.DataFrame) -> Path:
     for trial, rows in frame.groupby("trial_id"):
         write_trial_rows(
@@ -401,7 +397,7 @@ def stored(folder: Path, frame: pd.DataFrame) -> Path:
 
 def test_cli_table_per_configuration_where_select_and_planned_seeds(tmp_path):
     sweep = stored(tmp_path / "lr", two_learning_rates(nan_seed=True))
-    lines = run_cli("table", sweep).stdout.splitlines()
+    lines = invoke("table", sweep).stdout.splitlines()
     assert lines[2:] == [
         "| Gaussian · lr 1e-4 | 0.30^(0.60) |",
         "| Gaussian · lr 0.01 | **0.70**^(<u>0.90</u>) [2/3] |",
@@ -409,22 +405,20 @@ def test_cli_table_per_configuration_where_select_and_planned_seeds(tmp_path):
     (sweep / "trials.json").write_text(
         json.dumps({f"t{seed}": {"seed": seed} for seed in range(4)})
     )  # 4 planned
-    lines = run_cli("table", sweep, "--where", "lr=1e-4").stdout.splitlines()
+    lines = invoke("table", sweep, "--where", "lr=1e-4").stdout.splitlines()
     assert lines[2:] == ["| Gaussian | **0.30**^(<u>0.60</u>) [3/4] |"]
     regbench = stored(tmp_path / "regbench", REGBENCH)
     assert (
-        run_cli(
+        invoke(
             "table", regbench, "--by", "num_examples", "--metric", "accuracy"
         ).stdout.splitlines()[2]
         == "| Gaussian | **85.00**^(<u>90.00</u>) |"
     )  # the family's default: best:val_loss
     assert (
-        run_cli("table", regbench, "--select", "last", "--metric", "accuracy").stdout.splitlines()[
-            2
-        ]
+        invoke("table", regbench, "--select", "last", "--metric", "accuracy").stdout.splitlines()[2]
         == "| Gaussian | **65.00**^(<u>70.00</u>) |"
     )
-    bad = run_cli("table", regbench, "--select", "best")
+    bad = invoke("table", regbench, "--select", "best")
     assert (
         bad.exit_code == 2
         and bad.stderr.strip()
@@ -434,7 +428,7 @@ def test_cli_table_per_configuration_where_select_and_planned_seeds(tmp_path):
 
 def test_cli_compare_writes_markdown_and_csv(tmp_path):
     sweep = stored(tmp_path / "paper", from_paper("table2", {("Triweight", "reverse_1.5x"): 0.3}))
-    done = run_cli("compare", sweep)
+    done = invoke("compare", sweep)
     assert done.exit_code == 0, done.output
     assert (
         "| Triweight | reverse 1.5× | 0.36^(0.70) | 0.26^(0.70) | +0.10 | +0.00 | 1/1 | differs |"
@@ -447,8 +441,8 @@ def test_cli_compare_writes_markdown_and_csv(tmp_path):
     assert (sweep / "compare-table2.md").read_text() in done.stdout
     numbers = pd.read_csv(sweep / "compare-table2.csv")
     assert numbers["differs"].sum() == 1 and len(numbers) == 96
-    assert run_cli("compare", sweep, "--tolerance", "0.1").stdout.count("| differs |") == 0
-    bad = run_cli("compare", sweep, "--paper", "table3")
+    assert invoke("compare", sweep, "--tolerance", "0.1").stdout.count("| differs |") == 0
+    bad = invoke("compare", sweep, "--paper", "table3")
     assert (
         bad.exit_code == 2 and "'table3' is not one of 'table1', 'table2', 'table7'" in bad.stderr
     )
@@ -479,7 +473,7 @@ def test_results_as_a_single_parquet_file(tmp_path):
         and back["lr"].isna().all()
     )
     assert (
-        run_cli("table", tmp_path / "one").stdout.splitlines()[2]
+        invoke("table", tmp_path / "one").stdout.splitlines()[2]
         == "| Gaussian · lr 1e-4 | 0.30^(0.60) |"
     )
 
@@ -491,12 +485,12 @@ def test_a_corrupt_part_is_a_one_line_error_or_skipped(tmp_path):
     with pytest.raises(ResultsStoreError, match="part-broken.parquet: not a readable results file"):
         read_results(sweep)
     for command in ("table", "status", "plot"):
-        refused = run_cli(command, sweep)
+        refused = invoke(command, sweep)
         assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1, (
             refused.output
         )
         assert str(bad) in refused.stderr and "--skip-bad" in refused.stderr
-        kept = run_cli(command, sweep, "--skip-bad")
+        kept = invoke(command, sweep, "--skip-bad")
         assert kept.exit_code == 0, kept.output
-    assert "| Gaussian · lr 0.01 |" in run_cli("table", sweep, "--skip-bad").stdout
+    assert "| Gaussian · lr 0.01 |" in invoke("table", sweep, "--skip-bad").stdout
     assert len(read_results(sweep, skip_bad=True)) == len(two_learning_rates())

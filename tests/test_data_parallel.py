@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +17,9 @@ from mlflow import MlflowClient
 
 from analysis.results_store import read_results
 from mosaic_core.train import TIMING_METRICS, train_trial
+from orchestrator.tracking.names import PARENT_TAG
 
-from tiny import tiny_trial
+from helpers import clean_environment, mosaic_sweep_command, tiny_trial
 
 pytestmark = pytest.mark.slow
 
@@ -36,14 +36,9 @@ SPEC = {
 }
 
 
-def mosaic_sweep(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "orchestrator.cli", *map(str, args)]
-
-
 def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     # Ray Train's report waits for its controller's poll of the workers (every 2 s by default)
-    return {**env, "RAY_AUTH_MODE": "disabled", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    return clean_environment(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.5")
 
 
 def train_workers_under(pid: int) -> list[int]:
@@ -96,7 +91,7 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
     spec_file = tmp_path / "mixed.yaml"
     spec_file.write_text(yaml.safe_dump(SPEC))
     plan = subprocess.run(
-        mosaic_sweep("run", spec_file, "--dry-run"),
+        mosaic_sweep_command("run", spec_file, "--dry-run"),
         cwd=tmp_path,
         env=environment(),
         capture_output=True,
@@ -113,7 +108,7 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
 
     sweep_dir = tmp_path / "sweeps" / "mixed"
     driver = subprocess.Popen(
-        mosaic_sweep("run", spec_file, "--out", sweep_dir),
+        mosaic_sweep_command("run", spec_file, "--out", sweep_dir),
         cwd=tmp_path,
         env=environment(),
         stdout=subprocess.PIPE,
@@ -162,7 +157,7 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mixed").experiment_id])
-    children = [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    children = [run for run in runs if PARENT_TAG in run.data.tags]
     assert sorted(run.info.run_name for run in children) == ["seed=0 softmax", "seed=1 softmax"]
     assert {run.info.status for run in children} == {"FINISHED"}
     for run in children:
@@ -180,7 +175,7 @@ def test_train_on_two_workers_matches_the_plain_run_and_keeps_the_same_run_folde
     runs = {}
     for name, extra in (("plain", []), ("two", ["--workers", "2"])):
         done = subprocess.run(
-            mosaic_sweep("train", config, "--out", tmp_path / name, *extra),
+            mosaic_sweep_command("train", config, "--out", tmp_path / name, *extra),
             cwd=tmp_path,
             env=environment(),
             capture_output=True,
@@ -213,7 +208,7 @@ def test_one_gpu_worker_through_ray_train_is_the_plain_trial(tmp_path):
     config = tmp_path / "gpu.yaml"
     config.write_text(yaml.safe_dump(trial))
     done = subprocess.run(
-        mosaic_sweep("train", config, "--out", tmp_path / "one", "--workers", "1"),
+        mosaic_sweep_command("train", config, "--out", tmp_path / "one", "--workers", "1"),
         cwd=tmp_path,
         env=environment(),
         capture_output=True,

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,8 +17,9 @@ import yaml
 from mlflow import MlflowClient
 
 from analysis.results_store import read_results
+from orchestrator.tracking.names import PARENT_TAG, TRIAL_ID_TAG
 
-from tiny import tiny_trial
+from helpers import clean_environment, mosaic_sweep_command, tiny_trial
 
 pytestmark = pytest.mark.slow
 
@@ -27,30 +27,16 @@ pytestmark = pytest.mark.slow
 TINY = tiny_trial(max_steps=200, eval_interval=40, log_interval=0, device="cpu")
 
 
-def environment() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return {**env, "RAY_AUTH_MODE": "disabled"}
-
-
 def sweep_command(folder: Path, spec: dict, *args: str) -> list[str]:
     path = folder / f"{spec['name']}.yaml"
     path.write_text(yaml.safe_dump(spec))
-    return [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "run",
-        str(path),
-        "--out",
-        str(folder / "sweeps" / spec["name"]),
-        *args,
-    ]
+    return mosaic_sweep_command("run", path, "--out", folder / "sweeps" / spec["name"], *args)
 
 
 def children(folder: Path, experiment: str) -> list:
     client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'sweeps' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
-    return [run for run in runs if "mlflow.parentRunId" in run.data.tags]
+    return [run for run in runs if PARENT_TAG in run.data.tags]
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 240) -> None:
@@ -93,7 +79,7 @@ def test_quarter_gpus_pack_eight_trials_on_two_gpus(tmp_path, ray_cluster):
     }
     dry = subprocess.run(
         sweep_command(tmp_path, spec, "--address", ray_cluster.address, "--dry-run"),
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -106,7 +92,7 @@ def test_quarter_gpus_pack_eight_trials_on_two_gpus(tmp_path, ray_cluster):
 
     done = subprocess.run(
         sweep_command(tmp_path, spec, "--address", ray_cluster.address),
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=500,
@@ -136,7 +122,7 @@ def test_sweep_survives_losing_a_node(tmp_path, ray_cluster):
 
     refused = subprocess.run(
         sweep_command(tmp_path, spec, "--address", ray_cluster.address),
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -150,7 +136,7 @@ def test_sweep_survives_losing_a_node(tmp_path, ray_cluster):
     shared, sweep_dir = tmp_path / "shared", tmp_path / "sweeps" / "two"
     driver = subprocess.Popen(
         sweep_command(tmp_path, spec, "--address", ray_cluster.address, "--storage", str(shared)),
-        env=environment(),
+        env=clean_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -191,7 +177,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):
     sweep_dir = tmp_path / "sweeps" / "killed"
     driver = subprocess.Popen(
         sweep_command(tmp_path, spec),
-        env=environment(),
+        env=clean_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -215,7 +201,7 @@ def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):
     assert [run.info.run_id for run in retried] == [trial] and retried[0].info.status == "FINISHED"
     assert retried[0].data.tags["ray.pid"] != str(victim)  # it finished in a new process
     # Tune's own log of the retried trial: its steps never go back, so it went on from a checkpoint
-    trial_id = retried[0].data.tags["ray.trial_id"]
+    trial_id = retried[0].data.tags[TRIAL_ID_TAG]
     lines = [
         json.loads(line)
         for line in (sweep_dir / "tune" / trial_id / "result.json").read_text().splitlines()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 
 import pytest
 
@@ -22,6 +21,8 @@ from orchestrator.estimate import (
     packing_gain,
 )
 from search_spaces.expand import load_sweep
+
+from helpers import mosaic_sweep_command
 
 
 def tiny_sweep(smoke_spec, write_sweep, **resources):
@@ -137,11 +138,11 @@ def test_max_concurrent_changes_the_wall_time_of_a_gpu_estimate(tmp_path):
     once (on a machine without that GPU: one of them)."""
 
     def wall(max_concurrent: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "orchestrator.cli", "run", "length_generalization", "--dry-run",
-             "--gpu-type", "h100", "--max-concurrent", max_concurrent, "--out", str(tmp_path / "x")],
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
+        command = mosaic_sweep_command(
+            *("run", "length_generalization", "--dry-run", "--gpu-type", "h100"),
+            *("--max-concurrent", max_concurrent, "--out", tmp_path / "x"),
+        )
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return next(line for line in done.stdout.splitlines() if line.startswith("estimate on"))
 

@@ -16,7 +16,7 @@ from mosaic_core.tasks import LanguageModelTask, LengthGeneralizationTask, RegBe
 from orchestrator import sweep_folder
 from orchestrator.tracking import names
 
-from tiny import tiny_trial
+from helpers import tiny_trial
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("orchestrator", "analysis", "search_spaces", "mosaic_core")

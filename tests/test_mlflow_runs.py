@@ -17,12 +17,12 @@ from mlflow.entities import RunStatus
 from orchestrator.launch import new_sweep_folder
 from orchestrator.sweep_folder import RunMap, SweepFolder
 from orchestrator.tracking.callback import SweepTracker
-from orchestrator.tracking.names import GIT_COMMIT_TAG
+from orchestrator.tracking.names import GIT_COMMIT_TAG, PARENT_TAG, SWEEP_DIR_TAG
 from orchestrator.tracking.runs import child_runs, git_commit, package_versions
 from orchestrator.trial_configs import VARIANT
 from search_spaces.expand import load_sweep
 
-SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+from helpers import SMOKE_YAML
 
 
 def git(folder: Path, *args: str) -> str:
@@ -73,7 +73,7 @@ def test_overwrite_tags_the_old_parent_run_with_its_backup_folder(tmp_path):
     tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=tracking_uri)
     old_parent = client.create_run(
-        client.create_experiment("smoke"), tags={"sweep_dir": "old place"}
+        client.create_experiment("smoke"), tags={SWEEP_DIR_TAG: "old place"}
     ).info.run_id
     sweep, sweep_dir = load_sweep(SMOKE_YAML), tmp_path / "sweeps" / "smoke"
     new_sweep_folder(sweep, sweep_dir, tracking_uri, None, overwrite=False).save_run_map(
@@ -82,7 +82,7 @@ def test_overwrite_tags_the_old_parent_run_with_its_backup_folder(tmp_path):
 
     new_sweep_folder(sweep, sweep_dir, tracking_uri, None, overwrite=True)
     (backup,) = sweep_dir.parent.glob("smoke.bak-*")
-    assert client.get_run(old_parent).data.tags["sweep_dir"] == str(backup.resolve())
+    assert client.get_run(old_parent).data.tags[SWEEP_DIR_TAG] == str(backup.resolve())
     assert SweepFolder.open(sweep_dir).run_map() is None  # the new sweep has no parent run yet
 
 
@@ -155,7 +155,7 @@ def drivers(tmp_path):
 
     def children() -> list[str]:
         runs = client.search_runs([tracker.experiment_id])
-        return [r.info.run_id for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+        return [r.info.run_id for r in runs if r.data.tags.get(PARENT_TAG) == parent]
 
     trial = SimpleNamespace(trial_id="t1", config={VARIANT: next(iter(tracker.configs))})
     return started, trial, children

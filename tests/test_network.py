@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import subprocess
-import sys
 import time
 
 import psutil
@@ -13,7 +12,7 @@ import pytest
 import ray  # noqa: F401  (Ray ships psutil among its third-party files)
 import yaml
 
-from tiny import tiny_trial
+from helpers import mosaic_sweep_command, tiny_trial
 
 SWEEP = {
     "name": "local_only",
@@ -61,7 +60,7 @@ def test_a_local_sweep_listens_on_loopback_only(tmp_path):
         if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS", "RAY_AUTH_MODE")
     }
     driver = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "run", "local_only.yaml"],
+        mosaic_sweep_command("run", "local_only.yaml"),
         cwd=tmp_path,
         env=env,
         stdout=subprocess.DEVNULL,

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,8 @@ from orchestrator.resources import (
 )
 from search_spaces.expand import load_sweep
 from search_spaces.schema import Resources
+
+from helpers import mosaic_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -146,15 +145,7 @@ def test_more_gpus_than_this_machine_is_one_line_before_ray_starts(
     if how == "file":
         smoke_spec["resources"] = {"cpu": 1, "gpu": 2}
         how = []
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    done = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "run", str(write_sweep(smoke_spec)), *how],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = mosaic_sweep("run", write_sweep(smoke_spec), *how, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and done.stdout == ""
     need = 2 if how == [] else 1
     assert done.stderr.splitlines() == [
@@ -251,18 +242,8 @@ def test_a_dry_run_plans_a_sweep_this_machine_cannot_run(tmp_path, write_sweep, 
 
     if torch.cuda.device_count():
         pytest.skip("this machine has a GPU")
-    spec = str(write_sweep(smoke_spec))
-    command = [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "run",
-        spec,
-        "--gpus-per-trial",
-        "1",
-        "--dry-run",
-    ]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    spec = write_sweep(smoke_spec)
+    done = mosaic_sweep("run", spec, "--gpus-per-trial", "1", "--dry-run", cwd=tmp_path, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == (
         "this machine (local Ray) cannot run this sweep: a trial needs 1 GPUs but this machine (local Ray) "

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,8 +13,9 @@ import yaml
 from mlflow import MlflowClient
 
 from analysis.results_store import read_results
+from orchestrator.tracking.names import PARENT_TAG, TRIAL_ID_TAG
 
-from tiny import tiny_trial
+from helpers import clean_environment, mosaic_sweep_command, tiny_trial
 
 SWEEP = {
     "name": "crash",
@@ -26,20 +26,7 @@ SWEEP = {
 
 
 def command(*args: str, name: str = "crash") -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "orchestrator.cli",
-        "run",
-        f"{name}.yaml",
-        "--out",
-        f"sweeps/{name}",
-        *args,
-    ]
-
-
-def environment() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    return mosaic_sweep_command("run", f"{name}.yaml", "--out", f"sweeps/{name}", *args)
 
 
 def kill_when(condition, driver: subprocess.Popen, timeout: float = 240) -> None:
@@ -65,7 +52,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     driver = subprocess.Popen(
         command(),
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -79,7 +66,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     assert 1 <= len(finished_before) < 6
 
     again = subprocess.run(
-        command(), cwd=tmp_path, env=environment(), capture_output=True, text=True, timeout=60
+        command(), cwd=tmp_path, env=clean_environment(), capture_output=True, text=True, timeout=60
     )
     assert (
         again.returncode == 2 and "--resume" in again.stderr
@@ -88,7 +75,7 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     resumed = subprocess.run(
         command("--resume"),
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=400,
@@ -106,15 +93,15 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("crash")
     runs = client.search_runs([experiment.experiment_id])
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"
     assert len(children) == 6 and {r.info.status for r in children} == {"FINISHED"}
-    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parents[0].info.run_id}
+    assert {r.data.tags[PARENT_TAG] for r in children} == {parents[0].info.run_id}
     for run in children:  # one point per evaluation step, whatever ran twice
         history = client.get_metric_history(run.info.run_id, "exact_match_1x")
         assert sorted(m.step for m in history) == [40, 80, 120, 160, 200, 240], run.data.tags[
-            "ray.trial_id"
+            TRIAL_ID_TAG
         ]
 
 
@@ -142,7 +129,7 @@ def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(
     driver = subprocess.Popen(
         command(name="search"),
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -162,7 +149,7 @@ def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(
     )
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
-    assert {r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags} == {"KILLED"}
+    assert {r.info.status for r in runs if PARENT_TAG not in r.data.tags} == {"KILLED"}
     assert "RUNNING" not in {r.info.status for r in runs}
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
     assert 1 <= len(study.trials) <= 3
@@ -170,7 +157,7 @@ def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(
     resumed = subprocess.run(
         command("--resume", name="search"),
         cwd=tmp_path,
-        env=environment(),
+        env=clean_environment(),
         capture_output=True,
         text=True,
         timeout=400,
@@ -197,6 +184,6 @@ def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(
     assert means == pytest.approx(sorted(trial.value for trial in study.trials))
 
     runs = client.search_runs([client.get_experiment_by_name("search").experiment_id])
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
     assert len(children) == 6 and {r.info.status for r in children} == {"FINISHED"}
-    assert [r.info.status for r in runs if "mlflow.parentRunId" not in r.data.tags] == ["FINISHED"]
+    assert [r.info.status for r in runs if PARENT_TAG not in r.data.tags] == ["FINISHED"]

@@ -13,7 +13,7 @@ from search_spaces import bundled_sweeps
 from search_spaces.expand import load_sweep
 from search_spaces.yaml_io import SweepError
 
-SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
+from helpers import SMOKE_YAML
 
 
 def sweep_error(path: Path) -> str:

@@ -6,15 +6,17 @@ import copy
 import os
 import re
 import subprocess
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pandas as pd
 import pytest
-from typer.testing import CliRunner
+import yaml
+from mlflow import MlflowClient
+from mlflow.entities import Experiment, Run
 
-from orchestrator import cli
+from analysis.results_store import read_results
 from orchestrator.sweep import SweepOutcome
 from orchestrator.sweep_folder import (
     LaunchRecord,
@@ -22,10 +24,28 @@ from orchestrator.sweep_folder import (
     SweepFolderError,
     default_tracking_uri,
 )
+from orchestrator.tracking.names import (
+    EXPERIMENT_KIND_TAG,
+    GIT_COMMIT_TAG,
+    MODEL_TRAINING,
+    NOTE_TAG,
+    PARENT_TAG,
+    RESOURCE_PLAN_TAG,
+    SWEEP_DIR_TAG,
+    TRIAL_ID_TAG,
+    VERSION_TAG_PREFIX,
+)
+from orchestrator.tracking.runs import git_commit, package_versions
 
-from tiny import tiny_trial
+from helpers import (
+    SMOKE_YAML,
+    clean_environment,
+    invoke,
+    mosaic_sweep,
+    mosaic_sweep_command,
+    tiny_trial,
+)
 
-SMOKE_YAML = Path(__file__).resolve().parents[1] / "search_spaces" / "smoke.yaml"
 SMOKE_LINES = [
     "1  softmax seed=0",
     "2  softmax seed=1",
@@ -53,25 +73,6 @@ LABELS = ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
 CELL = re.compile(
     r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)"
 )  # mean^(max), best ones marked
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    env["RAY_AUTH_MODE"] = "disabled"
-    return {**env, **extra}
-
-
-def mosaic_sweep(
-    *args: str | Path, cwd: Path, timeout: float = 60
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
-        cwd=cwd,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -211,10 +212,6 @@ def fake_run_sweep(monkeypatch, tmp_path):
     return fake
 
 
-def invoke(*args: str):
-    return CliRunner().invoke(cli.app, list(args))
-
-
 def test_default_folder_and_tracking_uri(fake_run_sweep, tmp_path):
     result = invoke("run", "smoke")
     assert result.exit_code == 0, result.output
@@ -337,31 +334,69 @@ def tiny_smoke(smoke_spec: dict) -> dict:
 
 def mlflow_runs(client, experiment_id: str) -> tuple[list, list]:
     runs = client.search_runs([experiment_id], max_results=1000)
-    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if PARENT_TAG not in r.data.tags]
+    children = [r for r in runs if PARENT_TAG in r.data.tags]
     return parents, children
 
 
-@pytest.mark.slow
-def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(
-    tmp_path, write_sweep, smoke_spec, monkeypatch
-):
-    from mlflow import MlflowClient
+@dataclass(frozen=True)
+class TinySweep:
+    """The tiny smoke sweep's first run: where it ran, what it printed, and what it left in MLflow
+    and the results store."""
 
-    from analysis.results_store import read_results
-    from orchestrator.tracking.runs import git_commit, package_versions
+    folder: Path
+    spec: Path
+    sweep_dir: Path
+    done: subprocess.CompletedProcess[str]
+    client: MlflowClient
+    experiments: dict[str, Experiment]
+    parent: Run
+    children: list[Run]
+    table: str
+    results: pd.DataFrame
 
-    monkeypatch.setenv(
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1"
-    )  # trials of a second or two get samples
-    tiny = tiny_smoke(smoke_spec)
-    tiny["base"]["train"]["log_interval"] = 5  # progress between the evaluations at 10 and 20
-    spec = write_sweep(tiny, "tiny")
-    sweep_dir = tmp_path / "sweeps" / "tiny_smoke"
+    @property
+    def experiment_id(self) -> str:
+        return self.experiments["tiny_smoke"].experiment_id
 
-    # first run, default folder sweeps/<name> and default tracking URI beside it
-    done = mosaic_sweep("run", spec, cwd=tmp_path, timeout=300)
+
+@pytest.fixture(scope="module")
+def tiny_sweep(tmp_path_factory) -> TinySweep:
+    """The tiny smoke sweep run once for this module's tests, in the default folder
+    sweeps/<name> with the default tracking URI beside it. The last test (--overwrite) replaces it:
+    the tests before it read it as the first run left it."""
+    folder = tmp_path_factory.mktemp("tiny_sweep")
+    spec = tiny_smoke(yaml.safe_load(SMOKE_YAML.read_text()))
+    spec["base"]["train"]["log_interval"] = 5  # progress between the evaluations at 10 and 20
+    path = folder / "specs" / "tiny.yaml"
+    path.parent.mkdir()
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    # trials of a second or two get system-metric samples
+    done = mosaic_sweep("run", path, cwd=folder, MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="0.1")
     assert done.returncode == 0, done.stdout + done.stderr
+    sweep_dir = folder / "sweeps" / "tiny_smoke"
+    client = MlflowClient(tracking_uri=f"sqlite:///{folder / 'sweeps' / 'mlflow.db'}")
+    experiments = {e.name: e for e in client.search_experiments()}
+    parents, children = mlflow_runs(client, experiments["tiny_smoke"].experiment_id)
+    assert len(parents) == 1 and len(children) == 6
+    table = (sweep_dir / "table.md").read_text()
+    return TinySweep(
+        folder,
+        path,
+        sweep_dir,
+        done,
+        client,
+        experiments,
+        parents[0],
+        children,
+        table,
+        read_results(sweep_dir),
+    )
+
+
+@pytest.mark.slow
+def test_the_run_prints_progress_and_the_table(tiny_sweep):
+    done = tiny_sweep.done
     assert "starting Ray on this machine…" in done.stderr
     assert re.search(
         r"step 5/20  softmax seed=0  train_loss=\S+  \S+k tokens/s  ETA", done.stderr
@@ -371,127 +406,88 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(
     assert "| Kernel | sort 1× | sort 2× |" in done.stdout
     assert "trials: 6 TERMINATED" in done.stdout
 
-    table = (sweep_dir / "table.md").read_text()
+
+@pytest.mark.slow
+def test_the_table_has_a_row_per_kernel_in_the_file_order(tiny_sweep):
     rows = [
         line
-        for line in table.splitlines()
+        for line in tiny_sweep.table.splitlines()
         if line.startswith("| ") and not line.startswith("| Kernel")
     ]
-    assert [
-        row.split(" | ")[0].removeprefix("| ") for row in rows
-    ] == LABELS  # the file's kernel order
+    assert [row.split(" | ")[0].removeprefix("| ") for row in rows] == LABELS
     for row in rows:
         cells = row.strip("|").split(" | ")[1:]
         assert len(cells) == 2 and all(CELL.fullmatch(cell.strip()) for cell in cells), row
+    assert "\\toprule" in (tiny_sweep.sweep_dir / "table-length_factor.tex").read_text()
 
-    db = tmp_path / "sweeps" / "mlflow.db"
-    assert db.is_file()
-    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
-    experiments = {e.name: e for e in client.search_experiments()}
-    assert set(experiments) == {"Default", "tiny_smoke"}
-    experiment_id = experiments["tiny_smoke"].experiment_id
 
-    parents, children = mlflow_runs(client, experiment_id)
-    assert len(parents) == 1 and len(children) == 6
-    (parent,) = parents
+@pytest.mark.slow
+def test_the_parent_run_describes_the_sweep(tiny_sweep):
+    """Its folder, sweep file, tables, plots, commit, package versions, resource plan and table,
+    in the sweep's own model-training experiment beside the default one."""
+    client, parent = tiny_sweep.client, tiny_sweep.parent
+    assert set(tiny_sweep.experiments) == {"Default", "tiny_smoke"}
+    assert tiny_sweep.experiments["tiny_smoke"].tags[EXPERIMENT_KIND_TAG] == MODEL_TRAINING
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags["sweep_dir"] == str(sweep_dir.resolve())
+    assert parent.data.tags[SWEEP_DIR_TAG] == str(tiny_sweep.sweep_dir.resolve())
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {
-        "table.md",
-        "table-length_factor.tex",
-        "table-length_factor.csv",
-        "plots",
-        "tiny.yaml",
-    } <= artifacts
-    assert experiments["tiny_smoke"].tags["mlflow.experimentKind"] == "custom_model_development"
-    assert_link_opens_on_the_trials(client, experiment_id, sweep_dir, children)
+    tables = {"table.md", "table-length_factor.tex", "table-length_factor.csv"}
+    assert tables | {"plots", "tiny.yaml"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
+    assert {"plots/exact_match_vs_length.png", "plots/support_size_vs_length.png"} <= figures
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parents[1], capture_output=True, text=True
     )
-    assert parent.data.tags["mlflow.source.git.commit"] == commit.stdout.strip() and git_commit()
-    assert (
-        package_versions().items() <= parent.data.tags.items()
-        and "version.torch" in parent.data.tags
-    )
-    assert parent.data.tags["resource_plan"] == "\n".join(smoke_plan())
-    assert parent.data.tags["mlflow.note.content"].endswith(
-        table.strip()
-    )  # the sweep's table as its description
+    tags = parent.data.tags
+    assert tags[GIT_COMMIT_TAG] == commit.stdout.strip() and git_commit()
+    assert package_versions().items() <= tags.items() and f"{VERSION_TAG_PREFIX}torch" in tags
+    assert tags[RESOURCE_PLAN_TAG] == "\n".join(smoke_plan())
+    assert tags[NOTE_TAG].endswith(tiny_sweep.table.strip())  # the table as its description
+
+
+@pytest.mark.slow
+def test_a_child_run_per_trial_with_its_params_and_metric_curves(tiny_sweep):
+    client, children = tiny_sweep.client, tiny_sweep.children
     assert sorted(c.info.run_name for c in children) == sorted(
         line.split("  ", 1)[1] for line in SMOKE_LINES
     )
+    assert all(c.data.tags[PARENT_TAG] == tiny_sweep.parent.info.run_id for c in children)
+    assert all(c.info.status == "FINISHED" for c in children)
     assert all(
         client.get_metric_history(c.info.run_id, "system/cpu_utilization_percentage")
         for c in children
     )
-    figures = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
-    assert {"plots/exact_match_vs_length.png", "plots/support_size_vs_length.png"} <= figures, (
-        figures
-    )
-    assert "\\toprule" in (sweep_dir / "table-length_factor.tex").read_text()
-    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
-    assert all(c.info.status == "FINISHED" for c in children)
-
     variants = sorted((c.data.params["model.kernel"], c.data.params["seed"]) for c in children)
     assert variants == [
-        ("entmax", "0"),
-        ("entmax", "1"),
-        ("softmax", "0"),
-        ("softmax", "1"),
-        ("sparsemax", "0"),
-        ("sparsemax", "1"),
+        (kernel, seed) for kernel in ("entmax", "softmax", "sparsemax") for seed in "01"
     ]
     for child in children:
         params = child.data.params
-        assert (
-            params["task.name"] == "sort"
-            and params["model.n_layer"] == "1"
-            and params["train.max_steps"] == "20"
+        assert (params["task.name"], params["model.n_layer"], params["train.max_steps"]) == (
+            "sort",
+            "1",
+            "20",
         )
-        if params["model.kernel"] == "entmax":
-            assert params["model.kernel_params.alpha"] == "1.5"
-        else:
-            assert not any(key.startswith("model.kernel_params.") for key in params)
+        alpha = {"model.kernel_params.alpha": "1.5"} if params["model.kernel"] == "entmax" else {}
+        assert {k: v for k, v in params.items() if k.startswith("model.kernel_params.")} == alpha
         for metric in ("exact_match_1x", "exact_match_2x"):
             history = client.get_metric_history(child.info.run_id, metric)
             assert sorted(m.step for m in history) == [10, 20]
             assert all(0.0 <= m.value <= 1.0 for m in history)
-        for metric in (
-            "train_loss",
-            "tokens_per_s",
-            "lr",
-        ):  # every log_interval (5) and evaluation: a curve
-            assert sorted(m.step for m in client.get_metric_history(child.info.run_id, metric)) == [
-                5,
-                10,
-                15,
-                20,
-            ]
-    child_ids = {c.info.run_id for c in children}
-    run_of_trial = {c.data.tags["ray.trial_id"]: c.info.run_id for c in children}
+        for metric in ("train_loss", "tokens_per_s", "lr"):  # every log_interval and evaluation
+            history = client.get_metric_history(child.info.run_id, metric)
+            assert sorted(m.step for m in history) == [5, 10, 15, 20]
 
-    results = read_results(sweep_dir)
-    assert set(
-        [
-            "trial_id",
-            "kernel",
-            "alpha",
-            "k",
-            "b",
-            "n_layer",
-            "seed",
-            "task",
-            "metric",
-            "length_factor",
-            "value",
-            "status",
-            "mlflow_run_id",
-        ]
-    ) <= set(results.columns)
+
+@pytest.mark.slow
+def test_the_results_store_holds_every_evaluation_of_every_trial(tiny_sweep):
+    results = tiny_sweep.results
+    columns = {"trial_id", "kernel", "alpha", "k", "b", "n_layer", "seed", "task", "metric"}
+    assert columns | {"length_factor", "value", "status", "mlflow_run_id"} <= set(results.columns)
     assert results["trial_id"].nunique() == 6
     assert (results["status"] == "TERMINATED").all()
-    assert set(results["mlflow_run_id"]) == child_ids
+    run_of_trial = {c.data.tags[TRIAL_ID_TAG]: c.info.run_id for c in tiny_sweep.children}
+    assert set(results["mlflow_run_id"]) == set(run_of_trial.values())
     assert all(run_of_trial[t] == r for t, r in zip(results["trial_id"], results["mlflow_run_id"]))
     exact = results[results["metric"] == "exact_match"]
     assert len(exact) == 6 * 2 * 2
@@ -508,56 +504,62 @@ def test_end_to_end_sweep_with_mlflow_results_table_and_overwrite(
     assert (results.loc[entmax_rows, "alpha"] == 1.5).all()
     assert results.loc[~entmax_rows, "alpha"].isna().all()
     assert results["k"].isna().all() and results["b"].isna().all()
-    first_results = results
 
-    # --resume of a finished sweep: nothing left to run, and it says so without starting Ray
-    finished = mosaic_sweep("run", spec, "--resume", cwd=tmp_path, timeout=120)
-    assert (
-        finished.returncode == 0
-        and "all 6 trials had finished; nothing was left to run" in finished.stdout
+
+@pytest.mark.slow
+def test_the_ui_link_opens_on_the_sweeps_trials(tiny_sweep):
+    assert_link_opens_on_the_trials(
+        tiny_sweep.client, tiny_sweep.experiment_id, tiny_sweep.sweep_dir, tiny_sweep.children
     )
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_sweep_runs_nothing(tiny_sweep):
+    finished = mosaic_sweep("run", tiny_sweep.spec, "--resume", cwd=tiny_sweep.folder, timeout=120)
+    assert finished.returncode == 0
+    assert "all 6 trials had finished; nothing was left to run" in finished.stdout
     assert "starting Ray" not in finished.stderr
 
-    # the same command again: refused, nothing touched
+
+@pytest.mark.slow
+def test_the_same_command_again_is_refused_and_touches_nothing(tiny_sweep):
+    sweep_dir = tiny_sweep.sweep_dir
     before = {p: p.stat().st_mtime_ns for p in files_under(sweep_dir) if p.is_file()}
-    again = mosaic_sweep("run", spec, cwd=tmp_path, timeout=120)
+    again = mosaic_sweep("run", tiny_sweep.spec, cwd=tiny_sweep.folder, timeout=120)
     assert again.returncode == 2
     (line,) = again.stderr.splitlines()
     assert line.startswith("error: ") and "--overwrite" in line
     assert {p: p.stat().st_mtime_ns for p in files_under(sweep_dir) if p.is_file()} == before
-    assert len(mlflow_runs(client, experiment_id)[0]) == 1  # no parent run for a refused invocation
+    # no parent run for a refused invocation
+    assert len(mlflow_runs(tiny_sweep.client, tiny_sweep.experiment_id)[0]) == 1
 
-    # --overwrite: a fresh sweep, the old folder kept as a backup
-    redo = mosaic_sweep("run", spec, "--out", sweep_dir, "--overwrite", cwd=tmp_path, timeout=300)
-    assert redo.returncode == 0, redo.stdout + redo.stderr
-    (backup,) = (tmp_path / "sweeps").glob("tiny_smoke.bak-*")
-    backed_up = read_results(backup)
-    assert (
-        backed_up.sort_values(["trial_id", "metric", "length_factor", "step"])
-        .reset_index(drop=True)
-        .equals(
-            first_results.sort_values(["trial_id", "metric", "length_factor", "step"]).reset_index(
-                drop=True
-            )
-        )
+
+@pytest.mark.slow
+def test_overwrite_starts_afresh_and_keeps_the_old_sweep_as_a_backup(tiny_sweep):
+    """Last of the module's tests: it replaces the sweep the others read."""
+    client, sweep_dir, old_parent = tiny_sweep.client, tiny_sweep.sweep_dir, tiny_sweep.parent
+    redo = mosaic_sweep(
+        "run", tiny_sweep.spec, "--out", sweep_dir, "--overwrite", cwd=tiny_sweep.folder
     )
-    assert (backup / "table.md").read_text() == table
+    assert redo.returncode == 0, redo.stdout + redo.stderr
+    (backup,) = sweep_dir.parent.glob("tiny_smoke.bak-*")
+    order = ["trial_id", "metric", "length_factor", "step"]
+    backed_up = read_results(backup).sort_values(order).reset_index(drop=True)
+    assert backed_up.equals(tiny_sweep.results.sort_values(order).reset_index(drop=True))
+    assert (backup / "table.md").read_text() == tiny_sweep.table
 
-    experiments = {e.name: e for e in client.search_experiments()}
-    assert set(experiments) == {"Default", "tiny_smoke"}  # the same experiment, reused
-    parents, children = mlflow_runs(client, experiment_id)
+    # the same experiment, reused: a second parent run, the first one tagged with its backup
+    assert {e.name for e in client.search_experiments()} == {"Default", "tiny_smoke"}
+    parents, children = mlflow_runs(client, tiny_sweep.experiment_id)
     assert len(parents) == 2 and len(children) == 12
     assert all(p.info.status == "FINISHED" for p in parents)
-    assert client.get_run(parent.info.run_id).data.tags["sweep_dir"] == str(backup.resolve())
-    new_parent = next(p.info.run_id for p in parents if p.info.run_id != parent.info.run_id)
-    new_children = {
-        c.info.run_id for c in children if c.data.tags["mlflow.parentRunId"] == new_parent
-    }
+    assert client.get_run(old_parent.info.run_id).data.tags[SWEEP_DIR_TAG] == str(backup.resolve())
+    new_parent = next(p.info.run_id for p in parents if p.info.run_id != old_parent.info.run_id)
+    new_children = {c.info.run_id for c in children if c.data.tags[PARENT_TAG] == new_parent}
     assert len(new_children) == 6
     new_results = read_results(sweep_dir)
-    assert (
-        new_results["trial_id"].nunique() == 6 and set(new_results["mlflow_run_id"]) == new_children
-    )
+    assert new_results["trial_id"].nunique() == 6
+    assert set(new_results["mlflow_run_id"]) == new_children
 
 
 def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
@@ -614,7 +616,7 @@ def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
             },
         ],
     )
-    done = CliRunner().invoke(cli.app, ["status", str(sweep_dir)])
+    done = invoke("status", sweep_dir)
     assert done.exit_code == 0, done.output
     assert (
         done.output.splitlines()
@@ -623,7 +625,7 @@ def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
             "best exact_match at 1×: 0.93  Biweight, seed 1, sort (trial t2, step 10)",  # last evaluations only
         ]
     )
-    missing = CliRunner().invoke(cli.app, ["status", str(tmp_path)])
+    missing = invoke("status", tmp_path)
     assert missing.exit_code == 2 and "is not a sweep folder" in missing.output
 
 
@@ -671,9 +673,9 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == [
         "error.txt"
     ]  # the whole traceback
-    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
     assert parent.info.status == "FAILED"
-    status = CliRunner().invoke(cli.app, ["status", str(tmp_path / "sweeps" / "failing")])
+    status = invoke("status", tmp_path / "sweeps" / "failing")
     assert status.output.splitlines()[0].endswith("2 trials — 1 ERROR, 1 TERMINATED")
 
 
@@ -688,8 +690,8 @@ def served_json(ui_args: list[str | Path], path: str) -> object:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     server = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator.cli", "ui", *map(str, ui_args), "--port", str(port)],
-        env=cli_env(),
+        mosaic_sweep_command("ui", *ui_args, "--port", port),
+        env=clean_environment(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -3,23 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-
-def mosaic_sweep(*args, cwd, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
-        cwd=cwd,
-        env={**env, "RAY_AUTH_MODE": "disabled"},
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+from helpers import mosaic_sweep
 
 
 @pytest.mark.slow

@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
 
+from helpers import mosaic_sweep
+
 ROOT = Path(__file__).resolve().parents[1]
 STORIES = [ROOT / "tests" / "data" / "stories.jsonl", ROOT / "tests" / "data" / "stories.txt"]
-
-
-def mosaic_sweep(
-    *args: str | Path, cwd: Path, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.mark.slow

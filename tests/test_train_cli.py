@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 import yaml
+
+from helpers import mosaic_sweep
 
 CONFIG = {
     "seed": 3,
@@ -37,16 +37,6 @@ CONFIG = {
         "eval_interval": 10,
     },
 }
-
-
-def mosaic_sweep(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def steps_logged(run: Path) -> list[int]:
