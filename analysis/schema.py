@@ -38,9 +38,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("weight_decay", pa.float64()),
         pa.field("seed", pa.int64()),
         pa.field("metric", pa.string()),  # e.g. "exact_match", "loss"
-        pa.field(
-            "length_factor", pa.float64()
-        ),  # null for metrics not tied to an evaluation length
+        # null for metrics not tied to an evaluation length
+        pa.field("length_factor", pa.float64()),
         pa.field("step", pa.int64()),
         pa.field("value", pa.float64()),
         pa.field("status", pa.string()),  # a TrialStatus: RUNNING, TERMINATED, STOPPED, …
@@ -48,15 +47,12 @@ RESULTS_SCHEMA = pa.schema(
             "planned_steps", pa.int64()
         ),  # train.max_steps: a trial whose last step is below it trained less than planned
         pa.field("mlflow_run_id", pa.string()),
-        pa.field(
-            "searched", pa.string()
-        ),  # JSON of the values a search suggested; null in a grid sweep
-        pa.field(
-            "config", pa.string()
-        ),  # JSON of every key the sweep varies but the seed (config_json)
-        pa.field(
-            "error", pa.string()
-        ),  # a failed trial's error (its last line); it gets a row even if it never reported
+        # JSON of the values a search suggested; null in a grid sweep
+        pa.field("searched", pa.string()),
+        # JSON of every key the sweep varies but the seed (config_json)
+        pa.field("config", pa.string()),
+        # a failed trial's error (its last line); it gets a row even if it never reported
+        pa.field("error", pa.string()),
     ]
 )
 

@@ -19,9 +19,8 @@ import yaml
 
 from search_spaces.schema import Resources, Sweep
 
-AUTOSCALER_CONFIG = (
-    Path.home() / "ray_bootstrap_config.yaml"
-)  # where `ray up` leaves it on the head
+# where `ray up` leaves it on the head
+AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
 DRIVER_CPU = 0.01  # a Train run's driver only waits and relays reports
 
 

@@ -228,9 +228,8 @@ def _kernel_variants(
 
 
 def _check_grid(grid: dict[str, list[Any]], base: TrialConfig, source: str) -> None:
-    allowed = [
-        key for key in flatten(base.model_dump()) if key not in KERNEL_KEYS
-    ]  # keys of the base's task
+    # keys of the base's task
+    allowed = [key for key in flatten(base.model_dump()) if key not in KERNEL_KEYS]
     for key, values in grid.items():
         if key in KERNEL_KEYS:
             raise SweepError(

@@ -132,9 +132,8 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
     two = results[results["seed"] == 1]
     assert sorted(two["step"].unique()) == EVALUATIONS
     trial_id = two["trial_id"].iloc[0]
-    assert list(
-        (sweep_dir / "tune" / trial_id / "train").glob("checkpoint_*")
-    )  # Ray Train's, in the trial's folder
+    # Ray Train's, in the trial's folder
+    assert list((sweep_dir / "tune" / trial_id / "train").glob("checkpoint_*"))
     # Tune's own log of the trial: every evaluation once, and the clock restarted once, in new workers
     # that went on from a checkpoint (from scratch, steps 20, 40, 60 would come again)
     lines = [

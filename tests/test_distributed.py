@@ -17,7 +17,7 @@ import yaml
 from mlflow import MlflowClient
 
 from analysis.results_store import read_results
-from orchestrator.tracking.names import PARENT_TAG, TRIAL_ID_TAG
+from orchestrator.tracking.names import PARENT_TAG, RETRIES_TAG, TRIAL_ID_TAG
 
 from helpers import clean_environment, mosaic_sweep_command, tiny_trial
 
@@ -159,12 +159,10 @@ def test_sweep_survives_losing_a_node(tmp_path, ray_cluster):
     assert_every_row_once(read_results(sweep_dir), trials=4, evaluations=10)
     runs = children(tmp_path, "two")
     assert len(runs) == 4 and {run.info.status for run in runs} == {"FINISHED"}
-    assert any(
-        int(run.data.tags.get("ray.retries", 0)) >= 1 for run in runs
-    )  # the worker's trial moved
-    assert (shared / "two" / "tune").is_dir() and not (
-        sweep_dir / "tune"
-    ).exists()  # checkpoints on shared storage
+    # the worker's trial moved
+    assert any(int(run.data.tags.get(RETRIES_TAG, 0)) >= 1 for run in runs)
+    # checkpoints on shared storage
+    assert (shared / "two" / "tune").is_dir() and not (sweep_dir / "tune").exists()
 
 
 def test_killed_trial_worker_resumes_from_its_checkpoint(tmp_path):

@@ -63,9 +63,8 @@ def test_git_commit_of_a_checkout_and_nothing_elsewhere(tmp_path):
     (repo / "a.py").write_text("x = 2\n")
     assert git_commit(repo)["git.dirty"] == "true"
     (repo / "sub").mkdir()
-    assert (
-        git_commit(repo / "sub") == {}
-    )  # code inside someone else's checkout is not that checkout
+    # code inside someone else's checkout is not that checkout
+    assert git_commit(repo / "sub") == {}
     assert git_commit(tmp_path / "plain") == {}
 
 

@@ -27,10 +27,8 @@ def test_a_retried_errored_trial_is_counted_once(tmp_path, capsys):
     write_trial_rows(tmp_path, "cut", [{**row, "status": TrialStatus.RUNNING}])
     progress = TrialProgress(4, CONFIGS, tmp_path)
     progress.setup()  # resumed: two of four trials ended before
-    for trial_id in (
-        "failed",
-        "cut",
-    ):  # Tune retries the errored trial and continues the interrupted one
+    # Tune retries the errored trial and continues the interrupted one
+    for trial_id in ("failed", "cut"):
         progress.on_trial_start(0, [], trial(trial_id))
     progress.on_trial_complete(0, [], trial("failed"))
     progress.on_trial_error(0, [], trial("cut"))

@@ -94,9 +94,8 @@ def test_plan_packs_each_node_on_its_own(smoke):
 
 
 def test_plan_of_an_autoscaling_cluster_counts_the_workers_to_come(smoke):
-    idle = Cluster(
-        "the cluster", [node(0)], scalable=[(node(8, 1), 8)]
-    )  # cluster.yaml's shape: a CPU-0 head
+    # cluster.yaml's shape: a CPU-0 head
+    idle = Cluster("the cluster", [node(0)], scalable=[(node(8, 1), 8)])
     lines = plan(smoke, Resources(cpu=1, gpu=0.5), idle)
     assert lines[1:] == [
         "6 trials: 0 at a time (limited by running nodes), none until nodes join; 3 GPUs would run them all at once",
@@ -118,9 +117,8 @@ def test_trial_larger_than_any_node_is_refused():
     ):
         check_fits(Resources(cpu=5, gpu=0), two_small)
     check_fits(Resources(cpu=4, gpu=1), two_small)
-    check_fits(
-        Resources(cpu=8, gpu=1), Cluster("idle", [node(0)], scalable=[(node(8, 1), 8)])
-    )  # a worker will come
+    # a worker will come
+    check_fits(Resources(cpu=8, gpu=1), Cluster("idle", [node(0)], scalable=[(node(8, 1), 8)]))
 
 
 def test_autoscaled_worker_types_come_from_the_cluster_config(tmp_path):
@@ -152,9 +150,8 @@ def test_more_gpus_than_this_machine_is_one_line_before_ray_starts(
         f"error: a trial needs {need} GPUs but this machine (local Ray) has at most 0 per node; "
         "lower resources.gpu (or --gpus-per-trial), or pass --address of a larger cluster"
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "specs"
-    ]  # no sweep folder, no MLflow store
+    # no sweep folder, no MLflow store
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["specs"]
 
 
 def test_resource_flags_are_validated_like_the_sweep_file(tmp_path, write_sweep, smoke_spec):

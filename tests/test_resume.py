@@ -58,9 +58,8 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
         start_new_session=True,
     )
     sweep_dir = tmp_path / "sweeps" / "crash"
-    kill_when(
-        lambda: one_finished(sweep_dir), driver
-    )  # crash once one trial has finished and others are under way
+    # crash once one trial has finished and others are under way
+    kill_when(lambda: one_finished(sweep_dir), driver)
     before = read_results(sweep_dir)
     finished_before = set(before.loc[before["status"] == "TERMINATED", "trial_id"])
     assert 1 <= len(finished_before) < 6
@@ -68,9 +67,8 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     again = subprocess.run(
         command(), cwd=tmp_path, env=clean_environment(), capture_output=True, text=True, timeout=60
     )
-    assert (
-        again.returncode == 2 and "--resume" in again.stderr
-    )  # never a silent restart or overwrite
+    # never a silent restart or overwrite
+    assert again.returncode == 2 and "--resume" in again.stderr
 
     resumed = subprocess.run(
         command("--resume"),
@@ -163,15 +161,13 @@ def test_optuna_search_stopped_with_ctrl_c_and_resumed_continues_the_same_study(
         timeout=400,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert (
-        "trials: 6 TERMINATED" in resumed.stdout
-    )  # 3 suggestions × 2 seeds, ASHA-stopped ones included
+    # 3 suggestions × 2 seeds, ASHA-stopped ones included
+    assert "trials: 6 TERMINATED" in resumed.stdout
     assert "search: suggestions by exact_match_1x (max), mean over seeds" in resumed.stdout
 
     study = optuna.load_study(study_name="search", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
-    assert (
-        len(study.trials) == 3
-    )  # the same study went on: suggestions before and after add up to n_trials
+    # the same study went on: suggestions before and after add up to n_trials
+    assert len(study.trials) == 3
     assert {trial.state for trial in study.trials} == {optuna.trial.TrialState.COMPLETE}
     results = read_results(sweep_dir)
     assert results["trial_id"].nunique() == 6 and (results["status"] == "TERMINATED").all()

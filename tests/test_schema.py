@@ -222,9 +222,8 @@ def test_a_case_gives_its_trials_their_own_worker_count(write_sweep, smoke_spec)
     }
     assert set(workers.values()) == {2, 8} and len(workers) == 12
     assert all(w == (8 if n_layer == 4 else 2) for (n_layer, _), w in workers.items())
-    assert not any(
-        "workers" in name for _, name in workers
-    )  # the worker count does not change the result
+    # the worker count does not change the result
+    assert not any("workers" in name for _, name in workers)
     deep = next(t for t in sweep.trials if t.workers == 8)
     assert {t.workers for t in sweep.trials} == {None, 8}  # None: the sweep's resources.workers
     assert sweep.trial_resources(deep).model_dump() == {
@@ -447,9 +446,8 @@ def test_missing_name(write_sweep, smoke_spec):
 def test_missing_file(tmp_path):
     path = tmp_path / "nope.yaml"
     assert sweep_error(path) == f"{path}: no such sweep file"
-    assert (
-        sweep_error(tmp_path) == f"{tmp_path}: no such sweep file"
-    )  # a folder is not a sweep file
+    # a folder is not a sweep file
+    assert sweep_error(tmp_path) == f"{tmp_path}: no such sweep file"
 
 
 def test_invalid_yaml(write_sweep):
@@ -690,10 +688,11 @@ def test_a_case_merges_into_base_key_by_key(write_sweep, smoke_spec):
         )
         for t in sweep.trials
     }
+    # n_embd, n_head and max_steps stay the base's
     assert got == {
         (3, 64, 4, 3e-3, 1000),
         (1, 64, 4, 1e-3, 1000),
-    }  # n_embd, n_head and max_steps stay the base's
+    }
     assert sweep.trials[0].describe() == "model.n_layer=3 softmax seed=0"
 
 

@@ -45,9 +45,8 @@ def test_trial_config_applies_the_suggestion_and_the_seed_index(search_sweep):
     assert config["model"]["kernel_params"] == {"alpha": 1.5}
     assert configs["entmax(α=1.5)"]["train"]["lr"] == 3e-3  # the variant's own config is untouched
     assert trial_name(tune_config) == "entmax(α=1.5) train.lr=0.004 model.n_layer=3 seed+1"
-    assert (
-        trial_config({"variant": "softmax"}, configs) == configs["softmax"]
-    )  # a grid trial: as expanded
+    # a grid trial: as expanded
+    assert trial_config({"variant": "softmax"}, configs) == configs["softmax"]
 
 
 def test_search_space_reaches_optuna_with_inclusive_integer_bounds(search_sweep):
@@ -55,9 +54,8 @@ def test_search_space_reaches_optuna_with_inclusive_integer_bounds(search_sweep)
         param_space(search_sweep, ["softmax", "entmax(α=1.5)"])
     )
     assert space["train.lr"] == optuna.distributions.FloatDistribution(1e-3, 1e-2, log=True)
-    assert space["model.n_layer"] == optuna.distributions.IntDistribution(
-        1, 3
-    )  # both ends can be suggested
+    # both ends can be suggested
+    assert space["model.n_layer"] == optuna.distributions.IntDistribution(1, 3)
     assert space["model.n_embd"] == optuna.distributions.CategoricalDistribution([32, 64])
     assert space["variant"] == optuna.distributions.CategoricalDistribution(
         ["softmax", "entmax(α=1.5)"]
@@ -119,9 +117,10 @@ def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_
         "max",
         1000,
     )
+    # grace × 2^i < max_t
     assert [milestone for milestone, _ in asha._brackets[0]._rungs] == [
         800,
         400,
         200,
         100,
-    ]  # grace × 2^i < max_t
+    ]

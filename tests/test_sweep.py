@@ -70,9 +70,8 @@ def smoke_plan() -> list[str]:
 
 
 LABELS = ["Gaussian", "Epanechnikov (sparsemax)", "Biweight"]
-CELL = re.compile(
-    r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)"
-)  # mean^(max), best ones marked
+# mean^(max), best ones marked
+CELL = re.compile(r"(\*\*)?\d\.\d\d(\*\*)?\^\((<u>)?\d\.\d\d(</u>)?\)")
 
 
 def files_under(folder: Path) -> list[Path]:
@@ -163,9 +162,8 @@ def test_bad_sweep_file_is_one_line_error_exit_2_before_anything_starts(
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("error: bad.yaml: ")
     assert expected in lines[0]
-    assert (
-        files_under(tmp_path) == before
-    )  # validated before Ray or MLflow: no sweeps/, no mlflow.db
+    # validated before Ray or MLflow: no sweeps/, no mlflow.db
+    assert files_under(tmp_path) == before
 
 
 def test_unknown_spec_is_exit_2(tmp_path):
@@ -650,12 +648,10 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     done = mosaic_sweep("run", write_sweep(spec, "failing"), cwd=tmp_path, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "trials: 1 ERROR, 1 TERMINATED" in done.stdout
-    assert (
-        "failed" in done.stderr and "model.vocab_size=2" in done.stderr
-    )  # the progress line names it
-    assert (
-        "Traceback" not in done.stderr
-    )  # an expected failure: its traceback is in MLflow, not on the terminal
+    # the progress line names it
+    assert "failed" in done.stderr and "model.vocab_size=2" in done.stderr
+    # an expected failure: its traceback is in MLflow, not on the terminal
+    assert "Traceback" not in done.stderr
 
     error = "ValueError: model.vocab_size (2) is smaller than the task's vocabulary (8)"
     results = read_results(tmp_path / "sweeps" / "failing")
@@ -670,9 +666,8 @@ def test_a_failing_trial_ends_failed_with_its_error_and_the_sweep_goes_on(tmp_pa
     run = next(r for r in runs if r.info.run_id == failed["mlflow_run_id"].iloc[0])
     assert run.info.status == "FAILED" and run.data.tags["error"] == error
     assert run.data.tags["ray.retries"] == "1"  # one retry (max_failures: 1), then given up
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == [
-        "error.txt"
-    ]  # the whole traceback
+    # the whole traceback
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["error.txt"]
     parent = next(r for r in runs if PARENT_TAG not in r.data.tags)
     assert parent.info.status == "FAILED"
     status = invoke("status", tmp_path / "sweeps" / "failing")

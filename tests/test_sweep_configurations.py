@@ -51,9 +51,8 @@ def test_a_learning_rate_grid_gives_a_row_per_learning_rate(tmp_path, write_swee
             cell.replace("*", "").replace("<u>", "").replace("</u>", "")
             for cell in rows[label].strip("| ").split(" | ")[1:]
         ]
-        assert [cell.split("^")[0] for cell in cells] == expected[
-            lr
-        ]  # one seed: mean = max = its value
+        # one seed: mean = max = its value
+        assert [cell.split("^")[0] for cell in cells] == expected[lr]
 
     only = mosaic_sweep("table", sweep_dir, "--where", "lr=0.01", cwd=tmp_path, timeout=60)
     assert only.returncode == 0 and only.stdout.splitlines()[2].startswith("| Gaussian | ")

@@ -70,8 +70,7 @@ def test_regbench_trial_through_the_train_command(tmp_path):
     ]
     assert [m["step"] for m in metrics] == [2, 4]
     for m in metrics:
-        assert (
-            0 <= m["accuracy"] <= 100 and 0 <= m["tvd"] <= 200 and m["val_loss"] > 0
-        )  # tvd: Σ|p − q|, in %
+        # tvd: Σ|p − q|, in %
+        assert 0 <= m["accuracy"] <= 100 and 0 <= m["tvd"] <= 200 and m["val_loss"] > 0
         assert m["best_val_loss"] == min(e["val_loss"] for e in metrics if e["step"] <= m["step"])
         assert "support_size/l0h1" in m
