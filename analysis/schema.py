@@ -43,9 +43,8 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("step", pa.int64()),
         pa.field("value", pa.float64()),
         pa.field("status", pa.string()),  # a TrialStatus: RUNNING, TERMINATED, STOPPED, …
-        pa.field(
-            "planned_steps", pa.int64()
-        ),  # train.max_steps: a trial whose last step is below it trained less than planned
+        # train.max_steps: a trial whose last step is below it trained less than planned
+        pa.field("planned_steps", pa.int64()),
         pa.field("mlflow_run_id", pa.string()),
         # JSON of the values a search suggested; null in a grid sweep
         pa.field("searched", pa.string()),
