@@ -4,6 +4,8 @@ why, and each MLflow tag, sweep-folder file and metric is named in one place."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -61,6 +63,24 @@ def test_no_import_circle_among_the_project_modules():
 
     for module in graph:
         visit(module, [])
+    assert not {name for name in graph["orchestrator.resources"] if name.startswith("orchestrator")}
+
+
+@pytest.mark.parametrize(
+    ("module", "without"),
+    [
+        ("orchestrator.sweep_folder", ("mlflow", "pandas", "torch", "ray")),
+        ("orchestrator.trial_configs", ("ray", "mlflow")),
+        ("orchestrator.tracking.names", ("mlflow", "pandas", "torch", "ray")),
+        ("mosaic_core.metrics", ("torch",)),
+        ("search_spaces.schema", ("torch",)),
+        ("search_spaces.yaml_io", ("torch",)),
+    ],
+)
+def test_light_modules_import_no_heavy_ones(module, without):
+    probe = f"import sys, {module}; print(sorted(m for m in {without!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
 
 
 def inner_imports(tree: ast.Module) -> Iterator[ast.stmt]:
