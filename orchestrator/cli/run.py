@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 
@@ -15,6 +15,8 @@ from search_spaces.yaml_io import read_sweep_file
 
 if TYPE_CHECKING:
     from orchestrator.sweep import SweepOutcome
+    from orchestrator.sweep_folder import SweepFolder
+    from search_spaces.schema import Sweep
 
 
 def run(
@@ -103,26 +105,19 @@ def run(
 ) -> None:
     """Validate a sweep, run it as Ray Tune trials (a grid, or an Optuna search), print the results table."""
     verbose = logging.getLogger().level <= logging.INFO
+    flags = dict(resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
     try:
         if (estimate or gpu_type) and not dry_run:
             raise launch.LaunchError(
                 "--estimate and --gpu-type go with --dry-run: an estimate starts no sweep"
             )
-        path = launch.sweep_file(spec)
-        raw = read_sweep_file(path)
-        flags = dict(resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
-        # the flags and folders first: they are checked without torch, Ray or MLflow
-        if not dry_run and (sweep_dir := out or launch.default_sweep_dir(raw)) is not None:
-            launch.check_flags(sweep_dir, **flags)
-        sweep = launch.load(path, raw, gpus_per_trial, cpus_per_trial)
+        path, sweep = _checked_sweep(
+            spec, None if dry_run else flags, out, gpus_per_trial, cpus_per_trial
+        )
         if dry_run:
+            estimating = estimate or gpu_type is not None
             for line in launch.dry_run(
-                sweep,
-                address,
-                verbose,
-                max_concurrent,
-                estimate=estimate or gpu_type is not None,
-                gpu_type=gpu_type,
+                sweep, address, verbose, max_concurrent, estimate=estimating, gpu_type=gpu_type
             ):
                 typer.echo(line)
             return
@@ -131,30 +126,44 @@ def run(
     except launch.REFUSALS as error:
         raise fail(str(error)) from None
     if resume and launch.finished(folder):
-        table = folder.path / TABLE
-        typer.echo(
-            f"{folder.path}: all {folder.launch.trials} trials had finished; nothing was left to run"
-        )
-        typer.echo(table.read_text() if table.is_file() else "")
+        _print_finished(folder)
         return
     # Ray, MLflow and torch: only now that the sweep will run
     from orchestrator.sweep import run_sweep
 
-    typer.echo(
+    where = (
         "starting Ray on this machine…"
         if address is None
-        else f"joining the Ray cluster at {address}…",
-        err=True,
+        else f"joining the Ray cluster at {address}…"
     )
-    outcome = run_sweep(
-        sweep,
-        folder,
-        address=address,
-        verbose=verbose,
-        max_concurrent=max_concurrent,
-        sweep_file=path,
+    typer.echo(where, err=True)
+    how = dict(address=address, verbose=verbose, max_concurrent=max_concurrent, sweep_file=path)
+    _print_outcome(run_sweep(sweep, folder, **how))
+
+
+def _checked_sweep(
+    spec: str,
+    flags: dict[str, Any] | None,
+    out: Path | None,
+    gpus: float | None,
+    cpus: float | None,
+) -> tuple[Path, Sweep]:
+    """The sweep file and its sweep; with a run's `flags`, those are checked first, without torch,
+    Ray or MLflow (unless the file's name is not a sweep's, which its validation names)."""
+    path = launch.sweep_file(spec)
+    raw = read_sweep_file(path)
+    if flags is not None and (sweep_dir := out or launch.default_sweep_dir(raw)) is not None:
+        launch.check_flags(sweep_dir, **flags)
+    return path, launch.load(path, raw, gpus, cpus)
+
+
+def _print_finished(folder: SweepFolder) -> None:
+    """A resumed sweep whose trials had all finished: its table, nothing run."""
+    table = folder.path / TABLE
+    typer.echo(
+        f"{folder.path}: all {folder.launch.trials} trials had finished; nothing was left to run"
     )
-    _print_outcome(outcome)
+    typer.echo(table.read_text() if table.is_file() else "")
 
 
 def _print_outcome(outcome: SweepOutcome) -> None:
