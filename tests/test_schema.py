@@ -297,7 +297,7 @@ def test_unknown_key_inside_base(write_sweep, smoke_spec):
     assert "unknown key 'base.model.n_lyer'" in message
     assert message.endswith(
         "allowed: n_layer, n_embd, n_head, pmem_size, dropout, attn_dropout, contextual_attn_dropout, "
-        "normrelu_bandwidth, attention_backend, embd_dropout, prenorm, tie_weights, "
+        "normrelu_bandwidth, attention_backend, reference_code, embd_dropout, prenorm, tie_weights, "
         "vocab_size, kernel, kernel_params"
     )
 
