@@ -74,7 +74,7 @@ def test_train_errors_are_one_line_exit_2(tmp_path):
     assert done.stderr.strip() == (
         "error: bad.yaml: unknown key 'model.n_heads'; allowed: n_layer, n_embd, n_head, "
         "pmem_size, dropout, attn_dropout, contextual_attn_dropout, normrelu_bandwidth, "
-        "attention_backend, embd_dropout, prenorm, tie_weights, vocab_size, kernel, "
+        "attention_backend, reference_code, embd_dropout, prenorm, tie_weights, vocab_size, kernel, "
         "kernel_params"
     )
     good = tmp_path / "good.yaml"
