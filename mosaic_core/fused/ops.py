@@ -3,8 +3,9 @@ autograd, and the launch configuration.
 
 Tuning is bounded by construction: the tile is chosen from the shape class (next power of two of
 N, capped at 64; 32 when a row of D elements exceeds 256 bytes) and so is the warp count, one for
-every kernel of a call, so no shape is ever autotuned. The forward and backward kernels must share one tile and
-warp count anyway: the top-k selection compares recomputed scores bitwise with the forward's.
+every kernel of a call, so no shape is ever autotuned. The forward and backward kernels must share
+one tile and warp count anyway: the top-k selection compares recomputed scores bitwise with the
+forward's.
 """
 
 import math
