@@ -20,6 +20,8 @@ from analysis.tables import (
     to_markdown,
 )
 
+from helpers import invoke
+
 PLANNED = 1000
 
 
@@ -189,6 +191,9 @@ def test_the_interval_of_three_seeds_is_the_student_t_one(tmp_path):
     assert cells["sort 2×"]["Biweight"] == "**0.40** ± 0.50^(<u>0.60</u>)"  # half width 0.4968
     assert cells.attrs["notes"][-1].startswith("±: half width of the 95 % Student-t interval")
     assert r"$\textbf{0.40} \pm 0.50^{(\underline{0.60})}$" in to_latex(stats, ci=True)
+    shown = invoke("table", tmp_path, "--ci").stdout.splitlines()
+    assert shown[2] == "| Biweight | **0.40** ± 0.50^(<u>0.60</u>) |"
+    assert shown[-1].startswith("±: half width of the 95 % Student-t interval over seeds")
 
 
 def test_a_length_figure_leaves_the_stopped_seed_out_and_names_it(tmp_path):

@@ -90,13 +90,18 @@ def _results(
     return results
 
 
-def _planned_seeds(sweep_dir: Path | None) -> int | None:
-    """Seeds per configuration as the sweep planned them, from its folder (None without one)."""
+def _trial_configs(sweep_dir: Path | None) -> list[dict] | None:
+    """The sweep's planned trial configs, from its folder (None without one)."""
     try:
-        configs = read_configs(sweep_dir) if sweep_dir is not None else None
+        return list(read_configs(sweep_dir).values()) if sweep_dir is not None else None
     except SweepFolderError:
         return None
-    return None if configs is None else len({config.get("seed") for config in configs.values()})
+
+
+def _planned_seeds(sweep_dir: Path | None) -> int | None:
+    """Seeds per configuration as the sweep planned them, from its folder (None without one)."""
+    configs = _trial_configs(sweep_dir)
+    return None if configs is None else len({config.get("seed") for config in configs})
 
 
 def _checked_select(select: str | None) -> str | None:
@@ -136,6 +141,14 @@ def table(
     ] = None,
     where: Where = None,
     select: Select = None,
+    ci: Annotated[
+        bool,
+        typer.Option(
+            "--ci",
+            help="Cells as mean ± half width of the 95 % Student-t interval over seeds (md, "
+            "latex; csv always has ci_low and ci_high).",
+        ),
+    ] = False,
     skip_bad: SkipBad = False,
     out: Annotated[
         Optional[Path], typer.Option(help="Write the table to this file instead of printing it.")
@@ -174,8 +187,8 @@ def table(
     except ValueError as error:
         raise fail(str(error)) from None
     text = {
-        "md": lambda: to_markdown(markdown_cells(stats)),
-        "latex": lambda: to_latex(stats),
+        "md": lambda: to_markdown(markdown_cells(stats, ci)),
+        "latex": lambda: to_latex(stats, ci),
         "csv": lambda: to_csv(stats),
     }[fmt]()
     if out is None:
@@ -199,11 +212,14 @@ def compare(
     select: Select = None,
     where: Where = None,
     tolerance: Annotated[
-        float,
+        Optional[float],
         typer.Option(
-            min=0, help="Flag cells whose mean or max differs from the paper's by more than this."
+            min=0,
+            help="Flag cells whose mean or max differs from the paper's by more than this. "
+            "Default: the seed noise (outside both the paper's max–mean spread and our 95 % "
+            "interval).",
         ),
-    ] = 0.0,
+    ] = None,
     skip_bad: SkipBad = False,
     out: Annotated[
         Optional[Path],
@@ -212,12 +228,13 @@ def compare(
         ),
     ] = None,
 ) -> None:
-    """Our results beside the paper's table: per cell ours, the paper's and the difference, and
-    where the ranking of kernels in a column is not the paper's."""
+    """Our results beside the paper's table: first the settings that are not the paper's, then
+    per common cell ours, the paper's and the difference, and where the ranking of kernels in a
+    column is not the paper's, beyond or within seed noise."""
     # pandas
     from analysis.comparison import compare as compare_cells
-    from analysis.comparison import comparison_table, paper_for, summary, to_csv
-    from analysis.tables import describe_select, to_markdown
+    from analysis.comparison import paper_for, report, to_csv
+    from analysis.tables import describe_select
 
     select = _checked_select(select)
     results = _results(sweep_dir, skip_bad=skip_bad)
@@ -230,6 +247,7 @@ def compare(
             conditions=where or [],
             tolerance=tolerance,
             planned_seeds=_planned_seeds(sweep_dir),
+            configs=_trial_configs(sweep_dir),
         )
     except ValueError as error:
         raise fail(str(error)) from None
@@ -237,12 +255,7 @@ def compare(
         f"{sweep_dir.name} vs. the paper's {PAPER_TABLES[paper].what}; ours at "
         f"{describe_select(cells.attrs['select'])}, mean^(max) over seeds"
     )
-    markdown = (
-        to_markdown(comparison_table(cells), title=title)
-        + "\n"
-        + "\n".join(summary(cells, tolerance))
-        + "\n"
-    )
+    markdown = report(cells, title)
     folder = out or sweep_dir
     folder.mkdir(parents=True, exist_ok=True)
     (folder / comparison_file(paper, ".md")).write_text(markdown)
