@@ -237,12 +237,13 @@ def holds_tune_state(launch: LaunchRecord) -> bool:
 
 def finished(folder: SweepFolder) -> bool:
     """Every planned trial of the folder's sweep ended (finished or failed after its retries)? Failed
-    ones are retried by --resume, so only finished ones count."""
+    ones are retried by --resume, so only finished ones (and those ASHA stopped) count."""
     # pandas reads the results: only when resuming, so that `--help` and refusals go without it
     from analysis.results_store import read_results, trial_states
     from analysis.schema import TrialStatus
 
-    ended = trial_states(read_results(folder.path)).get(TrialStatus.TERMINATED, 0)
+    states = trial_states(read_results(folder.path))
+    ended = states.get(TrialStatus.TERMINATED, 0) + states.get(TrialStatus.STOPPED, 0)
     return ended >= folder.launch.trials
 
 

@@ -15,7 +15,7 @@ from rich.console import Console
 from analysis.results_store import read_results
 from analysis.schema import TrialStatus
 from mosaic_core.metrics import ELAPSED_S, LR, STEP, TOKENS_PER_S, TRAIN_LOSS
-from orchestrator.tracking.callback import reported_metrics
+from orchestrator.tracking.callback import reported_metrics, stopped_step
 from orchestrator.trial_configs import trial_config, trial_name
 
 # module level: Tune pickles its callbacks; a file or pipe gets whole lines, not lines wrapped at
@@ -34,7 +34,8 @@ class TrialProgress(Callback):
         """A resumed sweep counts on from the trials that already ended."""
         results = read_results(self.sweep_dir)
         last = results.groupby("trial_id")["status"].last()
-        self.finished = set(last[last.isin([TrialStatus.TERMINATED, TrialStatus.ERROR])].index)
+        ended = [TrialStatus.TERMINATED, TrialStatus.STOPPED, TrialStatus.ERROR]
+        self.finished = set(last[last.isin(ended)].index)
 
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -71,14 +72,11 @@ class TrialProgress(Callback):
             if key not in (STEP, LR, ELAPSED_S, TOKENS_PER_S) and "/" not in key
         )
         seconds = trial.last_result.get("time_total_s", 0.0)
-        step, max_steps = (
-            metrics.get(STEP),
-            trial_config(trial.config, self.configs)["train"]["max_steps"],
-        )
+        step = stopped_step(trial, self.configs)
         ended = (
             "[green]done[/]   "
-            if step is None or step >= max_steps
-            else f"[yellow]stopped[/] at step {step:.0f} by the scheduler:"
+            if step is None
+            else f"[yellow]stopped[/] at step {step} by the scheduler:"
         )
         _console.print(
             f"{self._count()} {ended}  {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]"

@@ -12,7 +12,7 @@ from typing import Any
 from mlflow import MlflowClient
 
 from analysis.plots import make_plots
-from analysis.results_store import read_results, trial_states
+from analysis.results_store import mark_interrupted, read_results, trial_states
 from analysis.schema import TrialStatus
 from analysis.tables import (
     LAYOUTS,
@@ -38,7 +38,7 @@ class SweepOutcome:
     table_markdown: str
     parent_run_id: str
     tracking_uri: str
-    trials_by_status: dict[TrialStatus, int]  # the trials that ended: TERMINATED, ERROR
+    trials_by_status: dict[TrialStatus, int]  # the trials that ended: TERMINATED, STOPPED, ERROR
     unfinished: int = 0  # planned trials that have not ended (interrupted, or never started)
 
 
@@ -166,13 +166,15 @@ def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list
 def _summary(
     sweep: Sweep, folder: SweepFolder, client: MlflowClient, parent_id: str
 ) -> SweepOutcome:
-    """Trials by state, from what the tracker recorded (Tune marks the trials it stopped on Ctrl-C
-    TERMINATED); the tables and plots, also as artifacts of the parent run."""
+    """Trials by state, from what the tracker recorded, where a trial still RUNNING when Tune
+    returns was stopped by Ctrl-C: INTERRUPTED, so that the tables made now mark it; the tables and
+    plots, also as artifacts of the parent run."""
+    mark_interrupted(folder.path)
     results = read_results(folder.path)
     states = trial_states(results)
     ended = {
         state: states[state]
-        for state in (TrialStatus.TERMINATED, TrialStatus.ERROR)
+        for state in (TrialStatus.TERMINATED, TrialStatus.STOPPED, TrialStatus.ERROR)
         if states.get(state)
     }
     markdown, table_files = write_tables(sweep, results, folder.path)

@@ -4,6 +4,7 @@ the ASHA scheduler, the trainable with each variant's resources, and the callbac
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -117,10 +118,41 @@ def scheduler(sweep: Sweep) -> TrialScheduler:
         time_attr=STEP,
         metric=metric,
         mode=mode,
-        max_t=max(trial.config.train.max_steps for trial in sweep.trials),
+        max_t=_max_steps(sweep),
         grace_period=sweep.scheduler.grace_period,
         reduction_factor=sweep.scheduler.reduction_factor,
     )
+
+
+def _max_steps(sweep: Sweep) -> int:
+    """The steps of the longest trial: ASHA's max_t, which a scheduler needs all trials to share."""
+    return max(trial.config.train.max_steps for trial in sweep.trials)
+
+
+class SeedRepeater(Repeater):
+    """Ray's Repeater (each suggestion trained once per seed; the searcher gets the mean of the
+    seeds' last values), except that a suggestion with a seed the scheduler stopped before
+    `max_steps` reaches the searcher with no value, which Optuna records as PRUNED: its seeds'
+    last values come from different budgets, and their mean would mix them."""
+
+    def __init__(self, searcher: Searcher, repeat: int, max_steps: int) -> None:
+        super().__init__(searcher, repeat=repeat)
+        self.max_steps = max_steps
+        self.pruned: set[str] = set()  # primary trial ids of suggestions with a seed stopped early
+
+    def on_trial_complete(
+        self, trial_id: str, result: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        group = self._trial_id_to_group.get(trial_id)
+        step = (result or {}).get(STEP)
+        if group is not None and step is not None and step < self.max_steps:
+            self.pruned.add(group.primary_trial_id)
+        if group is None or group.primary_trial_id not in self.pruned:
+            super().on_trial_complete(trial_id, result, **kwargs)
+            return
+        group.report(trial_id, math.nan)
+        if group.finished_reporting():
+            self.searcher.on_trial_complete(group.primary_trial_id, result=None, **kwargs)
 
 
 def optuna_storage_url(search: Search, sweep_dir: Path) -> str:
@@ -130,7 +162,8 @@ def optuna_storage_url(search: Search, sweep_dir: Path) -> str:
 
 def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
     """OptunaSearch with a persistent study (named after the sweep), each suggestion repeated per
-    seed; the study sees the mean over the seeds of each suggestion's last value."""
+    seed; the study sees the mean over the seeds of each suggestion's last value, or PRUNED where
+    the scheduler stopped one of them early."""
     if sweep.search is None:
         return None
     optuna.logging.set_verbosity(logging.getLogger().getEffectiveLevel())  # quiet unless -v
@@ -149,4 +182,4 @@ def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
         study_name=sweep.name,
     )
     # Tune's searcher checkpoint keeps its seed groups
-    return Repeater(optuna_search, repeat=search.seeds)
+    return SeedRepeater(optuna_search, repeat=search.seeds, max_steps=_max_steps(sweep))

@@ -7,11 +7,14 @@ import math
 
 import optuna
 import pytest
+import yaml
 from ray.tune.search.optuna import OptunaSearch
 
 from orchestrator.trial_configs import trial_config, trial_name
 from orchestrator.tuner import param_space, search_algorithm
 from search_spaces.expand import load_sweep
+
+from helpers import mosaic_sweep, tiny_trial
 
 
 @pytest.fixture
@@ -96,6 +99,30 @@ def test_seed_groups_survive_tunes_searcher_checkpoint(search_sweep, tmp_path):
     assert len(values) == 2 and math.isclose(values[0], 0.3) and math.isclose(values[1], 0.8)
 
 
+def test_a_suggestion_with_a_seed_stopped_early_is_pruned_in_the_study(search_sweep, tmp_path):
+    """The smoke base plans 1000 steps: a and b, the seeds of one suggestion, end at 1000 and at
+    250 (ASHA stopped b), so their mean mixes budgets and Optuna gets none (PRUNED), even through
+    a searcher checkpoint; c and d both trained every step, and Optuna gets their mean."""
+    from ray.tune.search import SearchGenerator
+
+    first = SearchGenerator(search_algorithm(search_sweep, tmp_path))
+    first.set_search_properties(None, None, param_space(search_sweep, ["softmax"]))
+    for trial_id in "abcd":
+        first.searcher.suggest(trial_id)
+    first.on_trial_complete("b", {"exact_match_1x": 0.0, "step": 250})
+    (tmp_path / "state").mkdir()
+    first.save_to_dir(str(tmp_path / "state"), session_str="s")
+    restored = SearchGenerator(search_algorithm(search_sweep, tmp_path))
+    restored.restore_from_dir(str(tmp_path / "state"))
+    for trial_id, score in zip("acd", (0.2, 0.6, 1.0)):
+        restored.on_trial_complete(trial_id, {"exact_match_1x": score, "step": 1000})
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [(trial.state.name, trial.value) for trial in study.trials] == [
+        ("PRUNED", None),
+        ("COMPLETE", pytest.approx(0.8)),
+    ]
+
+
 def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_spec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -124,3 +151,64 @@ def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_
         200,
         100,
     ]
+
+
+ASHA_SEARCH = {
+    "name": "asha",
+    "base": tiny_trial(max_steps=40, eval_interval=10, log_interval=0),
+    "kernels": [{"name": "entmax", "alpha": 1.5}],
+    "search": {
+        "metric": "train_loss",
+        "mode": "min",
+        "n_trials": 3,
+        "seeds": 2,
+        "sampler_seed": 7,
+        "space": {"train.lr": {"loguniform": [1e-3, 3e-2]}},
+    },
+    "scheduler": {"name": "asha", "grace_period": 10, "reduction_factor": 2},
+    "resources": {"cpu": 1},
+}
+
+
+@pytest.mark.slow
+def test_a_search_with_asha_marks_its_stopped_seeds_everywhere(tmp_path):
+    """A real search (CPU, one trial at a time, so ASHA decides the same way each run): every
+    trial that ended before its 40 steps is STOPPED in the results store and tagged in MLflow with
+    its step, its suggestion is PRUNED in the Optuna study, and the ranking compares every
+    suggestion at the step all seeds reached."""
+    from mlflow import MlflowClient
+
+    from analysis.results_store import read_results
+
+    (tmp_path / "asha.yaml").write_text(yaml.safe_dump(ASHA_SEARCH))
+    done = mosaic_sweep(
+        "run", "asha.yaml", "--out", "sweeps/asha", "--max-concurrent", "1", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "asha"
+    results = read_results(sweep_dir)
+    trials = results.groupby("trial_id").agg(
+        status=("status", "last"), reached=("step", "max"), searched=("searched", "first")
+    )
+    assert (results["planned_steps"] == 40).all()
+    assert ((trials["status"] == "STOPPED") == (trials["reached"] < 40)).all()
+    assert set(trials["status"]) == {"TERMINATED", "STOPPED"}
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    children = {r.data.tags["ray.trial_id"]: r for r in runs if "ray.trial_id" in r.data.tags}
+    assert {r.info.status for r in children.values()} == {"FINISHED"}
+    for trial_id, trial in trials.iterrows():
+        stopped = trial["status"] == "STOPPED"
+        tag = children[trial_id].data.tags.get("stopped_early")
+        assert tag == (str(int(trial["reached"])) if stopped else None)
+
+    study = optuna.load_study(study_name="asha", storage=f"sqlite:///{sweep_dir / 'optuna.db'}")
+    pruned = trials.groupby("searched")["status"].apply(lambda s: (s == "STOPPED").any())
+    states = sorted(trial.state.name for trial in study.trials)
+    assert states == sorted("PRUNED" if p else "COMPLETE" for p in pruned)
+
+    common = int(trials["reached"].min())
+    table = (sweep_dir / "table.md").read_text()
+    assert f"train_loss mean at step {common}" in table
+    assert f"compared at step {common}: the highest step every seed" in table

@@ -30,6 +30,7 @@ from orchestrator.tracking.names import (
     PLACEMENT_TAG_PREFIX,
     RETRIES_TAG,
     RUN_STATUS,
+    STOPPED_TAG,
     SYSTEM_METRICS_TAG,
 )
 from orchestrator.trial_configs import VARIANT, searched_values, trial_config, trial_name
@@ -49,6 +50,14 @@ def reported_metrics(result: dict[str, Any]) -> dict[str, float]:
     }
 
 
+def stopped_step(trial: Trial, configs: dict[str, dict[str, Any]]) -> int | None:
+    """The step a completed trial ended at, where that is before its `train.max_steps`: the
+    scheduler (ASHA) stopped it (Ctrl-C stops trials without completing them); else None."""
+    step = reported_metrics(trial.last_result).get(STEP)
+    planned = trial_config(trial.config, configs)["train"]["max_steps"]
+    return None if step is None or step >= planned else int(step)
+
+
 def trial_columns(config: TrialConfig) -> dict[str, Any]:
     """The results-store columns that identify a trial's place in the grid: the typed ones."""
     flat = flatten(config.model_dump())
@@ -59,6 +68,7 @@ def trial_columns(config: TrialConfig) -> dict[str, Any]:
         **columns,
         "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params),
         "seed": config.seed,
+        "planned_steps": config.train.max_steps,
     }
 
 
@@ -216,7 +226,11 @@ class SweepTracker(Callback):
     def on_trial_complete(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
-        self._end(trial, TrialStatus.TERMINATED)
+        """TERMINATED; STOPPED where the scheduler stopped it early, its run tagged with the step."""
+        step = stopped_step(trial, self.configs)
+        if step is not None and trial.trial_id in self.run_ids:
+            runs.tag_run(self.client, self.run_ids[trial.trial_id], {STOPPED_TAG: str(step)})
+        self._end(trial, TrialStatus.TERMINATED if step is None else TrialStatus.STOPPED)
 
     def on_trial_error(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any

@@ -34,8 +34,15 @@ RUNNING, FINISHED, FAILED, KILLED = "RUNNING", "FINISHED", "FAILED", "KILLED"
 RUN_STATUS = {
     TrialStatus.RUNNING: RUNNING,
     TrialStatus.TERMINATED: FINISHED,
+    TrialStatus.STOPPED: FINISHED,  # tagged STOPPED_TAG
+    TrialStatus.INTERRUPTED: KILLED,
     TrialStatus.ERROR: FAILED,
 }
-"""Ray Tune trial status -> MLflow run status, as the tracker ends a trial's run."""
-TRIAL_STATUS = {run: trial for trial, run in RUN_STATUS.items()}
-"""MLflow run status -> Ray Tune trial status, as the reader maps them back; KILLED stays as it is."""
+"""The results' trial status -> MLflow run status, as the tracker ends a trial's run."""
+TRIAL_STATUS = {
+    RUNNING: TrialStatus.RUNNING,
+    FINISHED: TrialStatus.TERMINATED,  # STOPPED where the run has STOPPED_TAG
+    KILLED: TrialStatus.INTERRUPTED,
+    FAILED: TrialStatus.ERROR,
+}
+"""MLflow run status -> the results' trial status, as the reader maps them back."""
