@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from mosaic_core.checkpoint import FILENAME, load_checkpoint
 from mosaic_core.config import TrialConfig, describe_validation_error
 from mosaic_core.metrics import ELAPSED_S, STEP
+from mosaic_core.train import planned_schedule
 from orchestrator.sweep_folder import prepare_output_dir
 from search_spaces.yaml_io import read_yaml
 
@@ -45,9 +46,11 @@ def load_trial_config(
 
 
 def open_run_folder(
-    config: TrialConfig, run_dir: Path, *, resume: bool, overwrite: bool
-) -> Path | None:
-    """A new run folder holding the config, or with `resume` the existing one's checkpoint to resume from."""
+    config: TrialConfig, run_dir: Path, *, resume: bool, overwrite: bool, replan: bool = False
+) -> tuple[Path | None, str | None]:
+    """A new run folder holding the config, or with `resume` the existing one's checkpoint to
+    resume from and, where the run goes past its lr schedule or `replan` replaces it, a line that
+    says which schedule it follows."""
     checkpoint_dir = run_dir / "checkpoint"
     if resume:
         if not (checkpoint_dir / FILENAME).is_file():
@@ -55,12 +58,29 @@ def open_run_folder(
                 f"{run_dir} has no checkpoint to resume from (expected {checkpoint_dir})"
             )
         # a checkpoint that cannot be resumed stops the run before it starts
-        load_checkpoint(checkpoint_dir, config)
-        return checkpoint_dir
+        state = load_checkpoint(checkpoint_dir, config)
+        return checkpoint_dir, schedule_note(state, config, replan)
     prepare_output_dir(run_dir, overwrite, marker="config.yaml", what="a run")
     (run_dir / "config.yaml").write_text(
         yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
+    return None, None
+
+
+def schedule_note(state: dict[str, Any], config: TrialConfig, replan: bool) -> str | None:
+    """What `train --resume` says of the lr schedule: replanned, or kept past its end."""
+    end = planned_schedule(state, config.train, replan=False).lr_decay_steps
+    steps = config.train.max_steps
+    if replan:
+        return (
+            f"--replan: from step {state['step']} the lr follows the schedule of a {steps}-step "
+            f"run, not the run's own (which reached min_lr at step {end})"
+        )
+    if steps > end:
+        return (
+            f"the lr keeps the run's schedule: min_lr from step {end} on, to step {steps} "
+            "(--replan plans it anew)"
+        )
     return None
 
 

@@ -36,10 +36,17 @@ def run_single_trial(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    replan: bool = False,
     console: Console | None = None,
 ) -> dict[str, float]:
+    """One trial in this process, in `run_dir`; `replan`: with `resume`, the lr schedule of the
+    config's steps instead of the run's own."""
     console = console or Console(highlight=False)
-    resume_from = open_run_folder(config, run_dir, resume=resume, overwrite=overwrite)
+    resume_from, note = open_run_folder(
+        config, run_dir, resume=resume, overwrite=overwrite, replan=replan
+    )
+    if note:
+        console.print(note, soft_wrap=True)
 
     def report(metrics: dict[str, float], directory: str | None) -> None:
         if directory is not None:  # an evaluation; between them the progress bar shows the loss
@@ -57,7 +64,9 @@ def run_single_trial(
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task("train", total=config.train.max_steps, loss="—")
         on_step = lambda step, loss: progress.update(bar, completed=step, loss=f"{loss:.4f}")  # noqa: E731
-        metrics = train_trial(config, report=report, resume_from=resume_from, on_step=on_step)
+        metrics = train_trial(
+            config, report=report, resume_from=resume_from, on_step=on_step, replan=replan
+        )
     console.print(f"run folder: {run_dir}  (metrics.jsonl, checkpoint/)")
     return metrics
 
@@ -84,6 +93,7 @@ def run_data_parallel_trial(
     *,
     resume: bool = False,
     overwrite: bool = False,
+    replan: bool = False,
     verbose: bool = False,
     console: Console | None = None,
 ) -> dict[str, float]:
@@ -95,7 +105,11 @@ def run_data_parallel_trial(
     from orchestrator.trainables import trainer
 
     console = console or Console(highlight=False)
-    resume_from = open_run_folder(config, run_dir, resume=resume, overwrite=overwrite)
+    resume_from, note = open_run_folder(
+        config, run_dir, resume=resume, overwrite=overwrite, replan=replan
+    )
+    if note:
+        console.print(note, soft_wrap=True)
     connect(None, verbose)
     try:
         with _printing_evaluations(run_dir / METRICS, console):
@@ -106,6 +120,7 @@ def run_data_parallel_trial(
                 max_failures=0,
                 run_dir=run_dir,
                 resume_from=resume_from,
+                replan=replan,
             ).fit()
     finally:
         ray.shutdown()

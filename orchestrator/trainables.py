@@ -82,16 +82,18 @@ def trainer(
     callbacks: Sequence[Any] = (),
     run_dir: Path | None = None,
     resume_from: Path | None = None,
+    replan: bool = False,
 ) -> TorchTrainer:
     """The TorchTrainer of one trial: `resources.workers` workers of `resources.cpu`/`gpu` each,
     placed by `resources.placement`; its run `TRAIN_RUN` under `storage_path`. With `run_dir`
     (`mosaic-sweep train`), rank 0 also keeps that run folder; `resume_from` is a checkpoint to
-    start from when the Train run has none of its own."""
+    start from when the Train run has none of its own, and `replan` its lr schedule anew."""
     per_worker = {"CPU": resources.cpu, **({"GPU": resources.gpu} if resources.gpu else {})}
     loop = {
         "trial": config.model_dump(mode="json"),
         "run_dir": run_dir and str(run_dir.resolve()),
         "resume_from": resume_from and str(resume_from.resolve()),
+        "replan": replan,
     }
     return TorchTrainer(
         _train_worker,
@@ -139,6 +141,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
             report,
             resume_from=resume_from,
             prepare_model=prepare,
+            replan=loop.get("replan", False),
         )
 
 

@@ -43,6 +43,11 @@ def steps_logged(run: Path) -> list[int]:
     return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+def lr_logged(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {json.loads(line)["step"]: json.loads(line)["lr"] for line in lines}
+
+
 def test_train_writes_a_run_folder_and_resumes_it(tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(CONFIG))
@@ -64,6 +69,34 @@ def test_train_writes_a_run_folder_and_resumes_it(tmp_path):
     resumed = mosaic_sweep("train", config, "--resume", cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert steps_logged(run) == [10, 20, 30, 40]
+    # planned for 20 steps, extended to 40: the run's own schedule, min_lr after its end
+    assert (
+        "the lr keeps the run's schedule: min_lr from step 20 on, to step 40 (--replan plans it anew)"
+        in resumed.stdout
+    )
+    assert lr_logged(run)[30] == lr_logged(run)[40] == 3e-4
+
+
+def test_train_replan_plans_the_lr_anew_and_says_so(tmp_path):
+    from mosaic_core.config import TrainConfig
+    from mosaic_core.train import learning_rate
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(CONFIG))
+    alone = mosaic_sweep("train", config, "--replan", cwd=tmp_path)
+    assert alone.returncode == 2 and alone.stderr.strip() == (
+        "error: --replan plans a resumed run's lr schedule anew: it goes with --resume"
+    )
+    assert mosaic_sweep("train", config, "--steps", "20", cwd=tmp_path).returncode == 0
+    replanned = mosaic_sweep("train", config, "--resume", "--replan", cwd=tmp_path)
+    assert replanned.returncode == 0, replanned.stderr
+    assert (
+        "--replan: from step 20 the lr follows the schedule of a 40-step run, not the run's own "
+        "(which reached min_lr at step 20)"
+    ) in replanned.stdout
+    schedule = TrainConfig.model_validate(CONFIG["train"])
+    lr = lr_logged(tmp_path / "runs" / "tiny")
+    assert lr[30] == learning_rate(29, schedule) > 3e-4
 
 
 def test_train_errors_are_one_line_exit_2(tmp_path):

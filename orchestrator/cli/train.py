@@ -36,6 +36,15 @@ def train(
             "--overwrite", help="Reuse a non-empty run folder; the old one is moved to a backup."
         ),
     ] = False,
+    replan: Annotated[
+        bool,
+        typer.Option(
+            "--replan",
+            help="With --resume: plan the lr schedule anew for the run's steps (--steps), as if "
+            "it had been planned for them. Without it an extended run keeps its own schedule "
+            "and then holds min_lr.",
+        ),
+    ] = False,
     workers: Annotated[
         Optional[int],
         typer.Option(
@@ -58,6 +67,8 @@ def train(
         raise fail(
             "--resume continues the run in the folder, --overwrite starts it again: give one of them"
         )
+    if replan and not resume:
+        raise fail("--replan plans a resumed run's lr schedule anew: it goes with --resume")
     # torch: a trial's config is validated with its model's kernels
     import torch
 
@@ -75,11 +86,17 @@ def train(
     try:
         check_new_folder(run_dir, "--out")
         if resources is None:
-            run_single_trial(config, run_dir, resume=resume, overwrite=overwrite)
+            run_single_trial(config, run_dir, resume=resume, overwrite=overwrite, replan=replan)
         else:
             verbose = logging.getLogger().level <= logging.INFO
             run_data_parallel_trial(
-                config, run_dir, resources, resume=resume, overwrite=overwrite, verbose=verbose
+                config,
+                run_dir,
+                resources,
+                resume=resume,
+                overwrite=overwrite,
+                replan=replan,
+                verbose=verbose,
             )
     except (FileExistsError, FileNotFoundError, SweepFolderError, CheckpointError) as error:
         raise fail(str(error)) from None
