@@ -4,13 +4,15 @@ judged against the seed noise of both sides (hand-made results, hand-computed in
 
 from __future__ import annotations
 
+import json
 import math
 
 import pandas as pd
 
 from analysis.comparison import compare, comparison_table, report, setup_lines, summary
+from analysis.results_store import write_trial_rows
 
-from helpers import tiny_trial
+from helpers import invoke, tiny_trial
 
 T2 = 0.95 / math.sqrt(2 * 0.975 * 0.025)  # t(0.975, 2) in closed form: 4.3027
 
@@ -125,3 +127,29 @@ def test_the_setup_check_without_trial_configs_reads_the_results_columns():
         "Setup: as the paper's in every setting checked (without the sweep's trial configs: batch, "
         "lengths and training steps not checked)."
     ]
+
+
+def test_the_compare_command_on_a_cpu_sweep_folder_says_first_what_is_not_the_papers(tmp_path):
+    """Through the command line, with the sweep folder's trial configs: the setup lines open the
+    output, the table has the one common cell, and no column gets a ranking verdict."""
+    for seed, value in enumerate([1.0, 0.9]):
+        rows = sort_results({("Gaussian", 1.0): [value]}).assign(seed=seed)
+        write_trial_rows(tmp_path, f"t{seed}", rows.drop(columns="trial_id").to_dict("records"))
+    configs = {f"t{seed}": cpu_config(seed) for seed in (0, 1)}
+    (tmp_path / "trials.json").write_text(json.dumps(configs))
+    done = invoke("compare", tmp_path)
+    assert done.exit_code == 0, done.output
+    lines = done.stdout.splitlines()
+    assert lines[:3] == [
+        "Not the paper's setup (ours vs the paper's):",
+        "- sort · n_layer: 1 vs 2 (Table 6)",
+        "- n_embd: 16 vs 512 (Table 6)",
+    ]
+    assert [line for line in lines if line.startswith("| Gaussian")] == [
+        "| Gaussian | sort 1× | 0.95^(1.00) | [0.31, 1.59] | 1.00^(1.00) | -0.05 | +0.00 |  |"
+        " within seed noise |"
+    ]
+    assert (
+        "ranking of kernels: not compared (no column has two kernels in common with the paper)"
+        in lines
+    )
