@@ -1,4 +1,5 @@
-"""`--dry-run --estimate`: the cost of a sweep before it runs, checked by hand-computed arithmetic."""
+"""`--dry-run --estimate`: the cost of a sweep before it runs, checked by hand-computed arithmetic
+and on the steps and evaluations a real trial makes (never on wall-clock time)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import subprocess
 
 import pytest
 
+from mosaic_core.config import TrialConfig
 from mosaic_core.tasks import build_task
+from mosaic_core.train import train_trial
 from orchestrator import estimate as estimate_module
 from orchestrator.estimate import (
     BF16_PEAK_FLOPS,
@@ -17,12 +20,14 @@ from orchestrator.estimate import (
     benchmarked_cost,
     distinct_shapes,
     estimate,
+    evaluations,
     flops_per_token,
+    measured_cost,
     packing_gain,
 )
 from search_spaces.expand import load_sweep
 
-from helpers import mosaic_sweep_command
+from helpers import mosaic_sweep_command, tiny_trial
 
 
 def tiny_sweep(smoke_spec, write_sweep, **resources):
@@ -147,3 +152,18 @@ def test_max_concurrent_changes_the_wall_time_of_a_gpu_estimate(tmp_path):
         return next(line for line in done.stdout.splitlines() if line.startswith("estimate on"))
 
     assert wall("1") != wall("2")
+
+
+def test_a_measured_trial_costs_its_steps_evaluations_and_overhead(monkeypatch):
+    """On step counts a real trial has: 7 steps evaluated every 3 evaluate at steps 3, 6 and 7, so
+    at 0.5 s a step, 2 s an evaluation and 100 tokens a step the trial costs 7 × 0.5 + 3 × 2 + the
+    overhead, and trains 700 tokens."""
+    config = TrialConfig.model_validate(tiny_trial(max_steps=7, eval_interval=3, log_interval=0))
+    evaluated = []
+    train_trial(config, report=lambda metrics, checkpoint: evaluated.append(metrics["step"]))
+    assert evaluated == [3, 6, 7] and evaluations(config) == len(evaluated)
+
+    monkeypatch.setattr(estimate_module, "measure_shape", lambda config: (0.5, 2.0, 100.0))
+    cost = measured_cost(config, 4, "tiny")
+    assert cost.seconds == pytest.approx(7 * 0.5 + 3 * 2.0 + TRIAL_OVERHEAD_S)
+    assert (cost.tokens, cost.trials) == (700, 4)
