@@ -85,7 +85,7 @@ def run_loop(sweep_file: Path) -> tuple[list[float], list[float]]:
     import torch
 
     from mosaic_core.train import train_trial
-    from search_spaces.schema import load_sweep
+    from search_spaces.expand import load_sweep
 
     torch.set_num_threads(2)
     trials = load_sweep(sweep_file).trials

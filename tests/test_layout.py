@@ -204,3 +204,13 @@ def test_directions_by_kind():
     assert TrialConfig.model_validate(
         {**tiny_trial(), "task": {"name": "regbench"}}
     ).task.selection() == ("val_loss", "min")
+
+
+def test_a_callback_pickled_before_the_tracking_package_split_still_unpickles():
+    """Tune pickles the sweep's callback into the folder: `--resume` of a sweep started before
+    `orchestrator.tracking` became a package must still find `SweepTracker` there."""
+    import pickle
+
+    from orchestrator.tracking.callback import SweepTracker
+
+    assert pickle.loads(b"corchestrator.tracking\nSweepTracker\n.") is SweepTracker
