@@ -216,9 +216,8 @@ def _chunked(
     outputs = []
     for start in range(0, n_queries, chunk):
         stop = min(n_queries, start + chunk)
-        seen = (
-            n_keys if mask_mode is None else min(n_keys, stop)
-        )  # later keys are masked for every row
+        # later keys are masked for every row
+        seen = n_keys if mask_mode is None else min(n_keys, stop)
         block = functools.partial(
             _dense,
             name=name,

@@ -382,9 +382,8 @@ class TrialConfig(_Strict):
             and task.get("name") == "regbench"
         ):
             return data
-        batches = -(
-            -task.get("num_examples", 1000) // train.get("batch_size", 32)
-        )  # per epoch, the last smaller
+        # batches per epoch, the last smaller
+        batches = -(-task.get("num_examples", 1000) // train.get("batch_size", 32))
         steps = -(-train["max_epochs"] * batches // train.get("grad_accum_steps", 1))
         if train.get("max_steps", steps) != steps:
             raise ValueError(

@@ -223,9 +223,8 @@ def _shifted_entmax_input(
     any_allowed = allowed.any(-1, keepdim=True)
     shift = x.masked_fill(~allowed, -math.inf).amax(-1, keepdim=True)
     shift = shift.masked_fill(~any_allowed, 0.0).detach()
-    x = (
-        (x - shift).masked_fill(~allowed, -2.0).masked_fill(~any_allowed, 0.0)
-    )  # empty rows: benign, zeroed later
+    # empty rows: benign, zeroed later
+    x = (x - shift).masked_fill(~allowed, -2.0).masked_fill(~any_allowed, 0.0)
     return x, shift, any_allowed
 
 

@@ -21,12 +21,11 @@ from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
 from mosaic_core.leaky_average import leaky_average
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
+# the persistent memory's output gain min(e^{10·v}, 5), as the reference
 _MAX_PMEM_GAIN = 5.0
-_LAG2_KERNELS = ("relumax", "normrelu", "topk_uniform")  # reference_code lm_length: keys ≤ t − 2
-_BETA4_KERNELS = (
-    "relumax",
-    "normrelu",
-)  # reference_code regbench: scores β⁴·cos  # the persistent memory's output gain min(e^{10·v}, 5), as the reference
+# reference_code lm_length: keys ≤ t − 2 for these; regbench: scores β⁴·cos for those
+_LAG2_KERNELS = ("relumax", "normrelu", "topk_uniform")
+_BETA4_KERNELS = ("relumax", "normrelu")
 
 
 def _sharpness(param: Tensor) -> Tensor:
@@ -171,9 +170,8 @@ class PersistentMemory(nn.Module):
         self.kernel_beta = nn.Parameter(torch.full((config.n_head,), 0.1))
         self.slot_keys = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
         self.slot_values = nn.Parameter(torch.randn(config.n_head, slots, d) / math.sqrt(d))
-        self.value_beta = nn.Parameter(
-            torch.full((config.n_head,), -0.05)
-        )  # output gain e^{10·v}: e^−0.5 at init
+        # output gain e^{10·v}: e^−0.5 at init
+        self.value_beta = nn.Parameter(torch.full((config.n_head,), -0.05))
         self.out = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         self.attn_dropout = config.attn_dropout
@@ -191,10 +189,9 @@ class PersistentMemory(nn.Module):
             scale=1.0,
             dropout_p=self.attn_dropout if self.training else 0.0,
         )
-        # the reference caps the gain itself at 5 (not its exponent, as the contextual memory does)
-        y = (
-            y * torch.exp(10 * self.value_beta).clamp(max=_MAX_PMEM_GAIN)[:, None, None]
-        )  # (H, B·T, d)
+        # (H, B·T, d); the reference caps the gain itself at 5 (not its exponent, as the
+        # contextual memory does)
+        y = y * torch.exp(10 * self.value_beta).clamp(max=_MAX_PMEM_GAIN)[:, None, None]
         y = y.reshape(self.n_head, batch, length, -1).permute(1, 2, 0, 3)  # (B, T, H, d)
         return self.dropout(self.out(y.reshape(batch, length, n_embd)))
 

@@ -254,9 +254,8 @@ def train_trial(
     torch.manual_seed(config.seed)
     task = build_task(config.task, config.seed)
     model = MemoryMosaics(config.model, task.vocab_size)
-    trained = (
-        prepare_model(model) if prepare_model else model.to(pick_device(train.device))
-    )  # DDP on several workers
+    # DDP on several workers
+    trained = prepare_model(model) if prepare_model else model.to(pick_device(train.device))
     device = next(model.parameters()).device
     optimizer = build_optimizer(model, train, device)
     first_step, metrics, schedule = 0, {}, train

@@ -49,9 +49,8 @@ def test_fast_backend_on_cpu_equals_reference_with_gradients(
     kernel, params, mask_mode, monkeypatch
 ):
     """On CPU "fast" means SDPA for softmax and query chunks for the rest: same values, same grads."""
-    monkeypatch.setattr(
-        attention, "_CHUNK_BUDGET_BYTES", 2 * 3 * 40 * 8 * 4
-    )  # forces 16-query chunks
+    # forces 16-query chunks
+    monkeypatch.setattr(attention, "_CHUNK_BUDGET_BYTES", 2 * 3 * 40 * 8 * 4)
     tensors = [t.requires_grad_() for t in qkv(2, 3, 40, 8)]
     reference = attend(
         *tensors, kernel, mask_mode=mask_mode, scale=0.7, backend="reference", **params
@@ -158,9 +157,8 @@ def test_gpu_fast_path_matches_reference(kernel, params, length, dtype):
     (fast.float() * probe).sum().backward()
     (ref * probe).sum().backward()
     out_tol, grad_tol = TOLERANCES[dtype]
-    assert torch.equal(
-        fast[..., 0, :].float(), torch.zeros_like(ref[..., 0, :])
-    )  # position 0 sees no key
+    # position 0 sees no key
+    assert torch.equal(fast[..., 0, :].float(), torch.zeros_like(ref[..., 0, :]))
     assert relative_error(fast, ref) <= out_tol
     for got, want in zip(fast_inputs, ref_inputs):
         # no gradient path (top-k uniform's constant weights) is a zero gradient; where the exact
@@ -184,7 +182,6 @@ def test_adasplash_backend_is_used_for_compact_kernels_when_installed(monkeypatc
     for kernel, params in (("sparsemax", {}), ("entmax", {"alpha": 1.5}), ("triweight", {})):
         attend(q, q, v, kernel, backend="adasplash", **params)
     assert calls == [2.0, 1.5, 4 / 3]
-    attend(
-        q * 1e3, q * 1e3, v, "sparsemax", backend="adasplash"
-    )  # scores up to 1e6: AdaSplash's −1e4 mask fails
+    # scores up to 1e6: AdaSplash's −1e4 mask fails
+    attend(q * 1e3, q * 1e3, v, "sparsemax", backend="adasplash")
     assert len(calls) == 3

@@ -181,9 +181,8 @@ def test_paths(monkeypatch):
     assert attention_path("softmax", {}, "cuda") == "sdpa"
     assert attention_path("triweight", {}, "cuda", dtype=torch.bfloat16) == "fused"
     assert attention_path("entmax", {"alpha": 2.5}, "cuda") == "chunked"  # fused kernels take α ≤ 2
-    assert (
-        attention_path("topk_uniform", {"k": 8}, "cuda", head_dim=48) == "chunked"
-    )  # D not a power of two
+    # D not a power of two
+    assert attention_path("topk_uniform", {"k": 8}, "cuda", head_dim=48) == "chunked"
 
 
 def test_half_precision_output_is_normalised_by_the_weights_it_sums():

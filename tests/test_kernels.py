@@ -224,9 +224,8 @@ def test_relumax_keeps_exactly_the_keys_within_b_of_the_max():
 def test_topk_picks_exactly_k_and_breaks_ties_by_position():
     x = torch.tensor([1.0, 5.0, 3.0, 5.0, 3.0, 3.0])
     p = attention_weights(x, "topk_uniform", k=3)
-    assert p.tolist() == pytest.approx(
-        [0, 1 / 3, 1 / 3, 1 / 3, 0, 0]
-    )  # the earlier 3.0 wins the tie
+    # the earlier 3.0 wins the tie
+    assert p.tolist() == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3, 0, 0])
     q = attention_weights(x, "topk_softmax", k=3)
     expected = torch.softmax(torch.tensor([5.0, 3.0, 5.0]), -1)
     assert torch.allclose(q[[1, 2, 3]], expected) and q[[0, 4, 5]].sum() == 0
@@ -308,9 +307,8 @@ def test_plus_inf_scores_take_all_the_weight(kernel, params):
     x = torch.tensor([[0.5, math.inf, -1.0, math.inf], [0.5, 0.2, -1.0, 3.0]], dtype=torch.float64)
     p = attention_weights(x, kernel, **params)
     assert p[0].tolist() == [0.0, 0.5, 0.0, 0.5]
-    assert torch.equal(
-        p[1], attention_weights(x[1], kernel, **params)
-    )  # rows without +inf unaffected
+    # rows without +inf unaffected
+    assert torch.equal(p[1], attention_weights(x[1], kernel, **params))
 
 
 def test_plus_inf_in_top_k_uniform_ranks_first():

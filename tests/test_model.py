@@ -57,9 +57,8 @@ def contextual_by_loop(memory: ContextualMemory, x: torch.Tensor) -> torch.Tenso
                 values.append(value_scale[h] * v / v.norm())
             for t in range(1, length):  # position 0 has no key before it: output 0
                 scores = torch.stack([keys[t] @ keys[j] for j in range(t)])
-                w = attention_weights(
-                    scores, memory.kernel, **memory.kernel_params
-                )  # normrelu: on cosines
+                # normrelu: on cosines
+                w = attention_weights(scores, memory.kernel, **memory.kernel_params)
                 out[b, t, rows] = w @ torch.stack(values[:t])
     return memory.out(out)
 
@@ -221,9 +220,8 @@ def test_head_is_tied_and_logits_scaled():
     with torch.no_grad():
         assert torch.allclose(model(idx), expected)
     others = sum(p.numel() for m in (*model.blocks, model.ln_f) for p in m.parameters())
-    assert (
-        sum(p.numel() for p in model.parameters()) == model.embed.weight.numel() + others
-    )  # no output matrix
+    # no output matrix
+    assert sum(p.numel() for p in model.parameters()) == model.embed.weight.numel() + others
 
 
 def test_initialisation_and_decay_groups():

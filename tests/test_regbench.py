@@ -84,9 +84,8 @@ def test_every_dfa_of_every_split_satisfies_the_spec(small):
     for dfas in small.dfas.values():
         for dfa in dfas:
             assert MIN_STATES <= len(dfa) <= MAX_STATES
-            assert (
-                canonical(as_transitions(dfa)) == dfa
-            )  # trimmed: BFS from the start reaches every state
+            # trimmed: BFS from the start reaches every state
+            assert canonical(as_transitions(dfa)) == dfa
             assert len(minimise(as_transitions(dfa))) == len(dfa)  # already minimal
             for state, edges in enumerate(dfa):
                 letters, targets = [a for a, _ in edges], [t for _, t in edges]
@@ -172,9 +171,8 @@ def test_splits_depend_on_data_seed_only(small):
         for a, b in zip(other.eval_sequences["test"], small.eval_sequences["test"])
     )
     assert task(data_seed=1).dfas["test"] != small.dfas["test"]
-    assert (
-        task(num_examples=30).dfas["train"] == small.dfas["train"][:30]
-    )  # larger splits extend smaller ones
+    # larger splits extend smaller ones
+    assert task(num_examples=30).dfas["train"] == small.dfas["train"][:30]
 
 
 def test_train_batches_are_a_pure_function_of_seed_and_index(small):
@@ -235,9 +233,8 @@ def test_labels_are_shifted_inputs_without_padding_or_separators(small):
     assert (lengths < inputs.shape[1]).any()  # some rows are padded
     for row, n in zip(range(len(inputs)), lengths.tolist()):
         assert (inputs[row, n:] == PAD).all() and (labels[row, n:] == IGNORE_INDEX).all()
-        shifted = torch.cat(
-            [inputs[row, 1:n], labels[row, n - 1 : n]]
-        )  # labels[t] is the token at t+1
+        # labels[t] is the token at t+1
+        shifted = torch.cat([inputs[row, 1:n], labels[row, n - 1 : n]])
         scored = labels[row, :n] != IGNORE_INDEX
         assert torch.equal(labels[row, :n][scored], shifted[scored])
         assert (shifted[~scored] == SEP).all() and (labels[row, :n][scored] < NUM_LETTERS).all()
@@ -362,9 +359,8 @@ def test_all_mass_on_an_illegal_token_scores_zero(small, vocab):
 
 
 def test_evaluation_overhead_is_small(small):
-    model = nn.Embedding(
-        small.vocab_size, small.vocab_size
-    )  # next-token logits from the current token
+    # next-token logits from the current token
+    model = nn.Embedding(small.vocab_size, small.vocab_size)
     started = time.perf_counter()
     metrics = small.evaluate(model, torch.device("cpu"))
     assert time.perf_counter() - started < 2  # 20 + 20 sequences of up to ~950 tokens

@@ -56,9 +56,8 @@ def test_workers_take_contiguous_blocks_and_a_worker_without_rows_weighs_nothing
     assert torch.equal(torch.cat([b[1] for b in blocks]), labels)
     assert Shard().rows(inputs, labels)[0] is inputs
 
-    lone = Shard(rank=3, world_size=4).rows(
-        inputs[:2], labels[:2]
-    )  # a remainder batch of 2 rows, 4 workers
+    # a remainder batch of 2 rows, 4 workers
+    lone = Shard(rank=3, world_size=4).rows(inputs[:2], labels[:2])
     assert lone[0].tolist() == [[0, 1]] and (lone[1] == IGNORE_INDEX).all()
 
 

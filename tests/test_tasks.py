@@ -385,9 +385,8 @@ def test_mqmtar_as_vasylenko_et_al_generate_it(length, context):
         tokens = src.tolist()
         assert len(tokens) == context + 12 == num_kv * segment + 12
         pairs, queries = parse_mqmtar(tokens)
-        assert (
-            len(pairs) == num_kv and len(set(pairs.values())) == num_kv
-        )  # unique keys, unique values
+        # unique keys, unique values
+        assert len(pairs) == num_kv and len(set(pairs.values())) == num_kv
         ones = [i for i, x in enumerate(tokens[:context]) if x == 1]
         assert all(tokens[i + 3] == 0 for i in ones)  # the space that closes each pair
         assert [i // segment for i in ones] == list(range(num_kv))  # one pair per segment

@@ -150,9 +150,8 @@ class DfaTable:
         shape = (len(dfas), MAX_STATES, MAX_EDGES)
         self.letters, self.targets = np.zeros(shape, np.int64), np.zeros(shape, np.int64)
         self.degree = np.ones(shape[:2], np.int64)
-        self.legal = np.zeros(
-            (len(dfas), MAX_STATES, NUM_LETTERS), bool
-        )  # legal next letters per state
+        # legal next letters per state
+        self.legal = np.zeros((len(dfas), MAX_STATES, NUM_LETTERS), bool)
         for i, dfa in enumerate(dfas):
             for state, edges in enumerate(dfa):
                 self.degree[i, state] = len(edges)
