@@ -34,7 +34,6 @@ from mosaic_core.train import (
 )
 from search_spaces.schema import Sweep
 
-GPU_TYPES = ("h100", "h200")
 BF16_PEAK_FLOPS = 989.4e12  # H100 and H200 SXM, dense: the peak bench/model.py's MFU is relative to
 # scheduling a trial and its first imports (bench/RESULTS.md, "Sweep overhead")
 TRIAL_OVERHEAD_S = 1.0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +74,13 @@ def default_sweep_dir(raw: dict[str, Any]) -> Path | None:
 
 
 def check_flags(
-    sweep_dir: Path, *, resume: bool, overwrite: bool, storage: str | None, mlflow_uri: str | None
+    sweep_dir: Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    storage: str | None,
+    mlflow_uri: str | None,
+    overrides: list[str],
 ) -> None:
     """Flags that cannot work together, folders and stores that cannot be written, and a sweep
     folder that cannot be used as asked: all from the flags and the file system alone."""
@@ -88,22 +94,42 @@ def check_flags(
     if storage is not None:
         check_storage(storage)
     if resume:
-        _recorded_sweep(sweep_dir)
+        check_resumed_overrides(_recorded_sweep(sweep_dir), overrides)
     else:
         check_tracking_uri(tracking_uri(sweep_dir, mlflow_uri))
         check_output_dir(sweep_dir, overwrite, marker=LAUNCH, what="a sweep")
 
 
-def load(path: Path, raw: dict[str, Any], gpus: float | None, cpus: float | None) -> Sweep:
-    """The sweep file's mapping validated and expanded, with --gpus-per-trial / --cpus-per-trial
-    validated like the file's own resources."""
+def check_resumed_overrides(folder: SweepFolder, overrides: list[str]) -> None:
+    """--resume runs the sweep as it was launched: the same KEY=VALUE overrides, or none given."""
+    if overrides and overrides != folder.launch.overrides:
+        first = " ".join(folder.launch.overrides) or "none"
+        raise LaunchError(
+            f"--resume: the sweep in {folder.path} ran with the overrides {first}, not "
+            f"{' '.join(overrides)}; give the same ones (or none), or start it again with --overwrite"
+        )
+
+
+def recorded_overrides(sweep_dir: Path | None) -> list[str]:
+    """The overrides a sweep folder was launched with (none when it holds no readable record)."""
+    if sweep_dir is None or not (sweep_dir / LAUNCH).is_file():
+        return []
+    try:
+        return SweepFolder.open(sweep_dir).launch.overrides
+    except SweepFolderError:
+        return []
+
+
+def load(source: str, raw: dict[str, Any], gpus: float | None, cpus: float | None) -> Sweep:
+    """The sweep file's mapping validated and expanded (its errors name `source`), with
+    --gpus-per-trial / --cpus-per-trial validated like the file's own resources."""
     # the expansion validates every trial's config: torch from here on
     from pydantic import ValidationError
 
     from mosaic_core.config import describe_validation_error
     from search_spaces.expand import validate_sweep
 
-    sweep = validate_sweep(raw, path.name)
+    sweep = validate_sweep(raw, source)
     overrides = {key: value for key, value in (("gpu", gpus), ("cpu", cpus)) if value is not None}
     if not overrides:
         return sweep
@@ -133,6 +159,7 @@ def open_folder(
     overwrite: bool,
     storage: str | None,
     mlflow_uri: str | None,
+    overrides: list[str],
     address: str | None,
     verbose: bool,
 ) -> SweepFolder:
@@ -147,7 +174,7 @@ def open_folder(
     if not resume:
         check_shared_storage(cluster, storage)
         uri = tracking_uri(sweep_dir, mlflow_uri)
-        return new_sweep_folder(sweep, sweep_dir, uri, storage, overwrite)
+        return new_sweep_folder(sweep, sweep_dir, uri, storage, overwrite, overrides)
     folder = resumable_sweep_folder(sweep_dir)
     for flag, given, used in (
         ("--mlflow-uri", mlflow_uri, folder.launch.tracking_uri),
@@ -159,7 +186,12 @@ def open_folder(
 
 
 def new_sweep_folder(
-    sweep: Sweep, sweep_dir: Path, tracking_uri: str, storage: str | None, overwrite: bool
+    sweep: Sweep,
+    sweep_dir: Path,
+    tracking_uri: str,
+    storage: str | None,
+    overwrite: bool,
+    overrides: Sequence[str] = (),
 ) -> SweepFolder:
     """The folder of a new sweep, holding its launch record and its expanded trials."""
     launch = LaunchRecord(
@@ -167,6 +199,7 @@ def new_sweep_folder(
         storage_path=storage_path(storage, sweep_dir),
         trials=sweep.num_trials,
         workers={trial.describe(): sweep.trial_resources(trial).workers for trial in sweep.trials},
+        overrides=list(overrides),
     )
     if storage is not None and holds_tune_state(launch):
         raise SweepFolderError(

@@ -22,6 +22,7 @@ from search_spaces.schema import Resources, Sweep
 # where `ray up` leaves it on the head
 AUTOSCALER_CONFIG = Path.home() / "ray_bootstrap_config.yaml"
 DRIVER_CPU = 0.01  # a Train run's driver only waits and relays reports
+GPU_TYPES = ("h100", "h200")  # --gpu-type: the GPUs bench/data has figures for
 
 
 class PlacementError(ValueError):

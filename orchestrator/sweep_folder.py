@@ -84,6 +84,9 @@ class LaunchRecord(BaseModel):
     workers: dict[str, int] = Field(
         default_factory=dict, description="variant -> its Ray Train workers (as first launched)"
     )
+    overrides: list[str] = Field(
+        default_factory=list, description="the KEY=VALUE overrides of the sweep file it ran with"
+    )
 
     @property
     def tune_path(self) -> str:

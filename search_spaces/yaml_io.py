@@ -57,7 +57,7 @@ def read_yaml(path: Path) -> Any:
                 f"{path.name}: holds more than {MAX_YAML_VALUES} values once its aliases are followed"
             )
         data = None if node is None else loader.construct_document(node)
-        _check_finite(data, path.name)
+        check_finite(data, path.name)
     except yaml.YAMLError as error:
         raise SweepError(
             f"{path.name}: not valid YAML: {' '.join(str(error).split())[:200]}"
@@ -85,7 +85,7 @@ def _expanded_size(node: yaml.Node, sizes: dict[int, int]) -> int:
     return sizes[id(node)]
 
 
-def _check_finite(data: Any, source: str, key: str = "") -> None:
+def check_finite(data: Any, source: str, key: str = "") -> None:
     """No .inf or .nan anywhere: every number of a sweep is a setting, and none of them means infinity."""
     if isinstance(data, float) and not math.isfinite(data):
         raise SweepError(f"{source}: {key or '(top level)'}: {data} is not a finite number")
@@ -97,7 +97,7 @@ def _check_finite(data: Any, source: str, key: str = "") -> None:
         else []
     )
     for name, value in items:
-        _check_finite(
+        check_finite(
             value,
             source,
             f"{key}[{name}]" if isinstance(data, list) else f"{key}.{name}".lstrip("."),

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import socket
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from orchestrator.cli import app
+from orchestrator.cli import COMMANDS, app
+from orchestrator.cli.ui import answers
 from search_spaces import bundled_sweeps
 from search_spaces.expand import load_sweep
 
@@ -106,8 +111,62 @@ def test_usage_errors_are_one_line_with_exit_2(args, named):
 def test_help_shows_choices_and_plain_argument_names():
     usage = CliRunner().invoke(app, ["compare", "--help"], prog_name="mosaic-sweep").stdout
     assert usage.splitlines()[0] == "Usage: mosaic-sweep compare [OPTIONS] DIR"
-    assert "--paper <table1|table2|table7>" in usage and "{" not in usage
-    assert "--format <md|latex|csv>" in CliRunner().invoke(app, ["table", "--help"]).stdout
+    assert "--paper table1|table2|table7" in usage and "{" not in usage
+    assert "--format md|latex|csv" in CliRunner().invoke(app, ["table", "--help"]).stdout
+
+
+@pytest.mark.parametrize("command", [c.__name__ for c in COMMANDS])
+def test_each_command_help_has_plain_metavars_and_an_example(command):
+    usage = CliRunner().invoke(app, [command, "--help"], prog_name="mosaic-sweep").stdout
+    # typer's own: `--out <path>`, `DIR <path>`, `--by <list[str]>`
+    assert re.search(r"(--[\w-]+|^\s+[A-Z]+) <", usage, re.MULTILINE) is None, usage
+    examples = usage.split("Examples:\n")[1].splitlines()
+    assert examples and all(line.strip().startswith(f"mosaic-sweep {command}") for line in examples)
+
+
+def test_run_help_lists_the_gpu_types_and_the_overrides():
+    usage = CliRunner().invoke(app, ["run", "--help"], prog_name="mosaic-sweep").stdout
+    assert "--gpu-type h100|h200" in usage and "[KEY=VALUE]..." in usage
+    assert "--max-concurrent N" in usage and "--gpus-per-trial F" in usage
+
+
+def test_the_command_list_does_not_cut_summaries():
+    listing = CliRunner().invoke(app, ["--help"]).stdout
+    assert "..." not in listing.split("Commands:")[1]
+    assert "on 127.0.0.1 only" in " ".join(listing.split())
+
+
+def test_version_prints_the_package_version():
+    done = CliRunner().invoke(app, ["--version"])
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert done.exit_code == 0
+    assert done.stdout == f"mosaic-sweep {pyproject['project']['version']}\n"
+
+
+def test_ui_refuses_a_busy_port_in_one_line(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        done = CliRunner().invoke(app, ["ui", str(tmp_path), "--port", str(port)])
+    assert done.exit_code == 2 and done.stderr.count("\n") == 1
+    assert f"--port {port}: 127.0.0.1:{port} is in use" in done.stderr
+
+
+def test_ui_waits_for_the_server_to_answer(tmp_path):
+    """The link is printed once the server answers, and not for a server that exits first."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert not answers(dead, f"http://127.0.0.1:{port}/")
+    serving = [sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"]
+    server = subprocess.Popen(serving, cwd=tmp_path, stderr=subprocess.DEVNULL)
+    try:
+        assert answers(server, f"http://127.0.0.1:{port}/") and server.poll() is None
+    finally:
+        server.terminate()
+        server.wait()
 
 
 def test_the_bare_command_shows_its_commands():

@@ -17,8 +17,8 @@ from mlflow.entities import RunStatus
 from orchestrator.launch import new_sweep_folder
 from orchestrator.sweep_folder import RunMap, SweepFolder
 from orchestrator.tracking.callback import SweepTracker
-from orchestrator.tracking.names import GIT_COMMIT_TAG, PARENT_TAG, SWEEP_DIR_TAG
-from orchestrator.tracking.runs import child_runs, git_commit, package_versions
+from orchestrator.tracking.names import GIT_COMMIT_TAG, OVERRIDES_TAG, PARENT_TAG, SWEEP_DIR_TAG
+from orchestrator.tracking.runs import child_runs, git_commit, open_parent_run, package_versions
 from orchestrator.trial_configs import VARIANT
 from search_spaces.expand import load_sweep
 
@@ -207,3 +207,14 @@ def test_a_result_logged_to_mlflow_but_not_to_the_results_store_is_not_logged_tw
     (run_id,) = children()
     history = first.client.get_metric_history(run_id, "exact_match_1x")
     assert sorted((m.step, m.value) for m in history) == [(40, 0.25), (80, 0.5), (120, 0.75)]
+
+
+def test_the_parent_run_records_the_command_line_overrides(tmp_path):
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=tracking_uri)
+    overrides = ["train.lr=1e-3", "grid.seed=[0,1,2]"]
+    folder = new_sweep_folder(
+        load_sweep(SMOKE_YAML), tmp_path / "smoke", tracking_uri, None, False, overrides
+    )
+    _, parent = open_parent_run(client, folder, "smoke", "a sweep", None, [])
+    assert client.get_run(parent).data.tags[OVERRIDES_TAG] == "train.lr=1e-3 grid.seed=[0,1,2]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 import subprocess
@@ -187,9 +188,11 @@ def fake_run_sweep(monkeypatch, tmp_path):
     import orchestrator.sweep
 
     calls: list[dict] = []
+    sweeps: list = []
     statuses = {"TERMINATED": 6}
 
     def fake(sweep, folder, *, address=None, verbose=False, max_concurrent=None, sweep_file=None):
+        sweeps.append(sweep)
         calls.append(
             dict(
                 name=sweep.name,
@@ -206,7 +209,7 @@ def fake_run_sweep(monkeypatch, tmp_path):
     monkeypatch.setattr(orchestrator.sweep, "run_sweep", fake)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
-    fake.calls, fake.statuses = calls, statuses
+    fake.calls, fake.statuses, fake.sweeps = calls, statuses, sweeps
     return fake
 
 
@@ -793,3 +796,50 @@ def assert_link_opens_on_the_trials(client, experiment_id, sweep_dir, children):
     assert sorted(run.info.run_id for run in found) == sorted(c.info.run_id for c in children)
     values = [run.data.metrics["exact_match_1x"] for run in found]
     assert values == sorted(values, reverse=True)
+
+
+def test_overrides_change_the_sweep_and_are_recorded(fake_run_sweep, tmp_path):
+    """train.lr lands in base, grid.seed in the grid, kernels replaces the list; launch.json keeps them."""
+    overrides = ["train.lr=1e-3", "grid.seed=[0,1,2]", "kernels=[softmax,biweight]"]
+    assert invoke("run", "smoke", *overrides).exit_code == 0
+    (sweep,) = fake_run_sweep.sweeps
+    assert [(t.config.model.kernel, t.config.seed) for t in sweep.trials] == [
+        (kernel, seed) for kernel in ("softmax", "entmax") for seed in (0, 1, 2)
+    ]
+    assert {t.config.train.lr for t in sweep.trials} == {0.001}
+    launch = json.loads((tmp_path / "sweeps" / "smoke" / "launch.json").read_text())
+    assert launch["overrides"] == overrides
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("train.lr=abc", "smoke.yaml train.lr=abc: base.train.lr: Input should be a valid number"),
+        ("train.lrr=1", "unknown key 'base.train.lrr'; allowed: max_steps"),
+        ("kernels=[softmax,gausian]", "kernels[1]: unknown kernel 'gausian'"),
+        ("kernels.alpha=1", "kernels.alpha=1: kernels is not a mapping in the sweep file"),
+        ("train.lr", "train.lr: an override is KEY=VALUE"),
+        ("train.lr=.nan", "override: train.lr: nan is not a finite number"),
+        ("train.lr=[1", "train.lr=[1: the value is not YAML"),
+    ],
+)
+def test_a_bad_override_is_refused_in_one_line(fake_run_sweep, tmp_path, override, named):
+    done = invoke("run", "smoke", override)
+    assert done.exit_code == 2 and named in done.stderr
+    assert done.stderr.count("\n") == 1 and not fake_run_sweep.calls
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_resume_keeps_the_overrides_and_refuses_others(fake_run_sweep, tmp_path):
+    import orchestrator.launch
+
+    assert invoke("run", "smoke", "train.lr=1e-3").exit_code == 0
+    refused = invoke("run", "smoke", "train.lr=5e-4", "--resume")
+    assert refused.exit_code == 2
+    assert "ran with the overrides train.lr=1e-3, not train.lr=5e-4" in refused.stderr
+    # given none, a resume runs the sweep with the ones it was launched with
+    sweep_dir = Path("sweeps") / "smoke"
+    orchestrator.launch.check_flags(
+        sweep_dir, resume=True, overwrite=False, storage=None, mlflow_uri=None, overrides=[]
+    )
+    assert orchestrator.launch.recorded_overrides(sweep_dir) == ["train.lr=1e-3"]

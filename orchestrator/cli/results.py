@@ -134,9 +134,10 @@ def table(
     by: Annotated[
         Optional[list[str]],
         typer.Option(
+            metavar="KEY",
             help="Columns: first the layout, length_factor (Table 2), num_examples (RegBench, "
             "Table 1) or n_layer (losses per depth), default the results' task family; then any "
-            "key the sweep varies (lr, model.dropout) as more columns. Repeatable."
+            "key the sweep varies (lr, model.dropout) as more columns. Repeatable.",
         ),
     ] = None,
     where: Where = None,

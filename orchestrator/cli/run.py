@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
 from orchestrator import launch
 from orchestrator.cli.common import fail
-from orchestrator.sweep_folder import MLFLOW_DB, TABLE
+from orchestrator.resources import GPU_TYPES
+from orchestrator.sweep_folder import LAUNCH, MLFLOW_DB, TABLE
+from search_spaces.overrides import EXAMPLES, apply_overrides
 from search_spaces.yaml_io import read_sweep_file
 
 if TYPE_CHECKING:
     from orchestrator.sweep import SweepOutcome
     from orchestrator.sweep_folder import SweepFolder
     from search_spaces.schema import Sweep
+
+GpuType = Literal[GPU_TYPES]  # h100, h200
 
 
 def run(
@@ -27,8 +31,19 @@ def run(
             help="Sweep file (YAML), or the name of a bundled sweep such as 'smoke'.",
         ),
     ],
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            metavar="[KEY=VALUE]...",
+            show_default=False,
+            help=f"Change a key of the sweep file ({EXAMPLES}); a trial key such as "
+            "train.lr sets the grid's values when the grid varies it, else base's. Checked as "
+            f"the file is, and kept in {LAUNCH} for --resume.",
+        ),
+    ] = None,
     out: Annotated[
-        Optional[Path], typer.Option(help="Sweep folder. Default: sweeps/<sweep name>.")
+        Optional[Path],
+        typer.Option(metavar="DIR", help="Sweep folder. Default: sweeps/<sweep name>."),
     ] = None,
     resume: Annotated[
         bool,
@@ -41,6 +56,7 @@ def run(
     address: Annotated[
         Optional[str],
         typer.Option(
+            metavar="ADDR",
             envvar="RAY_ADDRESS",
             show_envvar=True,
             help="Ray cluster to join ('auto', or host:port). Default: Ray on this machine.",
@@ -49,15 +65,17 @@ def run(
     storage: Annotated[
         Optional[str],
         typer.Option(
+            metavar="URI",
             help="Shared path or s3:// URI for Tune's trial checkpoints; required on a cluster of "
-            "more than one node. Default: the sweep folder."
+            "more than one node. Default: the sweep folder.",
         ),
     ] = None,
     mlflow_uri: Annotated[
         Optional[str],
         typer.Option(
+            metavar="URI",
             help="MLflow tracking URI. Default: $MLFLOW_TRACKING_URI, else "
-            f"sqlite:///<sweeps>/{MLFLOW_DB}."
+            f"sqlite:///<sweeps>/{MLFLOW_DB}.",
         ),
     ] = None,
     max_concurrent: Annotated[
@@ -90,10 +108,10 @@ def run(
         ),
     ] = False,
     gpu_type: Annotated[
-        Optional[str],
+        Optional[GpuType],
         typer.Option(
             help="With --dry-run: price the trials from the benchmark figures recorded for this "
-            "GPU (bench/data/model-<gpu>.jsonl: h100, h200) instead of timing them here."
+            "GPU (bench/data/model-<gpu>.jsonl) instead of timing them here.",
         ),
     ] = None,
     overwrite: Annotated[
@@ -105,14 +123,20 @@ def run(
 ) -> None:
     """Validate a sweep, run it as Ray Tune trials (a grid, or an Optuna search), print the results table."""
     verbose = logging.getLogger().level <= logging.INFO
-    flags = dict(resume=resume, overwrite=overwrite, storage=storage, mlflow_uri=mlflow_uri)
+    flags = dict(
+        resume=resume,
+        overwrite=overwrite,
+        storage=storage,
+        mlflow_uri=mlflow_uri,
+        overrides=overrides or [],
+    )
     try:
         if (estimate or gpu_type) and not dry_run:
             raise launch.LaunchError(
                 "--estimate and --gpu-type go with --dry-run: an estimate starts no sweep"
             )
         path, sweep = _checked_sweep(
-            spec, None if dry_run else flags, out, gpus_per_trial, cpus_per_trial
+            spec, overrides or [], None if dry_run else flags, out, (gpus_per_trial, cpus_per_trial)
         )
         if dry_run:
             estimating = estimate or gpu_type is not None
@@ -143,18 +167,23 @@ def run(
 
 def _checked_sweep(
     spec: str,
+    overrides: list[str],
     flags: dict[str, Any] | None,
     out: Path | None,
-    gpus: float | None,
-    cpus: float | None,
+    per_trial: tuple[float | None, float | None],
 ) -> tuple[Path, Sweep]:
-    """The sweep file and its sweep; with a run's `flags`, those are checked first, without torch,
-    Ray or MLflow (unless the file's name is not a sweep's, which its validation names)."""
+    """The sweep file and its sweep, with the overrides (a resume given none: those it was launched
+    with); with a run's `flags`, those are checked first, without torch, Ray or MLflow (unless the
+    file's name is not a sweep's, which its validation names)."""
     path = launch.sweep_file(spec)
-    raw = read_sweep_file(path)
-    if flags is not None and (sweep_dir := out or launch.default_sweep_dir(raw)) is not None:
+    file = read_sweep_file(path)
+    sweep_dir = out or launch.default_sweep_dir(apply_overrides(file, overrides))
+    if flags is not None and sweep_dir is not None:
         launch.check_flags(sweep_dir, **flags)
-    return path, launch.load(path, raw, gpus, cpus)
+        if flags["resume"] and not overrides:
+            overrides = launch.recorded_overrides(sweep_dir)
+    source = " ".join([path.name, *overrides])
+    return path, launch.load(source, apply_overrides(file, overrides), *per_trial)
 
 
 def _print_finished(folder: SweepFolder) -> None:

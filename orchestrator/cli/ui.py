@@ -3,9 +3,13 @@ optuna-dashboard on a search's study."""
 
 from __future__ import annotations
 
-import os
 import shutil
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Annotated
 
@@ -40,13 +44,46 @@ def ui(
 ) -> None:
     """Open the MLflow UI for the sweeps' tracking store (or optuna-dashboard for a search's study), on
     127.0.0.1 only (reach it from elsewhere by port-forwarding)."""
+    _check_port_free(port)
     argv, served, links = (
         _optuna_dashboard(sweeps_dir, port) if optuna else _mlflow_ui(sweeps_dir, port)
     )
-    typer.echo(f"{served} at http://127.0.0.1:{port} (Ctrl-C stops it)")
-    for link in links:
-        typer.echo(f"  {link}")
-    os.execv(argv[0], argv)  # the server owns the terminal from here: Ctrl-C goes to it
+    typer.echo(f"starting {served} on 127.0.0.1:{port}…", err=True)
+    server = subprocess.Popen(argv)
+    try:
+        if not answers(server, f"http://127.0.0.1:{port}/"):
+            raise fail(f"{served} stopped before it answered (exit code {server.returncode})")
+        typer.echo(f"{served} at http://127.0.0.1:{port} (Ctrl-C stops it)")
+        for link in links:
+            typer.echo(f"  {link}")
+        server.wait()
+    except KeyboardInterrupt:  # the server got it too: let it finish
+        server.wait()
+
+
+def _check_port_free(port: int) -> None:
+    """Refuse a port something already listens on, before starting a server that would fail there."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            raise fail(
+                f"--port {port}: 127.0.0.1:{port} is in use ({error.strerror}); give another --port"
+            ) from None
+
+
+def answers(server: subprocess.Popen, url: str) -> bool:
+    """Wait until the server at `url` answers (True), or its process ends first (False)."""
+    while server.poll() is None:
+        try:
+            urllib.request.urlopen(url, timeout=2).close()
+            return True
+        except urllib.error.HTTPError:  # an error page is an answer
+            return True
+        except OSError:
+            time.sleep(0.5)
+    return False
 
 
 def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str, list[str]]:

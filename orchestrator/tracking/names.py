@@ -24,6 +24,9 @@ GIT_COMMIT_TAG = "mlflow.source.git.commit"  # MLflow's own name: the run page s
 GIT_DIRTY_TAG = "git.dirty"
 VERSION_TAG_PREFIX = "version."  # version.torch, version.ray, …
 RESOURCE_PLAN_TAG = "resource_plan"
+OVERRIDES_TAG = (
+    "command_line_overrides"  # the sweep file's keys changed on the command line: train.lr=1e-3 …
+)
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 # the experiment is model training, not GenAI: MLflow's experiment-kind tag, which 3.17's UI reads
 # only with its workflow switch off; `mosaic-sweep ui` links past the switch (orchestrator/mlflow_ui)

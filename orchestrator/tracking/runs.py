@@ -32,6 +32,7 @@ from orchestrator.tracking.names import (
     KERNEL_LABEL_TAG,
     MODEL_TRAINING,
     NOTE_TAG,
+    OVERRIDES_TAG,
     PARENT_TAG,
     RESOURCE_PLAN_TAG,
     RUNNING,
@@ -86,10 +87,13 @@ def open_parent_run(
     else:
         experiment_id = experiment.experiment_id
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
+    overrides = (
+        {OVERRIDES_TAG: " ".join(folder.launch.overrides)} if folder.launch.overrides else {}
+    )
     parent = client.create_run(
         experiment_id,
         run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
-        tags={SWEEP_DIR_TAG: str(folder.path.resolve()), NOTE_TAG: description},
+        tags={SWEEP_DIR_TAG: str(folder.path.resolve()), NOTE_TAG: description, **overrides},
     )
     # before any trial: a resume always finds its parent
     folder.save_run_map(RunMap(parent=parent.info.run_id))
