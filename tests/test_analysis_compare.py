@@ -103,11 +103,11 @@ def test_compare_on_a_cpu_sweep_names_every_setting_that_is_not_the_papers_first
         "- lr: 3e-3 vs 0.001 (Table 6)",
         "- batch_size: 8 vs 256 (Table 6)",
         "- sort · training sequences (steps × batch): 800 vs 40000000 "
-        "(Table 6 (one epoch of 40×10^6 examples))",
-        "- sort · num_symbols: 4 vs 32 (Table 6 (vocabulary 36) and B.3)",
-        "- train_max_length: 4 vs 64 (Table 6 (training sequence length up to 64))",
-        "- eval_length: 4 vs 64 (Table 2 (in-distribution n = 64))",
-        "- seeds per configuration: 2 vs 3 (Table 2 and 7 captions (three seeds))",
+        "(Table 6, one epoch of 40×10^6 examples)",
+        "- sort · num_symbols: 4 vs 32 (Table 6, vocabulary 36; B.3)",
+        "- train_max_length: 4 vs 64 (Table 6, training sequence length up to 64)",
+        "- eval_length: 4 vs 64 (Table 2, in-distribution n = 64)",
+        "- seeds per configuration: 2 vs 3 (Tables 2 and 7, three seeds)",
     ]
     text = report(cells, "title")
     assert text.startswith("Not the paper's setup (ours vs the paper's):\n- sort · n_layer: 1 vs 2")
