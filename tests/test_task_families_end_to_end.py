@@ -74,3 +74,18 @@ def test_regbench_trial_through_the_train_command(tmp_path):
         assert 0 <= m["accuracy"] <= 100 and 0 <= m["tvd"] <= 200 and m["val_loss"] > 0
         assert m["best_val_loss"] == min(e["val_loss"] for e in metrics if e["step"] <= m["step"])
         assert "support_size/l0h1" in m
+
+
+def test_prepare_val_writes_the_given_file_as_the_validation_split(tmp_path):
+    from mosaic_core.tasks.language_modeling import prepare_corpus
+
+    jsonl, txt = STORIES
+    done = mosaic_sweep("prepare", str(jsonl), "--val", str(txt), "--out", "data/x", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # the oracle: the text file alone, all of it held out
+    alone = prepare_corpus([txt], tmp_path / "alone", val_fraction=1.0)
+    written = tmp_path / "data" / "x"
+    assert (written / "val.bin").read_bytes() == (tmp_path / "alone" / "val.bin").read_bytes()
+    meta = json.loads((written / "meta.json").read_text())
+    assert meta["documents"]["val"] == alone["documents"]["val"] and meta["val_fraction"] is None
+    assert f"val {alone['documents']['val']} documents" in done.stdout

@@ -116,6 +116,15 @@ def prepare(
         float,
         typer.Option(help="Share of documents for val.bin; 1 for an out-of-distribution corpus."),
     ] = 0.005,
+    val: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--val",
+            metavar="FILE",
+            help="The corpus's own validation file (BabiStories' valid.jsonl) as val.bin; every "
+            "SOURCE document then trains and --val-fraction is not used. Repeatable.",
+        ),
+    ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing token files.")
     ] = False,
@@ -133,6 +142,7 @@ def prepare(
                 sources,
                 out,
                 val_fraction=val_fraction,
+                val_sources=val,
                 overwrite=overwrite,
                 progress=lambda done, total: progress.update(bar, completed=done, total=total),
             )
