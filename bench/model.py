@@ -214,6 +214,27 @@ def report(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@torch.no_grad()
+def evaluation_memory(lengths: list[int], kernels: list[str]) -> list[dict]:
+    """Peak GPU memory of one evaluation forward (bf16 autocast, batch 1) of the paper's MQMTAR
+    model (L = 4, n_embd 512, 8 heads, pmem 2688) at each length: linear in T means no T × T
+    tensor anywhere (the leaky averages are chunked scans, attention is fused)."""
+    rows = []
+    for kernel in kernels:
+        config = ModelConfig(n_layer=4, n_embd=512, n_head=8, pmem_size=2688, kernel=kernel,
+                             kernel_params=KERNELS[kernel])  # fmt: skip
+        model = MemoryMosaics(config, 263).cuda().eval()
+        weights = torch.cuda.memory_allocated()
+        for length in lengths:
+            torch.cuda.reset_peak_memory_stats()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                model(torch.randint(0, 263, (1, length), device="cuda"))
+            peak = (torch.cuda.max_memory_allocated() - weights) / 2**30
+            rows.append({"model": f"MM {kernel}", "config": "evaluation", "length": length,
+                         "peak_gib_above_weights": peak})  # fmt: skip
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -234,6 +255,13 @@ def main() -> None:
         nargs=2,
         metavar=("CONFIG", "MODEL"),
         help="print where the time of one model's training step goes, e.g. 'LM L=8' 'MM sparsemax'",
+    )
+    parser.add_argument(
+        "--eval-memory",
+        nargs="+",
+        type=int,
+        metavar="T",
+        help="peak memory of one evaluation forward at these lengths (e.g. 1024 4096 16384)",
     )
     parser.add_argument("--out", help="append one JSON row per measurement to this file")
     parser.add_argument(
@@ -260,6 +288,13 @@ def main() -> None:
     }
     if args.profile:
         profile(*args.profile, args.compile_mode if args.compile else None)
+        return
+    if args.eval_memory:
+        for row in evaluation_memory(args.eval_memory, args.kernels):
+            print(json.dumps({**row, **meta}), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({**row, **meta}) + "\n")
         return
     rows = []
     for config in args.configs:
