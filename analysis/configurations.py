@@ -19,6 +19,7 @@ import pandas as pd
 
 from analysis.schema import RESULT_COLUMNS, SEED_KEY, TYPED_CONFIG
 
+KERNEL = "kernel"
 KERNEL_LABEL = "kernel_label"
 LENGTH = "length_factor"  # not a config key, but rows of one trial differ by it: it must never pool either
 ROW = "row"  # the column holding a row's label
@@ -173,7 +174,7 @@ def resolve_key(
     `lr`), or the one varied key that ends in it (`dropout`); ValueError naming the choices: `also`
     and the keys that vary in `frame`."""
     typed = {dotted: column for column, dotted in TYPED_CONFIG.items()}
-    candidates = [*keys, KERNEL_LABEL]
+    candidates = [*keys, KERNEL_LABEL, SEED_KEY]  # the seed: a per-seed view, or one seed
     if name in candidates:
         return name
     if name in typed:
@@ -198,6 +199,21 @@ def _matches(column: pd.Series, text: str) -> pd.Series:
     return same | pd.Series(np.isclose(values, number, rtol=1e-9, atol=0.0), index=column.index)
 
 
+def _kernel_matches(frame: pd.DataFrame, text: str) -> pd.Series:
+    """Rows of the kernel `text` names, in any case: its registry name (`softmax`), an alias
+    (`gaussian`, `biweight`: α = 1.5 only) or the paper's label (`Epanechnikov (sparsemax)`)."""
+    # the kernel registry (and torch with it): only for a condition on the kernel
+    from mosaic_core.kernels import KERNEL_ALIASES, kernel_label
+
+    name = text.lower()
+    kernel, fixed = KERNEL_ALIASES.get(name, (name, {}))
+    # an alias that fixes parameters (biweight: α = 1.5) is one variant: its label
+    names = {name, kernel_label(kernel, **fixed).lower() if fixed else kernel}
+    return frame[KERNEL].astype(str).str.lower().isin(names) | frame[KERNEL_LABEL].astype(
+        str
+    ).str.lower().isin(names)
+
+
 def where(frame: pd.DataFrame, keys: Sequence[str], conditions: Sequence[str]) -> pd.DataFrame:
     """The rows that satisfy every `KEY=VALUE` condition; ValueError for a malformed one, an
     unknown key, or when no row is left."""
@@ -207,8 +223,11 @@ def where(frame: pd.DataFrame, keys: Sequence[str], conditions: Sequence[str]) -
             raise ValueError(
                 f"--where {condition!r}: write KEY=VALUE, e.g. lr=1e-4 or kernel=softmax"
             )
+        column = resolve_key(name.strip(), frame, keys, "--where key")
         kept = frame[
-            _matches(frame[resolve_key(name.strip(), frame, keys, "--where key")], text.strip())
+            _kernel_matches(frame, text.strip())
+            if column in (KERNEL, KERNEL_LABEL)
+            else _matches(frame[column], text.strip())
         ]
         if kept.empty:
             raise ValueError(f"no results where {', '.join(conditions)}")

@@ -38,7 +38,7 @@ from analysis.configurations import (
     where,
 )
 from analysis.noise import METHOD, t_interval
-from analysis.schema import TrialStatus
+from analysis.schema import SEED_KEY, TrialStatus
 from mosaic_core.metrics import (
     ACCURACY,
     EXACT_MATCH,
@@ -317,10 +317,12 @@ def table_stats(
     rows = at_one_budget(labelled(rows, splits), trial_budgets(frame), [*columns, ROW])
     table_columns = _table_columns(_cell_stats(rows, columns), layout, metrics, columns, extra)
     order = ordered_rows(rows, splits, row_order)
+    # a view of single seeds (--by seed, --where seed=N) plans one seed per cell
+    one_seed = SEED_KEY in extra or any(c.partition("=")[0].strip() == SEED_KEY for c in conditions)
     return TableStats(
         list(order.index),
         table_columns,
-        planned_seed_count(frame, keys, planned_seeds),
+        1 if one_seed else planned_seed_count(frame, keys, planned_seeds),
         order,
         select,
     )

@@ -324,7 +324,7 @@ def plan_lines(sweep: Sweep, plan: list[str]) -> Iterator[str]:
     for number, trial in enumerate(sweep.trials, 1):
         count = sweep.trial_resources(trial).workers
         workers = f"  ({count} workers)" if count > 1 else ""
-        yield f"{number:>{width}}  {trial.describe()}{workers}"
+        yield f"{number:>{width}}  {trial.title()}{workers}"
     yield from plan
 
 

@@ -41,7 +41,7 @@ class TrialProgress(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         self.finished.discard(trial.trial_id)  # an errored trial that a resume retries runs again
-        _console.print(f"[dim]{self._count()} started[/]  {trial_name(trial.config)}")
+        _console.print(f"[dim]{self._count()} started[/]  {trial_name(trial.config, self.configs)}")
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict[str, Any], **info: Any
@@ -55,7 +55,7 @@ class TrialProgress(Callback):
         seconds = result.get("time_total_s", 0.0)
         to_go = seconds / step * (max_steps - step) if step else 0.0
         _console.print(
-            f"[dim]{self._count()} step {step:.0f}/{max_steps}[/]  {trial_name(trial.config)}  "
+            f"[dim]{self._count()} step {step:.0f}/{max_steps}[/]  {trial_name(trial.config, self.configs)}  "
             f"{TRAIN_LOSS}={metrics.get(TRAIN_LOSS, float('nan')):.3g}  {rate / 1000:.3g}k tokens/s  "
             f"[dim]ETA {_duration(to_go)}[/]"
         )
@@ -79,7 +79,7 @@ class TrialProgress(Callback):
             else f"[yellow]stopped[/] at step {step} by the scheduler:"
         )
         _console.print(
-            f"{self._count()} {ended}  {trial_name(trial.config)}  {shown}  [dim]({seconds:.0f} s)[/]"
+            f"{self._count()} {ended}  {trial_name(trial.config, self.configs)}  {shown}  [dim]({seconds:.0f} s)[/]"
         )
 
     def on_trial_error(
@@ -87,7 +87,7 @@ class TrialProgress(Callback):
     ) -> None:
         self.finished.add(trial.trial_id)
         _console.print(
-            f"{self._count()} [red]failed[/]   {trial_name(trial.config)}  [dim]{trial.error_file or ''}[/]"
+            f"{self._count()} [red]failed[/]   {trial_name(trial.config, self.configs)}  [dim]{trial.error_file or ''}[/]"
         )
 
     def _count(self) -> str:

@@ -12,9 +12,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from analysis.configurations import key_value
+from analysis.configurations import show
 from mosaic_core.config import TrialConfig, describe_validation_error
+from mosaic_core.kernels import kernel_label
 from search_spaces.expand import with_overrides
+from search_spaces.schema import readable_variant
 
 VARIANT = "variant"
 TRIAL_INDEX = "__trial_index__"  # ray.tune.search.repeater.TRIAL_INDEX: a search's seed index
@@ -45,11 +47,14 @@ def validated_trial_config(
         ) from None
 
 
-def trial_name(tune_config: dict[str, Any]) -> str:
-    """`entmax(α=1.5) seed=0` in a grid; `entmax(α=1.5) train.lr=0.0021 seed+1` in a search."""
-    parts = [tune_config[VARIANT]]
+def trial_name(tune_config: dict[str, Any], configs: dict[str, dict[str, Any]]) -> str:
+    """The name a person reads, the kernel as the paper labels it: `Biweight seed=0` in a grid;
+    `1.25-entmax lr=2.1e-3 seed=1` in a search (its suggested values short, then its seed)."""
+    config = trial_config(tune_config, configs)
+    kernel, params = config["model"]["kernel"], config["model"]["kernel_params"]
+    parts = [readable_variant(tune_config[VARIANT], kernel, params, kernel_label(kernel, **params))]
     for key, value in searched_values(tune_config).items():
-        parts.append(key_value(key, value))
+        parts.append(f"{key.rsplit('.', 1)[-1]}={show(value)}")
     if TRIAL_INDEX in tune_config:
-        parts.append(f"seed+{tune_config[TRIAL_INDEX]}")
+        parts.append(f"seed={config['seed']}")
     return " ".join(parts)

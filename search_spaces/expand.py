@@ -35,6 +35,7 @@ from search_spaces.schema import (
     SweepFile,
     Trial,
     describe_varying,
+    kernel_variant,
     show,
 )
 from search_spaces.yaml_io import SweepError, read_sweep_file
@@ -140,7 +141,7 @@ def _trial(
     tree = with_overrides(
         base, {**case, "model.kernel": name, "model.kernel_params": params, **point}
     )
-    shown_kernel = f"{name}({', '.join(show(p, v) for p, v in params.items())})" if params else name
+    shown_kernel = kernel_variant(name, params)
     shown_case = {key: value for key, value in case.items() if not isinstance(value, (list, dict))}
     varying = {**shown_case, "kernel": shown_kernel, **point}
     try:

@@ -106,8 +106,15 @@ class Trial:
     workers: int | None = None  # its case's resources.workers; None: the sweep's
 
     def describe(self) -> str:
-        """A short unique name: `entmax(α=4/3) seed=0`."""
+        """A short unique name, as files key the trial: `entmax(α=4/3) seed=0`."""
         return describe_varying(self.varying)
+
+    def title(self) -> str:
+        """The name a person reads, the kernel as the paper labels it: `Triweight seed=0`."""
+        model = self.config.model
+        return readable_variant(
+            self.describe(), model.kernel, model.kernel_params, self.kernel_label
+        )
 
 
 @dataclass(frozen=True)
@@ -154,6 +161,16 @@ class Sweep:
         if self.scheduler:
             return self.scheduler.metric, self.scheduler.mode
         return None
+
+
+def kernel_variant(name: str, params: dict[str, float]) -> str:
+    """A kernel variant as a trial's file name has it: `entmax(α=1.5)`, `softmax`."""
+    return f"{name}({', '.join(show(p, v) for p, v in params.items())})" if params else name
+
+
+def readable_variant(variant: str, kernel: str, params: dict[str, float], label: str) -> str:
+    """A trial's variant name with the kernel as the paper labels it (`Biweight seed=0`)."""
+    return variant.replace(kernel_variant(kernel, params), label, 1)
 
 
 def describe_varying(varying: dict[str, Any]) -> str:

@@ -215,8 +215,8 @@ def test_cli_table_formats(tmp_path):
         (["{empty}"], "no results in"),
         (["{sweep}", "--metric", "nope"], "metrics present: exact_match, support_size"),
         (
-            ["{sweep}", "--by", "seed"],
-            "unknown --by 'seed'; choose from length_factor, num_examples, n_layer",
+            ["{sweep}", "--by", "dropout"],
+            "unknown --by 'dropout'; choose from length_factor, num_examples, n_layer",
         ),
         (["{sweep}", "--format", "html"], "'html' is not one of 'md', 'latex', 'csv'"),
         ([], "give either DIR or --from-mlflow"),

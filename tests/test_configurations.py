@@ -98,7 +98,7 @@ def test_a_varied_key_as_columns_and_a_filter():
     }
     only = markdown_cells(table_stats(two_learning_rates(), conditions=["lr=1e-2"]))
     assert only.to_dict("index") == {"Gaussian": {"sort 1×": "**0.70**^(<u>0.90</u>)"}}
-    with pytest.raises(ValueError, match="unknown --where key .dropout.; choose from lr$"):
+    with pytest.raises(ValueError, match="unknown --where key .dropout.; choose from lr, seed$"):
         table_stats(two_learning_rates(), conditions=["dropout=0.1"])
     with pytest.raises(ValueError, match="no results where lr=0.5"):
         table_stats(two_learning_rates(), conditions=["lr=0.5"])
@@ -497,3 +497,46 @@ def test_a_corrupt_part_is_a_one_line_error_or_skipped(tmp_path):
         assert kept.exit_code == 0, kept.output
     assert "| Gaussian · lr 0.01 |" in invoke("table", sweep, "--skip-bad").stdout
     assert len(read_results(sweep, skip_bad=True)) == len(two_learning_rates())
+
+
+def two_kernels() -> pd.DataFrame:
+    """Gaussian (softmax) at lr 1e-4 and Biweight (entmax α=1.5), three seeds each."""
+    frame = two_learning_rates()
+    frame = frame[frame["lr"] == 1e-4]
+    biweight = frame.assign(
+        trial_id=frame["trial_id"] + "-b", kernel="entmax", kernel_label="Biweight", alpha=1.5
+    )
+    return pd.concat([frame, biweight.assign(value=biweight["value"] / 2)], ignore_index=True)
+
+
+@pytest.mark.parametrize(
+    ("condition", "label"),
+    [
+        ("kernel=softmax", "Gaussian"),
+        ("kernel=gaussian", "Gaussian"),  # an alias
+        ("kernel=GAUSSIAN", "Gaussian"),
+        ("kernel_label=gaussian", "Gaussian"),
+        ("kernel=biweight", "Biweight"),  # an alias fixing α: its variant
+        ("kernel=entmax", "Biweight"),
+        ("kernel_label=biweight", "Biweight"),
+    ],
+)
+def test_where_kernel_takes_names_aliases_and_labels_in_any_case(condition, label):
+    assert table_stats(two_kernels(), conditions=[condition]).labels == [label]
+
+
+def test_by_seed_gives_one_column_per_seed_and_where_seed_one_seed():
+    """lr 1e-4's seeds at step 20: 0.10, 0.20, 0.60 (each cell one seed: mean = max = it)."""
+    frame = two_learning_rates()
+    by_seed = markdown_cells(table_stats(frame, conditions=["lr=1e-4"], columns_by=["seed"]))
+    assert by_seed.to_dict("index") == {
+        "Gaussian": {
+            "sort 1× · seed 0": "**0.10**^(<u>0.10</u>)",
+            "sort 1× · seed 1": "**0.20**^(<u>0.20</u>)",
+            "sort 1× · seed 2": "**0.60**^(<u>0.60</u>)",
+        }
+    }
+    one = table_stats(frame, conditions=["lr=1e-4", "seed=2"])
+    assert one.columns[0].stats.loc["Gaussian", ["mean", "seeds"]].tolist() == pytest.approx(
+        [0.60, 1]
+    )

@@ -8,7 +8,13 @@ from analysis.results_store import write_trial_rows
 from analysis.schema import TrialStatus
 from orchestrator.progress import TrialProgress
 
-CONFIGS = {"softmax seed=0": {"seed": 0, "train": {"max_steps": 10}}}
+CONFIGS = {
+    "softmax seed=0": {
+        "seed": 0,
+        "model": {"kernel": "softmax", "kernel_params": {}},
+        "train": {"max_steps": 10},
+    }
+}
 
 
 def trial(trial_id: str) -> SimpleNamespace:
@@ -34,5 +40,7 @@ def test_a_retried_errored_trial_is_counted_once(tmp_path, capsys):
     progress.on_trial_error(0, [], trial("cut"))
     progress.on_trial_start(0, [], trial("new"))
     progress.on_trial_complete(0, [], trial("new"))
-    counts = [line.split("]")[0] + "]" for line in capsys.readouterr().err.splitlines()]
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == "[1/4] started  Gaussian seed=0"  # the kernel as the paper labels it
+    counts = [line.split("]")[0] + "]" for line in lines]
     assert counts == ["[1/4]", "[1/4]", "[2/4]", "[3/4]", "[3/4]", "[4/4]"]  # was [5/4] at the end

@@ -47,7 +47,9 @@ def test_trial_config_applies_the_suggestion_and_the_seed_index(search_sweep):
     assert config["seed"] == configs["entmax(α=1.5)"]["seed"] + 1
     assert config["model"]["kernel_params"] == {"alpha": 1.5}
     assert configs["entmax(α=1.5)"]["train"]["lr"] == 3e-3  # the variant's own config is untouched
-    assert trial_name(tune_config) == "entmax(α=1.5) train.lr=0.004 model.n_layer=3 seed+1"
+    # what a person reads: the paper's label, short values, the trial's own seed
+    seed = configs["entmax(α=1.5)"]["seed"] + 1
+    assert trial_name(tune_config, configs) == f"Biweight lr=4e-3 n_layer=3 seed={seed}"
     # a grid trial: as expanded
     assert trial_config({"variant": "softmax"}, configs) == configs["softmax"]
 

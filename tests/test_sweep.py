@@ -47,13 +47,14 @@ from helpers import (
     tiny_trial,
 )
 
+# the kernels as the paper labels them, wherever a person reads a trial's name
 SMOKE_LINES = [
-    "1  softmax seed=0",
-    "2  softmax seed=1",
-    "3  sparsemax seed=0",
-    "4  sparsemax seed=1",
-    "5  entmax(α=1.5) seed=0",
-    "6  entmax(α=1.5) seed=1",
+    "1  Gaussian seed=0",
+    "2  Gaussian seed=1",
+    "3  Epanechnikov (sparsemax) seed=0",
+    "4  Epanechnikov (sparsemax) seed=1",
+    "5  Biweight seed=0",
+    "6  Biweight seed=1",
 ]
 
 
@@ -99,7 +100,7 @@ def test_dry_run_of_a_bigger_sweep_pads_the_numbers(tmp_path, write_sweep, smoke
     done = mosaic_sweep("run", write_sweep(smoke_spec), "--dry-run", cwd=tmp_path)
     lines = done.stdout.splitlines()
     assert done.returncode == 0 and len(lines) == 15
-    assert lines[0] == " 1  softmax seed=0" and lines[11] == "12  entmax(α=1.5) seed=3"
+    assert lines[0] == " 1  Gaussian seed=0" and lines[11] == "12  Biweight seed=3"
     assert (
         lines[-2].startswith("12 trials: ")
         and lines[-1] == "this machine (local Ray) can run this sweep"
@@ -400,7 +401,7 @@ def test_the_run_prints_progress_and_the_table(tiny_sweep):
     done = tiny_sweep.done
     assert "starting Ray on this machine…" in done.stderr
     assert re.search(
-        r"step 5/20  softmax seed=0  train_loss=\S+  \S+k tokens/s  ETA", done.stderr
+        r"step 5/20  Gaussian seed=0  train_loss=\S+  \S+k tokens/s  ETA", done.stderr
     ), done.stderr
     for label in LABELS:
         assert re.search(rf"^\| {re.escape(label)} \| .+ \| .+ \|$", done.stdout, re.M), done.stdout

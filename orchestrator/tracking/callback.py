@@ -143,7 +143,7 @@ class SweepTracker(Callback):
             self.experiment_id,
             self.parent_run_id,
             trial.trial_id,
-            trial_name(trial.config),
+            trial_name(trial.config, self.configs),
             kernel_label(config.model.kernel, **config.model.kernel_params),
         )
         values = {**flatten(config.model_dump()), **searched_values(trial.config)}
