@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import rich.markup
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from rich.console import Console
@@ -87,11 +88,22 @@ class TrialProgress(Callback):
     ) -> None:
         self.finished.add(trial.trial_id)
         _console.print(
-            f"{self._count()} [red]failed[/]   {trial_name(trial.config, self.configs)}  [dim]{trial.error_file or ''}[/]"
+            f"{self._count()} [red]failed[/]   {trial_name(trial.config, self.configs)}  "
+            f"{failure_reason(trial.error_file)}"
         )
 
     def _count(self) -> str:
         return f"[{len(self.finished)}/{self.total}]"
+
+
+def failure_reason(error_file: str | None) -> str:
+    """The last line of a failed trial's error, the exception and its message (Ray's file keeps
+    the traceback); the file's path where it cannot be read."""
+    try:
+        lines = Path(error_file or "").read_text().strip().splitlines()
+    except OSError:
+        return error_file or ""
+    return rich.markup.escape(lines[-1]) if lines else error_file or ""
 
 
 def _duration(seconds: float) -> str:

@@ -44,3 +44,19 @@ def test_a_retried_errored_trial_is_counted_once(tmp_path, capsys):
     assert lines[0] == "[1/4] started  Gaussian seed=0"  # the kernel as the paper labels it
     counts = [line.split("]")[0] + "]" for line in lines]
     assert counts == ["[1/4]", "[1/4]", "[2/4]", "[3/4]", "[3/4]", "[4/4]"]  # was [5/4] at the end
+
+
+def test_a_failed_trial_shows_the_last_line_of_its_error(tmp_path, capsys):
+    error_file = tmp_path / "error.txt"
+    error_file.write_text(
+        "Failure # 1\nTraceback (most recent call last):\n  File ...\n"
+        "ValueError: [model] n_embd (17) must be divisible by n_head (2)\n\n"
+    )
+    progress = TrialProgress(1, CONFIGS, tmp_path)
+    failed = trial("t1")
+    failed.error_file = str(error_file)
+    progress.on_trial_error(0, [], failed)
+    assert capsys.readouterr().err.strip() == (
+        "[1/1] failed   Gaussian seed=0  ValueError: [model] n_embd (17) must be divisible by "
+        "n_head (2)"
+    )

@@ -332,8 +332,20 @@ def status(
         f"{sweep_dir}: {planned} trials — "
         + ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
     )
-    for line in _best_so_far(results):
+    for line in [*_failures(results), *_best_so_far(results)]:
         typer.echo(line)
+
+
+def _failures(results: pandas.DataFrame) -> Iterator[str]:
+    """Each failed trial and its reason, the last line of its error (the exception and message)."""
+    # pandas, as the status command's other lines
+    from analysis.configurations import describe_config
+    from analysis.schema import TrialStatus
+
+    last = results.sort_values("step", na_position="first").groupby("trial_id").tail(1)
+    for _, row in last[last["status"] == TrialStatus.ERROR].iterrows():
+        lines = str(row["error"] or "").strip().splitlines() or ["no error was recorded"]
+        yield f"failed: {describe_config(row)}, seed {row['seed']} (trial {row['trial_id']}): {lines[-1]}"
 
 
 def _best_so_far(results: pandas.DataFrame) -> Iterator[str]:
