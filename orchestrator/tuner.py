@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
 from mlflow import MlflowClient
 from ray import tune
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
@@ -140,6 +142,16 @@ class SeedRepeater(Repeater):
         self.max_steps = max_steps
         self.pruned: set[str] = set()  # primary trial ids of suggestions with a seed stopped early
 
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        """The first seed's evaluations as the study's intermediate values at their training step,
+        so that optuna-dashboard draws learning curves (Repeater forwards none)."""
+        group = self._trial_id_to_group.get(trial_id)
+        metric = self.searcher.metric
+        if group is None or trial_id != group.primary_trial_id or metric not in result:
+            return
+        value = {metric: result[metric], TRAINING_ITERATION: int(result[STEP])}
+        self.searcher.on_trial_result(trial_id, value)
+
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
@@ -174,6 +186,14 @@ def search_algorithm(sweep: Sweep, sweep_dir: Path) -> Searcher | None:
         else optuna.samplers.RandomSampler(seed=search.sampler_seed)
     )
     storage = optuna.storages.RDBStorage(optuna_storage_url(search, sweep_dir))
+    # the study first, to name its objective after the metric (optuna-dashboard's "Objective 0")
+    direction = "minimize" if search.mode == "min" else "maximize"
+    study = optuna.create_study(
+        storage=storage, study_name=sweep.name, direction=direction, load_if_exists=True
+    )
+    with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what the dashboard reads
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([search.metric])
     optuna_search = OptunaSearch(
         metric=search.metric,
         mode=search.mode,

@@ -125,6 +125,25 @@ def test_a_suggestion_with_a_seed_stopped_early_is_pruned_in_the_study(search_sw
     ]
 
 
+def test_the_study_names_its_objective_and_gets_the_first_seeds_evaluations(search_sweep, tmp_path):
+    """Intermediate values at each evaluation's training step, from the first seed (a) of a
+    suggestion only; reports without the metric (train_loss between evaluations) are skipped."""
+    from ray.tune.search import SearchGenerator
+
+    generator = SearchGenerator(search_algorithm(search_sweep, tmp_path))
+    generator.set_search_properties(None, None, param_space(search_sweep, ["softmax"]))
+    for trial_id in "ab":
+        generator.searcher.suggest(trial_id)
+    generator.on_trial_result("a", {"train_loss": 1.0, "step": 100})
+    generator.on_trial_result("a", {"exact_match_1x": 0.25, "step": 500})
+    generator.on_trial_result("b", {"exact_match_1x": 0.75, "step": 500})
+    generator.on_trial_result("a", {"exact_match_1x": 0.5, "step": 1000})
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert study.metric_names == ["exact_match_1x"]
+    (trial,) = study.trials
+    assert trial.intermediate_values == {500: 0.25, 1000: 0.5}
+
+
 def test_asha_runs_on_training_steps_up_to_the_longest_trial(write_sweep, smoke_spec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
