@@ -12,6 +12,7 @@ first, into the number that run at once.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import json
 import math
@@ -126,10 +127,13 @@ def measured_cost(config: TrialConfig, trials: int, label: str) -> ShapeCost:
     return ShapeCost(label, trials, round(tokens * config.train.max_steps), seconds, source)
 
 
-def benchmark_rows(gpu_type: str, kind: str = "model") -> list[dict]:
-    """The shipped rows of one benchmark (`model` or `packing`) for a GPU, newest first."""
+def benchmark_rows(gpu_type: str, kind: str = "model", *, required: bool = True) -> list[dict]:
+    """The shipped rows of one benchmark (`model` or `packing`) for a GPU, newest first; none
+    where that benchmark was not measured on it and the rows are not `required`."""
     figures = resources.files("orchestrator") / "bench_figures"
     path = figures / f"{kind}-{gpu_type.lower()}.jsonl"
+    if not path.is_file() and not required:
+        return []
     if not path.is_file():
         known = sorted(
             p.name.removeprefix(f"{kind}-").removesuffix(".jsonl")
@@ -178,7 +182,7 @@ def packing_gain(config: TrialConfig, per_gpu: int, rows: list[dict]) -> tuple[f
     alone = next((r for r in rows if r["trials"] == 1), None)
     packed = [r for r in rows if 1 < r["trials"] <= per_gpu]
     if alone is None or not packed:
-        return 1.0, f"{per_gpu} trials per GPU, priced alone: no packing measured"
+        return 1.0, f"{per_gpu} trials per GPU sharing one trial's throughput: no packing measured"
     row = max(packed, key=lambda r: (r["trials"], r.get("date", "")))
     gain = row["tokens_per_s_total"] / alone["tokens_per_s_total"]
     return (
@@ -198,13 +202,10 @@ def benchmarked_cost(
     """Priced at the measured MFU of `matching_row`, slowed by sharing a GPU with `per_gpu − 1`
     other trials as `packing_gain` says."""
     row, note = matching_row(config, rows)
-    task = build_task(config.task, config.seed)
-    batch_tokens = int(task.train_batch(0, config.train.batch_size)[0].numel())
+    batch_tokens, vocab = _first_batch(config.task.model_dump_json(), config.train.batch_size)
     context = round(batch_tokens / config.train.batch_size)
     tokens = batch_tokens * config.train.grad_accum_steps * config.train.max_steps
-    alone_s = (
-        tokens * flops_per_token(config, task.vocab_size, context) / (row["mfu"] * BF16_PEAK_FLOPS)
-    )
+    alone_s = tokens * flops_per_token(config, vocab, context) / (row["mfu"] * BF16_PEAK_FLOPS)
     gain, _ = packing_gain(config, per_gpu, packing)
     source = f"{row['config']}, {row['model']}: MFU {row['mfu']:.3f} on {row['device']}, {row['date']}{note}"
     return ShapeCost(
@@ -216,6 +217,14 @@ def one_gpu_slots(sweep: Sweep) -> int:
     """Trials one GPU holds at once: four at `resources.gpu: 0.25`, one at 1 or more."""
     share = sweep.resources.gpu
     return int(1 / share) if 0 < share < 1 else 1
+
+
+@functools.cache
+def _first_batch(task_json: str, batch_size: int) -> tuple[int, int]:
+    """(tokens of the first training batch, vocabulary) of a task, built once per distinct task
+    (a RegBench task draws all its DFAs): generated batches are padded to their longest row."""
+    task = build_task(TrialConfig.model_validate({"task": json.loads(task_json)}).task, 0)
+    return int(task.train_batch(0, batch_size)[0].numel()), task.vocab_size
 
 
 def trials_per_gpu(sweep: Sweep, at_once: int) -> int:
@@ -232,7 +241,7 @@ def estimate(sweep: Sweep, at_once: int, gpu_type: str | None = None) -> SweepCo
         share = sweep.resources.gpu if sweep.resources.gpu else 1.0
         shapes = [ShapeCost(**{**vars(s), "gpu_share": share}) for s in shapes]
         return SweepCost(shapes, at_once, f"this machine ({here})")
-    rows, packing = benchmark_rows(gpu_type), benchmark_rows(gpu_type, "packing")
+    rows, packing = benchmark_rows(gpu_type), benchmark_rows(gpu_type, "packing", required=False)
     per_gpu = trials_per_gpu(sweep, at_once)
     shapes = [
         benchmarked_cost(c, n, label, rows, packing, per_gpu)

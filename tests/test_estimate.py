@@ -122,7 +122,9 @@ def test_an_estimate_for_a_gpu_honours_the_trials_that_run_at_once(
 ):
     figures = {"model": [model_row(k) for k in ("softmax", "sparsemax", "entmax")],
                "packing": [packing_row(1, 1000.0), packing_row(2, 1900.0), packing_row(4, 3200.0)]}  # fmt: skip
-    monkeypatch.setattr(estimate_module, "benchmark_rows", lambda gpu, kind="model": figures[kind])
+    monkeypatch.setattr(
+        estimate_module, "benchmark_rows", lambda gpu, kind="model", required=True: figures[kind]
+    )
     sweep = load_sweep(tiny_sweep(smoke_spec, write_sweep, gpu=0.25))
     four, two = estimate(sweep, 4, "h100"), estimate(sweep, 2, "h100")
     assert "4 per GPU at 3.20×" in four.packing and "2 per GPU at 1.90×" in two.packing
@@ -136,22 +138,25 @@ def test_an_estimate_for_a_gpu_honours_the_trials_that_run_at_once(
 def test_unknown_gpu_figures_name_what_was_measured():
     with pytest.raises(ValueError, match=r"no model benchmark figures for --gpu-type 'a100'"):
         estimate_module.benchmark_rows("a100")
+    assert estimate_module.benchmark_rows("a100", "packing", required=False) == []
 
 
 def test_max_concurrent_changes_the_wall_time_of_a_gpu_estimate(tmp_path):
-    """Through the command line: the bundled paper sweep priced for an H100 with 8 and 2 trials at
-    once (on a machine without that GPU: one of them)."""
+    """Through the command line: the bundled paper check (eight trials per GPU) priced from the
+    shipped H200 figures with 1 and 2 trials at once (on a machine without that GPU: one of them)."""
 
     def wall(max_concurrent: str) -> str:
         command = mosaic_sweep_command(
-            *("run", "length_generalization", "--dry-run", "--gpu-type", "h100"),
+            *("run", "paper_check", "--dry-run", "--gpu-type", "h200"),
             *("--max-concurrent", max_concurrent, "--out", tmp_path / "x"),
         )
         done = subprocess.run(command, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         return next(line for line in done.stdout.splitlines() if line.startswith("estimate on"))
 
-    assert wall("1") != wall("2")
+    one, two = wall("1"), wall("2")
+    assert "at 1 trial(s) at a time" in one and "at 2 trial(s) at a time" in two
+    assert one.split("wall time")[1] != two.split("wall time")[1]
 
 
 def test_a_measured_trial_costs_its_steps_evaluations_and_overhead(monkeypatch):
