@@ -2,11 +2,15 @@
 task), validation loss vs. step (the paper's Figure 2) and the per-position OOD loss (Figure 5).
 
 Each curve is one configuration (as a table's row: `Gaussian · lr 1e-4`), the mean over seeds with
-a min–max band, one colour per configuration across panels; failed trials are left out. A point
+a min–max band, one colour per configuration across panels (Okabe–Ito's colour-blind-safe
+palette) and one line style and marker per kernel, so curves differ in print and in grey too;
+failed trials are left out. One legend per figure, under the panels: it covers no data and no
+title. A point
 of a length or position figure holds one budget, as a table's cell (`analysis.budgets`): seeds
 stopped early are left out where others trained longer, and the legend names them. Length
 factors double from one evaluation to the next, so the length axis is log₂ with a tick at each
-evaluated factor. Panel titles sit inside their frames; files are 300-dpi PNG, or PDF/SVG.
+evaluated factor. Every family also gets its training curves: train_loss and the headline
+metric of its table vs. step. Files are 300-dpi PNG, or PDF/SVG.
 Figures are drawn on matplotlib's Agg canvas directly, without pyplot, so plotting needs no
 display and leaves the process's backend alone.
 """
@@ -26,12 +30,16 @@ from matplotlib.ticker import NullLocator
 from analysis.budgets import NOTE, at_one_budget, trial_budgets
 from analysis.configurations import ROW, config_frame, labelled, row_keys
 from analysis.tables import selected, succeeded
-from mosaic_core.metrics import EXACT_MATCH, OOD_LOSS_EMA, SUPPORT_SIZE, VAL_LOSS
+from mosaic_core.metrics import EXACT_MATCH, OOD_LOSS_EMA, SUPPORT_SIZE, TRAIN_LOSS, VAL_LOSS
 
 OOD_PREFIX = f"{OOD_LOSS_EMA}/pos"
 FORMATS = ("png", "pdf", "svg")  # what `make_plots` writes: matplotlib's raster and vector formats
 DPI = 300  # a PNG fit for print; PDF and SVG are vector, and embed nothing at a lower resolution
 LENGTH_AXIS = "× eval_length"  # the length factor multiplies the task's eval_length
+# Okabe & Ito's palette (black left out for the bands): told apart with any colour vision
+PALETTE = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000")
+LINE_STYLES = ("-", "--", "-.", ":")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def _figure(
@@ -65,40 +73,63 @@ def _figure(
         key: curve.droplevel([panel, ROW]) for key, curve in stats.groupby(level=[panel, ROW])
     }
     labels = list(dict.fromkeys(rows[ROW]))
+    kernels = list(dict.fromkeys(rows["kernel"].fillna(rows["kernel_label"])))
+    kernel_of = dict(zip(rows[ROW], rows["kernel"].fillna(rows["kernel_label"])))
     panels = sorted(rows[panel].unique())
 
-    figure = Figure(figsize=(4.5 * len(panels), 3.6), layout="constrained")
+    rows_of_legend = -(-len(labels) // _legend_columns(len(panels)))
+    figure = Figure(
+        figsize=(max(4.5 * len(panels), 6), 3.4 + 0.22 * rows_of_legend), layout="constrained"
+    )
     FigureCanvasAgg(figure)
-    figure.suptitle(
-        f"{title}\nmean over seeds, band min–max", fontsize="medium"
-    )  # two short lines fit one panel
+    figure.suptitle(f"{title} (mean over seeds, band min–max)", fontsize="medium")
     for ax, key in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         for number, label in enumerate(labels):
             curve = curves.get((key, label))
             if curve is None:
                 continue
-            color = f"C{number % 10}"
+            family = kernels.index(kernel_of[label])
+            color = PALETTE[number % len(PALETTE)]
+            style = dict(
+                linestyle=LINE_STYLES[family % len(LINE_STYLES)],
+                marker=MARKERS[family % len(MARKERS)],
+            )
             shown = f"{label} [{notes[label]}]" if label in notes else label
-            ax.plot(curve.index, curve["mean"], marker="o", markersize=3, color=color, label=shown)
+            ax.plot(curve.index, curve["mean"], markersize=4, color=color, label=shown, **style)
             ax.fill_between(
-                curve.index, curve["min"], curve["max"], color=color, alpha=0.2, linewidth=0
+                curve.index, curve["min"], curve["max"], color=color, alpha=0.15, linewidth=0
             )
         ax.set(xlabel=xlabel, ylabel=ylabel)
-        ax.set_title(
-            panel_title(key),
-            y=0.97,
-            pad=0,
-            va="top",
-            fontsize="medium",
-            bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1},
-        )
+        ax.set_title(panel_title(key), fontsize="medium")
         if logx:
             ax.set_xscale("log", base=2)
         if ticks_at_data:
             _ticks_at(ax, sorted(rows.loc[rows[panel] == key, x].unique()))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
+    _legend(figure)
     return figure
+
+
+def _legend_columns(panels: int) -> int:
+    """Legend entries side by side: two per panel's width, at least two."""
+    return max(2, 2 * panels)
+
+
+def _legend(figure: Figure) -> None:
+    """One legend for all panels, under them (titles are above): a configuration once, even where
+    several panels draw it."""
+    named: dict[str, object] = {}
+    for ax in figure.get_axes():
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            named.setdefault(label, handle)
+    columns = min(len(named), _legend_columns(len(figure.get_axes())))
+    figure.legend(
+        list(named.values()),
+        list(named),
+        loc="outside lower center",
+        ncols=columns,
+        fontsize="small",
+    )
 
 
 def _ticks_at(ax: Axes, values: list[float]) -> None:
@@ -155,9 +186,36 @@ def _ood_per_position(results: pd.DataFrame) -> Figure | None:
     )
 
 
+def _training_curves(results: pd.DataFrame) -> Figure | None:
+    """train_loss and the family's headline metric (its table's first, at the shortest length)
+    vs. step, a panel each per task: how every configuration trained."""
+    # the tables' layouts know each family's headline metric
+    from analysis.tables import family_layout
+
+    try:
+        headline = family_layout(results).metrics[0]
+    except ValueError:
+        headline = VAL_LOSS
+    rows = results[results["metric"].isin([TRAIN_LOSS, headline])]
+    factors = rows["length_factor"]
+    rows = rows[factors.isna() | (factors == factors.min())]
+    shortest = f" at {factors.min():g}×" if factors.notna().any() else ""
+    names = {TRAIN_LOSS: TRAIN_LOSS, headline: f"{headline.replace('_', ' ')}{shortest}"}
+    rows = rows.assign(curve=rows["metric"].map(names) + " · " + rows["task"].astype(str))
+    return _figure(
+        rows,
+        panel="curve",
+        x="step",
+        title="training curves",
+        xlabel="step",
+        ylabel="value",
+    )
+
+
 def figures(results: pd.DataFrame) -> dict[str, Figure]:
     """File stem -> figure, for each figure the results have data for."""
     drawn = {
+        "training_curves": _training_curves(results),
         "exact_match_vs_length": _by_length(results, EXACT_MATCH, "exact match"),
         "val_loss_vs_step": _val_loss(results),
         "ood_loss_per_position": _ood_per_position(results),

@@ -384,13 +384,25 @@ def test_plots_written_only_where_data_exists(tmp_path):
     from analysis.plots import make_plots
 
     length = make_plots(frame(LENGTH_TRIALS), tmp_path / "length")
-    assert [p.name for p in length] == ["exact_match_vs_length.png", "support_size_vs_length.png"]
+    assert [p.name for p in length] == [
+        "training_curves.png",
+        "exact_match_vs_length.png",
+        "support_size_vs_length.png",
+    ]
     lm = make_plots(frame(lm_trials()), tmp_path / "lm")
-    assert [p.name for p in lm] == ["val_loss_vs_step.png", "ood_loss_per_position.png"]
-    for path in length + lm:
+    assert [p.name for p in lm] == [
+        "training_curves.png",
+        "val_loss_vs_step.png",
+        "ood_loss_per_position.png",
+    ]
+    # RegBench's own figures need val_loss; its training curves (accuracy vs. step) need not
+    regbench = make_plots(frame(REGBENCH_TRIALS).query("metric != 'val_loss'"), tmp_path / "rb")
+    assert [p.name for p in regbench] == ["training_curves.png"]
+    for path in length + lm + regbench:
         assert path.parent.parent == tmp_path
         check_png(path)
-    assert make_plots(frame(REGBENCH_TRIALS).query("metric != 'val_loss'"), tmp_path / "none") == []
+    no_data = frame(REGBENCH_TRIALS).query("metric == 'tvd'")
+    assert make_plots(no_data, tmp_path / "none") == []
     assert not (tmp_path / "none").exists()
 
 
@@ -427,26 +439,60 @@ def test_length_figure_is_log2_with_ticks_at_the_factors_and_a_panel_per_task():
         assert ax.get_xlabel() == LENGTH_AXIS == "× eval_length"
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()
-    for ax in axes:  # titles inside the frame: each panel's in its axes, the figure's in the figure
-        assert inside(ax.title.get_window_extent(renderer), ax.get_window_extent())
     assert inside(figure._suptitle.get_window_extent(renderer), figure.bbox)
+
+
+@pytest.mark.parametrize("trials", ["length", "two_tasks", "lm", "regbench"])
+def test_legends_cover_no_title_and_no_panel_and_kernels_differ_in_style(trials):
+    """Every figure: its legend's box (Matplotlib window extents) meets no panel and no title, and
+    curves of different kernels differ in line style and marker, not in colour alone."""
+    from analysis.plots import figures
+
+    results = {
+        "length": LENGTH_TRIALS,
+        "two_tasks": two_task_trials(),
+        "lm": lm_trials(),
+        "regbench": REGBENCH_TRIALS,
+    }[trials]
+    drawn = figures(frame(results))
+    assert drawn
+    for stem, figure in drawn.items():
+        figure.canvas.draw()
+        renderer = figure.canvas.get_renderer()
+        (legend,) = figure.legends
+        box = legend.get_window_extent(renderer)
+        titles = [figure._suptitle, *(ax.title for ax in figure.get_axes())]
+        for text in titles:
+            assert not box.overlaps(text.get_window_extent(renderer)), (stem, text.get_text())
+        for ax in figure.get_axes():
+            assert not box.overlaps(ax.get_window_extent(renderer)), stem
+            assert inside(ax.title.get_window_extent(renderer), figure.bbox)
+        styles = {}
+        for ax in figure.get_axes():
+            for line in ax.get_lines():
+                kernel = line.get_label().split(" · ")[0].split(" [")[0]
+                styles.setdefault(kernel, set()).add((line.get_linestyle(), line.get_marker()))
+        assert all(len(style) == 1 for style in styles.values()), (stem, styles)
+        distinct = {next(iter(style)) for style in styles.values()}
+        assert len(distinct) == len(styles), (stem, styles)
 
 
 def test_figures_in_each_format_at_300_dpi(tmp_path):
     from matplotlib.image import imread
 
-    from analysis.plots import make_plots
+    from analysis.plots import figures, make_plots
 
     paths = make_plots(frame(LENGTH_TRIALS), tmp_path, ("png", "pdf", "svg"))
     assert sorted(p.name for p in paths) == sorted(
-        f"{stem}_vs_length.{suffix}"
-        for stem in ("exact_match", "support_size")
+        f"{stem}.{suffix}"
+        for stem in ("training_curves", "exact_match_vs_length", "support_size_vs_length")
         for suffix in ("png", "pdf", "svg")
     )
+    width, height = figures(frame(LENGTH_TRIALS))["exact_match_vs_length"].get_size_inches()
     assert imread(tmp_path / "exact_match_vs_length.png").shape[:2] == (
-        3.6 * 300,
-        4.5 * 300,
-    )  # one panel, 4.5 × 3.6 in
+        round(height * 300),
+        round(width * 300),
+    )  # 300 pixels an inch
     assert (tmp_path / "exact_match_vs_length.pdf").read_bytes().startswith(b"%PDF")
     assert "<svg" in (tmp_path / "exact_match_vs_length.svg").read_text()
 
@@ -455,14 +501,8 @@ def test_cli_plot_formats(tmp_path):
     sweep = store(tmp_path / "sweep", LENGTH_TRIALS)
     result = invoke("plot", sweep, "--format", "pdf,svg", "--format", "PNG")
     assert result.exit_code == 0, result.output
-    assert sorted(Path(line).suffix for line in result.stdout.splitlines()) == [
-        ".pdf",
-        ".pdf",
-        ".png",
-        ".png",
-        ".svg",
-        ".svg",
-    ]
+    suffixes = sorted(Path(line).suffix for line in result.stdout.splitlines())
+    assert suffixes == [".pdf"] * 3 + [".png"] * 3 + [".svg"] * 3  # three figures
     wrong = invoke("plot", sweep, "--format", "png,jpg")
     assert (
         wrong.exit_code == 2
@@ -476,6 +516,7 @@ def test_cli_plot(tmp_path):
     assert result.exit_code == 0, result.output
     paths = [Path(line) for line in result.stdout.splitlines()]
     assert [p.name for p in paths] == [
+        "training_curves.png",
         "exact_match_vs_length.png",
         "val_loss_vs_step.png",
         "ood_loss_per_position.png",
@@ -486,11 +527,11 @@ def test_cli_plot(tmp_path):
         replace(
             t,
             reports={
-                step: {key: value for key, value in values.items() if key[0] != "val_loss"}
+                step: {key: value for key, value in values.items() if key[0] == "tvd"}
                 for step, values in t.reports.items()
             },
         )
         for t in REGBENCH_TRIALS
     ]
     nothing = invoke("plot", store(tmp_path / "regbench", only_test_metrics))
-    assert nothing.exit_code == 2 and "metrics present: accuracy, tvd" in nothing.stderr
+    assert nothing.exit_code == 2 and "metrics present: tvd" in nothing.stderr
