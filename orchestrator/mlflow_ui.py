@@ -4,25 +4,30 @@ trials.
 MLflow 3.17's UI decides between its GenAI pages and its model-training pages by a switch kept in
 the browser (`workflowType`, GenAI unless changed), not by the experiment's `mlflow.experimentKind`
 tag: opened at its root, a sweep's experiment lands on the GenAI "Overview" (traces, token usage).
-A link that names the runs page, the model-training workflow, the sweep's latest parent run as the
-filter and its headline metric as the order lands on its trials, one row per trial named by what
-differs, best first (seen in headless Chromium, README "Tracking").
+A link that names the runs page and the model-training workflow lands on a sweep's trials. Which
+columns the runs table shows is not URL state in 3.17: a link opens a *shared view* instead, an
+experiment tag (`mlflow.sharedViewState.<key>`, JSON) holding the filter (the sweep's latest parent
+run), the order (its headline metric, best first) and the columns: the kernel's label, every param
+the trials differ in (kernel parameters, seed, searched keys), the headline metrics at each length
+and train_loss (seen in headless Chromium: docs/mlflow-trials-link.png).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from urllib.parse import quote, urlencode
 
+from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from analysis.results_store import ResultsStoreError, read_results
 from analysis.tables import family_layout
-from mosaic_core.metrics import length_metric_name, lower_is_better
+from mosaic_core.metrics import TRAIN_LOSS, length_metric_name, lower_is_better
 from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
-from orchestrator.tracking.names import PARENT_TAG
-from orchestrator.tracking.runs import experiment_of
+from orchestrator.tracking.names import KERNEL_LABEL_TAG, PARENT_TAG, SHARED_VIEW_TAG_PREFIX
+from orchestrator.tracking.runs import all_runs, experiment_of
 
 MODEL_TRAINING_WORKFLOW = "machine_learning"  # the UI's switch: "genai" or "machine_learning"
 
@@ -35,33 +40,55 @@ def ui_command(tracking_uri: str, port: int) -> list[str]:
     ]
 
 
-def trials_link(
-    base_url: str, experiment_id: str, parent_run_id: str, order_by: tuple[str, bool] | None
-) -> str:
-    """The runs page of one sweep's trials (children of its parent run), ordered by
-    (metric, ascending) when given."""
-    query = {
-        "workflowType": MODEL_TRAINING_WORKFLOW,
-        "searchFilter": f"tags.{PARENT_TAG} = '{parent_run_id}'",
-    }
-    if order_by is not None:
-        metric, ascending = order_by
-        query |= {"orderByKey": f"metrics.`{metric}`", "orderByAsc": str(ascending).lower()}
+def trials_view(
+    parent_run_id: str, metrics: list[str], ascending: bool, params: list[str]
+) -> dict[str, object]:
+    """The runs page of one sweep's trials (children of its parent run), ordered by the first of
+    `metrics` (best first) and showing the kernel, `params` and `metrics` as columns."""
+    view: dict[str, object] = {"searchFilter": f"tags.{PARENT_TAG} = '{parent_run_id}'"}
+    if metrics:
+        view |= {"orderByKey": f"metrics.`{metrics[0]}`", "orderByAsc": ascending}
+    view["selectedColumns"] = [
+        f"tags.`{KERNEL_LABEL_TAG}`",
+        *(f"params.`{name}`" for name in params),
+        *(f"metrics.`{name}`" for name in [*metrics, TRAIN_LOSS]),
+        "attributes.`Duration`",
+    ]
+    return view
+
+
+def trials_link(base_url: str, experiment_id: str, share_key: str) -> str:
+    """The model-training runs page, opening the view saved under `share_key`."""
+    query = {"workflowType": MODEL_TRAINING_WORKFLOW, "viewStateShareKey": share_key}
     return f"{base_url}/#/experiments/{experiment_id}/runs?{urlencode(query, quote_via=quote)}"
 
 
-def headline_metric(sweep_dir: Path) -> tuple[str, bool] | None:
-    """(MLflow metric name, ascending) the sweep's table leads with: exact match at the shortest
-    length, accuracy, or validation loss; None before any result."""
+def save_view(client: MlflowClient, experiment_id: str, key: str, view: dict[str, object]) -> None:
+    """The view as the experiment's shared-view tag that `viewStateShareKey=key` opens."""
+    client.set_experiment_tag(experiment_id, f"{SHARED_VIEW_TAG_PREFIX}{key}", json.dumps(view))
+
+
+def varying_params(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[str]:
+    """The params the sweep's trials differ in (`model.kernel_params.alpha`, `seed`, `train.lr`)."""
+    trials = all_runs(client, experiment_id, f"tags.{PARENT_TAG} = '{parent_run_id}'")
+    values: dict[str, set[str]] = {}
+    for run in trials:
+        for name, value in run.data.params.items():
+            values.setdefault(name, set()).add(value)
+    return sorted(name for name, seen in values.items() if len(seen) > 1 and name != "model.kernel")
+
+
+def headline_metrics(sweep_dir: Path) -> tuple[list[str], bool]:
+    """(MLflow metric names, ascending) the sweep's table leads with: exact match at each evaluated
+    length, accuracy, or validation loss; none before any result."""
     try:
         results = read_results(sweep_dir, skip_bad=True)
         metric = family_layout(results).metrics[0]
     except (ResultsStoreError, ValueError):
-        return None
-    rows = results[results["metric"] == metric]
-    factors = rows["length_factor"].dropna()
-    name = metric if factors.empty else length_metric_name(metric, factors.min())
-    return name, lower_is_better(metric)
+        return [], False
+    factors = sorted(results.loc[results["metric"] == metric, "length_factor"].dropna().unique())
+    names = [length_metric_name(metric, factor) for factor in factors] or [metric]
+    return names, lower_is_better(metric)
 
 
 def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dict[str, str]:
@@ -80,9 +107,11 @@ def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dic
             if run_map is None or folder.launch.tracking_uri != tracking_uri:
                 continue
             experiment_id = experiment_of(tracking_uri, run_map.parent)
+            client = MlflowClient(tracking_uri=tracking_uri)
+            params = varying_params(client, experiment_id, run_map.parent)
+            view = trials_view(run_map.parent, *headline_metrics(path), params)
+            save_view(client, experiment_id, run_map.parent, view)
         except (SweepFolderError, MlflowException):
             continue
-        links[path.name] = trials_link(
-            base_url, experiment_id, run_map.parent, headline_metric(path)
-        )
+        links[path.name] = trials_link(base_url, experiment_id, run_map.parent)
     return links

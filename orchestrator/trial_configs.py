@@ -12,7 +12,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from analysis.configurations import show
 from mosaic_core.config import TrialConfig, describe_validation_error
 from mosaic_core.kernels import kernel_label
 from search_spaces.expand import with_overrides
@@ -54,7 +53,17 @@ def trial_name(tune_config: dict[str, Any], configs: dict[str, dict[str, Any]]) 
     kernel, params = config["model"]["kernel"], config["model"]["kernel_params"]
     parts = [readable_variant(tune_config[VARIANT], kernel, params, kernel_label(kernel, **params))]
     for key, value in searched_values(tune_config).items():
-        parts.append(f"{key.rsplit('.', 1)[-1]}={show(value)}")
+        parts.append(f"{key.rsplit('.', 1)[-1]}={_short(value)}")
     if TRIAL_INDEX in tune_config:
         parts.append(f"seed={config['seed']}")
     return " ".join(parts)
+
+
+def _short(value: Any) -> str:
+    """A suggested value in a name, to three significant digits: `5.19e-3`, `0.25`, `64`."""
+    if not isinstance(value, float) or value.is_integer():
+        return str(value)
+    if 1e-2 <= abs(value) < 1e4:
+        return f"{value:.3g}"
+    mantissa, exponent = f"{value:.2e}".split("e")
+    return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"

@@ -50,6 +50,8 @@ def test_trial_config_applies_the_suggestion_and_the_seed_index(search_sweep):
     # what a person reads: the paper's label, short values, the trial's own seed
     seed = configs["entmax(α=1.5)"]["seed"] + 1
     assert trial_name(tune_config, configs) == f"Biweight lr=4e-3 n_layer=3 seed={seed}"
+    long = {**tune_config, "train.lr": 0.0051902630176951636}  # as a sampler suggests it
+    assert trial_name(long, configs) == f"Biweight lr=5.19e-3 n_layer=3 seed={seed}"
     # a grid trial: as expanded
     assert trial_config({"variant": "softmax"}, configs) == configs["softmax"]
 

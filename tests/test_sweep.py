@@ -32,6 +32,7 @@ from orchestrator.tracking.names import (
     NOTE_TAG,
     PARENT_TAG,
     RESOURCE_PLAN_TAG,
+    SHARED_VIEW_TAG_PREFIX,
     SWEEP_DIR_TAG,
     TRIAL_ID_TAG,
     VERSION_TAG_PREFIX,
@@ -470,6 +471,7 @@ def test_a_child_run_per_trial_with_its_params_and_metric_curves(tiny_sweep):
             "1",
             "20",
         )
+        assert "model.kernel_params" not in params  # never logged as `{}`
         alpha = {"model.kernel_params.alpha": "1.5"} if params["model.kernel"] == "entmax" else {}
         assert {k: v for k, v in params.items() if k.startswith("model.kernel_params.")} == alpha
         for metric in ("exact_match_1x", "exact_match_2x"):
@@ -618,12 +620,20 @@ def test_status_counts_trials_by_state_and_names_the_best(tmp_path):
             },
         ],
     )
+    error = "Traceback (most recent call last):\n  ...\nValueError: n_embd (17) must be divisible by n_head (2)\n"
+    write_trial_rows(
+        sweep_dir,
+        "t3",
+        [{**common, "kernel_label": "Gaussian", "seed": 2, "status": "ERROR", "error": error}],
+    )
     done = invoke("status", sweep_dir)
     assert done.exit_code == 0, done.output
     assert (
         done.output.splitlines()
         == [
-            f"{sweep_dir}: 3 trials — 1 PENDING, 1 RUNNING, 1 TERMINATED",
+            f"{sweep_dir}: 3 trials — 1 ERROR, 1 RUNNING, 1 TERMINATED",
+            # a failed trial's reason: the last line of its error
+            "failed: Gaussian, seed 2 (trial t3): ValueError: n_embd (17) must be divisible by n_head (2)",
             "best exact_match at 1×: 0.93  Biweight, seed 1, sort (trial t2, step 10)",  # last evaluations only
         ]
     )
@@ -781,18 +791,31 @@ def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_s
 
 
 def assert_link_opens_on_the_trials(client, experiment_id, sweep_dir, children):
-    """`mosaic-sweep ui`'s link: the model-training runs page, filtered to this sweep's trials and
-    ordered by exact match at 1x, best first, as MLflow's own search applies its filter and order."""
+    """`mosaic-sweep ui`'s link: the model-training runs page opening the view it saved in the
+    experiment, filtered to this sweep's trials and ordered by exact match at 1x, best first, as
+    MLflow's own search applies its filter and order, with the columns that tell trials apart."""
     from orchestrator.mlflow_ui import sweep_links
 
     (link,) = sweep_links(sweep_dir.parent, client.tracking_uri, "http://127.0.0.1:5000").values()
     page, query = urlsplit(link).fragment.split("?")
     query = parse_qs(query)
     assert page == f"/experiments/{experiment_id}/runs"
-    assert query["workflowType"] == ["machine_learning"] and query["orderByAsc"] == ["false"]
-    assert query["orderByKey"] == ["metrics.`exact_match_1x`"]
+    assert query["workflowType"] == ["machine_learning"]
+    (key,) = query["viewStateShareKey"]
+    tags = client.get_experiment(experiment_id).tags
+    view = json.loads(tags[f"{SHARED_VIEW_TAG_PREFIX}{key}"])
+    assert view["orderByKey"] == "metrics.`exact_match_1x`" and view["orderByAsc"] is False
+    assert view["selectedColumns"] == [
+        "tags.`kernel_label`",
+        "params.`model.kernel_params.alpha`",
+        "params.`seed`",
+        "metrics.`exact_match_1x`",
+        "metrics.`exact_match_2x`",
+        "metrics.`train_loss`",
+        "attributes.`Duration`",
+    ]
     found = client.search_runs(
-        [experiment_id], query["searchFilter"][0], order_by=["metrics.`exact_match_1x` DESC"]
+        [experiment_id], view["searchFilter"], order_by=["metrics.`exact_match_1x` DESC"]
     )
     assert sorted(run.info.run_id for run in found) == sorted(c.info.run_id for c in children)
     values = [run.data.metrics["exact_match_1x"] for run in found]

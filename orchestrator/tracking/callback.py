@@ -146,7 +146,9 @@ class SweepTracker(Callback):
             trial_name(trial.config, self.configs),
             kernel_label(config.model.kernel, **config.model.kernel_params),
         )
-        values = {**flatten(config.model_dump()), **searched_values(trial.config)}
+        # a kernel without parameters (softmax) has none to log, not `model.kernel_params: {}`
+        flat = {key: value for key, value in flatten(config.model_dump()).items() if value != {}}
+        values = {**flat, **searched_values(trial.config)}
         runs.log_params(self.client, run_id, values)
         self.run_ids[trial.trial_id] = run_id
         self.folder.save_run_map(RunMap(parent=self.parent_run_id, trials=self.run_ids))

@@ -28,6 +28,9 @@ OVERRIDES_TAG = (
     "command_line_overrides"  # the sweep file's keys changed on the command line: train.lr=1e-3 …
 )
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+# MLflow's own: a saved runs-page view (filter, order, columns) its URL opens by
+# `viewStateShareKey=<suffix>`; `mosaic-sweep ui` saves one per sweep
+SHARED_VIEW_TAG_PREFIX = "mlflow.sharedViewState."
 # the experiment is model training, not GenAI: MLflow's experiment-kind tag, which 3.17's UI reads
 # only with its workflow switch off; `mosaic-sweep ui` links past the switch (orchestrator/mlflow_ui)
 MODEL_TRAINING = "custom_model_development"

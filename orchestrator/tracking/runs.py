@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -142,13 +143,20 @@ def describe_parent_run(
         client.log_artifact(run_id, str(sweep_file))
 
 
+def readable_note(markdown: str) -> str:
+    """The table's Markdown as MLflow's description renders it: it shows `^(…)` and `<u>` as
+    typed, so `mean^(max)` becomes `mean (max)` and the underlined best max italic."""
+    markdown = re.sub(r"<u>(.*?)</u>", r"_\1_", markdown)
+    return re.sub(r"\^\(([^()]*)\)", r" (\1)", markdown)
+
+
 def log_sweep_outputs(
     client: MlflowClient, run_id: str, files: list[Path], note: str, plots: Path | None
 ) -> None:
     """The sweep's tables (and plots folder) as artifacts of its parent run, the table in its note."""
     for path in files:
         client.log_artifact(run_id, str(path))
-    client.set_tag(run_id, NOTE_TAG, note)
+    client.set_tag(run_id, NOTE_TAG, readable_note(note))
     if plots is not None:
         client.log_artifacts(run_id, str(plots), artifact_path=plots.name)
 
