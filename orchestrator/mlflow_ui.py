@@ -71,11 +71,16 @@ def save_view(client: MlflowClient, experiment_id: str, key: str, view: dict[str
 def varying_params(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list[str]:
     """The params the sweep's trials differ in (`model.kernel_params.alpha`, `seed`, `train.lr`)."""
     trials = all_runs(client, experiment_id, f"tags.{PARENT_TAG} = '{parent_run_id}'")
-    values: dict[str, set[str]] = {}
+    values: dict[str, list[str]] = {}
     for run in trials:
         for name, value in run.data.params.items():
-            values.setdefault(name, set()).add(value)
-    return sorted(name for name, seen in values.items() if len(seen) > 1 and name != "model.kernel")
+            values.setdefault(name, []).append(value)
+    # a param some trials lack (α, of the α-entmax trials alone) tells them apart too
+    return sorted(
+        name
+        for name, seen in values.items()
+        if (len(set(seen)) > 1 or len(seen) < len(trials)) and name != "model.kernel"
+    )
 
 
 def headline_metrics(sweep_dir: Path) -> tuple[list[str], bool]:

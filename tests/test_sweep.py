@@ -37,7 +37,7 @@ from orchestrator.tracking.names import (
     TRIAL_ID_TAG,
     VERSION_TAG_PREFIX,
 )
-from orchestrator.tracking.runs import git_commit, package_versions
+from orchestrator.tracking.runs import git_commit, package_versions, readable_note
 
 from helpers import (
     SMOKE_YAML,
@@ -445,7 +445,9 @@ def test_the_parent_run_describes_the_sweep(tiny_sweep):
     assert tags[GIT_COMMIT_TAG] == commit.stdout.strip() and git_commit()
     assert package_versions().items() <= tags.items() and f"{VERSION_TAG_PREFIX}torch" in tags
     assert tags[RESOURCE_PLAN_TAG] == "\n".join(smoke_plan())
-    assert tags[NOTE_TAG].endswith(tiny_sweep.table.strip())  # the table as its description
+    # the table as its description, as MLflow renders it: mean (max), the best max in italics
+    assert tags[NOTE_TAG].endswith(readable_note(tiny_sweep.table.strip()))
+    assert "^(" not in tags[NOTE_TAG] and "<u>" not in tags[NOTE_TAG]
 
 
 @pytest.mark.slow
