@@ -75,11 +75,14 @@ def varying_params(client: MlflowClient, experiment_id: str, parent_run_id: str)
     for run in trials:
         for name, value in run.data.params.items():
             values.setdefault(name, []).append(value)
-    # a param some trials lack (α, of the α-entmax trials alone) tells them apart too
+    # a param some trials lack (α, of the α-entmax trials alone) tells them apart too; an empty
+    # mapping (`model.kernel_params: {}`, logged by sweeps before it was left out) tells nothing
     return sorted(
         name
         for name, seen in values.items()
-        if (len(set(seen)) > 1 or len(seen) < len(trials)) and name != "model.kernel"
+        if (len(set(seen)) > 1 or len(seen) < len(trials))
+        and name != "model.kernel"
+        and set(seen) != {"{}"}
     )
 
 
