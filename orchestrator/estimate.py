@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from mosaic_core.config import TrialConfig
+from mosaic_core.config import LanguageModelConfig, TrialConfig
 from mosaic_core.model import MemoryMosaics
 from mosaic_core.tasks import build_task
+from mosaic_core.tokenizer import PADDED_VOCAB
 from mosaic_core.train import (
     build_optimizer,
     compiled_forward,
@@ -223,7 +224,10 @@ def one_gpu_slots(sweep: Sweep) -> int:
 def _first_batch(task_json: str, batch_size: int) -> tuple[int, int]:
     """(tokens of the first training batch, vocabulary) of a task, built once per distinct task
     (a RegBench task draws all its DFAs): generated batches are padded to their longest row."""
-    task = build_task(TrialConfig.model_validate({"task": json.loads(task_json)}).task, 0)
+    config = TrialConfig.model_validate({"task": json.loads(task_json)}).task
+    if isinstance(config, LanguageModelConfig):  # full windows of a corpus that may not exist yet
+        return batch_size * config.context, PADDED_VOCAB
+    task = build_task(config, 0)
     return int(task.train_batch(0, batch_size)[0].numel()), task.vocab_size
 
 
