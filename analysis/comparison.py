@@ -26,6 +26,7 @@ from analysis.paper_tables import PAPER_DIR, PAPER_TABLES, SETUP_FILE
 from analysis.schema import TYPED_CONFIG
 from analysis.tables import LAYOUTS, TableStats, column_header, table_stats
 from mosaic_core.metrics import lower_is_better
+from mosaic_core.reference_code import CHANGED_KERNELS, QUIRKS
 
 DIFFERS, NOISE = "differs", "within seed noise"
 RANK_DIFFERS, RANK_NOISE = "rank differs", "rank within seed noise"
@@ -295,9 +296,35 @@ def compare(
         paper_cells=len(theirs),
         columns=theirs["key"].nunique(),
         not_in_paper=sorted(set(stats.rows[KERNEL_LABEL]) - set(theirs[KERNEL_LABEL])),
-        setup=setup_lines(paper, results, configs, stats.planned_seeds),
+        setup=[
+            *setup_lines(paper, results, configs, stats.planned_seeds),
+            *reference_code_lines(paper, results, configs),
+        ],
     )
     return cells
+
+
+def reference_code_lines(
+    paper: str, results: pd.DataFrame, configs: Sequence[Mapping[str, Any]] | None
+) -> list[str]:
+    """With `model.reference_code` off, the rows of ours the paper's code would compute otherwise
+    (its masks and scores for some kernels, README "Fidelity to the paper"); nothing when on."""
+    family = "regbench" if PAPER_TABLES[paper].experiment == "table1" else "lm_length"
+    if configs is not None:
+        flags = {str(config.get("model", {}).get("reference_code", False)) for config in configs}
+    else:
+        flags = set(results.get("reference_code", pd.Series(dtype=object)).fillna("False"))
+    if flags - {"False"}:
+        return []
+    kernels = results.get("kernel", pd.Series(index=results.index, dtype=object))
+    changed = results[kernels.isin(CHANGED_KERNELS[family])]
+    labels = sorted(set(changed[KERNEL_LABEL].dropna()))
+    if not labels:
+        return []
+    return [
+        f"model.reference_code is off (the paper's text): its code ({QUIRKS[family]}) would change "
+        f"the rows {', '.join(labels)}; `model.reference_code: true` reproduces it."
+    ]
 
 
 def _shown(mean: float, top: float, decimals: int) -> str:

@@ -23,6 +23,7 @@ from analysis.schema import (
     TYPED_CONFIG,
     TrialStatus,
     config_json,
+    typed_value,
     varied_keys,
 )
 from mosaic_core.metrics import parse_metric_name
@@ -44,29 +45,19 @@ def _value(text: str) -> Any:
         return text
 
 
-def _typed(column: str, value: Any) -> Any:
-    """A typed config column's value as the schema types it (`k` logs as "4.0")."""
-    kind = RESULTS_SCHEMA.field(column).type
-    if value is None:
-        return None
-    return (
-        int(value) if kind == pa.int64() else float(value) if kind == pa.float64() else str(value)
-    )
-
-
 def _trial_rows(
     client: MlflowClient, run: Run, params: dict[str, Any], varied: list[str]
 ) -> list[dict[str, Any]]:
     tags, run_id = run.data.tags, run.info.run_id
     columns = {
-        **{column: _typed(column, params.get(key)) for column, key in TYPED_CONFIG.items()},
+        **{column: typed_value(column, params.get(key)) for column, key in TYPED_CONFIG.items()},
         "trial_id": tags.get(TRIAL_ID_TAG, run_id),
         "kernel_label": tags.get(KERNEL_LABEL_TAG),
-        "seed": _typed("seed", params.get(SEED_KEY)),
+        "seed": typed_value("seed", params.get(SEED_KEY)),
         "status": TrialStatus.STOPPED.value
         if STOPPED_TAG in tags
         else TRIAL_STATUS.get(run.info.status, run.info.status),
-        "planned_steps": _typed("planned_steps", params.get("train.max_steps")),
+        "planned_steps": typed_value("planned_steps", params.get("train.max_steps")),
         "mlflow_run_id": run_id,
         "config": config_json(params, varied),
     }

@@ -36,6 +36,9 @@ RESULTS_SCHEMA = pa.schema(
         pa.field("n_head", pa.int64()),
         pa.field("lr", pa.float64()),
         pa.field("weight_decay", pa.float64()),
+        # the paper code's quirks the trial reproduced (model.reference_code): lm_length or
+        # regbench; null when off (the paper's text)
+        pa.field("reference_code", pa.string()),
         pa.field("seed", pa.int64()),
         pa.field("metric", pa.string()),  # e.g. "exact_match", "loss"
         # null for metrics not tied to an evaluation length
@@ -69,8 +72,25 @@ TYPED_CONFIG: dict[str, str] = {
     "n_head": "model.n_head",
     "lr": "train.lr",
     "weight_decay": "train.weight_decay",
+    "reference_code": "model.reference_code",
 }
 """The typed config columns and the dotted trial-config key each one holds."""
+
+
+def typed_value(column: str, value: Any) -> Any:
+    """A typed config column's value as the schema types it, from a config or an MLflow param
+    (`k` logs as "4.0"; a flag that is off, False or "False", is null)."""
+    kind = RESULTS_SCHEMA.field(column).type
+    if value is None or value is False or value == "False":
+        return None
+    return (
+        int(float(value))
+        if kind == pa.int64()
+        else float(value)
+        if kind == pa.float64()
+        else str(value)
+    )
+
 
 SEED_KEY = (
     "seed"  # the one varied key a table aggregates over: it has its own column, never in `config`

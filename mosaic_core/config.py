@@ -25,6 +25,7 @@ from mosaic_core.metrics import (
     length_metric_name,
     mode,
 )
+from mosaic_core.reference_code import FAMILIES, family_of_task
 
 MAX_SEED = 2**63 - 1  # seeds are stored as int64 (results schema); NumPy takes none below 0
 
@@ -241,7 +242,7 @@ class ModelConfig(_Strict):
     @field_validator("reference_code", mode="before")
     @classmethod
     def _reference_code(cls, value: Any) -> Any:
-        if not (isinstance(value, bool) or value in ("lm_length", "regbench")):
+        if not (isinstance(value, bool) or value in FAMILIES):
             raise ValueError(f"reference_code: true, false, lm_length or regbench; got {value!r}")
         return value
 
@@ -402,8 +403,7 @@ class TrialConfig(_Strict):
         if not (isinstance(model, dict) and model.get("reference_code") is True):
             return data
         name = task.get("name") if isinstance(task, dict) else getattr(task, "name", None)
-        family = "regbench" if name == "regbench" else "lm_length"
-        return {**data, "model": {**model, "reference_code": family}}
+        return {**data, "model": {**model, "reference_code": family_of_task(name)}}
 
     @model_validator(mode="after")
     def _epochs_need_a_fixed_training_set(self) -> TrialConfig:

@@ -19,13 +19,11 @@ from mosaic_core.attention import MASK_LAGS, attend, causal_mask
 from mosaic_core.config import ModelConfig
 from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
 from mosaic_core.leaky_average import leaky_average
+from mosaic_core.reference_code import BETA4_KERNELS, FLOAT32_KERNELS, LAG2_KERNELS
 
 _MAX_LOG_BETA = 5.0  # β = exp(min(10·param, 5)): caps the kernel's sharpness at e^5
 # the persistent memory's output gain min(e^{10·v}, 5), as the reference
 _MAX_PMEM_GAIN = 5.0
-# reference_code lm_length: keys ≤ t − 2 for these; regbench: scores β⁴·cos for those
-_LAG2_KERNELS = ("relumax", "normrelu", "topk_uniform")
-_BETA4_KERNELS = ("relumax", "normrelu")
 
 
 def _sharpness(param: Tensor) -> Tensor:
@@ -68,12 +66,12 @@ class ContextualMemory(nn.Module):
         self.backend = config.attention_backend
         quirks = config.reference_family
         # the paper's LM/length code gives these three kernels keys j ≤ t − 2 (SPEC §3)
-        lagged = quirks == "lm_length" and self.kernel in _LAG2_KERNELS
+        lagged = quirks == "lm_length" and self.kernel in LAG2_KERNELS
         self.mask_mode = "causal_lag2" if lagged else "strict_causal"
         # seq_icl's model scores ReLUmax and normReLU on β-scaled keys, then divides by γ ∝ 1/β²
-        self.key_power = 2 if quirks == "regbench" and self.kernel in _BETA4_KERNELS else 1
+        self.key_power = 2 if quirks == "regbench" and self.kernel in BETA4_KERNELS else 1
         # its LM/length code feeds the entmax family float32 keys and values
-        self.float32_inputs = quirks == "lm_length" and self.kernel in ("sparsemax", "entmax")
+        self.float32_inputs = quirks == "lm_length" and self.kernel in FLOAT32_KERNELS
 
     def kernel_inputs(self, x: Tensor) -> tuple[Tensor, dict[str, Any], Tensor]:
         """The keys the kernel compares (the query is the key itself), the kernel's parameters, and

@@ -198,7 +198,8 @@ def test_the_interval_of_three_seeds_is_the_student_t_one(tmp_path):
 
 def test_a_length_figure_leaves_the_stopped_seed_out_and_names_it(tmp_path):
     figure = figures(the_issue_s_search(tmp_path))["exact_match_vs_length"]
-    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    # one legend per figure, under its panels
+    legend = [text.get_text() for text in figure.legends[0].get_texts()]
     assert legend == ["Biweight [1 stopped by ASHA at step 250]"]
     (line,) = figure.axes[0].get_lines()
     assert list(line.get_ydata()) == [0.215]

@@ -9,7 +9,14 @@ import math
 
 import pandas as pd
 
-from analysis.comparison import compare, comparison_table, report, setup_lines, summary
+from analysis.comparison import (
+    compare,
+    comparison_table,
+    reference_code_lines,
+    report,
+    setup_lines,
+    summary,
+)
 from analysis.results_store import write_trial_rows
 
 from helpers import invoke, tiny_trial
@@ -153,3 +160,19 @@ def test_the_compare_command_on_a_cpu_sweep_folder_says_first_what_is_not_the_pa
         "ranking of kernels: not compared (no column has two kernels in common with the paper)"
         in lines
     )
+
+
+def test_compare_says_which_rows_reference_code_would_change_when_it_is_off():
+    results = sort_results({("Gaussian", 1.0): [1.0], ("Epanechnikov (ReLUmax)", 1.0): [1.0]})
+    results["kernel"] = results["kernel_label"].map(
+        {"Gaussian": "softmax", "Epanechnikov (ReLUmax)": "relumax"}
+    )
+    (line,) = reference_code_lines("table2", results, None)
+    assert "would change the rows Epanechnikov (ReLUmax);" in line and "keys ≤ t−2" in line
+    assert reference_code_lines("table2", results.assign(reference_code="lm_length"), None) == []
+    on = [{"model": {"reference_code": "lm_length"}}]
+    assert reference_code_lines("table2", results, on) == []
+    gaussian_only = results[results["kernel"] == "softmax"]
+    assert reference_code_lines("table2", gaussian_only, None) == []  # no row it would change
+    (regbench,) = reference_code_lines("table1", results.assign(task="regbench"), None)
+    assert "β⁴·cos" in regbench

@@ -108,3 +108,11 @@ def test_lm_length_code_feeds_the_entmax_family_float32_under_autocast(monkeypat
         with torch.autocast("cuda", dtype=torch.bfloat16):
             model(torch.randint(0, 11, (2, 8), device="cuda"))
     assert seen == [torch.bfloat16, torch.bfloat16, torch.float32, torch.float32]
+
+
+def test_results_rows_carry_the_flag():
+    from orchestrator.tracking.callback import trial_columns
+
+    on = TrialConfig.model_validate({"task": {"name": "sort"}, "model": {"reference_code": True}})
+    assert trial_columns(on)["reference_code"] == "lm_length"
+    assert trial_columns(TrialConfig())["reference_code"] is None

@@ -19,7 +19,7 @@ from ray.tune.result import AUTO_RESULT_KEYS
 from ray.util import get_node_ip_address
 
 from analysis.results_store import read_trial_rows, write_trial_rows
-from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, varied_keys
+from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, typed_value, varied_keys
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
 from mosaic_core.metrics import STEP, parse_metric_name
@@ -61,9 +61,7 @@ def stopped_step(trial: Trial, configs: dict[str, dict[str, Any]]) -> int | None
 def trial_columns(config: TrialConfig) -> dict[str, Any]:
     """The results-store columns that identify a trial's place in the grid: the typed ones."""
     flat = flatten(config.model_dump())
-    columns = {column: flat.get(key) for column, key in TYPED_CONFIG.items()}
-    if columns["k"] is not None:  # kernel parameters are floats in the config
-        columns["k"] = int(columns["k"])
+    columns = {column: typed_value(column, flat.get(key)) for column, key in TYPED_CONFIG.items()}
     return {
         **columns,
         "kernel_label": kernel_label(config.model.kernel, **config.model.kernel_params),
