@@ -143,9 +143,8 @@ class TableStats:
     labels: list[str]
     columns: list[Column]
     planned_seeds: int | None
-    rows: pd.DataFrame = field(
-        default_factory=pd.DataFrame
-    )  # by label: kernel_label and the keys naming rows
+    # by label: kernel_label and the keys naming rows
+    rows: pd.DataFrame = field(default_factory=pd.DataFrame)
     select: str = LAST
 
 

@@ -58,9 +58,8 @@ def test_missing_seed_is_flagged():
 
 def test_ties_on_shown_values_all_marked_and_missing_cell():
     topk = trial_rows("Top-k", 0, (0.951,), factors=(1.0,))  # shows 0.95 like Softmax's 0.9467
-    table = length_generalization_table(
-        results(extra=topk)
-    )  # seeds planned: the most another row has
+    # seeds planned: the most another row has
+    table = length_generalization_table(results(extra=topk))
     assert table.loc["Top-k"].tolist() == ["**0.95**^(0.95) [1/3]", "—"]
     assert table.loc["Softmax", "sort 1×"] == "**0.95**^(<u>0.99</u>)"
 

@@ -489,10 +489,11 @@ def test_figures_in_each_format_at_300_dpi(tmp_path):
         for suffix in ("png", "pdf", "svg")
     )
     width, height = figures(frame(LENGTH_TRIALS))["exact_match_vs_length"].get_size_inches()
+    # 300 pixels an inch
     assert imread(tmp_path / "exact_match_vs_length.png").shape[:2] == (
         round(height * 300),
         round(width * 300),
-    )  # 300 pixels an inch
+    )
     assert (tmp_path / "exact_match_vs_length.pdf").read_bytes().startswith(b"%PDF")
     assert "<svg" in (tmp_path / "exact_match_vs_length.svg").read_text()
 

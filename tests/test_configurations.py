@@ -127,9 +127,8 @@ def test_a_key_tied_to_the_column_does_not_split_rows():
 
 
 def test_a_nan_seed_is_a_missing_seed():
-    stats = table_stats(
-        two_learning_rates(nan_seed=True)
-    )  # planned: the most another configuration has
+    # planned: the most another configuration has
+    stats = table_stats(two_learning_rates(nan_seed=True))
     assert stats.planned_seeds == 3
     cells = markdown_cells(stats)["sort 1×"].to_dict()
     assert cells == {
@@ -179,14 +178,12 @@ def cell(stats, key: str) -> list[float]:
 
 
 def test_select_best_val_loss_picks_the_evaluation_with_the_lowest_validation_loss():
-    best = table_stats(
-        REGBENCH, by="num_examples", select="best:val_loss"
-    )  # seed 1 ties at 10 and 20: the first
+    # seed 1 ties at 10 and 20: the first
+    best = table_stats(REGBENCH, by="num_examples", select="best:val_loss")
     assert cell(best, "accuracy_num_examples=1000") == pytest.approx([85.0, 90.0, 80.0])
     assert cell(best, "tvd_num_examples=1000") == pytest.approx([25.0, 30.0, 20.0])
-    assert (
-        table_stats(REGBENCH, by="num_examples").select == "best:val_loss"
-    )  # RegBench's default, the paper's
+    # RegBench's default, the paper's
+    assert table_stats(REGBENCH, by="num_examples").select == "best:val_loss"
     last = table_stats(REGBENCH, by="num_examples", select="last")
     assert cell(last, "accuracy_num_examples=1000") == pytest.approx([65.0, 70.0, 60.0])
     highest = table_stats(REGBENCH, by="num_examples", select="best:accuracy")  # steps 20 and 10
@@ -403,18 +400,20 @@ def test_cli_table_per_configuration_where_select_and_planned_seeds(tmp_path):
         "| Gaussian · lr 1e-4 | 0.30^(0.60) |",
         "| Gaussian · lr 0.01 | **0.70**^(<u>0.90</u>) [2/3] |",
     ]
+    # 4 planned
     (sweep / "trials.json").write_text(
         json.dumps({f"t{seed}": {"seed": seed} for seed in range(4)})
-    )  # 4 planned
+    )
     lines = invoke("table", sweep, "--where", "lr=1e-4").stdout.splitlines()
     assert lines[2:] == ["| Gaussian | **0.30**^(<u>0.60</u>) [3/4] |"]
     regbench = stored(tmp_path / "regbench", REGBENCH)
+    # the family's default: best:val_loss
     assert (
         invoke(
             "table", regbench, "--by", "num_examples", "--metric", "accuracy"
         ).stdout.splitlines()[2]
         == "| Gaussian | **85.00**^(<u>90.00</u>) |"
-    )  # the family's default: best:val_loss
+    )
     assert (
         invoke("table", regbench, "--select", "last", "--metric", "accuracy").stdout.splitlines()[2]
         == "| Gaussian | **65.00**^(<u>70.00</u>) |"
@@ -466,9 +465,8 @@ def test_results_as_a_single_parquet_file(tmp_path):
             "value",
             "config",
         ]
-    ].to_parquet(
-        tmp_path / "one" / "results.parquet"
-    )  # another tool's file: fewer columns, written by pandas
+        # another tool's file: fewer columns, written by pandas
+    ].to_parquet(tmp_path / "one" / "results.parquet")
     back = read_results(tmp_path / "one")
     assert (
         list(back.columns) == RESULTS_SCHEMA.names
