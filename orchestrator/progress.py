@@ -5,6 +5,7 @@ Ray Tune's own reporter prints a table every few seconds; it is kept for `--verb
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ class TrialProgress(Callback):
         self.configs = configs
         self.sweep_dir = sweep_dir
         self.finished: set[str] = set()  # ids of the trials that ended
+        self.done: dict[str, float] = {}  # running trial id -> share of its steps done
+        self.started = (time.monotonic(), 0.0)  # (when, share of the sweep done then)
 
     def setup(self, **info: Any) -> None:
         """A resumed sweep counts on from the trials that already ended."""
@@ -37,6 +40,7 @@ class TrialProgress(Callback):
         last = results.groupby("trial_id")["status"].last()
         ended = [TrialStatus.TERMINATED, TrialStatus.STOPPED, TrialStatus.ERROR]
         self.finished = set(last[last.isin(ended)].index)
+        self.started = (time.monotonic(), len(self.finished) / self.total)
 
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -55,16 +59,26 @@ class TrialProgress(Callback):
         max_steps = trial_config(trial.config, self.configs)["train"]["max_steps"]
         seconds = result.get("time_total_s", 0.0)
         to_go = seconds / step * (max_steps - step) if step else 0.0
+        self.done[trial.trial_id] = min(step / max_steps, 1.0)
         _console.print(
             f"[dim]{self._count()} step {step:.0f}/{max_steps}[/]  {trial_name(trial.config, self.configs)}  "
             f"{TRAIN_LOSS}={metrics.get(TRAIN_LOSS, float('nan')):.3g}  {rate / 1000:.3g}k tokens/s  "
-            f"[dim]ETA {_duration(to_go)}[/]"
+            f"[dim]ETA {_duration(to_go)}{self._sweep_eta()}[/]"
         )
+
+    def _sweep_eta(self) -> str:
+        """`, sweep 12 min`: the time the sweep's remaining steps take at the pace of its steps
+        so far (trials counted by their share of steps done; those before a resume left out)."""
+        share = (len(self.finished) + sum(self.done.values())) / self.total
+        since, share_then = self.started
+        pace = (share - share_then) / max(time.monotonic() - since, 1e-9)
+        return f", sweep {_duration((1 - share) / pace)}" if pace > 0 else ""
 
     def on_trial_complete(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         self.finished.add(trial.trial_id)
+        self.done.pop(trial.trial_id, None)
         metrics = reported_metrics(trial.last_result)
         # per-head ones ("/" in the name): MLflow
         shown = "  ".join(
@@ -87,6 +101,7 @@ class TrialProgress(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         self.finished.add(trial.trial_id)
+        self.done.pop(trial.trial_id, None)
         _console.print(
             f"{self._count()} [red]failed[/]   {trial_name(trial.config, self.configs)}  "
             f"{failure_reason(trial.error_file)}"

@@ -60,3 +60,20 @@ def test_a_failed_trial_shows_the_last_line_of_its_error(tmp_path, capsys):
         "[1/1] failed   Gaussian seed=0  ValueError: [model] n_embd (17) must be divisible by "
         "n_head (2)"
     )
+
+
+def test_the_sweep_eta_follows_the_share_of_steps_done(tmp_path, capsys, monkeypatch):
+    """4 trials of 10 steps; 60 s after the start, one trial has ended and another is at step 5:
+    1.5 of 4 trials' steps in 60 s, so the other 2.5 take 100 s (a clock of our own: no waiting)."""
+    import orchestrator.progress
+
+    clock = iter([0.0, 60.0])
+    monkeypatch.setattr(orchestrator.progress.time, "monotonic", lambda: next(clock))
+    progress = TrialProgress(4, CONFIGS, tmp_path)
+    progress.finished = {"done"}
+    running = trial("t1")
+    progress.on_trial_result(
+        0, [], running, {"step": 5, "tokens_per_s": 1000.0, "time_total_s": 30.0}
+    )
+    line = capsys.readouterr().err.strip()
+    assert line.endswith("ETA 30 s, sweep 100 s"), line
