@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -383,6 +384,14 @@ def markdown_cells(table: TableStats, ci: bool = False) -> pd.DataFrame:
     """The table as Markdown cells (`**0.95**^(<u>0.99</u>) [2/3]`, with `ci` `0.95 ± 0.04^(0.99)`),
     for `to_markdown`, which prints the cells' notes under the table."""
     return _render(table, _MARKDOWN, ci)
+
+
+def rendered_markdown(markdown: str) -> str:
+    """Our Markdown as common renderers (MLflow's description, rich in a terminal) show it: they
+    print `^(…)` and `<u>` as typed, so `mean^(max)` becomes `mean (max)`, the underlined best
+    max italic. Files keep the paper's notation."""
+    markdown = re.sub(r"<u>(.*?)</u>", r"_\1_", markdown)
+    return re.sub(r"\^\(([^()]*)\)", r" (\1)", markdown)
 
 
 def to_markdown(

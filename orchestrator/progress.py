@@ -34,6 +34,11 @@ class TrialProgress(Callback):
         self.done: dict[str, float] = {}  # running trial id -> share of its steps done
         self.started = (time.monotonic(), 0.0)  # (when, share of the sweep done then)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """`--resume` unpickles this callback from Tune's state: one saved by an earlier version
+        lacks the sweep ETA's counters."""
+        self.__dict__.update({"done": {}, "started": (time.monotonic(), 0.0), **state})
+
     def setup(self, **info: Any) -> None:
         """A resumed sweep counts on from the trials that already ended."""
         results = read_results(self.sweep_dir)

@@ -93,6 +93,8 @@ class _ExpectedTrialFailure(logging.Filter):
 
 
 _TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"
+# after Ctrl-C it advises `Tuner.restore(...)`; the command line prints its own --resume command
+_TUNE_RUN_LOG = "ray.tune.tune"
 
 
 def _quiet_logs(verbose: bool) -> None:
@@ -105,6 +107,7 @@ def _quiet_logs(verbose: bool) -> None:
     controller = logging.getLogger(_TUNE_CONTROLLER_LOG)
     for old in [f for f in controller.filters if isinstance(f, _ExpectedTrialFailure)]:
         controller.removeFilter(old)
+    logging.getLogger(_TUNE_RUN_LOG).setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
         controller.addFilter(_ExpectedTrialFailure())
         # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0

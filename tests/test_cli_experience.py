@@ -249,3 +249,16 @@ def test_a_trial_reports_progress_every_log_interval_steps():
     ]
     assert all(m["tokens_per_s"] > 0 and {"train_loss", "lr"} <= set(m) for _, _, m in reports)
     assert all("exact_match_1x" not in m for _, interim, m in reports if interim)
+
+
+def test_a_table_on_a_terminal_is_rendered_and_in_a_pipe_as_written(capsys, monkeypatch):
+    from orchestrator.cli.common import echo_markdown
+
+    table = "| Kernel | sort 1× |\n|---|---|\n| Gaussian | **0.99**^(<u>1.00</u>) |\n"
+    echo_markdown(table)
+    assert capsys.readouterr().out == table  # a pipe or a file: the Markdown the files hold
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    echo_markdown(table)
+    shown = re.sub(r"\x1b\[[0-9;]*m", "", capsys.readouterr().out)  # rich's colours off
+    assert "Gaussian" in shown and "0.99 (1.00)" in shown
+    assert not any(markup in shown for markup in ("|---|", "<u>", "^(", "**"))

@@ -77,3 +77,16 @@ def test_the_sweep_eta_follows_the_share_of_steps_done(tmp_path, capsys, monkeyp
     )
     line = capsys.readouterr().err.strip()
     assert line.endswith("ETA 30 s, sweep 100 s"), line
+
+
+def test_a_progress_callback_pickled_by_an_earlier_version_resumes(tmp_path, capsys):
+    """Tune keeps its callbacks pickled in the sweep folder: one without the ETA's counters."""
+    import pickle
+
+    old = TrialProgress(1, CONFIGS, tmp_path)
+    del old.done, old.started
+    restored = pickle.loads(pickle.dumps(old))
+    restored.on_trial_result(
+        0, [], trial("t1"), {"step": 5, "tokens_per_s": 1000.0, "time_total_s": 30.0}
+    )
+    assert "step 5/10  Gaussian seed=0" in capsys.readouterr().err

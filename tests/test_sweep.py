@@ -18,6 +18,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Experiment, Run
 
 from analysis.results_store import read_results
+from analysis.tables import rendered_markdown
 from orchestrator.sweep import SweepOutcome
 from orchestrator.sweep_folder import (
     LaunchRecord,
@@ -37,7 +38,7 @@ from orchestrator.tracking.names import (
     TRIAL_ID_TAG,
     VERSION_TAG_PREFIX,
 )
-from orchestrator.tracking.runs import git_commit, package_versions, readable_note
+from orchestrator.tracking.runs import git_commit, package_versions
 
 from helpers import (
     SMOKE_YAML,
@@ -446,7 +447,7 @@ def test_the_parent_run_describes_the_sweep(tiny_sweep):
     assert package_versions().items() <= tags.items() and f"{VERSION_TAG_PREFIX}torch" in tags
     assert tags[RESOURCE_PLAN_TAG] == "\n".join(smoke_plan())
     # the table as its description, as MLflow renders it: mean (max), the best max in italics
-    assert tags[NOTE_TAG].endswith(readable_note(tiny_sweep.table.strip()))
+    assert tags[NOTE_TAG].endswith(rendered_markdown(tiny_sweep.table.strip()))
     assert "^(" not in tags[NOTE_TAG] and "<u>" not in tags[NOTE_TAG]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 USAGE_ERROR = 2
@@ -20,3 +22,18 @@ def fail(message: str) -> typer.Exit:
     """One line on stderr, and exit 2."""
     error_line(message)
     return typer.Exit(USAGE_ERROR)
+
+
+def echo_markdown(markdown: str) -> None:
+    """A table as Markdown: rendered by rich on a terminal, as written (what files hold) in a pipe
+    or a file."""
+    if not sys.stdout.isatty():
+        typer.echo(markdown, nl=False)
+        return
+    # rich, the tables' rendering: only on a terminal
+    from rich.console import Console
+    from rich.markdown import Markdown
+
+    from analysis.tables import rendered_markdown
+
+    Console().print(Markdown(rendered_markdown(markdown)))

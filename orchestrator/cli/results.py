@@ -11,7 +11,7 @@ import typer
 
 from analysis.paper_tables import PAPER_TABLES
 from mosaic_core.metrics import lower_is_better
-from orchestrator.cli.common import fail
+from orchestrator.cli.common import echo_markdown, fail
 from orchestrator.sweep_folder import (
     PLOTS,
     SweepFolder,
@@ -193,7 +193,7 @@ def table(
         "csv": lambda: to_csv(stats),
     }[fmt]()
     if out is None:
-        typer.echo(text, nl=False)
+        echo_markdown(text) if fmt == "md" else typer.echo(text, nl=False)
     else:
         out.write_text(text)
         typer.echo(f"wrote {out}")

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
 from orchestrator import launch
-from orchestrator.cli.common import fail
+from orchestrator.cli.common import echo_markdown, fail
 from orchestrator.resources import GPU_TYPES
 from orchestrator.sweep_folder import LAUNCH, MLFLOW_DB, TABLE
 from search_spaces.overrides import EXAMPLES, apply_overrides
@@ -162,7 +163,9 @@ def run(
     )
     typer.echo(where, err=True)
     how = dict(address=address, verbose=verbose, max_concurrent=max_concurrent, sweep_file=path)
-    _print_outcome(run_sweep(sweep, folder, **how))
+    again = ["mosaic-sweep", "run", spec, *(overrides or []), "--out", str(sweep_dir), "--resume"]
+    again += ["--address", address] if address is not None else []
+    _print_outcome(run_sweep(sweep, folder, **how), shlex.join(again))
 
 
 def _checked_sweep(
@@ -195,14 +198,14 @@ def _print_finished(folder: SweepFolder) -> None:
     typer.echo(table.read_text() if table.is_file() else "")
 
 
-def _print_outcome(outcome: SweepOutcome) -> None:
+def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     """The table, the trials by state, where everything is; exit 130 when interrupted, 1 when a trial failed."""
     # pandas and pyarrow, loaded by the sweep by now: kept out of `--help`
     from analysis.results_store import store_path
     from analysis.schema import TrialStatus
 
     typer.echo("")
-    typer.echo(outcome.table_markdown)
+    echo_markdown(outcome.table_markdown + "\n")
     counts = [f"{n} {status}" for status, n in sorted(outcome.trials_by_status.items())]
     counts += [f"{outcome.unfinished} unfinished"] if outcome.unfinished else []
     typer.echo(f"\ntrials: {', '.join(counts)}")
@@ -211,9 +214,7 @@ def _print_outcome(outcome: SweepOutcome) -> None:
     if outcome.tracking_uri.startswith("sqlite:"):
         typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
     if outcome.unfinished:
-        typer.echo(
-            "interrupted: continue with the same command and --resume (finished trials are kept)"
-        )
+        typer.echo(f"interrupted; continue it (finished trials are kept) with:\n  {resume_command}")
         raise typer.Exit(130)
     if outcome.trials_by_status.get(TrialStatus.ERROR):
         raise typer.Exit(1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import math
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
+from analysis.tables import rendered_markdown
 from mosaic_core.metrics import STEP
 from orchestrator.sweep_folder import MLFLOW_ARTIFACTS, RunMap, SweepFolder, SweepFolderError
 from orchestrator.tracking.names import (
@@ -143,20 +143,13 @@ def describe_parent_run(
         client.log_artifact(run_id, str(sweep_file))
 
 
-def readable_note(markdown: str) -> str:
-    """The table's Markdown as MLflow's description renders it: it shows `^(…)` and `<u>` as
-    typed, so `mean^(max)` becomes `mean (max)` and the underlined best max italic."""
-    markdown = re.sub(r"<u>(.*?)</u>", r"_\1_", markdown)
-    return re.sub(r"\^\(([^()]*)\)", r" (\1)", markdown)
-
-
 def log_sweep_outputs(
     client: MlflowClient, run_id: str, files: list[Path], note: str, plots: Path | None
 ) -> None:
     """The sweep's tables (and plots folder) as artifacts of its parent run, the table in its note."""
     for path in files:
         client.log_artifact(run_id, str(path))
-    client.set_tag(run_id, NOTE_TAG, readable_note(note))
+    client.set_tag(run_id, NOTE_TAG, rendered_markdown(note))
     if plots is not None:
         client.log_artifacts(run_id, str(plots), artifact_path=plots.name)
 
