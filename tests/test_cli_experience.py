@@ -188,7 +188,7 @@ def test_dry_run_of_every_bundled_sweep_lists_its_trials_on_this_machine(name):
         for line in done.stdout.splitlines()
         if line.strip()[:1].isdigit() and "  " in line.strip()
     ]
-    assert len(listed) >= len(trials) and trials[-1].describe() in done.stdout
+    assert len(listed) >= len(trials) and trials[-1].title() in done.stdout  # the paper's label
     assert "can run this sweep" in done.stdout or "cannot run this sweep" in done.stdout
 
 
