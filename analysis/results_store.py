@@ -88,9 +88,8 @@ def _read_part(path: Path) -> pa.Table:
     try:
         return _conformed(pq.read_table(path))
     except (pa.ArrowException, OSError) as error:
-        reason = " ".join(str(error).replace(str(path), "the file").split())[
-            :80
-        ]  # the path is named once
+        # the path is named once
+        reason = " ".join(str(error).replace(str(path), "the file").split())[:80]
         raise ResultsStoreError(f"{path}: not a readable results file ({reason})") from None
 
 

@@ -190,9 +190,8 @@ def main() -> int:
 
     startup, wind_down = starts[0], sweep_total - ends[-1]
     trial_phase = ends[-1] - starts[0]
-    inside = [
-        end - start for start, end in zip(starts, ends)
-    ]  # one at a time: the k-th start and end pair
+    # one at a time: the k-th start and end pair
+    inside = [end - start for start, end in zip(starts, ends)]
     gaps = [start - end for end, start in zip(ends, starts[1:])]
     sweep_training = sweep_training_seconds(out / "sweep")
     figures = {

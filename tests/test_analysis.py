@@ -156,11 +156,12 @@ def regbench_rows(label: str, seed: int, size: int, accuracy: float, tvd: float)
         "task": "regbench",
         "step": 100,
     }
+    # an earlier evaluation: ignored
     return [
         {**common, "metric": "accuracy", "value": accuracy},
         {**common, "metric": "tvd", "value": tvd},
         {**common, "metric": "accuracy", "value": 0.0, "step": 50},
-    ]  # an earlier evaluation: ignored
+    ]
 
 
 def test_summary_table_marks_the_lowest_tvd_and_the_highest_accuracy():
@@ -186,12 +187,13 @@ def test_summary_table_marks_the_lowest_tvd_and_the_highest_accuracy():
         "tvd ↓ num_examples=1000",
         "tvd ↓ num_examples=5000",
     ]
+    # tie: both bold
     assert table.loc["Gaussian"].tolist() == [
         "**85.00**^(<u>90.00</u>)",
         "—",
         "15.00^(<u>10.00</u>)",
         "—",
-    ]  # tie: both bold
+    ]
     assert table.loc["Biweight"].tolist() == [
         "**85.00**^(86.00)",
         "**95.00**^(<u>95.00</u>) [1/2]",

@@ -131,10 +131,11 @@ def test_a_nan_seed_is_a_missing_seed():
     stats = table_stats(two_learning_rates(nan_seed=True))
     assert stats.planned_seeds == 3
     cells = markdown_cells(stats)["sort 1×"].to_dict()
+    # (0.5+0.9)/2
     assert cells == {
         "Gaussian · lr 1e-4": "0.30^(0.60)",
         "Gaussian · lr 0.01": "**0.70**^(<u>0.90</u>) [2/3]",
-    }  # (0.5+0.9)/2
+    }
 
 
 def test_a_failed_seed_is_missing_even_if_it_reported():

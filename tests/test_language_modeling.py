@@ -74,9 +74,8 @@ def test_gpt2_ids_from_local_ranks() -> None:
     encoding = gpt2_encoding()
     assert encoding.encode_ordinary("Hello world") == [15496, 995]
     assert encoding.eot_token == EOT == 50256 and encoding.n_vocab == 50257 < PADDED_VOCAB
-    assert encoding.encode_ordinary("<|endoftext|>") != [
-        EOT
-    ]  # text never turns into the special token
+    # text never turns into the special token
+    assert encoding.encode_ordinary("<|endoftext|>") != [EOT]
 
 
 def test_gpt2_from_installed_whisper_without_importing_it(
@@ -207,11 +206,12 @@ def test_prepare_refuses_to_overwrite(tmp_path: Path) -> None:
         prepare_corpus([DATA / "stories.txt"], tmp_path)
     prepare_corpus([DATA / "stories.txt"], tmp_path, val_fraction=0.0, overwrite=True)
     assert decode(tmp_path / "train.bin") == joined(TXT_STORIES)
+    # no leftovers
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "meta.json",
         "train.bin",
         "val.bin",
-    ]  # no leftovers
+    ]
 
 
 def test_prepare_rejects_bad_input(tmp_path: Path) -> None:

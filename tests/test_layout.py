@@ -4,6 +4,7 @@ why, and each MLflow tag, sweep-folder file and metric is named in one place."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -214,3 +215,16 @@ def test_a_callback_pickled_before_the_tracking_package_split_still_unpickles():
     from orchestrator.tracking.callback import SweepTracker
 
     assert pickle.loads(b"corchestrator.tracking\nSweepTracker\n.") is SweepTracker
+
+
+def test_no_comment_dangles_after_a_lone_closing_bracket():
+    """Comments sit on their own line above the code they explain (a formatter's `)  # why` reads
+    as if it explained the bracket); `# fmt: skip` markers are the formatter's own."""
+    dangling = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for folder in (*PACKAGES, "tests", "bench")
+        for path in sorted((ROOT / folder).rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.match(r"\s*[)\]}]+\s*#", line) and "fmt: skip" not in line
+    ]
+    assert dangling == []

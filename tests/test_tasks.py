@@ -342,16 +342,14 @@ def test_paper_figure_4_mqmtar_example_parses_into_four_queries_with_their_answe
         "2 256 174 2 73 58 2 195 61 2 216 104"
     )
     targets = [2, 60, 14, 2, 106, 177, 2, 248, 216, 2, 147, 101]
-    tokens = [
-        int(word) for word in shown.split() if word.isdigit()
-    ]  # the figure's k_i/v_i are colour labels
+    # the figure's k_i/v_i are colour labels
+    tokens = [int(word) for word in shown.split() if word.isdigit()]
     pairs, queries = parse_mqmtar(tokens)
     assert queries == [(256, 174), (73, 58), (195, 61), (216, 104)]
     answers = [tuple(targets[3 * q + 1 : 3 * q + 3]) for q in range(4)]
     assert targets[::3] == [2] * 4
-    shown_keys = [
-        q for q in queries if q in pairs
-    ]  # the figure elides the context of queries 2 and 3
+    # the figure elides the context of queries 2 and 3
+    shown_keys = [q for q in queries if q in pairs]
     assert shown_keys == [(256, 174), (216, 104)]
     assert [pairs[q] for q in shown_keys] == [answers[0], answers[3]]
 
@@ -364,9 +362,8 @@ def test_mqmtar_ids_and_layout():
     assert len(src) == 64 + 12 and inputs[0, 0] == 259 and inputs[0, 1 + 64 + 12] == 260
     assert labels[0].tolist()[-13:] == [*trg.tolist(), 261]
     answer = t.answer_mask(labels)[0]
-    assert labels[0][answer].tolist() == [
-        x for i, x in enumerate(trg.tolist()) if i % 3
-    ]  # the 8 value tokens
+    # the 8 value tokens
+    assert labels[0][answer].tolist() == [x for i, x in enumerate(trg.tolist()) if i % 3]
 
 
 @pytest.mark.parametrize(

@@ -57,9 +57,8 @@ _EVAL_STREAM, _TRAIN_STREAM, _ORDER_STREAM = 0, 1, 2  # disjoint numpy seed stre
 _SPLITS = ("val", "test", "train")  # generation order: training skips what val and test hold
 
 Transitions = list[dict[int, int]]  # state -> {letter: next state}; 0 starts, every state accepts
-Dfa = tuple[
-    tuple[tuple[int, int], ...], ...
-]  # canonical: states in BFS order, (letter, target) sorted
+# canonical: states in BFS order, (letter, target) sorted
+Dfa = tuple[tuple[tuple[int, int], ...], ...]
 
 
 def random_transitions(rng: random.Random) -> Transitions:
@@ -85,9 +84,8 @@ def minimise(transitions: Transitions) -> Transitions:
             (blocks[s], tuple(sorted((a, blocks[t]) for a, t in edges.items())))
             for s, edges in enumerate(transitions)
         ]
-        ids = {
-            signature: i for i, signature in enumerate(dict.fromkeys(signatures))
-        }  # state 0's block is 0
+        # state 0's block is 0
+        ids = {signature: i for i, signature in enumerate(dict.fromkeys(signatures))}
         blocks = [ids[signature] for signature in signatures]
         if len(ids) == count:
             break
@@ -186,9 +184,8 @@ def sample_sequences(
     keep = (np.arange(MAX_LENGTH + 1) <= lengths[..., None]) & (
         np.arange(MAX_STRINGS) < strings[:, None]
     )[..., None]
-    return [
-        (tokens[b][keep[b]][:-1], states[b][keep[b]][:-1]) for b in range(batch)
-    ]  # no `|` after the last
+    # no `|` after the last
+    return [(tokens[b][keep[b]][:-1], states[b][keep[b]][:-1]) for b in range(batch)]
 
 
 def make_batch(
