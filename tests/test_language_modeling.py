@@ -201,7 +201,7 @@ def test_prepare_refuses_to_overwrite(tmp_path: Path) -> None:
     prepare_corpus([DATA / "stories.jsonl"], tmp_path, val_fraction=0.0)
     with pytest.raises(
         FileExistsError,
-        match=r"already holds train\.bin, val\.bin, meta\.json; pass overwrite=True",
+        match=r"already holds train\.bin, val\.bin, meta\.json; pass --overwrite to replace it",
     ):
         prepare_corpus([DATA / "stories.txt"], tmp_path)
     prepare_corpus([DATA / "stories.txt"], tmp_path, val_fraction=0.0, overwrite=True)

@@ -74,7 +74,7 @@ def prepare_corpus(
     existing = [path.name for path in outputs.values() if path.exists()]
     if existing and not overwrite:
         raise FileExistsError(
-            f"{out_dir} already holds {', '.join(existing)}; pass overwrite=True (--overwrite) to replace it"
+            f"{out_dir} already holds {', '.join(existing)}; pass --overwrite to replace it"
         )
 
     encoding = gpt2_encoding()  # before the long read: a missing tokenizer fails at once
