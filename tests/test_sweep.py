@@ -724,6 +724,21 @@ def served_json(ui_args: list[str | Path], path: str) -> object:
     finally:
         server.terminate()
         server.wait(timeout=30)
+        _check_closed(port)
+
+
+def _check_closed(port: int) -> None:
+    """Nothing listens on `port` any more: stopping `mosaic-sweep ui` stopped its server."""
+    import socket
+    import time
+
+    deadline = time.time() + 30
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) != 0:
+                return
+        assert time.time() < deadline, f"a server still listens on {port} after `ui` stopped"
+        time.sleep(0.5)
 
 
 def test_ui_serves_the_sweeps_tracking_store_on_localhost(tmp_path):

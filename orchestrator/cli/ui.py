@@ -4,6 +4,7 @@ optuna-dashboard on a search's study."""
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -50,6 +51,8 @@ def ui(
     )
     typer.echo(f"starting {served} on 127.0.0.1:{port}…", err=True)
     server = subprocess.Popen(argv)
+    # a kill of this command stops its server too (Ctrl-C reaches both through the terminal)
+    signal.signal(signal.SIGTERM, lambda signum, frame: server.terminate())
     try:
         if not answers(server, f"http://127.0.0.1:{port}/"):
             raise fail(f"{served} stopped before it answered (exit code {server.returncode})")
@@ -59,6 +62,10 @@ def ui(
         server.wait()
     except KeyboardInterrupt:  # the server got it too: let it finish
         server.wait()
+    finally:
+        if server.poll() is None:
+            server.terminate()
+            server.wait()
 
 
 def _check_port_free(port: int) -> None:
