@@ -100,8 +100,8 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
     )
     assert plan.returncode == 0, plan.stderr
     assert plan.stdout.splitlines()[:3] == [
-        "1  seed=0 softmax",
-        "2  seed=1 softmax  (2 workers)",
+        "1  seed=0 Gaussian",
+        "2  seed=1 Gaussian  (2 workers)",
         "per worker: 0.5 CPU, 0 GPU; 1 trial × 1 worker, 1 trial × 2 workers (Ray Train, placed PACK, each with a "
         f"0.01-CPU driver); this machine (local Ray): 1 node(s), {os.cpu_count()} CPUs, 0 GPUs",
     ]
