@@ -227,7 +227,7 @@ def evaluation_memory(lengths: list[int], kernels: list[str]) -> list[dict]:
         weights = torch.cuda.memory_allocated()
         for length in lengths:
             torch.cuda.reset_peak_memory_stats()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
+            with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
                 model(torch.randint(0, 263, (1, length), device="cuda"))
             peak = (torch.cuda.max_memory_allocated() - weights) / 2**30
             rows.append({"model": f"MM {kernel}", "config": "evaluation", "length": length,

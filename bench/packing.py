@@ -45,8 +45,12 @@ def trial_config(shape: str, kernel: str) -> TrialConfig:
     )  # fmt: skip
 
 
-def trial(rank: int, shape: str, kernel: str, seconds: float, barrier, results) -> None:
-    """One packed trial: warm up (compile), wait for the others, train `seconds`, report tokens."""
+def trial(
+    rank: int, shape: str, kernel: str, seconds: float, threads: int, barrier, results
+) -> None:
+    """One packed trial: warm up (compile), wait for the others, train `seconds`, report tokens.
+    `threads` CPU threads, as a sweep trial gets its `resources.cpu`."""
+    torch.set_num_threads(threads)
     config = trial_config(shape, kernel)
     device = torch.device("cuda")
     task = build_task(config.task, rank)
@@ -76,11 +80,13 @@ def trial(rank: int, shape: str, kernel: str, seconds: float, barrier, results) 
     )
 
 
-def measure(shape: str, kernel: str, trials: int, seconds: float) -> dict:
+def measure(shape: str, kernel: str, trials: int, seconds: float, threads: int) -> dict:
     context = mp.get_context("spawn")
     barrier, results = context.Barrier(trials), context.Queue()
     workers = [
-        context.Process(target=trial, args=(rank, shape, kernel, seconds, barrier, results))
+        context.Process(
+            target=trial, args=(rank, shape, kernel, seconds, threads, barrier, results)
+        )
         for rank in range(trials)
     ]
     for worker in workers:
@@ -94,6 +100,7 @@ def measure(shape: str, kernel: str, trials: int, seconds: float) -> dict:
         "model": f"MM {kernel}",
         "trials": trials,
         "gpu_share": 1 / trials,
+        "cpu_threads_per_trial": threads,
         "tokens_per_s_total": total,
         "tokens_per_s_per_trial": total / trials,
         "peak_gib_per_trial": max(r["peak_gib"] for r in rows),
@@ -124,6 +131,9 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="*", default=["softmax"])
     parser.add_argument("--trials", nargs="*", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--seconds", type=float, default=20.0, help="timed window per packing")
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads per trial (a sweep's resources.cpu)"
+    )
     parser.add_argument("--out", help="append one JSON row per measurement to this file")
     parser.add_argument(
         "--report", nargs="+", metavar="JSONL", help="print the table of earlier runs"
@@ -145,7 +155,7 @@ def main() -> None:
     for shape in args.shapes:
         for kernel in args.kernels:
             for trials in args.trials:
-                rows.append({**measure(shape, kernel, trials, args.seconds), **meta})
+                rows.append({**measure(shape, kernel, trials, args.seconds, args.threads), **meta})
                 print(json.dumps(rows[-1]), flush=True)
                 if args.out:
                     with open(args.out, "a") as f:
