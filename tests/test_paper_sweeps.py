@@ -34,7 +34,7 @@ TABLE_2_LABELS = [
         ("babistories", 24),
         ("babistories_smoke", 6),
         ("search_smoke", 8),
-        ("paper_check", 8),
+        ("paper_check", 6),
     ],
 )
 def test_every_bundled_sweep_expands_to_its_trial_count(name, trials):
@@ -154,3 +154,22 @@ def test_babistories_is_figure_2():
         "topk_softmax",
         32,
     ) in kernels  # Figure 2's kNN curves
+
+
+def test_the_paper_check_trains_table_2s_sort_model_and_task():
+    """The ten-minute check differs from the paper's sort sweep only in its budget: the same
+    model and task for each of its kernels, and the paper's 1 000 test sequences at 1×, 2×, 4×."""
+    paper = {
+        (t.config.model.kernel, t.config.seed): t.config
+        for t in load_sweep(bundled_sweeps()["length_generalization"]).trials
+        if t.config.task.name == "sort"
+    }
+    check = load_sweep(bundled_sweeps()["paper_check"])
+    assert check.kernel_labels == ["Gaussian", "Epanechnikov (sparsemax)", "Triweight"]
+    assert check.planned_seeds == 2
+    for trial in check.trials:
+        same = paper[(trial.config.model.kernel, trial.config.seed)]
+        assert trial.config.model == same.model
+        assert trial.config.task == same.task
+        assert trial.config.train.batch_size == same.train.batch_size
+        assert trial.config.train.max_steps < same.train.max_steps / 50
