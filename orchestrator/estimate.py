@@ -34,7 +34,7 @@ from mosaic_core.train import (
     optimizer_step,
     pick_device,
 )
-from search_spaces.schema import Sweep
+from search_spaces.schema import Sweep, describe_varying, readable_variant
 
 BF16_PEAK_FLOPS = 989.4e12  # H100 and H200 SXM, dense: the peak bench/model.py's MFU is relative to
 # scheduling a trial and its first imports (bench/RESULTS.md, "Sweep overhead")
@@ -85,8 +85,10 @@ def distinct_shapes(sweep: Sweep) -> list[tuple[TrialConfig, int, str]]:
     shapes: dict[str, list] = {}
     for trial in sweep.trials:
         key = json.dumps(trial.config.model_dump(exclude={"seed"}), sort_keys=True)
+        unseeded = describe_varying({k: v for k, v in trial.varying.items() if k != "seed"})
+        model = trial.config.model
         label = (
-            " ".join(f"{k}={v}" for k, v in trial.varying.items() if k != "seed")
+            readable_variant(unseeded, model.kernel, model.kernel_params, trial.kernel_label)
             or trial.config.task.name
         )
         shapes.setdefault(key, [trial.config, 0, label])[1] += 1

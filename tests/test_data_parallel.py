@@ -157,7 +157,7 @@ def test_a_sweep_mixing_one_and_two_worker_trials_plans_them_survives_a_killed_w
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'sweeps' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("mixed").experiment_id])
     children = [run for run in runs if PARENT_TAG in run.data.tags]
-    assert sorted(run.info.run_name for run in children) == ["seed=0 softmax", "seed=1 softmax"]
+    assert sorted(run.info.run_name for run in children) == ["seed=0 Gaussian", "seed=1 Gaussian"]
     assert {run.info.status for run in children} == {"FINISHED"}
     for run in children:
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "train_loss")]
