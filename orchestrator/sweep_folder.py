@@ -15,7 +15,8 @@
 Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifacts/` (its artifacts).
 
 `SweepFolder.create` starts a new folder, `SweepFolder.open` reads back one that exists; every
-other module goes through them. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
+other module goes through them. Every file the tool writes here goes through
+`orchestrator.safe_write`, which never writes through a symlink planted in the folder. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
 state from it, so resume only folders you wrote.
 """
 
@@ -32,6 +33,8 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.safe_write import write_file
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
@@ -192,10 +195,7 @@ def _backup_name(path: Path) -> Path:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Written whole or not at all: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_file(path, json.dumps(data, indent=1))
 
 
 def _read_json(path: Path, missing: str) -> Any:
