@@ -11,6 +11,7 @@
 | `compare-<paper table>.md/.csv` | `mosaic-sweep compare`'s comparison with the paper |
 | `optuna.db` | a search's Optuna study (unless `search.storage` names another database) |
 | `tune/` | Ray Tune's state (under `--storage` when given) |
+| `driver.lock` | held by the driver running the sweep, naming its host and pid (`orchestrator.driver_lock`) |
 
 Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifacts/` (its artifacts).
 
@@ -46,6 +47,7 @@ TABLE = "table.md"
 SEARCH_TABLE = "table-search.csv"
 PLOTS = "plots"
 OPTUNA_DB = "optuna.db"
+DRIVER_LOCK = "driver.lock"
 TUNE = "tune"  # Tune's experiment name (RunConfig name) under the storage path
 MLFLOW_DB = "mlflow.db"  # beside the sweep folders
 MLFLOW_ARTIFACTS = "mlartifacts"  # beside the sweep folders

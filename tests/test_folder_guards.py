@@ -4,6 +4,9 @@ its place instead of writing through it, and one driver at a time runs a sweep f
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -13,10 +16,18 @@ import yaml
 from analysis.results_store import write_trial_rows
 from orchestrator.run_folder import METRICS, record_evaluation
 from orchestrator.sweep import write_tables
-from orchestrator.sweep_folder import RUN_MAP, TABLE, RunMap, SweepFolder, comparison_file
+from orchestrator.sweep_folder import (
+    DRIVER_LOCK,
+    LAUNCH,
+    RUN_MAP,
+    TABLE,
+    RunMap,
+    SweepFolder,
+    comparison_file,
+)
 from search_spaces.expand import validate_sweep
 
-from helpers import SMOKE_YAML, invoke
+from helpers import SMOKE_YAML, invoke, mosaic_sweep
 
 PRECIOUS = "precious: not the tool's to write"
 
@@ -102,3 +113,62 @@ def test_write_tables_replaces_planted_symlinks(tmp_path):
     _, written = write_tables(sweep, results, tmp_path / "s")
     assert link in written
     assert_replaced_not_followed(link, outside)
+
+
+HOLD = """
+import sys
+from pathlib import Path
+from orchestrator.driver_lock import hold_driver_lock
+hold_driver_lock(Path(sys.argv[1]))
+print((Path(sys.argv[1]) / "driver.lock").read_text(), flush=True)
+sys.stdin.read()
+"""
+
+
+def first_driver(sweep_dir: Path) -> subprocess.Popen[str]:
+    """A process holding the sweep folder's lock as a running driver does, until its stdin closes."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(sweep_dir)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline().split() == [socket.gethostname(), str(process.pid)]
+    return process
+
+
+@pytest.mark.parametrize("how", [["--resume"], ["--overwrite"], []])
+def test_a_second_driver_on_a_running_sweep_folder_is_refused_naming_the_first(tmp_path, how):
+    sweep_dir = tmp_path / "sweeps" / "smoke"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / LAUNCH).write_text(PRECIOUS)
+    first = first_driver(sweep_dir)
+    try:
+        second = mosaic_sweep("run", "smoke", "--out", sweep_dir, *how, cwd=tmp_path)
+    finally:
+        first.communicate(timeout=30)
+    assert second.returncode == 2, second.stderr
+    assert second.stdout == ""
+    assert second.stderr.splitlines() == [
+        f"error: {sweep_dir} is being run by pid {first.pid} on {socket.gethostname()} (it holds "
+        f"{sweep_dir / DRIVER_LOCK}); one driver per sweep folder: wait for it to end, or stop it "
+        "and then --resume"
+    ]
+    assert sorted(path.name for path in tmp_path.rglob("*")) == [
+        DRIVER_LOCK,
+        LAUNCH,
+        "smoke",
+        "sweeps",
+    ]
+    assert (sweep_dir / LAUNCH).read_text() == PRECIOUS
+
+
+def test_the_lock_of_a_driver_that_died_is_taken_over(tmp_path):
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    (tmp_path / DRIVER_LOCK).write_text(f"{socket.gethostname()} {dead.stdout.strip()}\n")
+    # the probe before Ray lets the next driver through: this refusal is the next check's
+    refused = mosaic_sweep("run", "smoke", "--out", tmp_path, "--resume", cwd=tmp_path)
+    assert "holds no sweep to resume" in refused.stderr
+    first_driver(tmp_path).communicate(timeout=30)
