@@ -255,6 +255,31 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
         [],
         "grid key 'seed' repeats a value",
     ),
+    "n-embd-string": (
+        text(edited(lambda s: s["base"]["model"].update(n_embd="64"))),
+        [],
+        "bad.yaml: base.model.n_embd: Input should be a valid integer",
+    ),
+    "lr-string": (
+        text(edited(lambda s: s["base"]["train"].update(lr="0.001"))),
+        [],
+        "base.train.lr: Input should be a valid number",
+    ),
+    "grid-string": (
+        text(edited(lambda s: s["grid"].update({"train.batch_size": ["8", "16"]}))),
+        [],
+        "train.batch_size: Input should be a valid integer",
+    ),
+    "cpu-string": (
+        text(edited(lambda s: s["resources"].update(cpu="2"))),
+        [],
+        "resources.cpu: Input should be a valid number",
+    ),
+    "bool-number": (
+        text(edited(lambda s: s["base"]["model"].update(tie_weights=1))),
+        [],
+        "base.model.tie_weights: Input should be a valid boolean",
+    ),
     "gpus-per-trial": (
         text(SMOKE),
         ["--gpus-per-trial", "1.5"],
@@ -437,6 +462,11 @@ TRAIN: dict[str, tuple[str, list[str], str]] = {
         text({**TRIAL, "model": {"kernel": "topk_softmax", "kernel_params": {"k": float("inf")}}}),
         [],
         "trial.yaml: model.kernel_params.k: inf is not a finite number",
+    ),
+    "n-embd-string": (
+        text({**TRIAL, "model": {"n_embd": "64"}}),
+        [],
+        "trial.yaml: model.n_embd: Input should be a valid integer",
     ),
     "resume-and-overwrite": (
         text(TRIAL),
