@@ -81,6 +81,11 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
         [],
         "kernels[0].alpha: inf is not a finite number",
     ),
+    "alpha-huge": (
+        text(edited(kernel(name="entmax", alpha=1e6))),
+        [],
+        "kernels[0]: entmax alpha must be > 1 and ≤ 4 (α → 1 is softmax; above it entmax's gradient",
+    ),
     "k-inf": (
         text(edited(kernel(name="topk_softmax", k=float("inf")))),
         [],
