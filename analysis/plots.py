@@ -31,6 +31,7 @@ from analysis.budgets import NOTE, at_one_budget, trial_budgets
 from analysis.configurations import ROW, config_frame, labelled, row_keys
 from analysis.tables import selected, succeeded
 from mosaic_core.metrics import EXACT_MATCH, OOD_LOSS_EMA, SUPPORT_SIZE, TRAIN_LOSS, VAL_LOSS
+from orchestrator.safe_write import replacing
 
 OOD_PREFIX = f"{OOD_LOSS_EMA}/pos"
 FORMATS = ("png", "pdf", "svg")  # what `make_plots` writes: matplotlib's raster and vector formats
@@ -234,6 +235,7 @@ def make_plots(
         for suffix in formats:
             path = Path(out_dir) / f"{stem}.{suffix}"
             path.parent.mkdir(parents=True, exist_ok=True)
-            figure.savefig(path, dpi=DPI)
+            with replacing(path) as file:
+                figure.savefig(file, format=suffix, dpi=DPI)
             paths.append(path)
     return paths

@@ -31,7 +31,10 @@ MAX_SEED = 2**63 - 1  # seeds are stored as int64 (results schema); NumPy takes 
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    """Unknown keys refused, and no value converted: `n_embd: "64"` is a string, not a number (an
+    integer still goes where a float does)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class LengthTaskConfig(_Strict):
@@ -314,6 +317,8 @@ class TrainConfig(_Strict):
     )
     adam_betas: tuple[float, float] = Field(
         (0.9, 0.95),
+        # a list, as YAML and JSON write a pair (its numbers stay strict)
+        strict=False,
         description="AdamW's (β1, β2): (0.9, 0.95) in the LM and length code, (0.9, 0.999) in seq_icl",
     )
     precision: Literal["bf16", "fp32"] = Field(

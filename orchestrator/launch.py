@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.driver_lock import check_no_driver
 from orchestrator.resources import (
     PlacementError,
     check_fits,
@@ -89,6 +90,7 @@ def check_flags(
             "--resume continues the sweep in the folder, --overwrite starts it again: give one of them"
         )
     check_new_folder(sweep_dir, "--out")
+    check_no_driver(sweep_dir)
     if overwrite:
         check_overwrite(sweep_dir)
     if storage is not None:
@@ -210,6 +212,8 @@ def new_sweep_folder(
         trial.describe(): with_absolute_paths(trial.config.model_dump()) for trial in sweep.trials
     }
     replaced = _sweep_in(sweep_dir) if overwrite else None
+    # again just before a running sweep's folder could be moved aside
+    check_no_driver(sweep_dir)
     backups = set(sweep_dir.parent.glob(f"{sweep_dir.name}.bak-*"))
     folder = SweepFolder.create(sweep_dir, launch, configs, overwrite=overwrite)
     moved = set(sweep_dir.parent.glob(f"{sweep_dir.name}.bak-*")) - backups

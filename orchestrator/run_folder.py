@@ -17,6 +17,7 @@ from mosaic_core.checkpoint import FILENAME, load_checkpoint
 from mosaic_core.config import TrialConfig, describe_validation_error
 from mosaic_core.metrics import ELAPSED_S, STEP
 from mosaic_core.train import planned_schedule
+from orchestrator.safe_write import append_line, write_file
 from orchestrator.sweep_folder import prepare_output_dir
 from search_spaces.yaml_io import read_yaml
 
@@ -61,8 +62,8 @@ def open_run_folder(
         state = load_checkpoint(checkpoint_dir, config)
         return checkpoint_dir, schedule_note(state, config, replan)
     prepare_output_dir(run_dir, overwrite, marker="config.yaml", what="a run")
-    (run_dir / "config.yaml").write_text(
-        yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    write_file(
+        run_dir / "config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
     )
     return None, None
 
@@ -91,8 +92,7 @@ def record_evaluation(run_dir: Path, metrics: dict[str, float], checkpoint_dir: 
     shutil.copytree(checkpoint_dir, tmp)
     shutil.rmtree(run_dir / "checkpoint", ignore_errors=True)
     tmp.rename(run_dir / "checkpoint")
-    with open(run_dir / METRICS, "a") as f:
-        f.write(json.dumps(metrics) + "\n")
+    append_line(run_dir / METRICS, json.dumps(metrics))
 
 
 def format_metrics(metrics: dict[str, Any]) -> str:

@@ -25,6 +25,7 @@ from analysis.tables import (
     to_markdown,
 )
 from orchestrator.resources import connect, resource_plan
+from orchestrator.safe_write import write_file
 from orchestrator.sweep_folder import PLOTS, SEARCH_TABLE, TABLE, SweepFolder, layout_table
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import FAILED, FINISHED, KILLED
@@ -149,19 +150,19 @@ def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list
             index_header="Suggestion",
         )
         written = [sweep_dir / TABLE, sweep_dir / SEARCH_TABLE]
-        written[0].write_text(markdown + "\n")
-        ranking.to_csv(written[1])
+        write_file(written[0], markdown + "\n")
+        write_file(written[1], ranking.to_csv())
         return markdown, written
     tables = _sweep_tables(sweep, results)
     markdown = "\n".join(
         to_markdown(markdown_cells(stats), title=title) for _, title, stats in tables
     )
     written = [sweep_dir / TABLE]
-    written[0].write_text(markdown + "\n")
+    write_file(written[0], markdown + "\n")
     for by, _, stats in tables:
         for suffix, render in ((".tex", to_latex), (".csv", to_csv)):
             path = sweep_dir / layout_table(by, suffix)
-            path.write_text(render(stats))
+            write_file(path, render(stats))
             written.append(path)
     return markdown, written
 

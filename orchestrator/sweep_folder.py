@@ -11,11 +11,13 @@
 | `compare-<paper table>.md/.csv` | `mosaic-sweep compare`'s comparison with the paper |
 | `optuna.db` | a search's Optuna study (unless `search.storage` names another database) |
 | `tune/` | Ray Tune's state (under `--storage` when given) |
+| `driver.lock` | held by the driver running the sweep, naming its host and pid (`orchestrator.driver_lock`) |
 
 Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifacts/` (its artifacts).
 
 `SweepFolder.create` starts a new folder, `SweepFolder.open` reads back one that exists; every
-other module goes through them. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
+other module goes through them. Every file the tool writes here goes through
+`orchestrator.safe_write`, which never writes through a symlink planted in the folder. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
 state from it, so resume only folders you wrote.
 """
 
@@ -33,6 +35,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestrator.safe_write import write_file
+
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 
@@ -43,6 +47,7 @@ TABLE = "table.md"
 SEARCH_TABLE = "table-search.csv"
 PLOTS = "plots"
 OPTUNA_DB = "optuna.db"
+DRIVER_LOCK = "driver.lock"
 TUNE = "tune"  # Tune's experiment name (RunConfig name) under the storage path
 MLFLOW_DB = "mlflow.db"  # beside the sweep folders
 MLFLOW_ARTIFACTS = "mlartifacts"  # beside the sweep folders
@@ -192,10 +197,7 @@ def _backup_name(path: Path) -> Path:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Written whole or not at all: a crash never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
+    write_file(path, json.dumps(data, indent=1))
 
 
 def _read_json(path: Path, missing: str) -> Any:

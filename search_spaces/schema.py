@@ -21,7 +21,7 @@ class Resources(BaseModel):
     """Logical Ray resources per trial, or per worker of a data-parallel trial: `gpu: 0.25` packs
     four trials on one GPU; `workers: 4` trains each trial on four workers through Ray Train."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     cpu: float = Field(1.0, gt=0)
     gpu: float = Field(0.0, ge=0)
     workers: int = Field(
@@ -45,7 +45,7 @@ class Resources(BaseModel):
 class Scheduler(BaseModel):
     """ASHA: at every rung (grace_period × reduction_factor^i steps) only the best 1/reduction_factor go on."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: Literal["asha"]
     metric: str | None = Field(None, description="default: the search's metric")
     mode: Literal["min", "max"] | None = None
@@ -60,7 +60,7 @@ DISTRIBUTIONS = ("uniform", "loguniform", "int", "logint", "choice")
 class Search(BaseModel):
     """An Optuna search: `n_trials` suggestions, each trained once per seed; the mean over seeds is the score."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     metric: str
     mode: Literal["min", "max"]
     n_trials: int = Field(ge=1, description="suggestions")
@@ -76,7 +76,7 @@ class Search(BaseModel):
 
 
 class SweepFile(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(pattern=SWEEP_NAME)
     description: str = ""
     base: dict[str, Any] = Field(default_factory=dict)

@@ -4,6 +4,7 @@ error, aliases cannot expand without bound, and no number is infinite or NaN."""
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     None, None, f"duplicate key {key!r}", key_node.start_mark
                 )
         return super().construct_mapping(node, deep)
+
+
+# `1e-3` is a number in YAML 1.2 (and to a reader); YAML 1.1, PyYAML's, reads it as a string
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def read_yaml(path: Path) -> Any:

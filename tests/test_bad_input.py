@@ -81,6 +81,11 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
         [],
         "kernels[0].alpha: inf is not a finite number",
     ),
+    "alpha-huge": (
+        text(edited(kernel(name="entmax", alpha=1e6))),
+        [],
+        "kernels[0]: entmax alpha must be > 1 and ≤ 4 (α → 1 is softmax; above it entmax's gradient",
+    ),
     "k-inf": (
         text(edited(kernel(name="topk_softmax", k=float("inf")))),
         [],
@@ -254,6 +259,31 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
         text(edited(lambda s: s["grid"].update(seed=[0, 0]))),
         [],
         "grid key 'seed' repeats a value",
+    ),
+    "n-embd-string": (
+        text(edited(lambda s: s["base"]["model"].update(n_embd="64"))),
+        [],
+        "bad.yaml: base.model.n_embd: Input should be a valid integer",
+    ),
+    "lr-string": (
+        text(edited(lambda s: s["base"]["train"].update(lr="0.001"))),
+        [],
+        "base.train.lr: Input should be a valid number",
+    ),
+    "grid-string": (
+        text(edited(lambda s: s["grid"].update({"train.batch_size": ["8", "16"]}))),
+        [],
+        "train.batch_size: Input should be a valid integer",
+    ),
+    "cpu-string": (
+        text(edited(lambda s: s["resources"].update(cpu="2"))),
+        [],
+        "resources.cpu: Input should be a valid number",
+    ),
+    "bool-number": (
+        text(edited(lambda s: s["base"]["model"].update(tie_weights=1))),
+        [],
+        "base.model.tie_weights: Input should be a valid boolean",
     ),
     "gpus-per-trial": (
         text(SMOKE),
@@ -437,6 +467,11 @@ TRAIN: dict[str, tuple[str, list[str], str]] = {
         text({**TRIAL, "model": {"kernel": "topk_softmax", "kernel_params": {"k": float("inf")}}}),
         [],
         "trial.yaml: model.kernel_params.k: inf is not a finite number",
+    ),
+    "n-embd-string": (
+        text({**TRIAL, "model": {"n_embd": "64"}}),
+        [],
+        "trial.yaml: model.n_embd: Input should be a valid integer",
     ),
     "resume-and-overwrite": (
         text(TRIAL),

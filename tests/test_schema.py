@@ -11,7 +11,7 @@ from mosaic_core.config import TrialConfig
 from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES
 from search_spaces import bundled_sweeps
 from search_spaces.expand import load_sweep
-from search_spaces.yaml_io import SweepError
+from search_spaces.yaml_io import SweepError, read_yaml
 
 from helpers import SMOKE_YAML
 
@@ -204,11 +204,12 @@ def test_distinct_variants_have_distinct_names(write_sweep, smoke_spec):
 
 
 def test_two_grid_values_that_make_the_same_trial_are_refused(write_sweep, smoke_spec):
-    smoke_spec["grid"] = {"seed": [1, 1.0]}
+    smoke_spec["grid"] = {"seed": [1], "train.lr": [1, 1.0]}
     message = sweep_error(write_sweep(smoke_spec, "dup"))
     assert (
         message
-        == "dup.yaml: two grid points make the same trial 'softmax seed=1'; list each value once"
+        == "dup.yaml: two grid points make the same trial 'softmax seed=1 train.lr=1'; list each "
+        "value once"
     )
 
 
@@ -703,3 +704,14 @@ def test_the_largest_sweep_allowed_expands_in_seconds(write_sweep, smoke_spec):
     started = time.perf_counter()
     sweep = load_sweep(write_sweep(smoke_spec))
     assert len(sweep.trials) == 3 * 100 * 33 == 9900 and time.perf_counter() - started < 20
+
+
+def test_numbers_stay_strict_but_an_integer_is_a_float_and_1e_minus_3_a_number(tmp_path):
+    """Strict types refuse `"64"` for a number (test_bad_input), yet `lr: 1` is the float 1.0 and
+    `1e-3` (a string to YAML 1.1) is the number it reads as."""
+    path = tmp_path / "trial.yaml"
+    path.write_text("train: {lr: 1, min_lr: 1e-3, adam_betas: [0.9, 0.99]}\nmodel: {dropout: 0}\n")
+    config = TrialConfig.model_validate(read_yaml(path))
+    assert (config.train.lr, config.train.min_lr) == (1.0, 0.001)
+    assert isinstance(config.train.lr, float) and config.train.adam_betas == (0.9, 0.99)
+    assert config.model.dropout == 0.0

@@ -12,6 +12,7 @@ import typer
 from analysis.paper_tables import PAPER_TABLES
 from mosaic_core.metrics import lower_is_better
 from orchestrator.cli.common import echo_markdown, fail
+from orchestrator.safe_write import write_file
 from orchestrator.sweep_folder import (
     PLOTS,
     SweepFolder,
@@ -195,7 +196,7 @@ def table(
     if out is None:
         echo_markdown(text) if fmt == "md" else typer.echo(text, nl=False)
     else:
-        out.write_text(text)
+        write_file(out, text)
         typer.echo(f"wrote {out}")
 
 
@@ -259,8 +260,8 @@ def compare(
     markdown = report(cells, title)
     folder = out or sweep_dir
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / comparison_file(paper, ".md")).write_text(markdown)
-    (folder / comparison_file(paper, ".csv")).write_text(to_csv(cells))
+    write_file(folder / comparison_file(paper, ".md"), markdown)
+    write_file(folder / comparison_file(paper, ".csv"), to_csv(cells))
     typer.echo(markdown, nl=False)
     typer.echo(f"wrote {folder / comparison_file(paper, '.md')} and .csv")
 

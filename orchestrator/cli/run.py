@@ -11,6 +11,7 @@ import typer
 
 from orchestrator import launch
 from orchestrator.cli.common import echo_markdown, fail
+from orchestrator.driver_lock import hold_driver_lock
 from orchestrator.resources import GPU_TYPES
 from orchestrator.sweep_folder import LAUNCH, MLFLOW_DB, TABLE
 from search_spaces.overrides import EXAMPLES, apply_overrides
@@ -148,6 +149,7 @@ def run(
             return
         sweep_dir = out or Path("sweeps") / sweep.name
         folder = launch.open_folder(sweep, sweep_dir, **flags, address=address, verbose=verbose)
+        hold_driver_lock(folder.path)
     except launch.REFUSALS as error:
         raise fail(str(error)) from None
     if resume and launch.finished(folder):
