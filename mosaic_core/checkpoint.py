@@ -77,8 +77,8 @@ def load_checkpoint(directory: str | Path, config: TrialConfig) -> dict[str, Any
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        # a 0-byte file's error has no message
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        # a 0-byte file's error has no message; torch's go on with advice after the first sentence
+        reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
         raise CheckpointError(f"checkpoint {path} is unreadable: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(

@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from ray.tune import ExperimentAnalysis
 
 from analysis.results_store import read_results
 from mosaic_core.checkpoint import FILENAME, first_loadable, save_checkpoint
@@ -41,10 +42,13 @@ def run_command(*args: str) -> list[str]:
     return mosaic_sweep_command("run", f"{NAME}.yaml", "--out", f"sweeps/{NAME}", *args)
 
 
+_DRIVERS: list[subprocess.Popen[str]] = []
+
+
 def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
     """The sweep's driver, in its own process group (to be stopped with the Ray it starts)."""
     (cwd / f"{NAME}.yaml").write_text(yaml.safe_dump(SWEEP))
-    return subprocess.Popen(
+    driver = subprocess.Popen(
         run_command(*args),
         cwd=cwd,
         env=clean_environment(),
@@ -53,6 +57,18 @@ def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
         text=True,
         start_new_session=True,
     )
+    _DRIVERS.append(driver)
+    return driver
+
+
+@pytest.fixture(autouse=True)
+def no_driver_left() -> Iterator[None]:
+    """A test that fails half-way leaves no sweep running."""
+    yield
+    while _DRIVERS:
+        driver = _DRIVERS.pop()
+        if driver.poll() is None:
+            kill(driver)
 
 
 def resume(cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -164,41 +180,50 @@ def test_a_deleted_mlflow_store_is_recreated_with_the_sweeps_runs(tmp_path, unin
     assert_whole(tmp_path, uninterrupted)
 
 
-def checkpoints(trial_dir: Path) -> list[Path]:
-    return sorted(trial_dir.glob(f"checkpoint_*/{FILENAME}"))
+def evaluations(sweep_dir: Path) -> int:
+    """The most evaluations a trial not finished has reported."""
+    if not (sweep_dir / "results.parquet").is_dir():
+        return 0
+    results = read_results(sweep_dir)
+    running = results[(results["status"] == "RUNNING") & (results["metric"] == "exact_match")]
+    return int(running.groupby("trial_id")["step"].nunique().max()) if len(running) else 0
+
+
+# torch's first sentence about a truncated checkpoint
+CORRUPT = "PytorchStreamReader failed reading zip archive: failed finding central directory"
 
 
 @pytest.mark.slow
 def test_a_corrupt_checkpoint_gives_way_to_the_one_before_it(tmp_path, uninterrupted):
     sweep_dir = tmp_path / "sweeps" / NAME
     driver = start(tmp_path)
-    # a trial under way with two checkpoints
-    wait_for(
-        lambda: any(len(checkpoints(path)) >= 2 for path in (sweep_dir / "tune").glob("*_*")),
-        driver,
-    )
+    # a trial under way with two evaluations
+    wait_for(lambda: evaluations(sweep_dir) >= 2, driver)
     # Ctrl-C: Tune saves which checkpoint each trial is at
     driver.send_signal(signal.SIGINT)
     driver.communicate(timeout=120)
-    finished = finished_trials(sweep_dir)
-    corrupted = {}
-    for trial_dir in (sweep_dir / "tune").iterdir():
-        kept = checkpoints(trial_dir)
-        if trial_dir.name not in finished and kept:
-            kept[-1].write_bytes(kept[-1].read_bytes()[:100])
-            corrupted[trial_dir.name] = kept
-    assert any(len(kept) >= 2 for kept in corrupted.values())
+    # the checkpoint each unfinished trial resumes from, as Tune recorded it
+    corrupted = {
+        Path(trial.checkpoint.path) / FILENAME: int(trial.checkpoint.path[-6:])
+        for trial in ExperimentAnalysis(str(sweep_dir / "tune")).trials
+        if trial.checkpoint is not None and trial.trial_id not in finished_trials(sweep_dir)
+    }
+    assert max(corrupted.values()) >= 1
+    for path in corrupted:
+        path.write_bytes(path.read_bytes()[:100])
 
     resumed = resume(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for kept in corrupted.values():
+    for path, index in corrupted.items():
         instead = (
-            f"continues from {kept[-2].parent.name}"
-            if len(kept) >= 2
+            f"continues from checkpoint_{index - 1:06d}"
+            if index >= 1
             else "starts again from step 0"
         )
-        assert f"checkpoint {kept[-1]} is unreadable" in resumed.stderr
-        assert f"the trial {instead}" in resumed.stderr
+        said = [line for line in resumed.stderr.splitlines() if str(path) in line]
+        assert len(said) == 1 and said[0].endswith(
+            f" is unreadable: {CORRUPT}; the trial {instead}"
+        ), resumed.stderr[-3000:]
     assert_whole(tmp_path, uninterrupted)
 
 
