@@ -127,6 +127,33 @@ def read_results(sweep_dir: str | Path, *, skip_bad: bool = False) -> pd.DataFra
     return table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
 
+def set_aside_unreadable(sweep_dir: str | Path) -> list[str]:
+    """Move every part file that cannot be read out of the dataset (renamed `_<part>.corrupt`, kept
+    beside the others, where readers skip it), so the rest reads again; one line for each, saying
+    where it went. The trials' rows are then rebuilt by whoever owns them (the sweep's tracker,
+    from their MLflow runs)."""
+    store = store_path(sweep_dir)
+    if not store.is_dir():
+        return []
+    lines = []
+    for part in _parts(store):
+        try:
+            _read_part(part)
+        except ResultsStoreError as error:
+            aside = _free_name(store / f"_{part.name}.corrupt")
+            os.replace(part, aside)
+            lines.append(f"{error}: moved aside to {aside.name}; its trial's rows are rebuilt")
+    return lines
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`, … where an earlier one exists: nothing set aside is overwritten."""
+    free, n = path, 1
+    while free.exists():
+        free, n = path.with_name(f"{path.name}.{n}"), n + 1
+    return free
+
+
 def read_trial_rows(sweep_dir: str | Path, trial_id: str) -> list[dict]:
     """The rows one trial has written so far (none yet: an empty list), e.g. to extend after a restart."""
     part = store_path(sweep_dir) / _part_name(trial_id)

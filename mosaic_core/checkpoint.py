@@ -3,12 +3,15 @@
 A checkpoint holds everything that decides the rest of a run — model, optimiser, step, RNG
 states and the learning-rate schedule the run follows — so a resumed trial continues exactly where the interrupted one was. Data needs no
 state: batches are a function of (seed, batch index). A checkpoint that cannot be read, or that
-belongs to another model, task or seed, is an error: never a silent fresh start.
+belongs to another model, task or seed, is an error: never a silent fresh start. Where a trial
+keeps several checkpoints, `first_loadable` picks the newest it can resume from and says why it
+skipped the others.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +38,10 @@ def save_checkpoint(
     metrics: dict[str, float],
     schedule: TrainConfig | None = None,
 ) -> Path:
-    """Write `directory/checkpoint.pt` atomically (a crash never leaves half a file). `schedule`:
-    the train config whose lr schedule the run follows (default `config.train`), which an
-    extended run keeps."""
+    """Write `directory/checkpoint.pt` atomically: a temporary file in the same folder, flushed to
+    disk, then renamed over it, so a crash or a full disk never leaves half a file (nor the
+    temporary one). `schedule`: the train config whose lr schedule the run follows (default
+    `config.train`), which an extended run keeps."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {
@@ -53,8 +57,15 @@ def save_checkpoint(
     }
     path = directory / FILENAME
     tmp = directory / f".{FILENAME}.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as file:
+            torch.save(state, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -66,8 +77,8 @@ def load_checkpoint(directory: str | Path, config: TrialConfig) -> dict[str, Any
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
-        # a 0-byte file's error has no message
-        reason = (str(error).splitlines() or [type(error).__name__])[0]
+        # a 0-byte file's error has no message; torch's go on with advice after the first sentence
+        reason = (str(error).splitlines() or [type(error).__name__])[0].split(". ")[0]
         raise CheckpointError(f"checkpoint {path} is unreadable: {reason}") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT_VERSION:
         raise CheckpointError(
@@ -82,6 +93,21 @@ def load_checkpoint(directory: str | Path, config: TrialConfig) -> dict[str, Any
                 f"{current.get(key)!r} here"
             )
     return state
+
+
+def first_loadable(
+    directories: Sequence[str | Path], config: TrialConfig
+) -> tuple[Path | None, list[str]]:
+    """The first of `directories` (newest first) whose checkpoint this trial can resume from (None:
+    none can, start from scratch), and the reason each one before it could not."""
+    reasons = []
+    for directory in directories:
+        try:
+            load_checkpoint(directory, config)
+            return Path(directory), reasons
+        except CheckpointError as error:
+            reasons.append(str(error))
+    return None, reasons
 
 
 def restore_rng(state: dict[str, Any]) -> None:

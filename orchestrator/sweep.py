@@ -24,6 +24,7 @@ from analysis.tables import (
     to_latex,
     to_markdown,
 )
+from orchestrator.faults import disk_full
 from orchestrator.resources import connect, resource_plan
 from orchestrator.safe_write import write_file
 from orchestrator.sweep_folder import PLOTS, SEARCH_TABLE, TABLE, SweepFolder, layout_table
@@ -41,6 +42,7 @@ class SweepOutcome:
     tracking_uri: str
     trials_by_status: dict[TrialStatus, int]  # the trials that ended: TERMINATED, STOPPED, ERROR
     unfinished: int = 0  # planned trials that have not ended (interrupted, or never started)
+    disk_full: str | None = None  # the error line of the write that found the disk full
 
 
 def run_sweep(
@@ -58,17 +60,19 @@ def run_sweep(
     A folder that holds Tune state is resumed through `Tuner.restore`: finished trials are not run
     again, interrupted ones continue from their last checkpoint, errored ones retry; the MLflow
     parent and child runs, the Tune storage and the Optuna study of the first invocation are reused.
-    `sweep_file` goes with the parent run, as an artifact.
+    `sweep_file` goes with the parent run, as an artifact. A full disk stops the sweep: its trials
+    stopped, their runs FAILED with the reason, and the outcome holds the table so far.
     """
     # Ray starts on this machine only now: everything before was checked without it
     cluster = connect(address, verbose)
     _quiet_logs(verbose)
     client = MlflowClient(tracking_uri=folder.launch.tracking_uri)
+    _quiet_store_errors(verbose)
     plan = resource_plan(sweep, cluster, max_concurrent)
     experiment_id, parent_id = runs.open_parent_run(
         client, folder, sweep.name, sweep.description, sweep_file, plan
     )
-    status = FAILED
+    status, full = FAILED, None
     try:
         # returns early, state saved, after Ctrl-C
         tuner(sweep, folder, client, experiment_id, parent_id, max_concurrent, verbose).fit()
@@ -79,10 +83,35 @@ def run_sweep(
     except KeyboardInterrupt:
         status = KILLED
         raise
+    except Exception as error:
+        full = disk_full(error)
+        if full is None:
+            raise
+        return _stopped_summary(sweep, folder, parent_id, full)
     # the runs of trials still RUNNING: their processes are gone (or were stopped, when KILLED)
     finally:
-        runs.end_unfinished_runs(client, folder, KILLED if status == KILLED else FAILED)
+        _end_runs(client, folder, parent_id, status, full)
+
+
+def _end_runs(
+    client: MlflowClient, folder: SweepFolder, parent_id: str, status: str, full: str | None
+) -> None:
+    """The parent run ends with `status`, the runs of trials still RUNNING too (FAILED, with the
+    full disk's error where that stopped the sweep); where the MLflow store is on that full disk,
+    they stay RUNNING, and `--resume` ends them."""
+    try:
+        runs.end_unfinished_runs(client, folder, KILLED if status == KILLED else FAILED, full)
         runs.end_run(client, parent_id, status)
+    except Exception as error:
+        if full is None or disk_full(error) is None:
+            raise
+        log.warning("the MLflow runs could not be ended (%s): --resume ends them", disk_full(error))
+
+
+def _quiet_store_errors(verbose: bool) -> None:
+    """MLflow logs the traceback of every failed SQLite write (a busy or full store) before it
+    raises: the retry (`runs.retried`) or the sweep's stop says it in a line instead, without -v."""
+    logging.getLogger(_MLFLOW_DB_LOG).setLevel(logging.NOTSET if verbose else logging.CRITICAL)
 
 
 class _ExpectedTrialFailure(logging.Filter):
@@ -93,7 +122,10 @@ class _ExpectedTrialFailure(logging.Filter):
         return not record.getMessage().startswith("Trial task failed")
 
 
+log = logging.getLogger(__name__)
+_ENDED = (TrialStatus.TERMINATED, TrialStatus.STOPPED, TrialStatus.ERROR)
 _TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"
+_MLFLOW_DB_LOG = "mlflow.store.db.utils"
 # after Ctrl-C it advises `Tuner.restore(...)`; the command line prints its own --resume command
 _TUNE_RUN_LOG = "ray.tune.tune"
 
@@ -138,28 +170,32 @@ def _sweep_tables(sweep: Sweep, results: Any) -> list[tuple[str, str, Any]]:
     return tables
 
 
-def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list[Path]]:
-    """table.md (printed at the end of a run), and table-<layout>.tex / .csv beside it; for a
-    search, the suggestions ranked by the search's metric."""
+def tables_markdown(sweep: Sweep, results: Any) -> str:
+    """The table a run ends with (table.md): the paper's tables of the sweep's task families; for
+    a search, the suggestions ranked by the search's metric."""
     if sweep.search is not None:
         metric, mode = sweep.metric
-        ranking = search_ranking(results, metric, mode)
-        markdown = to_markdown(
-            ranking,
+        return to_markdown(
+            search_ranking(results, metric, mode),
             title=f"{sweep.name}: suggestions by {metric} ({mode}), mean over seeds",
             index_header="Suggestion",
         )
-        written = [sweep_dir / TABLE, sweep_dir / SEARCH_TABLE]
-        write_file(written[0], markdown + "\n")
-        write_file(written[1], ranking.to_csv())
-        return markdown, written
     tables = _sweep_tables(sweep, results)
-    markdown = "\n".join(
-        to_markdown(markdown_cells(stats), title=title) for _, title, stats in tables
-    )
+    return "\n".join(to_markdown(markdown_cells(stats), title=title) for _, title, stats in tables)
+
+
+def write_tables(sweep: Sweep, results: Any, sweep_dir: Path) -> tuple[str, list[Path]]:
+    """table.md (printed at the end of a run), and table-<layout>.tex / .csv beside it; for a
+    search, the ranking as CSV."""
+    markdown = tables_markdown(sweep, results)
     written = [sweep_dir / TABLE]
     write_file(written[0], markdown + "\n")
-    for by, _, stats in tables:
+    if sweep.search is not None:
+        metric, mode = sweep.metric
+        written.append(sweep_dir / SEARCH_TABLE)
+        write_file(written[1], search_ranking(results, metric, mode).to_csv())
+        return markdown, written
+    for by, _, stats in _sweep_tables(sweep, results):
         for suffix, render in ((".tex", to_latex), (".csv", to_csv)):
             path = sweep_dir / layout_table(by, suffix)
             write_file(path, render(stats))
@@ -176,11 +212,7 @@ def _summary(
     mark_interrupted(folder.path)
     results = read_results(folder.path)
     states = trial_states(results)
-    ended = {
-        state: states[state]
-        for state in (TrialStatus.TERMINATED, TrialStatus.STOPPED, TrialStatus.ERROR)
-        if states.get(state)
-    }
+    ended = {state: states[state] for state in _ENDED if states.get(state)}
     markdown, table_files = write_tables(sweep, results, folder.path)
     plots = folder.path / PLOTS
     note = f"{sweep.description}\n\n{markdown}".strip()  # the run's description
@@ -194,4 +226,21 @@ def _summary(
         folder.launch.tracking_uri,
         ended,
         unfinished=folder.launch.trials - sum(ended.values()),
+    )
+
+
+def _stopped_summary(sweep: Sweep, folder: SweepFolder, parent_id: str, full: str) -> SweepOutcome:
+    """The outcome of a sweep a full disk stopped: the table so far, made in memory (nothing more
+    can be written), and the trials that had ended."""
+    results = read_results(folder.path)
+    states = trial_states(results)
+    ended = {state: states[state] for state in _ENDED if states.get(state)}
+    return SweepOutcome(
+        folder.path,
+        tables_markdown(sweep, results),
+        parent_id,
+        folder.launch.tracking_uri,
+        ended,
+        unfinished=folder.launch.trials - sum(ended.values()),
+        disk_full=full,
     )

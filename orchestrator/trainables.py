@@ -9,18 +9,20 @@ reports to Tune through `TuneReportCallback`, so the scheduler, the search and t
 see one trial as ever. The run's checkpoints are Ray Train's, kept in the Tune trial's folder under
 a fixed run name: when Tune restarts the trial (a retry, or `--resume`), the new Train run of that
 name starts from its latest checkpoint; a lost worker or node is replaced by Ray Train itself
-(`FailureConfig`).
+(`FailureConfig`). A latest checkpoint that cannot be read (`resume_point`) gives way to the one
+before it, or to a start from scratch, which the trial's first report says.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from contextlib import nullcontext
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs
 import ray
 import ray.train
 import torch
@@ -28,10 +30,12 @@ from ray import tune
 from ray.train.torch import TorchTrainer, prepare_model
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from mosaic_core.checkpoint import first_loadable
 from mosaic_core.config import TrialConfig
 from mosaic_core.train import train_trial
 from orchestrator.resources import DRIVER_CPU
 from orchestrator.run_folder import record_evaluation
+from orchestrator.tracking.names import CHECKPOINT_FALLBACK_TAG
 from orchestrator.trial_configs import VARIANT, validated_trial_config
 from search_spaces.schema import Resources
 
@@ -62,15 +66,47 @@ def one_worker_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]])
             None if checkpoint_dir is None else tune.Checkpoint.from_directory(checkpoint_dir)
         )
         tune.report({**metrics, **placement}, checkpoint=checkpoint)
+        # said once
+        placement.pop(CHECKPOINT_FALLBACK_TAG, None)
 
     full_config = validated_trial_config(config, configs)
     # set when Tune restarts this trial after a failure or a resume
-    checkpoint = tune.get_checkpoint()
+    with resume_point(tune.get_checkpoint(), full_config) as (resume_from, fallback):
+        if fallback:
+            placement[CHECKPOINT_FALLBACK_TAG] = fallback
+        train_trial(full_config, report=report, resume_from=resume_from)
+
+
+@contextmanager
+def resume_point(
+    checkpoint: ray.train.Checkpoint | None, config: TrialConfig
+) -> Iterator[tuple[str | None, str | None]]:
+    """(the checkpoint directory a restarted trial continues from, a line where that is not its
+    latest checkpoint): the latest if it can be read, else the newest earlier one the trial's
+    folder still holds (Tune keeps two), else none (a start from scratch). A corrupt checkpoint
+    then costs the steps since the one before it, never the trial."""
     if checkpoint is None:
-        train_trial(full_config, report=report)
-    else:
-        with checkpoint.as_directory() as directory:
-            train_trial(full_config, report=report, resume_from=directory)
+        yield None, None
+        return
+    with checkpoint.as_directory() as latest:
+        usable, reasons = first_loadable([latest, *_earlier_checkpoints(checkpoint)], config)
+        if not reasons:
+            yield latest, None
+            return
+        instead = "starts again from step 0" if usable is None else f"continues from {usable.name}"
+        yield None if usable is None else str(usable), f"{reasons[0]}; the trial {instead}"
+
+
+def _earlier_checkpoints(checkpoint: ray.train.Checkpoint) -> list[Path]:
+    """The checkpoints Tune (or Ray Train) kept in the trial's folder before `checkpoint`, newest
+    first: `checkpoint_000002`, `checkpoint_000001`; on a local file system only."""
+    if not isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return []
+    latest = Path(checkpoint.path)
+    return sorted(
+        (path for path in latest.parent.glob("checkpoint_*") if path.name < latest.name),
+        reverse=True,
+    )
 
 
 def trainer(
@@ -123,21 +159,28 @@ def _train_worker(loop: dict[str, Any]) -> None:
         # progress between evaluations ({} on ranks above 0): a barrier all workers reach
         if checkpoint_dir is None:
             ray.train.report({**metrics, **placement} if metrics else {}, checkpoint=None)
-            return
-        if run_dir:
-            record_evaluation(run_dir, metrics, checkpoint_dir)
-        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
-        ray.train.report({**metrics, **placement}, checkpoint=checkpoint)
+        else:
+            if run_dir:
+                record_evaluation(run_dir, metrics, checkpoint_dir)
+            checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir)
+            ray.train.report({**metrics, **placement}, checkpoint=checkpoint)
+        # said once, by rank 0
+        if metrics:
+            placement.pop(CHECKPOINT_FALLBACK_TAG, None)
 
     # some kernels leave parameters without a gradient (top-k uniform: the key projection): DDP must look for them
     prepare = partial(prepare_model, parallel_strategy_kwargs={"find_unused_parameters": True})
+    config = TrialConfig.model_validate(loop["trial"])
     # the run's own: a replaced worker group, or a restarted trial
     checkpoint = ray.train.get_checkpoint()
-    with (
-        checkpoint.as_directory() if checkpoint else nullcontext(loop["resume_from"]) as resume_from
-    ):
+    start = (
+        resume_point(checkpoint, config) if checkpoint else nullcontext((loop["resume_from"], None))
+    )
+    with start as (resume_from, fallback):
+        if fallback:
+            placement[CHECKPOINT_FALLBACK_TAG] = fallback
         train_trial(
-            TrialConfig.model_validate(loop["trial"]),
+            config,
             report,
             resume_from=resume_from,
             prepare_model=prepare,

@@ -152,6 +152,12 @@ def run(
         hold_driver_lock(folder.path)
     except launch.REFUSALS as error:
         raise fail(str(error)) from None
+    if resume:
+        # pyarrow: only when resuming, so that `--help` and refusals go without it
+        from analysis.results_store import set_aside_unreadable
+
+        for line in set_aside_unreadable(folder.path):
+            typer.echo(line, err=True)
     if resume and launch.finished(folder):
         _print_finished(folder)
         return
@@ -215,6 +221,15 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
+    if outcome.disk_full is not None:
+        typer.echo(
+            f"\nstopped: a disk the sweep writes to is full ({outcome.disk_full}). Its trials were "
+            "stopped and their MLflow runs marked FAILED with this reason; the table above holds "
+            f"what they had reported. Free space where the sweep writes (its folder "
+            f"{outcome.sweep_dir}, Tune's storage, the MLflow store), then continue it (finished "
+            f"trials are kept) with:\n  {resume_command}"
+        )
+        raise typer.Exit(1)
     if outcome.unfinished:
         typer.echo(f"interrupted; continue it (finished trials are kept) with:\n  {resume_command}")
         raise typer.Exit(130)

@@ -7,6 +7,7 @@ callback nests them under the sweep's parent run and always ends them.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +24,11 @@ from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, typed_value,
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernels import kernel_label
 from mosaic_core.metrics import STEP, parse_metric_name
+from orchestrator.faults import DiskFullError, fills_disk
 from orchestrator.sweep_folder import RunMap, SweepFolder
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import (
+    CHECKPOINT_FALLBACK_TAG,
     LAST_RETRIED_ERROR_TAG,
     PLACEMENT_TAG_PREFIX,
     RETRIES_TAG,
@@ -35,6 +38,7 @@ from orchestrator.tracking.names import (
 )
 from orchestrator.trial_configs import VARIANT, searched_values, trial_config, trial_name
 
+log = logging.getLogger(__name__)
 _TUNE_KEYS = {*AUTO_RESULT_KEYS, "done", "trial_id", "experiment_tag", "should_checkpoint"}
 _ROW_IDENTITY = ("trial_id", "status", "mlflow_run_id", "error")  # set when rows are written
 # Tune's own, and our trainable's
@@ -103,7 +107,12 @@ class SweepTracker(Callback):
         self.node_ip = ""
 
     def setup(self, **info: Any) -> None:
-        self.run_ids = (self.folder.run_map() or RunMap(parent=self.parent_run_id)).trials
+        run_map = self.folder.run_map() or RunMap(parent=self.parent_run_id)
+        # a resume whose MLflow store was lost has a new parent run (`runs.open_parent_run`)
+        self.parent_run_id, self.run_ids = run_map.parent, run_map.trials
+        tracking_uri = self.folder.launch.tracking_uri
+        self.experiment_id = runs.experiment_of(tracking_uri, self.parent_run_id)
+        self.reconciled = False
         self.unmapped = {  # made by a driver killed before it saved the run map
             trial_id: run_id
             for trial_id, run_id in runs.child_runs(
@@ -113,6 +122,61 @@ class SweepTracker(Callback):
         }
         # also for a tracker pickled by older code
         self.monitors, self.node_ip = {}, get_node_ip_address()
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        if not self.reconciled:
+            self._reconcile(trials)
+
+    def _reconcile(self, trials: list[Trial]) -> None:
+        """Each trial in both stores before anything runs, however one lost it: rows rebuilt from
+        the trial's run where its part file was set aside (`set_aside_unreadable`), its run logged
+        again from its rows where the MLflow store was lost; a line for each."""
+        self.reconciled = True
+        for trial in trials:
+            rows = read_trial_rows(self.sweep_dir, trial.trial_id)
+            run_id = self.run_ids.get(trial.trial_id)
+            if run_id is None and rows:
+                self._relog_run(trial, rows)
+            elif run_id is not None and not rows:
+                self._rebuild_rows(trial, run_id)
+
+    def _relog_run(self, trial: Trial, rows: list[dict[str, Any]]) -> None:
+        """A new run for a trial the MLflow store lost: its params, points, tags and status from
+        its rows, which then name the new run."""
+        run_id = self._child_run(trial)
+        runs.log_points(self.client, run_id, rows)
+        status, error = TrialStatus(rows[-1]["status"]), rows[-1]["error"]
+        step = stopped_step(trial, self.configs)
+        if status == TrialStatus.STOPPED and step is not None:
+            runs.tag_run(self.client, run_id, {STOPPED_TAG: str(step)})
+        if error is not None:
+            runs.fail_run(self.client, run_id, error, trial.error_file)
+        # a trial that was running goes on when Tune restarts it (its run RUNNING again then)
+        ended = TrialStatus.INTERRUPTED if status == TrialStatus.RUNNING else status
+        runs.end_run(self.client, run_id, RUN_STATUS[ended])
+        write_trial_rows(
+            self.sweep_dir, trial.trial_id, [{**row, "mlflow_run_id": run_id} for row in rows]
+        )
+        name = trial_name(trial.config, self.configs)
+        log.warning("trial %s: its MLflow run logged again from the results store", name)
+
+    def _rebuild_rows(self, trial: Trial, run_id: str) -> None:
+        """The rows of a trial whose part file was set aside, from its run's points (all but
+        non-finite values, which MLflow does not keep), as the trial's state in Tune says."""
+        columns, rows = self._columns(trial), []
+        for key, step, value in runs.metric_points(self.client, run_id):
+            metric, factor = parse_metric_name(key)
+            rows.append(
+                {**columns, "metric": metric, "length_factor": factor, "step": step, "value": value}
+            )
+        self.rows[trial.trial_id] = rows
+        status, error = _tune_status(trial, self.configs), None
+        if status == TrialStatus.ERROR:
+            error = _last_error_line(trial)
+        if rows or error:
+            self._write_rows(trial, status, error)
+            name = trial_name(trial.config, self.configs)
+            log.warning("trial %s: its results rows rebuilt from its MLflow run %s", name, run_id)
 
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -161,6 +225,10 @@ class SweepTracker(Callback):
         run_id = self.run_ids[trial.trial_id]
         if trial.trial_id not in self.placed:
             self._place(trial.trial_id, run_id, result)
+        fallback = result.get(CHECKPOINT_FALLBACK_TAG)
+        if fallback:
+            log.warning("trial %s: %s", trial_name(trial.config, self.configs), fallback)
+            runs.tag_run(self.client, run_id, {CHECKPOINT_FALLBACK_TAG: fallback})
         runs.log_new_points(self.client, run_id, metrics, step, self.logged[trial.trial_id])
         columns = self._columns(trial)
         for key, value in metrics.items():
@@ -208,19 +276,23 @@ class SweepTracker(Callback):
             monitor.finish()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        # a resume with nothing left to run takes no step
+        if not self.reconciled:
+            self._reconcile(trials)
         for trial_id in list(self.monitors):
             self._stop_monitor(trial_id)
 
     def on_trial_recover(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
-        """Tune retries the trial from its last checkpoint: the run keeps count and the attempt's error."""
+        """Tune retries the trial from its last checkpoint: the run keeps count and the attempt's
+        error; a full disk, which a retry cannot mend, stops the sweep (`DiskFullError`)."""
+        error = _last_error_line(trial)
+        if fills_disk(error):
+            raise DiskFullError(error)
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is not None:
-            tags = {
-                RETRIES_TAG: str(trial.num_failures),
-                LAST_RETRIED_ERROR_TAG: _last_error_line(trial),
-            }
+            tags = {RETRIES_TAG: str(trial.num_failures), LAST_RETRIED_ERROR_TAG: error}
             runs.tag_run(self.client, run_id, tags)
 
     def on_trial_complete(
@@ -235,10 +307,12 @@ class SweepTracker(Callback):
     def on_trial_error(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
+        error = _last_error_line(trial)
+        if fills_disk(error):
+            raise DiskFullError(error)
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        error = _last_error_line(trial)
         runs.fail_run(self.client, run_id, error, trial.error_file)
         self._end(trial, TrialStatus.ERROR, error=error)
 
@@ -284,6 +358,14 @@ class SweepTracker(Callback):
             "searched": json.dumps(searched) if searched else None,
             "config": config_json(ran, varied),
         }
+
+
+def _tune_status(trial: Trial, configs: dict[str, dict[str, Any]]) -> TrialStatus:
+    """The results' status of a trial from its state in Tune: one not ended is INTERRUPTED."""
+    if trial.status == Trial.TERMINATED:
+        step = stopped_step(trial, configs)
+        return TrialStatus.TERMINATED if step is None else TrialStatus.STOPPED
+    return TrialStatus.ERROR if trial.status == Trial.ERROR else TrialStatus.INTERRUPTED
 
 
 def _last_error_line(trial: Trial) -> str:

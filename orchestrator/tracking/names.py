@@ -14,6 +14,9 @@ RETRIES_TAG = "ray.retries"
 LAST_RETRIED_ERROR_TAG = "ray.last_retried_error"
 PLACEMENT_TAG_PREFIX = "ray."  # ray.hostname, ray.node_ip, ray.pid, ray.cuda_visible_devices
 SYSTEM_METRICS_TAG = "system_metrics"
+# on the run of a trial whose latest checkpoint could not be read: what it continued from instead
+# (also the key the trial reports it by)
+CHECKPOINT_FALLBACK_TAG = "checkpoint_fallback"
 STOPPED_TAG = "stopped_early"  # on the run of a trial ASHA stopped: the step it stopped at
 SYSTEM_METRIC_PREFIX = "system/"  # MLflow's system metrics: `system/cpu_utilization_percentage`
 

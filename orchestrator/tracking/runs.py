@@ -9,21 +9,24 @@ memory, GPU) of the machine its trial ran on, sampled by MLflow's monitor in the
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import math
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from analysis.tables import rendered_markdown
-from mosaic_core.metrics import STEP
+from mosaic_core.metrics import STEP, length_metric_name
 from orchestrator.sweep_folder import MLFLOW_ARTIFACTS, RunMap, SweepFolder, SweepFolderError
 from orchestrator.tracking.names import (
     ERROR_TAG,
@@ -44,13 +47,50 @@ from orchestrator.tracking.names import (
 )
 
 log = logging.getLogger(__name__)
+F = TypeVar("F", bound=Callable[..., Any])
 
 VERSIONED_PACKAGES = ("torch", "ray", "mlflow", "triton", "adasplash")
 # MLflow's default; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
 SYSTEM_METRICS_INTERVAL_S = 10.0
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# how long a busy store is waited for (SQLite waits 20 s itself on each attempt), and the most
+# time between two attempts
+BUSY_STORE_PATIENCE_S = 180.0
+BUSY_STORE_MAX_DELAY_S = 20.0
+# another process holds the SQLite store's lock: it ends; anything else (a full disk) does not
+_BUSY = ("database is locked", "database table is locked")
 
 
+def retried(function: F) -> F:
+    """`function` called again, with backoff, while the MLflow store is busy (SQLite's `database
+    is locked`: another process writes to it), for up to BUSY_STORE_PATIENCE_S: a lock of a
+    minute does not end a sweep. A busy SQLite store rolls the write back, so calling again
+    writes it once. The one retry wrapper: every function here that writes or reads the store."""
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        deadline, delay = time.monotonic() + BUSY_STORE_PATIENCE_S, 1.0
+        while True:
+            try:
+                return function(*args, **kwargs)
+            except MlflowException as error:
+                if not any(busy in str(error) for busy in _BUSY):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("the MLflow store is locked by another process: again in %.0f s", delay)
+                time.sleep(delay)
+                delay = min(2 * delay, BUSY_STORE_MAX_DELAY_S)
+
+    return call  # type: ignore[return-value]
+
+
+def missing_run(error: MlflowException) -> bool:
+    """Whether MLflow's error says the run (or its store) is not there."""
+    return error.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+@retried
 def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") -> list[Run]:
     """Every run of the experiment that matches the filter, page after page."""
     runs: list[Run] = []
@@ -67,6 +107,7 @@ def all_runs(client: MlflowClient, experiment_id: str, filter_string: str = "") 
 # the parent run: one per invocation of a sweep
 
 
+@retried
 def open_parent_run(
     client: MlflowClient,
     folder: SweepFolder,
@@ -76,11 +117,23 @@ def open_parent_run(
     plan: list[str],
 ) -> tuple[str, str]:
     """(experiment id, parent run id): the sweep's parent run, created on its first invocation with
-    what the sweep ran from (`describe_parent_run`), and RUNNING again on a resume."""
+    what the sweep ran from (`describe_parent_run`), and RUNNING again on a resume. A resume whose
+    store lost the run (its database deleted or moved) gets a new parent run, with a line saying
+    so; the sweep's tracker re-logs the trials' runs from the results store."""
     run_map = folder.run_map()
     if run_map is not None:
-        client.update_run(run_map.parent, status=RUNNING)
-        return client.get_run(run_map.parent).info.experiment_id, run_map.parent
+        try:
+            client.update_run(run_map.parent, status=RUNNING)
+            return client.get_run(run_map.parent).info.experiment_id, run_map.parent
+        except MlflowException as error:
+            if not missing_run(error):
+                raise
+        log.warning(
+            "the MLflow store %s holds no run %s (deleted or moved?): the sweep's runs are "
+            "logged again from its results store",
+            folder.launch.tracking_uri,
+            run_map.parent,
+        )
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         artifacts = (folder.path.parent / MLFLOW_ARTIFACTS).resolve().as_uri()
@@ -96,7 +149,7 @@ def open_parent_run(
         run_name=f"{name}-{time.strftime('%Y%m%d-%H%M%S')}",
         tags={SWEEP_DIR_TAG: str(folder.path.resolve()), NOTE_TAG: description, **overrides},
     )
-    # before any trial: a resume always finds its parent
+    # before any trial: a resume always finds its parent (the trials' runs of a lost store: none)
     folder.save_run_map(RunMap(parent=parent.info.run_id))
     describe_parent_run(client, parent.info.run_id, sweep_file, plan)
     return experiment_id, parent.info.run_id
@@ -138,11 +191,12 @@ def describe_parent_run(
     """What a reviewer needs to trust a sweep's numbers: its file, the code's commit, the package
     versions and how its trials were placed."""
     tags = {**git_commit(), **package_versions(), RESOURCE_PLAN_TAG: "\n".join(plan)}
-    tag_run(client, run_id, tags)
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
     if sweep_file is not None:
         client.log_artifact(run_id, str(sweep_file))
 
 
+@retried
 def log_sweep_outputs(
     client: MlflowClient, run_id: str, files: list[Path], note: str, plots: Path | None
 ) -> None:
@@ -154,13 +208,18 @@ def log_sweep_outputs(
         client.log_artifacts(run_id, str(plots), artifact_path=plots.name)
 
 
+@retried
 def end_run(client: MlflowClient, run_id: str, status: str) -> None:
     """The run ends with an MLflow status (FINISHED, FAILED, KILLED)."""
     client.set_terminated(run_id, status=status)
 
 
-def end_unfinished_runs(client: MlflowClient, folder: SweepFolder, status: str) -> list[str]:
-    """End every child run still RUNNING once Tune is done (FAILED, or KILLED after Ctrl-C): its trial's process is gone."""
+@retried
+def end_unfinished_runs(
+    client: MlflowClient, folder: SweepFolder, status: str, reason: str | None = None
+) -> list[str]:
+    """End every child run still RUNNING once Tune is done (FAILED, or KILLED after Ctrl-C): its
+    trial's process is gone; `reason`, where the sweep stopped for one, as the run's error tag."""
     run_map = folder.run_map() or RunMap(parent="")
     stuck = [
         run_id
@@ -168,7 +227,9 @@ def end_unfinished_runs(client: MlflowClient, folder: SweepFolder, status: str) 
         if client.get_run(run_id).info.status == RUNNING
     ]
     for run_id in stuck:
-        end_run(client, run_id, status)
+        if reason is not None:
+            client.set_tag(run_id, ERROR_TAG, reason)
+        client.set_terminated(run_id, status=status)
     return stuck
 
 
@@ -185,6 +246,7 @@ def tag_moved_parent(old: SweepFolder, backup: Path) -> None:
         log.warning("could not tag the moved sweep's MLflow run: %s", error)
 
 
+@retried
 def experiment_of(tracking_uri: str, run_id: str) -> str:
     """The experiment id of a run; MlflowException when the store has no such run."""
     return MlflowClient(tracking_uri).get_run(run_id).info.experiment_id
@@ -194,6 +256,7 @@ def experiment_of(tracking_uri: str, run_id: str) -> str:
 # a trial's child run
 
 
+@retried
 def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> dict[str, str]:
     """Trial id -> run id of the parent run's child runs, as MLflow holds them."""
     runs = all_runs(client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}'")
@@ -204,6 +267,7 @@ def child_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> 
     }
 
 
+@retried
 def start_child_run(
     client: MlflowClient,
     experiment_id: str,
@@ -217,20 +281,53 @@ def start_child_run(
     return client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
 
 
+@retried
 def log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> None:
     """The trial's flattened config as params (MLflow takes identical params again)."""
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in values.items()])
 
 
+@retried
 def reopen_run(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
     """A restarted trial's run RUNNING again; (metric, step) of every point it holds of what the
     trial reports (not MLflow's `system/…`)."""
     client.update_run(run_id, status=RUNNING)
+    return {(key, step) for key, step, _ in metric_points(client, run_id)}
+
+
+@retried
+def metric_points(client: MlflowClient, run_id: str) -> list[tuple[str, int, float]]:
+    """(metric, step, value) of every point the run holds of what its trial reports (not MLflow's
+    `system/…`), by step: what rebuilds the trial's results rows when their file was lost."""
     metrics = client.get_run(run_id).data.metrics
     keys = [key for key in metrics if not key.startswith(SYSTEM_METRIC_PREFIX)]
-    return {(key, m.step) for key in keys for m in client.get_metric_history(run_id, key)}
+    points = [
+        (key, m.step, m.value) for key in keys for m in client.get_metric_history(run_id, key)
+    ]
+    return sorted(points, key=lambda point: (point[1], point[0]))
 
 
+@retried
+def log_points(client: MlflowClient, run_id: str, rows: list[dict[str, Any]]) -> None:
+    """The finite values of results rows as the run's metric points, as the trial reported them:
+    what re-logs a trial's run when the MLflow store was lost."""
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(_metric_key(row["metric"], row["length_factor"]), row["value"], now, row["step"])
+        for row in rows
+        if row["metric"] is not None and row["value"] is not None and math.isfinite(row["value"])
+    ]
+    # MLflow takes at most 1000 metrics in one batch
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+
+
+def _metric_key(metric: str, length_factor: float | None) -> str:
+    """The name the trial reported a results row's metric by: `exact_match_2x`, `train_loss`."""
+    return metric if length_factor is None else length_metric_name(metric, length_factor)
+
+
+@retried
 def log_new_points(
     client: MlflowClient,
     run_id: str,
@@ -250,10 +347,12 @@ def log_new_points(
         logged.update((metric.key, step) for metric in new)
 
 
+@retried
 def tag_run(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
     client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
 
 
+@retried
 def fail_run(client: MlflowClient, run_id: str, error: str, error_file: str | None) -> None:
     """A failed trial's run: its error line as a tag, its whole traceback as an artifact."""
     client.set_tag(run_id, ERROR_TAG, error)

@@ -1,0 +1,362 @@
+"""Faults a sweep meets and `--resume` heals: a corrupt results part, a lost MLflow store, a corrupt
+checkpoint, a locked MLflow store, a full disk. Each ends with the table an uninterrupted sweep
+gives, every trial once in the results store and in MLflow, no run left RUNNING."""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+from ray.tune import ExperimentAnalysis
+
+from analysis.results_store import read_results
+from mosaic_core.checkpoint import FILENAME, first_loadable, save_checkpoint
+from mosaic_core.config import TrialConfig
+from mosaic_core.model import MemoryMosaics
+from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
+
+from helpers import clean_environment, mosaic_sweep_command, tiny_trial
+
+NAME = "fault"
+TRIALS = 4
+SWEEP = {
+    "name": NAME,
+    "base": tiny_trial(max_steps=120, eval_interval=40),
+    "kernels": ["softmax", "sparsemax"],
+    "grid": {"seed": [0, 1]},
+}
+
+
+def run_command(*args: str) -> list[str]:
+    return mosaic_sweep_command("run", f"{NAME}.yaml", "--out", f"sweeps/{NAME}", *args)
+
+
+_DRIVERS: list[subprocess.Popen[str]] = []
+
+
+def start(cwd: Path, *args: str) -> subprocess.Popen[str]:
+    """The sweep's driver, in its own process group (to be stopped with the Ray it starts)."""
+    (cwd / f"{NAME}.yaml").write_text(yaml.safe_dump(SWEEP))
+    driver = subprocess.Popen(
+        run_command(*args),
+        cwd=cwd,
+        env=clean_environment(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    _DRIVERS.append(driver)
+    return driver
+
+
+@pytest.fixture(autouse=True)
+def no_driver_left() -> Iterator[None]:
+    """A test that fails half-way leaves no sweep running."""
+    yield
+    while _DRIVERS:
+        driver = _DRIVERS.pop()
+        if driver.poll() is None:
+            kill(driver)
+
+
+def resume(cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        run_command("--resume"),
+        cwd=cwd,
+        env=clean_environment(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+
+
+def wait_for(condition: Callable[[], bool], driver: subprocess.Popen[str]) -> None:
+    deadline = time.time() + 240
+    while not condition():
+        assert driver.poll() is None, "the sweep ended before the fault: " + driver.stderr.read()
+        assert time.time() < deadline, "the sweep never got there"
+        time.sleep(0.2)
+
+
+def kill(driver: subprocess.Popen[str]) -> None:
+    """SIGKILL the driver and the Ray processes it started."""
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.communicate()
+
+
+def finished_trials(sweep_dir: Path) -> set[str]:
+    if not (sweep_dir / "results.parquet").is_dir():
+        return set()
+    results = read_results(sweep_dir)
+    return set(results.loc[results["status"] == "TERMINATED", "trial_id"])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The table of the sweep run without a fault."""
+    cwd = tmp_path_factory.mktemp("uninterrupted")
+    driver = start(cwd)
+    stdout, stderr = driver.communicate(timeout=400)
+    assert driver.returncode == 0, stderr[-3000:]
+    return (cwd / "sweeps" / NAME / "table.md").read_text()
+
+
+def assert_whole(cwd: Path, table: str, tracking_uri: str | None = None) -> None:
+    """The sweep in `cwd` ended as an uninterrupted one: its table, each trial once in the results
+    store and in MLflow, every run FINISHED."""
+    sweep_dir = cwd / "sweeps" / NAME
+    assert (sweep_dir / "table.md").read_text() == table
+    results = read_results(sweep_dir)
+    assert results["trial_id"].nunique() == TRIALS and set(results["status"]) == {"TERMINATED"}
+    assert not results.duplicated(["trial_id", "metric", "length_factor", "step"]).any()
+    evaluations = results[(results["metric"] == "exact_match") & (results["length_factor"] == 1)]
+    assert sorted(evaluations["step"]) == sorted([40, 80, 120] * TRIALS)
+    client = MlflowClient(tracking_uri or f"sqlite:///{cwd / 'sweeps' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
+    parents = [run for run in runs if PARENT_TAG not in run.data.tags]
+    children = [run for run in runs if PARENT_TAG in run.data.tags]
+    assert [run.info.status for run in parents] == ["FINISHED"]
+    assert sorted(run.data.tags[TRIAL_ID_TAG] for run in children) == sorted(
+        results["trial_id"].unique()
+    )
+    assert {run.info.status for run in children} == {"FINISHED"}
+    # each run the one its rows name, with one point per evaluation
+    assert set(results["mlflow_run_id"]) == {run.info.run_id for run in children}
+    for run in children:
+        history = client.get_metric_history(run.info.run_id, "exact_match_1x")
+        assert sorted(m.step for m in history) == [40, 80, 120]
+
+
+@pytest.mark.slow
+def test_a_corrupt_results_part_is_set_aside_and_its_rows_rebuilt_from_mlflow(
+    tmp_path, uninterrupted
+):
+    sweep_dir = tmp_path / "sweeps" / NAME
+    driver = start(tmp_path)
+    wait_for(lambda: bool(finished_trials(sweep_dir)), driver)
+    kill(driver)
+    parts = sorted((sweep_dir / "results.parquet").glob("part-*.parquet"))
+    # a finished trial's part and one of a trial under way
+    for part in parts[:2]:
+        part.write_bytes(b"not parquet")
+
+    resumed = resume(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for part in parts[:2]:
+        aside = part.with_name(f"_{part.name}.corrupt")
+        assert f"{part.relative_to(tmp_path)}: not a readable results file" in resumed.stderr
+        assert f"moved aside to {aside.name}" in resumed.stderr
+        assert aside.read_bytes() == b"not parquet"
+    assert "Traceback" not in resumed.stderr
+    assert_whole(tmp_path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_deleted_mlflow_store_is_recreated_with_the_sweeps_runs(tmp_path, uninterrupted):
+    sweep_dir = tmp_path / "sweeps" / NAME
+    driver = start(tmp_path)
+    wait_for(lambda: bool(finished_trials(sweep_dir)), driver)
+    kill(driver)
+    (tmp_path / "sweeps" / "mlflow.db").unlink()
+
+    resumed = resume(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "holds no run" in resumed.stderr and "logged again from its results store" in (
+        resumed.stderr
+    )
+    assert re.search(r"\bRun\b.*not found", resumed.stderr + resumed.stdout) is None
+    assert_whole(tmp_path, uninterrupted)
+
+
+def evaluations(sweep_dir: Path) -> int:
+    """The most evaluations a trial not finished has reported."""
+    if not (sweep_dir / "results.parquet").is_dir():
+        return 0
+    results = read_results(sweep_dir)
+    running = results[(results["status"] == "RUNNING") & (results["metric"] == "exact_match")]
+    return int(running.groupby("trial_id")["step"].nunique().max()) if len(running) else 0
+
+
+# torch's first sentence about a truncated checkpoint
+CORRUPT = "PytorchStreamReader failed reading zip archive: failed finding central directory"
+
+
+@pytest.mark.slow
+def test_a_corrupt_checkpoint_gives_way_to_the_one_before_it(tmp_path, uninterrupted):
+    sweep_dir = tmp_path / "sweeps" / NAME
+    driver = start(tmp_path)
+    # a trial under way with two evaluations
+    wait_for(lambda: evaluations(sweep_dir) >= 2, driver)
+    # Ctrl-C: Tune saves which checkpoint each trial is at
+    driver.send_signal(signal.SIGINT)
+    driver.communicate(timeout=120)
+    # the checkpoint each unfinished trial resumes from, as Tune recorded it
+    corrupted = {
+        Path(trial.checkpoint.path) / FILENAME: int(trial.checkpoint.path[-6:])
+        for trial in ExperimentAnalysis(str(sweep_dir / "tune")).trials
+        if trial.checkpoint is not None and trial.trial_id not in finished_trials(sweep_dir)
+    }
+    assert max(corrupted.values()) >= 1
+    for path in corrupted:
+        path.write_bytes(path.read_bytes()[:100])
+
+    resumed = resume(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for path, index in corrupted.items():
+        instead = (
+            f"continues from checkpoint_{index - 1:06d}"
+            if index >= 1
+            else "starts again from step 0"
+        )
+        said = [line for line in resumed.stderr.splitlines() if str(path) in line]
+        assert len(said) == 1 and said[0].endswith(
+            f" is unreadable: {CORRUPT}; the trial {instead}"
+        ), resumed.stderr[-3000:]
+    assert_whole(tmp_path, uninterrupted)
+
+
+def test_first_loadable_skips_unreadable_checkpoints_newest_first(tmp_path):
+    config = TrialConfig.model_validate(tiny_trial(max_steps=10))
+    model = MemoryMosaics(config.model, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    for step in (1, 2, 3):
+        save_checkpoint(
+            tmp_path / f"checkpoint_{step}",
+            config=config,
+            step=step,
+            model=model,
+            optimizer=optimizer,
+            metrics={},
+        )
+    newest_first = [tmp_path / f"checkpoint_{step}" for step in (3, 2, 1)]
+    (newest_first[0] / FILENAME).write_bytes(b"")
+    usable, reasons = first_loadable(newest_first, config)
+    assert usable == newest_first[1] and len(reasons) == 1
+    assert reasons[0].startswith(f"checkpoint {newest_first[0] / FILENAME} is unreadable")
+    for directory in newest_first:
+        (directory / FILENAME).write_bytes(b"junk")
+    usable, reasons = first_loadable(newest_first, config)
+    assert usable is None
+    assert [reason.split(" is ")[0] for reason in reasons] == [
+        f"checkpoint {directory / FILENAME}" for directory in newest_first
+    ]
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    config = TrialConfig.model_validate(tiny_trial(max_steps=10))
+    model = MemoryMosaics(config.model, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    saved = dict(config=config, model=model, optimizer=optimizer, metrics={})
+    path = save_checkpoint(tmp_path, step=1, **saved)
+    before = path.read_bytes()
+
+    def disk_full(state, file):
+        file.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(tmp_path, step=2, **saved)
+    assert path.read_bytes() == before and sorted(tmp_path.iterdir()) == [path]
+
+
+LOCK_S = 30
+
+
+@pytest.mark.slow
+def test_an_mlflow_store_locked_for_30_seconds_is_waited_out(tmp_path, uninterrupted):
+    sweep_dir = tmp_path / "sweeps" / NAME
+    driver = start(tmp_path)
+    wait_for(lambda: (sweep_dir / "results.parquet").is_dir(), driver)
+    hold = (
+        "import sqlite3, sys, time\n"
+        "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+        "db.execute('BEGIN EXCLUSIVE')\n"
+        f"time.sleep({LOCK_S})\n"
+        "db.execute('ROLLBACK')\n"
+    )
+    locker = subprocess.run(
+        [sys.executable, "-c", hold, str(tmp_path / "sweeps" / "mlflow.db")], timeout=120
+    )
+    assert locker.returncode == 0
+    stdout, stderr = driver.communicate(timeout=400)
+    assert driver.returncode == 0, stderr[-3000:]
+    assert "the MLflow store is locked by another process" in stderr
+    assert "Traceback" not in stderr
+    assert_whole(tmp_path, uninterrupted)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """`tmp_path/sweeps` on a tmpfs of its own, which a test can fill; skipped where mounting is
+    not permitted (not root, or a container without the capability)."""
+    disk = tmp_path / "sweeps"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
+        capture_output=True,
+        text=True,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def fill(disk: Path) -> Path:
+    """A file that takes all the space left on `disk`."""
+    filler = disk / "filler"
+    with filler.open("wb") as file:
+        try:
+            while True:
+                file.write(b"\0" * (1 << 20))
+                file.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_sweep_in_one_paragraph_and_resume_continues(
+    tmp_path, small_disk, uninterrupted
+):
+    sweep_dir = small_disk / NAME
+    tracking_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    driver = start(tmp_path, "--mlflow-uri", tracking_uri)
+    wait_for(lambda: bool(finished_trials(sweep_dir)), driver)
+    filler = fill(small_disk)
+    stdout, stderr = driver.communicate(timeout=240)
+    assert driver.returncode == 1, stderr[-3000:]
+    assert "stopped: a disk the sweep writes to is full" in stdout
+    assert "No space left on device" in stdout
+    assert f"--out {Path('sweeps') / NAME} --resume" in stdout
+    assert f"{NAME}: " in stdout  # the table so far
+    assert "Traceback" not in stderr
+    client = MlflowClient(tracking_uri)
+    children = [
+        run
+        for run in client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
+        if PARENT_TAG in run.data.tags
+    ]
+    assert "RUNNING" not in {run.info.status for run in children}
+    stopped = [run for run in children if run.info.status == "FAILED"]
+    assert stopped and all("No space left" in run.data.tags[ERROR_TAG] for run in stopped)
+
+    filler.unlink()
+    resumed = resume(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_whole(tmp_path, uninterrupted, tracking_uri)
