@@ -26,6 +26,8 @@ TRAIN_LOSS = "train_loss"
 ELAPSED_S = "elapsed_s"
 TOKENS_PER_S = "tokens_per_s"
 SUPPORT_SIZE = "support_size"  # mean keys with non-zero weight, per evaluation length
+# what a trial reports between evaluations, which come with a checkpoint: these do not
+BETWEEN_EVALUATIONS = (STEP, LR, TRAIN_LOSS, ELAPSED_S, TOKENS_PER_S)
 # what the tasks' evaluations report (length generalisation: per length, `exact_match_2x`)
 EXACT_MATCH = "exact_match"
 EXACT_MATCH_WITH_EOS = "exact_match_with_eos"

@@ -99,6 +99,14 @@ def headline_metrics(sweep_dir: Path) -> tuple[list[str], bool]:
     return [length_metric_name(metric, factor) for factor in factors] or [metric], ascending
 
 
+def server_links(sweep_dir: Path, tracking_uri: str) -> list[str]:
+    """The link to a sweep's trials on the tracking server it logs to (none for a local store,
+    which `mosaic-sweep ui` serves)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return []
+    return list(sweep_links(sweep_dir, tracking_uri, tracking_uri.rstrip("/")).values())
+
+
 def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dict[str, str]:
     """Sweep name -> link to its trials, for the sweep folder given or each one inside the folder
     of sweeps that logs to `tracking_uri`; sweeps without a parent run yet are left out."""
