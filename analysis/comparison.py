@@ -25,6 +25,8 @@ from analysis.noise import METHOD, overlaps
 from analysis.paper_tables import PAPER_DIR, PAPER_TABLES, SETUP_FILE
 from analysis.schema import TYPED_CONFIG
 from analysis.tables import LAYOUTS, TableStats, column_header, table_stats
+from mosaic_core.config import TrialConfig, flatten
+from mosaic_core.kernel_specs import resolve_kernel
 from mosaic_core.metrics import lower_is_better
 from mosaic_core.reference_code import CHANGED_KERNELS, QUIRKS
 
@@ -89,9 +91,6 @@ def our_settings(
         typed = results.drop_duplicates("trial_id").reindex(columns=[*TYPED_CONFIG])
         typed = typed.rename(columns=TYPED_CONFIG)
         return typed.assign(task=typed["task.name"], kernel=typed["model.kernel"])
-    from mosaic_core.config import TrialConfig, flatten
-    from mosaic_core.kernels import resolve_kernel
-
     lines = []
     for config in configs:
         trial = TrialConfig.model_validate(config)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.schema import RESULT_COLUMNS, SEED_KEY, TYPED_CONFIG
+from mosaic_core.kernel_specs import KERNEL_ALIASES, kernel_label
 
 KERNEL = "kernel"
 KERNEL_LABEL = "kernel_label"
@@ -202,9 +203,6 @@ def _matches(column: pd.Series, text: str) -> pd.Series:
 def _kernel_matches(frame: pd.DataFrame, text: str) -> pd.Series:
     """Rows of the kernel `text` names, in any case: its registry name (`softmax`), an alias
     (`gaussian`, `biweight`: α = 1.5 only) or the paper's label (`Epanechnikov (sparsemax)`)."""
-    # the kernel registry (and torch with it): only for a condition on the kernel
-    from mosaic_core.kernels import KERNEL_ALIASES, kernel_label
-
     name = text.lower()
     kernel, fixed = KERNEL_ALIASES.get(name, (name, {}))
     # an alias that fixes parameters (biweight: α = 1.5) is one variant: its label

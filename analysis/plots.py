@@ -191,12 +191,9 @@ def _training_curves(results: pd.DataFrame) -> Figure | None:
     """train_loss and the family's headline metric (its table's first, at the shortest length)
     vs. step, a panel each per task: how every configuration trained."""
     # the tables' layouts know each family's headline metric
-    from analysis.tables import family_layout
+    from analysis.tables import headlines
 
-    try:
-        headline = family_layout(results).metrics[0]
-    except ValueError:
-        headline = VAL_LOSS
+    headline = next((found.metric for found in headlines(results)), VAL_LOSS)
     rows = results[results["metric"].isin([TRAIN_LOSS, headline])]
     factors = rows["length_factor"]
     rows = rows[factors.isna() | (factors == factors.min())]

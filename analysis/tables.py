@@ -104,6 +104,30 @@ def family_layout(results: pd.DataFrame) -> Layout:
     )
 
 
+@dataclass(frozen=True)
+class Headline:
+    """A task family's headline metric in a sweep's results: its paper table's first (exact
+    match, accuracy, validation loss), the lengths it was evaluated at (shortest first) and its
+    direction, from `mosaic_core.metrics`."""
+
+    metric: str
+    factors: list[float]
+    lower_is_better: bool
+
+
+def headlines(results: pd.DataFrame) -> list[Headline]:
+    """The headline metric of each task family that reported it: what `status` calls the best
+    so far and the MLflow link orders the trials by."""
+    found = []
+    for metric in (layout.metrics[0] for layout in LAYOUTS.values()):
+        factors = results.loc[results["metric"] == metric, "length_factor"]
+        if len(factors):
+            found.append(
+                Headline(metric, sorted(factors.dropna().unique()), lower_is_better(metric))
+            )
+    return found
+
+
 def check_select(select: str) -> str:
     """`last` or `best:METRIC`; ValueError otherwise."""
     if select != LAST and not (select.startswith(BEST) and select.removeprefix(BEST)):

@@ -26,7 +26,7 @@ import torch
 
 from mosaic_core import attention
 from mosaic_core.attention import adasplash_available, attend
-from mosaic_core.kernels import fused_call, resolve_kernel
+from mosaic_core.kernel_specs import fused_call, resolve_kernel
 
 KERNELS: list[
     tuple[str, str, dict, str | None]

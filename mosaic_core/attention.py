@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from mosaic_core.kernels import attention_weights, fused_call, resolve_kernel
+from mosaic_core.kernel_specs import fused_call, resolve_kernel
+from mosaic_core.kernels import attention_weights
 
 # how far back the newest key a query sees lies: causal j ≤ t, strictly causal j ≤ t − 1 (Memory
 # Mosaics), and j ≤ t − 2, the mask the paper's LM/length code gives three kernels (SPEC §3)

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from mosaic_core.kernels import resolve_kernel
+from mosaic_core.kernel_specs import resolve_kernel
 from mosaic_core.metrics import (
     ACCURACY,
     EXACT_MATCH,

@@ -14,96 +14,28 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class FusedCall:
-    """How a kernel runs in the fused Triton kernels (`mosaic_core.fused`): which family, with what.
-
-    entmax: w = [(α−1)s − τ]_+^{1/(α−1)}; relu: w = [a·s + c]_+ with c = b, or b − max s when
-    `anchored`, uniform over the allowed keys when all are 0 and `fallback`; topk_*: the top_k keys.
-    """
-
-    kind: str
-    alpha: float = 2.0
-    a: float = 1.0
-    b: float | Tensor = 0.0
-    anchored: bool = False
-    fallback: bool = False
-    top_k: int = 0
+from mosaic_core.kernel_specs import resolve_kernel
 
 
 @dataclass(frozen=True)
 class Kernel:
-    """One kernel, all in one place: parameters, checks, label, reference, bandwidth, fast path.
+    """One kernel's mathematics; its name, parameters and label are in `mosaic_core.kernel_specs`.
 
-    `checks` are (parameter, predicate, what is allowed); `bandwidth_squared(s, allowed, T, params)`
-    gives h² per query (None: the kernel has no bandwidth); `fused(params)` gives the fused
-    kernels' call, or None where the fast path is SDPA (softmax) or query chunks.
+    `bandwidth_squared(s, allowed, T, params)` gives h² per query (None: the kernel has no
+    bandwidth).
     """
 
-    name: str
     reference: Callable[..., Tensor]
-    label: Callable[[dict[str, Any]], str]
-    defaults: dict[str, float] = field(default_factory=dict)
-    aliases: dict[str, dict[str, float]] = field(default_factory=dict)
-    checks: tuple[tuple[str, Callable[[Any], bool], str], ...] = ()
     bandwidth_squared: Callable[..., Tensor] | None = None
-    fused: Callable[[dict[str, Any]], FusedCall | None] | None = None
 
 
-# the largest α-entmax trained stably: a 1-layer model trained in float32 stayed finite up to α = 32
-# on 8-token sequences and 16 on 128 (NaN at step 2 from 40 and 24), and at α = 4 on 512: the
-# longer the sequences, the lower the limit
-MAX_ENTMAX_ALPHA = 4.0
 _BISECT_ITERS = 60  # halves the initial bracket (width ≤ 1) down to float64 resolution
-
-
-def resolve_kernel(name: str, **params: Any) -> tuple[str, dict[str, float]]:
-    """Canonical name and complete, validated parameters for a kernel named by name or alias.
-
-    Raises ValueError with a one-line message naming what is wrong and what is allowed.
-    """
-    if name in KERNEL_ALIASES:
-        canonical, fixed = KERNEL_ALIASES[name]
-        clash = {p for p in params if p in fixed and not math.isclose(params[p], fixed[p])}
-        if clash:
-            p = sorted(clash)[0]
-            raise ValueError(f"kernel {name!r} fixes {p}={fixed[p]:g}; got {p}={params[p]!r}")
-        params = {**params, **fixed}
-        name = canonical
-    if name not in KERNELS:
-        raise ValueError(f"unknown kernel {name!r}; allowed: {', '.join(KERNEL_NAMES)}")
-    spec = KERNELS[name]
-    unknown = sorted(set(params) - set(spec.defaults))
-    if unknown:
-        allowed = ", ".join(spec.defaults) or "none"
-        raise ValueError(f"kernel {name!r} has no parameter {unknown[0]!r}; allowed: {allowed}")
-    resolved = {**spec.defaults, **params}
-    for param, ok, allowed in spec.checks:
-        if not ok(resolved[param]):
-            raise ValueError(f"{name} {param} must be {allowed}; got {resolved[param]!r}")
-    if "k" in resolved:
-        resolved["k"] = int(resolved["k"])
-    return name, resolved
-
-
-def kernel_label(name: str, **params: Any) -> str:
-    """The paper's row label for a kernel variant (Tables 1, 2 and 7)."""
-    name, p = resolve_kernel(name, **params)
-    return KERNELS[name].label(p)
-
-
-def fused_call(name: str, **params: Any) -> FusedCall | None:
-    """The fused kernels' call for a kernel variant; None where its fast path is not fused."""
-    name, p = resolve_kernel(name, **params)
-    fused = KERNELS[name].fused
-    return None if fused is None else fused(p)
 
 
 def attention_weights(
@@ -375,106 +307,13 @@ def _normrelu_bandwidth(
     return 2 + 2 * temperature * p["gamma"] * b
 
 
-def _entmax_label(p: dict[str, Any]) -> str:
-    for label, alpha in (
-        ("Biweight", 1.5),
-        ("Triweight", 4 / 3),
-        ("Epanechnikov (sparsemax)", 2.0),
-    ):
-        if math.isclose(p["alpha"], alpha):
-            return label
-    return f"{p['alpha']:g}-entmax"
-
-
-def _positive(x: Any) -> bool:
-    return not isinstance(x, Tensor) and x > 0
-
-
-def _count(x: Any) -> bool:
-    return not isinstance(x, bool) and int(x) == x and x >= 1
-
-
-_K_CHECK = (("k", _count, "an integer >= 1"),)
-
 KERNELS: dict[str, Kernel] = {
-    spec.name: spec
-    for spec in (
-        Kernel(
-            "softmax",
-            _softmax,
-            lambda p: "Gaussian",
-            aliases={"gaussian": {}},
-            bandwidth_squared=lambda s, allowed, temperature, p: temperature,
-        ),
-        Kernel(
-            "sparsemax",
-            _sparsemax,
-            lambda p: "Epanechnikov (sparsemax)",
-            aliases={"epanechnikov": {}},
-            bandwidth_squared=_entmax_bandwidth,
-            fused=lambda p: FusedCall("entmax", alpha=2.0),
-        ),
-        Kernel(
-            "entmax",
-            _entmax,
-            _entmax_label,
-            defaults={"alpha": 1.5},
-            aliases={"biweight": {"alpha": 1.5}, "triweight": {"alpha": 4 / 3}},
-            checks=(
-                (
-                    "alpha",
-                    lambda a: 1 < a <= MAX_ENTMAX_ALPHA,
-                    f"> 1 and ≤ {MAX_ENTMAX_ALPHA:g} (α → 1 is softmax; above it entmax's gradient "
-                    "p^(2−α) overflows float32 and the loss turns NaN within a few steps)",
-                ),
-            ),
-            bandwidth_squared=_entmax_bandwidth,
-            fused=lambda p: FusedCall("entmax", alpha=p["alpha"]) if p["alpha"] <= 2 else None,
-        ),
-        Kernel(
-            "normrelu",
-            _normrelu,
-            lambda p: "Epanechnikov (normReLU)",
-            defaults={"gamma": 1.0, "b": 0.0},
-            checks=(("gamma", _positive, "> 0"),),
-            bandwidth_squared=_normrelu_bandwidth,
-            fused=lambda p: FusedCall("relu", a=1 / p["gamma"], b=p["b"], fallback=True),
-        ),
-        Kernel(
-            "relumax",
-            _relumax,
-            lambda p: "Epanechnikov (ReLUmax)" + ("" if p["b"] == 1.0 else f", b = {p['b']:g}"),
-            defaults={"b": 1.0},
-            checks=(("b", _positive, "> 0"),),
-            bandwidth_squared=_relumax_bandwidth,
-            fused=lambda p: FusedCall("relu", b=p["b"], anchored=True),
-        ),
-        Kernel(
-            "topk_softmax",
-            _topk_softmax,
-            lambda p: f"Gaussian kNN, k = {p['k']}",
-            defaults={"k": 32},
-            aliases={"gaussian_knn": {}},
-            checks=_K_CHECK,
-            fused=lambda p: FusedCall("topk_softmax", top_k=p["k"]),
-        ),
-        Kernel(
-            "topk_uniform",
-            _topk_uniform,
-            lambda p: f"Uniform kNN, k = {p['k']}",
-            defaults={"k": 32},
-            aliases={"uniform_knn": {}},
-            checks=_K_CHECK,
-            fused=lambda p: FusedCall("topk_uniform", top_k=p["k"]),
-        ),
-    )
+    "softmax": Kernel(_softmax, lambda s, allowed, temperature, p: temperature),
+    "sparsemax": Kernel(_sparsemax, _entmax_bandwidth),
+    "entmax": Kernel(_entmax, _entmax_bandwidth),
+    "normrelu": Kernel(_normrelu, _normrelu_bandwidth),
+    "relumax": Kernel(_relumax, _relumax_bandwidth),
+    "topk_softmax": Kernel(_topk_softmax),
+    "topk_uniform": Kernel(_topk_uniform),
 }
-"""Every kernel, each one entry: adding a kernel is adding a `Kernel` here."""
-
-KERNEL_DEFAULTS: dict[str, dict[str, float]] = {
-    name: spec.defaults for name, spec in KERNELS.items()
-}
-KERNEL_ALIASES: dict[str, tuple[str, dict[str, float]]] = {
-    alias: (name, fixed) for name, spec in KERNELS.items() for alias, fixed in spec.aliases.items()
-}
-KERNEL_NAMES: list[str] = [*KERNELS, *KERNEL_ALIASES]
+"""Every kernel of `KERNEL_SPECS` by its name: adding a kernel is an entry there and one here."""

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 
 from mosaic_core.attention import MASK_LAGS, attend, causal_mask
 from mosaic_core.config import ModelConfig
-from mosaic_core.kernels import kernel_diagnostics, resolve_kernel
+from mosaic_core.kernel_specs import resolve_kernel
+from mosaic_core.kernels import kernel_diagnostics
 from mosaic_core.leaky_average import leaky_average
 from mosaic_core.reference_code import BETA4_KERNELS, FLOAT32_KERNELS, LAG2_KERNELS
 

@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from mosaic_core.metrics import BETWEEN_EVALUATIONS
 from orchestrator.driver_lock import check_no_driver
 from orchestrator.resources import (
     PlacementError,
@@ -282,6 +283,30 @@ def finished(folder: SweepFolder) -> bool:
     states = trial_states(read_results(folder.path))
     ended = states.get(TrialStatus.TERMINATED, 0) + states.get(TrialStatus.STOPPED, 0)
     return ended >= folder.launch.trials
+
+
+def restarting_from_scratch(folder: SweepFolder) -> str | None:
+    """The line naming the trials `--resume` trains again from step 0: interrupted (or killed)
+    before their first evaluation, which is when a trial keeps its first checkpoint."""
+    # pandas reads the results: only when resuming, so that `--help` and refusals go without it
+    from analysis.configurations import describe_config
+    from analysis.results_store import read_results
+    from analysis.schema import TrialStatus
+
+    results = read_results(folder.path)
+    last = results.groupby("trial_id", sort=False).tail(1)
+    unfinished = last[last["status"].isin([TrialStatus.RUNNING, TrialStatus.INTERRUPTED])]
+    evaluated = set(results.loc[~results["metric"].isin(BETWEEN_EVALUATIONS), "trial_id"])
+    names = [
+        f"{describe_config(row)} seed={row['seed']}"
+        for _, row in unfinished.iterrows()
+        if row["trial_id"] not in evaluated
+    ]
+    if not names:
+        return None
+    return (
+        f"restarting from scratch (interrupted before their first checkpoint): {', '.join(names)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,8 +23,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from analysis.results_store import ResultsStoreError, read_results
-from analysis.tables import family_layout
-from mosaic_core.metrics import TRAIN_LOSS, length_metric_name, lower_is_better
+from analysis.tables import headlines
+from mosaic_core.metrics import TRAIN_LOSS, length_metric_name
 from orchestrator.sweep_folder import LAUNCH, SweepFolder, SweepFolderError
 from orchestrator.tracking.names import KERNEL_LABEL_TAG, PARENT_TAG, SHARED_VIEW_TAG_PREFIX
 from orchestrator.tracking.runs import all_runs, experiment_of
@@ -90,13 +90,21 @@ def headline_metrics(sweep_dir: Path) -> tuple[list[str], bool]:
     """(MLflow metric names, ascending) the sweep's table leads with: exact match at each evaluated
     length, accuracy, or validation loss; none before any result."""
     try:
-        results = read_results(sweep_dir, skip_bad=True)
-        metric = family_layout(results).metrics[0]
-    except (ResultsStoreError, ValueError):
+        found = headlines(read_results(sweep_dir, skip_bad=True))
+    except ResultsStoreError:
         return [], False
-    factors = sorted(results.loc[results["metric"] == metric, "length_factor"].dropna().unique())
-    names = [length_metric_name(metric, factor) for factor in factors] or [metric]
-    return names, lower_is_better(metric)
+    if not found:
+        return [], False
+    metric, factors, ascending = found[0].metric, found[0].factors, found[0].lower_is_better
+    return [length_metric_name(metric, factor) for factor in factors] or [metric], ascending
+
+
+def server_links(sweep_dir: Path, tracking_uri: str) -> list[str]:
+    """The link to a sweep's trials on the tracking server it logs to (none for a local store,
+    which `mosaic-sweep ui` serves)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return []
+    return list(sweep_links(sweep_dir, tracking_uri, tracking_uri.rstrip("/")).values())
 
 
 def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dict[str, str]:

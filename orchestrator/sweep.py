@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mlflow import MlflowClient
+from mlflow.environment_variables import MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT
 
 from analysis.plots import make_plots
 from analysis.results_store import mark_interrupted, read_results, trial_states
@@ -137,6 +138,9 @@ def _quiet_logs(verbose: bool) -> None:
     os.environ["TUNE_DISABLE_STRICT_METRIC_CHECKING"] = "1"
     # importing mlflow reset it
     logging.getLogger("mlflow").setLevel(logging.INFO if verbose else logging.WARNING)
+    # MLflow prints a link to each run it ends on a tracking server, which opens its UI's GenAI
+    # pages; the command line prints one that opens the sweep's trials in model-training mode
+    os.environ[MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT.name] = "true"
     controller = logging.getLogger(_TUNE_CONTROLLER_LOG)
     for old in [f for f in controller.filters if isinstance(f, _ExpectedTrialFailure)]:
         controller.removeFilter(old)

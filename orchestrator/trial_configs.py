@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from mosaic_core.config import TrialConfig, describe_validation_error
-from mosaic_core.kernels import kernel_label
+from mosaic_core.kernel_specs import kernel_label
 from search_spaces.expand import with_overrides
 from search_spaces.schema import readable_variant
 

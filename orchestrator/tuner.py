@@ -155,16 +155,27 @@ class SeedRepeater(Repeater):
     def on_trial_complete(
         self, trial_id: str, result: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
+        """The mean of the seeds' values once all are in; PRUNED (see above); a suggestion whose
+        seeds all failed as failed (Repeater would pass the mean of no value, NaN, with numpy's and
+        Optuna's warnings)."""
         group = self._trial_id_to_group.get(trial_id)
-        step = (result or {}).get(STEP)
-        if group is not None and step is not None and step < self.max_steps:
-            self.pruned.add(group.primary_trial_id)
-        if group is None or group.primary_trial_id not in self.pruned:
+        if group is None:
             super().on_trial_complete(trial_id, result, **kwargs)
             return
-        group.report(trial_id, math.nan)
-        if group.finished_reporting():
+        step = (result or {}).get(STEP)
+        if step is not None and step < self.max_steps:
+            self.pruned.add(group.primary_trial_id)
+        group.report(trial_id, (result or {}).get(self.searcher.metric, math.nan))
+        if not group.finished_reporting():
+            return
+        values = [value for value in group.scores() if not math.isnan(value)]
+        if group.primary_trial_id in self.pruned:
             self.searcher.on_trial_complete(group.primary_trial_id, result=None, **kwargs)
+        elif not values:
+            self.searcher.on_trial_complete(group.primary_trial_id, **{**kwargs, "error": True})
+        else:
+            mean = {self.searcher.metric: sum(values) / len(values)}
+            self.searcher.on_trial_complete(group.primary_trial_id, result=mean, **kwargs)
 
 
 def optuna_storage_url(search: Search, sweep_dir: Path) -> str:

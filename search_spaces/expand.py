@@ -26,7 +26,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from mosaic_core.config import MAX_SEED, TrialConfig, describe_validation_error, flatten
-from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES, kernel_label, resolve_kernel
+from mosaic_core.kernel_specs import KERNEL_DEFAULTS, KERNEL_NAMES, kernel_label, resolve_kernel
 from search_spaces.schema import (
     DISTRIBUTIONS,
     Scheduler,

@@ -3,7 +3,7 @@ import pytest
 
 from analysis.results_store import read_results, write_trial_rows
 from analysis.schema import RESULT_COLUMNS
-from analysis.tables import markdown_cells, table_stats, to_markdown
+from analysis.tables import Headline, headlines, markdown_cells, table_stats, to_markdown
 
 
 def length_generalization_table(frame: pd.DataFrame, **options) -> pd.DataFrame:
@@ -275,4 +275,20 @@ def test_search_ranking_names_the_variant_when_the_search_chose_it():
     assert list(search_ranking(frame, "val_loss", "min").index) == [
         "softmax model.n_layer=2 train.lr=0.001",
         "softmax model.n_layer=1 train.lr=0.001",
+    ]
+
+
+def test_headlines_name_each_reported_familys_metric_lengths_and_direction():
+    """One answer for status's best so far and the MLflow link's order: exact match (higher is
+    better) at the lengths it was evaluated at, validation loss (lower is better); accuracy, not
+    reported, is left out."""
+    results = pd.DataFrame(
+        {
+            "metric": ["train_loss", "exact_match", "exact_match", "val_loss"],
+            "length_factor": [None, 2.0, 1.0, None],
+        }
+    )
+    assert headlines(results) == [
+        Headline("exact_match", [1.0, 2.0], lower_is_better=False),
+        Headline("val_loss", [], lower_is_better=True),
     ]

@@ -10,6 +10,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from orchestrator.cli import COMMANDS, app
@@ -45,18 +46,30 @@ REFUSALS = {
     "not-yaml": ["broken.yaml"],
     "not-a-mapping": ["list.yaml"],
     "unknown-sweep": ["smok"],
+    "bad-key": ["bad-key.yaml"],
+    "bad-kernel": ["bad-kernel.yaml"],
+    "bad-value": ["bad-value.yaml"],
+    "bad-override": ["smoke", "train.lr=-1"],
 }
 
 
 @pytest.mark.parametrize("args", REFUSALS.values(), ids=REFUSALS)
 def test_refusals_before_any_work_import_neither_torch_ray_nor_mlflow(args, tmp_path):
-    """Bad flags, folder conflicts, a bad tracking URI or a bad sweep file: refused (one line,
-    exit 2) with none of the heavy modules loaded."""
+    """Bad flags, folder conflicts, a bad tracking URI or a bad sweep file (its YAML, a key, a
+    kernel, a value, an override): refused (one line, exit 2) with none of the heavy modules
+    loaded."""
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     (tmp_path / "a-file").write_text("")
     (tmp_path / "broken.yaml").write_text("name: [unclosed\n")
     (tmp_path / "list.yaml").write_text("- softmax\n")
+    smoke = yaml.safe_load(bundled_sweeps()["smoke"].read_text())
+    for name, change in [
+        ("bad-key", {"bogus": 1}),
+        ("bad-kernel", {"kernels": [{"name": "entmax", "alpha": 0.5}]}),
+        ("bad-value", {"base": {**smoke["base"], "train": {"lr": "fast"}}}),
+    ]:
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump({**smoke, **change}))
     probe = (
         "import sys\nfrom typer.testing import CliRunner\nfrom orchestrator.cli import app\n"
         "done = CliRunner().invoke(app, ['run', *sys.argv[1:]])\n"

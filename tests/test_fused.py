@@ -14,7 +14,8 @@ pytest.importorskip("triton", reason="needs the triton package (the gpu extra)")
 from mosaic_core import attention  # noqa: E402
 from mosaic_core.attention import attend, attention_path  # noqa: E402
 from mosaic_core.fused import _forward, fused_attention, fused_passes, keep_mask  # noqa: E402
-from mosaic_core.kernels import attention_weights, fused_call  # noqa: E402
+from mosaic_core.kernel_specs import fused_call  # noqa: E402
+from mosaic_core.kernels import attention_weights  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FUSED = [

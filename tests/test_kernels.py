@@ -9,12 +9,12 @@ import pytest
 import torch
 
 from mosaic_core.attention import attend
+from mosaic_core.kernel_specs import KERNEL_SPECS, kernel_label, resolve_kernel
 from mosaic_core.kernels import (
+    KERNELS,
     attention_weights,
     entmax_threshold,
     kernel_diagnostics,
-    kernel_label,
-    resolve_kernel,
     support_size,
 )
 
@@ -378,3 +378,8 @@ def test_diagnostics_per_head_temperature_broadcasts():
     assert d.bandwidth.shape == (2, 3, 4)
     expected = (2 - 2 * temperature.squeeze(-1) * tau).clamp(min=0).sqrt()
     assert torch.allclose(d.bandwidth, expected)
+
+
+def test_every_kernel_a_config_can_name_has_its_mathematics():
+    """The torch-free table of names and the references are keyed alike, in one order."""
+    assert list(KERNELS) == list(KERNEL_SPECS)

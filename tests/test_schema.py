@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from mosaic_core.config import TrialConfig
-from mosaic_core.kernels import KERNEL_DEFAULTS, KERNEL_NAMES
+from mosaic_core.kernel_specs import KERNEL_DEFAULTS, KERNEL_NAMES
 from search_spaces import bundled_sweeps
 from search_spaces.expand import load_sweep
 from search_spaces.yaml_io import SweepError, read_yaml

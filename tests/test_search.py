@@ -4,6 +4,7 @@ persistent study, the seed groups across a resume, and ASHA's wiring."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import optuna
 import pytest
@@ -235,3 +236,23 @@ def test_a_search_with_asha_marks_its_stopped_seeds_everywhere(tmp_path):
     table = (sweep_dir / "table.md").read_text()
     assert f"train_loss mean at step {common}" in table
     assert f"compared at step {common}: the highest step every seed" in table
+
+
+def test_a_suggestion_whose_seeds_all_failed_fails_in_the_study_without_warnings(
+    search_sweep, tmp_path
+):
+    """Both seeds failed (no value): the study records FAIL, and neither numpy's "Mean of empty
+    slice" nor Optuna's "The value nan is not acceptable" reaches the console."""
+    from ray.tune.search import SearchGenerator
+
+    generator = SearchGenerator(search_algorithm(search_sweep, tmp_path))
+    generator.set_search_properties(None, None, param_space(search_sweep, ["softmax"]))
+    for trial_id in "ab":
+        generator.searcher.suggest(trial_id)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generator.on_trial_complete("a", None, error=True)
+        generator.on_trial_complete("b", None, error=True)
+    assert [str(warning.message) for warning in caught] == []
+    study = optuna.load_study(study_name="smoke", storage=f"sqlite:///{tmp_path / 'optuna.db'}")
+    assert [trial.state.name for trial in study.trials] == ["FAIL"]

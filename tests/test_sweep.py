@@ -487,6 +487,31 @@ def test_a_child_run_per_trial_with_its_params_and_metric_curves(tiny_sweep):
 
 
 @pytest.mark.slow
+def test_a_child_runs_per_head_diagnostics_are_a_table_per_evaluation(tiny_sweep):
+    """No `support_size/l0h1` metric (MLflow 3.17 would chart each group before train_loss): a
+    table per evaluation, a row per layer and head, holding what the results store holds."""
+    results = tiny_sweep.results
+    for child in tiny_sweep.children:
+        model_metrics = [key for key in child.data.metrics if not key.startswith("system/")]
+        assert "train_loss" in model_metrics and not [key for key in model_metrics if "/" in key]
+        for step in (10, 20):
+            path = f"diagnostics/step_{step:06d}.json"
+            table = json.loads(
+                Path(tiny_sweep.client.download_artifacts(child.info.run_id, path)).read_text()
+            )
+            rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+            assert [(row["layer"], row["head"]) for row in rows] == [(0, 0), (0, 1)]
+            mine = results[
+                (results["mlflow_run_id"] == child.info.run_id) & (results["step"] == step)
+            ]
+            stored = mine.set_index("metric")["value"]
+            # MLflow writes a table's numbers with 10 significant digits
+            assert [row["support_size"] for row in rows] == pytest.approx(
+                [stored["support_size/l0h0"], stored["support_size/l0h1"]], rel=1e-9
+            )
+
+
+@pytest.mark.slow
 def test_the_results_store_holds_every_evaluation_of_every_trial(tiny_sweep):
     results = tiny_sweep.results
     columns = {"trial_id", "kernel", "alpha", "k", "b", "n_layer", "seed", "task", "metric"}
@@ -777,7 +802,8 @@ def test_ui_optuna_serves_the_search_study_on_localhost(tmp_path):
 @pytest.mark.slow
 def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_sweep):
     """n_embd in [16, 18] with 2 heads: both ends are valid, 17 is not. Its trial fails with the
-    reason (one line), its MLflow run and results row say so, the other suggestions run."""
+    reason (one line), its MLflow run and results row say so, the other suggestions run; no
+    numpy or Optuna warning about its missing value reaches the console."""
     from analysis.results_store import read_results
 
     spec = {
@@ -798,6 +824,8 @@ def test_a_suggestion_that_makes_an_invalid_config_fails_alone(tmp_path, write_s
     }
     done = mosaic_sweep("run", write_sweep(spec, "odd"), cwd=tmp_path, timeout=300)
     assert done.returncode == 1, done.stderr[-3000:]
+    console = done.stdout + done.stderr
+    assert "Mean of empty slice" not in console and "is not acceptable" not in console
     results = read_results(tmp_path / "sweeps" / "odd")
     by_status = results.groupby("status")["searched"].agg(set).to_dict()
     assert by_status["ERROR"] == {'{"model.n_embd": 17}'}
@@ -885,3 +913,67 @@ def test_resume_keeps_the_overrides_and_refuses_others(fake_run_sweep, tmp_path)
         sweep_dir, resume=True, overwrite=False, storage=None, mlflow_uri=None, overrides=[]
     )
     assert orchestrator.launch.recorded_overrides(sweep_dir) == ["train.lr=1e-3"]
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_tracking_server_prints_only_model_training_links(tmp_path):
+    """Logged to a tracking server (`mlflow ui` on a store of its own), the run prints the link to
+    its trials in model-training mode and none of MLflow's own run links (GenAI pages)."""
+    import socket
+    import time
+    import urllib.request
+
+    from orchestrator.mlflow_ui import ui_command
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    store = f"sqlite:///{tmp_path / 'server.db'}"
+    server = subprocess.Popen(ui_command(store, port), cwd=tmp_path, env=clean_environment())
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.time() < deadline
+                time.sleep(0.5)
+        spec = tmp_path / "tiny.yaml"
+        spec.write_text(yaml.safe_dump(tiny_smoke(yaml.safe_load(SMOKE_YAML.read_text()))))
+        uri = f"http://127.0.0.1:{port}"
+        done = mosaic_sweep("run", spec, "--mlflow-uri", uri, cwd=tmp_path)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "View run" not in done.stdout + done.stderr
+    (link,) = [line for line in done.stdout.splitlines() if line.startswith("its trials in MLflow")]
+    assert link.startswith(f"its trials in MLflow: {uri}/#/experiments/")
+    assert "workflowType=machine_learning&viewStateShareKey=" in link
+
+
+def test_a_resume_names_the_trials_that_restart_from_scratch(fake_run_sweep, monkeypatch):
+    """Trials interrupted (t1) or killed (t2, still RUNNING) before their first evaluation, and
+    with it their first checkpoint, start again from step 0: one line names them; a trial that
+    evaluated (t3) continues from its checkpoint, a finished one (t4) is not run."""
+    from analysis.results_store import write_trial_rows
+    from orchestrator import launch
+
+    assert invoke("run", "smoke").exit_code == 0
+    base = {"task": "sort", "kernel": "softmax", "kernel_label": "Gaussian", "step": 5}
+    for trial_id, seed, status, metric in [
+        ("t1", 0, "INTERRUPTED", "train_loss"),
+        ("t2", 1, "RUNNING", "train_loss"),
+        ("t3", 2, "INTERRUPTED", "exact_match"),
+        ("t4", 3, "TERMINATED", "train_loss"),
+    ]:
+        row = {**base, "trial_id": trial_id, "seed": seed, "status": status, "metric": metric}
+        write_trial_rows(Path("sweeps/smoke"), trial_id, [row])
+    monkeypatch.setattr(launch, "holds_tune_state", lambda launch_record: True)
+    resumed = invoke("run", "smoke", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    assert resumed.stderr.splitlines()[0] == (
+        "restarting from scratch (interrupted before their first checkpoint): "
+        "Gaussian seed=0, Gaussian seed=1"
+    )

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from mosaic_core.fused import ops
-from mosaic_core.kernels import FusedCall
+from mosaic_core.kernel_specs import FusedCall
 
 __all__ = ["fused_applies", "fused_attention", "fused_passes", "keep_mask", "ops"]
 

@@ -10,7 +10,6 @@ from typing import TYPE_CHECKING, Annotated, Literal, Optional
 import typer
 
 from analysis.paper_tables import PAPER_TABLES
-from mosaic_core.metrics import lower_is_better
 from orchestrator.cli.common import echo_markdown, fail
 from orchestrator.safe_write import write_file
 from orchestrator.sweep_folder import (
@@ -350,24 +349,23 @@ def _failures(results: pandas.DataFrame) -> Iterator[str]:
 
 
 def _best_so_far(results: pandas.DataFrame) -> Iterator[str]:
-    """The best trial by each task family's headline metric, the first of its paper table's
-    (exact match at the shortest length, accuracy, validation loss), for those reported."""
+    """The best trial by each task family's headline metric (exact match at the shortest length,
+    accuracy, validation loss), for those reported."""
     # pandas
-    import pandas as pd
-
     from analysis.configurations import describe_config
-    from analysis.tables import LAYOUTS, selected
+    from analysis.tables import headlines, selected
 
-    for metric in (layout.metrics[0] for layout in LAYOUTS.values()):
-        rows = selected(results[results["metric"] == metric])
+    for headline in headlines(results):
+        rows = selected(results[results["metric"] == headline.metric])
+        # the shortest evaluation length: in distribution
+        at = f" at {headline.factors[0]:g}×" if headline.factors else ""
+        if headline.factors:
+            rows = rows[rows["length_factor"] == headline.factors[0]]
         if rows.empty:
             continue
-        if rows["length_factor"].notna().any():  # the shortest evaluation length: in distribution
-            rows = rows[rows["length_factor"] == rows["length_factor"].min()]
         values = rows["value"]
-        top = rows.loc[values.idxmin() if lower_is_better(metric) else values.idxmax()]
-        at = f" at {top['length_factor']:g}×" if pd.notna(top["length_factor"]) else ""
+        top = rows.loc[values.idxmin() if headline.lower_is_better else values.idxmax()]
         yield (
-            f"best {metric}{at}: {top['value']:.4g}  {describe_config(top)}, seed {top['seed']}, "
-            f"{top['task']} (trial {top['trial_id']}, step {top['step']})"
+            f"best {headline.metric}{at}: {top['value']:.4g}  {describe_config(top)}, "
+            f"seed {top['seed']}, {top['task']} (trial {top['trial_id']}, step {top['step']})"
         )

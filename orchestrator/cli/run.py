@@ -161,6 +161,8 @@ def run(
     if resume and launch.finished(folder):
         _print_finished(folder)
         return
+    if resume and (restarting := launch.restarting_from_scratch(folder)):
+        typer.echo(restarting, err=True)
     # Ray, MLflow and torch: only now that the sweep will run
     from orchestrator.sweep import run_sweep
 
@@ -211,6 +213,7 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     # pandas and pyarrow, loaded by the sweep by now: kept out of `--help`
     from analysis.results_store import store_path
     from analysis.schema import TrialStatus
+    from orchestrator.mlflow_ui import server_links
 
     typer.echo("")
     echo_markdown(outcome.table_markdown + "\n")
@@ -221,6 +224,8 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
+    for link in server_links(outcome.sweep_dir, outcome.tracking_uri):
+        typer.echo(f"its trials in MLflow: {link}")
     if outcome.disk_full is not None:
         typer.echo(
             f"\nstopped: a disk the sweep writes to is full ({outcome.disk_full}). Its trials were "

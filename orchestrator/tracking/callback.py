@@ -22,7 +22,7 @@ from ray.util import get_node_ip_address
 from analysis.results_store import read_trial_rows, write_trial_rows
 from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, typed_value, varied_keys
 from mosaic_core.config import TrialConfig, flatten
-from mosaic_core.kernels import kernel_label
+from mosaic_core.kernel_specs import kernel_label
 from mosaic_core.metrics import STEP, parse_metric_name
 from orchestrator.faults import DiskFullError, fills_disk
 from orchestrator.sweep_folder import RunMap, SweepFolder

@@ -18,6 +18,8 @@ SYSTEM_METRICS_TAG = "system_metrics"
 # (also the key the trial reports it by)
 CHECKPOINT_FALLBACK_TAG = "checkpoint_fallback"
 STOPPED_TAG = "stopped_early"  # on the run of a trial ASHA stopped: the step it stopped at
+# a child run's artifact folder of per-head diagnostics, a table per evaluation
+DIAGNOSTICS_DIR = "diagnostics"
 SYSTEM_METRIC_PREFIX = "system/"  # MLflow's system metrics: `system/cpu_utilization_percentage`
 
 # tags of a sweep's parent run and of its experiment
