@@ -229,7 +229,7 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     if outcome.disk_full is not None:
         typer.echo(
             f"\nstopped: a disk the sweep writes to is full ({outcome.disk_full}). Its trials were "
-            "stopped and their MLflow runs marked FAILED with this reason; the table above holds "
+            "stopped and their MLflow runs marked failed with this reason; the table above holds "
             f"what they had reported. Free space where the sweep writes (its folder "
             f"{outcome.sweep_dir}, Tune's storage, the MLflow store), then continue it (finished "
             f"trials are kept) with:\n  {resume_command}"
