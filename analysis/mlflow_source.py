@@ -4,7 +4,8 @@ Reads what `orchestrator.tracking` logs, by the names it writes (`orchestrator.t
 of a sweep invocation, with the flattened trial config as params, the `kernel_label` tag, and
 each reported metric's history (steps included). The `config` column holds the params the
 invocation's trials differ in, as the tracker's holds the keys the sweep varies. Non-finite values are not logged to MLflow, so
-they are absent here while `results.parquet` keeps them.
+they are absent here while `results.parquet` keeps them; so are the per-head diagnostics
+(`support_size/l0h3`), which a run keeps as a table per evaluation rather than as metrics.
 """
 
 from __future__ import annotations

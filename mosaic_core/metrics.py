@@ -63,6 +63,7 @@ MODEL_SELECTION: dict[str, str] = {"regbench": VAL_LOSS}
 lowest val_loss); the other families report the trained model, their last evaluation."""
 
 _LENGTH_METRIC = re.compile(r"^(?P<metric>.+)_(?P<factor>\d+(?:\.\d+)?)x$")
+_HEAD_METRIC = re.compile(r"^(?P<metric>[^/]+)/l(?P<layer>\d+)h(?P<head>\d+)$")
 
 
 def length_metric_name(metric: str, factor: float) -> str:
@@ -76,6 +77,19 @@ def parse_metric_name(name: str) -> tuple[str, float | None]:
     if match is None:
         return name, None
     return match["metric"], float(match["factor"])
+
+
+def head_metric_name(metric: str, layer: int, head: int) -> str:
+    """`support_size`, 0, 3 -> `support_size/l0h3`: a diagnostic of one attention head."""
+    return f"{metric}/l{layer}h{head}"
+
+
+def parse_head_metric(name: str) -> tuple[str, int, int] | None:
+    """`support_size/l0h3` -> ("support_size", 0, 3); None for a metric not of one head."""
+    match = _HEAD_METRIC.match(name)
+    if match is None:
+        return None
+    return match["metric"], int(match["layer"]), int(match["head"])
 
 
 def exact_match(logits: Tensor, labels: Tensor, scored: Tensor | None = None) -> Tensor:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mosaic_core.checkpoint import load_checkpoint, restore_rng, save_checkpoint
 from mosaic_core.config import TrainConfig, TrialConfig
-from mosaic_core.metrics import IGNORE_INDEX, SELECTED_PREFIX, length_metric_name
+from mosaic_core.metrics import IGNORE_INDEX, SELECTED_PREFIX, head_metric_name, length_metric_name
 from mosaic_core.model import MemoryMosaics
 from mosaic_core.sharding import Shard, scored_tokens
 from mosaic_core.tasks import Task, build_task
@@ -70,7 +70,7 @@ def diagnostic_metrics(
                 for name, values in layer_stats.items():
                     for head, value in enumerate(values.tolist()):
                         if math.isfinite(value):
-                            metrics[f"{name}/l{layer}h{head}"] = value
+                            metrics[head_metric_name(name, layer, head)] = value
     return metrics
 
 

@@ -487,6 +487,31 @@ def test_a_child_run_per_trial_with_its_params_and_metric_curves(tiny_sweep):
 
 
 @pytest.mark.slow
+def test_a_child_runs_per_head_diagnostics_are_a_table_per_evaluation(tiny_sweep):
+    """No `support_size/l0h1` metric (MLflow 3.17 would chart each group before train_loss): a
+    table per evaluation, a row per layer and head, holding what the results store holds."""
+    results = tiny_sweep.results
+    for child in tiny_sweep.children:
+        model_metrics = [key for key in child.data.metrics if not key.startswith("system/")]
+        assert "train_loss" in model_metrics and not [key for key in model_metrics if "/" in key]
+        for step in (10, 20):
+            path = f"diagnostics/step_{step:06d}.json"
+            table = json.loads(
+                Path(tiny_sweep.client.download_artifacts(child.info.run_id, path)).read_text()
+            )
+            rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+            assert [(row["layer"], row["head"]) for row in rows] == [(0, 0), (0, 1)]
+            mine = results[
+                (results["mlflow_run_id"] == child.info.run_id) & (results["step"] == step)
+            ]
+            stored = mine.set_index("metric")["value"]
+            # MLflow writes a table's numbers with 10 significant digits
+            assert [row["support_size"] for row in rows] == pytest.approx(
+                [stored["support_size/l0h0"], stored["support_size/l0h1"]], rel=1e-9
+            )
+
+
+@pytest.mark.slow
 def test_the_results_store_holds_every_evaluation_of_every_trial(tiny_sweep):
     results = tiny_sweep.results
     columns = {"trial_id", "kernel", "alpha", "k", "b", "n_layer", "seed", "task", "metric"}

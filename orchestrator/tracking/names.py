@@ -15,6 +15,8 @@ LAST_RETRIED_ERROR_TAG = "ray.last_retried_error"
 PLACEMENT_TAG_PREFIX = "ray."  # ray.hostname, ray.node_ip, ray.pid, ray.cuda_visible_devices
 SYSTEM_METRICS_TAG = "system_metrics"
 STOPPED_TAG = "stopped_early"  # on the run of a trial ASHA stopped: the step it stopped at
+# a child run's artifact folder of per-head diagnostics, a table per evaluation
+DIAGNOSTICS_DIR = "diagnostics"
 SYSTEM_METRIC_PREFIX = "system/"  # MLflow's system metrics: `system/cpu_utilization_percentage`
 
 # tags of a sweep's parent run and of its experiment

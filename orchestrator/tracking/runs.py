@@ -17,15 +17,17 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 from analysis.tables import rendered_markdown
-from mosaic_core.metrics import STEP
+from mosaic_core.metrics import STEP, parse_head_metric
 from orchestrator.sweep_folder import MLFLOW_ARTIFACTS, RunMap, SweepFolder, SweepFolderError
 from orchestrator.tracking.names import (
+    DIAGNOSTICS_DIR,
     ERROR_TAG,
     EXPERIMENT_KIND_TAG,
     GIT_COMMIT_TAG,
@@ -238,16 +240,33 @@ def log_new_points(
     step: int,
     logged: set[tuple[str, int]],
 ) -> None:
-    """Log the finite points not in `logged` yet (a restarted trial repeats steps), and add them."""
+    """Log the finite points not in `logged` yet (a restarted trial repeats steps), and add them;
+    an evaluation's per-head diagnostics go to its table (`log_diagnostics`) instead."""
+    heads = {key: head for key in metrics if (head := parse_head_metric(key)) is not None}
+    if heads:
+        log_diagnostics(client, run_id, {head: metrics[key] for key, head in heads.items()}, step)
     now = int(time.time() * 1000)
     new = [
         Metric(key, value, now, step)
         for key, value in metrics.items()
-        if key != STEP and math.isfinite(value) and (key, step) not in logged
+        if key != STEP and key not in heads and math.isfinite(value) and (key, step) not in logged
     ]
     if new:
         client.log_batch(run_id, metrics=new)
         logged.update((metric.key, step) for metric in new)
+
+
+def log_diagnostics(
+    client: MlflowClient, run_id: str, heads: dict[tuple[str, int, int], float], step: int
+) -> None:
+    """Per-head diagnostics (`support_size/l0h3`) as one MLflow table per evaluation, a row per
+    layer and head (`diagnostics/step_000010.json`), not as metrics: MLflow 3.17's run page puts
+    each `name/…` group of charts in a section of its own before every other metric."""
+    rows: dict[tuple[int, int], dict[str, float]] = {}
+    for (name, layer, head), value in heads.items():
+        rows.setdefault((layer, head), {"layer": layer, "head": head})[name] = value
+    table = pd.DataFrame([rows[key] for key in sorted(rows)])
+    client.log_table(run_id, table, f"{DIAGNOSTICS_DIR}/step_{step:06d}.json")
 
 
 def tag_run(client: MlflowClient, run_id: str, tags: dict[str, str]) -> None:
