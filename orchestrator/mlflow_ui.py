@@ -187,13 +187,7 @@ def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dic
             if run_map is None or folder.launch.tracking_uri != tracking_uri:
                 continue
             experiment_id = experiment_of(tracking_uri, run_map.parent)
-            client = MlflowClient(tracking_uri=tracking_uri)
-            params, configuration = varying_params(client, experiment_id, run_map.parent)
-            metrics, ascending = headline_metrics(path)
-            view = trials_view(run_map.parent, metrics, ascending, params)
-            save_view(client, experiment_id, run_map.parent, view)
-            charts_key = f"{run_map.parent}{CHARTS_KEY_SUFFIX}"
-            save_view(client, experiment_id, charts_key, charts_view(view, metrics, configuration))
+            charts_key = save_views(MlflowClient(tracking_uri), experiment_id, run_map.parent, path)
         except (SweepFolderError, MlflowException):
             continue
         links[path.name] = SweepLinks(
@@ -201,3 +195,15 @@ def sweep_links(folder_or_sweeps: Path, tracking_uri: str, base_url: str) -> dic
             trials_link(base_url, experiment_id, charts_key, charts=True),
         )
     return links
+
+
+def save_views(client: MlflowClient, experiment_id: str, parent: str, sweep_dir: Path) -> str:
+    """The sweep's trials view under its parent run's id and its charts view under the key
+    returned, from what its trials logged and its results store."""
+    params, configuration = varying_params(client, experiment_id, parent)
+    metrics, ascending = headline_metrics(sweep_dir)
+    view = trials_view(parent, metrics, ascending, params)
+    save_view(client, experiment_id, parent, view)
+    charts_key = f"{parent}{CHARTS_KEY_SUFFIX}"
+    save_view(client, experiment_id, charts_key, charts_view(view, metrics, configuration))
+    return charts_key
