@@ -218,3 +218,23 @@ def test_the_parent_run_records_the_command_line_overrides(tmp_path):
     )
     _, parent = open_parent_run(client, folder, "smoke", "a sweep", None, [])
     assert client.get_run(parent).data.tags[OVERRIDES_TAG] == "train.lr=1e-3 grid.seed=[0,1,2]"
+
+
+def test_the_chart_view_groups_a_configurations_seeds_and_draws_its_numeric_params():
+    """A search over lr and an optimizer name: the groups are kernel × lr × optimizer (their seeds
+    averaged), the parallel coordinates draw lr (MLflow draws no averaged text), then train_loss
+    and the headline metric."""
+    from orchestrator.mlflow_ui import charts_view, trials_view
+
+    table = trials_view("p", ["exact_match_1x"], False, ["seed", "train.lr", "train.optimizer"])
+    view = charts_view(table, ["exact_match_1x"], {"train.lr": True, "train.optimizer": False})
+    assert {key: view[key] for key in table} == table
+    parallel, *curves = view["compareRunCharts"]
+    assert parallel["selectedParams"] == ["train.lr"]
+    assert parallel["selectedMetrics"] == ["train_loss", "exact_match_1x"]
+    assert [curve["metricKey"] for curve in curves] == ["train_loss", "exact_match_1x"]
+    assert view["groupBy"]["groupByKeys"] == [
+        {"mode": "tag", "groupByData": "kernel_label"},
+        {"mode": "param", "groupByData": "train.lr"},
+        {"mode": "param", "groupByData": "train.optimizer"},
+    ]

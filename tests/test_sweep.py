@@ -842,7 +842,8 @@ def assert_link_opens_on_the_trials(client, experiment_id, sweep_dir, children):
     MLflow's own search applies its filter and order, with the columns that tell trials apart."""
     from orchestrator.mlflow_ui import sweep_links
 
-    (link,) = sweep_links(sweep_dir.parent, client.tracking_uri, "http://127.0.0.1:5000").values()
+    (links,) = sweep_links(sweep_dir.parent, client.tracking_uri, "http://127.0.0.1:5000").values()
+    link = links.trials
     page, query = urlsplit(link).fragment.split("?")
     query = parse_qs(query)
     assert page == f"/experiments/{experiment_id}/runs"
@@ -866,6 +867,30 @@ def assert_link_opens_on_the_trials(client, experiment_id, sweep_dir, children):
     assert sorted(run.info.run_id for run in found) == sorted(c.info.run_id for c in children)
     values = [run.data.metrics["exact_match_1x"] for run in found]
     assert values == sorted(values, reverse=True)
+    assert_charts_link_opens_the_comparison(links.charts, tags, view)
+
+
+def assert_charts_link_opens_the_comparison(link, tags, trials_view):
+    """The same trials in MLflow's chart view, the seeds of each kernel grouped (one colour each;
+    the smoke sweep varies nothing else every trial has: α only the α-entmax trials have):
+    first a parallel-coordinates chart over train_loss and the headline metric per length, then
+    each of them per step."""
+    page, query = urlsplit(link).fragment.split("?")
+    query = parse_qs(query)
+    assert query["workflowType"] == ["machine_learning"] and query["compareRunsMode"] == ["CHART"]
+    (key,) = query["viewStateShareKey"]
+    view = json.loads(tags[f"{SHARED_VIEW_TAG_PREFIX}{key}"])
+    assert {name: view[name] for name in trials_view} == trials_view
+    parallel, *curves = view["compareRunCharts"]
+    assert parallel["type"] == "PARALLEL"
+    assert parallel["selectedParams"] == []
+    assert parallel["selectedMetrics"] == ["train_loss", "exact_match_1x", "exact_match_2x"]
+    assert [(chart["type"], chart["metricKey"]) for chart in curves] == [
+        ("LINE", "train_loss"),
+        ("LINE", "exact_match_1x"),
+        ("LINE", "exact_match_2x"),
+    ]
+    assert view["groupBy"]["groupByKeys"] == [{"mode": "tag", "groupByData": "kernel_label"}]
 
 
 def test_overrides_change_the_sweep_and_are_recorded(fake_run_sweep, tmp_path):
@@ -951,6 +976,7 @@ def test_a_sweep_on_a_tracking_server_prints_only_model_training_links(tmp_path)
     (link,) = [line for line in done.stdout.splitlines() if line.startswith("its trials in MLflow")]
     assert link.startswith(f"its trials in MLflow: {uri}/#/experiments/")
     assert "workflowType=machine_learning&viewStateShareKey=" in link
+    assert "&compareRunsMode=CHART" in done.stdout
 
 
 def test_a_resume_names_the_trials_that_restart_from_scratch(fake_run_sweep, monkeypatch):

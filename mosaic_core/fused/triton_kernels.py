@@ -242,25 +242,20 @@ def _unnormalised(
 
 @triton.jit
 def _max_blocks(
-    best,
-    arg,
-    least,
-    q,
-    K,
-    kv,
-    rows,
-    lo,
-    hi,
-    N,
+    # running results of the passes over the blocks
+    best, arg, least,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # kernel parameters
     SCALE,
-    EDGE: tl.constexpr,
-    WITH_LEAST: tl.constexpr,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, WITH_LEAST: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         block_best = tl.max(s, 1)
@@ -319,24 +314,22 @@ def _add_counts(counts, index, inside, BLOCK: tl.constexpr):
 
 @triton.jit
 def _histogram_blocks(
+    # running results of the passes over the blocks
     counts,
-    q,
-    K,
-    kv,
-    rows,
-    top,
-    per_bin,
-    lo,
-    hi,
-    N,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows,
+    # the row statistics so far
+    top, per_bin,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # kernel parameters
     SCALE,
-    EDGE: tl.constexpr,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """Per-row key counts in HIST_BINS bins of width 1/per_bin below top."""
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
@@ -348,21 +341,20 @@ def _histogram_blocks(
 
 @triton.jit
 def _histograms(
-    q,
-    K,
-    kv,
-    rows,
-    pid,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows, pid,
+    # sizes: the sequence length
     N,
+    # kernel parameters
     SCALE,
-    top,
-    per_bin,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
+    # the row statistics so far
+    top, per_bin,
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """(BLOCK, HIST_BINS) counts: one pass counting keys in bins of width 1/per_bin below top."""
     counts = tl.zeros([BLOCK, HIST_BINS], tl.int32)
     inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
@@ -386,25 +378,20 @@ def _binned_sums(counts, shift, r, CODE: tl.constexpr):
 
 @triton.jit
 def _histogram_start(
-    q,
-    K,
-    kv,
-    rows,
-    pid,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows, pid,
+    # sizes: the sequence length
     N,
-    SCALE,
-    alpha,
-    r,
-    n_allowed,
-    top,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-):
+    # kernel parameters
+    SCALE, alpha, r,
+    # the row statistics so far
+    n_allowed, top,
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr,
+    PRECISION: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
+):  # fmt: skip
     """(lo, hi, start) from one pass counting the keys per bin of width 1/HIST_BINS below the max.
     At a bin edge θ below the max, Σ[x − τ]_+^r lies between the sums that put every key at the
     far and at the near end of its bin: an edge where the first reaches 1 is at or below τ, one
@@ -434,32 +421,25 @@ def _histogram_start(
 
 @triton.jit
 def _entmax_blocks(
-    f,
-    slope,
-    p0,
-    p1,
-    least_in,
-    most_out,
-    q,
-    K,
-    kv,
-    rows,
+    # running results of the passes over the blocks
+    f, slope, p0, p1, least_in, most_out,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows,
+    # the row statistics so far
     tau,
+    # kernel parameters
     r,
-    lo,
-    hi,
-    N,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # kernel parameters
     SCALE,
-    EDGE: tl.constexpr,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
     CERTIFY: tl.constexpr,
-):
+):  # fmt: skip
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         d = tl.maximum(s - tau[:, None], 0.0)
@@ -513,28 +493,21 @@ def _certified_root(tau, lo, f, slope, p0, p1, least_in, most_out, TOL, P_CODE: 
 
 @triton.jit
 def _entmax_threshold(
-    q,
-    K,
-    kv,
-    rows,
-    pid,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows, pid,
+    # sizes: the sequence length
     N,
-    SCALE,
-    alpha,
-    r,
-    n_allowed,
-    top,
-    TOL: tl.constexpr,
-    MAX_ITERS: tl.constexpr,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    CERTIFY: tl.constexpr,
-):
+    # kernel parameters
+    SCALE, alpha, r,
+    # the row statistics so far
+    n_allowed, top,
+    # compile-time: shape, kernel family, masks, tile, precision
+    TOL: tl.constexpr, MAX_ITERS: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
+    OFFSET: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr, CERTIFY: tl.constexpr,
+):  # fmt: skip
     """(τ, passes): the histogram bracket, then one pass per step until every row's τ is certified
     (CERTIFY) or its Newton step is below TOL."""
     has = n_allowed > 0
@@ -570,8 +543,17 @@ def _entmax_threshold(
 
 @triton.jit
 def _next_threshold(
-    tau, lo, hi, f, slope, p0, p1, least_in, most_out, r, tol, TOL, P_CODE, CERTIFY: tl.constexpr
-):
+    # the row statistics so far
+    tau,
+    # sizes: the blocks to visit (lo to hi)
+    lo, hi,
+    # running results of the passes over the blocks
+    f, slope, p0, p1, least_in, most_out,
+    # kernel parameters
+    r, tol, TOL,
+    # compile-time: shape, kernel family, masks, tile, precision
+    P_CODE, CERTIFY: tl.constexpr,
+):  # fmt: skip
     """(next τ, stop, lo, hi) from the sums at τ: the certified root, else a Halley step (r = 2, 3)
     or the Newton step on ‖[x − τ]_+‖_r = 1 (a lower bound of τ), kept in the bracket [lo, hi]."""
     lo = tl.where(f >= 1.0, tl.maximum(lo, tau), lo)
@@ -601,25 +583,22 @@ def _next_threshold(
 
 @triton.jit
 def _rank_blocks(
-    counts,
-    above,
-    q,
-    K,
-    kv,
-    rows,
-    base,
-    shift,
-    lo,
-    hi,
-    N,
+    # running results of the passes over the blocks
+    counts, above,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows,
+    # the row statistics so far
+    base, shift,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # kernel parameters
     SCALE,
-    EDGE: tl.constexpr,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """Per-row counts of keys whose ordinal lies in bin i of [base, base + HIST_BINS·2^shift),
     and of keys above the bins."""
     for start in range(lo, hi, BLOCK):
@@ -651,26 +630,22 @@ def _rank_step(counts, above, base, shift, top_k, BLOCK: tl.constexpr):
 
 @triton.jit
 def _tie_blocks(
-    last,
-    seen,
-    q,
-    K,
-    kv,
-    rows,
-    t,
-    room,
-    tied,
-    lo,
-    hi,
-    N,
+    # running results of the passes over the blocks
+    last, seen,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows,
+    # the row statistics so far
+    t, room, tied,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # kernel parameters
     SCALE,
-    EDGE: tl.constexpr,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         equal = (s == t[:, None]).to(tl.int32)
@@ -690,22 +665,20 @@ def _bin_shift(span):
 
 @triton.jit
 def _value_window(
-    q,
-    K,
-    kv,
-    rows,
-    pid,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows, pid,
+    # sizes: the sequence length
     N,
-    SCALE,
-    top_k,
-    top,
-    least,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
+    # kernel parameters
+    SCALE, top_k,
+    # the row statistics so far
+    top, least,
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """(base, shift) of the integer search's first bins: one pass counting the keys in 32 equal
     bins of score between the min and the max, the bin where the count from the top reaches k,
     widened by 1/32 of a bin each side against rounding (the search checks it and else starts
@@ -729,23 +702,20 @@ def _value_window(
 
 @triton.jit
 def _topk_threshold(
-    q,
-    K,
-    kv,
-    rows,
-    pid,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K,
+    # where: head offset, head, rows or columns of this block
+    kv, rows, pid,
+    # sizes: the sequence length
     N,
-    SCALE,
-    top_k,
-    n_allowed,
-    top,
-    least,
-    D: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr,
+    # kernel parameters
+    SCALE, top_k,
+    # the row statistics so far
+    n_allowed, top, least,
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
-):
+):  # fmt: skip
     """(t, J, passes): a cut with exactly k allowed keys at or above it, or the k-th largest score
     when it is tied, and then the last tied key that still fits (earliest keys win). Each pass
     counts the keys in 32 bins of the order-preserving integer image of the scores that hold the
@@ -801,41 +771,25 @@ def _topk_threshold(
 
 @triton.jit
 def _output_blocks(
-    acc,
-    acc_g,
-    acc_u,
-    total,
-    total_g,
-    q,
-    K,
-    V,
-    kv,
-    bh,
-    rows,
-    t0,
-    t1,
-    t2,
-    uniform,
-    seed,
-    a,
-    r,
-    p_drop,
-    lo,
-    hi,
-    N,
+    # running results of the passes over the blocks
+    acc, acc_g, acc_u, total, total_g,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, K, V,
+    # where: head offset, head, rows or columns of this block
+    kv, bh, rows,
+    # the row statistics so far
+    t0, t1, t2, uniform,
+    # kernel parameters
+    seed, a, r, p_drop,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # kernel parameters
     SCALE,
-    EDGE: tl.constexpr,
-    D: tl.constexpr,
-    KIND: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    FALLBACK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr, FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     keep_scale = 1.0 / (1.0 - p_drop)
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
@@ -861,25 +815,17 @@ def _output_blocks(
 
 @triton.jit
 def statistics_kernel(
-    Q,
-    K,
-    STATS,
-    SCALE,
-    alpha,
-    top_k,
+    # tensors in global memory (pointers)
+    Q, K, STATS,
+    # kernel parameters
+    SCALE, alpha, top_k,
+    # sizes: the sequence length
     N,
-    D: tl.constexpr,
-    KIND: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    CERTIFY: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    TOL: tl.constexpr,
-    MAX_ITERS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
+    CERTIFY: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, TOL: tl.constexpr,
+    MAX_ITERS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """The row statistics of entmax and top-k (stats 0–2, and 4: the passes made): every pass but
     the output one, in a kernel that holds no (BLOCK, D) accumulator."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -913,30 +859,17 @@ def statistics_kernel(
 
 @triton.jit
 def forward_kernel(
-    Q,
-    K,
-    V,
-    C,
-    O,
-    STATS,
-    U,
-    seed,
-    SCALE,
-    alpha,
-    a,
-    p_drop,
+    # tensors in global memory (pointers)
+    Q, K, V, C, O, STATS, U,
+    # kernel parameters
+    seed, SCALE, alpha, a, p_drop,
+    # sizes: the sequence length
     N,
-    D: tl.constexpr,
-    KIND: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    FALLBACK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     """The output pass: out, U and the normaliser, from the statistics (the ReLU family's offset
     c is an input; the others' come from statistics_kernel)."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -1033,41 +966,21 @@ def _row_state(
 
 @triton.jit
 def _kv_blocks(
-    dk,
-    dv,
-    k,
-    v,
-    Q,
-    STATS,
-    DO,
-    RHO,
-    DQ,
-    DC,
-    kv,
-    bh,
-    cols,
-    seed,
-    SCALE,
-    alpha,
-    a,
-    r,
-    p_drop,
-    lo,
-    hi,
-    N,
-    EDGE: tl.constexpr,
-    D: tl.constexpr,
-    KIND: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    FALLBACK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ATOMIC: tl.constexpr,
-):
+    # running results of the passes over the blocks
+    dk, dv,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    k, v, Q, STATS, DO, RHO, DQ, DC,
+    # where: head offset, head, rows or columns of this block
+    kv, bh, cols,
+    # kernel parameters
+    seed, SCALE, alpha, a, r, p_drop,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr, FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+):  # fmt: skip
     keep_scale = 1.0 / (1.0 - p_drop)
     for start in range(lo, hi, BLOCK):
         rows = start + tl.arange(0, BLOCK)
@@ -1106,34 +1019,17 @@ def _kv_blocks(
 
 @triton.jit
 def backward_kv_kernel(
-    Q,
-    K,
-    V,
-    STATS,
-    DO,
-    RHO,
-    DK,
-    DV,
-    DQ,
-    DC,
-    seed,
-    SCALE,
-    alpha,
-    a,
-    p_drop,
+    # tensors in global memory (pointers)
+    Q, K, V, STATS, DO, RHO, DK, DV, DQ, DC,
+    # kernel parameters
+    seed, SCALE, alpha, a, p_drop,
+    # sizes: the sequence length
     N,
-    D: tl.constexpr,
-    KIND: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    FALLBACK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-    ATOMIC: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr, ATOMIC: tl.constexpr,
+):  # fmt: skip
     """dK and dV of one key block; with ATOMIC also its share of dQ (and dc) by atomic adds, which
     makes the backward one kernel that computes q kᵀ and dO vᵀ once per tile."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
@@ -1166,41 +1062,23 @@ def backward_kv_kernel(
 
 @triton.jit
 def _q_blocks(
-    dq,
-    dc,
-    q,
-    do,
-    rho,
-    K,
-    V,
-    kv,
-    bh,
-    rows,
-    t0,
-    t1,
-    t2,
-    uniform,
-    ginv,
-    seed,
-    SCALE,
-    a,
-    r,
-    p_drop,
-    lo,
-    hi,
-    N,
-    EDGE: tl.constexpr,
-    D: tl.constexpr,
-    KIND: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    FALLBACK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # running results of the passes over the blocks
+    dq, dc,
+    # the data: blocks in registers (lower case), tensors in memory (upper case)
+    q, do, rho, K, V,
+    # where: head offset, head, rows or columns of this block
+    kv, bh, rows,
+    # the row statistics so far
+    t0, t1, t2, uniform, ginv,
+    # kernel parameters
+    seed, SCALE, a, r, p_drop,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # compile-time: shape, kernel family, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr,
+    G_CODE: tl.constexpr, FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     keep_scale = 1.0 / (1.0 - p_drop)
     for start in range(lo, hi, BLOCK):
         cols = start + tl.arange(0, BLOCK)
@@ -1220,31 +1098,17 @@ def _q_blocks(
 
 @triton.jit
 def backward_q_kernel(
-    Q,
-    K,
-    V,
-    STATS,
-    DO,
-    RHO,
-    DQ,
-    DC,
-    seed,
-    SCALE,
-    alpha,
-    a,
-    p_drop,
+    # tensors in global memory (pointers)
+    Q, K, V, STATS, DO, RHO, DQ, DC,
+    # kernel parameters
+    seed, SCALE, alpha, a, p_drop,
+    # sizes: the sequence length
     N,
-    D: tl.constexpr,
-    KIND: tl.constexpr,
-    P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr,
-    FALLBACK: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr,
-    DROPOUT: tl.constexpr,
-    BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+    # compile-time: shape, kernel family, masks, tile, precision
+    D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
+    FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     kv = bh * N * D
     rows = pid * BLOCK + tl.arange(0, BLOCK)

@@ -224,8 +224,8 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
-    for link in server_links(outcome.sweep_dir, outcome.tracking_uri):
-        typer.echo(f"its trials in MLflow: {link}")
+    for links in server_links(outcome.sweep_dir, outcome.tracking_uri):
+        typer.echo(f"its trials in MLflow: {links.trials}\nas charts: {links.charts}")
     if outcome.disk_full is not None:
         typer.echo(
             f"\nstopped: a disk the sweep writes to is full ({outcome.disk_full}). Its trials were "

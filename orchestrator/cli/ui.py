@@ -116,7 +116,11 @@ def _mlflow_ui(sweeps_dir: Path, port: int) -> tuple[list[str], str, list[str]]:
     return (
         ui_command(tracking_uri, port),
         f"MLflow UI for {tracking_uri}",
-        [f"{name}'s trials: {link}" for name, link in links.items()],
+        [
+            line
+            for name, link in links.items()
+            for line in (f"{name}'s trials: {link.trials}", f"{name}'s charts: {link.charts}")
+        ],
     )
 
 
