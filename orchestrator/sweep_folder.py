@@ -284,7 +284,7 @@ def check_tracking_uri(uri: str, what: str = "--mlflow-uri", *, reading: bool = 
     if scheme in ("", "file"):
         raise SweepFolderError(
             f"{where}: MLflow 3 refuses file stores; give a database such as "
-            "sqlite:///mlflow.db, or a tracking server http(s)://host:port"
+            f"sqlite:///{MLFLOW_DB}, or a tracking server http(s)://host:port"
         )
     if scheme not in TRACKING_SCHEMES:
         raise SweepFolderError(

@@ -45,6 +45,12 @@ REFUSALS = {
     "not-yaml": ["broken.yaml"],
     "not-a-mapping": ["list.yaml"],
     "unknown-sweep": ["smok"],
+    "file-store": ["smoke", "--mlflow-uri", "mlruns"],
+    "not-a-database": ["smoke", "--mlflow-uri", "sqlite:///list.yaml"],
+    "tracking-server-silent": ["smoke", "--mlflow-uri", "http://127.0.0.1:9"],
+    "address-silent": ["smoke", "--address", "127.0.0.1:9"],
+    "out-in-proc": ["smoke", "--out", "/proc/sweep"],
+    "spec-is-a-folder": ["mine"],
 }
 
 
