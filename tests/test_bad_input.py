@@ -601,6 +601,7 @@ COMMANDS: dict[str, tuple[list[str], str]] = {
         "--out: {tmp}/a-file/c is under the file",
     ),
     "compare-dir-a-file": (["compare", "a-file"], "DIR: {tmp}/a-file is a file"),
+    "table-dir-a-file": (["table", "a-file"], "DIR: a-file is a file; give a sweep folder"),
     "plot-out-a-file": (["plot", "sweep", "--out", "a-file"], "--out: {tmp}/a-file is a file"),
     "plot-out-in-proc": (["plot", "sweep", "--out", "/proc/plots"], "--out: cannot write in /proc"),
     "prepare-out-a-file": (

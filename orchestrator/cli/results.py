@@ -73,6 +73,8 @@ def _results(
     if from_mlflow is None:
         if experiment is not None:
             raise fail("--experiment goes with --from-mlflow")
+        if sweep_dir.exists() and not sweep_dir.is_dir():
+            raise fail(f"DIR: {sweep_dir} is a file; give a sweep folder")
         try:
             results = read_results(sweep_dir, skip_bad=skip_bad)
         except ResultsStoreError as error:
