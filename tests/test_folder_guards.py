@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from analysis.results_store import write_trial_rows
+from orchestrator.driver_lock import hold_driver_lock
 from orchestrator.run_folder import METRICS, record_evaluation
 from orchestrator.sweep import write_tables
 from orchestrator.sweep_folder import (
@@ -24,6 +25,7 @@ from orchestrator.sweep_folder import (
     TABLE,
     RunMap,
     SweepFolder,
+    SweepFolderError,
     comparison_file,
 )
 from search_spaces.expand import validate_sweep
@@ -197,3 +199,11 @@ def test_while_a_driver_runs_a_sweep_a_second_one_is_refused(tmp_path, monkeypat
         f"error: sweeps/smoke is being run by pid {os.getpid()} on {socket.gethostname()} "
     )
     assert len(second.stderr.splitlines()) == 1
+
+
+def test_a_symlink_planted_as_the_lock_is_refused_not_followed(tmp_path):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.lock"
+    plant(tmp_path / DRIVER_LOCK, outside)
+    with pytest.raises(SweepFolderError, match="cannot lock .*driver.lock"):
+        hold_driver_lock(tmp_path)
+    assert outside.read_text() == PRECIOUS
