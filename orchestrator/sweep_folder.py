@@ -17,8 +17,9 @@ Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifact
 
 `SweepFolder.create` starts a new folder, `SweepFolder.open` reads back one that exists; every
 other module goes through them. Every file the tool writes here goes through
-`orchestrator.safe_write`, which never writes through a symlink planted in the folder. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
-state from it, so resume only folders you wrote.
+`orchestrator.safe_write`, which never writes through a symlink planted in the folder. A sweep
+folder is trusted input: `--resume` unpickles Ray Tune's state from it, so resume only folders you
+wrote.
 """
 
 from __future__ import annotations
