@@ -33,7 +33,7 @@ def check_output_file(path: Path, flag: str) -> None:
     """`path` can be written as a file: not a folder, in a folder that exists and is writable."""
     if path.is_dir():
         raise LocationError(f"{flag}: {path} is a directory; give a file name")
-    folder = path.parent if str(path.parent) else Path(".")
+    folder = path.parent
     if not folder.is_dir():
         above = next((p for p in (folder, *folder.parents) if p.exists()), None)
         if above is not None and not above.is_dir():
