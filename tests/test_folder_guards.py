@@ -21,6 +21,7 @@ from orchestrator.sweep import write_tables
 from orchestrator.sweep_folder import (
     DRIVER_LOCK,
     LAUNCH,
+    PLOTS,
     RUN_MAP,
     TABLE,
     RunMap,
@@ -207,3 +208,14 @@ def test_a_symlink_planted_as_the_lock_is_refused_not_followed(tmp_path):
     with pytest.raises(SweepFolderError, match="cannot lock .*driver.lock"):
         hold_driver_lock(tmp_path)
     assert outside.read_text() == PRECIOUS
+
+
+def test_a_symlink_planted_as_the_plots_folder_is_replaced_by_a_real_one(tmp_path):
+    sweep = sweep_with_results(tmp_path / "sweep")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (sweep / PLOTS).symlink_to(outside)
+    done = invoke("plot", sweep)
+    assert done.exit_code == 0, done.output
+    assert not (sweep / PLOTS).is_symlink() and list((sweep / PLOTS).glob("*.png"))
+    assert list(outside.iterdir()) == []

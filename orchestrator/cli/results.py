@@ -13,7 +13,7 @@ from analysis.paper_tables import PAPER_TABLES
 from mosaic_core.metrics import lower_is_better
 from orchestrator.cli.common import echo_markdown, fail
 from orchestrator.locations import LocationError, check_output_file
-from orchestrator.safe_write import write_file
+from orchestrator.safe_write import own_folder, write_file
 from orchestrator.sweep_folder import (
     PLOTS,
     SweepFolder,
@@ -317,7 +317,7 @@ def plot(
         )
     _checked(check_new_folder, out or sweep_dir / PLOTS, "--out" if out else "DIR")
     results = _results(sweep_dir, skip_bad=skip_bad)
-    paths = make_plots(results, out or sweep_dir / PLOTS, chosen)
+    paths = make_plots(results, out or own_folder(sweep_dir / PLOTS), chosen)
     if not paths:
         present = ", ".join(sorted(results["metric"].dropna().unique()))
         raise fail(
