@@ -85,7 +85,7 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
     "alpha-huge": (
         text(edited(kernel(name="entmax", alpha=1e6))),
         [],
-        "kernels[0]: entmax alpha must be > 1 and ≤ 4 (α → 1 is softmax; above it entmax's gradient",
+        "kernels[0]: entmax alpha must be > 1 and ≤ 4 (α → 1 is softmax; above it training in float32",
     ),
     "k-inf": (
         text(edited(kernel(name="topk_softmax", k=float("inf")))),
