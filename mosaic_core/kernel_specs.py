@@ -139,8 +139,8 @@ KERNEL_SPECS: dict[str, KernelSpec] = {
                 (
                     "alpha",
                     lambda a: 1 < a <= MAX_ENTMAX_ALPHA,
-                    f"> 1 and ≤ {MAX_ENTMAX_ALPHA:g} (α → 1 is softmax; above it entmax's gradient "
-                    "p^(2−α) overflows float32 and the loss turns NaN within a few steps)",
+                    f"> 1 and ≤ {MAX_ENTMAX_ALPHA:g} (α → 1 is softmax; above it training in "
+                    "float32 turns NaN within a few steps, the sooner the longer the sequences)",
                 ),
             ),
             fused=lambda p: FusedCall("entmax", alpha=p["alpha"]) if p["alpha"] <= 2 else None,

@@ -68,7 +68,14 @@ def hold_driver_lock(sweep_dir: Path) -> None:
     another driver has it."""
     if _held_here(sweep_dir / DRIVER_LOCK):
         return
-    fd = os.open(sweep_dir / DRIVER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    try:
+        fd = os.open(sweep_dir / DRIVER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    # a symlink planted in its place is not followed (ELOOP), nor is a folder opened
+    except OSError as error:
+        raise SweepFolderError(
+            f"cannot lock {sweep_dir / DRIVER_LOCK} ({error.strerror}); remove it if it is not a "
+            "file the tool wrote"
+        ) from None
     file = os.fdopen(fd, "r+b")
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Any
 
 from mosaic_core.metrics import BETWEEN_EVALUATIONS
 from orchestrator.driver_lock import check_no_driver
+from orchestrator.locations import LocationError, check_reachable
 from orchestrator.resources import (
+    Cluster,
     PlacementError,
     check_fits,
     check_shared_storage,
@@ -46,19 +49,23 @@ from search_spaces.schema import SWEEP_NAME, Resources, Sweep
 from search_spaces.yaml_io import SweepError
 
 log = logging.getLogger(__name__)
+RAY_GCS_PORT = 6379  # where a Ray head listens when --address names no port
+INT64_BYTES = 8
 
 
 class LaunchError(ValueError):
     """A run that cannot start as asked; the message is one line meant for the user."""
 
 
-REFUSALS = (LaunchError, SweepError, SweepFolderError, PlacementError)
+REFUSALS = (LaunchError, SweepError, LocationError, PlacementError)
 
 
 def sweep_file(spec: str) -> Path:
     """A sweep file path, or the file of a sweep that ships with the package (`smoke`)."""
     path = Path(spec)
     path = bundled_sweeps()[spec] if not path.is_file() and spec in bundled_sweeps() else path
+    if path.is_dir():
+        raise LaunchError(f"{spec} is a directory; give a sweep file (YAML) or a bundled sweep")
     if not path.is_file():
         raise LaunchError(
             f"{spec}: no such sweep file, nor a bundled sweep; bundled: {', '.join(bundled_sweeps())}"
@@ -70,9 +77,27 @@ def default_sweep_dir(raw: dict[str, Any]) -> Path | None:
     """`sweeps/<sweep name>`, read from the sweep file before it is validated; None when its name
     is not a valid one (the validation will say so)."""
     name = raw.get("name")
-    if isinstance(name, str) and re.match(SWEEP_NAME, name):
-        return Path("sweeps") / name
-    return None
+    if not (isinstance(name, str) and re.match(SWEEP_NAME, name)):
+        return None
+    limit = os.pathconf("/", "PC_NAME_MAX")
+    if len(name.encode()) > limit:
+        raise LaunchError(
+            f"name: '{name[:40]}…' is {len(name.encode())} bytes long; a sweep's name is its "
+            f"folder's, at most {limit}"
+        )
+    return Path("sweeps") / name
+
+
+def check_address(address: str | None) -> None:
+    """--address answers within a few seconds (Ray itself would wait a minute before failing)."""
+    if address is None or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        # a bare host: Ray's GCS port, 6379
+        host, port = address.removeprefix("ray://"), str(RAY_GCS_PORT)
+    hint = "is the Ray head running there (ray start --head)?"
+    check_reachable(host, int(port), f"--address {address}", hint)
 
 
 def check_flags(
@@ -95,12 +120,32 @@ def check_flags(
     if overwrite:
         check_overwrite(sweep_dir)
     if storage is not None:
-        check_storage(storage)
+        check_storage(storage, "--storage")
     if resume:
-        check_resumed_overrides(_recorded_sweep(sweep_dir), overrides)
+        folder = _recorded_sweep(sweep_dir)
+        check_resumed_overrides(folder, overrides)
+        check_recorded_locations(folder)
     else:
-        check_tracking_uri(tracking_uri(sweep_dir, mlflow_uri))
+        check_tracking_uri(tracking_uri(sweep_dir, mlflow_uri), _tracking_flag(mlflow_uri))
         check_output_dir(sweep_dir, overwrite, marker=LAUNCH, what="a sweep")
+
+
+def _tracking_flag(mlflow_uri: str | None) -> str:
+    """Where the tracking URI came from, as its refusal names it."""
+    if mlflow_uri is not None:
+        return "--mlflow-uri"
+    return "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "the MLflow store"
+
+
+def check_recorded_locations(folder: SweepFolder) -> None:
+    """--resume reuses the MLflow store and storage of the launch record: checked as the flags are."""
+    record = folder.path / LAUNCH
+    check_tracking_uri(folder.launch.tracking_uri, f"{record}: tracking_uri")
+    storage = folder.launch.storage_path
+    if "://" in storage:
+        check_storage(storage, f"{record}: storage_path")
+    else:
+        check_new_folder(Path(storage), f"{record}: storage_path")
 
 
 def check_resumed_overrides(folder: SweepFolder, overrides: list[str]) -> None:
@@ -134,14 +179,47 @@ def load(source: str, raw: dict[str, Any], gpus: float | None, cpus: float | Non
 
     sweep = validate_sweep(raw, source)
     overrides = {key: value for key, value in (("gpu", gpus), ("cpu", cpus)) if value is not None}
-    if not overrides:
-        return sweep
-    try:
-        resources = Resources.model_validate({**sweep.resources.model_dump(), **overrides})
-    except ValidationError as error:
-        where = "--gpus-per-trial/--cpus-per-trial"
-        raise LaunchError(describe_validation_error(error, Resources, where)) from None
-    return dataclasses.replace(sweep, resources=resources)
+    if overrides:
+        try:
+            resources = Resources.model_validate({**sweep.resources.model_dump(), **overrides})
+        except ValidationError as error:
+            where = "--gpus-per-trial/--cpus-per-trial"
+            raise LaunchError(describe_validation_error(error, Resources, where)) from None
+        sweep = dataclasses.replace(sweep, resources=resources)
+    check_devices(sweep, source)
+    return sweep
+
+
+def check_devices(sweep: Sweep, source: str) -> None:
+    """A trial that trains on CUDA needs a GPU from Ray: without one it could only fail."""
+    for trial in sweep.trials:
+        if trial.config.train.device == "cuda" and not sweep.trial_resources(trial).gpu:
+            raise LaunchError(
+                f"{source}: trial '{trial.title()}' has train.device cuda but resources.gpu 0, "
+                "so Ray gives it no GPU; set resources.gpu (or --gpus-per-trial), or train.device auto"
+            )
+
+
+def check_memory(sweep: Sweep, cluster: Cluster) -> None:
+    """A trial whose test sets alone cannot fit in a node's memory is refused, not OOM-killed."""
+    memory = cluster.largest("memory") or os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for trial in sweep.trials:
+        needed = largest_test_set_bytes(trial.config.task)
+        if needed > memory:
+            raise LaunchError(
+                f"trial '{trial.title()}': task.eval_examples × its longest evaluation length "
+                f"needs at least {needed / 2**30:.3g} GiB for its test set, more than the "
+                f"{memory / 2**30:.3g} GiB of {cluster.where}; lower task.eval_examples"
+            )
+
+
+def largest_test_set_bytes(task: Any) -> int:
+    """The least memory a length task's largest test set takes: each example holds a source and a
+    target of its length as int64 (MQMTAR's contexts vary in length: not counted)."""
+    if task.name not in ("sort", "reverse", "copy"):
+        return 0
+    longest = max(round(task.eval_length * factor) for factor in task.eval_factors)
+    return task.eval_examples * 2 * longest * INT64_BYTES
 
 
 def missing_data(sweep: Sweep) -> list[str]:
@@ -174,6 +252,7 @@ def open_folder(
             "write them with `mosaic-sweep prepare`"
         )
     cluster = placement(sweep.widest, address, verbose)
+    check_memory(sweep, cluster)
     if not resume:
         check_shared_storage(cluster, storage)
         uri = tracking_uri(sweep_dir, mlflow_uri)

@@ -28,6 +28,8 @@ def load_trial_config(
     path: Path, *, steps: int | None = None, device: str | None = None
 ) -> TrialConfig:
     """A trial config file with command-line overrides; ValueError with one line when it is wrong."""
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory; give a trial's config file (YAML)")
     if not path.is_file():
         raise ValueError(f"{path}: no such config file")
     raw = read_yaml(path) or {}

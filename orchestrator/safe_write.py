@@ -43,3 +43,12 @@ def append_line(path: Path, line: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     with os.fdopen(fd, "a") as file:
         file.write(line + "\n")
+
+
+def own_folder(path: Path) -> Path:
+    """The path of a folder the tool keeps inside a sweep folder (`plots/`), freed of a symlink
+    planted in its place (the link alone is removed, never what it points to), so the files
+    written into it stay inside the sweep folder."""
+    if path.is_symlink():
+        path.unlink()
+    return path

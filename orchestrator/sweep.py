@@ -27,7 +27,7 @@ from analysis.tables import (
 )
 from orchestrator.faults import disk_full
 from orchestrator.resources import connect, resource_plan
-from orchestrator.safe_write import write_file
+from orchestrator.safe_write import own_folder, write_file
 from orchestrator.sweep_folder import PLOTS, SEARCH_TABLE, TABLE, SweepFolder, layout_table
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import FAILED, FINISHED, KILLED
@@ -218,7 +218,7 @@ def _summary(
     states = trial_states(results)
     ended = {state: states[state] for state in _ENDED if states.get(state)}
     markdown, table_files = write_tables(sweep, results, folder.path)
-    plots = folder.path / PLOTS
+    plots = own_folder(folder.path / PLOTS)
     note = f"{sweep.description}\n\n{markdown}".strip()  # the run's description
     runs.log_sweep_outputs(
         client, parent_id, table_files, note, plots if make_plots(results, plots) else None

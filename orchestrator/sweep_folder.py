@@ -17,8 +17,9 @@ Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifact
 
 `SweepFolder.create` starts a new folder, `SweepFolder.open` reads back one that exists; every
 other module goes through them. Every file the tool writes here goes through
-`orchestrator.safe_write`, which never writes through a symlink planted in the folder. A sweep folder is trusted input: `--resume` unpickles Ray Tune's
-state from it, so resume only folders you wrote.
+`orchestrator.safe_write`, which never writes through a symlink planted in the folder. A sweep
+folder is trusted input: `--resume` unpickles Ray Tune's state from it, so resume only folders you
+wrote.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from orchestrator.locations import LocationError, check_reachable, check_sqlite_file, check_writable
 from orchestrator.safe_write import write_file
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,7 @@ def sqlite_uri(database: Path) -> str:
     return f"sqlite:///{database.resolve()}"
 
 
-class SweepFolderError(ValueError):
+class SweepFolderError(LocationError):
     """A sweep folder that cannot be used as asked; the message is one line meant for the user."""
 
 
@@ -227,12 +229,15 @@ def _read_model(path: Path, model: type[M], missing: str) -> M:
 # ---------------------------------------------------------------------------------------------
 # where a sweep may be written: checked from the flags alone, before anything is made
 
-# MLflow's stores
-TRACKING_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+# MLflow's stores: a database (SQLAlchemy's schemes) or a tracking server; MLflow 3 refuses file stores
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+# the port a server of each scheme listens on when the URI names none
+DEFAULT_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433, "http": 80, "https": 443}
 
 
 def check_new_folder(path: Path, flag: str) -> None:
-    """`path` can be made (or is a folder) and written: no name too long, no file on the way, not read-only."""
+    """`path` can be made (or is a folder) and written: no name too long, no file on the way, and a
+    file can really be made in the nearest folder that exists."""
     path = Path(os.path.abspath(path))
     longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
     limit = os.pathconf("/", "PC_NAME_MAX")
@@ -245,8 +250,7 @@ def check_new_folder(path: Path, flag: str) -> None:
     if not existing.is_dir():
         where = "is a file" if existing == path else f"is under the file {existing}"
         raise SweepFolderError(f"{flag}: {path} {where}; give a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise SweepFolderError(f"{flag}: cannot write in {existing} (read-only, or not yours)")
+    check_writable(existing, flag)
 
 
 def check_overwrite(path: Path) -> None:
@@ -258,10 +262,10 @@ def check_overwrite(path: Path) -> None:
         )
 
 
-def check_storage(storage: str) -> None:
+def check_storage(storage: str, flag: str) -> None:
     """A --storage that Tune can open: a local folder, or a URI of a filesystem pyarrow knows (s3://, gs://, …)."""
     if "://" not in storage:
-        return check_new_folder(Path(storage), "--storage")
+        return check_new_folder(Path(storage), flag)
     # pyarrow knows the filesystems: imported for a --storage URI alone
     import pyarrow.fs
 
@@ -269,27 +273,48 @@ def check_storage(storage: str) -> None:
         pyarrow.fs.FileSystem.from_uri(storage)
     # pyarrow raises ArrowInvalid for unknown schemes, OSError for unreachable ones
     except Exception as error:
-        raise SweepFolderError(
-            f"--storage {storage}: {' '.join(str(error).split())[:160]}"
-        ) from None
+        raise SweepFolderError(f"{flag} {storage}: {' '.join(str(error).split())[:160]}") from None
 
 
-def check_tracking_uri(uri: str) -> None:
-    """A --mlflow-uri MLflow can log to; a SQLite file or a file store in a folder that can be made."""
-    scheme = urlparse(uri).scheme
-    if scheme and scheme not in TRACKING_SCHEMES:
+def check_tracking_uri(uri: str, what: str = "--mlflow-uri", *, reading: bool = False) -> None:
+    """A tracking URI MLflow 3 accepts: its server answers, its SQLite file is a database in a folder
+    that can be written; with `reading`, a SQLite file that exists (never made by a look)."""
+    where = f"{what} {uri}"
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]
+    if scheme in ("", "file"):
         raise SweepFolderError(
-            f"--mlflow-uri {uri}: unknown scheme '{scheme}'; allowed: a folder, "
+            f"{where}: MLflow 3 refuses file stores; give a database such as "
+            f"sqlite:///{MLFLOW_DB}, or a tracking server http(s)://host:port"
+        )
+    if scheme not in TRACKING_SCHEMES:
+        raise SweepFolderError(
+            f"{where}: unknown scheme '{scheme}'; allowed: "
             f"{', '.join(f'{s}:' for s in TRACKING_SCHEMES)}"
         )
     if scheme == "sqlite":
-        if not uri.startswith("sqlite:///"):
-            raise SweepFolderError(
-                f"--mlflow-uri {uri}: write a SQLite store as sqlite:///relative.db or sqlite:////absolute.db"
-            )
-        check_new_folder(Path(uri.removeprefix("sqlite:///")).parent, "--mlflow-uri")
-    elif scheme in ("", "file"):
-        check_new_folder(Path(uri.removeprefix("file://")), "--mlflow-uri")
+        return _check_sqlite_uri(uri, what, reading)
+    if scheme in DEFAULT_PORTS:
+        try:
+            port = parsed.port or DEFAULT_PORTS[scheme]
+        except ValueError:
+            raise SweepFolderError(f"{where}: the port is not a number") from None
+        hint = "start the server, or give another URI"
+        check_reachable(parsed.hostname or "localhost", port, where, hint)
+
+
+def _check_sqlite_uri(uri: str, what: str, reading: bool) -> None:
+    if not uri.startswith("sqlite:///"):
+        raise SweepFolderError(
+            f"{what} {uri}: write a SQLite store as sqlite:///relative.db or sqlite:////absolute.db"
+        )
+    database = Path(uri.removeprefix("sqlite:///"))
+    if reading and not database.exists():
+        raise SweepFolderError(f"{what} {uri}: no such database {database}")
+    if database.exists():
+        check_sqlite_file(database, f"{what} {uri}")
+    if not reading:
+        check_new_folder(database.parent, what)
 
 
 def read_configs(path: Path) -> dict[str, dict[str, Any]]:

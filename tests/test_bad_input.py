@@ -14,6 +14,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from analysis.results_store import write_trial_rows
 from orchestrator import cli
 from search_spaces.expand import MAX_TRIALS
 
@@ -84,7 +85,7 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
     "alpha-huge": (
         text(edited(kernel(name="entmax", alpha=1e6))),
         [],
-        "kernels[0]: entmax alpha must be > 1 and ≤ 4 (α → 1 is softmax; above it entmax's gradient",
+        "kernels[0]: entmax alpha must be > 1 and ≤ 4 (α → 1 is softmax; above it training in float32",
     ),
     "k-inf": (
         text(edited(kernel(name="topk_softmax", k=float("inf")))),
@@ -285,6 +286,26 @@ SWEEP_FILES: dict[str, tuple[str | bytes, list[str], str]] = {
         [],
         "base.model.tie_weights: Input should be a valid boolean",
     ),
+    "name-too-long": (
+        text(edited(lambda s: s.update(name="x" * 300))),
+        [],
+        "name: 'xxxxxxxxxx",
+    ),
+    "cuda-without-gpu": (
+        text(edited(lambda s: s["base"]["train"].update(device="cuda"))),
+        [],
+        "has train.device cuda but resources.gpu 0, so Ray gives it no GPU",
+    ),
+    "test-set-beyond-memory": (
+        text(edited(lambda s: s["base"]["task"].update(eval_examples=10**9))),
+        [],
+        "task.eval_examples × its longest evaluation length needs at least",
+    ),
+    "eval-examples-float": (
+        text(edited(lambda s: s["base"]["task"].update(eval_examples=1e9))),
+        [],
+        "base.task.eval_examples: Input should be a valid integer",
+    ),
     "gpus-per-trial": (
         text(SMOKE),
         ["--gpus-per-trial", "1.5"],
@@ -343,7 +364,7 @@ FLAGS: dict[str, tuple[list[str], str]] = {
     ),
     "mlflow-bogus": (
         ["--mlflow-uri", "bogus://x"],
-        "--mlflow-uri bogus://x: unknown scheme 'bogus'; allowed: a folder, file:, sqlite:",
+        "--mlflow-uri bogus://x: unknown scheme 'bogus'; allowed: sqlite:, postgresql:",
     ),
     "mlflow-sqlite-under-a-file": (
         ["--mlflow-uri", "sqlite:///a-file/mlflow.db"],
@@ -352,6 +373,42 @@ FLAGS: dict[str, tuple[list[str], str]] = {
     "mlflow-sqlite-two-slashes": (
         ["--mlflow-uri", "sqlite://x.db"],
         "write a SQLite store as sqlite:///relative.db",
+    ),
+    "mlflow-file-store": (
+        ["--mlflow-uri", "mlruns"],
+        "--mlflow-uri mlruns: MLflow 3 refuses file stores; give a database such as sqlite:///",
+    ),
+    "mlflow-file-scheme": (["--mlflow-uri", "file:./mlruns"], "MLflow 3 refuses file stores"),
+    "mlflow-not-a-database": (
+        ["--mlflow-uri", "sqlite:///a-file"],
+        "--mlflow-uri sqlite:///a-file: a-file is not a SQLite database",
+    ),
+    "mlflow-database-is-a-folder": (
+        ["--mlflow-uri", "sqlite:///mine"],
+        "--mlflow-uri sqlite:///mine: mine is a directory",
+    ),
+    "mlflow-nothing-listens": (
+        ["--mlflow-uri", "http://127.0.0.1:9"],
+        "--mlflow-uri http://127.0.0.1:9: nothing answers at 127.0.0.1:9 within 3 s",
+    ),
+    "mlflow-bad-port": (["--mlflow-uri", "http://host:port"], "the port is not a number"),
+    "mlflow-under-proc": (
+        ["--mlflow-uri", "sqlite:////proc/mlflow.db"],
+        "--mlflow-uri: cannot write in /proc",
+    ),
+    "out-under-proc": (["--out", "/proc/sweep"], "--out: cannot write in /proc"),
+    "storage-under-proc": (["--storage", "/proc/store"], "--storage: cannot write in /proc"),
+    "address-nothing-listens": (
+        ["--address", "127.0.0.1:9"],
+        "--address 127.0.0.1:9: nothing answers at 127.0.0.1:9 within 3 s",
+    ),
+    "resume-recorded-file-store": (
+        ["--out", "filestore", "--resume"],
+        "filestore/launch.json: tracking_uri mlruns: MLflow 3 refuses file stores",
+    ),
+    "resume-recorded-storage-in-proc": (
+        ["--out", "procstore", "--resume"],
+        "procstore/launch.json: storage_path: cannot write in /proc",
     ),
 }
 
@@ -364,9 +421,12 @@ def make_obstacles(tmp: Path) -> None:
     for name, launch in (
         ("corrupt", "{not json"),
         ("mistyped", '{"tracking_uri": "x", "storage_path": "y", "trials": "many"}'),
+        ("filestore", '{"tracking_uri": "mlruns", "storage_path": "store", "trials": 1}'),
+        ("procstore", '{"tracking_uri": "sqlite:///m.db", "storage_path": "/proc/s", "trials": 1}'),
     ):
         (tmp / name).mkdir()
         (tmp / name / "launch.json").write_text(launch)
+        (tmp / name / "trials.json").write_text('{"softmax seed=0": {}}')
 
 
 @pytest.fixture
@@ -506,3 +566,103 @@ def test_bad_train_input_is_one_line_exit_2(tmp_path, monkeypatch, case):
         (tmp_path / name / "checkpoint").mkdir(parents=True)
         (tmp_path / name / "checkpoint" / "checkpoint.pt").write_bytes(data)
     assert expected.format(tmp=tmp_path) in run_cli(["train", "trial.yaml", *args], tmp_path)
+
+
+# name -> (a command line, what the error line must contain): where the other commands read and write
+COMMANDS: dict[str, tuple[list[str], str]] = {
+    "run-spec-is-a-folder": (["run", "mine"], "mine is a directory; give a sweep file"),
+    "table-out-missing-folder": (
+        ["table", "sweep", "--out", "nothing/t.md"],
+        "--out: the folder nothing does not exist",
+    ),
+    "table-out-onto-a-folder": (["table", "sweep", "--out", "mine"], "--out: mine is a directory"),
+    "table-out-under-a-file": (
+        ["table", "sweep", "--out", "a-file/t.md"],
+        "--out: a-file/t.md is under the file a-file",
+    ),
+    "table-out-in-proc": (
+        ["table", "sweep", "--out", "/proc/t.md"],
+        "--out: cannot write in /proc",
+    ),
+    "table-from-missing-database": (
+        ["table", "--from-mlflow", "sqlite:///nothing.db", "--experiment", "x"],
+        "--from-mlflow sqlite:///nothing.db: no such database nothing.db",
+    ),
+    "table-from-file-store": (
+        ["table", "--from-mlflow", "mlruns", "--experiment", "x"],
+        "--from-mlflow mlruns: MLflow 3 refuses file stores",
+    ),
+    "compare-out-a-file": (
+        ["compare", "sweep", "--out", "a-file"],
+        "--out: {tmp}/a-file is a file",
+    ),
+    "compare-out-under-a-file": (
+        ["compare", "sweep", "--out", "a-file/c"],
+        "--out: {tmp}/a-file/c is under the file",
+    ),
+    "compare-dir-a-file": (["compare", "a-file"], "DIR: {tmp}/a-file is a file"),
+    "table-dir-a-file": (["table", "a-file"], "DIR: a-file is a file; give a sweep folder"),
+    "plot-out-a-file": (["plot", "sweep", "--out", "a-file"], "--out: {tmp}/a-file is a file"),
+    "plot-out-in-proc": (["plot", "sweep", "--out", "/proc/plots"], "--out: cannot write in /proc"),
+    "prepare-out-a-file": (
+        ["prepare", "stories.txt", "--out", "a-file"],
+        "--out: {tmp}/a-file is a file",
+    ),
+    "prepare-a-folder": (["prepare", "mine", "--out", "data"], "corpus file mine is a directory"),
+    "prepare-binary-text": (
+        ["prepare", "binary.txt", "--out", "data"],
+        "binary.txt: not UTF-8 text (byte 0xff at offset 0)",
+    ),
+    "prepare-binary-parquet": (
+        ["prepare", "binary.parquet", "--out", "data"],
+        "binary.parquet: not a Parquet file",
+    ),
+    "prepare-empty-corpus": (
+        ["prepare", "empty.txt", "--out", "data"],
+        "empty.txt: no documents (an empty corpus); nothing written",
+    ),
+    "train-config-is-a-folder": (["train", "mine"], "mine is a directory; give a trial's config"),
+}
+
+
+def make_inputs(tmp: Path) -> None:
+    """A sweep folder with results, corpus files good, binary and empty, beside the obstacles."""
+    make_obstacles(tmp)
+    rows = [dict(task="sort", kernel_label="Gaussian", seed=0, metric="exact_match",
+                 length_factor=1.0, step=1, value=1.0, status="TERMINATED")]  # fmt: skip
+    write_trial_rows(tmp / "sweep", "t0", rows)
+    (tmp / "stories.txt").write_text("Once upon a time.\n")
+    (tmp / "binary.txt").write_bytes(b"\xff\xfe\x00binary")
+    (tmp / "binary.parquet").write_bytes(b"\x00not parquet at all")
+    (tmp / "empty.txt").write_text("")
+
+
+@pytest.mark.parametrize("case", list(COMMANDS))
+def test_where_the_commands_read_and_write_is_checked_first(tmp_path, no_start, case):
+    """One line, exit 2, nothing written: no folder made, no file, no MLflow database."""
+    make_inputs(tmp_path)
+    args, expected = COMMANDS[case]
+    assert expected.format(tmp=tmp_path) in run_cli(args, tmp_path)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_train_on_cuda_without_cuda_is_refused_before_its_run_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trial.yaml").write_text(text(TRIAL))
+    line = run_cli(["train", "trial.yaml", "--device", "cuda"], tmp_path)
+    assert "--device cuda: this machine has no CUDA GPU; use cpu or auto" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_no_refusal_leaves_a_folder_a_database_or_a_lock(tmp_path, no_start):
+    """Every refusal above, one after another in one folder: it holds what it held before."""
+    (tmp_path / "smoke.yaml").write_text(text(SMOKE))
+    make_inputs(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    for args, _ in [
+        *((["run", "smoke.yaml", *a], e) for a, e in FLAGS.values()),
+        *COMMANDS.values(),
+    ]:
+        CliRunner().invoke(cli.app, args)
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not list(tmp_path.rglob("mlflow.db")) and not list(tmp_path.rglob("driver.lock"))

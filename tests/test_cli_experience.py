@@ -50,6 +50,12 @@ REFUSALS = {
     "bad-kernel": ["bad-kernel.yaml"],
     "bad-value": ["bad-value.yaml"],
     "bad-override": ["smoke", "train.lr=-1"],
+    "file-store": ["smoke", "--mlflow-uri", "mlruns"],
+    "not-a-database": ["smoke", "--mlflow-uri", "sqlite:///list.yaml"],
+    "tracking-server-silent": ["smoke", "--mlflow-uri", "http://127.0.0.1:9"],
+    "address-silent": ["smoke", "--address", "127.0.0.1:9"],
+    "out-in-proc": ["smoke", "--out", "/proc/sweep"],
+    "spec-is-a-folder": ["mine"],
 }
 
 

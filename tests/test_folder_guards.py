@@ -4,6 +4,7 @@ its place instead of writing through it, and one driver at a time runs a sweep f
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -14,15 +15,18 @@ import pytest
 import yaml
 
 from analysis.results_store import write_trial_rows
+from orchestrator.driver_lock import hold_driver_lock
 from orchestrator.run_folder import METRICS, record_evaluation
 from orchestrator.sweep import write_tables
 from orchestrator.sweep_folder import (
     DRIVER_LOCK,
     LAUNCH,
+    PLOTS,
     RUN_MAP,
     TABLE,
     RunMap,
     SweepFolder,
+    SweepFolderError,
     comparison_file,
 )
 from search_spaces.expand import validate_sweep
@@ -172,3 +176,46 @@ def test_the_lock_of_a_driver_that_died_is_taken_over(tmp_path):
     refused = mosaic_sweep("run", "smoke", "--out", tmp_path, "--resume", cwd=tmp_path)
     assert "holds no sweep to resume" in refused.stderr
     first_driver(tmp_path).communicate(timeout=30)
+
+
+def test_while_a_driver_runs_a_sweep_a_second_one_is_refused(tmp_path, monkeypatch):
+    """The first driver is this process's `run` (its trials replaced by a second `run --resume`
+    of the same folder, as a user starts it in another terminal): refused, naming this process."""
+    import orchestrator.sweep
+
+    seconds = []
+
+    def run_sweep(sweep, folder, **how):
+        seconds.append(mosaic_sweep("run", "smoke", "--out", folder.path, "--resume", cwd=tmp_path))
+        return orchestrator.sweep.SweepOutcome(folder.path, "", "parent", "uri", {"TERMINATED": 6})
+
+    monkeypatch.setattr(orchestrator.sweep, "run_sweep", run_sweep)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    first = invoke("run", "smoke", "--out", "sweeps/smoke")
+    assert first.exit_code == 0, first.output
+    (second,) = seconds
+    assert second.returncode == 2 and second.stdout == ""
+    assert second.stderr.startswith(
+        f"error: sweeps/smoke is being run by pid {os.getpid()} on {socket.gethostname()} "
+    )
+    assert len(second.stderr.splitlines()) == 1
+
+
+def test_a_symlink_planted_as_the_lock_is_refused_not_followed(tmp_path):
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.lock"
+    plant(tmp_path / DRIVER_LOCK, outside)
+    with pytest.raises(SweepFolderError, match="cannot lock .*driver.lock"):
+        hold_driver_lock(tmp_path)
+    assert outside.read_text() == PRECIOUS
+
+
+def test_a_symlink_planted_as_the_plots_folder_is_replaced_by_a_real_one(tmp_path):
+    sweep = sweep_with_results(tmp_path / "sweep")
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (sweep / PLOTS).symlink_to(outside)
+    done = invoke("plot", sweep)
+    assert done.exit_code == 0, done.output
+    assert not (sweep / PLOTS).is_symlink() and list((sweep / PLOTS).glob("*.png"))
+    assert list(outside.iterdir()) == []

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -239,13 +240,16 @@ def test_tracking_uri_beside_a_chosen_folder(fake_run_sweep, tmp_path):
 
 
 def test_tracking_uri_from_environment_then_flag(fake_run_sweep, monkeypatch):
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
-    assert invoke("run", "smoke", "--out", "a").exit_code == 0
-    assert invoke("run", "smoke", "--out", "b", "--mlflow-uri", "http://flag:5000").exit_code == 0
-    assert [c["tracking_uri"] for c in fake_run_sweep.calls] == [
-        "http://env:5000",
-        "http://flag:5000",
-    ]
+    """Two servers that answer (a tracking server's must, within seconds, or the run is refused)."""
+    with (
+        socket.create_server(("127.0.0.1", 0)) as env,
+        socket.create_server(("127.0.0.1", 0)) as flag,
+    ):
+        uris = [f"http://127.0.0.1:{server.getsockname()[1]}" for server in (env, flag)]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uris[0])
+        assert invoke("run", "smoke", "--out", "a").exit_code == 0
+        assert invoke("run", "smoke", "--out", "b", "--mlflow-uri", uris[1]).exit_code == 0
+    assert [c["tracking_uri"] for c in fake_run_sweep.calls] == uris
 
 
 def test_failed_trials_make_exit_1(fake_run_sweep):

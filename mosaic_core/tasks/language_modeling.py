@@ -13,10 +13,12 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
@@ -61,6 +63,8 @@ def prepare_corpus(
     sources = [Path(source) for source in sources]
     val_sources = [Path(source) for source in val_sources or []]
     for source in sources + val_sources:
+        if source.is_dir():
+            raise ValueError(f"corpus file {source} is a directory; give its files")
         if not source.is_file():
             raise FileNotFoundError(f"corpus file {source} does not exist")
         if source.suffix not in SUFFIXES:
@@ -79,6 +83,11 @@ def prepare_corpus(
 
     encoding = gpt2_encoding()  # before the long read: a missing tokenizer fails at once
     total = sum(_count_documents(source) for source in sources + val_sources)
+    if not total:
+        raise ValueError(
+            f"{', '.join(map(str, sources + val_sources))}: no documents (an empty corpus); "
+            "nothing written"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     partial = {split: outputs[split].with_suffix(".bin.partial") for split in SPLITS}
     documents = dict.fromkeys(SPLITS, 0)
@@ -139,11 +148,28 @@ def _split_documents(
 
 
 def _documents(path: Path) -> Iterator[str]:
-    if path.suffix == ".parquet":
-        return _parquet_documents(path)
-    if path.suffix == ".jsonl":
-        return _jsonl_documents(path)
-    return _text_documents(path)
+    """The file's documents; ValueError naming the file when it is not what its suffix says."""
+    read = {".parquet": _parquet_documents, ".jsonl": _jsonl_documents}.get(
+        path.suffix, _text_documents
+    )
+    with _naming(path):
+        yield from read(path)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A corpus file that is not UTF-8 text (or not Parquet) as one line naming it."""
+    try:
+        yield
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start]:#04x} at offset "
+            f"{error.start}); save it as UTF-8"
+        ) from None
+    except pa.ArrowException as error:
+        raise ValueError(
+            f"{path}: not a Parquet file ({' '.join(str(error).split())[:120]})"
+        ) from None
 
 
 def _text_documents(path: Path) -> Iterator[str]:
@@ -189,11 +215,12 @@ def _parquet_documents(path: Path) -> Iterator[str]:
 def _count_documents(path: Path) -> int:
     """Records to expect, for progress: cheap (metadata, or a scan without JSON parsing)."""
     if path.suffix == ".parquet":
-        return pq.ParquetFile(path).metadata.num_rows
+        with _naming(path):
+            return pq.ParquetFile(path).metadata.num_rows
     if path.suffix == ".jsonl":
         with path.open("rb") as file:
             return sum(1 for line in file if line.strip())
-    return sum(1 for _ in _text_documents(path))
+    return sum(1 for _ in _documents(path))
 
 
 def _batched(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

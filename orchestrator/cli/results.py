@@ -3,19 +3,22 @@ rebuilt from MLflow)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 
 import typer
 
 from analysis.paper_tables import PAPER_TABLES
 from orchestrator.cli.common import echo_markdown, fail
-from orchestrator.safe_write import write_file
+from orchestrator.locations import LocationError, check_output_file
+from orchestrator.safe_write import own_folder, write_file
 from orchestrator.sweep_folder import (
     PLOTS,
     SweepFolder,
     SweepFolderError,
+    check_new_folder,
+    check_tracking_uri,
     comparison_file,
     read_configs,
 )
@@ -69,6 +72,8 @@ def _results(
     if from_mlflow is None:
         if experiment is not None:
             raise fail("--experiment goes with --from-mlflow")
+        if sweep_dir.exists() and not sweep_dir.is_dir():
+            raise fail(f"DIR: {sweep_dir} is a file; give a sweep folder")
         try:
             results = read_results(sweep_dir, skip_bad=skip_bad)
         except ResultsStoreError as error:
@@ -78,6 +83,7 @@ def _results(
         return results
     if experiment is None:
         raise fail("--from-mlflow needs --experiment NAME (the sweep's name)")
+    _checked(check_tracking_uri, from_mlflow, "--from-mlflow", reading=True)
     # MLflow: only to rebuild results from it
     from analysis.mlflow_source import results_from_mlflow
 
@@ -88,6 +94,14 @@ def _results(
     if results.empty:
         raise fail(f"MLflow experiment {experiment!r} at {from_mlflow} holds no results")
     return results
+
+
+def _checked(check: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+    """A check of where a command reads or writes, its refusal one line."""
+    try:
+        check(*args, **kwargs)
+    except LocationError as error:
+        raise fail(str(error)) from None
 
 
 def _trial_configs(sweep_dir: Path | None) -> list[dict] | None:
@@ -172,6 +186,8 @@ def table(
     from analysis.tables import LAYOUTS, markdown_cells, table_stats, to_csv, to_latex, to_markdown
 
     select = _checked_select(select)
+    if out is not None:
+        _checked(check_output_file, out, "--out")
     by = list(by or [])
     layout, columns_by = (by[0], by[1:]) if by and by[0] in LAYOUTS else (None, by)
     results = _results(sweep_dir, from_mlflow, experiment, skip_bad)
@@ -238,6 +254,8 @@ def compare(
     from analysis.tables import describe_select
 
     select = _checked_select(select)
+    folder = out or sweep_dir
+    _checked(check_new_folder, folder, "--out" if out else "DIR")
     results = _results(sweep_dir, skip_bad=skip_bad)
     paper = paper or paper_for(results)
     try:
@@ -257,7 +275,6 @@ def compare(
         f"{describe_select(cells.attrs['select'])}, mean^(max) over seeds"
     )
     markdown = report(cells, title)
-    folder = out or sweep_dir
     folder.mkdir(parents=True, exist_ok=True)
     write_file(folder / comparison_file(paper, ".md"), markdown)
     write_file(folder / comparison_file(paper, ".csv"), to_csv(cells))
@@ -297,8 +314,9 @@ def plot(
         raise fail(
             f"--format {', '.join(unknown)} is not a figure format; give {', '.join(FORMATS)}"
         )
+    _checked(check_new_folder, out or sweep_dir / PLOTS, "--out" if out else "DIR")
     results = _results(sweep_dir, skip_bad=skip_bad)
-    paths = make_plots(results, out or sweep_dir / PLOTS, chosen)
+    paths = make_plots(results, out or own_folder(sweep_dir / PLOTS), chosen)
     if not paths:
         present = ", ".join(sorted(results["metric"].dropna().unique()))
         raise fail(

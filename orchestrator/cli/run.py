@@ -137,6 +137,7 @@ def run(
             raise launch.LaunchError(
                 "--estimate and --gpu-type go with --dry-run: an estimate starts no sweep"
             )
+        launch.check_address(address)
         path, sweep = _checked_sweep(
             spec, overrides or [], None if dry_run else flags, out, (gpus_per_trial, cpus_per_trial)
         )

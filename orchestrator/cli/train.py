@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from orchestrator.cli.common import fail
-from orchestrator.sweep_folder import SweepFolderError, check_new_folder
+from orchestrator.locations import LocationError
+from orchestrator.sweep_folder import check_new_folder
 
 
 def train(
@@ -82,6 +83,9 @@ def train(
         resources = None if workers is None else local_workers(config, workers)
     except ValueError as error:
         raise fail(str(error)) from None
+    if config.train.device == "cuda" and not torch.cuda.is_available():
+        where = "--device cuda" if device else f"{config_file.name}: train.device cuda"
+        raise fail(f"{where}: this machine has no CUDA GPU; use cpu or auto")
     run_dir = out or Path("runs") / config_file.stem
     try:
         check_new_folder(run_dir, "--out")
@@ -98,7 +102,7 @@ def train(
                 replan=replan,
                 verbose=verbose,
             )
-    except (FileExistsError, FileNotFoundError, SweepFolderError, CheckpointError) as error:
+    except (FileExistsError, FileNotFoundError, LocationError, CheckpointError) as error:
         raise fail(str(error)) from None
 
 
@@ -130,24 +134,34 @@ def prepare(
     ] = False,
 ) -> None:
     """Tokenise a corpus once with GPT-2 BPE into uint16 token files for the `lm` task."""
+    try:
+        check_new_folder(out, "--out")
+    except LocationError as error:
+        raise fail(str(error)) from None
     # torch and tiktoken: only for the command that tokenises
     from rich.progress import Progress
 
     from mosaic_core.tasks.language_modeling import prepare_corpus
 
-    with Progress(transient=True) as progress:
-        bar = progress.add_task("tokenising", total=None)
-        try:
-            meta = prepare_corpus(
-                sources,
-                out,
-                val_fraction=val_fraction,
-                val_sources=val,
-                overwrite=overwrite,
-                progress=lambda done, total: progress.update(bar, completed=done, total=total),
-            )
-        except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as error:
-            raise fail(str(error)) from None
+    progress = Progress(transient=True)
+    bar = progress.add_task("tokenising", total=None)
+
+    def advance(done: int, total: int) -> None:
+        # shown from the first document on: a refusal of the input is its one line alone
+        progress.start()
+        progress.update(bar, completed=done, total=total)
+
+    try:
+        meta = prepare_corpus(
+            sources, out, val_fraction=val_fraction, val_sources=val, overwrite=overwrite,
+            progress=advance,
+        )  # fmt: skip
+    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError) as error:
+        raise fail(str(error)) from None
+    finally:
+        # stop() ends with a blank line off a terminal: only after the bar was shown
+        if progress.live.is_started:
+            progress.stop()
     docs, tokens = meta["documents"], meta["tokens"]
     typer.echo(
         f"{out}: train {docs['train']} documents / {tokens['train']} tokens, "
