@@ -30,8 +30,8 @@ from matplotlib.ticker import NullLocator
 from analysis.budgets import NOTE, at_one_budget, trial_budgets
 from analysis.configurations import ROW, config_frame, labelled, row_keys
 from analysis.tables import selected, succeeded
+from mosaic_core.files import replacing
 from mosaic_core.metrics import EXACT_MATCH, OOD_LOSS_EMA, SUPPORT_SIZE, TRAIN_LOSS, VAL_LOSS
-from orchestrator.safe_write import replacing
 
 OOD_PREFIX = f"{OOD_LOSS_EMA}/pos"
 FORMATS = ("png", "pdf", "svg")  # what `make_plots` writes: matplotlib's raster and vector formats

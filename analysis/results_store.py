@@ -12,7 +12,6 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -20,6 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.schema import RESULT_COLUMNS, RESULTS_SCHEMA, TrialStatus
+from mosaic_core.files import replacing
 
 STORE_NAME = "results.parquet"
 log = logging.getLogger(__name__)
@@ -56,16 +56,8 @@ def write_trial_rows(sweep_dir: str | Path, trial_id: str, rows: list[dict]) -> 
     store = store_path(sweep_dir)
     store.mkdir(parents=True, exist_ok=True)
     part = store / _part_name(trial_id)
-    fd, tmp = tempfile.mkstemp(dir=store, prefix=".part-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pq.write_table(table, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, part)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with replacing(part) as file:
+        pq.write_table(table, file)
     return part
 
 

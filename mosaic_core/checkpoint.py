@@ -10,7 +10,6 @@ skipped the others.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import torch
 
 from mosaic_core.config import TrainConfig, TrialConfig, flatten
+from mosaic_core.files import replacing
 
 FILENAME = "checkpoint.pt"
 FORMAT_VERSION = 1
@@ -38,9 +38,8 @@ def save_checkpoint(
     metrics: dict[str, float],
     schedule: TrainConfig | None = None,
 ) -> Path:
-    """Write `directory/checkpoint.pt` atomically: a temporary file in the same folder, flushed to
-    disk, then renamed over it, so a crash or a full disk never leaves half a file (nor the
-    temporary one). `schedule`: the train config whose lr schedule the run follows (default
+    """Write `directory/checkpoint.pt` as `mosaic_core.files` writes, so a crash or a full disk
+    never leaves half a file (nor the temporary one). `schedule`: the train config whose lr schedule the run follows (default
     `config.train`), which an extended run keeps."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -56,16 +55,8 @@ def save_checkpoint(
         "schedule": (schedule or config.train).model_dump(mode="json"),
     }
     path = directory / FILENAME
-    tmp = directory / f".{FILENAME}.tmp"
-    try:
-        with open(tmp, "wb") as file:
-            torch.save(state, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with replacing(path) as file:
+        torch.save(state, file)
     return path
 
 

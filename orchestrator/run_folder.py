@@ -15,9 +15,9 @@ from pydantic import ValidationError
 
 from mosaic_core.checkpoint import FILENAME, load_checkpoint
 from mosaic_core.config import TrialConfig, describe_validation_error
+from mosaic_core.files import append_line, write_file
 from mosaic_core.metrics import ELAPSED_S, STEP
 from mosaic_core.train import planned_schedule
-from orchestrator.safe_write import append_line, write_file
 from orchestrator.sweep_folder import prepare_output_dir
 from search_spaces.yaml_io import read_yaml
 

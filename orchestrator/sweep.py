@@ -25,9 +25,9 @@ from analysis.tables import (
     to_latex,
     to_markdown,
 )
+from mosaic_core.files import own_folder, write_file
 from orchestrator.faults import disk_full
 from orchestrator.resources import connect, resource_plan
-from orchestrator.safe_write import own_folder, write_file
 from orchestrator.sweep_folder import PLOTS, SEARCH_TABLE, TABLE, SweepFolder, layout_table
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import FAILED, FINISHED, KILLED

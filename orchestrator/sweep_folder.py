@@ -17,7 +17,7 @@ Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifact
 
 `SweepFolder.create` starts a new folder, `SweepFolder.open` reads back one that exists; every
 other module goes through them. Every file the tool writes here goes through
-`orchestrator.safe_write`, which never writes through a symlink planted in the folder. A sweep
+`mosaic_core.files`, which never writes through a symlink planted in the folder. A sweep
 folder is trusted input: `--resume` unpickles Ray Tune's state from it, so resume only folders you
 wrote.
 """
@@ -36,8 +36,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mosaic_core.files import write_file
 from orchestrator.locations import LocationError, check_reachable, check_sqlite_file, check_writable
-from orchestrator.safe_write import write_file
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Optional
 import typer
 
 from analysis.paper_tables import PAPER_TABLES
+from mosaic_core.files import own_folder, write_file
 from orchestrator.cli.common import echo_markdown, fail
 from orchestrator.locations import LocationError, check_output_file
-from orchestrator.safe_write import own_folder, write_file
 from orchestrator.sweep_folder import (
     PLOTS,
     SweepFolder,

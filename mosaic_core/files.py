@@ -1,7 +1,8 @@
-"""The one way the tool writes a file into a sweep or run folder: a new temporary file in the same
-folder, renamed over the target. The rename replaces a symlink planted at the target rather than
-following it, so nothing outside the folder is ever written through one; and a crash leaves the
-old file or the new one whole, never half of one.
+"""The one way the tool writes a file into a sweep or run folder (records, tables, plots, results
+parts, checkpoints): a new temporary file in the same folder, flushed to disk, then renamed over
+the target. The rename replaces a symlink planted at the target rather than following it, so
+nothing outside the folder is ever written through one; and a crash or a full disk leaves the old
+file or the new one whole, never half of one.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ def replacing(path: Path) -> Iterator[BinaryIO]:
     try:
         with os.fdopen(fd, "wb") as file:
             yield file
+            file.flush()
+            os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
