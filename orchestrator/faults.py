@@ -18,18 +18,27 @@ class DiskFullError(RuntimeError):
 
 def fills_disk(message: str) -> bool:
     """Whether an error's message says a disk is full."""
-    return any(full in message for full in _FULL_DISK)
+    return _full_disk_line(message) is not None
+
+
+def _full_disk_line(message: str) -> str | None:
+    """The last line of the message (a trial's error holds its whole traceback) that says a disk
+    is full."""
+    lines = [line.strip() for line in message.splitlines() if any(f in line for f in _FULL_DISK)]
+    return lines[-1][:300] if lines else None
 
 
 def disk_full(error: BaseException) -> str | None:
-    """The first line of `error`, or of one it was raised from or during, where that says a disk is
-    full; None for any other error."""
+    """The line of `error`, or of one it was raised from or during, that says a disk is full; None
+    for any other error."""
     seen: BaseException | None = error
     visited: set[int] = set()
     while seen is not None and id(seen) not in visited:
         visited.add(id(seen))
-        full = isinstance(seen, OSError) and seen.errno == errno.ENOSPC
-        if full or fills_disk(str(seen)):
-            return (str(seen).strip().splitlines() or [type(seen).__name__])[0]
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return f"{type(seen).__name__}: {seen}"[:300]
+        line = _full_disk_line(str(seen))
+        if line is not None:
+            return line
         seen = seen.__cause__ or seen.__context__
     return None

@@ -342,7 +342,7 @@ def test_a_full_disk_stops_the_sweep_in_one_paragraph_and_resume_continues(
     stdout, stderr = driver.communicate(timeout=240)
     assert driver.returncode == 1, stderr[-3000:]
     assert "stopped: a disk the sweep writes to is full" in stdout
-    assert "No space left on device" in stdout
+    assert "No space left on device" in stdout, stdout[-1500:] + stderr[-3000:]
     assert f"--out {Path('sweeps') / NAME} --resume" in stdout
     assert f"{NAME}: " in stdout  # the table so far
     assert "Traceback" not in stderr
