@@ -18,12 +18,15 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from ray.tune import ExperimentAnalysis
 
 from analysis.results_store import read_results
 from mosaic_core.checkpoint import FILENAME, first_loadable, save_checkpoint
 from mosaic_core.config import TrialConfig
 from mosaic_core.model import MemoryMosaics
+from orchestrator.faults import DiskFullError, disk_full
+from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
 
 from helpers import clean_environment, mosaic_sweep_command, tiny_trial
@@ -360,3 +363,49 @@ def test_a_full_disk_stops_the_sweep_in_one_paragraph_and_resume_continues(
     resumed = resume(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_whole(tmp_path, uninterrupted, tracking_uri)
+
+
+def test_a_busy_store_is_tried_again_and_any_other_error_raised_at_once(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    calls = []
+
+    @runs.retried
+    def write(outcome: list[Exception | None]) -> str:
+        calls.append(1)
+        error = outcome.pop(0)
+        if error is not None:
+            raise error
+        return "written"
+
+    locked = MlflowException("(sqlite3.OperationalError) database is locked")
+    assert write([locked, locked, None]) == "written" and waits == [1.0, 2.0]
+    full = MlflowException("(sqlite3.OperationalError) database or disk is full")
+    calls.clear()
+    with pytest.raises(MlflowException, match="disk is full"):
+        write([full, None])
+    assert len(calls) == 1
+    # a lock that outlasts the patience ends the wait
+    monkeypatch.setattr(runs, "BUSY_STORE_PATIENCE_S", 5.0)
+    with pytest.raises(MlflowException, match="locked"):
+        write([locked] * 10)
+
+
+def test_a_full_disk_is_told_by_the_line_that_says_so():
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device")) == (
+        "OSError: [Errno 28] No space left on device"
+    )
+    trial_error = (
+        "Traceback (most recent call last):\n  File …\n"
+        "OSError: [Errno 28] No space left on device: 'tune/x'"
+    )
+    try:
+        try:
+            raise DiskFullError(trial_error)
+        except DiskFullError as error:
+            raise RuntimeError("Tune stopped") from error
+    except RuntimeError as error:
+        assert disk_full(error) == "OSError: [Errno 28] No space left on device: 'tune/x'"
+    store = MlflowException("(sqlite3.OperationalError) database or disk is full\n[SQL: …]")
+    assert disk_full(store) == "(sqlite3.OperationalError) database or disk is full"
+    assert disk_full(ValueError("database is locked")) is None

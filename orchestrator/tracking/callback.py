@@ -102,6 +102,8 @@ class SweepTracker(Callback):
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.logged: dict[str, set[tuple[str, int]]] = {}  # (metric, step) in each trial's run
         self.placed: set[str] = set()  # trials whose current process has told where it runs
+        # whether both stores hold every trial this invocation knows (`_reconcile`)
+        self.reconciled = False
         # threads: made after Tune pickled this callback
         self.monitors: dict[str, SystemMetricsMonitor] = {}
         self.node_ip = ""
