@@ -13,6 +13,7 @@ from orchestrator import launch
 from orchestrator.cli.common import echo_markdown, fail
 from orchestrator.resources import GPU_TYPES
 from orchestrator.sweep_folder import LAUNCH, MLFLOW_DB, TABLE
+from orchestrator.tracking.names import FAILED
 from search_spaces.overrides import EXAMPLES, apply_overrides
 from search_spaces.yaml_io import read_sweep_file
 
@@ -222,7 +223,7 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     if outcome.disk_full is not None:
         typer.echo(
             f"\nstopped: a disk the sweep writes to is full ({outcome.disk_full}). Its trials were "
-            "stopped and their MLflow runs marked FAILED with this reason; the table above holds "
+            f"stopped and their MLflow runs marked {FAILED} with this reason; the table above holds "
             f"what they had reported. Free space where the sweep writes (its folder "
             f"{outcome.sweep_dir}, Tune's storage, the MLflow store), then continue it (finished "
             f"trials are kept) with:\n  {resume_command}"
