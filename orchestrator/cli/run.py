@@ -220,13 +220,13 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     typer.echo(f"MLflow: {outcome.tracking_uri} (parent run {outcome.parent_run_id})")
     if outcome.tracking_uri.startswith("sqlite:"):
         typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
-    if outcome.disk_full is not None:
+    if outcome.stopped is not None:
+        stop = outcome.stopped
         typer.echo(
-            f"\nstopped: a disk the sweep writes to is full ({outcome.disk_full}). Its trials were "
-            f"stopped and their MLflow runs marked {FAILED} with this reason; the table above holds "
-            f"what they had reported. Free space where the sweep writes (its folder "
-            f"{outcome.sweep_dir}, Tune's storage, the MLflow store), then continue it (finished "
-            f"trials are kept) with:\n  {resume_command}"
+            f"\nstopped: {stop.what} ({stop.line}). Its trials were stopped, and their MLflow runs "
+            f"marked {FAILED} with this reason where the store still took it; the table above holds "
+            f"what they had reported. {stop.before_resume}, "
+            f"then continue it (finished trials are kept) with:\n  {resume_command}"
         )
         raise typer.Exit(1)
     if outcome.unfinished:
