@@ -1,5 +1,5 @@
-"""The faults a sweep cannot wait out — a full disk, an MLflow store that fails (lost, read-only) —
-and how its stop is told: no retry mends them, so the sweep stops cleanly (its trials stopped,
+"""The faults a sweep cannot wait out — a full disk, an MLflow store that fails (lost,
+read-only) — and how its stop is told: no retry mends them, so the sweep stops cleanly (its trials stopped,
 their runs failed with the reason where the store still takes it, the table so far printed) and
 `--resume` continues it once the cause is gone. (A busy MLflow store, which ends by itself, is
 waited out by `orchestrator.tracking.runs.retried`.)"""
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
-# how a full disk reads: an OSError's ENOSPC (Python, torch, pyarrow, Ray), SQLite's (MLflow, Optuna)
+# how a full disk reads: an OSError's ENOSPC (Python, torch, pyarrow, Ray), SQLite's (MLflow,
+# Optuna)
 _FULL_DISK = (os.strerror(errno.ENOSPC), "database or disk is full")
 _LINE = 300  # the most characters of an error line a stop quotes
 

@@ -59,9 +59,9 @@ def run_sweep(
     A folder that holds Tune state is resumed through `Tuner.restore`: finished trials are not run
     again, interrupted ones continue from their last checkpoint, errored ones retry; the MLflow
     parent and child runs, the Tune storage and the Optuna study of the first invocation are reused.
-    `sweep_file` goes with the parent run, as an artifact. A full disk or a failed MLflow store stops the
-    sweep (`faults.stop_for`): its trials stopped, their runs FAILED with the reason, and the
-    outcome holds the table so far.
+    `sweep_file` goes with the parent run, as an artifact. A full disk or a failed MLflow store
+    stops the sweep (`faults.stop_for`): its trials stopped, their runs FAILED with the reason,
+    and the outcome holds the table so far.
     """
     # Ray starts on this machine only now: everything before was checked without it
     cluster = connect(address, verbose)
@@ -98,7 +98,8 @@ def _end_runs(
 ) -> None:
     """The parent run ends with `status`, the runs of trials still RUNNING too (FAILED, with the
     error line of the fault that stopped the sweep); where that fault keeps the MLflow store from
-    taking it (the store is on the full disk, or lost), they stay RUNNING and `--resume` ends them."""
+    taking it (the store is on the full disk, or lost), they stay RUNNING and `--resume` ends
+    them."""
     reason = None if stop is None else stop.line
     try:
         runs.end_unfinished_runs(client, folder, KILLED if status == KILLED else FAILED, reason)

@@ -223,10 +223,10 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
     if outcome.stopped is not None:
         stop = outcome.stopped
         typer.echo(
-            f"\nstopped: {stop.what} ({stop.line}). Its trials were stopped, and their MLflow runs "
-            f"marked {FAILED} with this reason where the store still took it; the table above holds "
-            f"what they had reported. {stop.before_resume}, "
-            f"then continue it (finished trials are kept) with:\n  {resume_command}"
+            f"\nstopped: {stop.what} ({stop.line}). Its trials were stopped, and their MLflow "
+            f"runs marked {FAILED} with this reason where the store still took it; the table "
+            f"above holds what they had reported. {stop.before_resume}, then continue it "
+            f"(finished trials are kept) with:\n  {resume_command}"
         )
         raise typer.Exit(1)
     if outcome.unfinished:
