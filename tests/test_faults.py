@@ -277,6 +277,7 @@ LOCK_S = 30
 
 @pytest.mark.slow
 def test_an_mlflow_store_locked_for_30_seconds_is_waited_out(tmp_path, uninterrupted):
+    """Results keep reaching the results store while MLflow's waits, and the sweep ends whole."""
     sweep_dir = tmp_path / "sweeps" / NAME
     driver = start(tmp_path)
     wait_for(lambda: (sweep_dir / "results.parquet").is_dir(), driver)
@@ -284,13 +285,20 @@ def test_an_mlflow_store_locked_for_30_seconds_is_waited_out(tmp_path, uninterru
         "import sqlite3, sys, time\n"
         "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
         "db.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
         f"time.sleep({LOCK_S})\n"
         "db.execute('ROLLBACK')\n"
     )
-    locker = subprocess.run(
-        [sys.executable, "-c", hold, str(tmp_path / "sweeps" / "mlflow.db")], timeout=120
+    database = tmp_path / "sweeps" / "mlflow.db"
+    locker = subprocess.Popen(
+        [sys.executable, "-c", hold, str(database)], stdout=subprocess.PIPE, text=True
     )
-    assert locker.returncode == 0
+    assert locker.stdout.readline() == "locked\n"
+    rows_when_locked = len(read_results(sweep_dir))
+    time.sleep(LOCK_S - 5)
+    rows_before_unlocked = len(read_results(sweep_dir))
+    assert locker.wait(timeout=60) == 0
+    assert rows_before_unlocked > rows_when_locked
     stdout, stderr = driver.communicate(timeout=400)
     assert driver.returncode == 0, stderr[-3000:]
     assert "the MLflow store is locked by another process" in stderr
