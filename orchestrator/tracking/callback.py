@@ -141,7 +141,8 @@ class SweepTracker(Callback):
     def _reconcile(self, trials: list[Trial]) -> None:
         """Each trial in both stores before anything runs, however one lost it: rows rebuilt from
         the trial's run where its part file was set aside (`set_aside_unreadable`), its run logged
-        again from its rows where the MLflow store was lost; a line for each."""
+        again from its rows where the MLflow store was lost (a line for each), every other run
+        brought up to its rows."""
         self.reconciled = True
         for trial in trials:
             rows = read_trial_rows(self.sweep_dir, trial.trial_id)
