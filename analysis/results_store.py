@@ -3,7 +3,8 @@
 
 One file per trial lets a trial that reports again, or re-runs after a resume, replace its own
 rows without touching (or losing) anyone else's, and the directory is still a single dataset for
-`pandas.read_parquet` and `pyarrow.dataset`.
+`pandas.read_parquet` and `pyarrow.dataset`. A part that cannot be read is set aside as
+`_<part>.corrupt` (`set_aside_unreadable`), a name every reader skips, so that the rest reads again.
 """
 
 from __future__ import annotations

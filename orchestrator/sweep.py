@@ -26,7 +26,7 @@ from analysis.tables import (
     to_markdown,
 )
 from mosaic_core.files import own_folder, write_file
-from orchestrator.faults import disk_full
+from orchestrator.faults import Stop, stop_for
 from orchestrator.resources import connect, resource_plan
 from orchestrator.sweep_folder import PLOTS, SEARCH_TABLE, TABLE, SweepFolder, layout_table
 from orchestrator.tracking import runs
@@ -43,7 +43,7 @@ class SweepOutcome:
     tracking_uri: str
     trials_by_status: dict[TrialStatus, int]  # the trials that ended: TERMINATED, STOPPED, ERROR
     unfinished: int = 0  # planned trials that have not ended (interrupted, or never started)
-    disk_full: str | None = None  # the error line of the write that found the disk full
+    stopped: Stop | None = None  # the fault that stopped the sweep (a full disk, a failed store)
 
 
 def run_sweep(
@@ -61,8 +61,9 @@ def run_sweep(
     A folder that holds Tune state is resumed through `Tuner.restore`: finished trials are not run
     again, interrupted ones continue from their last checkpoint, errored ones retry; the MLflow
     parent and child runs, the Tune storage and the Optuna study of the first invocation are reused.
-    `sweep_file` goes with the parent run, as an artifact. A full disk stops the sweep: its trials
-    stopped, their runs FAILED with the reason, and the outcome holds the table so far.
+    `sweep_file` goes with the parent run, as an artifact. A full disk or a failed MLflow store
+    stops the sweep (`faults.stop_for`): its trials stopped, their runs FAILED with the reason,
+    and the outcome holds the table so far.
     """
     # Ray starts on this machine only now: everything before was checked without it
     cluster = connect(address, verbose)
@@ -73,7 +74,7 @@ def run_sweep(
     experiment_id, parent_id = runs.open_parent_run(
         client, folder, sweep.name, sweep.description, sweep_file, plan
     )
-    status, full = FAILED, None
+    status, stop = FAILED, None
     try:
         # returns early, state saved, after Ctrl-C
         tuner(sweep, folder, client, experiment_id, parent_id, max_concurrent, verbose).fit()
@@ -85,28 +86,31 @@ def run_sweep(
         status = KILLED
         raise
     except Exception as error:
-        full = disk_full(error)
-        if full is None:
+        stop = stop_for(error)
+        if stop is None:
             raise
-        return _stopped_summary(sweep, folder, parent_id, full)
+        return _stopped_summary(sweep, folder, parent_id, stop)
     # the runs of trials still RUNNING: their processes are gone (or were stopped, when KILLED)
     finally:
-        _end_runs(client, folder, parent_id, status, full)
+        _end_runs(client, folder, parent_id, status, stop)
 
 
 def _end_runs(
-    client: MlflowClient, folder: SweepFolder, parent_id: str, status: str, full: str | None
+    client: MlflowClient, folder: SweepFolder, parent_id: str, status: str, stop: Stop | None
 ) -> None:
     """The parent run ends with `status`, the runs of trials still RUNNING too (FAILED, with the
-    full disk's error where that stopped the sweep); where the MLflow store is on that full disk,
-    they stay RUNNING, and `--resume` ends them."""
+    error line of the fault that stopped the sweep); where that fault keeps the MLflow store from
+    taking it (the store is on the full disk, or lost), they stay RUNNING and `--resume` ends
+    them."""
+    reason = None if stop is None else stop.line
     try:
-        runs.end_unfinished_runs(client, folder, KILLED if status == KILLED else FAILED, full)
+        runs.end_unfinished_runs(client, folder, KILLED if status == KILLED else FAILED, reason)
         runs.end_run(client, parent_id, status)
     except Exception as error:
-        if full is None or disk_full(error) is None:
+        failed = stop_for(error)
+        if stop is None or failed is None:
             raise
-        log.warning("the MLflow runs could not be ended (%s): --resume ends them", disk_full(error))
+        log.warning("the MLflow runs could not be ended (%s): --resume ends them", failed.line)
 
 
 def _quiet_store_errors(verbose: bool) -> None:
@@ -233,9 +237,9 @@ def _summary(
     )
 
 
-def _stopped_summary(sweep: Sweep, folder: SweepFolder, parent_id: str, full: str) -> SweepOutcome:
-    """The outcome of a sweep a full disk stopped: the table so far, made in memory (nothing more
-    can be written), and the trials that had ended."""
+def _stopped_summary(sweep: Sweep, folder: SweepFolder, parent_id: str, stop: Stop) -> SweepOutcome:
+    """The outcome of a sweep a fault stopped: the table so far, made in memory (a full disk takes
+    nothing more), and the trials that had ended."""
     results = read_results(folder.path)
     states = trial_states(results)
     ended = {state: states[state] for state in _ENDED if states.get(state)}
@@ -246,5 +250,5 @@ def _stopped_summary(sweep: Sweep, folder: SweepFolder, parent_id: str, full: st
         folder.launch.tracking_uri,
         ended,
         unfinished=folder.launch.trials - sum(ended.values()),
-        disk_full=full,
+        stopped=stop,
     )

@@ -18,12 +18,15 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from ray.tune import ExperimentAnalysis
 
 from analysis.results_store import read_results
 from mosaic_core.checkpoint import FILENAME, first_loadable, save_checkpoint
 from mosaic_core.config import TrialConfig
 from mosaic_core.model import MemoryMosaics
+from orchestrator.faults import DiskFullError, disk_full, stop_for
+from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
 
 from helpers import clean_environment, mosaic_sweep_command, tiny_trial
@@ -139,47 +142,6 @@ def assert_whole(cwd: Path, table: str, tracking_uri: str | None = None) -> None
         assert sorted(m.step for m in history) == [40, 80, 120]
 
 
-@pytest.mark.slow
-def test_a_corrupt_results_part_is_set_aside_and_its_rows_rebuilt_from_mlflow(
-    tmp_path, uninterrupted
-):
-    sweep_dir = tmp_path / "sweeps" / NAME
-    driver = start(tmp_path)
-    wait_for(lambda: bool(finished_trials(sweep_dir)), driver)
-    kill(driver)
-    parts = sorted((sweep_dir / "results.parquet").glob("part-*.parquet"))
-    # a finished trial's part and one of a trial under way
-    for part in parts[:2]:
-        part.write_bytes(b"not parquet")
-
-    resumed = resume(tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    for part in parts[:2]:
-        aside = part.with_name(f"_{part.name}.corrupt")
-        assert f"{part.relative_to(tmp_path)}: not a readable results file" in resumed.stderr
-        assert f"moved aside to {aside.name}" in resumed.stderr
-        assert aside.read_bytes() == b"not parquet"
-    assert "Traceback" not in resumed.stderr
-    assert_whole(tmp_path, uninterrupted)
-
-
-@pytest.mark.slow
-def test_a_deleted_mlflow_store_is_recreated_with_the_sweeps_runs(tmp_path, uninterrupted):
-    sweep_dir = tmp_path / "sweeps" / NAME
-    driver = start(tmp_path)
-    wait_for(lambda: bool(finished_trials(sweep_dir)), driver)
-    kill(driver)
-    (tmp_path / "sweeps" / "mlflow.db").unlink()
-
-    resumed = resume(tmp_path)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "holds no run" in resumed.stderr and "logged again from its results store" in (
-        resumed.stderr
-    )
-    assert re.search(r"\bRun\b.*not found", resumed.stderr + resumed.stdout) is None
-    assert_whole(tmp_path, uninterrupted)
-
-
 def evaluations(sweep_dir: Path) -> int:
     """The most evaluations a trial not finished has reported."""
     if not (sweep_dir / "results.parquet").is_dir():
@@ -194,26 +156,42 @@ CORRUPT = "PytorchStreamReader failed reading zip archive: failed finding centra
 
 
 @pytest.mark.slow
-def test_a_corrupt_checkpoint_gives_way_to_the_one_before_it(tmp_path, uninterrupted):
+def test_corrupt_results_parts_and_checkpoints_are_set_aside_and_rebuilt(tmp_path, uninterrupted):
+    """A corrupt part file is moved aside and its trial's rows rebuilt from its MLflow run; a
+    corrupt checkpoint gives way to the one Tune kept before it, or to a start from scratch."""
     sweep_dir = tmp_path / "sweeps" / NAME
     driver = start(tmp_path)
-    # a trial under way with two evaluations
-    wait_for(lambda: evaluations(sweep_dir) >= 2, driver)
+    # a trial under way with two evaluations, one finished
+    wait_for(lambda: evaluations(sweep_dir) >= 2 and bool(finished_trials(sweep_dir)), driver)
     # Ctrl-C: Tune saves which checkpoint each trial is at
     driver.send_signal(signal.SIGINT)
     driver.communicate(timeout=120)
+    finished = finished_trials(sweep_dir)
     # the checkpoint each unfinished trial resumes from, as Tune recorded it
     corrupted = {
         Path(trial.checkpoint.path) / FILENAME: int(trial.checkpoint.path[-6:])
         for trial in ExperimentAnalysis(str(sweep_dir / "tune")).trials
-        if trial.checkpoint is not None and trial.trial_id not in finished_trials(sweep_dir)
+        if trial.checkpoint is not None and trial.trial_id not in finished
     }
     assert max(corrupted.values()) >= 1
     for path in corrupted:
         path.write_bytes(path.read_bytes()[:100])
+    # the part of a finished trial and of one under way
+    under_way = next(path.parent.parent.name for path in corrupted)
+    parts = [
+        sweep_dir / "results.parquet" / f"part-{trial}.parquet"
+        for trial in (min(finished), under_way)
+    ]
+    for part in parts:
+        part.write_bytes(b"not parquet")
 
     resumed = resume(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    for part in parts:
+        aside = part.with_name(f"_{part.name}.corrupt")
+        said = f"{part.relative_to(tmp_path)}: not a readable results file"
+        assert said in resumed.stderr and f"moved aside to {aside.name}" in resumed.stderr
+        assert aside.read_bytes() == b"not parquet"
     for path, index in corrupted.items():
         instead = (
             f"continues from checkpoint_{index - 1:06d}"
@@ -224,6 +202,28 @@ def test_a_corrupt_checkpoint_gives_way_to_the_one_before_it(tmp_path, uninterru
         assert len(said) == 1 and said[0].endswith(
             f" is unreadable: {CORRUPT}; the trial {instead}"
         ), resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
+    assert_whole(tmp_path, uninterrupted)
+
+
+@pytest.mark.slow
+def test_an_mlflow_store_deleted_mid_sweep_stops_it_and_resume_makes_it_again(
+    tmp_path, uninterrupted
+):
+    sweep_dir = tmp_path / "sweeps" / NAME
+    driver = start(tmp_path)
+    wait_for(lambda: (sweep_dir / "results.parquet").is_dir(), driver)
+    (tmp_path / "sweeps" / "mlflow.db").unlink()
+    stdout, stderr = driver.communicate(timeout=240)
+    assert driver.returncode == 1, stderr[-3000:]
+    assert "stopped: its MLflow store failed" in stdout and "--resume" in stdout
+    assert "Traceback" not in stderr
+
+    resumed = resume(tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "holds no run" in resumed.stderr
+    assert "logged again from the results store" in resumed.stderr
+    assert re.search(r"\bRun\b.*not found", resumed.stderr + resumed.stdout) is None
     assert_whole(tmp_path, uninterrupted)
 
 
@@ -277,6 +277,7 @@ LOCK_S = 30
 
 @pytest.mark.slow
 def test_an_mlflow_store_locked_for_30_seconds_is_waited_out(tmp_path, uninterrupted):
+    """Results keep reaching the results store while MLflow's waits, and the sweep ends whole."""
     sweep_dir = tmp_path / "sweeps" / NAME
     driver = start(tmp_path)
     wait_for(lambda: (sweep_dir / "results.parquet").is_dir(), driver)
@@ -284,13 +285,20 @@ def test_an_mlflow_store_locked_for_30_seconds_is_waited_out(tmp_path, uninterru
         "import sqlite3, sys, time\n"
         "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
         "db.execute('BEGIN EXCLUSIVE')\n"
+        "print('locked', flush=True)\n"
         f"time.sleep({LOCK_S})\n"
         "db.execute('ROLLBACK')\n"
     )
-    locker = subprocess.run(
-        [sys.executable, "-c", hold, str(tmp_path / "sweeps" / "mlflow.db")], timeout=120
+    database = tmp_path / "sweeps" / "mlflow.db"
+    locker = subprocess.Popen(
+        [sys.executable, "-c", hold, str(database)], stdout=subprocess.PIPE, text=True
     )
-    assert locker.returncode == 0
+    assert locker.stdout.readline() == "locked\n"
+    rows_when_locked = len(read_results(sweep_dir))
+    time.sleep(LOCK_S - 5)
+    rows_before_unlocked = len(read_results(sweep_dir))
+    assert locker.wait(timeout=60) == 0
+    assert rows_before_unlocked > rows_when_locked
     stdout, stderr = driver.communicate(timeout=400)
     assert driver.returncode == 0, stderr[-3000:]
     assert "the MLflow store is locked by another process" in stderr
@@ -342,7 +350,7 @@ def test_a_full_disk_stops_the_sweep_in_one_paragraph_and_resume_continues(
     stdout, stderr = driver.communicate(timeout=240)
     assert driver.returncode == 1, stderr[-3000:]
     assert "stopped: a disk the sweep writes to is full" in stdout
-    assert "No space left on device" in stdout
+    assert "No space left on device" in stdout, stdout[-1500:] + stderr[-3000:]
     assert f"--out {Path('sweeps') / NAME} --resume" in stdout
     assert f"{NAME}: " in stdout  # the table so far
     assert "Traceback" not in stderr
@@ -360,3 +368,62 @@ def test_a_full_disk_stops_the_sweep_in_one_paragraph_and_resume_continues(
     resumed = resume(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_whole(tmp_path, uninterrupted, tracking_uri)
+
+
+def test_a_busy_store_is_tried_again_and_any_other_error_raised_at_once(monkeypatch):
+    waits: list[float] = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    calls = []
+
+    @runs.retried
+    def write(outcome: list[Exception | None]) -> str:
+        calls.append(1)
+        error = outcome.pop(0)
+        if error is not None:
+            raise error
+        return "written"
+
+    locked = MlflowException("(sqlite3.OperationalError) database is locked")
+    assert write([locked, locked, None]) == "written" and waits == [1.0, 2.0]
+    full = MlflowException("(sqlite3.OperationalError) database or disk is full")
+    calls.clear()
+    with pytest.raises(MlflowException, match="disk is full"):
+        write([full, None])
+    assert len(calls) == 1
+    # a lock that outlasts the patience ends the wait
+    monkeypatch.setattr(runs, "BUSY_STORE_PATIENCE_S", 5.0)
+    with pytest.raises(MlflowException, match="locked"):
+        write([locked] * 10)
+
+
+def test_a_full_disk_is_told_by_the_line_that_says_so():
+    assert disk_full(OSError(errno.ENOSPC, "No space left on device")) == (
+        "OSError: [Errno 28] No space left on device"
+    )
+    trial_error = (
+        "Traceback (most recent call last):\n  File …\n"
+        "OSError: [Errno 28] No space left on device: 'tune/x'"
+    )
+    try:
+        try:
+            raise DiskFullError(trial_error)
+        except DiskFullError as error:
+            raise RuntimeError("Tune stopped") from error
+    except RuntimeError as error:
+        assert disk_full(error) == "OSError: [Errno 28] No space left on device: 'tune/x'"
+    store = MlflowException("(sqlite3.OperationalError) database or disk is full\n[SQL: …]")
+    assert disk_full(store) == "(sqlite3.OperationalError) database or disk is full"
+    assert disk_full(ValueError("database is locked")) is None
+
+
+def test_a_failed_mlflow_store_stops_a_sweep_and_a_bug_keeps_its_traceback():
+    lost = MlflowException(
+        "(raised as a result of Query-invoked autoflush)\n"
+        "(sqlite3.OperationalError) attempt to write a readonly database\n(Background …)"
+    )
+    stop = stop_for(lost)
+    assert stop is not None and stop.what == "its MLflow store failed"
+    assert stop.line == "(sqlite3.OperationalError) attempt to write a readonly database"
+    full = stop_for(OSError(errno.ENOSPC, "No space left on device"))
+    assert full is not None and full.what == "a disk the sweep writes to is full"
+    assert stop_for(KeyError("trial_id")) is None

@@ -122,11 +122,12 @@ def test_a_trial_on_another_node_gets_no_system_metrics_of_the_driver(tmp_path, 
     tracker._place("here", run_id, {"node_ip": "10.0.0.1", "pid": 7})
     tracker._place("there", run_id, {"node_ip": "10.0.0.2", "pid": 8})
     assert set(tracker.monitors) == {"here"}
+    # the tags queued for MLflow's writer thread are all written by then
+    tracker.on_experiment_end([])
     tags = client.get_run(run_id).data.tags
     assert (
         tags["system_metrics"] == "not sampled: the trial runs on 10.0.0.2, the driver on 10.0.0.1"
     )
-    tracker.on_experiment_end([])
     assert tracker.monitors == {}
 
 

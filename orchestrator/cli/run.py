@@ -14,6 +14,7 @@ from orchestrator.cli.common import echo_markdown, fail
 from orchestrator.driver_lock import hold_driver_lock
 from orchestrator.resources import GPU_TYPES
 from orchestrator.sweep_folder import LAUNCH, MLFLOW_DB, TABLE
+from orchestrator.tracking.names import FAILED
 from search_spaces.overrides import EXAMPLES, apply_overrides
 from search_spaces.yaml_io import read_sweep_file
 
@@ -227,13 +228,13 @@ def _print_outcome(outcome: SweepOutcome, resume_command: str) -> None:
         typer.echo(f"browse its trials: mosaic-sweep ui {outcome.sweep_dir}")
     for links in server_links(outcome.sweep_dir, outcome.tracking_uri):
         typer.echo(f"its trials in MLflow: {links.trials}\nas charts: {links.charts}")
-    if outcome.disk_full is not None:
+    if outcome.stopped is not None:
+        stop = outcome.stopped
         typer.echo(
-            f"\nstopped: a disk the sweep writes to is full ({outcome.disk_full}). Its trials were "
-            "stopped and their MLflow runs marked failed with this reason; the table above holds "
-            f"what they had reported. Free space where the sweep writes (its folder "
-            f"{outcome.sweep_dir}, Tune's storage, the MLflow store), then continue it (finished "
-            f"trials are kept) with:\n  {resume_command}"
+            f"\nstopped: {stop.what} ({stop.line}). Its trials were stopped, and their MLflow "
+            f"runs marked {FAILED} with this reason where the store still took it; the table "
+            f"above holds what they had reported. {stop.before_resume}, then continue it "
+            f"(finished trials are kept) with:\n  {resume_command}"
         )
         raise typer.Exit(1)
     if outcome.unfinished:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +83,10 @@ class SweepTracker(Callback):
     not in this object: Tune restores callbacks as they were pickled when the sweep began, so a
     resumed sweep reads back which runs, rows and metric points exist and reuses them instead of
     duplicating them, even those a driver killed between two writes left in one store only.
+
+    A result's rows reach the results store at once; its MLflow writes queue, in order, on one
+    writer thread (`_later`), so a busy MLflow store (waited out by `runs.retried`) holds back
+    MLflow alone, not the results; they are all done before the sweep ends.
     """
 
     def __init__(
@@ -102,7 +108,11 @@ class SweepTracker(Callback):
         self.rows: dict[str, list[dict[str, Any]]] = {}
         self.logged: dict[str, set[tuple[str, int]]] = {}  # (metric, step) in each trial's run
         self.placed: set[str] = set()  # trials whose current process has told where it runs
+        # whether both stores hold every trial this invocation knows (`_reconcile`)
+        self.reconciled = False
         # threads: made after Tune pickled this callback
+        self.writer: ThreadPoolExecutor | None = None
+        self.writes: list[Future[Any]] = []  # queued MLflow writes, in order
         self.monitors: dict[str, SystemMetricsMonitor] = {}
         self.node_ip = ""
 
@@ -113,6 +123,7 @@ class SweepTracker(Callback):
         tracking_uri = self.folder.launch.tracking_uri
         self.experiment_id = runs.experiment_of(tracking_uri, self.parent_run_id)
         self.reconciled = False
+        self.writer, self.writes = None, []
         self.unmapped = {  # made by a driver killed before it saved the run map
             trial_id: run_id
             for trial_id, run_id in runs.child_runs(
@@ -130,7 +141,8 @@ class SweepTracker(Callback):
     def _reconcile(self, trials: list[Trial]) -> None:
         """Each trial in both stores before anything runs, however one lost it: rows rebuilt from
         the trial's run where its part file was set aside (`set_aside_unreadable`), its run logged
-        again from its rows where the MLflow store was lost; a line for each."""
+        again from its rows where the MLflow store was lost (a line for each), every other run
+        brought up to its rows."""
         self.reconciled = True
         for trial in trials:
             rows = read_trial_rows(self.sweep_dir, trial.trial_id)
@@ -139,26 +151,36 @@ class SweepTracker(Callback):
                 self._relog_run(trial, rows)
             elif run_id is not None and not rows:
                 self._rebuild_rows(trial, run_id)
+            elif run_id is not None:
+                self._sync_run(trial, run_id, rows)
 
     def _relog_run(self, trial: Trial, rows: list[dict[str, Any]]) -> None:
-        """A new run for a trial the MLflow store lost: its params, points, tags and status from
-        its rows, which then name the new run."""
+        """A new run for a trial the MLflow store lost, from its rows, which then name the run."""
         run_id = self._child_run(trial)
-        runs.log_points(self.client, run_id, rows)
-        status, error = TrialStatus(rows[-1]["status"]), rows[-1]["error"]
-        step = stopped_step(trial, self.configs)
-        if status == TrialStatus.STOPPED and step is not None:
-            runs.tag_run(self.client, run_id, {STOPPED_TAG: str(step)})
-        if error is not None:
-            runs.fail_run(self.client, run_id, error, trial.error_file)
-        # a trial that was running goes on when Tune restarts it (its run RUNNING again then)
-        ended = TrialStatus.INTERRUPTED if status == TrialStatus.RUNNING else status
-        runs.end_run(self.client, run_id, RUN_STATUS[ended])
+        self._sync_run(trial, run_id, rows)
         write_trial_rows(
             self.sweep_dir, trial.trial_id, [{**row, "mlflow_run_id": run_id} for row in rows]
         )
         name = trial_name(trial.config, self.configs)
         log.warning("trial %s: its MLflow run logged again from the results store", name)
+
+    def _sync_run(self, trial: Trial, run_id: str, rows: list[dict[str, Any]]) -> None:
+        """The trial's run brought up to its rows: the points it lacks, and the end of a trial
+        whose rows say it ended (writes a killed driver still had queued, or a lost store)."""
+        runs.log_points(self.client, run_id, rows)
+        status, error = TrialStatus(rows[-1]["status"]), rows[-1]["error"]
+        ended = RUN_STATUS[status]
+        if status in (TrialStatus.RUNNING, TrialStatus.INTERRUPTED):
+            # goes on when Tune restarts the trial (its run RUNNING again then)
+            ended = RUN_STATUS[TrialStatus.INTERRUPTED]
+        if runs.run_status(self.client, run_id) == ended:
+            return
+        step = stopped_step(trial, self.configs)
+        if status == TrialStatus.STOPPED and step is not None:
+            runs.tag_run(self.client, run_id, {STOPPED_TAG: str(step)})
+        if error is not None:
+            runs.fail_run(self.client, run_id, error, trial.error_file)
+        runs.end_run(self.client, run_id, ended)
 
     def _rebuild_rows(self, trial: Trial, run_id: str) -> None:
         """The rows of a trial whose part file was set aside, from its run's points (all but
@@ -186,6 +208,8 @@ class SweepTracker(Callback):
             run_id = self._child_run(trial)
             self.logged[trial.trial_id] = set()
         else:  # a trial Tune restarts (retry or resume): same run, the points and rows it has
+            # its queued points in it first
+            self._flush()
             self.logged[trial.trial_id] = runs.reopen_run(self.client, run_id)
         self._monitor(trial.trial_id, run_id)
         self.placed.discard(trial.trial_id)
@@ -228,8 +252,8 @@ class SweepTracker(Callback):
         fallback = result.get(CHECKPOINT_FALLBACK_TAG)
         if fallback:
             log.warning("trial %s: %s", trial_name(trial.config, self.configs), fallback)
-            runs.tag_run(self.client, run_id, {CHECKPOINT_FALLBACK_TAG: fallback})
-        runs.log_new_points(self.client, run_id, metrics, step, self.logged[trial.trial_id])
+            self._later(runs.tag_run, run_id, {CHECKPOINT_FALLBACK_TAG: fallback})
+        self._later(runs.log_new_points, run_id, metrics, step, self.logged[trial.trial_id])
         columns = self._columns(trial)
         for key, value in metrics.items():
             if key == STEP:
@@ -261,7 +285,27 @@ class SweepTracker(Callback):
             tags[SYSTEM_METRICS_TAG] = (
                 f"not sampled: the trial runs on {node}, the driver on {self.node_ip}"
             )
-        runs.tag_run(self.client, run_id, tags)
+        self._later(runs.tag_run, run_id, tags)
+
+    def _later(self, write: Callable[..., Any], *args: Any) -> None:
+        """`write(client, *args)` queued behind the earlier MLflow writes, on the writer thread;
+        the first that failed raises here (a full disk or a lost store stops the sweep)."""
+        self._raise_failed()
+        if self.writer is None:
+            self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-writes")
+        self.writes.append(self.writer.submit(write, self.client, *args))
+
+    def _raise_failed(self) -> None:
+        done = [write for write in self.writes if write.done()]
+        self.writes = [write for write in self.writes if not write.done()]
+        for write in done:
+            write.result()
+
+    def _flush(self) -> None:
+        """Every queued MLflow write done (a busy store: waited for); the first that failed raises."""
+        writes, self.writes = self.writes, []
+        for write in writes:
+            write.result()
 
     def _monitor(self, trial_id: str, run_id: str) -> None:
         """This machine's system metrics into the trial's run (`runs.system_metrics`)."""
@@ -276,11 +320,12 @@ class SweepTracker(Callback):
             monitor.finish()
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        for trial_id in list(self.monitors):
+            self._stop_monitor(trial_id)
+        self._flush()
         # a resume with nothing left to run takes no step
         if not self.reconciled:
             self._reconcile(trials)
-        for trial_id in list(self.monitors):
-            self._stop_monitor(trial_id)
 
     def on_trial_recover(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -293,7 +338,7 @@ class SweepTracker(Callback):
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is not None:
             tags = {RETRIES_TAG: str(trial.num_failures), LAST_RETRIED_ERROR_TAG: error}
-            runs.tag_run(self.client, run_id, tags)
+            self._later(runs.tag_run, run_id, tags)
 
     def on_trial_complete(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -301,7 +346,7 @@ class SweepTracker(Callback):
         """TERMINATED; STOPPED where the scheduler stopped it early, its run tagged with the step."""
         step = stopped_step(trial, self.configs)
         if step is not None and trial.trial_id in self.run_ids:
-            runs.tag_run(self.client, self.run_ids[trial.trial_id], {STOPPED_TAG: str(step)})
+            self._later(runs.tag_run, self.run_ids[trial.trial_id], {STOPPED_TAG: str(step)})
         self._end(trial, TrialStatus.TERMINATED if step is None else TrialStatus.STOPPED)
 
     def on_trial_error(
@@ -313,14 +358,14 @@ class SweepTracker(Callback):
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
-        runs.fail_run(self.client, run_id, error, trial.error_file)
+        self._later(runs.fail_run, run_id, error, trial.error_file)
         self._end(trial, TrialStatus.ERROR, error=error)
 
     def _end(self, trial: Trial, status: TrialStatus, error: str | None = None) -> None:
         self._stop_monitor(trial.trial_id)
         if trial.trial_id not in self.run_ids:
             return
-        runs.end_run(self.client, self.run_ids[trial.trial_id], RUN_STATUS[status])
+        self._later(runs.end_run, self.run_ids[trial.trial_id], RUN_STATUS[status])
         self._write_rows(trial, status, error)
 
     def _write_rows(self, trial: Trial, status: TrialStatus, error: str | None = None) -> None:

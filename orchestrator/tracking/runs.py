@@ -294,13 +294,17 @@ def reopen_run(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
     """A restarted trial's run RUNNING again; (metric, step) of every point it holds of what the
     trial reports (not MLflow's `system/…`)."""
     client.update_run(run_id, status=RUNNING)
-    return {(key, step) for key, step, _ in metric_points(client, run_id)}
+    return {(key, step) for key, step, _ in _points(client, run_id)}
 
 
 @retried
 def metric_points(client: MlflowClient, run_id: str) -> list[tuple[str, int, float]]:
     """(metric, step, value) of every point the run holds of what its trial reports (not MLflow's
     `system/…`), by step: what rebuilds the trial's results rows when their file was lost."""
+    return _points(client, run_id)
+
+
+def _points(client: MlflowClient, run_id: str) -> list[tuple[str, int, float]]:
     metrics = client.get_run(run_id).data.metrics
     keys = [key for key in metrics if not key.startswith(SYSTEM_METRIC_PREFIX)]
     points = [
@@ -310,14 +314,25 @@ def metric_points(client: MlflowClient, run_id: str) -> list[tuple[str, int, flo
 
 
 @retried
+def run_status(client: MlflowClient, run_id: str) -> str:
+    """RUNNING, FINISHED, FAILED or KILLED."""
+    return client.get_run(run_id).info.status
+
+
+@retried
 def log_points(client: MlflowClient, run_id: str, rows: list[dict[str, Any]]) -> None:
-    """The finite values of results rows as the run's metric points, as the trial reported them:
-    what re-logs a trial's run when the MLflow store was lost."""
+    """The finite values of results rows as the run's metric points, as the trial reported them,
+    but those the run holds: what brings a trial's run up to its rows after its writes were lost
+    (a driver killed with writes still queued, or the MLflow store lost)."""
     now = int(time.time() * 1000)
+    held = {(key, step) for key, step, _ in _points(client, run_id)}
     metrics = [
         Metric(_metric_key(row["metric"], row["length_factor"]), row["value"], now, row["step"])
         for row in rows
-        if row["metric"] is not None and row["value"] is not None and math.isfinite(row["value"])
+        if row["metric"] is not None
+        and row["value"] is not None
+        and math.isfinite(row["value"])
+        and (_metric_key(row["metric"], row["length_factor"]), row["step"]) not in held
     ]
     # MLflow takes at most 1000 metrics in one batch
     for start in range(0, len(metrics), 1000):
