@@ -19,6 +19,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from ray.train import Checkpoint
 from ray.tune import ExperimentAnalysis
 
 from analysis.results_store import read_results
@@ -28,6 +29,7 @@ from mosaic_core.model import MemoryMosaics
 from orchestrator.faults import DiskFullError, disk_full, stop_for
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
+from orchestrator.trainables import resume_point
 
 from helpers import clean_environment, mosaic_sweep_command, tiny_trial
 
@@ -427,3 +429,28 @@ def test_a_failed_mlflow_store_stops_a_sweep_and_a_bug_keeps_its_traceback():
     full = stop_for(OSError(errno.ENOSPC, "No space left on device"))
     assert full is not None and full.what == "a disk the sweep writes to is full"
     assert stop_for(KeyError("trial_id")) is None
+
+
+def test_a_restarted_trial_resumes_from_its_newest_readable_checkpoint(tmp_path):
+    config = TrialConfig.model_validate(tiny_trial(max_steps=10))
+    model = MemoryMosaics(config.model, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    kept = [tmp_path / f"checkpoint_{index:06d}" for index in range(3)]
+    for step, directory in enumerate(kept):
+        save_checkpoint(
+            directory, config=config, step=step, model=model, optimizer=optimizer, metrics={}
+        )
+    with resume_point(Checkpoint.from_directory(kept[2]), config) as (resume_from, fallback):
+        assert (resume_from, fallback) == (str(kept[2]), None)
+    (kept[2] / FILENAME).write_bytes(b"")
+    with resume_point(Checkpoint.from_directory(kept[2]), config) as (resume_from, fallback):
+        assert resume_from == str(kept[1])
+        assert fallback.endswith("; the trial continues from checkpoint_000001")
+    for directory in kept[:2]:
+        (directory / FILENAME).write_bytes(b"")
+    with resume_point(Checkpoint.from_directory(kept[2]), config) as (resume_from, fallback):
+        assert resume_from is None
+        assert fallback == (
+            f"checkpoint {kept[2] / FILENAME} is unreadable: EOFError; "
+            "the trial starts again from step 0"
+        )
