@@ -357,7 +357,13 @@ class SweepTracker(Callback):
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for trial_id in list(self.monitors):
             self._stop_monitor(trial_id)
-        self._flush()
+        try:
+            self._flush()
+        finally:
+            if self.writer is not None:
+                # its thread ends once idle
+                self.writer.shutdown(wait=False)
+                self.writer = None
         # a resume with nothing left to run takes no step
         if not self.reconciled:
             self._reconcile(trials)
