@@ -19,6 +19,7 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
+from ray.train import Checkpoint
 from ray.tune import ExperimentAnalysis
 
 from analysis.results_store import read_results
@@ -28,6 +29,7 @@ from mosaic_core.model import MemoryMosaics
 from orchestrator.faults import DiskFullError, disk_full, stop_for
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
+from orchestrator.trainables import resume_point
 
 from helpers import clean_environment, mosaic_sweep_command, tiny_trial
 
@@ -116,16 +118,21 @@ def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> str:
     return (cwd / "sweeps" / NAME / "table.md").read_text()
 
 
-def assert_whole(cwd: Path, table: str, tracking_uri: str | None = None) -> None:
+def assert_whole(
+    cwd: Path, table: str, tracking_uri: str | None = None, last_only: frozenset[str] = frozenset()
+) -> None:
     """The sweep in `cwd` ended as an uninterrupted one: its table, each trial once in the results
-    store and in MLflow, every run FINISHED."""
+    store and in MLflow, every run FINISHED; every evaluation of each trial, but the last alone of
+    those in `last_only` (rebuilt from their checkpoints)."""
     sweep_dir = cwd / "sweeps" / NAME
     assert (sweep_dir / "table.md").read_text() == table
     results = read_results(sweep_dir)
     assert results["trial_id"].nunique() == TRIALS and set(results["status"]) == {"TERMINATED"}
     assert not results.duplicated(["trial_id", "metric", "length_factor", "step"]).any()
     evaluations = results[(results["metric"] == "exact_match") & (results["length_factor"] == 1)]
-    assert sorted(evaluations["step"]) == sorted([40, 80, 120] * TRIALS)
+    steps = evaluations.groupby("trial_id")["step"].apply(sorted)
+    assert {trial: steps[trial] for trial in last_only} == {trial: [120] for trial in last_only}
+    assert steps.drop(list(last_only)).tolist() == [[40, 80, 120]] * (TRIALS - len(last_only))
     client = MlflowClient(tracking_uri or f"sqlite:///{cwd / 'sweeps' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name(NAME).experiment_id])
     parents = [run for run in runs if PARENT_TAG not in run.data.tags]
@@ -139,7 +146,7 @@ def assert_whole(cwd: Path, table: str, tracking_uri: str | None = None) -> None
     assert set(results["mlflow_run_id"]) == {run.info.run_id for run in children}
     for run in children:
         history = client.get_metric_history(run.info.run_id, "exact_match_1x")
-        assert sorted(m.step for m in history) == [40, 80, 120]
+        assert sorted(m.step for m in history) == steps[run.data.tags[TRIAL_ID_TAG]]
 
 
 def evaluations(sweep_dir: Path) -> int:
@@ -210,21 +217,27 @@ def test_corrupt_results_parts_and_checkpoints_are_set_aside_and_rebuilt(tmp_pat
 def test_an_mlflow_store_deleted_mid_sweep_stops_it_and_resume_makes_it_again(
     tmp_path, uninterrupted
 ):
+    """The store deleted while the sweep runs: the sweep stops in one paragraph; `--resume` makes
+    the store again and logs every trial's run from its rows; a finished trial whose part file is
+    lost too is rebuilt from its checkpoint (its last evaluation, which the table reads)."""
     sweep_dir = tmp_path / "sweeps" / NAME
     driver = start(tmp_path)
-    wait_for(lambda: (sweep_dir / "results.parquet").is_dir(), driver)
+    wait_for(lambda: bool(finished_trials(sweep_dir)), driver)
     (tmp_path / "sweeps" / "mlflow.db").unlink()
     stdout, stderr = driver.communicate(timeout=240)
     assert driver.returncode == 1, stderr[-3000:]
     assert "stopped: its MLflow store failed" in stdout and "--resume" in stdout
     assert "Traceback" not in stderr
+    lost = min(finished_trials(sweep_dir))
+    (sweep_dir / "results.parquet" / f"part-{lost}.parquet").write_bytes(b"")
 
     resumed = resume(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "holds no run" in resumed.stderr
     assert "logged again from the results store" in resumed.stderr
+    assert "its step-120 evaluation is rebuilt from its checkpoint" in resumed.stderr
     assert re.search(r"\bRun\b.*not found", resumed.stderr + resumed.stdout) is None
-    assert_whole(tmp_path, uninterrupted)
+    assert_whole(tmp_path, uninterrupted, last_only=frozenset([lost]))
 
 
 def test_first_loadable_skips_unreadable_checkpoints_newest_first(tmp_path):
@@ -427,3 +440,28 @@ def test_a_failed_mlflow_store_stops_a_sweep_and_a_bug_keeps_its_traceback():
     full = stop_for(OSError(errno.ENOSPC, "No space left on device"))
     assert full is not None and full.what == "a disk the sweep writes to is full"
     assert stop_for(KeyError("trial_id")) is None
+
+
+def test_a_restarted_trial_resumes_from_its_newest_readable_checkpoint(tmp_path):
+    config = TrialConfig.model_validate(tiny_trial(max_steps=10))
+    model = MemoryMosaics(config.model, 8)
+    optimizer = torch.optim.AdamW(model.parameters())
+    kept = [tmp_path / f"checkpoint_{index:06d}" for index in range(3)]
+    for step, directory in enumerate(kept):
+        save_checkpoint(
+            directory, config=config, step=step, model=model, optimizer=optimizer, metrics={}
+        )
+    with resume_point(Checkpoint.from_directory(kept[2]), config) as (resume_from, fallback):
+        assert (resume_from, fallback) == (str(kept[2]), None)
+    (kept[2] / FILENAME).write_bytes(b"")
+    with resume_point(Checkpoint.from_directory(kept[2]), config) as (resume_from, fallback):
+        assert resume_from == str(kept[1])
+        assert fallback.endswith("; the trial continues from checkpoint_000001")
+    for directory in kept[:2]:
+        (directory / FILENAME).write_bytes(b"")
+    with resume_point(Checkpoint.from_directory(kept[2]), config) as (resume_from, fallback):
+        assert resume_from is None
+        assert fallback == (
+            f"checkpoint {kept[2] / FILENAME} is unreadable: EOFError; "
+            "the trial starts again from step 0"
+        )

@@ -23,6 +23,7 @@ from ray.util import get_node_ip_address
 
 from analysis.results_store import read_trial_rows, write_trial_rows
 from analysis.schema import TYPED_CONFIG, TrialStatus, config_json, typed_value, varied_keys
+from mosaic_core.checkpoint import load_checkpoint
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernel_specs import kernel_label
 from mosaic_core.metrics import STEP, parse_metric_name
@@ -38,6 +39,7 @@ from orchestrator.tracking.names import (
     STOPPED_TAG,
     SYSTEM_METRICS_TAG,
 )
+from orchestrator.trainables import resume_point
 from orchestrator.trial_configs import VARIANT, searched_values, trial_config, trial_name
 
 log = logging.getLogger(__name__)
@@ -149,10 +151,14 @@ class SweepTracker(Callback):
             run_id = self.run_ids.get(trial.trial_id)
             if run_id is None and rows:
                 self._relog_run(trial, rows)
-            elif run_id is not None and not rows:
-                self._rebuild_rows(trial, run_id)
-            elif run_id is not None:
-                self._sync_run(trial, run_id, rows)
+                continue
+            if run_id is not None and not rows:
+                rows = self._rebuild_rows(trial, run_id)
+            # a finished trial neither store holds: Tune runs it no more
+            if not rows and trial.status == Trial.TERMINATED:
+                rows = self._rows_from_checkpoint(trial)
+            if rows:
+                self._sync_run(trial, self.run_ids[trial.trial_id], rows)
 
     def _relog_run(self, trial: Trial, rows: list[dict[str, Any]]) -> None:
         """A new run for a trial the MLflow store lost, from its rows, which then name the run."""
@@ -182,7 +188,7 @@ class SweepTracker(Callback):
             runs.fail_run(self.client, run_id, error, trial.error_file)
         runs.end_run(self.client, run_id, ended)
 
-    def _rebuild_rows(self, trial: Trial, run_id: str) -> None:
+    def _rebuild_rows(self, trial: Trial, run_id: str) -> list[dict[str, Any]]:
         """The rows of a trial whose part file was set aside, from its run's points (all but
         non-finite values, which MLflow does not keep), as the trial's state in Tune says."""
         columns, rows = self._columns(trial), []
@@ -195,10 +201,39 @@ class SweepTracker(Callback):
         status, error = _tune_status(trial, self.configs), None
         if status == TrialStatus.ERROR:
             error = _last_error_line(trial)
-        if rows or error:
-            self._write_rows(trial, status, error)
-            name = trial_name(trial.config, self.configs)
-            log.warning("trial %s: its results rows rebuilt from its MLflow run %s", name, run_id)
+        if not rows and error is None:
+            return []
+        name = trial_name(trial.config, self.configs)
+        log.warning("trial %s: its results rows rebuilt from its MLflow run %s", name, run_id)
+        return self._write_rows(trial, status, error)
+
+    def _rows_from_checkpoint(self, trial: Trial) -> list[dict[str, Any]]:
+        """The rows of a finished trial whose part file was set aside and whose run holds no
+        points, from the metrics its latest readable checkpoint keeps: those of its last
+        evaluation, which the tables read (the earlier ones are lost, which the line says)."""
+        config = self._config(trial)
+        with resume_point(trial.checkpoint, config) as (directory, _):
+            if directory is None:
+                return []
+            metrics = reported_metrics(load_checkpoint(directory, config)["metrics"])
+        step, columns = int(metrics.pop(STEP, 0)), self._columns(trial)
+        rows = []
+        for key, value in metrics.items():
+            metric, factor = parse_metric_name(key)
+            rows.append(
+                {**columns, "metric": metric, "length_factor": factor, "step": step, "value": value}
+            )
+        if trial.trial_id not in self.run_ids:
+            self._child_run(trial)
+        self.rows[trial.trial_id] = rows
+        name = trial_name(trial.config, self.configs)
+        log.warning(
+            "trial %s: neither its results rows nor its MLflow run held its points; its step-%d "
+            "evaluation is rebuilt from its checkpoint, the earlier ones are lost",
+            name,
+            step,
+        )
+        return self._write_rows(trial, _tune_status(trial, self.configs))
 
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
@@ -322,7 +357,13 @@ class SweepTracker(Callback):
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         for trial_id in list(self.monitors):
             self._stop_monitor(trial_id)
-        self._flush()
+        try:
+            self._flush()
+        finally:
+            if self.writer is not None:
+                # its thread ends once idle
+                self.writer.shutdown(wait=False)
+                self.writer = None
         # a resume with nothing left to run takes no step
         if not self.reconciled:
             self._reconcile(trials)
@@ -368,8 +409,11 @@ class SweepTracker(Callback):
         self._later(runs.end_run, self.run_ids[trial.trial_id], RUN_STATUS[status])
         self._write_rows(trial, status, error)
 
-    def _write_rows(self, trial: Trial, status: TrialStatus, error: str | None = None) -> None:
-        """All the trial's rows; a failed trial that never reported still gets one row, with its error."""
+    def _write_rows(
+        self, trial: Trial, status: TrialStatus, error: str | None = None
+    ) -> list[dict[str, Any]]:
+        """All the trial's rows (returned as written); a failed trial that never reported still
+        gets one row, with its error."""
         identity = {
             "trial_id": trial.trial_id,
             "status": status,
@@ -377,7 +421,9 @@ class SweepTracker(Callback):
             "error": error,
         }
         rows = self.rows.get(trial.trial_id) or ([self._columns(trial)] if error else [])
-        write_trial_rows(self.sweep_dir, trial.trial_id, [{**row, **identity} for row in rows])
+        written = [{**row, **identity} for row in rows]
+        write_trial_rows(self.sweep_dir, trial.trial_id, written)
+        return written
 
     def _config(self, trial: Trial) -> TrialConfig:
         """The trial's config; the variant's where a suggestion makes an invalid one (that trial fails
