@@ -78,8 +78,10 @@ def _conformed(table: pa.Table) -> pa.Table:
 
 
 def _read_part(path: Path) -> pa.Table:
+    """One part, read from one open of the file: a writer renames a new version over it while a
+    sweep runs, and a reader that opened it twice could mix two versions."""
     try:
-        return _conformed(pq.read_table(path))
+        return _conformed(pq.read_table(pa.BufferReader(path.read_bytes())))
     except (pa.ArrowException, OSError) as error:
         # the path is named once
         reason = " ".join(str(error).replace(str(path), "the file").split())[:80]
