@@ -121,10 +121,13 @@ def _quiet_store_errors(verbose: bool) -> None:
 
 class _ExpectedTrialFailure(logging.Filter):
     """Tune logs the traceback of every failing trial: without -v, the progress line, the MLflow run
-    (tag `error`, artifact `error.txt`) and results.parquet tell it instead."""
+    (tag `error`, artifact `error.txt`) and results.parquet tell it instead; and of a fault that
+    stops the sweep (a full disk, a failed store), which the sweep's closing paragraph tells."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Trial task failed")
+        if record.getMessage().startswith("Trial task failed"):
+            return False
+        return not (record.exc_info and stop_for(record.exc_info[1]) is not None)
 
 
 log = logging.getLogger(__name__)

@@ -221,13 +221,15 @@ def end_unfinished_runs(
     client: MlflowClient, folder: SweepFolder, status: str, reason: str | None = None
 ) -> list[str]:
     """End every child run still RUNNING once Tune is done (FAILED, or KILLED after Ctrl-C): its
-    trial's process is gone; `reason`, where the sweep stopped for one, as the run's error tag."""
+    trial's process is gone; `reason`, where the sweep stopped for one, as the run's error tag.
+    The parent's children as MLflow holds them count too: a full disk can keep a new run out of
+    the run map."""
     run_map = folder.run_map() or RunMap(parent="")
-    stuck = [
-        run_id
-        for run_id in run_map.trials.values()
-        if client.get_run(run_id).info.status == RUNNING
-    ]
+    known = set(run_map.trials.values())
+    if run_map.parent:
+        experiment_id = client.get_run(run_map.parent).info.experiment_id
+        known |= set(child_runs(client, experiment_id, run_map.parent).values())
+    stuck = [run_id for run_id in sorted(known) if client.get_run(run_id).info.status == RUNNING]
     for run_id in stuck:
         if reason is not None:
             client.set_tag(run_id, ERROR_TAG, reason)
