@@ -42,7 +42,7 @@ def _holder(file: BinaryIO) -> str:
 
 def _refusal(sweep_dir: Path, file: BinaryIO) -> SweepFolderError:
     return SweepFolderError(
-        f"{sweep_dir} is being run by {_holder(file)} (it holds {sweep_dir / DRIVER_LOCK}); "
+        f"{sweep_dir} is being run by {_holder(file)} (it holds its {DRIVER_LOCK}); "
         "one driver per sweep folder: wait for it to end, or stop it and then --resume"
     )
 

@@ -155,7 +155,7 @@ def test_a_second_driver_on_a_running_sweep_folder_is_refused_naming_the_first(t
     assert second.stdout == ""
     assert second.stderr.splitlines() == [
         f"error: {sweep_dir} is being run by pid {first.pid} on {socket.gethostname()} (it holds "
-        f"{sweep_dir / DRIVER_LOCK}); one driver per sweep folder: wait for it to end, or stop it "
+        f"its {DRIVER_LOCK}); one driver per sweep folder: wait for it to end, or stop it "
         "and then --resume"
     ]
     assert sorted(path.name for path in tmp_path.rglob("*")) == [
