@@ -32,7 +32,7 @@ from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
 from orchestrator.trainables import resume_point
 
-from helpers import clean_environment, mosaic_sweep_command, tiny_trial
+from helpers import clean_environment, mosaic_sweep, mosaic_sweep_command, tiny_trial
 
 NAME = "fault"
 TRIALS = 4
@@ -78,13 +78,8 @@ def no_driver_left() -> Iterator[None]:
 
 
 def resume(cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        run_command("--resume"),
-        cwd=cwd,
-        env=clean_environment(),
-        capture_output=True,
-        text=True,
-        timeout=400,
+    return mosaic_sweep(
+        "run", f"{NAME}.yaml", "--out", f"sweeps/{NAME}", "--resume", cwd=cwd, timeout=400
     )
 
 
