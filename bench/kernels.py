@@ -10,6 +10,7 @@ max over blocks) and the registers and spills Triton reports for each compiled k
     python bench/kernels.py --out kernels.jsonl          # on a CUDA machine; one JSON row per line
     python bench/kernels.py --report kernels.jsonl       # the Markdown table of RESULTS.md, anywhere
     python bench/kernels.py --passes --lengths 256       # pass counts only, on the CPU (interpreter)
+    python bench/kernels.py --launch '{}' '{"block": 128}'  # launch configurations side by side
 """
 
 from __future__ import annotations
@@ -126,7 +127,20 @@ def measure(
     }
     if path == "fused":
         row.update(passes(kernel, params, keys, values), registers=dict(ops.REGISTERS))
+        row["kernel_ms"] = kernel_times(forward, backward)
     return row
+
+
+def kernel_times(forward, backward) -> dict[str, float]:
+    """ms of each CUDA kernel (Triton's by their names) in one profiled forward + backward."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+        backward(forward())
+        torch.cuda.synchronize()
+    return {
+        event.key[:60]: event.device_time_total / 1000
+        for event in profile.key_averages()
+        if event.device_type == torch.autograd.DeviceType.CUDA
+    }
 
 
 def count_passes(args: argparse.Namespace) -> None:
@@ -166,10 +180,10 @@ def table(rows: list[dict]) -> str:
         "| kernel | path | " + " | ".join(f"N={n}" for n in lengths) + " |",
         "|---|---|" + "---|" * len(lengths),
     ]
-    for label in dict.fromkeys(row["kernel"] for row in rows):
+    for label in dict.fromkeys(row_label(row) for row in rows):
         cells, paths = [], set()
         for length in lengths:
-            row = next((r for r in rows if r["kernel"] == label and r["length"] == length), None)
+            row = next((r for r in rows if row_label(r) == label and r["length"] == length), None)
             if row is None:
                 cells.append("—")
                 continue
@@ -177,6 +191,12 @@ def table(rows: list[dict]) -> str:
             cells.append(cell(row, sdpa.get(length)))
         lines.append(f"| {label} | {', '.join(sorted(paths))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def row_label(row: dict) -> str:
+    """The kernel, and the launch configuration when a run compared several."""
+    launch = row.get("launch")
+    return f"{row['kernel']} {json.dumps(launch)}" if launch else row["kernel"]
 
 
 def cell(row: dict, sdpa_ms: float | None) -> str:
@@ -211,6 +231,13 @@ def main() -> None:
         help="longest N for the AdaSplash rows (its autotuning takes minutes per length)",
     )
     parser.add_argument("--kernels", nargs="*", help="subset of kernel labels")
+    parser.add_argument(
+        "--launch",
+        nargs="+",
+        default=[""],
+        metavar="JSON",
+        help="fused launch configurations to time in turn (MOSAIC_FUSED_LAUNCH, see fused/ops.py)",
+    )
     parser.add_argument("--out", help="append one JSON row per measurement to this file")
     parser.add_argument(
         "--report", nargs="+", metavar="JSONL", help="print the Markdown table of earlier runs"
@@ -235,6 +262,7 @@ def main() -> None:
         raise SystemExit("bench/kernels.py needs a CUDA device")
     if args.deterministic:
         os.environ["MOSAIC_FUSED_DETERMINISTIC"] = "1"
+    from mosaic_core.fused.ops import LAUNCH_ENV
 
     meta = {
         "device": torch.cuda.get_device_name(),
@@ -249,21 +277,30 @@ def main() -> None:
     }
     print(json.dumps(meta), flush=True)
     rows = []
-    for beta in args.beta:
-        for label, kernel, params, backend in selected(args):
-            if backend == "adasplash" and not adasplash_available():
-                continue
-            for length in args.lengths:
-                if backend == "adasplash" and length > args.anchor_max_length:
-                    continue
-                result = guarded(kernel, params, length, beta, backend or args.backend, args)
-                torch.cuda.empty_cache()
-                rows.append({"kernel": label, "length": length, **result, **meta, "beta": beta})
-                print(json.dumps(rows[-1]), flush=True)
-                if args.out:
-                    with open(args.out, "a") as f:
-                        f.write(json.dumps(rows[-1]) + "\n")
+    for launch in args.launch:
+        os.environ[LAUNCH_ENV] = launch
+        for beta in args.beta:
+            rows += measure_all(beta, {**meta, "launch": json.loads(launch or "{}")}, args)
     print(report(rows))
+
+
+def measure_all(beta: float, meta: dict, args: argparse.Namespace) -> list[dict]:
+    """Rows of every selected kernel at every length for one β, printed and appended to --out."""
+    rows = []
+    for label, kernel, params, backend in selected(args):
+        if backend == "adasplash" and not adasplash_available():
+            continue
+        for length in args.lengths:
+            if backend == "adasplash" and length > args.anchor_max_length:
+                continue
+            result = guarded(kernel, params, length, beta, backend or args.backend, args)
+            torch.cuda.empty_cache()
+            rows.append({"kernel": label, "length": length, **result, **meta, "beta": beta})
+            print(json.dumps(rows[-1]), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
+    return rows
 
 
 def guarded(

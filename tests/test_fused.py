@@ -158,6 +158,29 @@ def test_dropout_drops_the_same_weights_forward_and_backward(kernel, params):
     assert_matches(fused, reference)
 
 
+@pytest.mark.parametrize(("kernel", "params"), [FUSED[0], FUSED[4], FUSED[6]])
+def test_a_launch_override_changes_the_tile_not_the_result(kernel, params, monkeypatch):
+    """MOSAIC_FUSED_LAUNCH (bench/kernels.py --launch) with 16-key tiles: N = 40 becomes three
+    query blocks, the last cut short, and the kernels still match the float64 reference."""
+    monkeypatch.setenv("MOSAIC_FUSED_LAUNCH", '{"block": 16, "forward": {"num_warps": 2}}')
+    q, k, v = inputs(40, seed=13)
+    probe = torch.randn_like(q)
+    fused = run("fused", q, k, v, kernel, params, probe, mask_mode="strict_causal")
+    assert_matches(
+        fused, run("reference", q, k, v, kernel, params, probe, mask_mode="strict_causal")
+    )
+    call = fused_call(kernel, **params)
+    counts = fused_passes(q, k, v, call, mask_mode="strict_causal", scale=0.8)
+    assert counts.shape == (1, 2, 3)
+
+
+def test_a_launch_override_with_an_unknown_key_is_refused(monkeypatch):
+    monkeypatch.setenv("MOSAIC_FUSED_LAUNCH", '{"forward": {"warps": 4}}')
+    q, k, v = inputs(16)
+    with pytest.raises(ValueError, match="keys are 'block' and"):
+        fused_attention(q, k, v, fused_call("sparsemax"), mask_mode="causal", scale=1.0)
+
+
 def test_compiles_to_one_graph():
     """Custom ops with fake implementations and registered autograd: no graph break."""
     q, k, v = (t.requires_grad_() for t in inputs(16))

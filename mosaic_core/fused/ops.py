@@ -8,6 +8,8 @@ one tile and warp count anyway: the top-k selection compares recomputed scores b
 forward's.
 """
 
+import functools
+import json
 import math
 import os
 
@@ -38,9 +40,36 @@ def _note_registers(name: str, compiled) -> None:
         REGISTERS[name] = {"n_regs": int(n_regs), "n_spills": int(compiled.n_spills)}
 
 
+LAUNCH_ENV = "MOSAIC_FUSED_LAUNCH"  # benchmarks only: JSON overriding the tile and launches below
+ROLES = ("statistics", "forward", "backward")
+_LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")
+
+
+@functools.cache
+def _parsed_override(text: str) -> dict:
+    override = json.loads(text) if text else {}
+    for key, value in override.items():
+        if key == "block":
+            continue
+        if key not in ROLES or not set(value) <= set(_LAUNCH_KEYS):
+            raise ValueError(
+                f"{LAUNCH_ENV}: {key}={value} is not allowed; keys are 'block' and {ROLES}, "
+                f"each a dict of {_LAUNCH_KEYS}"
+            )
+    return override
+
+
+def _override() -> dict:
+    """The launch override of MOSAIC_FUSED_LAUNCH, e.g. '{"block": 128, "forward": {"num_warps":
+    4, "num_stages": 3}}': how bench/kernels.py --launch compares configurations; never set in
+    training."""
+    return _parsed_override(os.environ.get(LAUNCH_ENV, ""))
+
+
 def block_size(length: int, head_dim: int, dtype: torch.dtype) -> int:
     """Query and key tile (equal, so causal tiles line up) for a shape class."""
     widest = 64 if head_dim * dtype.itemsize <= 256 else 32
+    widest = _override().get("block", widest)
     return max(16, min(widest, triton.next_power_of_2(length)))
 
 
@@ -49,6 +78,17 @@ def num_warps(block: int, head_dim: int) -> int:
     spilled (offline sm_90 compiles, Triton 3.9, bf16, D = 64: the dK/dV kernel 255 registers and
     432–488 bytes of stack at 4 warps, at most 40 bytes at 8; no spills in the other kernels)."""
     return 8 if block * head_dim >= 64 * 64 else 4
+
+
+def launch(role: str, block: int, head_dim: int, kind: int) -> dict:
+    """num_warps (and num_stages, maxnreg) of one kernel role: the defaults, or the override's."""
+    defaults = {"num_warps": num_warps(block, head_dim)}
+    if role == "statistics" and kind == _ENTMAX and defaults["num_warps"] == 8:
+        # entmax's statistics fit 128 registers at 8 warps (119, no spills, offline sm_90
+        # compiles; 139 uncapped), so two blocks share an SM; top-k's would spill (88 bytes)
+        defaults["maxnreg"] = 128
+    chosen = defaults | _override().get(role, {})
+    return {key: value for key, value in chosen.items() if value is not None}  # null: no cap
 
 
 def _power_codes(alpha: float) -> tuple[int, int]:
@@ -74,14 +114,7 @@ def _meta(
         "DROPOUT": dropout_p > 0,
         "BLOCK": block_size(q.shape[-2], q.shape[-1], q.dtype),
         "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
-        "num_warps": num_warps(block_size(q.shape[-2], q.shape[-1], q.dtype), q.shape[-1]),
     }
-
-
-def _register_cap(kind: int, warps: int) -> dict:
-    """entmax's statistics kernel fits 128 registers at 8 warps (119, no spills, offline sm_90
-    compiles; 139 uncapped), so two blocks share an SM; top-k's would spill (88 bytes)."""
-    return {"maxnreg": 128} if kind == _ENTMAX and warps == 8 else {}
 
 
 _SEARCH_META = (
@@ -93,7 +126,6 @@ _SEARCH_META = (
     "OFFSET",
     "BLOCK",
     "PRECISION",
-    "num_warps",
 )
 
 
@@ -151,11 +183,25 @@ def fused_forward(
             TOL=_NEWTON_TOLERANCE,
             MAX_ITERS=_NEWTON_MAX_ITERS,
             **search,
-            **_register_cap(kind, meta["num_warps"]),
+            **launch("statistics", meta["BLOCK"], meta["D"], kind),
         )
         _note_registers("statistics", compiled)
     compiled = tk.forward_kernel[grid](
-        q, k, v, c, out, stats, u, int(seed), x_scale, alpha, a, dropout_p, n, **meta
+        q,
+        k,
+        v,
+        c,
+        out,
+        stats,
+        u,
+        int(seed),
+        x_scale,
+        alpha,
+        a,
+        dropout_p,
+        n,
+        **meta,
+        **launch("forward", meta["BLOCK"], meta["D"], kind),
     )
     _note_registers("forward", compiled)
     return out, stats, u
@@ -197,6 +243,7 @@ def fused_backward(
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     dc = torch.zeros(q.shape[:-1] if kind == _RELU else (0,), device=q.device, dtype=torch.float32)
     meta = _meta(q, kind, alpha, fallback, causal, offset, dropout_p)
+    meta |= launch("backward", meta["BLOCK"], meta["D"], kind)
     grid = _grid(q, meta["BLOCK"])
     args = (int(seed), _score_scale(kind, scale, alpha), alpha, a, dropout_p, q.shape[-2])
     atomic = not deterministic()
@@ -288,7 +335,7 @@ def row_max(q: Tensor, k: Tensor, causal: bool, offset: int, scale: float) -> tu
         OFFSET=offset,
         BLOCK=block,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps(block, q.shape[-1]),
+        **launch("statistics", block, q.shape[-1], _RELU),
     )
     return m, arg
 

@@ -115,11 +115,17 @@ def _scores(
     tile the scores a query may not see (past N, or causally hidden) are −inf."""
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION).to(tl.float32) * SCALE + 0.0
     if EDGE:
-        allowed = (cols[None, :] < N) & (rows[:, None] < N)
-        if CAUSAL:
-            allowed = allowed & (cols[None, :] <= rows[:, None] - OFFSET)
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(_allowed(rows, cols, N, CAUSAL, OFFSET), s, float("-inf"))
     return s
+
+
+@triton.jit
+def _allowed(rows, cols, N, CAUSAL: tl.constexpr, OFFSET: tl.constexpr):
+    """(rows, cols) booleans: the keys each query may see (inside N, and causally visible)."""
+    allowed = (cols[None, :] < N) & (rows[:, None] < N)
+    if CAUSAL:
+        allowed = allowed & (cols[None, :] <= rows[:, None] - OFFSET)
+    return allowed
 
 
 @triton.jit
@@ -253,14 +259,15 @@ def _max_blocks(
     # kernel parameters
     SCALE,
     # compile-time: shape, kernel family, masks, tile, precision
-    EDGE: tl.constexpr, WITH_LEAST: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr,
-    OFFSET: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    EDGE: tl.constexpr, WITH_ARG: tl.constexpr, WITH_LEAST: tl.constexpr, D: tl.constexpr,
+    CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         block_best = tl.max(s, 1)
-        block_arg = tl.argmax(s, 1).to(tl.int32) + start
-        arg = tl.where(block_best > best, block_arg, arg)  # strict: the earliest maximum wins
+        if WITH_ARG:
+            block_arg = tl.argmax(s, 1).to(tl.int32) + start
+            arg = tl.where(block_best > best, block_arg, arg)  # strict: the earliest maximum wins
         best = tl.maximum(best, block_best)
         if WITH_LEAST:
             least = tl.minimum(least, tl.min(tl.where(s > float("-inf"), s, float("inf")), 1))
@@ -276,6 +283,7 @@ def _row_max(
     pid,
     N,
     SCALE,
+    WITH_ARG: tl.constexpr,
     WITH_LEAST: tl.constexpr,
     D: tl.constexpr,
     CAUSAL: tl.constexpr,
@@ -283,18 +291,19 @@ def _row_max(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """(max, earliest argmax, min if WITH_LEAST) of the allowed scores of each row: one pass."""
+    """(max, earliest argmax if WITH_ARG, min if WITH_LEAST) of the allowed scores of each row:
+    one pass."""
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     least = tl.full([BLOCK], float("inf"), tl.float32)
     arg = tl.zeros([BLOCK], tl.int32)
     inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
     best, arg, least = _max_blocks(
-        best, arg, least, q, K, kv, rows, 0, inner, N, SCALE, False, WITH_LEAST, D, CAUSAL,
-        OFFSET, BLOCK, PRECISION,
+        best, arg, least, q, K, kv, rows, 0, inner, N, SCALE, False, WITH_ARG, WITH_LEAST, D,
+        CAUSAL, OFFSET, BLOCK, PRECISION,
     )  # fmt: skip
     best, arg, least = _max_blocks(
-        best, arg, least, q, K, kv, rows, inner, end, N, SCALE, True, WITH_LEAST, D, CAUSAL,
-        OFFSET, BLOCK, PRECISION,
+        best, arg, least, q, K, kv, rows, inner, end, N, SCALE, True, WITH_ARG, WITH_LEAST, D,
+        CAUSAL, OFFSET, BLOCK, PRECISION,
     )  # fmt: skip
     return best, arg, least
 
@@ -772,13 +781,13 @@ def _topk_threshold(
 @triton.jit
 def _output_blocks(
     # running results of the passes over the blocks
-    acc, acc_g, acc_u, total, total_g,
+    acc, acc_g, total, total_g,
     # the data: blocks in registers (lower case), tensors in memory (upper case)
     q, K, V,
     # where: head offset, head, rows or columns of this block
     kv, bh, rows,
-    # the row statistics so far
-    t0, t1, t2, uniform,
+    # the row statistics so far (the uniform fallback comes after, in _uniform_fallback)
+    t0, t1, t2,
     # kernel parameters
     seed, a, r, p_drop,
     # sizes: the blocks to visit (lo to hi), the sequence length
@@ -787,30 +796,92 @@ def _output_blocks(
     SCALE,
     # compile-time: shape, kernel family, masks, tile, precision
     EDGE: tl.constexpr, D: tl.constexpr, KIND: tl.constexpr, P_CODE: tl.constexpr,
-    G_CODE: tl.constexpr, FALLBACK: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
-    DROPOUT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    G_CODE: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     keep_scale = 1.0 / (1.0 - p_drop)
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         v = _load_rows(V, kv, cols, N, D, EDGE)
-        w, g = _unnormalised(s, cols, t0, t1, t2, uniform, a, r, KIND, P_CODE, G_CODE, FALLBACK)
+        w, g = _unnormalised(s, cols, t0, t1, t2, None, a, r, KIND, P_CODE, G_CODE, False)
         w, g = w.to(V.dtype.element_ty), g.to(V.dtype.element_ty)  # as the dots below see them
         total += tl.sum(w.to(tl.float32), 1)
         if KIND == ENTMAX:
             total_g += tl.sum(g.to(tl.float32), 1)
-        u = tl.where(s > float("-inf"), 1.0, 0.0)  # used (and kept) only with FALLBACK
         if DROPOUT:
             keep = _keep(seed, bh, rows, cols, N, p_drop)
             w = tl.where(keep, w * keep_scale, 0.0)
             g = tl.where(keep, g * keep_scale, 0.0)
-            u = tl.where(keep, u * keep_scale, 0.0)
         acc += tl.dot(w.to(v.dtype), v, input_precision=PRECISION)
         if KIND == ENTMAX:
             acc_g += tl.dot(g.to(v.dtype), v, input_precision=PRECISION)
-        if FALLBACK:
-            acc_u += tl.dot(u.to(v.dtype), v, input_precision=PRECISION)
-    return acc, acc_g, acc_u, total, total_g
+    return acc, acc_g, total, total_g
+
+
+@triton.jit
+def _uniform_blocks(
+    # running results of the passes over the blocks
+    acc,
+    # the data: tensors in memory
+    V,
+    # where: head offset, head, rows of this block
+    kv, bh, rows,
+    # kernel parameters
+    seed, p_drop,
+    # sizes: the blocks to visit (lo to hi), the sequence length
+    lo, hi, N,
+    # compile-time: shape, masks, tile, precision
+    EDGE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
+    DROPOUT: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc plus the sum of the values each row may see (dropout applied): the uniform fallback."""
+    keep_scale = 1.0 / (1.0 - p_drop)
+    for start in range(lo, hi, BLOCK):
+        cols = start + tl.arange(0, BLOCK)
+        v = _load_rows(V, kv, cols, N, D, EDGE)
+        u = tl.full([BLOCK, BLOCK], 1.0, tl.float32)
+        if EDGE:
+            u = tl.where(_allowed(rows, cols, N, CAUSAL, OFFSET), u, 0.0)
+        if DROPOUT:
+            u = tl.where(_keep(seed, bh, rows, cols, N, p_drop), u * keep_scale, 0.0)
+        acc += tl.dot(u.to(v.dtype), v, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _uniform_fallback(
+    # the output so far
+    out,
+    # the data: tensors in memory
+    V,
+    # where: head offset, head, rows or columns of this block
+    kv, bh, rows, pid,
+    # the row statistics so far
+    total, n_allowed,
+    # kernel parameters
+    seed, p_drop,
+    # sizes: the sequence length
+    N,
+    # compile-time: shape, masks, tile, precision
+    D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """out with rows of no positive weight (normrelu's FALLBACK) made the mean of their allowed
+    values: a pass over the values only in the rare query block that has such a row."""
+    empty = (total <= 0) & (n_allowed > 0)
+    if tl.max(empty.to(tl.int32)) > 0:
+        acc = tl.zeros([BLOCK, D], tl.float32)
+        inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
+        acc = _uniform_blocks(
+            acc, V, kv, bh, rows, seed, p_drop, 0, inner, N, False, D, CAUSAL, OFFSET, DROPOUT,
+            BLOCK, PRECISION,
+        )  # fmt: skip
+        acc = _uniform_blocks(
+            acc, V, kv, bh, rows, seed, p_drop, inner, end, N, True, D, CAUSAL, OFFSET, DROPOUT,
+            BLOCK, PRECISION,
+        )  # fmt: skip
+        out = tl.where(empty[:, None], acc / tl.maximum(n_allowed, 1).to(tl.float32)[:, None], out)
+    return out
 
 
 @triton.jit
@@ -833,8 +904,8 @@ def statistics_kernel(
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     q = _load_rows(Q, kv, rows, N, D, True)
     n_allowed = _allowed_count(rows, N, CAUSAL, OFFSET)
-    top, arg, least = _row_max(
-        q, K, kv, rows, pid, N, SCALE, KIND != ENTMAX, D, CAUSAL, OFFSET, BLOCK, PRECISION
+    top, _, least = _row_max(
+        q, K, kv, rows, pid, N, SCALE, False, KIND != ENTMAX, D, CAUSAL, OFFSET, BLOCK, PRECISION
     )
     if KIND == ENTMAX:
         t0, passes = _entmax_threshold(
@@ -880,7 +951,6 @@ def forward_kernel(
     n_allowed = _allowed_count(rows, N, CAUSAL, OFFSET)
     r = 1.0 / (alpha - 1.0)
     base = STATS + (bh * N + rows) * 5
-    uniform = n_allowed < 0  # all False
     if KIND == RELU:
         t0 = tl.load(C + bh * N + rows, mask=row_ok, other=0.0)
         t1 = tl.zeros([BLOCK], tl.float32)
@@ -893,26 +963,23 @@ def forward_kernel(
         passes = tl.load(base + 4, mask=row_ok, other=0.0)
     acc = tl.zeros([BLOCK, D], tl.float32)
     acc_g = tl.zeros([BLOCK, D], tl.float32)
-    acc_u = tl.zeros([BLOCK, D], tl.float32)
     total = tl.zeros([BLOCK], tl.float32)
     total_g = tl.zeros([BLOCK], tl.float32)
     inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
-    acc, acc_g, acc_u, total, total_g = _output_blocks(
-        acc, acc_g, acc_u, total, total_g, q, K, V, kv, bh, rows, t0, t1, t2, uniform, seed, a, r,
-        p_drop, 0, inner, N, SCALE, False, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET,
-        DROPOUT, BLOCK, PRECISION,
+    acc, acc_g, total, total_g = _output_blocks(
+        acc, acc_g, total, total_g, q, K, V, kv, bh, rows, t0, t1, t2, seed, a, r, p_drop, 0,
+        inner, N, SCALE, False, D, KIND, P_CODE, G_CODE, CAUSAL, OFFSET, DROPOUT, BLOCK, PRECISION,
     )  # fmt: skip
-    acc, acc_g, acc_u, total, total_g = _output_blocks(
-        acc, acc_g, acc_u, total, total_g, q, K, V, kv, bh, rows, t0, t1, t2, uniform, seed, a, r,
-        p_drop, inner, end, N, SCALE, True, D, KIND, P_CODE, G_CODE, FALLBACK, CAUSAL, OFFSET,
-        DROPOUT, BLOCK, PRECISION,
+    acc, acc_g, total, total_g = _output_blocks(
+        acc, acc_g, total, total_g, q, K, V, kv, bh, rows, t0, t1, t2, seed, a, r, p_drop, inner,
+        end, N, SCALE, True, D, KIND, P_CODE, G_CODE, CAUSAL, OFFSET, DROPOUT, BLOCK, PRECISION,
     )  # fmt: skip
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
     if FALLBACK:
-        empty = (total <= 0) & (n_allowed > 0)
-        out = tl.where(
-            empty[:, None], acc_u / tl.maximum(n_allowed, 1).to(tl.float32)[:, None], out
-        )
+        out = _uniform_fallback(
+            out, V, kv, bh, rows, pid, total, n_allowed, seed, p_drop, N, D, CAUSAL, OFFSET,
+            DROPOUT, BLOCK, PRECISION,
+        )  # fmt: skip
     _store_rows(O, kv, rows, N, out, D)
     if KIND == ENTMAX:
         _store_rows(U, kv, rows, N, acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None], D)
@@ -1156,7 +1223,7 @@ def row_max_kernel(
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     q = _load_rows(Q, bh * N * D, rows, N, D, True)
     top, arg, _ = _row_max(
-        q, K, bh * N * D, rows, pid, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK, PRECISION
+        q, K, bh * N * D, rows, pid, N, SCALE, True, False, D, CAUSAL, OFFSET, BLOCK, PRECISION
     )
     tl.store(M + bh * N + rows, top, mask=rows < N)
     tl.store(IDX + bh * N + rows, arg, mask=rows < N)
