@@ -11,6 +11,7 @@ max over blocks) and the registers and spills Triton reports for each compiled k
     python bench/kernels.py --report kernels.jsonl       # the Markdown table of RESULTS.md, anywhere
     python bench/kernels.py --passes --lengths 256       # pass counts only, on the CPU (interpreter)
     python bench/kernels.py --launch '{}' '{"block": 128}'  # launch configurations side by side
+    python bench/kernels.py --support-tiles --lengths 4096 --beta 2 5  # what block skipping could skip
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch
 from mosaic_core import attention
 from mosaic_core.attention import adasplash_available, attend
 from mosaic_core.kernel_specs import fused_call, resolve_kernel
+from mosaic_core.kernels import attention_weights
 
 KERNELS: list[
     tuple[str, str, dict, str | None]
@@ -159,6 +161,26 @@ def count_passes(args: argparse.Namespace) -> None:
                     print(json.dumps({**row, **passes(kernel, params, keys, values)}), flush=True)
 
 
+def support_tiles(args: argparse.Namespace, block: int = 64) -> None:
+    """Mean keys per row with a nonzero weight, and the share of causal (block × block) tiles that
+    hold one: the most a block-skipping kernel could not skip (float64 reference, CPU is fine)."""
+    for beta in args.beta:
+        for length in args.lengths:
+            keys, _, _ = workload(length, beta, args, "cpu", torch.float64)
+            scores = keys.detach() @ keys.detach().transpose(-2, -1)
+            mask = attention.causal_mask(length, length, "strict_causal")
+            tiles = length // block
+            visible = torch.ones(tiles, tiles, dtype=torch.bool).tril()
+            for label, kernel, params, backend in selected(args):
+                if backend is None and fused_call(kernel, **params) is not None:
+                    nonzero = attention_weights(scores, kernel, mask=mask, **params) > 0
+                    per_tile = nonzero.unflatten(-2, (tiles, block)).unflatten(-1, (tiles, block))
+                    held = per_tile.any(-1).any(-2)[..., visible]  # (B, H, visible tiles)
+                    row = {"kernel": label, "length": length, "beta": beta, "block": block}
+                    row |= {"support": nonzero.sum(-1).double().mean().item()}
+                    print(json.dumps(row | {"tiles_held": held.double().mean().item()}))
+
+
 def selected(args: argparse.Namespace) -> list[tuple[str, str, dict, str | None]]:
     return [k for k in KERNELS if not args.kernels or k[0] in args.kernels]
 
@@ -246,6 +268,11 @@ def main() -> None:
         "--passes", action="store_true", help="only count the fused kernels' passes (CPU is fine)"
     )
     parser.add_argument(
+        "--support-tiles",
+        action="store_true",
+        help="only the share of tiles holding a nonzero weight (CPU is fine)",
+    )
+    parser.add_argument(
         "--deterministic",
         action="store_true",
         help="time the fused two-kernel backward (MOSAIC_FUSED_DETERMINISTIC=1), not the atomic one",
@@ -257,6 +284,9 @@ def main() -> None:
         return
     if args.passes:
         count_passes(args)
+        return
+    if args.support_tiles:
+        support_tiles(args)
         return
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA device")

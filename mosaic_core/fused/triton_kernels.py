@@ -11,7 +11,7 @@ become −inf; every weight below is 0 at −inf.
 
 - ENTMAX (α-entmax, α ∈ (1, 2]; s in x = (α−1)·scale·q·k units): w = [x − τ]_+^r, r = 1/(α−1).
   τ solves Σ_j [x_j − τ]_+^r = 1 and lies in [max − 1, max − n^{1−α}]. A max pass, then one
-  histogram pass (HIST_BINS bins of width 1/HIST_BINS below the max, counted per row and tile
+  histogram pass (ENTMAX_BINS bins of width 1/ENTMAX_BINS below the max, counted per row and tile
   in 8-bit slots of int64 words) that brackets τ between bin edges and starts it; then passes that each evaluate,
   at the current τ_c, the power sums P_m = Σ_{x>τ_c} (x − τ_c)^m: they give a Newton step on
   ‖[x − τ]_+‖_r = 1 (always a lower bound on τ, the function being convex and decreasing) and,
@@ -54,8 +54,11 @@ ENTMAX: tl.constexpr = tl.constexpr(0)
 RELU: tl.constexpr = tl.constexpr(1)
 TOPK_SOFTMAX: tl.constexpr = tl.constexpr(2)
 TOPK_UNIFORM: tl.constexpr = tl.constexpr(3)
-HIST_BINS: tl.constexpr = tl.constexpr(32)  # four int64 of eight 8-bit slots; a tile adds ≤ 64
+HIST_BINS: tl.constexpr = tl.constexpr(32)  # top-k's: four int64 of eight 8-bit slots
 HIST_BITS: tl.constexpr = tl.constexpr(5)  # log2(HIST_BINS)
+# α-entmax's: two int64 words; 16 bins made a 64-query block's statistics 0.6 ms faster than 32 at
+# N = 4096 on an H100 for ≤ 0.25 more passes (bench/data/kernels-h100-hist16.jsonl)
+ENTMAX_BINS: tl.constexpr = tl.constexpr(16)
 LOWEST: tl.constexpr = tl.constexpr(-3.4028234663852886e38)  # −FLT_MAX
 
 
@@ -309,12 +312,12 @@ def _row_max(
 
 
 @triton.jit
-def _add_counts(counts, index, inside, BLOCK: tl.constexpr):
-    """counts (BLOCK, HIST_BINS) plus each row's number of tile keys in bin `index` (where inside),
-    reduced as eight 8-bit slots of an int64 per row and word (a tile adds ≤ BLOCK ≤ 64)."""
-    bins = tl.arange(0, HIST_BINS)
+def _add_counts(counts, index, inside, BINS: tl.constexpr, BLOCK: tl.constexpr):
+    """counts (BLOCK, BINS) plus each row's number of tile keys in bin `index` (where inside),
+    reduced as eight 8-bit slots of an int64 per row and word (a tile adds ≤ BLOCK ≤ 128)."""
+    bins = tl.arange(0, BINS)
     bit = tl.full([BLOCK, BLOCK], 1, tl.int64) << (8 * (index & 7)).to(tl.int64)
-    for word in tl.static_range(HIST_BINS // 8):
+    for word in tl.static_range(BINS // 8):
         packed = tl.sum(tl.where(inside & ((index >> 3) == word), bit, 0), 1)
         unpacked = (packed[:, None] >> (8 * (bins % 8)).to(tl.int64)[None, :]) & 255
         counts += tl.where((bins // 8 == word)[None, :], unpacked.to(tl.int32), 0)
@@ -337,14 +340,14 @@ def _histogram_blocks(
     SCALE,
     # compile-time: shape, kernel family, masks, tile, precision
     EDGE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
-    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
+    BINS: tl.constexpr, BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Per-row key counts in HIST_BINS bins of width 1/per_bin below top."""
+    """Per-row key counts in BINS bins of width 1/per_bin below top."""
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
         depth = (top[:, None] - s) * per_bin[:, None]  # ≥ 0 but in rows that skip the search
-        depth = tl.minimum(tl.maximum(depth, 0.0), HIST_BINS).to(tl.int32)
-        counts = _add_counts(counts, depth, depth < HIST_BINS, BLOCK)
+        depth = tl.minimum(tl.maximum(depth, 0.0), BINS).to(tl.int32)
+        counts = _add_counts(counts, depth, depth < BINS, BINS, BLOCK)
     return counts
 
 
@@ -361,27 +364,27 @@ def _histograms(
     # the row statistics so far
     top, per_bin,
     # compile-time: shape, kernel family, masks, tile, precision
-    D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr,
-    PRECISION: tl.constexpr,
+    D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BINS: tl.constexpr,
+    BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """(BLOCK, HIST_BINS) counts: one pass counting keys in bins of width 1/per_bin below top."""
-    counts = tl.zeros([BLOCK, HIST_BINS], tl.int32)
+    """(BLOCK, BINS) counts: one pass counting keys in bins of width 1/per_bin below top."""
+    counts = tl.zeros([BLOCK, BINS], tl.int32)
     inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
     counts = _histogram_blocks(
-        counts, q, K, kv, rows, top, per_bin, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET, BLOCK,
-        PRECISION,
+        counts, q, K, kv, rows, top, per_bin, 0, inner, N, SCALE, False, D, CAUSAL, OFFSET, BINS,
+        BLOCK, PRECISION,
     )  # fmt: skip
     return _histogram_blocks(
-        counts, q, K, kv, rows, top, per_bin, inner, end, N, SCALE, True, D, CAUSAL, OFFSET, BLOCK,
-        PRECISION,
+        counts, q, K, kv, rows, top, per_bin, inner, end, N, SCALE, True, D, CAUSAL, OFFSET, BINS,
+        BLOCK, PRECISION,
     )  # fmt: skip
 
 
 @triton.jit
 def _binned_sums(counts, shift, r, CODE: tl.constexpr):
-    """Σ_b c_b·(shift − b/HIST_BINS)_+^r over the bins; shift (BLOCK,) is the threshold's depth
+    """Σ_b c_b·(shift − b/ENTMAX_BINS)_+^r over the bins; shift (BLOCK,) is the threshold's depth
     below the max, less where in its bin a key is put (far end, near end, centre)."""
-    bins = tl.arange(0, HIST_BINS).to(tl.float32) / HIST_BINS
+    bins = tl.arange(0, ENTMAX_BINS).to(tl.float32) / ENTMAX_BINS
     return tl.sum(counts * _power(tl.maximum(shift[:, None] - bins[None, :], 0.0), r, CODE), 1)
 
 
@@ -401,27 +404,27 @@ def _histogram_start(
     D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, BLOCK: tl.constexpr,
     PRECISION: tl.constexpr, P_CODE: tl.constexpr, G_CODE: tl.constexpr,
 ):  # fmt: skip
-    """(lo, hi, start) from one pass counting the keys per bin of width 1/HIST_BINS below the max.
+    """(lo, hi, start) from one pass counting the keys per bin of width 1/ENTMAX_BINS below the max.
     At a bin edge θ below the max, Σ[x − τ]_+^r lies between the sums that put every key at the
     far and at the near end of its bin: an edge where the first reaches 1 is at or below τ, one
     where the second stays under 1 is above. The start solves the sum with keys at bin centres."""
     counts = _histograms(
-        q, K, kv, rows, pid, N, SCALE, top, tl.zeros([BLOCK], tl.float32) + HIST_BINS, D, CAUSAL,
-        OFFSET, BLOCK, PRECISION,
+        q, K, kv, rows, pid, N, SCALE, top, tl.zeros([BLOCK], tl.float32) + ENTMAX_BINS, D, CAUSAL,
+        OFFSET, ENTMAX_BINS, BLOCK, PRECISION,
     ).to(tl.float32)  # fmt: skip
     theta_lo = tl.full([BLOCK], 1.0, tl.float32)  # τ ≥ max − theta_lo
     theta_hi = tl.exp2((1.0 - alpha) * tl.log2(tl.maximum(n_allowed, 1).to(tl.float32)))
     far = tl.zeros([BLOCK], tl.float32)  # the far-end sum at an edge is the near-end one a bin up
-    for j in range(1, HIST_BINS + 1):
-        edge = tl.zeros([BLOCK], tl.float32) + j / HIST_BINS
+    for j in range(1, ENTMAX_BINS + 1):
+        edge = tl.zeros([BLOCK], tl.float32) + j / ENTMAX_BINS
         near = _binned_sums(counts, edge, r, P_CODE)
         theta_lo = tl.where(far >= 1.0, tl.minimum(theta_lo, edge), theta_lo)
         theta_hi = tl.where(near < 1.0, tl.maximum(theta_hi, edge), theta_hi)
         far = near
     theta = theta_lo
     for _ in tl.static_range(6):  # Newton on the r-norm of the centred counts, from above
-        h = _binned_sums(counts, theta - 0.5 / HIST_BINS, r, P_CODE)
-        slope = _binned_sums(counts, theta - 0.5 / HIST_BINS, r - 1.0, G_CODE)
+        h = _binned_sums(counts, theta - 0.5 / ENTMAX_BINS, r, P_CODE)
+        slope = _binned_sums(counts, theta - 0.5 / ENTMAX_BINS, r - 1.0, G_CODE)
         h_pow = tl.exp2((1.0 - 1.0 / r) * tl.log2(tl.maximum(h, 1e-30)))
         theta = theta - (h - h_pow) / tl.where(slope > 0, slope, 1.0)
     theta = tl.minimum(tl.maximum(theta, theta_hi), theta_lo)
@@ -616,7 +619,9 @@ def _rank_blocks(
         index = offset >> shift[:, None]
         inside = (offset >= 0) & (index < HIST_BINS)
         above += tl.sum((index >= HIST_BINS).to(tl.int32), 1)
-        counts = _add_counts(counts, tl.where(inside, index, 0).to(tl.int32), inside, BLOCK)
+        counts = _add_counts(
+            counts, tl.where(inside, index, 0).to(tl.int32), inside, HIST_BINS, BLOCK
+        )
     return counts, above
 
 
@@ -695,7 +700,7 @@ def _value_window(
     width = (top - least) / HIST_BINS
     counts = _histograms(
         q, K, kv, rows, pid, N, SCALE, top, 1.0 / tl.maximum(width, 1e-30), D, CAUSAL, OFFSET,
-        BLOCK, PRECISION,
+        HIST_BINS, BLOCK, PRECISION,
     )  # fmt: skip
     bins = tl.arange(0, HIST_BINS)
     depth = tl.full([BLOCK], HIST_BINS, tl.float32)
