@@ -162,7 +162,9 @@ def test_dropout_drops_the_same_weights_forward_and_backward(kernel, params):
 def test_a_launch_override_changes_the_tile_not_the_result(kernel, params, monkeypatch):
     """MOSAIC_FUSED_LAUNCH (bench/kernels.py --launch) with 16-key tiles: N = 40 becomes three
     query blocks, the last cut short, and the kernels still match the float64 reference."""
-    monkeypatch.setenv("MOSAIC_FUSED_LAUNCH", '{"block": 16, "forward": {"num_warps": 2}}')
+    monkeypatch.setenv(
+        "MOSAIC_FUSED_LAUNCH", '{"block": 16, "num_warps": 2, "forward": {"num_stages": 2}}'
+    )
     q, k, v = inputs(40, seed=13)
     probe = torch.randn_like(q)
     fused = run("fused", q, k, v, kernel, params, probe, mask_mode="strict_causal")
@@ -174,11 +176,34 @@ def test_a_launch_override_changes_the_tile_not_the_result(kernel, params, monke
     assert counts.shape == (1, 2, 3)
 
 
-def test_a_launch_override_with_an_unknown_key_is_refused(monkeypatch):
-    monkeypatch.setenv("MOSAIC_FUSED_LAUNCH", '{"forward": {"warps": 4}}')
+@pytest.mark.parametrize(
+    "override",
+    [
+        '{"forward": {"warps": 4}}',  # unknown key
+        '{"forward": {"num_warps": 2}}',  # warps per kernel: top-k's selection would differ
+        '{"block": 256}',  # 8-bit histogram slots hold at most 255 keys of a tile
+        '{"block": 48}',
+        '{"num_warps": true}',
+        '{"statistics": 4}',
+        "[]",
+    ],
+)
+def test_a_launch_override_outside_what_is_allowed_is_refused(override, monkeypatch):
+    monkeypatch.setenv("MOSAIC_FUSED_LAUNCH", override)
     q, k, v = inputs(16)
-    with pytest.raises(ValueError, match="keys are 'block' and"):
+    with pytest.raises(ValueError, match="MOSAIC_FUSED_LAUNCH takes a JSON object with 'block'"):
         fused_attention(q, k, v, fused_call("sparsemax"), mask_mode="causal", scale=1.0)
+
+
+def test_normrelu_counts_its_fallback_pass_only_in_blocks_that_make_it():
+    """Two 64-query blocks, strictly causal: with b = 0.5 every row but the first (no key) has
+    weight, so each block makes the output pass alone; with b = −50 every row falls back to the
+    uniform mean, which is a second pass over the values."""
+    k, _, v = inputs(128, heads=1, seed=14, scale=0.3)
+    for b, passes in ((0.5, 1.0), (-50.0, 2.0)):
+        call = fused_call("normrelu", gamma=0.5, b=b)
+        counts = fused_passes(k, k, v, call, mask_mode="strict_causal", scale=1.0)
+        assert counts.tolist() == [[[passes, passes]]]
 
 
 def test_compiles_to_one_graph():
@@ -270,11 +295,12 @@ def test_certified_threshold_is_the_float64_threshold_of_its_support(alpha):
 @pytest.mark.parametrize(
     ("kernel", "params", "most"),
     [("sparsemax", {}, 5), ("entmax", {"alpha": 1.5}, 5), ("entmax", {"alpha": 4 / 3}, 5)]
-    + [("normrelu", {"gamma": 0.5, "b": -7.0}, 1), ("relumax", {"b": 1.0}, 2)],
+    + [("normrelu", {"gamma": 0.5, "b": -7.0}, 2), ("relumax", {"b": 1.0}, 2)],
 )
 def test_forward_passes_over_the_keys_on_the_benchmark_scores(kernel, params, most):
     """The benchmark's scores (unit keys × β = 2, D = 64): a max pass, a histogram pass, at most
-    two certified steps and the output pass for α-entmax; one pass (two with the max) otherwise."""
+    two certified steps and the output pass for α-entmax; the output pass and relumax's max pass,
+    or normrelu's uniform fallback (b = −7 leaves these rows without a positive weight)."""
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     keys = torch.nn.functional.normalize(
         torch.randn(1, 2, 128, 64, generator=gen, device=DEVICE), dim=-1

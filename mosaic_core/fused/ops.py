@@ -5,7 +5,7 @@ Tuning is bounded by construction: the tile is chosen from the shape class (next
 N, capped at 64; 32 when a row of D elements exceeds 256 bytes) and so is the warp count, one for
 every kernel of a call, so no shape is ever autotuned. The forward and backward kernels must share
 one tile and warp count anyway: the top-k selection compares recomputed scores bitwise with the
-forward's.
+forward's. Benchmarks compare other launches through MOSAIC_FUSED_LAUNCH (`_override`).
 """
 
 import functools
@@ -42,27 +42,34 @@ def _note_registers(name: str, compiled) -> None:
 
 LAUNCH_ENV = "MOSAIC_FUSED_LAUNCH"  # benchmarks only: JSON overriding the tile and launches below
 ROLES = ("statistics", "forward", "backward")
-_LAUNCH_KEYS = ("num_warps", "num_stages", "maxnreg")
+_CALL_KEYS = {"block": (16, 32, 64, 128), "num_warps": (1, 2, 4, 8, 16)}  # one value per call
+_ROLE_KEYS = ("num_stages", "maxnreg")  # per kernel role; null drops a default
 
 
 @functools.cache
 def _parsed_override(text: str) -> dict:
+    """The override as a dict, refused (ValueError naming what is allowed) unless every key is
+    known and every value allowed. Tile and warps are per call, not per kernel: top-k's backward
+    must recompute the forward's scores bit for bit."""
     override = json.loads(text) if text else {}
+    allowed = (
+        f"{LAUNCH_ENV} takes a JSON object with 'block' in {_CALL_KEYS['block']}, 'num_warps' in "
+        f"{_CALL_KEYS['num_warps']} and per role {ROLES} an object of {_ROLE_KEYS}"
+    )
+    if not isinstance(override, dict):
+        raise ValueError(f"{allowed}; got {text}")
     for key, value in override.items():
-        if key == "block":
-            continue
-        if key not in ROLES or not set(value) <= set(_LAUNCH_KEYS):
-            raise ValueError(
-                f"{LAUNCH_ENV}: {key}={value} is not allowed; keys are 'block' and {ROLES}, "
-                f"each a dict of {_LAUNCH_KEYS}"
-            )
+        call_key = key in _CALL_KEYS and type(value) is int and value in _CALL_KEYS[key]
+        role_key = key in ROLES and isinstance(value, dict) and set(value) <= set(_ROLE_KEYS)
+        if not (call_key or role_key):
+            raise ValueError(f"{allowed}; got {key}={value}")
     return override
 
 
 def _override() -> dict:
-    """The launch override of MOSAIC_FUSED_LAUNCH, e.g. '{"block": 128, "forward": {"num_warps":
-    4, "num_stages": 3}}': how bench/kernels.py --launch compares configurations; never set in
-    training."""
+    """The launch override of MOSAIC_FUSED_LAUNCH, e.g. '{"block": 128, "num_warps": 8,
+    "statistics": {"num_stages": 2}}': how bench/kernels.py --launch compares configurations;
+    never set in training."""
     return _parsed_override(os.environ.get(LAUNCH_ENV, ""))
 
 
@@ -78,7 +85,7 @@ def num_warps(block: int, head_dim: int) -> int:
     the per-row sums and maxima of every pass stay within warps (on an H100 at N = 4096, D = 64,
     bf16, 4 warps against 8: forward 0.57 against 1.15 ms, statistics 2.6 against 3.5 ms, backward
     1.3 against 2.4 ms; bench/data/kernels-h100-launch-configs.jsonl); 8 for wider tiles."""
-    return 4 if block * head_dim <= 64 * 64 else 8
+    return _override().get("num_warps", 4 if block * head_dim <= 64 * 64 else 8)
 
 
 def launch(role: str, block: int, head_dim: int, kind: int) -> dict:

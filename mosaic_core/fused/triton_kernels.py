@@ -871,9 +871,11 @@ def _uniform_fallback(
     D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr, DROPOUT: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """out with rows of no positive weight (normrelu's FALLBACK) made the mean of their allowed
-    values: a pass over the values only in the rare query block that has such a row."""
+    """(out, passes made): out with rows of no positive weight (normrelu's FALLBACK) made the mean
+    of their allowed values, by a pass over the values only in a query block that has such a row
+    (on random keys and a low b, every block; a trained model's rows mostly have support)."""
     empty = (total <= 0) & (n_allowed > 0)
+    passes = tl.zeros([BLOCK], tl.float32)
     if tl.max(empty.to(tl.int32)) > 0:
         acc = tl.zeros([BLOCK, D], tl.float32)
         inner, end = _key_blocks(pid, N, BLOCK, CAUSAL)
@@ -886,7 +888,8 @@ def _uniform_fallback(
             BLOCK, PRECISION,
         )  # fmt: skip
         out = tl.where(empty[:, None], acc / tl.maximum(n_allowed, 1).to(tl.float32)[:, None], out)
-    return out
+        passes += 1.0
+    return out, passes
 
 
 @triton.jit
@@ -980,11 +983,13 @@ def forward_kernel(
         end, N, SCALE, True, D, KIND, P_CODE, G_CODE, CAUSAL, OFFSET, DROPOUT, BLOCK, PRECISION,
     )  # fmt: skip
     out = acc / tl.where(total > 0, total, 1.0)[:, None]
+    passes += 1
     if FALLBACK:
-        out = _uniform_fallback(
+        out, fallback_passes = _uniform_fallback(
             out, V, kv, bh, rows, pid, total, n_allowed, seed, p_drop, N, D, CAUSAL, OFFSET,
             DROPOUT, BLOCK, PRECISION,
         )  # fmt: skip
+        passes += fallback_passes
     _store_rows(O, kv, rows, N, out, D)
     if KIND == ENTMAX:
         _store_rows(U, kv, rows, N, acc_g / tl.where(total_g > 0, total_g, 1.0)[:, None], D)
@@ -995,7 +1000,7 @@ def forward_kernel(
         tl.store(base + 1, t1, mask=row_ok)
         tl.store(base + 2, t2, mask=row_ok)
     tl.store(base + 3, total, mask=row_ok)
-    tl.store(base + 4, passes + 1, mask=row_ok)
+    tl.store(base + 4, passes, mask=row_ok)
 
 
 @triton.jit
