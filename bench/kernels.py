@@ -164,7 +164,10 @@ def count_passes(args: argparse.Namespace) -> None:
                     print(json.dumps({**row, **passes(kernel, params, keys, values)}), flush=True)
 
 
-def support_tiles(args: argparse.Namespace, block: int = 64) -> None:
+SUPPORT_TILE = 64  # the fused kernels' query and key tile at D = 64
+
+
+def support_tiles(args: argparse.Namespace, block: int = SUPPORT_TILE) -> None:
     """Mean keys per row with a nonzero weight, and the share of causal (block × block) tiles that
     hold one: the most a block-skipping kernel could not skip (float64 reference, CPU is fine)."""
     for beta in args.beta:
@@ -289,8 +292,10 @@ def main() -> None:
         count_passes(args)
         return
     if args.support_tiles:
-        if any(length % 64 for length in args.lengths):
-            parser.error("--support-tiles needs lengths that are multiples of its 64-key tiles")
+        if any(length % SUPPORT_TILE for length in args.lengths):
+            parser.error(
+                f"--support-tiles needs lengths that are multiples of its {SUPPORT_TILE}-key tiles"
+            )
         support_tiles(args)
         return
     if not torch.cuda.is_available():

@@ -194,22 +194,9 @@ def fused_forward(
             **launch("statistics", meta["BLOCK"], meta["D"], kind),
         )
         _note_registers("statistics", compiled)
+    meta |= launch("forward", meta["BLOCK"], meta["D"], kind)
     compiled = tk.forward_kernel[grid](
-        q,
-        k,
-        v,
-        c,
-        out,
-        stats,
-        u,
-        int(seed),
-        x_scale,
-        alpha,
-        a,
-        dropout_p,
-        n,
-        **meta,
-        **launch("forward", meta["BLOCK"], meta["D"], kind),
+        q, k, v, c, out, stats, u, int(seed), x_scale, alpha, a, dropout_p, n, **meta
     )
     _note_registers("forward", compiled)
     return out, stats, u
