@@ -74,7 +74,7 @@ def _forward(
         if call.kind == "relu"
         else q.new_empty(0, dtype=torch.float32)
     )
-    return ops.fused_forward(
+    return ops.differentiable_forward(
         q,
         k,
         v,
@@ -96,23 +96,42 @@ def _row_offsets(
     q: Tensor, k: Tensor, call: FusedCall, causal: bool, offset: int, scale: float
 ) -> Tensor:
     """c of w = [a·s + c]_+ per row: b, or b − max_j s_ij for the max-anchored kernel (relumax).
-
-    The maximum is written as a differentiable expression of the best key, so its gradient
-    reaches that key and the query through autograd.
-    """
-    batch, heads, n, d = q.shape
-    b = torch.as_tensor(call.b, dtype=torch.float32, device=q.device)
+    A number b is filled on the device (a tensor made from a Python number is copied from pageable
+    host memory, which waits for the stream)."""
+    batch, heads, n, _ = q.shape
+    if isinstance(call.b, Tensor):
+        b = call.b.to(torch.float32).squeeze(-1).expand(batch, heads, n)
+    else:
+        b = torch.full((batch, heads, n), float(call.b), device=q.device, dtype=torch.float32)
     if not call.anchored:
-        return b.squeeze(-1).expand(batch, heads, n).contiguous()
-    _, arg = ops.row_max(q.detach(), k.detach(), causal, offset, scale)
-    best_key = k.gather(-2, arg.long().unsqueeze(-1).expand(-1, -1, -1, d))
-    top = scale * (q.float() * best_key.float()).sum(-1)
+        return b.contiguous()
+    top = _RowMax.apply(q, k, causal, offset, scale)
     seen = (
-        torch.arange(n, device=q.device) >= offset
-        if causal
-        else torch.ones(n, dtype=torch.bool, device=q.device)
+        torch.arange(n, device=q.device) >= offset if causal else torch.ones_like(top, dtype=bool)
     )
-    return torch.where(seen, b.squeeze(-1) - top, 0.0).contiguous()
+    return torch.where(seen, b - top, 0.0).contiguous()
+
+
+class _RowMax(torch.autograd.Function):
+    """Each row's largest allowed score (the kernels' own float32 dot product), differentiable:
+    its gradient reaches the query and the earliest key that attains it."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, causal: bool, offset: int, scale: float) -> Tensor:
+        top, arg = ops.row_max(q, k, causal, offset, scale)
+        ctx.save_for_backward(q, k, arg)
+        ctx.scale = scale
+        return top
+
+    @staticmethod
+    def backward(ctx, d_top: Tensor):
+        q, k, arg = ctx.saved_tensors
+        best = arg.long().unsqueeze(-1).expand(q.shape)  # (B, H, N, D): each row's key index
+        weight = (d_top * ctx.scale).unsqueeze(-1)  # float32
+        dq = weight * k.gather(-2, best)
+        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+        dk.scatter_add_(-2, best, weight * q)  # keys that are the maximum of several rows add up
+        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
 
 
 def keep_mask(
