@@ -11,9 +11,13 @@ import torch
 
 pytest.importorskip("triton", reason="needs the triton package (the gpu extra)")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from mosaic_core import attention  # noqa: E402
 from mosaic_core.attention import attend, attention_path  # noqa: E402
 from mosaic_core.fused import _forward, fused_attention, fused_passes, keep_mask  # noqa: E402
+from mosaic_core.fused import triton_kernels as tk  # noqa: E402
 from mosaic_core.kernel_specs import fused_call  # noqa: E402
 from mosaic_core.kernels import attention_weights  # noqa: E402
 
@@ -334,6 +338,32 @@ def assert_same_selection(kernel: str, n: int, dtype: torch.dtype) -> None:
         q.double(), k.double(), eye.double(), kernel, scale=0.8, backend="reference", k=4
     )
     assert torch.equal(out > 0, reference > 0)
+
+
+@triton.jit
+def _keys_and_back(S, KEY, BACK, B: tl.constexpr):
+    """Each score's radix key (as int64) and the score mapped back from it."""
+    i = tl.arange(0, B)
+    key = tk._radix_key(tl.load(S + i))
+    tl.store(KEY + i, key.to(tl.int64))
+    tl.store(BACK + i, tk._from_radix_key(key))
+
+
+def test_radix_keys_order_the_scores_as_floats_and_map_back():
+    """Top-k's 32-bit search counts in the uint32 image of the scores: its order must be the
+    floats' order (negative, tiny, infinite scores included) and the image must invert exactly."""
+    finfo = torch.finfo(torch.float32)
+    scores = torch.tensor(
+        [-float("inf"), finfo.min, -2.5, -1.0, -finfo.tiny, -1e-45, 0.0, 1e-45, finfo.tiny, 0.5,
+         1.0, 1.0000001, finfo.max, float("inf"), 3.0, -3.0],
+        device=DEVICE,
+    )  # fmt: skip
+    keys = torch.empty(16, dtype=torch.int64, device=DEVICE)
+    back = torch.empty_like(scores)
+    _keys_and_back[(1,)](scores, keys, back, B=16)
+    assert torch.equal(back, scores)
+    assert torch.equal(torch.argsort(keys), torch.argsort(scores))
+    assert keys.min() >= 0 and keys.max() < 2**32
 
 
 @pytest.mark.parametrize("kernel", ["topk_softmax", "topk_uniform"])

@@ -198,15 +198,16 @@ def _query_blocks(pid, N, BLOCK: tl.constexpr, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def _ordinal(s):
-    """Order-preserving map of float32 to int32 (for −0.0-free inputs)."""
-    bits = s.to(tl.int32, bitcast=True)
-    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+def _radix_key(s):
+    """Order-preserving map of float32 to uint32 (for −0.0-free inputs): the sign bit set on
+    non-negative floats, every bit flipped on negative ones; −inf maps below every finite score."""
+    bits = s.to(tl.uint32, bitcast=True)
+    return tl.where((bits >> 31) == 0, bits | 0x80000000, ~bits)
 
 
 @triton.jit
-def _from_ordinal(key):
-    bits = tl.where(key >= 0, key, key ^ 0x7FFFFFFF)
+def _from_radix_key(key):
+    bits = tl.where((key >> 31) == 1, key & 0x7FFFFFFF, ~key)
     return bits.to(tl.float32, bitcast=True)
 
 
@@ -611,14 +612,16 @@ def _rank_blocks(
     EDGE: tl.constexpr, D: tl.constexpr, CAUSAL: tl.constexpr, OFFSET: tl.constexpr,
     BLOCK: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Per-row counts of keys whose ordinal lies in bin i of [base, base + HIST_BINS·2^shift),
-    and of keys above the bins."""
+    """Per-row counts of keys whose radix key lies in bin i of [base, base + HIST_BINS·2^shift),
+    and of keys above the bins (32-bit arithmetic: below base the offset wraps, unused)."""
+    ushift = shift.to(tl.uint32)[:, None]
     for start in range(lo, hi, BLOCK):
         s, cols = _tile(q, K, kv, rows, start, N, SCALE, EDGE, D, CAUSAL, OFFSET, BLOCK, PRECISION)
-        offset = _ordinal(s).to(tl.int64) - base[:, None]  # −inf: far below every bin
-        index = offset >> shift[:, None]
-        inside = (offset >= 0) & (index < HIST_BINS)
-        above += tl.sum((index >= HIST_BINS).to(tl.int32), 1)
+        key = _radix_key(s)
+        index = (key - base[:, None]) >> ushift
+        reached = key >= base[:, None]
+        inside = reached & (index < HIST_BINS)
+        above += tl.sum((reached & (index >= HIST_BINS)).to(tl.int32), 1)
         counts = _add_counts(
             counts, tl.where(inside, index, 0).to(tl.int32), inside, HIST_BINS, BLOCK
         )
@@ -639,7 +642,7 @@ def _rank_step(counts, above, base, shift, top_k, BLOCK: tl.constexpr):
         n_hi = tl.where(ok, n_hi, tl.where(chosen == j - 1, at_or_above, n_hi))
         chosen = tl.where(ok, j, chosen)
         n_lo = tl.where(ok, at_or_above, n_lo)
-    return base + (chosen.to(tl.int64) << shift), n_lo, n_hi
+    return base + (chosen.to(tl.uint32) << shift.to(tl.uint32)), n_lo, n_hi
 
 
 @triton.jit
@@ -672,9 +675,11 @@ def _tie_blocks(
 
 @triton.jit
 def _bin_shift(span):
-    """The least shift with HIST_BINS·2^shift ≥ span (int64)."""
-    shift = tl.maximum(tl.ceil(tl.log2(span.to(tl.float32))).to(tl.int64) - HIST_BITS, 0)
-    return tl.where(((tl.zeros_like(shift) + HIST_BINS) << shift) < span, shift + 1, shift)
+    """The least shift (int32) with HIST_BINS·2^shift ≥ span (uint32, ≥ 1): the float estimate,
+    raised by one where it falls short ((span − 1) >> shift still reaches HIST_BINS)."""
+    shift = tl.maximum(tl.ceil(tl.log2(span.to(tl.float32))).to(tl.int32) - HIST_BITS, 0)
+    short = ((span - 1) >> shift.to(tl.uint32)) >= HIST_BINS
+    return tl.where(short, shift + 1, shift)
 
 
 @triton.jit
@@ -706,11 +711,11 @@ def _value_window(
     depth = tl.full([BLOCK], HIST_BINS, tl.float32)
     for j in range(HIST_BINS - 1, -1, -1):  # descending: the first bin reaching k wins
         depth = tl.where(tl.sum(tl.where(bins[None, :] <= j, counts, 0), 1) >= top_k, j, depth)
-    base = _ordinal(top - (depth + 1.0 + 1.0 / 32) * width).to(tl.int64)
-    end = _ordinal(top - (depth - 1.0 / 32) * width).to(tl.int64) + 1
+    base = _radix_key(top - (depth + 1.0 + 1.0 / 32) * width)
+    end = _radix_key(top - (depth - 1.0 / 32) * width) + 1
     found = depth < HIST_BINS
-    base = tl.where(found, base, _ordinal(least).to(tl.int64))
-    end = tl.where(found, end, _ordinal(top).to(tl.int64) + 1)
+    base = tl.where(found, base, _radix_key(least))
+    end = tl.where(found, end, _radix_key(top) + 1)
     return base, _bin_shift(end - base)
 
 
@@ -736,8 +741,8 @@ def _topk_threshold(
     k-th largest, so a pass divides the span by 32, exactly (integer arithmetic)."""
     search = n_allowed > top_k
     top, least = tl.where(search, top, 0.0), tl.where(search, least, 0.0)
-    full_base = _ordinal(least).to(tl.int64)  # count(key ≥ base) ≥ k
-    full_shift = _bin_shift(_ordinal(top).to(tl.int64) + 1 - full_base)
+    full_base = _radix_key(least)  # count(key ≥ base) ≥ k
+    full_shift = _bin_shift(_radix_key(top) + 1 - full_base)
     base, shift = _value_window(
         q, K, kv, rows, pid, N, SCALE, top_k, top, least, D, CAUSAL, OFFSET, BLOCK, PRECISION
     )
@@ -764,7 +769,7 @@ def _topk_threshold(
         base = tl.where(done, tl.where(keep, base, new_base), tl.where(lost, full_base, new_base))
         shift = tl.where(lost, full_shift, tl.maximum(shift - HIST_BITS, 0))
         passes += 1
-    t = tl.where(search, _from_ordinal(base.to(tl.int32)), LOWEST)
+    t = tl.where(search, _from_radix_key(base), LOWEST)
     tied = search & (n_lo > top_k)  # more keys equal t than there is room for
     last = tl.full([BLOCK], 2147483647, tl.int32)
     if tl.max(tied.to(tl.int32)) > 0:
