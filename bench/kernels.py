@@ -3,7 +3,8 @@ path, next to SDPA softmax.
 
 Strictly causal (Memory Mosaics) attention, bf16, head dim 64, queries = keys = unit vectors × β
 (so scores are β² cos, as in the model; β = 5 stands in for trained, sparse heads). Times are
-medians of CUDA-event measurements of the forward and of the backward, taken separately. Rows of
+medians of CUDA-event measurements of the forward and of the backward, taken separately, with the
+host's time to issue them (`host_ms`: where it nears the total, the GPU waits on launches). Rows of
 the fused kernels also carry the passes over the keys each query block's forward made (mean and
 max over blocks) and the registers and spills Triton reports for each compiled kernel.
 
@@ -81,14 +82,17 @@ def passes(kernel: str, params: dict, keys: torch.Tensor, values: torch.Tensor) 
     return {"passes": counts.mean().item(), "passes_max": counts.max().item()}
 
 
-def timed(fn, *args) -> tuple[float, object]:
-    """(ms, result) of one call, by CUDA events."""
+def timed(fn, *args) -> tuple[float, float, object]:
+    """(ms by CUDA events, ms the host spent issuing the call, result) of one call: where the
+    host takes as long as the GPU, the GPU waits for launches (short sequences)."""
     begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     begin.record()
+    started = time.perf_counter()
     result = fn(*args)
+    host_ms = (time.perf_counter() - started) * 1e3
     end.record()
     end.synchronize()
-    return begin.elapsed_time(end), result
+    return begin.elapsed_time(end), host_ms, result
 
 
 def measure(
@@ -111,12 +115,14 @@ def measure(
     torch.cuda.reset_peak_memory_stats()
     baseline = torch.cuda.memory_allocated()
     repeats = args.repeats if length <= 4096 else max(3, args.repeats // 2)
-    fwd, bwd = [], []
+    fwd, bwd, host = [], [], []
     started = time.perf_counter()
     for _ in range(repeats):
-        ms, out = timed(forward)
-        fwd.append(ms)
-        bwd.append(timed(backward, out)[0])
+        fwd_ms, fwd_host_ms, out = timed(forward)
+        bwd_ms, bwd_host_ms, _ = timed(backward, out)
+        fwd.append(fwd_ms)
+        bwd.append(bwd_ms)
+        host.append(fwd_host_ms + bwd_host_ms)
         if time.perf_counter() - started > args.max_seconds:
             break
     path = path_taken(kernel, params, keys.detach(), backend)
@@ -124,6 +130,7 @@ def measure(
         "ms": statistics.median(f + b for f, b in zip(fwd, bwd)),
         "fwd_ms": statistics.median(fwd),
         "bwd_ms": statistics.median(bwd),
+        "host_ms": statistics.median(host),  # issuing forward and backward, host side
         "peak_mib": (torch.cuda.max_memory_allocated() - baseline) / 2**20,
         "path": path,
     }
