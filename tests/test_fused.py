@@ -210,13 +210,15 @@ def test_normrelu_counts_its_fallback_pass_only_in_blocks_that_make_it():
         assert counts.tolist() == [[[passes, passes]]]
 
 
-def test_compiles_to_one_graph():
-    """Custom ops with fake implementations and registered autograd: no graph break."""
+@pytest.mark.parametrize(("kernel", "params"), [("entmax", {"alpha": 1.5}), ("relumax", {})])
+def test_compiles_to_one_graph(kernel, params):
+    """Custom ops with fake implementations and registered autograd (relumax's max through an
+    autograd.Function around one): no graph break, and the eager path's gradients."""
     q, k, v = (t.requires_grad_() for t in inputs(16))
 
     def step(q, k, v):
         return fused_attention(
-            q, k, v, fused_call("entmax", alpha=1.5), mask_mode="strict_causal", scale=1.0
+            q, k, v, fused_call(kernel, **params), mask_mode="strict_causal", scale=1.0
         )
 
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")

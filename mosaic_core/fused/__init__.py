@@ -95,21 +95,17 @@ def _forward(
 def _row_offsets(
     q: Tensor, k: Tensor, call: FusedCall, causal: bool, offset: int, scale: float
 ) -> Tensor:
-    """c of w = [a·s + c]_+ per row: b, or b − max_j s_ij for the max-anchored kernel (relumax).
-    A number b is filled on the device (a tensor made from a Python number is copied from pageable
-    host memory, which waits for the stream)."""
+    """c of w = [a·s + c]_+ per row: b, or b − max_j s_ij for the max-anchored kernel (relumax;
+    the max is 0 in a row that sees no key, whose weights are 0 whatever c is). A number b stays
+    a number (a tensor made from one is copied from pageable host memory, which waits for the
+    stream)."""
     batch, heads, n, _ = q.shape
     if isinstance(call.b, Tensor):
         b = call.b.to(torch.float32).squeeze(-1).expand(batch, heads, n)
-    else:
-        b = torch.full((batch, heads, n), float(call.b), device=q.device, dtype=torch.float32)
-    if not call.anchored:
-        return b.contiguous()
-    top = _RowMax.apply(q, k, causal, offset, scale)
-    seen = (
-        torch.arange(n, device=q.device) >= offset if causal else torch.ones_like(top, dtype=bool)
-    )
-    return torch.where(seen, b - top, 0.0).contiguous()
+        return (b - _RowMax.apply(q, k, causal, offset, scale) if call.anchored else b).contiguous()
+    if call.anchored:
+        return float(call.b) - _RowMax.apply(q, k, causal, offset, scale)
+    return torch.full((batch, heads, n), float(call.b), device=q.device, dtype=torch.float32)
 
 
 class _RowMax(torch.autograd.Function):
@@ -118,7 +114,8 @@ class _RowMax(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: Tensor, k: Tensor, causal: bool, offset: int, scale: float) -> Tensor:
-        top, arg = ops.row_max(q, k, causal, offset, scale)
+        row_max = ops.row_max_op if torch.compiler.is_compiling() else ops.row_max
+        top, arg = row_max(q, k, causal, offset, scale)
         ctx.save_for_backward(q, k, arg)
         ctx.scale = scale
         return top

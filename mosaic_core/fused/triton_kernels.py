@@ -1233,14 +1233,14 @@ def row_max_kernel(
     BLOCK: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    """Row maximum and its earliest argmax (relumax's anchor)."""
+    """Row maximum and its earliest argmax (relumax's anchor); 0 where a row sees no key."""
     pid, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     q = _load_rows(Q, bh * N * D, rows, N, D, True)
     top, arg, _ = _row_max(
         q, K, bh * N * D, rows, pid, N, SCALE, True, False, D, CAUSAL, OFFSET, BLOCK, PRECISION
     )
-    tl.store(M + bh * N + rows, top, mask=rows < N)
+    tl.store(M + bh * N + rows, tl.where(top > float("-inf"), top, 0.0), mask=rows < N)
     tl.store(IDX + bh * N + rows, arg, mask=rows < N)
 
 
