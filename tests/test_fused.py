@@ -210,6 +210,17 @@ def test_normrelu_counts_its_fallback_pass_only_in_blocks_that_make_it():
         assert counts.tolist() == [[[passes, passes]]]
 
 
+def test_eager_double_backward_is_refused_as_the_custom_op_refuses_it():
+    """The backward is closed-form Triton: a second derivative through it must raise, not come
+    back silently without the attention's terms."""
+    q, k, v = (t.requires_grad_() for t in inputs(16))
+    out = fused_attention(
+        q, k, v, fused_call("entmax", alpha=1.5), mask_mode="strict_causal", scale=1.0
+    )
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(out.sum(), [q], create_graph=True)
+
+
 @pytest.mark.parametrize(("kernel", "params"), [("entmax", {"alpha": 1.5}), ("relumax", {})])
 def test_compiles_to_one_graph(kernel, params):
     """Custom ops with fake implementations and registered autograd (relumax's max through an
@@ -374,7 +385,7 @@ def test_top_k_forward_and_backward_select_the_same_keys(kernel):
 
 
 @pytest.mark.parametrize("mask_mode", ["strict_causal", "causal", None])
-@pytest.mark.parametrize(("kernel", "params"), [FUSED[0], FUSED[3], FUSED[4], FUSED[6]])
+@pytest.mark.parametrize(("kernel", "params"), [FUSED[0], FUSED[3], FUSED[4], FUSED[5], FUSED[6]])
 def test_blocks_without_a_mask_and_a_last_partial_block(kernel, params, mask_mode):
     """N = 80 is two 64-key tiles, the second cut short: tiles that build no mask, the diagonal
     tile and the tile past the end meet in every pass, forward and backward."""

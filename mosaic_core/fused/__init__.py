@@ -101,7 +101,7 @@ def _row_offsets(
     stream)."""
     batch, heads, n, _ = q.shape
     if isinstance(call.b, Tensor):
-        b = call.b.to(torch.float32).squeeze(-1).expand(batch, heads, n)
+        b = call.b.to(q.device, torch.float32).squeeze(-1).expand(batch, heads, n)
         return (b - _RowMax.apply(q, k, causal, offset, scale) if call.anchored else b).contiguous()
     if call.anchored:
         return float(call.b) - _RowMax.apply(q, k, causal, offset, scale)
@@ -125,10 +125,13 @@ class _RowMax(torch.autograd.Function):
         q, k, arg = ctx.saved_tensors
         best = arg.long().unsqueeze(-1).expand(q.shape)  # (B, H, N, D): each row's key index
         weight = (d_top * ctx.scale).unsqueeze(-1)  # float32
-        dq = weight * k.gather(-2, best)
-        dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
-        dk.scatter_add_(-2, best, weight * q)  # keys that are the maximum of several rows add up
-        return dq.to(q.dtype), dk.to(k.dtype), None, None, None
+        dq = dk = None
+        if ctx.needs_input_grad[0]:
+            dq = (weight * k.gather(-2, best)).to(q.dtype)
+        if ctx.needs_input_grad[1]:  # keys that are the maximum of several rows add up
+            dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32)
+            dk = dk.scatter_add_(-2, best, weight * q).to(k.dtype)
+        return dq, dk, None, None, None
 
 
 def keep_mask(

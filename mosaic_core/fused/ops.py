@@ -1,5 +1,6 @@
-"""The fused kernels as `torch.library` custom ops (so torch.compile keeps one graph), their
-autograd, and the launch configuration.
+"""The fused kernels as `torch.library` custom ops (so torch.compile keeps one graph), the same
+forward and backward as an autograd.Function for eager mode (`differentiable_forward`), and the
+launch configuration.
 
 Tuning is bounded by construction: the tile is chosen from the shape class (next power of two of
 N, capped at 64; 32 when a row of D elements exceeds 256 bytes) and so is the warp count, one for
@@ -94,7 +95,8 @@ def launch(role: str, block: int, head_dim: int, kind: int) -> dict:
     if role == "statistics" and kind == _ENTMAX:
         # 128 registers (about 30 spilled) let twice the blocks share an SM: on an H100 at
         # N = 4096, D = 64, 4 warps, statistics 2.01 against 2.23 ms uncapped (sparsemax), 1.93
-        # against 2.04 (1.5-entmax), in one run (bench/data/kernels-h100-host.jsonl)
+        # against 2.04 (1.5-entmax), in one run (bench/data/kernels-h100-host.jsonl); wide tiles
+        # (D ≥ 128, 8 warps) had the cap before, unmeasured since
         chosen["maxnreg"] = 128
     chosen |= _override().get(role, {})
     return {key: value for key, value in chosen.items() if value is not None}  # null: no cap
@@ -326,6 +328,11 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_out, _d_stats, _d_u):
+        if torch.is_grad_enabled():  # create_graph: refused as the custom op refuses it
+            raise RuntimeError(
+                "the fused attention kernels have no double backward (their backward is "
+                "closed-form Triton); use backend='reference' for higher-order gradients"
+            )
         return _gradients(ctx, d_out, attention_backward)
 
 

@@ -23,7 +23,7 @@ become −inf; every weight below is 0 at −inf.
   with FALLBACK (normrelu), a row with no positive weight is uniform over its allowed keys.
   stats = (c, ·, ·, l = Σw).
 - TOPK_SOFTMAX / TOPK_UNIFORM: the k-th largest score t per row by a counting search over the
-  order-preserving integer image of the float scores (32 bins per pass, each a power of two wide,
+  order-preserving uint32 image of the float scores (32 bins per pass, each a power of two wide,
   after a pass of 32 bins of score from min to max; it stops at a cut with exactly k keys above), then, only
   where the k-th score is tied, a pass that finds the last tied key that still fits (earliest
   keys win). Selection: s > t, or s = t and j ≤ J; rows with
