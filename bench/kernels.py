@@ -305,6 +305,7 @@ def main() -> None:
             )
         support_tiles(args)
         return
+    launches = parsed_launches(parser, args.launch)
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py needs a CUDA device")
     if args.deterministic:
@@ -324,11 +325,25 @@ def main() -> None:
     }
     print(json.dumps(meta), flush=True)
     rows = []
-    for launch in args.launch:
+    for launch, override in launches.items():
         os.environ[LAUNCH_ENV] = launch
         for beta in args.beta:
-            rows += measure_all(beta, {**meta, "launch": json.loads(launch or "{}")}, args)
+            rows += measure_all(beta, {**meta, "launch": override}, args)
     print(report(rows))
+
+
+def parsed_launches(parser: argparse.ArgumentParser, launches: list[str]) -> dict[str, dict]:
+    """Each --launch configuration and its parsed override, every one checked before any work
+    (a bad one ends in parser.error: one line, exit 2)."""
+    from mosaic_core.fused.ops import parsed_override
+
+    parsed = {}
+    for launch in launches:
+        try:
+            parsed[launch] = parsed_override(launch)
+        except ValueError as error:  # json.JSONDecodeError is one too
+            parser.error(f"--launch {launch!r}: {error}")
+    return parsed
 
 
 def measure_all(beta: float, meta: dict, args: argparse.Namespace) -> list[dict]:

@@ -1,5 +1,6 @@
 """bench/kernels.py's CPU modes as a user runs them: `--support-tiles` (what block skipping could
-skip) against a closed form, and its refusal of lengths its tiles do not divide."""
+skip) against a closed form, and its refusals: lengths its tiles do not divide, and --launch
+configurations that are not the JSON objects the fused kernels' override takes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from helpers import clean_environment
 
@@ -44,4 +47,16 @@ def test_support_tiles_refuses_lengths_its_tiles_do_not_divide():
         .splitlines()[-1]
         .endswith("--support-tiles needs lengths that are multiples of its 64-key tiles")
     )
+    assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("launch", "names"),
+    [("{block: 64}", "Expecting property name"), ('{"warps": 8}', "got warps=8")],
+)
+def test_launch_configurations_outside_the_override_are_refused_before_any_work(launch, names):
+    done = bench("--launch", "{}", launch, "--lengths", "64")
+    assert done.returncode == 2
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("kernels.py: error: --launch ") and names in last
     assert done.stdout == ""

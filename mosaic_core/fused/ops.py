@@ -6,7 +6,7 @@ Tuning is bounded by construction: the tile is chosen from the shape class (next
 N, capped at 64; 32 when a row of D elements exceeds 256 bytes) and so is the warp count, one for
 every kernel of a call, so no shape is ever autotuned. The forward and backward kernels must share
 one tile and warp count anyway: the top-k selection compares recomputed scores bitwise with the
-forward's. Benchmarks compare other launches through MOSAIC_FUSED_LAUNCH (`_override`).
+forward's. Benchmarks compare other launches through MOSAIC_FUSED_LAUNCH (`parsed_override`).
 """
 
 import functools
@@ -48,7 +48,7 @@ _ROLE_KEYS = ("num_stages", "maxnreg")  # per kernel role; null drops a default
 
 
 @functools.cache
-def _parsed_override(text: str) -> dict:
+def parsed_override(text: str) -> dict:
     """The override as a dict, refused (ValueError naming what is allowed) unless every key is
     known and every value allowed. Tile and warps are per call, not per kernel: top-k's backward
     must recompute the forward's scores bit for bit."""
@@ -71,7 +71,7 @@ def _override() -> dict:
     """The launch override of MOSAIC_FUSED_LAUNCH, e.g. '{"block": 128, "num_warps": 8,
     "statistics": {"num_stages": 2}}': how bench/kernels.py --launch compares configurations;
     never set in training."""
-    return _parsed_override(os.environ.get(LAUNCH_ENV, ""))
+    return parsed_override(os.environ.get(LAUNCH_ENV, ""))
 
 
 def block_size(length: int, head_dim: int, dtype: torch.dtype) -> int:
