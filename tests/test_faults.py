@@ -21,6 +21,7 @@ import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from ray.train import Checkpoint
+from ray.train._internal.session import _TrainingResult
 from ray.tune import ExperimentAnalysis
 
 from analysis.results_store import read_results
@@ -30,7 +31,7 @@ from mosaic_core.model import MemoryMosaics
 from orchestrator.faults import DiskFullError, disk_full, stop_for
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
-from orchestrator.trainables import resume_point
+from orchestrator.trainables import RestoresSurvivingCheckpoint, resume_point, surviving_checkpoint
 
 from helpers import clean_environment, mosaic_sweep, mosaic_sweep_command, tiny_trial
 
@@ -483,3 +484,30 @@ def test_a_restarted_trial_resumes_from_its_newest_readable_checkpoint(tmp_path)
             f"checkpoint {kept[2] / FILENAME} is unreadable: EOFError; "
             "the trial starts again from step 0"
         )
+
+
+class Restored:
+    def restore(self, checkpoint_path):
+        self.restored = checkpoint_path
+
+
+class SweepTrainable(RestoresSurvivingCheckpoint, Restored):
+    """The sweep's trainable as Tune builds it: the mixin before the trainable's own restore."""
+
+
+def test_a_trial_whose_named_checkpoint_was_deleted_restores_from_the_newest_left(tmp_path):
+    kept = [tmp_path / f"checkpoint_{index:06d}" for index in (4, 5)]
+    for directory in kept:
+        directory.mkdir()
+    named = Checkpoint.from_directory(kept[0])
+    assert surviving_checkpoint(named) is named  # still there: Tune's own
+    result = _TrainingResult(Checkpoint.from_directory(tmp_path / "checkpoint_000003"), {"step": 7})
+    trainable = SweepTrainable()
+    trainable.restore(result)
+    assert trainable.restored.checkpoint.path == str(kept[1])  # the newest, not the oldest
+    assert trainable.restored.metrics == {"step": 7} and result.checkpoint.path.endswith("03")
+    for directory in kept:
+        directory.rmdir()
+    trainable = SweepTrainable()
+    trainable.restore(result)  # nothing left: Tune's restore is skipped, the trial starts afresh
+    assert not hasattr(trainable, "restored")

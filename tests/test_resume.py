@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from ray.tune.trainable.metadata import _TrainingRunMetadata
 
 from analysis.results_store import read_results
 from orchestrator.tracking.names import PARENT_TAG, TRIAL_ID_TAG
@@ -46,6 +49,28 @@ def one_finished(sweep_dir: Path) -> bool:
     return results is not None and bool((results["status"] == "TERMINATED").any())
 
 
+def delete_named_checkpoints(sweep_dir: Path) -> int:
+    """Leave the sweep as a driver killed between Tune's checkpoint deletion and its next saved
+    experiment state leaves it: each unfinished trial's checkpoint that state names is gone, a
+    newer one beside it. Returns how many trials that touched."""
+    states = sorted((sweep_dir / "tune").glob("experiment_state-*.json"))
+    touched = 0
+    for trial_json, metadata_json in json.loads(states[-1].read_text())["trial_data"]:
+        latest = _TrainingRunMetadata.from_json_state(metadata_json).checkpoint_manager
+        result = latest.latest_checkpoint_result
+        if json.loads(trial_json)["status"] == "TERMINATED" or result is None:
+            continue
+        named = Path(result.checkpoint.path)
+        touched += 1
+        if not named.exists():  # the kill itself came at that moment
+            continue
+        newest = max(named.parent.glob("checkpoint_*"))
+        newer = named.parent / f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}"
+        shutil.copytree(newest, newer)
+        shutil.rmtree(named)
+    return touched
+
+
 @pytest.mark.slow
 def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     (tmp_path / "crash.yaml").write_text(yaml.safe_dump(SWEEP))
@@ -69,6 +94,8 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     )
     # never a silent restart or overwrite
     assert again.returncode == 2 and "--resume" in again.stderr
+    # the worst moment to die: the checkpoints Tune's saved state names are deleted
+    assert delete_named_checkpoints(sweep_dir) >= 1
 
     resumed = subprocess.run(
         command("--resume"),

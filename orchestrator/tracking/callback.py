@@ -39,7 +39,7 @@ from orchestrator.tracking.names import (
     STOPPED_TAG,
     SYSTEM_METRICS_TAG,
 )
-from orchestrator.trainables import resume_point
+from orchestrator.trainables import resume_point, surviving_checkpoint
 from orchestrator.trial_configs import VARIANT, searched_values, trial_config, trial_name
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ class SweepTracker(Callback):
         points, from the metrics its latest readable checkpoint keeps: those of its last
         evaluation, which the tables read (the earlier ones are lost, which the line says)."""
         config = self._config(trial)
-        with resume_point(trial.checkpoint, config) as (directory, _):
+        checkpoint = trial.checkpoint and surviving_checkpoint(trial.checkpoint)
+        with resume_point(checkpoint, config) as (directory, _):
             if directory is None:
                 return []
             metrics = reported_metrics(load_checkpoint(directory, config)["metrics"])
