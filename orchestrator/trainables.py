@@ -10,7 +10,8 @@ see one trial as ever. The run's checkpoints are Ray Train's, kept in the Tune t
 a fixed run name: when Tune restarts the trial (a retry, or `--resume`), the new Train run of that
 name starts from its latest checkpoint; a lost worker or node is replaced by Ray Train itself
 (`FailureConfig`). A latest checkpoint that cannot be read (`resume_point`) gives way to the one
-before it, or to a start from scratch, which the trial's first report says.
+before it, or to a start from scratch, which the trial's first report says; one that Tune's saved
+state names but Tune already deleted, to the newest the trial's folder holds (`surviving_checkpoint`).
 """
 
 from __future__ import annotations
@@ -145,7 +146,11 @@ class RestoresSurvivingCheckpoint:
             return super().restore(checkpoint_path)
         survivor = surviving_checkpoint(named)
         if survivor is None:
-            log.warning("checkpoint %s is gone and no other is left: step 0", named.path)
+            log.warning(
+                "checkpoint %s is gone, its trial folder holds no other: the trial starts again "
+                "from step 0",
+                named.path,
+            )
             return None
         restored = copy.copy(checkpoint_path)
         restored.checkpoint = survivor
