@@ -10,14 +10,11 @@ see one trial as ever. The run's checkpoints are Ray Train's, kept in the Tune t
 a fixed run name: when Tune restarts the trial (a retry, or `--resume`), the new Train run of that
 name starts from its latest checkpoint; a lost worker or node is replaced by Ray Train itself
 (`FailureConfig`). A latest checkpoint that cannot be read (`resume_point`) gives way to the one
-before it, or to a start from scratch, which the trial's first report says; one that Tune's saved
-state names but Tune already deleted, to the newest the trial's folder holds (`surviving_checkpoint`).
+before it, or to a start from scratch, which the trial's first report says.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -35,14 +32,12 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from mosaic_core.checkpoint import first_loadable
 from mosaic_core.config import TrialConfig
-from mosaic_core.train import Report, train_trial
+from mosaic_core.train import train_trial
 from orchestrator.resources import DRIVER_CPU
 from orchestrator.run_folder import record_evaluation
 from orchestrator.tracking.names import CHECKPOINT_FALLBACK_TAG
 from orchestrator.trial_configs import VARIANT, validated_trial_config
 from search_spaces.schema import Resources
-
-log = logging.getLogger(__name__)
 
 # the Train run's name in its folder: fixed, so a restarted trial finds its checkpoints
 TRAIN_RUN = "train"
@@ -79,23 +74,7 @@ def one_worker_trial(config: dict[str, Any], configs: dict[str, dict[str, Any]])
     with resume_point(tune.get_checkpoint(), full_config) as (resume_from, fallback):
         if fallback:
             placement[CHECKPOINT_FALLBACK_TAG] = fallback
-        train_reporting_its_end(full_config, report, resume_from=resume_from)
-
-
-def train_reporting_its_end(config: TrialConfig, report: Report, **options: Any) -> None:
-    """`train_trial`, and where it reported nothing (resumed from its last step's checkpoint: a
-    crash lost that evaluation's report before the driver saved it) its last metrics once more,
-    so the driver learns that the trial reached its end."""
-    reported = False
-
-    def counted(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        nonlocal reported
-        reported = True
-        report(metrics, checkpoint_dir)
-
-    metrics = train_trial(config, counted, **options)
-    if not reported:
-        report(metrics, None)
+        train_trial(full_config, report=report, resume_from=resume_from)
 
 
 @contextmanager
@@ -116,45 +95,6 @@ def resume_point(
             return
         instead = "starts again from step 0" if usable is None else f"continues from {usable.name}"
         yield None if usable is None else str(usable), f"{reasons[0]}; the trial {instead}"
-
-
-def surviving_checkpoint(checkpoint: ray.train.Checkpoint) -> ray.train.Checkpoint | None:
-    """`checkpoint` if it still exists, else the newest checkpoint its trial's folder holds (None:
-    none). Tune deletes a trial's older checkpoints (`num_to_keep`) as soon as a newer one
-    arrives, but saves its experiment state only every few seconds: a driver killed in between
-    leaves a state that names a deleted checkpoint, whose restore Tune refuses on every retry."""
-    filesystem = checkpoint.filesystem
-    if filesystem.get_file_info(checkpoint.path).type != pyarrow.fs.FileType.NotFound:
-        return checkpoint
-    folder = pyarrow.fs.FileSelector(str(Path(checkpoint.path).parent), allow_not_found=True)
-    names = [
-        info.path
-        for info in filesystem.get_file_info(folder)
-        if info.type == pyarrow.fs.FileType.Directory and info.base_name.startswith("checkpoint_")
-    ]
-    return ray.train.Checkpoint(max(names), filesystem=filesystem) if names else None
-
-
-class RestoresSurvivingCheckpoint:
-    """Mixin of the sweep's Tune trainable: a trial whose checkpoint Tune names was deleted
-    (`surviving_checkpoint`) restores from the newest one its folder holds, or starts afresh,
-    instead of failing on every retry and every `--resume`."""
-
-    def restore(self, checkpoint_path: Any) -> None:
-        named = getattr(checkpoint_path, "checkpoint", None)  # Tune passes a (checkpoint, metrics)
-        if named is None:
-            return super().restore(checkpoint_path)
-        survivor = surviving_checkpoint(named)
-        if survivor is None:
-            log.warning(
-                "checkpoint %s is gone, its trial folder holds no other: the trial starts again "
-                "from step 0",
-                named.path,
-            )
-            return None
-        restored = copy.copy(checkpoint_path)
-        restored.checkpoint = survivor
-        return super().restore(restored)
 
 
 def _earlier_checkpoints(checkpoint: ray.train.Checkpoint) -> list[Path]:
@@ -239,7 +179,7 @@ def _train_worker(loop: dict[str, Any]) -> None:
     with start as (resume_from, fallback):
         if fallback:
             placement[CHECKPOINT_FALLBACK_TAG] = fallback
-        train_reporting_its_end(
+        train_trial(
             config,
             report,
             resume_from=resume_from,
@@ -271,8 +211,6 @@ def sweep_trainable(
         tune_path=tune_path,
         max_failures=max_failures,
     )
-    # Tune builds its trainable class from the function with these mixed in
-    function.__mixins__ = (RestoresSurvivingCheckpoint,)
     return tune.with_resources(function, lambda config: trial_request(resources[config[VARIANT]]))
 
 

@@ -20,18 +20,21 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from ray.train import Checkpoint
+from ray.train import Checkpoint, CheckpointConfig
 from ray.train._internal.session import _TrainingResult
+from ray.train._internal.storage import StorageContext
 from ray.tune import ExperimentAnalysis
+from ray.tune.experiment import Trial
 
 from analysis.results_store import read_results
 from mosaic_core.checkpoint import FILENAME, first_loadable, save_checkpoint
 from mosaic_core.config import TrialConfig
 from mosaic_core.model import MemoryMosaics
+from orchestrator.checkpoint_records import repair_checkpoint_record, surviving_checkpoint
 from orchestrator.faults import DiskFullError, disk_full, stop_for
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
-from orchestrator.trainables import RestoresSurvivingCheckpoint, resume_point, surviving_checkpoint
+from orchestrator.trainables import resume_point
 
 from helpers import clean_environment, mosaic_sweep, mosaic_sweep_command, tiny_trial
 
@@ -486,28 +489,58 @@ def test_a_restarted_trial_resumes_from_its_newest_readable_checkpoint(tmp_path)
         )
 
 
-class Restored:
-    def restore(self, checkpoint_path):
-        self.restored = checkpoint_path
+def registered(trial: Trial) -> None:
+    """A checkpoint the trial's process wrote under the name Tune counts on to (a resumed trial's
+    take the names they had), registered as Tune registers it."""
+    index = trial.storage.current_checkpoint_index + 1
+    path = Path(trial.storage.trial_fs_path) / f"checkpoint_{index:06d}"
+    path.mkdir(parents=True, exist_ok=True)
+    trial.on_checkpoint(_TrainingResult(Checkpoint.from_directory(path), {"step": 40 * index}))
 
 
-class SweepTrainable(RestoresSurvivingCheckpoint, Restored):
-    """The sweep's trainable as Tune builds it: the mixin before the trainable's own restore."""
+def test_a_record_naming_checkpoints_tune_deleted_is_made_to_match_the_trials_folder(tmp_path):
+    storage = StorageContext(str(tmp_path), experiment_dir_name="tune", trial_dir_name="t")
+    trial = Trial("fn", stub=True, storage=storage, checkpoint_config=CheckpointConfig(2))
+    for _ in range(4):
+        registered(trial)
+    folder = Path(storage.trial_fs_path)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "checkpoint_000002",
+        "checkpoint_000003",
+    ]
+    assert repair_checkpoint_record(trial) is None  # the record matches: left alone
+    # what the killed driver's newer record had done after it saved this one: 4 and 5 written,
+    # 2 and 3 deleted
+    for index in (4, 5):
+        (folder / f"checkpoint_{index:06d}").mkdir()
+    for index in (2, 3):
+        (folder / f"checkpoint_{index:06d}").rmdir()
+    line = repair_checkpoint_record(trial)
+    assert line == (
+        "Tune had deleted checkpoint_000003, the checkpoint it saved; "
+        "the trial continues from checkpoint_000004"  # the oldest after it, whose results were seen
+    )
+    assert trial.checkpoint.path == str(folder / "checkpoint_000004")
+    for _ in range(2):  # numbered on from the survivor; Tune's deletions find what they delete
+        registered(trial)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "checkpoint_000005",
+        "checkpoint_000006",
+    ]
 
 
-def test_a_trial_whose_named_checkpoint_was_deleted_restores_from_the_newest_left(tmp_path):
-    kept = [tmp_path / f"checkpoint_{index:06d}" for index in (4, 5)]
-    for directory in kept:
-        directory.mkdir()
-    named = Checkpoint.from_directory(kept[0])
-    assert surviving_checkpoint(named) is named  # still there: Tune's own
-    result = _TrainingResult(Checkpoint.from_directory(tmp_path / "checkpoint_000003"), {"step": 7})
-    trainable = SweepTrainable()
-    trainable.restore(result)
-    assert trainable.restored.checkpoint.path == str(kept[1])  # the newest, not the oldest
-    assert trainable.restored.metrics == {"step": 7} and result.checkpoint.path.endswith("03")
-    for directory in kept:
-        directory.rmdir()
-    trainable = SweepTrainable()
-    trainable.restore(result)  # nothing left: Tune's restore is skipped, the trial starts afresh
-    assert not hasattr(trainable, "restored")
+def test_the_surviving_checkpoint_is_the_oldest_after_the_deleted_one_else_the_newest_before(
+    tmp_path,
+):
+    def surviving(index: int) -> str | None:
+        checkpoint = surviving_checkpoint(
+            Checkpoint.from_directory(tmp_path / f"checkpoint_{index:06d}")
+        )
+        return checkpoint and Path(checkpoint.path).name
+
+    assert surviving(3) is None  # an empty folder
+    for index in (1, 10, 11):  # 10 after 9: by index, not by name alone
+        (tmp_path / f"checkpoint_{index:06d}").mkdir()
+    assert surviving(10) == "checkpoint_000010"  # there: itself
+    assert surviving(3) == "checkpoint_000010"
+    assert surviving(12) == "checkpoint_000011"

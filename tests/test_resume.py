@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow import MlflowClient
 from ray.tune.trainable.metadata import _TrainingRunMetadata
 
 from analysis.results_store import read_results
+from mosaic_core.checkpoint import FILENAME
 from orchestrator.tracking.names import PARENT_TAG, TRIAL_ID_TAG
 
 from helpers import clean_environment, mosaic_sweep_command, tiny_trial
@@ -51,8 +53,9 @@ def one_finished(sweep_dir: Path) -> bool:
 
 def delete_named_checkpoints(sweep_dir: Path) -> int:
     """Leave the sweep as a driver killed between Tune's checkpoint deletion and its next saved
-    experiment state leaves it: each unfinished trial's checkpoint that state names is gone, a
-    newer one beside it. Returns how many trials that touched."""
+    experiment state leaves it: for each unfinished trial, the two checkpoints after the one that
+    state names were registered (here: copies of it), which deleted it and the one before it.
+    Returns how many trials that touched."""
     states = sorted((sweep_dir / "tune").glob("experiment_state-*.json"))
     touched = 0
     for trial_json, metadata_json in json.loads(states[-1].read_text())["trial_data"]:
@@ -60,15 +63,21 @@ def delete_named_checkpoints(sweep_dir: Path) -> int:
         result = latest.latest_checkpoint_result
         if json.loads(trial_json)["status"] == "TERMINATED" or result is None:
             continue
-        named = Path(result.checkpoint.path)
         touched += 1
+        named = Path(result.checkpoint.path)
         if not named.exists():  # the kill itself came at that moment
             continue
-        newest = max(named.parent.glob("checkpoint_*"))
-        newer = named.parent / f"checkpoint_{int(newest.name.split('_')[1]) + 1:06d}"
-        shutil.copytree(newest, newer)
-        shutil.rmtree(named)
+        index = int(named.name.removeprefix("checkpoint_"))
+        for after in (1, 2):
+            later = named.parent / f"checkpoint_{index + after:06d}"
+            shutil.copytree(named, later, dirs_exist_ok=True)
+        for gone in (index - 1, index):
+            shutil.rmtree(named.parent / f"checkpoint_{gone:06d}", ignore_errors=True)
     return touched
+
+
+def checkpoint_step(directory: Path) -> int:
+    return torch.load(directory / FILENAME, weights_only=True)["step"]
 
 
 @pytest.mark.slow
@@ -107,6 +116,10 @@ def test_sigkilled_sweep_resumes_without_rerunning_or_duplicating(tmp_path):
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "trials: 6 TERMINATED" in resumed.stdout
+    # each trial keeps two checkpoints, the last at its end, named in the order of their steps
+    for trial in (sweep_dir / "tune").glob("*_0000*"):
+        steps = [checkpoint_step(path) for path in sorted(trial.glob("checkpoint_*"))]
+        assert len(steps) == 2 and steps == sorted(steps) and steps[-1] == 240, trial.name
 
     results = read_results(sweep_dir)
     assert results["trial_id"].nunique() == 6 and (results["status"] == "TERMINATED").all()

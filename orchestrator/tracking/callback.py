@@ -27,6 +27,7 @@ from mosaic_core.checkpoint import load_checkpoint
 from mosaic_core.config import TrialConfig, flatten
 from mosaic_core.kernel_specs import kernel_label
 from mosaic_core.metrics import STEP, parse_metric_name
+from orchestrator.checkpoint_records import repair_checkpoint_record
 from orchestrator.faults import DiskFullError, fills_disk
 from orchestrator.sweep_folder import RunMap, SweepFolder
 from orchestrator.tracking import runs
@@ -39,7 +40,7 @@ from orchestrator.tracking.names import (
     STOPPED_TAG,
     SYSTEM_METRICS_TAG,
 )
-from orchestrator.trainables import resume_point, surviving_checkpoint
+from orchestrator.trainables import resume_point
 from orchestrator.trial_configs import VARIANT, searched_values, trial_config, trial_name
 
 log = logging.getLogger(__name__)
@@ -141,12 +142,16 @@ class SweepTracker(Callback):
             self._reconcile(trials)
 
     def _reconcile(self, trials: list[Trial]) -> None:
-        """Each trial in both stores before anything runs, however one lost it: rows rebuilt from
+        """Each trial in both stores before anything runs, however one lost it (and its checkpoint
+        record matching its folder: `repair_checkpoint_record`): rows rebuilt from
         the trial's run where its part file was set aside (`set_aside_unreadable`), its run logged
         again from its rows where the MLflow store was lost (a line for each), every other run
         brought up to its rows."""
         self.reconciled = True
         for trial in trials:
+            repaired = repair_checkpoint_record(trial)
+            if repaired:
+                log.warning("trial %s: %s", trial_name(trial.config, self.configs), repaired)
             rows = read_trial_rows(self.sweep_dir, trial.trial_id)
             run_id = self.run_ids.get(trial.trial_id)
             if run_id is None and rows:
@@ -212,8 +217,7 @@ class SweepTracker(Callback):
         points, from the metrics its latest readable checkpoint keeps: those of its last
         evaluation, which the tables read (the earlier ones are lost, which the line says)."""
         config = self._config(trial)
-        checkpoint = trial.checkpoint and surviving_checkpoint(trial.checkpoint)
-        with resume_point(checkpoint, config) as (directory, _):
+        with resume_point(trial.checkpoint, config) as (directory, _):
             if directory is None:
                 return []
             metrics = reported_metrics(load_checkpoint(directory, config)["metrics"])
