@@ -18,7 +18,14 @@ from orchestrator.launch import new_sweep_folder
 from orchestrator.sweep_folder import RunMap, SweepFolder
 from orchestrator.tracking.callback import SweepTracker
 from orchestrator.tracking.names import GIT_COMMIT_TAG, OVERRIDES_TAG, PARENT_TAG, SWEEP_DIR_TAG
-from orchestrator.tracking.runs import child_runs, git_commit, open_parent_run, package_versions
+from orchestrator.tracking.runs import (
+    child_runs,
+    git_commit,
+    log_new_points,
+    open_parent_run,
+    package_versions,
+    reopen_run,
+)
 from orchestrator.trial_configs import VARIANT
 from search_spaces.expand import load_sweep
 
@@ -239,3 +246,29 @@ def test_the_chart_view_groups_a_configurations_seeds_and_draws_its_numeric_para
         {"mode": "param", "groupByData": "train.lr"},
         {"mode": "param", "groupByData": "train.optimizer"},
     ]
+
+
+def test_a_repeated_evaluation_keeps_one_diagnostics_row_per_head(tmp_path):
+    """A restarted trial repeats the steps since its checkpoint: its diagnostics table of such a
+    step keeps a row per layer and head (MLflow appends the rows of a table logged again), also
+    when a new driver reopens the run."""
+    import json
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("x", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    evaluation = {
+        "step": 40,
+        "exact_match": 0.5,
+        "support_size/l0h0": 3.0,
+        "support_size/l0h1": 2.0,
+    }
+    logged: set[tuple[str, int]] = set()
+    log_new_points(client, run_id, evaluation, 40, logged)
+    log_new_points(client, run_id, evaluation, 40, logged)  # the same driver, a retried trial
+    log_new_points(client, run_id, evaluation, 40, reopen_run(client, run_id))  # a resumed sweep
+    table = json.loads(
+        Path(client.download_artifacts(run_id, "diagnostics/step_000040.json")).read_text()
+    )
+    assert table["data"] == [[0, 0, 3.0], [0, 1, 2.0]]
+    assert [m.step for m in client.get_metric_history(run_id, "exact_match")] == [40]

@@ -294,9 +294,13 @@ def log_params(client: MlflowClient, run_id: str, values: dict[str, Any]) -> Non
 @retried
 def reopen_run(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
     """A restarted trial's run RUNNING again; (metric, step) of every point it holds of what the
-    trial reports (not MLflow's `system/…`)."""
+    trial reports (not MLflow's `system/…`), and (`DIAGNOSTICS_DIR`, step) of each diagnostics
+    table it holds."""
     client.update_run(run_id, status=RUNNING)
-    return {(key, step) for key, step, _ in _points(client, run_id)}
+    tables = client.list_artifacts(run_id, DIAGNOSTICS_DIR)
+    return {(key, step) for key, step, _ in _points(client, run_id)} | {
+        (DIAGNOSTICS_DIR, int(Path(table.path).stem.removeprefix("step_"))) for table in tables
+    }
 
 
 @retried
@@ -355,10 +359,12 @@ def log_new_points(
     logged: set[tuple[str, int]],
 ) -> None:
     """Log the finite points not in `logged` yet (a restarted trial repeats steps), and add them;
-    an evaluation's per-head diagnostics go to its table (`log_diagnostics`) instead."""
+    an evaluation's per-head diagnostics go to its table (`log_diagnostics`) instead, once (MLflow
+    appends the rows of a table logged again)."""
     heads = {key: head for key in metrics if (head := parse_head_metric(key)) is not None}
-    if heads:
+    if heads and (DIAGNOSTICS_DIR, step) not in logged:
         log_diagnostics(client, run_id, {head: metrics[key] for key, head in heads.items()}, step)
+        logged.add((DIAGNOSTICS_DIR, step))
     now = int(time.time() * 1000)
     new = [
         Metric(key, value, now, step)
