@@ -142,11 +142,11 @@ class SweepTracker(Callback):
             self._reconcile(trials)
 
     def _reconcile(self, trials: list[Trial]) -> None:
-        """Each trial in both stores before anything runs, however one lost it (and its checkpoint
-        record matching its folder: `repair_checkpoint_record`): rows rebuilt from
-        the trial's run where its part file was set aside (`set_aside_unreadable`), its run logged
-        again from its rows where the MLflow store was lost (a line for each), every other run
-        brought up to its rows."""
+        """Before anything runs, each trial's Tune checkpoint record matched to its folder
+        (`repair_checkpoint_record`) and each trial in both stores, however one lost it: rows
+        rebuilt from the trial's run where its part file was set aside (`set_aside_unreadable`),
+        its run logged again from its rows where the MLflow store was lost (a line for each),
+        every other run brought up to its rows."""
         self.reconciled = True
         for trial in trials:
             repaired = repair_checkpoint_record(trial)
