@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.fs
 import ray.train
+from ray.train._internal.session import _TrainingResult
 from ray.tune.experiment import Trial
 
 PREFIX = "checkpoint_"
@@ -57,25 +58,33 @@ def surviving_checkpoint(checkpoint: ray.train.Checkpoint) -> ray.train.Checkpoi
 
 def repair_checkpoint_record(trial: Trial) -> str | None:
     """Make `trial`'s checkpoint record match its folder (Ray 2.60's `Trial`, whose version the
-    project pins): the latest checkpoint a surviving one, records of deleted ones dropped, and the
-    next numbered right after the survivor, as Tune numbers them after any checkpoint it resumes
-    from (the resumed trial writes each step's checkpoint under the name it had). Returns what it
-    did in a line; None where nothing was amiss."""
+    project pins): a deleted latest checkpoint replaced by a surviving one (`_point_at_survivor`),
+    records of deleted ones dropped (else Tune's deletion of one raises when it comes). Returns a
+    line where the trial's latest checkpoint changed; None otherwise."""
     manager = trial.run_metadata.checkpoint_manager
     latest = manager.latest_checkpoint_result
-    if latest is None or _exists(latest.checkpoint):
-        return None
-    named = latest.checkpoint
-    survivor = surviving_checkpoint(named)
+    line = None
+    if latest is not None and not _exists(latest.checkpoint):
+        line = _point_at_survivor(trial, latest)
+    records = manager._checkpoint_results
+    manager._checkpoint_results = [r for r in records if _exists(r.checkpoint)]
+    if line is not None or len(manager._checkpoint_results) != len(records):
+        trial.invalidate_json_state()
+        trial.run_metadata.invalidate_cache()
+    return line
+
+
+def _point_at_survivor(trial: Trial, latest: _TrainingResult) -> str:
+    """The trial's latest checkpoint record, whose folder Tune deleted, pointed at the surviving
+    one, and the next numbered right after it, as Tune numbers them after any checkpoint it
+    resumes from (the resumed trial writes each step's checkpoint under the name it had)."""
+    named, survivor = latest.checkpoint, surviving_checkpoint(latest.checkpoint)
     if survivor is None:
-        manager._latest_checkpoint_result = None
+        trial.run_metadata.checkpoint_manager._latest_checkpoint_result = None
     else:
         latest.checkpoint = survivor
-    manager._checkpoint_results = [r for r in manager._checkpoint_results if _exists(r.checkpoint)]
     # the index of the last checkpoint: Tune counts on from it
     trial.storage.current_checkpoint_index = -1 if survivor is None else _index(survivor.path)
-    trial.invalidate_json_state()
-    trial.run_metadata.invalidate_cache()
     instead = (
         "starts again from step 0"
         if survivor is None

@@ -529,6 +529,25 @@ def test_a_record_naming_checkpoints_tune_deleted_is_made_to_match_the_trials_fo
     ]
 
 
+def test_a_record_naming_an_older_checkpoint_tune_deleted_drops_it_and_keeps_its_latest(tmp_path):
+    storage = StorageContext(str(tmp_path), experiment_dir_name="tune", trial_dir_name="t")
+    trial = Trial("fn", stub=True, storage=storage, checkpoint_config=CheckpointConfig(2))
+    for _ in range(2):
+        registered(trial)
+    folder = Path(storage.trial_fs_path)
+    # what the killed driver's newer record had done after it saved this one: 2 written, 0 deleted
+    (folder / "checkpoint_000002").mkdir()
+    (folder / "checkpoint_000000").rmdir()
+    assert repair_checkpoint_record(trial) is None  # its latest is there: it goes on from it
+    assert trial.checkpoint.path == str(folder / "checkpoint_000001")
+    for _ in range(2):  # Tune deletes what its record holds, 0 no more (it raised before)
+        registered(trial)
+    assert sorted(path.name for path in folder.iterdir()) == [
+        "checkpoint_000002",
+        "checkpoint_000003",
+    ]
+
+
 def test_the_surviving_checkpoint_is_the_oldest_after_the_deleted_one_else_the_newest_before(
     tmp_path,
 ):
