@@ -344,6 +344,21 @@ def resumable_sweep_folder(sweep_dir: Path) -> SweepFolder:
     return folder
 
 
+def repaired_tune_state(folder: SweepFolder) -> str | None:
+    """Tune's state of the sweep to resume made whole (`tune_state.restore`), under the driver
+    lock; a line when it was repaired. Refused when it is torn and no whole copy is kept."""
+    backup = folder.launch.tune_state_backup
+    if backup is None:
+        return None
+    # Ray: the state is Tune's
+    from orchestrator import tune_state
+
+    tune_dir = Path(folder.launch.tune_path)
+    repaired = tune_state.restore(backup, tune_dir)
+    tune_state.check_whole(tune_dir)
+    return repaired
+
+
 def holds_tune_state(launch: LaunchRecord) -> bool:
     """Whether the sweep's Tune experiment folder holds state `Tuner.restore` can resume."""
     # Ray only once a folder's Tune state is asked about: the refusals before it go without

@@ -136,6 +136,8 @@ _TUNE_CONTROLLER_LOG = "ray.tune.execution.tune_controller"
 _MLFLOW_DB_LOG = "mlflow.store.db.utils"
 # after Ctrl-C it advises `Tuner.restore(...)`; the command line prints its own --resume command
 _TUNE_RUN_LOG = "ray.tune.tune"
+# a restored sweep's trials that had not started have no results: Tune warns that it read none
+_TUNE_ANALYSIS_LOG = "ray.tune.analysis.experiment_analysis"
 
 
 def _quiet_logs(verbose: bool) -> None:
@@ -152,6 +154,7 @@ def _quiet_logs(verbose: bool) -> None:
     for old in [f for f in controller.filters if isinstance(f, _ExpectedTrialFailure)]:
         controller.removeFilter(old)
     logging.getLogger(_TUNE_RUN_LOG).setLevel(logging.NOTSET if verbose else logging.ERROR)
+    logging.getLogger(_TUNE_ANALYSIS_LOG).setLevel(logging.NOTSET if verbose else logging.ERROR)
     if not verbose:
         controller.addFilter(_ExpectedTrialFailure())
         # Tune's new output engine prints its set-up box at any verbosity; the classic one obeys 0

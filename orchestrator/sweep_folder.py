@@ -11,6 +11,8 @@
 | `compare-<paper table>.md/.csv` | `mosaic-sweep compare`'s comparison with the paper |
 | `optuna.db` | a search's Optuna study (unless `search.storage` names another database) |
 | `tune/` | Ray Tune's state (under `--storage` when given) |
+| `tune-state.zip` | beside `tune/`: Tune's last whole save of its state, which `--resume` puts back (`orchestrator.tune_state`) |
+| `tune-state-set-aside/` | beside `tune/`: the files of a torn later save that `--resume` replaced |
 | `driver.lock` | held by the driver running the sweep, naming its host and pid (`orchestrator.driver_lock`) |
 
 Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifacts/` (its artifacts).
@@ -51,6 +53,8 @@ PLOTS = "plots"
 OPTUNA_DB = "optuna.db"
 DRIVER_LOCK = "driver.lock"
 TUNE = "tune"  # Tune's experiment name (RunConfig name) under the storage path
+TUNE_STATE_BACKUP = "tune-state.zip"  # beside TUNE
+TUNE_STATE_SET_ASIDE = "tune-state-set-aside"  # beside TUNE
 MLFLOW_DB = "mlflow.db"  # beside the sweep folders
 MLFLOW_ARTIFACTS = "mlartifacts"  # beside the sweep folders
 
@@ -99,6 +103,12 @@ class LaunchRecord(BaseModel):
     def tune_path(self) -> str:
         """Tune's experiment folder (RunConfig name `TUNE`) under the storage path."""
         return f"{self.storage_path}/{TUNE}"
+
+    @property
+    def tune_state_backup(self) -> Path | None:
+        """Where Tune's last whole save is kept (`orchestrator.tune_state`): beside `TUNE` on a
+        file system; None on an object store, which writes whole objects."""
+        return None if "://" in self.storage_path else Path(self.storage_path) / TUNE_STATE_BACKUP
 
 
 class RunMap(BaseModel):

@@ -23,6 +23,7 @@ from orchestrator.sweep_folder import OPTUNA_DB, TUNE, LaunchRecord, SweepFolder
 from orchestrator.tracking.callback import SweepTracker
 from orchestrator.trainables import sweep_trainable
 from orchestrator.trial_configs import VARIANT
+from orchestrator.tune_state import TuneStateBackup
 from search_spaces.schema import Search, Sweep
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ def tuner(
         SweepTracker(client, experiment_id, parent_id, folder, configs),
         TrialProgress(folder.launch.trials, configs, folder.path),
     ]
+    if folder.launch.tune_state_backup is not None:
+        callbacks.append(TuneStateBackup(str(folder.launch.tune_state_backup)))
     return tune.Tuner(
         trainable,
         param_space=param_space(sweep, list(configs)),

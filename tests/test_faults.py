@@ -32,6 +32,7 @@ from mosaic_core.config import TrialConfig
 from mosaic_core.model import MemoryMosaics
 from orchestrator.checkpoint_records import repair_checkpoint_record, surviving_checkpoint
 from orchestrator.faults import DiskFullError, disk_full, stop_for
+from orchestrator.sweep_folder import TUNE, TUNE_STATE_BACKUP
 from orchestrator.tracking import runs
 from orchestrator.tracking.names import ERROR_TAG, PARENT_TAG, TRIAL_ID_TAG
 from orchestrator.trainables import resume_point
@@ -400,9 +401,39 @@ def test_a_full_disk_stops_the_sweep_in_one_paragraph_and_resume_continues(
     assert stopped and all("No space left" in run.data.tags[ERROR_TAG] for run in stopped)
 
     filler.unlink()
+    # the race a full disk makes likely: Tune's copy of its state over the old one cut short; with
+    # no whole copy kept, the resume is refused in a line, before anything changes
+    backup = small_disk / NAME / TUNE_STATE_BACKUP
+    kept = backup.read_bytes()
+    backup.unlink()
+    state = newest_tune_state(sweep_dir)
+    torn = tear(state)
+    refused = resume(tmp_path)
+    assert refused.returncode == 2
+    assert re.fullmatch(
+        f"error: {re.escape(str(state))} is torn \\(JSONDecodeError: .+\\); the sweep keeps no "
+        "whole copy: start it again with --overwrite",
+        refused.stderr.strip(),
+    ), refused.stderr
+    assert state.read_bytes() == torn
+    # with the copy the sweep keeps, put back: the sweep ends as if never stopped
+    backup.write_bytes(kept)
     resumed = resume(tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"put back from {TUNE_STATE_BACKUP}" in resumed.stderr
     assert_whole(tmp_path, uninterrupted, tracking_uri)
+
+
+def newest_tune_state(sweep_dir: Path) -> Path:
+    """The experiment state file Tune resumes from (the newest by name)."""
+    return max((sweep_dir / TUNE).glob("experiment_state-*.json"))
+
+
+def tear(path: Path) -> bytes:
+    """`path` cut to half its length, as a copy over it stopped by a full disk leaves it."""
+    torn = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(torn)
+    return torn
 
 
 def test_a_busy_store_is_tried_again_and_any_other_error_raised_at_once(monkeypatch):

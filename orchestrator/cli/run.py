@@ -163,6 +163,8 @@ def run(
     if resume and launch.finished(folder):
         _print_finished(folder)
         return
+    if resume:
+        _repair_tune_state(folder)
     if resume and (restarting := launch.restarting_from_scratch(folder)):
         typer.echo(restarting, err=True)
     # Ray, MLflow and torch: only now that the sweep will run
@@ -178,6 +180,16 @@ def run(
     again = ["mosaic-sweep", "run", spec, *(overrides or []), "--out", str(sweep_dir), "--resume"]
     again += ["--address", address] if address is not None else []
     _print_outcome(run_sweep(sweep, folder, **how), shlex.join(again))
+
+
+def _repair_tune_state(folder: SweepFolder) -> None:
+    """Tune's state made whole before Tune resumes from it (a line when repaired), or refused."""
+    try:
+        repaired = launch.repaired_tune_state(folder)
+    except launch.REFUSALS as error:
+        raise fail(str(error)) from None
+    if repaired:
+        typer.echo(repaired, err=True)
 
 
 def _checked_sweep(
