@@ -529,12 +529,17 @@ def registered(trial: Trial) -> None:
     trial.on_checkpoint(_TrainingResult(Checkpoint.from_directory(path), {"step": 40 * index}))
 
 
-def test_a_record_naming_checkpoints_tune_deleted_is_made_to_match_the_trials_folder(tmp_path):
+def trial_with_checkpoints(tmp_path: Path, count: int) -> tuple[Trial, Path]:
+    """A Tune trial keeping two checkpoints that registered `count`, and its folder."""
     storage = StorageContext(str(tmp_path), experiment_dir_name="tune", trial_dir_name="t")
     trial = Trial("fn", stub=True, storage=storage, checkpoint_config=CheckpointConfig(2))
-    for _ in range(4):
+    for _ in range(count):
         registered(trial)
-    folder = Path(storage.trial_fs_path)
+    return trial, Path(storage.trial_fs_path)
+
+
+def test_a_record_naming_checkpoints_tune_deleted_is_made_to_match_the_trials_folder(tmp_path):
+    trial, folder = trial_with_checkpoints(tmp_path, 4)
     assert sorted(path.name for path in folder.iterdir()) == [
         "checkpoint_000002",
         "checkpoint_000003",
@@ -561,11 +566,7 @@ def test_a_record_naming_checkpoints_tune_deleted_is_made_to_match_the_trials_fo
 
 
 def test_a_record_naming_an_older_checkpoint_tune_deleted_drops_it_and_keeps_its_latest(tmp_path):
-    storage = StorageContext(str(tmp_path), experiment_dir_name="tune", trial_dir_name="t")
-    trial = Trial("fn", stub=True, storage=storage, checkpoint_config=CheckpointConfig(2))
-    for _ in range(2):
-        registered(trial)
-    folder = Path(storage.trial_fs_path)
+    trial, folder = trial_with_checkpoints(tmp_path, 2)
     # what the killed driver's newer record had done after it saved this one: 2 written, 0 deleted
     (folder / "checkpoint_000002").mkdir()
     (folder / "checkpoint_000000").rmdir()
