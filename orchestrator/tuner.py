@@ -18,8 +18,9 @@ from ray.tune.search import Repeater, Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from mosaic_core.metrics import STEP
+from orchestrator.launch import holds_tune_state
 from orchestrator.progress import TrialProgress
-from orchestrator.sweep_folder import OPTUNA_DB, TUNE, LaunchRecord, SweepFolder, sqlite_uri
+from orchestrator.sweep_folder import OPTUNA_DB, TUNE, SweepFolder, sqlite_uri
 from orchestrator.tracking.callback import SweepTracker
 from orchestrator.trainables import sweep_trainable
 from orchestrator.trial_configs import VARIANT
@@ -35,11 +36,6 @@ _DOMAINS = {
     "int": lambda low, high: tune.randint(int(low), int(high) + 1),
     "logint": lambda low, high: tune.lograndint(int(low), int(high) + 1),
 }
-
-
-def holds_tune_state(launch: LaunchRecord) -> bool:
-    """Whether the sweep's Tune experiment folder holds state `Tuner.restore` can resume."""
-    return tune.Tuner.can_restore(launch.tune_path)
 
 
 def tuner(
