@@ -3,6 +3,8 @@ place for the writer (`orchestrator.tracking`) and the reader (`analysis.mlflow_
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from analysis.schema import TrialStatus
 
 # tags of a trial's child run
@@ -20,6 +22,19 @@ CHECKPOINT_FALLBACK_TAG = "checkpoint_fallback"
 STOPPED_TAG = "stopped_early"  # on the run of a trial ASHA stopped: the step it stopped at
 # a child run's artifact folder of per-head diagnostics, a table per evaluation
 DIAGNOSTICS_DIR = "diagnostics"
+_DIAGNOSTICS_PREFIX = "step_"  # a table's name in DIAGNOSTICS_DIR: its step after it
+
+
+def diagnostics_table(step: int) -> str:
+    """The artifact path of an evaluation's diagnostics table: `diagnostics/step_000010.json`."""
+    return f"{DIAGNOSTICS_DIR}/{_DIAGNOSTICS_PREFIX}{step:06d}.json"
+
+
+def diagnostics_step(path: str) -> int:
+    """The step of a diagnostics table, from its artifact path (`diagnostics_table`'s inverse)."""
+    return int(Path(path).stem.removeprefix(_DIAGNOSTICS_PREFIX))
+
+
 SYSTEM_METRIC_PREFIX = "system/"  # MLflow's system metrics: `system/cpu_utilization_percentage`
 
 # tags of a sweep's parent run and of its experiment

@@ -46,6 +46,8 @@ from orchestrator.tracking.names import (
     SYSTEM_METRIC_PREFIX,
     TRIAL_ID_TAG,
     VERSION_TAG_PREFIX,
+    diagnostics_step,
+    diagnostics_table,
 )
 
 log = logging.getLogger(__name__)
@@ -299,7 +301,7 @@ def reopen_run(client: MlflowClient, run_id: str) -> set[tuple[str, int]]:
     client.update_run(run_id, status=RUNNING)
     tables = client.list_artifacts(run_id, DIAGNOSTICS_DIR)
     return {(key, step) for key, step, _ in _points(client, run_id)} | {
-        (DIAGNOSTICS_DIR, int(Path(table.path).stem.removeprefix("step_"))) for table in tables
+        (DIAGNOSTICS_DIR, diagnostics_step(table.path)) for table in tables
     }
 
 
@@ -387,7 +389,7 @@ def log_diagnostics(
     for (name, layer, head), value in heads.items():
         rows.setdefault((layer, head), {"layer": layer, "head": head})[name] = value
     table = pd.DataFrame([rows[key] for key in sorted(rows)])
-    client.log_table(run_id, table, f"{DIAGNOSTICS_DIR}/step_{step:06d}.json")
+    client.log_table(run_id, table, diagnostics_table(step))
 
 
 @retried
