@@ -354,8 +354,13 @@ def repaired_tune_state(folder: SweepFolder) -> str | None:
     from orchestrator import tune_state
 
     tune_dir = Path(folder.launch.tune_path)
-    repaired = tune_state.restore(backup, tune_dir)
-    tune_state.check_whole(tune_dir)
+    try:
+        repaired = tune_state.restore(backup, tune_dir)
+        tune_state.check_whole(tune_dir)
+    except OSError as error:
+        raise SweepFolderError(
+            f"Tune's state in {tune_dir} cannot be read or mended: {error}"
+        ) from None
     return repaired
 
 

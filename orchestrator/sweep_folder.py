@@ -12,7 +12,7 @@
 | `optuna.db` | a search's Optuna study (unless `search.storage` names another database) |
 | `tune/` | Ray Tune's state (under `--storage` when given) |
 | `tune-state.zip` | beside `tune/`: Tune's last whole save of its state, which `--resume` puts back (`orchestrator.tune_state`) |
-| `tune-state-set-aside/` | beside `tune/`: the files of a torn later save that `--resume` replaced |
+| `tune-state-set-aside/` | beside `tune/`: the files of a later save that `--resume` replaced with the last whole one |
 | `driver.lock` | held by the driver running the sweep, naming its host and pid (`orchestrator.driver_lock`) |
 
 Beside the sweep folders: `mlflow.db` (the default MLflow store) and `mlartifacts/` (its artifacts).

@@ -68,7 +68,9 @@ def tuner(
         TrialProgress(folder.launch.trials, configs, folder.path),
     ]
     if folder.launch.tune_state_backup is not None:
-        callbacks.append(TuneStateBackup(str(folder.launch.tune_state_backup)))
+        callbacks.append(
+            TuneStateBackup(str(folder.launch.tune_state_backup), folder.launch.tune_path)
+        )
     return tune.Tuner(
         trainable,
         param_space=param_space(sweep, list(configs)),

@@ -411,8 +411,8 @@ def test_a_full_disk_stops_the_sweep_in_one_paragraph_and_resume_continues(
     refused = resume(tmp_path)
     assert refused.returncode == 2
     assert re.fullmatch(
-        f"error: {re.escape(str(state))} is torn \\(JSONDecodeError: .+\\); the sweep keeps no "
-        "whole copy: start it again with --overwrite",
+        f"error: {re.escape(str(state))} is torn \\(JSONDecodeError: .+\\); no whole copy is "
+        "kept: start the sweep under another --out",
         refused.stderr.strip(),
     ), refused.stderr
     assert state.read_bytes() == torn
