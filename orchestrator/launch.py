@@ -346,7 +346,7 @@ def resumable_sweep_folder(sweep_dir: Path) -> SweepFolder:
 
 def repaired_tune_state(folder: SweepFolder) -> str | None:
     """Tune's state of the sweep to resume made whole (`tune_state.restore`), under the driver
-    lock; a line when it was repaired. Refused when it is torn and no whole copy is kept."""
+    lock; a line when it was repaired. Refused when it is torn and no whole save is left."""
     backup = folder.launch.tune_state_backup
     if backup is None:
         return None

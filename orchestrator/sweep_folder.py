@@ -107,7 +107,7 @@ class LaunchRecord(BaseModel):
     @property
     def tune_state_backup(self) -> Path | None:
         """Where Tune's last whole save is kept (`orchestrator.tune_state`): beside `TUNE` on a
-        file system; None on an object store, which writes whole objects."""
+        file system; None on an object store, where a file is never torn."""
         return None if "://" in self.storage_path else Path(self.storage_path) / TUNE_STATE_BACKUP
 
 
