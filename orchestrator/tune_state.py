@@ -176,7 +176,8 @@ def _newest_whole_save(tune_dir: Path) -> dict[str, bytes]:
 def check_whole(tune_dir: Path) -> None:
     """Refuse a resume from a torn state: Tune would fail, or log an error and start afresh."""
     sessions = _sessions(tune_dir)
-    files = {TUNER: (tune_dir / TUNER).read_bytes()}
+    tuner = _contents(tune_dir / TUNER)  # there when Tune can restore (`launch.holds_tune_state`)
+    files = {TUNER: tuner} if tuner is not None else {}
     files |= _save(tune_dir, sessions[-1]) if sessions else {}
     for name, contents in files.items():
         if reason := torn(name, contents):
